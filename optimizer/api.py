@@ -1,0 +1,222 @@
+"""Library entry point: optimize() = load -> passes -> save -> validate -> report.
+
+This module and ``optimizer.cli`` are the only core modules that import ``passes``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+
+import passes as _passes  # noqa: F401  (registers every pass)
+from optimizer.benchmark import BenchResult, benchmark
+from optimizer.errors import ModelSaveError, OptionError
+from optimizer.feeds import Feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
+from optimizer.inspect import weight_bytes_by_dtype
+from optimizer.model import load_model, load_model_with_files, save_model, serialized_size_bytes
+from optimizer.pass_base import Pass
+from optimizer.pipeline import Pipeline
+from optimizer.registry import create_pass, get_pass_class
+from optimizer.report import ModelSummary, Report
+from optimizer.validate import Comparison, Tolerance, compare
+
+DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "cleanup")
+LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
+ModelInput = str | os.PathLike | bytes | onnx.ModelProto
+FeedSource = str | os.PathLike | Iterable[Mapping[str, Any]] | None
+ExternalData = Literal["auto", "always", "never"]
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    output_path: Path | None
+    modified: bool
+    report: Report
+    comparison: Comparison | None
+    bench: BenchResult | None
+
+    @property
+    def passed(self) -> bool:
+        """False only when validation ran and failed."""
+        return self.comparison is None or self.comparison.passed
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("onnx-compress")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_passes(
+    names: Sequence[str | Pass] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Pass]:
+    """Pass instances from names (default: DEFAULT_PASSES) and per-pass options by pass name."""
+    chosen = list(DEFAULT_PASSES if names is None else names)
+    options = dict(options or {})
+    named = {item for item in chosen if isinstance(item, str)}
+    for name in sorted(options):
+        get_pass_class(name)
+        if name not in named:
+            raise OptionError(f"options given for pass '{name}', which is not in the pipeline ({', '.join(map(str, chosen))})")
+    return [item if isinstance(item, Pass) else create_pass(item, **dict(options.get(item, {}))) for item in chosen]
+
+
+def optimize(
+    model: ModelInput,
+    output: str | os.PathLike | None = None,
+    *,
+    passes: Sequence[str | Pass] | None = None,
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    validate: bool = False,
+    feeds: FeedSource = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    tolerance: Tolerance | Mapping[str, Tolerance] | None = None,
+    provider: str = "cpu",
+    bench: bool = False,
+    bench_rounds: int = 20,
+    check_each_pass: bool = False,
+    external_data: ExternalData = "auto",
+    keep_failed: bool = False,
+    max_input_bytes: int | None = None,
+) -> OptimizeResult:
+    """Run passes on ``model``; save to ``output`` when given; validate and benchmark on request.
+
+    With ``validate`` the saved file itself is compared with the input on ``feeds`` (an .npz
+    folder, an iterable of feed dicts, or, when None, ``samples`` seeded random feeds). When
+    validation fails the output is not written unless ``keep_failed``. The input is never changed.
+    """
+    pipeline = Pipeline(build_passes(passes, pass_options), check_each_pass=check_each_pass)
+    source, protected, reference = _load(model, max_input_bytes)
+    result = pipeline.run(source)
+    report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
+    if not (validate or bench):
+        saved = _save(result.model, output, external_data, protected) if output is not None else None
+        report.output = _summary(result.model, saved)
+        return OptimizeResult(result.model, saved, result.modified, report, None, None)
+    if tolerance is None:
+        tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else Tolerance(min_cosine=0.99)
+    feed_list = resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed)
+    with tempfile.TemporaryDirectory(prefix=".onnx-compress-", dir=_staging_root(output)) as staging:
+        staged = _save(result.model, Path(staging) / _output_name(output), external_data, protected)
+        reference_input = reference if reference is not None else source
+        comparison = compare(reference_input, staged, feed_list, tolerance=tolerance, provider=provider) if validate else None
+        timing = benchmark([reference_input, staged], feed_list, names=["input", "output"], provider=provider,
+                           rounds=bench_rounds) if bench else None
+        saved = None
+        if output is not None and (comparison is None or comparison.passed or keep_failed):
+            saved = _publish(staged, Path(output), protected)
+        elif output is not None:
+            report.notes.append(f"validation failed: '{output}' was not written (keep_failed=False)")
+        report.output = _summary(result.model, saved or staged)
+        if saved is None:
+            report.output.path = None
+    report.validation = comparison.to_dict() if comparison else None
+    report.benchmark = timing.to_dict() if timing else None
+    return OptimizeResult(result.model, saved, result.modified, report, comparison, timing)
+
+
+def resolve_feeds(
+    model: onnx.ModelProto,
+    feeds: FeedSource,
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+) -> list[Feed]:
+    """Feeds checked against the model's inputs: from a folder, an iterable, or generated."""
+    specs = model_input_specs(model)
+    if feeds is None:
+        if samples < 1:
+            raise OptionError(f"samples must be >= 1, got {samples}")
+        return generate_feeds(specs, count=samples, seed=seed, shapes=shapes)
+    if isinstance(feeds, (str, os.PathLike)):
+        feeds = load_npz_feeds(feeds)
+    return check_feeds(specs, feeds)
+
+
+def _load(model: ModelInput, max_input_bytes: int | None) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
+    if isinstance(model, (str, os.PathLike)):
+        loaded, files = load_model_with_files(model, max_input_bytes=max_input_bytes)
+        return loaded, files, Path(model)
+    return load_model(model, max_input_bytes=max_input_bytes), (), None
+
+
+def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
+    size = _size_on_disk(path) if path is not None else serialized_size_bytes(model)
+    return ModelSummary(str(path) if path is not None else None, size, weight_bytes_by_dtype(model))
+
+
+def _size_on_disk(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _save(model: onnx.ModelProto, path: str | os.PathLike, external_data: ExternalData,
+          protected: Sequence[Path]) -> Path:
+    choices = {"auto": None, "always": True, "never": False}
+    if external_data not in choices:
+        raise OptionError(f"external_data must be one of {', '.join(choices)}, got {external_data!r}")
+    return save_model(model, path, external_data=choices[external_data], protected_paths=protected)
+
+
+def _output_name(output: str | os.PathLike | None) -> str:
+    return Path(output).name if output is not None else "candidate.onnx"
+
+
+def _staging_root(output: str | os.PathLike | None) -> str | None:
+    """Stage next to the output so the final move is a rename on the same file system."""
+    if output is None:
+        return None
+    folder = Path(output).parent
+    if not folder.is_dir():
+        raise ModelSaveError(f"{output}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ModelSaveError(f"{output}: output folder '{folder}' is not writable")
+    return str(folder)
+
+
+def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:
+    """Move a validated file (and its external data) into place; the data file goes first."""
+    final = save_target_check(output, protected)
+    staged_data = staged.with_name(staged.name + ".data")
+    final_data = final.with_name(final.name + ".data")
+    if staged_data.exists():
+        os.replace(staged_data, final_data)
+    elif final_data.exists() and not final_data.is_symlink():
+        final_data.unlink()
+    os.replace(staged, final)
+    _fsync_folder(final.parent)
+    return final
+
+
+def save_target_check(output: Path, protected: Sequence[Path]) -> Path:
+    """The same refusals save_model makes, for a file staged elsewhere and moved in."""
+    if output.is_symlink():
+        raise ModelSaveError(f"{output}: output path is a symbolic link; refusing to write through it")
+    if output.is_dir():
+        raise ModelSaveError(f"{output}: output path is a directory")
+    for path in protected:
+        for candidate in (output, output.with_name(output.name + ".data")):
+            if candidate.exists() and Path(path).exists() and os.path.samefile(candidate, path):
+                raise ModelSaveError(f"{output}: refusing to overwrite the input file '{path}'")
+    return output
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

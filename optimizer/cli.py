@@ -1,0 +1,281 @@
+"""onnx-compress command line: a thin layer over optimizer.api; every flag is a library argument.
+
+Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import passes as _passes  # noqa: F401  (registers every pass)
+from optimizer.api import DEFAULT_PASSES, optimize, resolve_feeds, tool_version
+from optimizer.benchmark import benchmark
+from optimizer.errors import OnnxCompressError
+from optimizer.feeds import parse_shape_overrides
+from optimizer.inspect import inspect_model
+from optimizer.model import load_model
+from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
+from optimizer.report import write_report
+from optimizer.validate import Tolerance, compare
+
+EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+EXAMPLES = {
+    "optimize": """examples:
+  onnx-compress optimize models/mlp.onnx -o mlp.out.onnx --validate
+  onnx-compress optimize model.onnx -o small.onnx --passes constants-to-initializers,cleanup \\
+      --set constants-to-initializers.min_size_bytes=64 --report report.md --report report.json
+  onnx-compress optimize bert.onnx -o out.onnx --validate --data feeds/ --provider cuda --bench""",
+    "validate": """examples:
+  onnx-compress validate original.onnx compressed.onnx
+  onnx-compress validate a.onnx b.onnx --data feeds/ --atol 1e-4 --min-cosine 0.999 --json""",
+    "bench": """examples:
+  onnx-compress bench original.onnx compressed.onnx --rounds 50
+  onnx-compress bench model.onnx --shape input_ids=1x128 --provider cuda""",
+    "inspect": """examples:
+  onnx-compress inspect models/transformer_tied.onnx
+  onnx-compress inspect model.onnx --top 20 --json""",
+    "passes": """examples:
+  onnx-compress passes""",
+}
+
+
+class UsageError(OnnxCompressError):
+    """A command-line argument is malformed."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except OnnxCompressError as error:
+        print(f"onnx-compress: error: {_one_line(str(error))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("onnx-compress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug, not bad input: say so, with the trace on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"onnx-compress: internal error: {type(error).__name__}: {_one_line(str(error))} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-compress",
+        description="Make exported ONNX models smaller and faster, and check them against the original "
+                    "with onnxruntime.",
+        epilog="exit codes: 0 success, 1 validation failed, 2 bad input or usage, 3 internal error",
+    )
+    parser.add_argument("--version", action="version", version=f"onnx-compress {tool_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_optimize(commands)
+    _add_validate(commands)
+    _add_bench(commands)
+    _add_inspect(commands)
+    _add_passes(commands)
+    return parser
+
+
+def _command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
+    return sub
+
+
+def _add_feed_arguments(sub: argparse.ArgumentParser) -> None:
+    group = sub.add_argument_group("input data")
+    group.add_argument("--data", metavar="DIR", help="folder of .npz files, one sample each, keys = input names "
+                       "(default: seeded random feeds)")
+    group.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx..",
+                       help="fix a dynamic input shape for generated feeds, e.g. input_ids=1x128 (repeatable)")
+    group.add_argument("--samples", type=int, default=4, help="number of generated feeds (default 4)")
+    group.add_argument("--seed", type=int, default=0, help="seed for generated feeds (default 0)")
+    group.add_argument("--provider", default="cpu", help="execution provider: cpu or cuda (falls back to cpu "
+                       "with a message when CUDA is not available); default cpu")
+
+
+def _add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
+    group = sub.add_argument_group("tolerance (every output; default --atol 1e-6 for lossless passes)")
+    group.add_argument("--atol", type=float, help="maximum absolute error")
+    group.add_argument("--rtol", type=float, help="maximum relative error (max |a-b| / max |a|)")
+    group.add_argument("--min-cosine", type=float, help="minimum cosine similarity")
+    group.add_argument("--min-sqnr", type=float, help="minimum SQNR in dB")
+    group.add_argument("--min-top1", type=float, help="minimum top-1 agreement for class-like outputs")
+
+
+def _add_optimize(commands) -> None:
+    sub = _command(commands, "optimize", "run compression passes on a model and save the result")
+    sub.add_argument("input", help="input .onnx file (never modified)")
+    sub.add_argument("-o", "--output", required=True, help="output .onnx file")
+    sub.add_argument("--passes", default=",".join(DEFAULT_PASSES),
+                     help=f"comma-separated passes in order (default {','.join(DEFAULT_PASSES)}); "
+                          "see 'onnx-compress passes'")
+    sub.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="settings",
+                     help="set a pass option, e.g. constants-to-initializers.min_size_bytes=64 (repeatable)")
+    sub.add_argument("--validate", action="store_true", help="compare the output with the input in onnxruntime")
+    sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
+    sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
+    sub.add_argument("--rounds", type=int, default=20, help="benchmark rounds (default 20)")
+    sub.add_argument("--report", action="append", default=[], metavar="FILE",
+                     help="write the report as .json or .md (repeatable)")
+    sub.add_argument("--check-each-pass", action="store_true",
+                     help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
+    sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                     help="store weights in OUTPUT.data: auto (only past protobuf's 2 GB), always, never")
+    sub.add_argument("--max-input-bytes", type=int, help="refuse input files larger than this")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    sub.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_feed_arguments(sub)
+    _add_tolerance_arguments(sub)
+    sub.set_defaults(handler=_run_optimize)
+
+
+def _add_validate(commands) -> None:
+    sub = _command(commands, "validate", "compare a candidate model with a reference in onnxruntime")
+    sub.add_argument("reference", help="reference .onnx file")
+    sub.add_argument("candidate", help="candidate .onnx file")
+    sub.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_feed_arguments(sub)
+    _add_tolerance_arguments(sub)
+    sub.set_defaults(handler=_run_validate)
+
+
+def _add_bench(commands) -> None:
+    sub = _command(commands, "bench", "time several models on the same feeds, interleaved round by round")
+    sub.add_argument("models", nargs="+", help=".onnx files; ratios are against the first")
+    sub.add_argument("--warmup", type=int, default=3, help="warm-up runs per model (default 3)")
+    sub.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
+    sub.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_feed_arguments(sub)
+    sub.set_defaults(handler=_run_bench)
+
+
+def _add_inspect(commands) -> None:
+    sub = _command(commands, "inspect", "show size by dtype and op, largest tensors, Constant-node weights, "
+                                        "subgraphs and duplicated tensors")
+    sub.add_argument("model", help=".onnx file")
+    sub.add_argument("--top", type=int, default=10, help="largest tensors to list (default 10)")
+    sub.add_argument("--json", action="store_true", help="print as JSON")
+    sub.set_defaults(handler=_run_inspect)
+
+
+def _add_passes(commands) -> None:
+    sub = _command(commands, "passes", "list the passes and their options")
+    sub.set_defaults(handler=_run_passes)
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    names = [name.strip() for name in args.passes.split(",") if name.strip()]
+    if not names:
+        raise UsageError("--passes names no pass")
+    result = optimize(
+        args.input, args.output, passes=names, pass_options=parse_settings(args.settings),
+        validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
+        samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
+        bench=args.bench, bench_rounds=args.rounds, check_each_pass=args.check_each_pass,
+        external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
+    )
+    for path in args.report:
+        write_report(result.report, path)
+    if args.json:
+        print(result.report.to_json(), end="")
+    elif not args.quiet:
+        _print_optimize_summary(result)
+    return EXIT_OK if result.passed else EXIT_VALIDATION_FAILED
+
+
+def _print_optimize_summary(result) -> None:
+    data = result.report.to_dict()
+    for run in data["passes"]:
+        counts = ", ".join(f"{k}={v}" for k, v in run["report"]["counts"].items()) or "no changes"
+        skipped = len(run["report"]["skipped"])
+        print(f"pass {run['name']}: {counts}" + (f"; {skipped} skipped (see --report)" if skipped else ""))
+    before, after = data["input"], data["output"]
+    if after and after["path"]:
+        print(f"wrote {after['path']}: {after['size_bytes']:,} bytes (input {before['size_bytes']:,} bytes)")
+    if result.comparison is not None:
+        print(result.comparison.summary())
+    if result.bench is not None:
+        print(result.bench.to_markdown())
+    for note in data["notes"]:
+        print(f"note: {note}")
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    reference = load_model(args.reference)
+    load_model(args.candidate)
+    feeds = resolve_feeds(reference, args.data, shapes=parse_shape_overrides(args.shape),
+                          samples=args.samples, seed=args.seed)
+    tolerance = tolerance_from_args(args) or Tolerance(max_abs=1e-6)
+    comparison = compare(args.reference, args.candidate, feeds, tolerance=tolerance, provider=args.provider)
+    print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison.summary())
+    return EXIT_OK if comparison.passed else EXIT_VALIDATION_FAILED
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    first = load_model(args.models[0])
+    for path in args.models[1:]:
+        load_model(path)
+    feeds = resolve_feeds(first, args.data, shapes=parse_shape_overrides(args.shape),
+                          samples=args.samples, seed=args.seed)
+    result = benchmark(args.models, feeds, provider=args.provider, warmup=args.warmup, rounds=args.rounds,
+                       threads=args.threads, progress=not args.json)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
+    return EXIT_OK
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise UsageError(f"--top must be >= 0, got {args.top}")
+    inspection = inspect_model(load_model(args.model), path=args.model, top=args.top)
+    print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection.to_text())
+    return EXIT_OK
+
+
+def _run_passes(args: argparse.Namespace) -> int:
+    for name in pass_names():
+        cls = get_pass_class(name)
+        marker = " (lossless)" if cls.lossless else ""
+        print(f"{name}{marker}: {cls.summary}")
+        for spec in pass_options(name).values():
+            print(f"    {name}.{spec.name} = {spec.default!r}  [{spec.type_name}] {spec.help}")
+    return EXIT_OK
+
+
+def parse_settings(settings: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["pass.option=value", ...]`` -> ``{"pass": {"option": typed value}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        name, dot, option_name = key.rpartition(".")
+        if not sep or not dot or not name or not option_name:
+            raise UsageError(f"--set '{item}': expected PASS.OPTION=VALUE")
+        options.setdefault(name, {})[option_name] = parse_option_text(name, option_name, text)
+    return options
+
+
+def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
+    values = {"max_abs": args.atol, "max_rel": args.rtol, "min_cosine": args.min_cosine,
+              "min_sqnr_db": args.min_sqnr, "min_top1": args.min_top1}
+    if all(value is None for value in values.values()):
+        return None
+    return Tolerance(**values)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""onnx-graphsurgeon glue: import/export that keeps what real models carry, graph walking,
+weights in initializers or Constant nodes, cleanup and topological order.
+
+onnx-graphsurgeon shares one tensor object between a graph and the subgraphs that read it from
+the outer scope, which is what passes want. Its exporter, though, drops ``metadata_props`` and the
+model doc string, and copies every outer-scope constant into each subgraph that reads it as a
+new initializer (a weight used in both branches of an If is stored three times). ``export_model``
+repairs both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from optimizer.errors import PassError
+
+G_LOGGER.severity = G_LOGGER.ERROR
+
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+GRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import ``model`` into onnx-graphsurgeon.
+
+    The graph keeps references to the model's tensor protos (no copy of large weights), so pass a
+    model the caller does not own, such as the one ``optimizer.model.load_model`` returns.
+    """
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as error:  # onnx-graphsurgeon raises bare exceptions on malformed graphs
+        raise PassError(f"cannot import graph '{model.graph.name}': {error}") from error
+    graph.dropped_initializers = unused_initializers(model.graph)
+    return graph
+
+
+def dropped_initializers(graph: gs.Graph) -> list[dict[str, object]]:
+    """Initializers no node read; onnx-graphsurgeon leaves them out when it imports a model."""
+    return list(getattr(graph, "dropped_initializers", []))
+
+
+def unused_initializers(graph: onnx.GraphProto, path: str = "main") -> list[dict[str, object]]:
+    """Initializers of ``graph`` and its subgraphs that no node and no graph output reads."""
+    read = _names_read(graph)
+    unused: list[dict[str, object]] = []
+    for tensor in graph.initializer:
+        if tensor.name not in read:
+            unused.append({"tensor": tensor.name, "graph": path, "bytes": tensor_proto_bytes(tensor)})
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in _attribute_graphs(attribute):
+                unused.extend(unused_initializers(subgraph, f"{path}/{node.name or node.op_type}.{attribute.name}"))
+    return unused
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    read = {output.name for output in graph.output}
+    for node in graph.node:
+        read.update(name for name in node.input if name)
+        for attribute in node.attribute:
+            for subgraph in _attribute_graphs(attribute):
+                read.update(_names_read(subgraph))
+    return read
+
+
+PACKED_4BIT_TYPES = frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+)
+
+
+def tensor_proto_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes the tensor's values take when stored raw (4-bit types pack two per byte)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(item) for item in tensor.string_data)
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if tensor.data_type in PACKED_4BIT_TYPES:
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` as a model carrying ``template``'s model-level fields.
+
+    Restores metadata, doc string, producer and training info, keeps every opset the template
+    declared (custom domains included), raises the IR version only when the opset needs it, and
+    stores each outer-scope constant once, in the scope that owns it.
+    """
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    except Exception as error:
+        raise PassError(f"cannot export graph '{graph.name}': {error}") from error
+    _remove_outer_scope_copies(model.graph, frozenset())
+    _copy_model_fields(template, model)
+    _merge_opsets(template, graph, model)
+    return model
+
+
+def _copy_model_fields(template: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    if template.graph.doc_string:
+        model.graph.doc_string = template.graph.doc_string
+    else:
+        model.graph.ClearField("doc_string")
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    del model.training_info[:]
+    model.training_info.extend(template.training_info)
+
+
+def _merge_opsets(template: onnx.ModelProto, graph: gs.Graph, model: onnx.ModelProto) -> None:
+    versions: dict[str, int] = {}
+    for entry in list(template.opset_import) + list(model.opset_import):
+        domain = "" if entry.domain in DEFAULT_DOMAINS else entry.domain
+        versions[domain] = max(versions.get(domain, 0), entry.version)
+    if graph.opset:
+        versions[""] = int(graph.opset)
+    del model.opset_import[:]
+    for domain in [d for d in (entry.domain for entry in template.opset_import)] + sorted(versions):
+        key = "" if domain in DEFAULT_DOMAINS else domain
+        if key in versions:
+            model.opset_import.append(onnx.helper.make_opsetid(domain, versions.pop(key)))
+    minimum_ir = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(template.ir_version, minimum_ir)
+
+
+def _remove_outer_scope_copies(graph: onnx.GraphProto, outer_names: frozenset[str]) -> None:
+    """Drop subgraph initializers and value_info that duplicate names of an enclosing scope."""
+    if outer_names:
+        kept = [t for t in graph.initializer if t.name not in outer_names]
+        if len(kept) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+        info = [v for v in graph.value_info if v.name not in outer_names]
+        if len(info) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(info)
+    visible = outer_names | _defined_names(graph)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in _attribute_graphs(attribute):
+                _remove_outer_scope_copies(subgraph, visible)
+
+
+def _defined_names(graph: onnx.GraphProto) -> frozenset[str]:
+    names = {t.name for t in graph.initializer}
+    names.update(t.values.name for t in graph.sparse_initializer)
+    names.update(v.name for v in graph.input)
+    names.update(output for node in graph.node for output in node.output if output)
+    return frozenset(names)
+
+
+def _attribute_graphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attribute.type == onnx.AttributeProto.GRAPH:
+        return [attribute.g]
+    if attribute.type == onnx.AttributeProto.GRAPHS:
+        return list(attribute.graphs)
+    return []
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph, then every subgraph (If/Loop/Scan bodies and custom-op graphs), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for subgraph in node_subgraphs(node):
+            yield from iter_graphs(subgraph)
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    found: list[gs.Graph] = []
+    for key in node.attrs:
+        value = node.attrs[key]
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(item for item in value if isinstance(item, gs.Graph))
+    return found
+
+
+def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
+    """Every node of every graph, with the graph that holds it."""
+    for owner in iter_graphs(graph):
+        for node in owner.nodes:
+            yield owner, node
+
+
+def is_constant_node(node: gs.Node) -> bool:
+    return node.op == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.outputs) == 1
+
+
+def constant_node_values(node: gs.Node) -> np.ndarray | None:
+    """The tensor a Constant node produces, or None when it holds a sparse or unknown value."""
+    attrs = node.attrs
+    if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+        return attrs["value"].values
+    scalar_forms = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
+    for key, dtype in scalar_forms.items():
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+def weight_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """Values of a weight held as an initializer or produced by a Constant node, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    producers = tensor.inputs
+    if len(producers) == 1 and is_constant_node(producers[0]):
+        return constant_node_values(producers[0])
+    return None
+
+
+@dataclass(frozen=True)
+class TensorUse:
+    """One node input slot reading a tensor, wherever the node lives."""
+
+    graph: gs.Graph
+    node: gs.Node
+    index: int
+
+
+def tensor_uses(root: gs.Graph) -> dict[str, list[TensorUse]]:
+    """Every node input slot in every graph, keyed by tensor name (outer-scope reads included)."""
+    uses: dict[str, list[TensorUse]] = {}
+    for owner, node in iter_nodes(root):
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name:
+                uses.setdefault(tensor.name, []).append(TensorUse(owner, node, index))
+    return uses
+
+
+def graph_output_names(root: gs.Graph) -> frozenset[str]:
+    """Names that are an output of the main graph or of any subgraph."""
+    return frozenset(t.name for g in iter_graphs(root) for t in g.outputs)
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Sort every graph topologically; a cycle is a PassError naming the graph."""
+    try:
+        graph.toposort(recurse_subgraphs=True, recurse_functions=True)
+    except Exception as error:
+        raise PassError(f"graph '{graph.name}' cannot be sorted topologically: {error}") from error
+
+
+def cleanup(graph: gs.Graph) -> None:
+    """Remove nodes and tensors that no graph output depends on, in every graph."""
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True, recurse_functions=True)

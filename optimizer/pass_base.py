@@ -1,0 +1,93 @@
+"""The pass contract: a pass takes a graph and returns a PassResult with a report.
+
+A pass is a frozen, keyword-only dataclass whose fields are its typed options; the registry
+reads those fields to check options and build the CLI's help. ``__call__`` checks the contract
+around ``run`` so a pass cannot return a half-filled result.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_graphsurgeon as gs
+
+from optimizer.errors import PassError
+
+
+def option(default: Any, help: str) -> Any:
+    """A pass option with its default and the help text shown by the CLI."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("pass options must be immutable: use a tuple")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PassReport:
+    """What a pass did: counts, bytes saved, and every skip with its reason."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    saved_bytes: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, key: str, amount: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + amount
+
+    def skip(self, what: str, name: str, reason: str) -> None:
+        """Record that ``what`` ("node", "tensor", ...) named ``name`` was left alone, and why."""
+        self.skipped.append({what: name, "reason": reason})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "saved_bytes": self.saved_bytes,
+            "skipped": list(self.skipped),
+            **({"details": self.details} if self.details else {}),
+        }
+
+
+@dataclass
+class PassResult:
+    graph: gs.Graph
+    modified: bool
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass(abc.ABC):
+    """Base of every pass. Subclasses are ``@dataclass(frozen=True, kw_only=True)``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    lossless: ClassVar[bool] = False
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        if not isinstance(graph, gs.Graph):
+            raise PassError(f"pass '{self.name}' expects an onnx_graphsurgeon Graph, got {type(graph).__name__}")
+        result = self.run(graph)
+        self._check_result(result)
+        return result
+
+    @abc.abstractmethod
+    def run(self, graph: gs.Graph) -> PassResult:
+        """Rewrite ``graph`` (in place or not) and say what was done."""
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _check_result(self, result: object) -> None:
+        if not isinstance(result, PassResult) or not isinstance(result.graph, gs.Graph):
+            raise PassError(f"pass '{self.name}' returned {type(result).__name__}, not a PassResult")
+        if not isinstance(result.modified, bool) or not isinstance(result.report, dict):
+            raise PassError(f"pass '{self.name}' returned a result without a bool 'modified' and a dict 'report'")
+        for entry in result.report.get("skipped", []):
+            if not entry.get("reason"):
+                raise PassError(f"pass '{self.name}' skipped {entry} without a reason")
+        try:
+            json.dumps(result.report)
+        except (TypeError, ValueError) as error:
+            raise PassError(f"pass '{self.name}' report is not JSON-serializable: {error}") from error

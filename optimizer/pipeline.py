@@ -1,0 +1,81 @@
+"""Pipeline: passes in order over one imported graph, reports kept per pass."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from optimizer.checker import check_model_full
+from optimizer.errors import PassError
+from optimizer.graph import export_model, import_graph
+from optimizer.pass_base import Pass
+
+
+@dataclass
+class PassRun:
+    """One pass application, as it goes into the report."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    report: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()},
+            "modified": self.modified,
+            "seconds": round(self.seconds, 4),
+            "report": self.report,
+        }
+
+
+@dataclass
+class PipelineResult:
+    model: onnx.ModelProto
+    modified: bool
+    runs: list[PassRun] = field(default_factory=list)
+
+
+class Pipeline:
+    """Run ``passes`` in order on a copy of a model.
+
+    With ``check_each_pass`` the model is exported after every pass and checked with
+    ``onnx.checker.check_model(full_check=True)``, so the pass that broke it is named.
+    """
+
+    def __init__(self, passes: Sequence[Pass], *, check_each_pass: bool = False) -> None:
+        for item in passes:
+            if not isinstance(item, Pass):
+                raise TypeError(f"Pipeline takes Pass instances, got {type(item).__name__}")
+        self.passes = list(passes)
+        self.check_each_pass = check_each_pass
+
+    def run(self, model: onnx.ModelProto) -> PipelineResult:
+        template = onnx.ModelProto()
+        template.CopyFrom(model)
+        graph = import_graph(template)
+        runs: list[PassRun] = []
+        for item in self.passes:
+            started = time.perf_counter()
+            result = item(graph)
+            graph = result.graph
+            runs.append(PassRun(item.name, item.options(), result.modified, result.report,
+                                time.perf_counter() - started))
+            if self.check_each_pass:
+                self._check(export_model(graph, template), item.name)
+        output = export_model(graph, template)
+        return PipelineResult(output, any(run.modified for run in runs), runs)
+
+    @staticmethod
+    def _check(model: onnx.ModelProto, pass_name: str) -> None:
+        try:
+            check_model_full(model)
+        except onnx.checker.ValidationError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
+            raise PassError(f"after pass '{pass_name}': onnx.checker rejects the model: {first_line}") from error

@@ -1,0 +1,154 @@
+"""Pass registry: name -> pass class, with options checked against the pass's typed fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
+
+from optimizer.errors import OptionError
+from optimizer.pass_base import Pass
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    annotation: Any
+    default: Any
+    help: str
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its ``name``."""
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"{cls.__name__} must be a frozen keyword-only dataclass")
+    existing = _PASSES.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"pass name '{cls.name}' is taken by {existing.__name__}")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def pass_names() -> list[str]:
+    return sorted(_PASSES)
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise OptionError(f"unknown pass '{name}'; known passes: {', '.join(pass_names()) or '(none)'}") from None
+
+
+def pass_options(name: str) -> dict[str, OptionSpec]:
+    cls = get_pass_class(name)
+    hints = typing.get_type_hints(cls)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        specs[f.name] = OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", ""))
+    return specs
+
+
+def create_pass(name: str, **options: Any) -> Pass:
+    """Build pass ``name``; an unknown option or a value of the wrong type is an OptionError."""
+    specs = pass_options(name)
+    for key, value in options.items():
+        if key not in specs:
+            valid = ", ".join(sorted(specs)) or "(this pass takes no options)"
+            raise OptionError(f"pass '{name}' has no option '{key}'; valid options: {valid}")
+        if not _matches(value, specs[key].annotation):
+            raise OptionError(
+                f"pass '{name}' option '{key}' must be {specs[key].type_name}, got {value!r}"
+            )
+    return get_pass_class(name)(**options)
+
+
+def parse_option_text(name: str, key: str, text: str) -> Any:
+    """Convert a CLI string such as ``"0.5"``, ``"true"`` or ``"a,b"`` to option ``key``'s type."""
+    specs = pass_options(name)
+    if key not in specs:
+        valid = ", ".join(sorted(specs)) or "(this pass takes no options)"
+        raise OptionError(f"pass '{name}' has no option '{key}'; valid options: {valid}")
+    annotation = specs[key].annotation
+    for candidate in _annotation_members(annotation):
+        try:
+            value = _convert(text, candidate)
+        except ValueError:
+            continue
+        if _matches(value, annotation):
+            return value
+    raise OptionError(f"pass '{name}' option '{key}' must be {specs[key].type_name}, got '{text}'")
+
+
+def _annotation_members(annotation: Any) -> list[Any]:
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in get_args(annotation) if a is not type(None)] + [type(None)]
+    return [annotation]
+
+
+def _convert(text: str, annotation: Any) -> Any:
+    if annotation is type(None):
+        if text.lower() in ("none", "null", ""):
+            return None
+        raise ValueError(text)
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(text)
+    if annotation in (int, float, str):
+        return annotation(text)
+    if get_origin(annotation) is Literal:
+        for choice in get_args(annotation):
+            if str(choice) == text:
+                return choice
+        raise ValueError(text)
+    if get_origin(annotation) is tuple:
+        item_type = get_args(annotation)[0]
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        return tuple(_convert(item, item_type) for item in items)
+    raise ValueError(text)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, member) for member in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is Literal:
+        return value in get_args(annotation)
+    if origin is tuple:
+        item_type = get_args(annotation)[0]
+        return isinstance(value, tuple) and all(_matches(item, item_type) for item in value)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return False
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(member) for member in get_args(annotation))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in get_args(annotation))
+    if origin is tuple:
+        return f"a comma-separated list of {_type_name(get_args(annotation)[0])}"
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
