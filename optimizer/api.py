@@ -108,7 +108,7 @@ def optimize(
     if tolerance is None:
         tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else Tolerance(min_cosine=0.99)
     feed_list = resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed)
-    with tempfile.TemporaryDirectory(prefix=".onnx-compress-", dir=_staging_root(output)) as staging:
+    with _staging_folder(output) as staging:
         staged = _save(result.model, Path(staging) / _output_name(output), external_data, protected)
         reference_input = reference if reference is not None else source
         comparison = compare(reference_input, staged, feed_list, tolerance=tolerance, provider=provider) if validate else None
@@ -175,16 +175,17 @@ def _output_name(output: str | os.PathLike | None) -> str:
     return Path(output).name if output is not None else "candidate.onnx"
 
 
-def _staging_root(output: str | os.PathLike | None) -> str | None:
-    """Stage next to the output so the final move is a rename on the same file system."""
-    if output is None:
-        return None
-    folder = Path(output).parent
-    if not folder.is_dir():
-        raise ModelSaveError(f"{output}: output folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ModelSaveError(f"{output}: output folder '{folder}' is not writable")
-    return str(folder)
+def _staging_folder(output: str | os.PathLike | None) -> tempfile.TemporaryDirectory:
+    """A temporary folder next to the output, so the final move is a rename on one file system."""
+    folder = None
+    if output is not None:
+        folder = Path(output).parent
+        if not folder.is_dir():
+            raise ModelSaveError(f"{output}: output folder '{folder}' does not exist or is not a folder")
+    try:
+        return tempfile.TemporaryDirectory(prefix=".onnx-compress-", dir=folder)
+    except OSError as error:
+        raise ModelSaveError(f"{output}: cannot write in output folder '{folder}': {error.strerror or error}") from error
 
 
 def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:

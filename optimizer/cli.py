@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -57,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxCompressError as error:
         print(f"onnx-compress: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("onnx-compress: interrupted", file=sys.stderr)
         return 130

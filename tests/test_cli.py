@@ -1,0 +1,283 @@
+"""The command line end to end: exit codes, one-line errors, inputs untouched, nothing partial."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optimizer.cli import main
+from tests.conftest import ROOT, SAMPLE_MODELS, assert_same_outputs, folder_state, sample_ids, seeded_feeds
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a child process (exit code and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "optimizer.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(capsys_or_text, *needles: str) -> str:
+    text = capsys_or_text if isinstance(capsys_or_text, str) else capsys_or_text.readouterr().err
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {text!r}"
+    assert lines[0].startswith("onnx-compress: error: ")
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("path", SAMPLE_MODELS, ids=sample_ids())
+def test_optimize_every_sample_validates_and_matches(path, tmp_path, capsys):
+    output = tmp_path / "out.onnx"
+    code = main(["optimize", str(path), "-o", str(output), "--validate", "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS" in out and f"wrote {output}" in out
+    original = onnx.load(path)
+    assert_same_outputs(original, onnx.load(output), seeded_feeds(original), atol=1e-6)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["passed"] is True
+    assert report["validation"]["provider_used"] == "CPUExecutionProvider"
+    assert report["output"]["path"] == str(output)
+    assert [run["name"] for run in report["passes"]] == ["constants-to-initializers", "cleanup"]
+
+
+def test_optimize_twice_gives_byte_identical_files(sample_copy, tmp_path):
+    source = sample_copy("transformer_tied")
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert main(["optimize", str(source), "-o", str(first), "--quiet"]) == 0
+    assert main(["optimize", str(source), "-o", str(second), "--quiet"]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    assert main(["optimize", str(source), "-o", str(first), "--quiet"]) == 0
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_markdown_and_json_reports_show_the_same_numbers(sample_copy, tmp_path, capsys):
+    source = sample_copy("constant_weights")
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--validate",
+                 "--report", str(md), "--report", str(js), "--quiet"]) == 0
+    data = json.loads(js.read_text())
+    text = md.read_text()
+    assert f"| file (bytes) | {data['input']['size_bytes']:,} | {data['output']['size_bytes']:,} |" in text
+    converted = data["passes"][0]["report"]["counts"]["constants_converted"]
+    assert converted > 0 and f"constants_converted={converted}" in text
+    assert "PASS on 4 samples" in text
+    assert capsys.readouterr().out == ""
+
+
+def garbage_inputs(tmp_path: Path) -> dict[str, Path]:
+    model_bytes = (ROOT / "models" / "mlp.onnx").read_bytes()
+    files = {
+        "empty": b"",
+        "random": np.random.default_rng(0).bytes(4096),
+        "truncated": model_bytes[: len(model_bytes) // 2],
+        "png": b"\x89PNG\r\n\x1a\n" + bytes(200),
+    }
+    paths = {}
+    for name, content in files.items():
+        paths[name] = tmp_path / "in" / f"{name}.onnx"
+        paths[name].parent.mkdir(exist_ok=True)
+        paths[name].write_bytes(content)
+    (tmp_path / "in" / "folder.onnx").mkdir()
+    paths["directory"] = tmp_path / "in" / "folder.onnx"
+    paths["missing"] = tmp_path / "in" / "missing.onnx"
+    return paths
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "truncated", "png", "directory", "missing"])
+def test_bad_input_files_exit_2_with_one_line_and_leave_nothing(case, tmp_path, capsys):
+    paths = garbage_inputs(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = folder_state(tmp_path / "in")
+    code = main(["optimize", str(paths[case]), "-o", str(out_dir / "x.onnx")])
+    assert code == 2
+    assert_one_line_error(capsys, str(paths[case]))
+    assert folder_state(tmp_path / "in") == before
+    assert list(out_dir.iterdir()) == []
+
+
+def test_output_equal_to_input_is_refused(sample_copy, tmp_path, capsys):
+    source = sample_copy("mlp")
+    before = source.read_bytes()
+    aliases = [str(source), str(tmp_path / "." / "mlp.onnx"), str(tmp_path / "sub" / ".." / "mlp.onnx")]
+    (tmp_path / "sub").mkdir()
+    for alias in aliases:
+        assert main(["optimize", str(source), "-o", alias]) == 2
+        assert_one_line_error(capsys, "mlp.onnx")
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "sub"]
+
+
+def test_output_through_symlink_to_input_is_refused(sample_copy, tmp_path, capsys):
+    source = sample_copy("mlp")
+    before = source.read_bytes()
+    link = tmp_path / "link.onnx"
+    link.symlink_to(source)
+    assert main(["optimize", str(source), "-o", str(link)]) == 2
+    assert_one_line_error(capsys, "link.onnx")
+    assert source.read_bytes() == before and link.is_symlink()
+
+
+@pytest.mark.parametrize("case", ["missing-folder", "folder-is-a-file", "read-only-filesystem"])
+def test_unwritable_output_folder_exit_2_and_nothing_written(case, sample_copy, tmp_path, capsys):
+    source = sample_copy("mlp")
+    before = folder_state(tmp_path)
+    if case == "missing-folder":
+        output = tmp_path / "nope" / "out.onnx"
+    elif case == "folder-is-a-file":
+        output = source / "out.onnx"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc on this system")
+        output = Path("/proc/onnx-compress-test.onnx")
+    for extra in ([], ["--validate"]):
+        assert main(["optimize", str(source), "-o", str(output), *extra]) == 2
+        assert_one_line_error(capsys)
+    assert folder_state(tmp_path) == before
+    assert not output.exists()
+
+
+def model_with_external_data(folder: Path, location: str) -> Path:
+    weight = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "hardlink"])
+def test_external_data_escapes_are_refused(case, tmp_path, capsys):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    location = {"dotdot": "../secret.bin", "absolute": str(secret)}.get(case, "weights.bin")
+    if case == "symlink":
+        (folder / "weights.bin").symlink_to(secret)
+    elif case == "hardlink":
+        os.link(secret, folder / "weights.bin")
+    path = model_with_external_data(folder, location)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = folder_state(tmp_path)
+    assert main(["optimize", str(path), "-o", str(out_dir / "o.onnx")]) == 2
+    assert_one_line_error(capsys, "'W'")
+    assert folder_state(tmp_path) == before
+
+
+def test_external_data_inside_folder_loads(tmp_path, capsys):
+    (tmp_path / "weights.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    path = model_with_external_data(tmp_path, "weights.bin")
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--validate"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_errors_from_a_real_child_process_are_one_line_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    result = run_cli("optimize", str(bad), "-o", str(tmp_path / "o.onnx"))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, str(bad))
+    assert result.stdout == ""
+
+
+def test_unknown_pass_and_bad_option_are_usage_errors(sample_copy, tmp_path, capsys):
+    source = sample_copy("mlp")
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--passes", "cleanup,shrink"]) == 2
+    assert_one_line_error(capsys, "unknown pass 'shrink'", "cleanup")
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--set", "cleanup.remove_identity=maybe"]) == 2
+    assert_one_line_error(capsys, "remove_identity", "bool")
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--set", "cleanup.speed=1"]) == 2
+    assert_one_line_error(capsys, "valid options: remove_identity")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_set_option_reaches_the_pass(sample_copy, tmp_path, capsys):
+    source = sample_copy("constant_weights")
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--quiet", "--report", str(report),
+                 "--set", "constants-to-initializers.min_size_bytes=1000000"]) == 0
+    first = json.loads(report.read_text())["passes"][0]
+    assert first["options"] == {"min_size_bytes": 1000000}
+    assert first["modified"] is False and first["report"]["skipped"]
+
+
+def test_cuda_request_falls_back_with_a_message_and_records_cpu(sample_copy, tmp_path, capsys):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the fallback path is not taken")
+    source = sample_copy("mlp")
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--validate", "--provider", "cuda",
+                 "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA" in out and "CPU" in out
+    validation = json.loads(report.read_text())["validation"]
+    assert validation["provider_requested"] == "cuda"
+    assert validation["provider_used"] == "CPUExecutionProvider"
+    assert "CUDA" in validation["provider_note"]
+
+
+def test_validate_command_passes_identical_and_fails_perturbed(sample_copy, tmp_path, capsys):
+    source = sample_copy("mlp")
+    assert main(["validate", str(source), str(source)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    model = onnx.load(source)
+    weight = next(t for t in model.graph.initializer if t.name == "fc2.weight" or len(t.dims) == 2)
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[0] += 1.0
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(model, perturbed)
+    assert main(["validate", str(source), str(perturbed), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] is False and data["worst_output"] == "logits"
+    assert main(["validate", str(source), str(perturbed), "--atol", "10"]) == 0
+
+
+def test_bench_and_inspect_and_passes_commands(sample_copy, capsys):
+    source = sample_copy("transformer_tied")
+    assert main(["bench", str(source), str(source), "--rounds", "3", "--warmup", "1", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert len(bench["models"]) == 2 and bench["models"][0]["ratio_p50"] == 1.0
+    assert bench["models"][0]["size_bytes"] == source.stat().st_size
+    assert main(["inspect", str(source), "--json"]) == 0
+    inspection = json.loads(capsys.readouterr().out)
+    kinds = {group["kind"] for group in inspection["duplicates"]}
+    assert "transposed" in kinds
+    assert main(["inspect", str(source)]) == 0
+    assert "lm_head.weight" in capsys.readouterr().out
+    assert main(["passes"]) == 0
+    listing = capsys.readouterr().out
+    assert "cleanup (lossless)" in listing and "constants-to-initializers.min_size_bytes" in listing
+
+
+@pytest.mark.parametrize("command", ["optimize", "validate", "bench", "inspect", "passes"])
+def test_help_shows_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize"])
+    assert exit_info.value.code == 2
