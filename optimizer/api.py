@@ -29,6 +29,7 @@ from optimizer.validate import Comparison, Tolerance, compare
 
 DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "cleanup")
 LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
+LOSSY_TOLERANCE = Tolerance(min_cosine=0.99, min_sqnr_db=20.0)
 ModelInput = str | os.PathLike | bytes | onnx.ModelProto
 FeedSource = str | os.PathLike | Iterable[Mapping[str, Any]] | None
 ExternalData = Literal["auto", "always", "never"]
@@ -106,7 +107,7 @@ def optimize(
         report.output = _summary(result.model, saved)
         return OptimizeResult(result.model, saved, result.modified, report, None, None)
     if tolerance is None:
-        tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else Tolerance(min_cosine=0.99)
+        tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else LOSSY_TOLERANCE
     feed_list = resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed)
     with _staging_folder(output) as staging:
         staged = _save(result.model, Path(staging) / _output_name(output), external_data, protected)

@@ -26,14 +26,9 @@ from onnx import TensorProto
 from optimizer.errors import ModelLoadError, ModelSaveError
 
 __all__ = [
-    "EXTERNAL_ALIGNMENT_BYTES",
-    "PROTOBUF_LIMIT_BYTES",
-    "PROTOBUF_MARGIN_BYTES",
-    "load_model",
-    "load_model_with_files",
-    "save_model",
-    "serialized_size_bytes",
-]
+    "EXTERNAL_ALIGNMENT_BYTES", "PROTOBUF_LIMIT_BYTES", "PROTOBUF_MARGIN_BYTES",
+    "load_model", "load_model_with_files", "save_model", "serialized_size_bytes",
+]  # fmt: skip
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 """protobuf refuses to serialize or parse a message larger than this."""
@@ -44,45 +39,59 @@ PROTOBUF_MARGIN_BYTES = 64 * 2**20
 EXTERNAL_ALIGNMENT_BYTES = 4096
 """Each external tensor starts on a page boundary so runtimes can mmap it."""
 
+_Labelled = tuple[TensorProto, str]
 _READ_CHUNK_BYTES = 2**30
 _TEMP_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 _TEMP_SUFFIX_CHARS = 8
+_NO_FOLDER_REASON = ("references external data, but a model given as bytes or a proto has no "
+                     "folder to read it from; load it from its .onnx path instead")  # fmt: skip
 _PROTO_SOURCE = "<ModelProto>"
 _BYTES_SOURCE = "<bytes>"
 
 _TYPED_FIELDS = (
-    "float_data",
-    "int32_data",
-    "string_data",
-    "int64_data",
-    "double_data",
-    "uint64_data",
+    "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"
 )
-
-_SUB_BYTE_BITS = {
-    getattr(TensorProto, name): bits
-    for name, bits in (
-        ("INT4", 4),
-        ("UINT4", 4),
-        ("FLOAT4E2M1", 4),
-        ("INT2", 2),
-        ("UINT2", 2),
-        ("FLOAT6E2M3", 6),
-        ("FLOAT6E3M2", 6),
+_PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6,
+                "FLOAT6E3M2": 6}  # fmt: skip
+_ELEMENT_BITS = {
+    value: 0 if name == "STRING" else _PACKED_BITS.get(
+        name, 8 * onnx.helper.tensor_dtype_to_np_dtype(value).itemsize
     )
-    if hasattr(TensorProto, name)
+    for name, value in TensorProto.DataType.items()
+    if value != TensorProto.UNDEFINED
 }
+"""Bits per element of every dtype this onnx knows; 0 for strings (no fixed width)."""
 
 
 def serialized_size_bytes(model: onnx.ModelProto) -> int:
-    """Size the model would take once serialized; cheap, used for the 2 GB decision."""
-    return model.ByteSize()
+    """Serialized size, for the 2 GB decision.
+
+    upb's ByteSize encodes the whole message (and raises past 2 GB), so tensor payloads are
+    first estimated from dtype and shape; only a model that may fit is measured exactly.
+    """
+    payload_bytes = sum(_payload_bytes(tensor) for tensor, _ in _iter_tensors(model))
+    if payload_bytes > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES:
+        return payload_bytes
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return PROTOBUF_LIMIT_BYTES + 1
 
 
-# --------------------------------------------------------------------------- traversal
+def _payload_bytes(tensor: TensorProto) -> int:
+    """Data bytes of a tensor from dtype and shape, since upb copies raw_data on every read."""
+    if tensor.HasField("raw_data"):
+        bits = _ELEMENT_BITS.get(tensor.data_type)
+        if not bits or any(dim < 0 for dim in tensor.dims):
+            return len(tensor.raw_data)
+        return (math.prod(tensor.dims) * bits + 7) // 8
+    numeric_fields = [field for field in _TYPED_FIELDS if field != "string_data"]
+    numeric_count = sum(len(getattr(tensor, field)) for field in numeric_fields)
+    return 8 * numeric_count + sum(len(value) for value in tensor.string_data)
 
 
-def _iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
+
+def _iter_tensors(model: onnx.ModelProto) -> Iterator[_Labelled]:
     """Every tensor in the model with a label for messages, in a deterministic order."""
     yield from _iter_graph_tensors(model.graph)
     for function in model.functions:
@@ -96,7 +105,7 @@ def _iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
         yield from _iter_graph_tensors(training_info.algorithm)
 
 
-def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[TensorProto, str]]:
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[_Labelled]:
     for tensor in graph.initializer:
         yield tensor, f"tensor '{tensor.name}'"
     for sparse in graph.sparse_initializer:
@@ -105,16 +114,14 @@ def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[TensorProto, s
         yield from _iter_node_tensors(node)
 
 
-def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[tuple[TensorProto, str]]:
+def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[_Labelled]:
     node_name = node.name or (node.output[0] if node.output else node.op_type)
     for attribute in node.attribute:
         where = f"attribute '{attribute.name}' of node '{node_name}'"
         yield from _iter_attribute_tensors(attribute, where)
 
 
-def _iter_attribute_tensors(
-    attribute: onnx.AttributeProto, where: str
-) -> Iterator[tuple[TensorProto, str]]:
+def _iter_attribute_tensors(attribute: onnx.AttributeProto, where: str) -> Iterator[_Labelled]:
     if attribute.HasField("t"):
         yield attribute.t, _tensor_label(attribute.t, where)
     for tensor in attribute.tensors:
@@ -129,34 +136,28 @@ def _iter_attribute_tensors(
         yield from _iter_graph_tensors(graph)
 
 
-def _iter_sparse_parts(
-    sparse: onnx.SparseTensorProto, where: str
-) -> Iterator[tuple[TensorProto, str]]:
-    yield sparse.values, f"values of {where}"
-    yield sparse.indices, f"indices of {where}"
+def _iter_sparse_parts(sparse: onnx.SparseTensorProto, where: str) -> Iterator[_Labelled]:
+    yield from ((sparse.values, f"values of {where}"), (sparse.indices, f"indices of {where}"))
 
 
 def _tensor_label(tensor: TensorProto, where: str) -> str:
     return f"tensor '{tensor.name}' ({where})" if tensor.name else f"unnamed tensor ({where})"
 
 
-# --------------------------------------------------------------------------- tensor checks
-
 
 def _load_error(source: str, label: str, reason: str) -> ModelLoadError:
     return ModelLoadError(f"{source}: {label}: {reason}")
 
 
+def _describe(tensor: TensorProto) -> str:
+    return f"shape {list(tensor.dims)} of {TensorProto.DataType.Name(tensor.data_type)}"
+
+
 def _dtype_bits(tensor: TensorProto, source: str, label: str) -> int:
-    """Bits per element; strings report 0 because they have no fixed width."""
-    data_type = tensor.data_type
-    if data_type == TensorProto.UNDEFINED or data_type not in TensorProto.DataType.values():
-        raise _load_error(source, label, f"unknown data type {data_type}")
-    if data_type == TensorProto.STRING:
-        return 0
-    if data_type in _SUB_BYTE_BITS:
-        return _SUB_BYTE_BITS[data_type]
-    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize * 8
+    bits = _ELEMENT_BITS.get(tensor.data_type)
+    if bits is None:
+        raise _load_error(source, label, f"unknown data type {tensor.data_type}")
+    return bits
 
 
 def _element_count(tensor: TensorProto, source: str, label: str) -> int:
@@ -178,32 +179,33 @@ def _typed_value_count(tensor: TensorProto, element_count: int) -> int:
     data_type = tensor.data_type
     if data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
         return 2 * element_count
-    bits = _SUB_BYTE_BITS.get(data_type, 8)
+    bits = _ELEMENT_BITS.get(data_type, 8)
     per_entry = 8 // bits if bits < 8 and 8 % bits == 0 else 1
     return -(-element_count // per_entry)
 
 
-def _check_inline_tensor(tensor: TensorProto, source: str, label: str) -> None:
-    """The stored values must be exactly what dtype and shape say, in exactly one field."""
+def _check_inline_tensor(
+    tensor: TensorProto, source: str, label: str, raw_bytes: int | None = None
+) -> None:
+    """The stored values must be exactly what dtype and shape say, in exactly one field.
+
+    ``raw_bytes`` spares a copy when the caller knows it: upb copies raw_data on every read.
+    """
     _dtype_bits(tensor, source, label)
     element_count = _element_count(tensor, source, label)
     typed_fields = [name for name in _TYPED_FIELDS if len(getattr(tensor, name))]
     has_raw = tensor.HasField("raw_data")
     if len(tensor.external_data) or tensor.data_location == TensorProto.EXTERNAL:
-        raise _load_error(source, label, "external data entries left after loading")
+        raise _load_error(source, label, "has external_data entries without data_location EXTERNAL")
     if len(typed_fields) + has_raw > 1:
         fields = ", ".join((["raw_data"] if has_raw else []) + typed_fields)
         raise _load_error(source, label, f"holds data in several fields at once ({fields})")
     if has_raw:
         expected_bytes = _raw_byte_count(tensor, source, label)
-        raw_bytes = len(tensor.raw_data)
+        raw_bytes = len(tensor.raw_data) if raw_bytes is None else raw_bytes
         if raw_bytes != expected_bytes:
-            raise _load_error(
-                source,
-                label,
-                f"raw_data is {raw_bytes} bytes but shape {list(tensor.dims)} of "
-                f"{TensorProto.DataType.Name(tensor.data_type)} needs {expected_bytes}",
-            )
+            reason = f"raw_data is {raw_bytes} bytes but {_describe(tensor)} needs {expected_bytes}"
+            raise _load_error(source, label, reason)
     elif typed_fields:
         field = typed_fields[0]
         expected_field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
@@ -212,32 +214,26 @@ def _check_inline_tensor(tensor: TensorProto, source: str, label: str) -> None:
         count = len(getattr(tensor, field))
         expected_count = _typed_value_count(tensor, element_count)
         if count != expected_count:
-            raise _load_error(
-                source, label, f"{field} has {count} values, shape needs {expected_count}"
-            )
+            reason = f"{field} has {count} values, shape needs {expected_count}"
+            raise _load_error(source, label, reason)
     elif element_count > 0:
         raise _load_error(source, label, f"no data for {element_count} elements")
 
 
-# --------------------------------------------------------------------------- files
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink",
+}  # fmt: skip
 
 
 def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symlink"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def _same_file(before: os.stat_result, after: os.stat_result) -> bool:
-    return (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
+    same_inode = (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
+    return same_inode and stat.S_ISREG(after.st_mode)
 
 
 def _read_exactly(fd: int, length_bytes: int, offset_bytes: int) -> bytes:
@@ -264,10 +260,7 @@ def _read_model_file(real_path: str, shown: str, max_input_bytes: int | None) ->
         raise ModelLoadError(f"{shown}: cannot read model: {_file_kind(before.st_mode)}")
     if before.st_size == 0:
         raise ModelLoadError(f"{shown}: not an ONNX model: empty file")
-    if max_input_bytes is not None and before.st_size > max_input_bytes:
-        raise ModelLoadError(
-            f"{shown}: file is {before.st_size} bytes, over the limit of {max_input_bytes}"
-        )
+    _check_input_size(before.st_size, max_input_bytes, shown)
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(real_path, flags)
@@ -293,20 +286,12 @@ def _parse_model(data: bytes, shown: str) -> onnx.ModelProto:
 
 
 def _require_model_fields(model: onnx.ModelProto, shown: str) -> None:
-    missing = [
-        field
-        for field, present in (
-            ("graph", model.HasField("graph")),
-            ("ir_version", model.ir_version > 0),
-            ("opset_import", len(model.opset_import) > 0),
-        )
-        if not present
-    ]
+    present = {"graph": model.HasField("graph"), "ir_version": model.ir_version > 0,
+               "opset_import": len(model.opset_import) > 0}  # fmt: skip
+    missing = [field for field, is_present in present.items() if not is_present]
     if missing:
         raise ModelLoadError(f"{shown}: not an ONNX model: no {', '.join(missing)}")
 
-
-# --------------------------------------------------------------------------- external data
 
 
 def _external_entries(tensor: TensorProto, source: str, label: str) -> tuple[str, int, int | None]:
@@ -377,16 +362,11 @@ class _ExternalDataReader:
         if length_bytes is None:
             length_bytes = max(size_bytes - offset_bytes, 0)
         if offset_bytes + length_bytes > size_bytes or offset_bytes > size_bytes:
-            raise ModelLoadError(
-                f"{shown}: offset {offset_bytes} + length {length_bytes} is beyond its "
-                f"{size_bytes} bytes"
-            )
+            raise ModelLoadError(f"{shown}: offset {offset_bytes} + length {length_bytes} is "
+                                 f"beyond its {size_bytes} bytes")  # fmt: skip
         if length_bytes != expected_bytes:
-            raise ModelLoadError(
-                f"{shown}: length {length_bytes} bytes does not match shape "
-                f"{list(tensor.dims)} of {TensorProto.DataType.Name(tensor.data_type)} "
-                f"({expected_bytes} bytes)"
-            )
+            raise ModelLoadError(f"{shown}: length {length_bytes} bytes does not match "
+                                 f"{_describe(tensor)} ({expected_bytes} bytes)")  # fmt: skip
         try:
             return _read_exactly(fd, length_bytes, offset_bytes)
         except OSError as error:
@@ -398,15 +378,13 @@ class _ExternalDataReader:
             path = os.path.join(self._folder, *parts)
             real = os.path.realpath(path)
             if os.path.commonpath([real, self._folder]) != self._folder or real == self._folder:
-                raise _load_error(
-                    self._source, label, f"external data {location!r} resolves outside {self._folder}"
-                )
+                reason = f"external data {location!r} resolves outside {self._folder}"
+                raise _load_error(self._source, label, reason)
             try:
                 fd, size_bytes = self._open_inside_folder(parts)
             except OSError as error:
-                raise _load_error(
-                    self._source, label, f"cannot open external data {path}: {error.strerror}"
-                ) from error
+                reason = f"cannot open external data {path}: {error.strerror}"
+                raise _load_error(self._source, label, reason) from error
             except ValueError as error:
                 raise _load_error(self._source, label, f"external data {path} {error}") from None
             self._open_files[key] = (fd, size_bytes, path)
@@ -435,55 +413,41 @@ class _ExternalDataReader:
         finally:
             os.close(dir_fd)
         after = os.fstat(fd)
-        if not _same_file(before, after) or not stat.S_ISREG(after.st_mode):
+        if not _same_file(before, after):
             os.close(fd)
             raise ValueError("changed while it was being opened")
         return fd, after.st_size
 
     def _charge(self, size_bytes: int, path: str, label: str) -> None:
-        if self._budget_bytes is None:
-            return
-        self._budget_bytes -= size_bytes
-        if self._budget_bytes < 0:
-            raise _load_error(
-                self._source, label, f"external data {path} takes the input over max_input_bytes"
-            )
+        if self._budget_bytes is not None:
+            self._budget_bytes -= size_bytes
+            if self._budget_bytes < 0:
+                reason = f"external data {path} takes the input over max_input_bytes"
+                raise _load_error(self._source, label, reason)
 
 
-def _read_external_data(
-    model: onnx.ModelProto, folder: str, shown: str, budget_bytes: int | None
-) -> tuple[pathlib.Path, ...]:
-    with _ExternalDataReader(folder, shown, budget_bytes) as reader:
-        for tensor, label in _iter_tensors(model):
-            if tensor.data_location != TensorProto.EXTERNAL:
-                continue
+def _inline_and_check_tensors(
+    model: onnx.ModelProto, shown: str, reader: _ExternalDataReader | None
+) -> None:
+    """Read every external tensor into raw_data (only a file has a folder), check all."""
+    for tensor, label in _iter_tensors(model):
+        raw_bytes = None
+        if tensor.data_location == TensorProto.EXTERNAL:
+            if reader is None:
+                raise _load_error(shown, label, _NO_FOLDER_REASON)
             if tensor.HasField("raw_data"):
                 raise _load_error(shown, label, "has both raw_data and external data")
             data = reader.read(tensor, label)
+            raw_bytes = len(data)
             tensor.raw_data = data
-            del tensor.external_data[:]
+            del data, tensor.external_data[:]
             tensor.ClearField("data_location")
-        return reader.paths()
+        _check_inline_tensor(tensor, shown, label, raw_bytes)
 
 
-def _reject_external_data(model: onnx.ModelProto, shown: str) -> None:
-    for tensor, label in _iter_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL:
-            raise _load_error(
-                shown,
-                label,
-                "references external data, but a model given as bytes or a proto has no "
-                "folder to read it from; load it from its .onnx path instead",
-            )
 
-
-# --------------------------------------------------------------------------- loading
-
-
-def _check_loaded_model(model: onnx.ModelProto, shown: str) -> None:
-    """Check every tensor, then run onnx's checker when the model fits protobuf's limit."""
-    for tensor, label in _iter_tensors(model):
-        _check_inline_tensor(tensor, shown, label)
+def _run_onnx_checker(model: onnx.ModelProto, shown: str) -> None:
+    """onnx's checker serializes the model, so it only runs below protobuf's limit."""
     if serialized_size_bytes(model) > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES:
         return
     try:
@@ -495,9 +459,7 @@ def _check_loaded_model(model: onnx.ModelProto, shown: str) -> None:
 
 def _check_input_size(size_bytes: int, max_input_bytes: int | None, shown: str) -> None:
     if max_input_bytes is not None and size_bytes > max_input_bytes:
-        raise ModelLoadError(
-            f"{shown}: model is {size_bytes} bytes, over the limit of {max_input_bytes}"
-        )
+        raise ModelLoadError(f"{shown}: {size_bytes} bytes, over the limit of {max_input_bytes}")
 
 
 def load_model(
@@ -520,8 +482,8 @@ def load_model(
         model = _parse_model(bytes(source), shown)
     else:
         raise ModelLoadError(f"cannot load a model from {type(source).__name__}")
-    _reject_external_data(model, shown)
-    _check_loaded_model(model, shown)
+    _inline_and_check_tensors(model, shown, None)
+    _run_onnx_checker(model, shown)
     return model
 
 
@@ -535,12 +497,13 @@ def load_model_with_files(
     model = _parse_model(data, shown)
     budget_bytes = None if max_input_bytes is None else max_input_bytes - len(data)
     del data
-    external_paths = _read_external_data(model, os.path.dirname(real_path), shown, budget_bytes)
-    _check_loaded_model(model, shown)
+    folder = os.path.dirname(os.path.abspath(shown))
+    with _ExternalDataReader(folder, shown, budget_bytes) as reader:
+        _inline_and_check_tensors(model, shown, reader)
+        external_paths = reader.paths()
+    _run_onnx_checker(model, shown)
     return model, (pathlib.Path(real_path), *external_paths)
 
-
-# --------------------------------------------------------------------------- saving
 
 
 def _check_output_folder(folder: pathlib.Path, target: pathlib.Path) -> None:
@@ -575,34 +538,32 @@ def _is_same_path(first: pathlib.Path, second: str) -> bool:
         return False
 
 
-def _check_protected(outputs: list[pathlib.Path], protected_paths: Iterable[str | os.PathLike]) -> None:
-    for protected in protected_paths:
+def _check_protected(
+    outputs: list[pathlib.Path], protected_paths: Iterable[str | os.PathLike]
+) -> None:
+    for protected in map(os.fspath, protected_paths):
         for output in outputs:
-            if _is_same_path(output, os.fspath(protected)):
-                raise ModelSaveError(
-                    f"{output}: refusing to overwrite {os.fspath(protected)}, an input file"
-                )
+            if _is_same_path(output, protected):
+                raise ModelSaveError(f"{output}: refusing to overwrite {protected}, an input file")
 
 
-def _needs_external_data(model: onnx.ModelProto, external_data: bool | None, target: pathlib.Path) -> bool:
+def _needs_external_data(
+    model: onnx.ModelProto, external_data: bool | None, target: pathlib.Path
+) -> bool:
     size_bytes = serialized_size_bytes(model)
     if external_data is None:
         return size_bytes > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES
     if not external_data and size_bytes > PROTOBUF_LIMIT_BYTES:
-        raise ModelSaveError(
-            f"{target}: model is {size_bytes} bytes, over protobuf's 2 GB limit; "
-            "save it with external data"
-        )
+        reason = f"model is {size_bytes} bytes, over protobuf's 2 GB limit; use external data"
+        raise ModelSaveError(f"{target}: {reason}")
     return external_data
 
 
 def _reject_unresolved_external(model: onnx.ModelProto, target: pathlib.Path) -> None:
     for tensor, label in _iter_tensors(model):
         if tensor.data_location == TensorProto.EXTERNAL:
-            raise ModelSaveError(
-                f"{target}: {label} still references external data; load the model with "
-                "load_model first"
-            )
+            reason = f"{label} still references external data; load it with load_model first"
+            raise ModelSaveError(f"{target}: {reason}")
 
 
 def _remove_stale_temps(folder: pathlib.Path, names: list[str]) -> None:
@@ -654,16 +615,21 @@ def _commit_atomically(
         for temp_path, _ in pending:
             with contextlib.suppress(OSError):
                 os.unlink(temp_path)
+    with contextlib.suppress(OSError):
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: pathlib.Path) -> None:
+    """Make the renames durable; best effort, as some file systems cannot fsync a folder."""
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with contextlib.suppress(OSError):
-            os.fsync(folder_fd)
+        os.fsync(folder_fd)
     finally:
         os.close(folder_fd)
 
 
 def _move_tensors_to_file(
-    model: onnx.ModelProto, fd: int, location: str, size_threshold_bytes: int
+    model: onnx.ModelProto, fd: int, location: str, threshold_bytes: int
 ) -> None:
     """Write raw_data of big tensors to fd, page-aligned, and point the tensors at it."""
     end_bytes = 0
@@ -671,7 +637,7 @@ def _move_tensors_to_file(
         if not tensor.HasField("raw_data"):
             continue
         data = tensor.raw_data
-        if len(data) < size_threshold_bytes:
+        if len(data) < threshold_bytes:
             continue
         offset_bytes = -(-end_bytes // EXTERNAL_ALIGNMENT_BYTES) * EXTERNAL_ALIGNMENT_BYTES
         _write_all(fd, bytes(offset_bytes - end_bytes))
@@ -680,33 +646,26 @@ def _move_tensors_to_file(
         tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", location), ("offset", offset_bytes), ("length", len(data))):
-            entry = tensor.external_data.add()
-            entry.key = key
-            entry.value = str(value)
+            tensor.external_data.add(key=key, value=str(value))
 
 
 def _serialize(model: onnx.ModelProto, target: pathlib.Path) -> bytes:
-    size_bytes = serialized_size_bytes(model)
-    if size_bytes > PROTOBUF_LIMIT_BYTES:
-        raise ModelSaveError(
-            f"{target}: model is still {size_bytes} bytes after moving raw_data tensors out; "
-            "tensors stored in typed fields (float_data, ...) stay inline"
-        )
-    return model.SerializeToString(deterministic=True)
+    try:
+        return model.SerializeToString(deterministic=True)
+    except EncodeError as error:
+        reason = "over protobuf's 2 GB limit even with raw_data moved out (typed data stays)"
+        raise ModelSaveError(f"{target}: {reason}") from error
 
 
 def _write_with_external_data(
-    model: onnx.ModelProto,
-    target: pathlib.Path,
-    data_target: pathlib.Path,
-    size_threshold_bytes: int,
+    model: onnx.ModelProto, target: pathlib.Path, data_target: pathlib.Path, threshold_bytes: int
 ) -> None:
     """Lay big tensors out in a fresh data file; the caller's model is copied, not changed."""
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
 
     def write_data(fd: int) -> None:
-        _move_tensors_to_file(model_copy, fd, data_target.name, size_threshold_bytes)
+        _move_tensors_to_file(model_copy, fd, data_target.name, threshold_bytes)
 
     def write_model(fd: int) -> None:
         _write_all(fd, _serialize(model_copy, target))
@@ -729,7 +688,7 @@ def save_model(
     to the same name are removed first.
     """
     if not isinstance(model, onnx.ModelProto):
-        raise ModelSaveError(f"{os.fspath(path)}: expected an onnx.ModelProto, got {type(model).__name__}")
+        raise ModelSaveError(f"{os.fspath(path)}: not an onnx.ModelProto: {type(model).__name__}")
     target = pathlib.Path(os.path.abspath(os.fspath(path)))
     folder = target.parent
     data_target = folder / f"{target.name}.data"

@@ -28,7 +28,8 @@ class OptionSpec:
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by its ``name``."""
-    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
         raise TypeError(f"{cls.__name__} must be a frozen keyword-only dataclass")
     existing = _PASSES.get(cls.name)
     if existing is not None and existing is not cls:

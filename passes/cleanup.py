@@ -34,13 +34,14 @@ class CleanupPass(Pass):
         for entry in dropped:
             report.count("unused_initializers_removed")
             report.saved_bytes += int(entry["bytes"])
+        nodes_before = _node_count(graph)
         if self.remove_identity:
             for owner in iter_graphs(graph):
                 _bypass_identities(owner, report)
-        nodes_before = _node_count(graph)
         cleanup(graph)
         toposort(graph)
-        report.count("unused_nodes_removed", nodes_before - _node_count(graph))
+        bypassed = report.counts.get("identities_removed", 0)
+        report.count("unused_nodes_removed", nodes_before - _node_count(graph) - bypassed)
         modified = bool(dropped) or graph_fingerprint(graph) != before
         return PassResult(graph, modified, report.to_dict())
 

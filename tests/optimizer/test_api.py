@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from optimizer.api import build_passes, optimize
+from optimizer.errors import OptionError
+from optimizer.graph import iter_graphs
+from optimizer.model import load_model
+from optimizer.pass_base import Pass, PassReport, PassResult
+from optimizer.report import write_report
+from optimizer.validate import Tolerance
+from tests.conftest import MODELS_DIR, digest, seeded_feeds
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShiftWeightsPass(Pass):
+    """A deliberately lossy pass: adds ``shift`` to every 2-D float initializer."""
+
+    name = "shift-weights-test"
+    summary = "test only"
+    shift: float = 0.05
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        report = PassReport()
+        for owner in iter_graphs(graph):
+            for tensor in owner.tensors().values():
+                if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32 and tensor.values.ndim == 2:
+                    tensor.values = (tensor.values + self.shift).astype(np.float32)
+                    report.count("shifted")
+        return PassResult(graph, True, report.to_dict())
+
+
+def test_optimize_a_proto_in_memory_leaves_it_alone():
+    model = load_model(MODELS_DIR / "constant_weights.onnx")
+    before = model.SerializeToString()
+    result = optimize(model)
+    assert model.SerializeToString() == before
+    assert result.output_path is None and result.modified
+    assert result.report.output.path is None
+    assert result.report.input.weight_bytes == result.report.output.weight_bytes > 0
+    assert result.report.output.size_bytes < result.report.input.size_bytes
+
+
+def test_validation_failure_writes_nothing_and_keeps_the_previous_output(tmp_path):
+    output = tmp_path / "out.onnx"
+    assert optimize(MODELS_DIR / "mlp.onnx", output).output_path == output
+    previous = digest(output)
+    result = optimize(MODELS_DIR / "mlp.onnx", output, passes=["cleanup", ShiftWeightsPass()], validate=True)
+    assert not result.passed and result.comparison.worst_output == "logits"
+    assert digest(output) == previous
+    assert any("not written" in note for note in result.report.notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"], "staging files left behind"
+    kept = optimize(MODELS_DIR / "mlp.onnx", output, passes=[ShiftWeightsPass()], validate=True, keep_failed=True)
+    assert not kept.passed and kept.output_path == output and digest(output) != previous
+
+
+def test_lossy_pipeline_uses_a_loose_default_and_explicit_tolerance_wins(tmp_path):
+    result = optimize(MODELS_DIR / "mlp.onnx", passes=[ShiftWeightsPass(shift=1e-5)], validate=True)
+    assert result.passed
+    assert result.comparison.tolerance["logits"] == {"max_abs": None, "max_rel": None, "min_cosine": 0.99,
+                                                     "min_sqnr_db": 20.0, "min_top1": None}
+    strict = optimize(MODELS_DIR / "mlp.onnx", passes=[ShiftWeightsPass(shift=1e-5)], validate=True,
+                      tolerance=Tolerance(max_abs=1e-9))
+    assert not strict.passed
+
+
+def test_feeds_from_iterable_and_npz_folder(tmp_path):
+    model = load_model(MODELS_DIR / "if_subgraph.onnx")
+    feeds = seeded_feeds(model, count=2)
+    from_list = optimize(model, validate=True, feeds=iter(feeds))
+    assert from_list.passed and from_list.comparison.samples == 2
+    for index, feed in enumerate(feeds):
+        np.savez(tmp_path / f"{index:03d}.npz", **feed)
+    from_folder = optimize(MODELS_DIR / "if_subgraph.onnx", validate=True, feeds=tmp_path)
+    assert from_folder.passed and from_folder.comparison.samples == 2
+
+
+def test_bench_times_input_and_output():
+    result = optimize(MODELS_DIR / "mlp.onnx", bench=True, bench_rounds=2)
+    assert [row.name for row in result.bench.models] == ["input", "output"]
+    assert result.report.benchmark["models"][0]["ratio_p50"] == 1.0
+
+
+def test_options_for_a_pass_outside_the_pipeline_are_an_error():
+    with pytest.raises(OptionError, match="not in the pipeline"):
+        build_passes(["cleanup"], {"constants-to-initializers": {"min_size_bytes": 4}})
+    with pytest.raises(OptionError, match="unknown pass 'nope'"):
+        build_passes(["cleanup"], {"nope": {}})
+
+
+def test_report_formats(tmp_path):
+    result = optimize(MODELS_DIR / "mlp.onnx", passes=[ShiftWeightsPass()], validate=True)
+    text = result.report.to_markdown()
+    assert "| logits |" in text and "FAIL" in text
+    write_report(result.report, tmp_path / "r.md")
+    assert (tmp_path / "r.md").read_text() == text
+    with pytest.raises(OptionError, match="unknown format"):
+        write_report(result.report, tmp_path / "r.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"]

@@ -1,0 +1,57 @@
+"""A model over protobuf's 2 GB limit: load, cleanup, save with external data, load again."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from optimizer.api import optimize
+from optimizer.model import PROTOBUF_LIMIT_BYTES, load_model, save_model
+
+ELEMENTS = 140_000_000  # 560 MB of float32 per weight; four of them exceed 2 GB
+WEIGHTS = 4
+
+
+def pattern(index: int) -> np.ndarray:
+    return (np.arange(ELEMENTS, dtype=np.int64) % 251 + index).astype(np.float32)
+
+
+def big_model() -> onnx.ModelProto:
+    initializers = [helper.make_tensor(f"W{k}", TensorProto.FLOAT, [ELEMENTS], pattern(k).tobytes(), raw=True)
+                    for k in range(WEIGHTS)]
+    initializers.append(helper.make_tensor("unused", TensorProto.FLOAT, [4], np.zeros(4, np.float32).tobytes(), raw=True))
+    nodes = [helper.make_node("Identity", ["W0"], ["w0_copy"], name="copy"),
+             helper.make_node("Add", ["w0_copy", "W1"], ["s1"], name="add1"),
+             helper.make_node("Add", ["s1", "W2"], ["s2"], name="add2"),
+             helper.make_node("Add", ["s2", "W3"], ["y"], name="add3")]
+    graph = helper.make_graph(nodes, "big", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [ELEMENTS])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    helper.set_model_props(model, {"size": "over 2 GB"})
+    return model
+
+
+@pytest.mark.slow
+def test_model_over_2gb_loads_cleans_and_saves_with_external_data(tmp_path):
+    source = save_model(big_model(), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > PROTOBUF_LIMIT_BYTES
+    assert source.stat().st_size < 10_000
+    output = tmp_path / "out" / "big.clean.onnx"
+    output.parent.mkdir()
+    result = optimize(source, output, passes=["cleanup"])
+    report = result.report.to_dict()["passes"][0]["report"]
+    assert report["counts"] == {"identities_removed": 1, "unused_initializers_removed": 1, "unused_nodes_removed": 0}
+    del result
+    data_file = output.with_name(output.name + ".data")
+    assert data_file.stat().st_size >= WEIGHTS * ELEMENTS * 4
+    assert output.stat().st_size < 10_000
+    onnx.checker.check_model(str(output), full_check=True)
+    reloaded = load_model(output)
+    assert [n.op_type for n in reloaded.graph.node] == ["Add", "Add", "Add"]
+    assert {p.key: p.value for p in reloaded.metadata_props} == {"size": "over 2 GB"}
+    stored = {t.name: t for t in reloaded.graph.initializer}
+    assert sorted(stored) == [f"W{k}" for k in range(WEIGHTS)]
+    for k in range(WEIGHTS):
+        assert np.array_equal(np.frombuffer(stored[f"W{k}"].raw_data, np.float32), pattern(k))
