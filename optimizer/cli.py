@@ -115,6 +115,9 @@ def _add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, help="minimum cosine similarity")
     group.add_argument("--min-sqnr", type=float, help="minimum SQNR in dB")
     group.add_argument("--min-top1", type=float, help="minimum top-1 agreement for class-like outputs")
+    group.add_argument("--output-tolerance", action="append", default=[], metavar="OUTPUT:KEY=V[,KEY=V]",
+                       help="tolerance for one output, keys atol, rtol, min-cosine, min-sqnr, min-top1, e.g. "
+                            "logits:atol=1e-3,min-cosine=0.999 (repeatable; other outputs use the flags above)")
 
 
 def _add_optimize(commands) -> None:
@@ -269,12 +272,37 @@ def parse_settings(settings: Sequence[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
-def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
+TOLERANCE_KEYS = {"atol": "max_abs", "rtol": "max_rel", "min-cosine": "min_cosine",
+                  "min-sqnr": "min_sqnr_db", "min-top1": "min_top1"}
+
+
+def tolerance_from_args(args: argparse.Namespace) -> Tolerance | dict[str, Tolerance] | None:
+    """The global flags as one Tolerance, or a per-output mapping ("*" = the global flags)."""
     values = {"max_abs": args.atol, "max_rel": args.rtol, "min_cosine": args.min_cosine,
               "min_sqnr_db": args.min_sqnr, "min_top1": args.min_top1}
-    if all(value is None for value in values.values()):
-        return None
-    return Tolerance(**values)
+    common = None if all(value is None for value in values.values()) else Tolerance(**values)
+    if not args.output_tolerance:
+        return common
+    per_output = dict(parse_output_tolerance(item) for item in args.output_tolerance)
+    return {"*": common or Tolerance(max_abs=1e-6), **per_output}
+
+
+def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:
+    """``"logits:atol=1e-3,min-cosine=0.99"`` -> ("logits", Tolerance(max_abs=0.001, min_cosine=0.99))."""
+    name, sep, body = item.rpartition(":")
+    if not sep or not name or not body:
+        raise UsageError(f"--output-tolerance '{item}': expected OUTPUT:KEY=VALUE[,KEY=VALUE]")
+    values = {}
+    for part in body.split(","):
+        key, eq, text = part.partition("=")
+        if not eq or key.strip() not in TOLERANCE_KEYS:
+            raise UsageError(f"--output-tolerance '{item}': '{part}' is not KEY=VALUE with KEY one of "
+                             f"{', '.join(TOLERANCE_KEYS)}")
+        try:
+            values[TOLERANCE_KEYS[key.strip()]] = float(text)
+        except ValueError:
+            raise UsageError(f"--output-tolerance '{item}': '{text}' is not a number") from None
+    return name, Tolerance(**values)
 
 
 def _one_line(text: str) -> str:

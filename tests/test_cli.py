@@ -42,6 +42,10 @@ def test_optimize_every_sample_validates_and_matches(path, tmp_path, capsys):
     assert "PASS" in out and f"wrote {output}" in out
     original = onnx.load(path)
     assert_same_outputs(original, onnx.load(output), seeded_feeds(original), atol=1e-6)
+    saved = onnx.load(output)
+    onnx.checker.check_model(saved, full_check=True)
+    assert list(saved.metadata_props) == list(original.metadata_props) and saved.metadata_props
+    assert saved.doc_string == original.doc_string != ""
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["validation"]["passed"] is True
     assert report["validation"]["provider_used"] == "CPUExecutionProvider"
@@ -250,6 +254,15 @@ def test_validate_command_passes_identical_and_fails_perturbed(sample_copy, tmp_
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] is False and data["worst_output"] == "logits"
     assert main(["validate", str(source), str(perturbed), "--atol", "10"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(source), str(perturbed), "--output-tolerance", "logits:atol=10,min-cosine=0.5"]) == 0
+    assert main(["validate", str(source), str(perturbed), "--atol", "10",
+                 "--output-tolerance", "logits:min-sqnr=200"]) == 1
+    assert "SQNR" in capsys.readouterr().out
+    assert main(["validate", str(source), str(perturbed), "--output-tolerance", "logits:speed=1"]) == 2
+    assert_one_line_error(capsys, "speed=1", "atol")
+    assert main(["validate", str(source), str(perturbed), "--output-tolerance", "nope:atol=1"]) == 2
+    assert_one_line_error(capsys, "nope")
 
 
 def test_bench_and_inspect_and_passes_commands(sample_copy, capsys):
