@@ -18,10 +18,10 @@ import onnx
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.benchmark import BenchResult, benchmark
 from optimizer.errors import ModelSaveError, OptionError
-from optimizer.feeds import Feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
+from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
 from optimizer.inspect import weight_bytes_by_dtype
 from optimizer.model import load_model, load_model_with_files, save_model, serialized_size_bytes
-from optimizer.pass_base import Pass
+from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
 from optimizer.report import ModelSummary, Report
@@ -78,6 +78,7 @@ def optimize(
     *,
     passes: Sequence[str | Pass] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    calibration: FeedSource = None,
     validate: bool = False,
     feeds: FeedSource = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -91,15 +92,19 @@ def optimize(
     external_data: ExternalData = "auto",
     keep_failed: bool = False,
     max_input_bytes: int | None = None,
+    progress: bool = False,
 ) -> OptimizeResult:
     """Run passes on ``model``; save to ``output`` when given; validate and benchmark on request.
 
     With ``validate`` the saved file itself is compared with the input on ``feeds`` (an .npz
     folder, an iterable of feed dicts, or, when None, ``samples`` seeded random feeds). When
     validation fails the output is not written unless ``keep_failed``. The input is never changed.
+    ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data,
+    such as static quantization, run the model on, with the same ``provider``.
     """
-    pipeline = Pipeline(build_passes(passes, pass_options), check_each_pass=check_each_pass)
     source, protected, reference = _load(model, max_input_bytes)
+    context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress)
+    pipeline = Pipeline(build_passes(passes, pass_options), check_each_pass=check_each_pass, context=context)
     result = pipeline.run(source)
     report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
     if not (validate or bench):
@@ -145,6 +150,22 @@ def resolve_feeds(
     if isinstance(feeds, (str, os.PathLike)):
         feeds = load_npz_feeds(feeds)
     return check_feeds(specs, feeds)
+
+
+def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> CalibrationFactory | None:
+    """A factory that yields the calibration feeds anew on every call, checked against the model.
+
+    A folder is re-read on each call (memory stays bounded); an iterable is read once and kept.
+    """
+    if calibration is None:
+        return None
+    specs = model_input_specs(model)
+    if isinstance(calibration, (str, os.PathLike)):
+        folder = calibration
+        load_npz_feeds(folder)
+        return lambda: (check_feed(specs, feed, index) for index, feed in enumerate(load_npz_feeds(folder)))
+    kept = check_feeds(specs, calibration)
+    return lambda: iter(kept)
 
 
 def _load(model: ModelInput, max_input_bytes: int | None) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:

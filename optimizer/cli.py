@@ -129,6 +129,8 @@ def _add_optimize(commands) -> None:
                           "see 'onnx-compress passes'")
     sub.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="settings",
                      help="set a pass option, e.g. constants-to-initializers.min_size_bytes=64 (repeatable)")
+    sub.add_argument("--calibration-data", metavar="DIR",
+                     help="folder of .npz feeds that passes needing data (static quantization, sensitivity) run on")
     sub.add_argument("--validate", action="store_true", help="compare the output with the input in onnxruntime")
     sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
     sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
@@ -188,10 +190,11 @@ def _run_optimize(args: argparse.Namespace) -> int:
         raise UsageError("--passes names no pass")
     result = optimize(
         args.input, args.output, passes=names, pass_options=parse_settings(args.settings),
-        validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
+        calibration=args.calibration_data, validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
         samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
         bench=args.bench, bench_rounds=args.rounds, check_each_pass=args.check_each_pass,
         external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
+        progress=not (args.quiet or args.json),
     )
     for path in args.report:
         write_report(result.report, path)

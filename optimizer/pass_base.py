@@ -10,8 +10,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 import onnx_graphsurgeon as gs
 
@@ -50,6 +53,27 @@ class PassReport:
         }
 
 
+CalibrationFactory = Callable[[], Iterator[Mapping[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may need besides the graph: data to run the model on, and where to run it.
+
+    ``calibration`` is a factory: each call yields the calibration feeds anew (a pass may need
+    several passes over the data, e.g. ranges first, then histograms).
+    """
+
+    calibration: CalibrationFactory | None = None
+    provider: str = "cpu"
+    progress: bool = False
+
+    def calibration_feeds(self, pass_name: str) -> Iterator[Mapping[str, np.ndarray]]:
+        if self.calibration is None:
+            raise PassError(f"pass '{pass_name}' needs calibration data (--calibration-data DIR or calibration=...)")
+        return self.calibration()
+
+
 @dataclass
 class PassResult:
     graph: gs.Graph
@@ -65,15 +89,15 @@ class Pass(abc.ABC):
     summary: ClassVar[str]
     lossless: ClassVar[bool] = False
 
-    def __call__(self, graph: gs.Graph) -> PassResult:
+    def __call__(self, graph: gs.Graph, context: PassContext | None = None) -> PassResult:
         if not isinstance(graph, gs.Graph):
             raise PassError(f"pass '{self.name}' expects an onnx_graphsurgeon Graph, got {type(graph).__name__}")
-        result = self.run(graph)
+        result = self.run(graph, context or PassContext())
         self._check_result(result)
         return result
 
     @abc.abstractmethod
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         """Rewrite ``graph`` (in place or not) and say what was done."""
 
     def options(self) -> dict[str, Any]:

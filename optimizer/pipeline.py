@@ -12,7 +12,7 @@ import onnx
 from optimizer.checker import check_model_full
 from optimizer.errors import PassError
 from optimizer.graph import export_model, import_graph
-from optimizer.pass_base import Pass
+from optimizer.pass_base import Pass, PassContext
 
 
 @dataclass
@@ -49,12 +49,14 @@ class Pipeline:
     ``onnx.checker.check_model(full_check=True)``, so the pass that broke it is named.
     """
 
-    def __init__(self, passes: Sequence[Pass], *, check_each_pass: bool = False) -> None:
+    def __init__(self, passes: Sequence[Pass], *, check_each_pass: bool = False,
+                 context: PassContext | None = None) -> None:
         for item in passes:
             if not isinstance(item, Pass):
                 raise TypeError(f"Pipeline takes Pass instances, got {type(item).__name__}")
         self.passes = list(passes)
         self.check_each_pass = check_each_pass
+        self.context = context or PassContext()
 
     def run(self, model: onnx.ModelProto) -> PipelineResult:
         template = onnx.ModelProto()
@@ -63,7 +65,7 @@ class Pipeline:
         runs: list[PassRun] = []
         for item in self.passes:
             started = time.perf_counter()
-            result = item(graph)
+            result = item(graph, self.context)
             graph = result.graph
             runs.append(PassRun(item.name, item.options(), result.modified, result.report,
                                 time.perf_counter() - started))

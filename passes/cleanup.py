@@ -13,7 +13,7 @@ from optimizer.graph import (
     iter_graphs,
     toposort,
 )
-from optimizer.pass_base import Pass, PassReport, PassResult, option
+from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 
 
@@ -26,7 +26,7 @@ class CleanupPass(Pass):
 
     remove_identity: bool = option(True, "bypass Identity nodes (kept where a graph output copies an input)")
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         before = graph_fingerprint(graph)
         dropped = dropped_initializers(graph)

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
 from optimizer.graph import cleanup, is_constant_node, iter_graphs, tensor_proto_bytes
-from optimizer.pass_base import Pass, PassReport, PassResult, option
+from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 
 SCALAR_ATTRIBUTES = {
@@ -38,7 +38,7 @@ class ConstantsToInitializersPass(Pass):
         if self.min_size_bytes < 0:
             raise OptionError(f"pass '{self.name}' option 'min_size_bytes' must be >= 0, got {self.min_size_bytes}")
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         converted = 0
         for owner in iter_graphs(graph):

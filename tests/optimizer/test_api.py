@@ -11,7 +11,7 @@ from optimizer.api import build_passes, optimize
 from optimizer.errors import OptionError
 from optimizer.graph import iter_graphs
 from optimizer.model import load_model
-from optimizer.pass_base import Pass, PassReport, PassResult
+from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.report import write_report
 from optimizer.validate import Tolerance
 from tests.conftest import MODELS_DIR, digest, seeded_feeds
@@ -25,7 +25,7 @@ class ShiftWeightsPass(Pass):
     summary = "test only"
     shift: float = 0.05
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         for owner in iter_graphs(graph):
             for tensor in owner.tensors().values():
@@ -102,3 +102,41 @@ def test_report_formats(tmp_path):
     with pytest.raises(OptionError, match="unknown format"):
         write_report(result.report, tmp_path / "r.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountCalibrationPass(Pass):
+    """Reads the calibration data twice and reports how many samples it saw."""
+
+    name = "count-calibration-test"
+    summary = "test only"
+
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+        report = PassReport()
+        for _ in range(2):
+            report.count("samples", sum(1 for _ in context.calibration_feeds(self.name)))
+        report.details["provider"] = context.provider
+        return PassResult(graph, False, report.to_dict())
+
+
+def test_calibration_reaches_passes_and_can_be_read_twice(tmp_path):
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    feeds = seeded_feeds(model, count=3)
+    for index, feed in enumerate(feeds):
+        np.savez(tmp_path / f"{index}.npz", **feed)
+    for source in (tmp_path, feeds):
+        result = optimize(model, passes=[CountCalibrationPass()], calibration=source, provider="cuda")
+        report = result.report.passes[0]["report"]
+        assert report["counts"]["samples"] == 6 and report["details"]["provider"] == "cuda"
+
+
+def test_missing_calibration_is_a_clear_error():
+    from optimizer.errors import PassError
+    with pytest.raises(PassError, match="needs calibration data"):
+        optimize(MODELS_DIR / "mlp.onnx", passes=[CountCalibrationPass()])
+
+
+def test_calibration_feeds_are_checked_against_the_model(tmp_path):
+    from optimizer.errors import FeedError
+    with pytest.raises(FeedError, match="x"):
+        optimize(MODELS_DIR / "mlp.onnx", calibration=[{"x": np.zeros((1, 3), np.float32)}])

@@ -10,7 +10,7 @@ import pytest
 import passes  # noqa: F401
 from optimizer import registry
 from optimizer.errors import OptionError, PassError
-from optimizer.pass_base import Pass, PassReport, PassResult, option
+from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.pipeline import Pipeline
 
 
@@ -25,7 +25,7 @@ class TypedPass(Pass):
     names: tuple[str, ...] = option((), "a list")
     limit: int | None = option(None, "optional")
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         return PassResult(graph, False, PassReport().to_dict())
 
 
@@ -69,7 +69,7 @@ def test_registering_a_mutable_or_duplicate_pass_is_refused():
         name = "loose"
         summary = ""
 
-        def run(self, graph):
+        def run(self, graph, context):
             return PassResult(graph, False, {})
 
     with pytest.raises(TypeError, match="frozen"):
@@ -90,7 +90,7 @@ class BreakingPass(Pass):
     name = "breaking-test-pass"
     summary = "test only"
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         graph.nodes[0].inputs[0] = gs.Variable("nowhere", dtype=None)
         return PassResult(graph, True, PassReport().to_dict())
 
@@ -100,7 +100,7 @@ class SilentSkipPass(Pass):
     name = "silent-skip-test-pass"
     summary = "test only"
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         return PassResult(graph, False, {"skipped": [{"node": "n"}]})
 
 
