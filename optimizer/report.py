@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import OptionError
+from optimizer.errors import OnnxCompressError, OptionError
+from optimizer.html_report import format_number, render_html
 
-REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown"}
+REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Report:
     passes: list[dict[str, Any]] = field(default_factory=list)
     validation: dict[str, Any] | None = None
     benchmark: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = None
+    budget: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +62,9 @@ class Report:
             "passes": self.passes,
             "validation": self.validation,
             "benchmark": self.benchmark,
+            "layers": self.layers,
+            "budget": self.budget,
+            "fusion": self.fusion,
             "notes": list(self.notes),
         }
 
@@ -67,14 +74,23 @@ class Report:
     def to_markdown(self) -> str:
         return render_markdown(self.to_dict())
 
+    def to_html(self) -> str:
+        return render_html(self.to_dict())
+
 
 def render_markdown(data: dict[str, Any]) -> str:
     """Markdown for a report dict (the same dict ``to_json`` writes)."""
     lines = [f"# onnx-compress report (version {data['tool_version']})", ""]
     lines += _size_section(data["input"], data["output"])
     lines += _passes_section(data["passes"])
+    if data.get("layers"):
+        lines += _layers_section(data["layers"])
+    if data.get("budget"):
+        lines += _budget_section(data["budget"])
     if data["validation"]:
         lines += _validation_section(data["validation"])
+    if data.get("fusion"):
+        lines += _fusion_section(data["fusion"])
     if data["benchmark"]:
         lines += _benchmark_section(data["benchmark"])
     if data["notes"]:
@@ -94,7 +110,7 @@ def _size_section(before: dict[str, Any], after: dict[str, Any] | None) -> list[
         rows.append((f"{dtype} weights", before["weight_bytes_by_dtype"].get(dtype, 0),
                      after["weight_bytes_by_dtype"].get(dtype, 0) if after else None))
     for label, old, new in rows:
-        lines.append(f"| {label} | {old:,} | {_or_dash(new)} | {_ratio(old, new)} |")
+        lines.append(f"| {label} | {old:,} | {_num(new)} | {_ratio(old, new)} |")
     return lines + [""]
 
 
@@ -107,13 +123,42 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
         report = run["report"]
         counts = ", ".join(f"{k}={v}" for k, v in report.get("counts", {}).items()) or "-"
         lines.append(f"| {run['name']} | {'yes' if run['modified'] else 'no'} | {counts} | "
-                     f"{report.get('saved_bytes', 0):,} | {len(report.get('skipped', []))} | {run['seconds']} |")
+                     f"{report.get('saved_bytes', 0):,} | {len(report.get('skipped', []))} | {_num(run['seconds'])} |")
     skips = [(run["name"], skip) for run in passes for skip in run["report"].get("skipped", [])]
     if skips:
         lines += ["", "Skipped:", ""]
         for name, skip in skips:
             what = ", ".join(f"{k} `{v}`" for k, v in skip.items() if k != "reason")
             lines.append(f"- {name}: {what}: {skip['reason']}")
+    return lines + [""]
+
+
+def _layers_section(layers: list[dict[str, Any]]) -> list[str]:
+    keys = [k for k in ("node", "op", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine", "status")
+            if any(k in layer for layer in layers)]
+    lines = ["## Per layer", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_num(layer.get(k)) for k in keys) + " |" for layer in layers]
+    return lines + [""]
+
+
+def _budget_section(budget: dict[str, Any]) -> list[str]:
+    lines = ["## Accuracy budget", "",
+             f"metric **{budget.get('metric')}**, baseline {_num(budget.get('baseline'))}, allowed drop "
+             f"{_num(budget.get('max_drop'))}: {'met' if budget.get('met') else 'not met'}", ""]
+    steps = budget.get("steps", [])
+    keys = [k for k in ("step", "action", "value", "drop", "met") if any(k in s for s in steps)]
+    if steps:
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_num(step.get(k)) for k in keys) + " |" for step in steps]
+    return lines + [""]
+
+
+def _fusion_section(fusion: dict[str, Any]) -> list[str]:
+    kernels = ", ".join(f"{op} x{n}" for op, n in fusion.get("integer_kernels", {}).items()) or "none"
+    lines = ["## What onnxruntime runs", "",
+             f"{fusion.get('quantized_groups_written')} quantized group(s) written; integer kernels: {kernels} "
+             f"({fusion.get('provider_used')})."]
+    lines += [f"- warning: {w}" for w in fusion.get("warnings", [])]
     return lines + [""]
 
 
@@ -145,17 +190,8 @@ def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
 
 
 def _num(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_number(value)
 
-
-def _or_dash(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
 
 
 def _ratio(old: int, new: int | None) -> str:
@@ -172,7 +208,7 @@ def write_report(report: Report, path: str | os.PathLike) -> Path:
     kind = REPORT_FORMATS.get(target.suffix.lower())
     if kind is None:
         raise OptionError(f"report '{target}': unknown format; use one of {', '.join(sorted(REPORT_FORMATS))}")
-    text = report.to_json() if kind == "json" else report.to_markdown()
+    text = {"json": report.to_json, "markdown": report.to_markdown, "html": report.to_html}[kind]()
     write_text_atomic(target, text)
     return target
 
@@ -181,7 +217,7 @@ def write_text_atomic(target: Path, text: str) -> None:
     """Write a text file via a temporary file in the same folder; nothing partial on failure."""
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise OptionError(f"report '{target}': folder '{folder}' does not exist")
+        raise OnnxCompressError(f"report '{target}': folder '{folder}' does not exist")
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
@@ -191,4 +227,4 @@ def write_text_atomic(target: Path, text: str) -> None:
         os.replace(temporary, target)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
-        raise OptionError(f"report '{target}': cannot write: {error.strerror or error}") from error
+        raise OnnxCompressError(f"report '{target}': cannot write: {error.strerror or error}") from error

@@ -1,0 +1,239 @@
+"""Self-contained HTML for a report dict: tables plus inline SVG plots, no external files.
+
+It renders the same dict that the JSON and Markdown reports come from, so the three show the
+same numbers. Plots need matplotlib (the ``report`` extra); without it the tables are complete
+and a note says the plots were left out.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from typing import Any
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+color:#1b1b1b;line-height:1.4;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #d0d0d0;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child,td.t{text-align:left}
+.pass{color:#176b28;font-weight:600}.fail{color:#b00020;font-weight:600}
+.note{color:#555;font-style:italic}figure{margin:.8em 0}svg{max-width:100%;height:auto}
+"""
+
+
+def render_html(data: dict[str, Any]) -> str:
+    """The whole page for a report dict (``Report.to_dict()``)."""
+    plots = _Plots()
+    parts = [f"<h1>onnx-compress report <small>version {_e(data['tool_version'])}</small></h1>"]
+    parts += _size_section(data, plots)
+    parts += _passes_section(data.get("passes", []))
+    if data.get("layers"):
+        parts += _layers_section(data["layers"], plots)
+    if data.get("budget"):
+        parts += _budget_section(data["budget"], plots)
+    if data.get("validation"):
+        parts += _validation_section(data["validation"])
+    if data.get("fusion"):
+        parts += _fusion_section(data["fusion"])
+    if data.get("benchmark"):
+        parts += _benchmark_section(data["benchmark"], plots)
+    notes = list(data.get("notes", [])) + plots.notes
+    if notes:
+        parts += ["<h2>Notes</h2>", "<ul>"] + [f"<li>{_e(note)}</li>" for note in notes] + ["</ul>"]
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>onnx-compress report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def _size_section(data: dict[str, Any], plots: _Plots) -> list[str]:
+    before, after = data["input"], data.get("output")
+    rows = [["file (bytes)", before["size_bytes"], after["size_bytes"] if after else None],
+            ["weights (bytes)", before["weight_bytes"], after["weight_bytes"] if after else None]]
+    dtypes = sorted(set(before["weight_bytes_by_dtype"]) | set((after or {}).get("weight_bytes_by_dtype", {})))
+    for dtype in dtypes:
+        rows.append([f"{dtype} weights", before["weight_bytes_by_dtype"].get(dtype, 0),
+                     (after or {}).get("weight_bytes_by_dtype", {}).get(dtype, 0) if after else None])
+    out = ["<h2>Size</h2>", f"<p>input: <code>{_e(before['path'])}</code>"
+           + (f"<br>output: <code>{_e(after['path'])}</code>" if after else "") + "</p>",
+           _table(["", "before", "after"], rows)]
+    if after and dtypes:
+        out.append(plots.bars("Weight bytes by dtype", dtypes,
+                              {"before": [before["weight_bytes_by_dtype"].get(d, 0) for d in dtypes],
+                               "after": [after["weight_bytes_by_dtype"].get(d, 0) for d in dtypes]}, "bytes"))
+    return out
+
+
+def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
+    out = ["<h2>Passes</h2>"]
+    if not passes:
+        return out + ["<p>No pass ran.</p>"]
+    rows = []
+    for run in passes:
+        report = run["report"]
+        counts = ", ".join(f"{k}={v}" for k, v in report.get("counts", {}).items()) or "-"
+        rows.append([run["name"], "yes" if run["modified"] else "no", counts, report.get("saved_bytes", 0),
+                     len(report.get("skipped", [])), run["seconds"]])
+    out.append(_table(["pass", "modified", "counts", "saved bytes", "skipped", "seconds"], rows))
+    skips = [(run["name"], skip) for run in passes for skip in run["report"].get("skipped", [])]
+    if skips:
+        out.append("<details><summary>Skipped, with reasons</summary><ul>")
+        for name, skip in skips:
+            what = ", ".join(f"{k} {v}" for k, v in skip.items() if k != "reason")
+            out.append(f"<li>{_e(name)}: {_e(what)}: {_e(skip['reason'])}</li>")
+        out.append("</ul></details>")
+    return out
+
+
+def _layers_section(layers: list[dict[str, Any]], plots: _Plots) -> list[str]:
+    keys = [k for k in ("node", "op", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine", "status")
+            if any(k in layer for layer in layers)]
+    out = ["<h2>Per layer</h2>", _table(keys, [[layer.get(k) for k in keys] for layer in layers])]
+    sqnr = [(layer["node"], layer["output_sqnr_db"]) for layer in layers
+            if isinstance(layer.get("output_sqnr_db"), (int, float))]
+    if sqnr:
+        out.append(plots.bars("Output SQNR per layer (dB, worst first)", [n for n, _ in sqnr],
+                              {"SQNR dB": [v for _, v in sqnr]}, "dB", horizontal=True))
+    return out
+
+
+def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:
+    steps = budget.get("steps", [])
+    out = ["<h2>Accuracy budget</h2>",
+           f"<p>metric <b>{_e(budget.get('metric'))}</b>, baseline {_num(budget.get('baseline'))}, "
+           f"allowed drop {_num(budget.get('max_drop'))}: "
+           + ("<span class='pass'>met</span>" if budget.get("met") else "<span class='fail'>not met</span>")
+           + "</p>"]
+    if steps:
+        keys = [k for k in ("step", "action", "value", "drop", "met") if any(k in s for s in steps)]
+        out.append(_table(keys, [[s.get(k) for k in keys] for s in steps]))
+        values = [s.get("value") for s in steps if isinstance(s.get("value"), (int, float))]
+        if values:
+            out.append(plots.line("Metric after each step", list(range(len(values))), values, "step", "metric"))
+    return out
+
+
+def _validation_section(validation: dict[str, Any]) -> list[str]:
+    verdict = "<span class='pass'>PASS</span>" if validation.get("passed") else "<span class='fail'>FAIL</span>"
+    out = ["<h2>Validation</h2>",
+           f"<p>{verdict} on {_e(validation.get('samples'))} samples, provider {_e(validation.get('provider_used'))} "
+           f"(requested {_e(validation.get('provider_requested'))}).</p>"]
+    if validation.get("provider_note"):
+        out.append(f"<p class='note'>{_e(validation['provider_note'])}</p>")
+    rows = [[o["name"], o.get("max_abs"), o.get("mean_abs"), o.get("max_rel"), o.get("cosine"), o.get("sqnr_db"),
+             o.get("top1_agreement"), "pass" if o.get("passed") else "FAIL: " + "; ".join(o.get("failures", []))]
+            for o in validation.get("outputs", [])]
+    out.append(_table(["output", "max abs", "mean abs", "max rel", "cosine", "SQNR dB", "top-1", "verdict"], rows))
+    return out
+
+
+def _fusion_section(fusion: dict[str, Any]) -> list[str]:
+    kernels = ", ".join(f"{op} x{n}" for op, n in fusion.get("integer_kernels", {}).items()) or "none"
+    out = ["<h2>What onnxruntime runs</h2>",
+           f"<p>{_e(fusion.get('quantized_groups_written'))} quantized group(s) written; integer kernels: "
+           f"{_e(kernels)} ({_e(fusion.get('provider_used'))}).</p>"]
+    out += [f"<p class='fail'>warning: {_e(w)}</p>" for w in fusion.get("warnings", [])]
+    return out
+
+
+def _benchmark_section(benchmark: dict[str, Any], plots: _Plots) -> list[str]:
+    rows = [[m["name"], m["size_bytes"], m["session_create_ms"], m["p50_ms"], m["p90_ms"], m["ratio_p50"]]
+            for m in benchmark.get("models", [])]
+    out = ["<h2>Latency</h2>",
+           f"<p>provider {_e(benchmark.get('provider_requested'))}, warm-up {_e(benchmark.get('warmup'))}, "
+           f"{_e(benchmark.get('rounds'))} interleaved rounds.</p>",
+           _table(["model", "size bytes", "session ms", "p50 ms", "p90 ms", "ratio p50"], rows)]
+    if rows:
+        out.append(plots.bars("Latency (ms)", [r[0] for r in rows],
+                              {"p50": [r[3] for r in rows], "p90": [r[4] for r in rows]}, "ms"))
+    return out
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: Any) -> str:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"<td>{_num(value)}</td>" if numeric or value is None else f"<td class='t'>{_num(value)}</td>"
+
+
+def format_number(value: Any) -> str:
+    """One number format for the Markdown and HTML reports: thousands separators, 4 significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _num(value: Any) -> str:
+    return _e(format_number(value))
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+class _Plots:
+    """Inline SVG figures from matplotlib, or a note when it is not installed."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as pyplot
+            pyplot.rcParams["svg.fonttype"] = "none"
+            pyplot.rcParams["svg.hashsalt"] = "onnx-compress"
+            self._pyplot = pyplot
+        except ImportError:
+            self._pyplot = None
+            self.notes.append("plots left out: matplotlib is not installed (pip install 'onnx-compress[report]')")
+
+    def bars(self, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], unit: str,
+             horizontal: bool = False) -> str:
+        if self._pyplot is None:
+            return ""
+        figure, axes = self._pyplot.subplots(figsize=(8, max(2.5, 0.28 * len(labels)) if horizontal else 3.2))
+        width = 0.8 / max(1, len(series))
+        for index, (name, values) in enumerate(series.items()):
+            positions = [i + index * width for i in range(len(labels))]
+            (axes.barh if horizontal else axes.bar)(positions, values, width, label=name)
+        ticks = [i + width * (len(series) - 1) / 2 for i in range(len(labels))]
+        if horizontal:
+            axes.set_yticks(ticks, labels, fontsize=7)
+            axes.invert_yaxis()
+            axes.set_xlabel(unit)
+        else:
+            axes.set_xticks(ticks, labels, rotation=30, ha="right", fontsize=8)
+            axes.set_ylabel(unit)
+        if len(series) > 1:
+            axes.legend()
+        return self._finish(figure, axes, title)
+
+    def line(self, title: str, xs: Sequence[float], ys: Sequence[float], x_label: str, y_label: str) -> str:
+        if self._pyplot is None:
+            return ""
+        figure, axes = self._pyplot.subplots(figsize=(7, 3))
+        axes.plot(xs, ys, marker="o")
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(y_label)
+        return self._finish(figure, axes, title)
+
+    def _finish(self, figure, axes, title: str) -> str:
+        axes.set_title(title)
+        figure.tight_layout()
+        buffer = io.StringIO()
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+        self._pyplot.close(figure)
+        svg = buffer.getvalue()
+        return f"<figure role='img' aria-label='{_e(title)}'>{svg[svg.index('<svg'):]}</figure>"
