@@ -20,7 +20,8 @@ from optimizer.benchmark import BenchResult, benchmark
 from optimizer.errors import ModelSaveError, OptionError
 from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
 from optimizer.inspect import weight_bytes_by_dtype
-from optimizer.model import load_model, load_model_with_files, save_model, serialized_size_bytes
+from optimizer.fusion import check_fusion
+from optimizer.model import PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files, save_model, serialized_size_bytes
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
@@ -88,6 +89,7 @@ def optimize(
     provider: str = "cpu",
     bench: bool = False,
     bench_rounds: int = 20,
+    fusion_check: bool | None = None,
     check_each_pass: bool = False,
     external_data: ExternalData = "auto",
     keep_failed: bool = False,
@@ -100,37 +102,87 @@ def optimize(
     folder, an iterable of feed dicts, or, when None, ``samples`` seeded random feeds). When
     validation fails the output is not written unless ``keep_failed``. The input is never changed.
     ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data,
-    such as static quantization, run the model on, with the same ``provider``.
+    such as static quantization, run the model on, with the same ``provider``. ``fusion_check``
+    (default: when the output holds DequantizeLinear nodes) reports what onnxruntime really runs.
     """
     source, protected, reference = _load(model, max_input_bytes)
     context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress)
     pipeline = Pipeline(build_passes(passes, pass_options), check_each_pass=check_each_pass, context=context)
     result = pipeline.run(source)
     report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
-    if not (validate or bench):
+    comparison = timing = None
+    if validate or bench:
+        if tolerance is None:
+            tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else LOSSY_TOLERANCE
+        checks = _Checks(resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed), tolerance,
+                         provider, validate, bench, bench_rounds)
+        saved, comparison, timing = _save_checked(result.model, output, reference or source, checks, report,
+                                                  external_data, protected, keep_failed)
+        report.validation = comparison.to_dict() if comparison else None
+        report.benchmark = timing.to_dict() if timing else None
+    else:
         saved = _save(result.model, output, external_data, protected) if output is not None else None
         report.output = _summary(result.model, saved)
-        return OptimizeResult(result.model, saved, result.modified, report, None, None)
-    if tolerance is None:
-        tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else LOSSY_TOLERANCE
-    feed_list = resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed)
+    if fusion_check or (fusion_check is None and has_dequantize(result.model)):
+        _add_fusion(report, saved if saved is not None else result.model, provider)
+    return OptimizeResult(result.model, saved, result.modified, report, comparison, timing)
+
+
+@dataclass(frozen=True)
+class _Checks:
+    feeds: list[Feed]
+    tolerance: Tolerance | Mapping[str, Tolerance]
+    provider: str
+    validate: bool
+    bench: bool
+    bench_rounds: int
+
+
+def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, reference: ModelInput, checks: _Checks,
+                  report: Report, external_data: ExternalData, protected: Sequence[Path],
+                  keep_failed: bool) -> tuple[Path | None, Comparison | None, BenchResult | None]:
+    """Save to a staging folder next to the output, check the staged file, then move it in."""
     with _staging_folder(output) as staging:
-        staged = _save(result.model, Path(staging) / _output_name(output), external_data, protected)
-        reference_input = reference if reference is not None else source
-        comparison = compare(reference_input, staged, feed_list, tolerance=tolerance, provider=provider) if validate else None
-        timing = benchmark([reference_input, staged], feed_list, names=["input", "output"], provider=provider,
-                           rounds=bench_rounds) if bench else None
+        staged = _save(model, Path(staging) / _output_name(output), external_data, protected)
+        comparison = compare(reference, staged, checks.feeds, tolerance=checks.tolerance,
+                             provider=checks.provider) if checks.validate else None
+        timing = benchmark([reference, staged], checks.feeds, names=["input", "output"], provider=checks.provider,
+                           rounds=checks.bench_rounds) if checks.bench else None
         saved = None
         if output is not None and (comparison is None or comparison.passed or keep_failed):
             saved = _publish(staged, Path(output), protected)
         elif output is not None:
             report.notes.append(f"validation failed: '{output}' was not written (keep_failed=False)")
-        report.output = _summary(result.model, saved or staged)
+        report.output = _summary(model, saved or staged)
         if saved is None:
             report.output.path = None
-    report.validation = comparison.to_dict() if comparison else None
-    report.benchmark = timing.to_dict() if timing else None
-    return OptimizeResult(result.model, saved, result.modified, report, comparison, timing)
+    return saved, comparison, timing
+
+
+def has_dequantize(model: onnx.ModelProto) -> bool:
+    """True when any graph of the model holds a DequantizeLinear node (a quantized group)."""
+    return "DequantizeLinear" in _op_types(model)
+
+
+def _op_types(model: onnx.ModelProto) -> set[str]:
+    found: set[str] = set()
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            found.add(node.op_type)
+            for attribute in node.attribute:
+                stack.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    return found
+
+
+def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> None:
+    if isinstance(model, onnx.ModelProto) and serialized_size_bytes(model) >= PROTOBUF_LIMIT_BYTES:
+        report.notes.append("fusion check skipped: the model exceeds 2 GB and was not written")
+        return
+    fusion = check_fusion(model, provider)
+    report.fusion = fusion.to_dict()
+    report.notes.extend(f"fusion check: {warning}" for warning in fusion.warnings)
 
 
 def resolve_feeds(

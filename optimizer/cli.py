@@ -135,8 +135,11 @@ def _add_optimize(commands) -> None:
     sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
     sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
     sub.add_argument("--rounds", type=int, default=20, help="benchmark rounds (default 20)")
+    sub.add_argument("--fusion-check", action=argparse.BooleanOptionalAction, default=None,
+                     help="report which quantized groups onnxruntime runs as integer kernels "
+                          "(default: when the output has DequantizeLinear nodes)")
     sub.add_argument("--report", action="append", default=[], metavar="FILE",
-                     help="write the report as .json or .md (repeatable)")
+                     help="write the report as .json, .md or .html (repeatable)")
     sub.add_argument("--check-each-pass", action="store_true",
                      help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
     sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
@@ -192,7 +195,7 @@ def _run_optimize(args: argparse.Namespace) -> int:
         args.input, args.output, passes=names, pass_options=parse_settings(args.settings),
         calibration=args.calibration_data, validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
         samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
-        bench=args.bench, bench_rounds=args.rounds, check_each_pass=args.check_each_pass,
+        bench=args.bench, bench_rounds=args.rounds, fusion_check=args.fusion_check, check_each_pass=args.check_each_pass,
         external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
         progress=not (args.quiet or args.json),
     )
@@ -218,6 +221,9 @@ def _print_optimize_summary(result) -> None:
         print(result.comparison.summary())
     if result.bench is not None:
         print(result.bench.to_markdown())
+    if data["fusion"]:
+        kernels = ", ".join(f"{op} x{n}" for op, n in data["fusion"]["integer_kernels"].items()) or "none"
+        print(f"onnxruntime runs integer kernels: {kernels}")
     for note in data["notes"]:
         print(f"note: {note}")
 

@@ -140,3 +140,14 @@ def test_calibration_feeds_are_checked_against_the_model(tmp_path):
     from optimizer.errors import FeedError
     with pytest.raises(FeedError, match="x"):
         optimize(MODELS_DIR / "mlp.onnx", calibration=[{"x": np.zeros((1, 3), np.float32)}])
+
+
+def test_fusion_check_runs_by_itself_on_quantized_outputs(tmp_path):
+    from tests.optimizer.test_fusion import matmul_model
+    quantized = optimize(matmul_model("weight-only"), tmp_path / "q.onnx", passes=["cleanup"])
+    assert quantized.report.fusion["integer_kernels"] == {"MatMulNBits": 1}
+    assert "## What onnxruntime runs" in quantized.report.to_markdown()
+    plain = optimize(MODELS_DIR / "mlp.onnx", passes=["cleanup"])
+    assert plain.report.fusion is None
+    forced = optimize(MODELS_DIR / "mlp.onnx", passes=["cleanup"], fusion_check=True)
+    assert forced.report.fusion["quantized_groups_written"] == 0
