@@ -227,6 +227,11 @@ def _load(model: ModelInput, max_input_bytes: int | None) -> tuple[onnx.ModelPro
     return load_model(model, max_input_bytes=max_input_bytes), (), None
 
 
+def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None) -> ModelSummary:
+    """Path, size on disk (or serialized) and stored weight bytes by dtype."""
+    return _summary(model, Path(path) if path is not None else None)
+
+
 def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
     size = _size_on_disk(path) if path is not None else serialized_size_bytes(model)
     return ModelSummary(str(path) if path is not None else None, size, weight_bytes_by_dtype(model))

@@ -14,14 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import passes as _passes  # noqa: F401  (registers every pass)
-from optimizer.api import DEFAULT_PASSES, optimize, resolve_feeds, tool_version
+from optimizer.api import DEFAULT_PASSES, model_summary, optimize, resolve_feeds, tool_version
 from optimizer.benchmark import benchmark
 from optimizer.errors import OnnxCompressError
 from optimizer.feeds import parse_shape_overrides
 from optimizer.inspect import inspect_model
+from optimizer.layer_debug import debug_layers
 from optimizer.model import load_model
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
-from optimizer.report import write_report
+from optimizer.report import Report, write_report
 from optimizer.validate import Tolerance, compare
 
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -43,6 +44,9 @@ EXAMPLES = {
   onnx-compress inspect model.onnx --top 20 --json""",
     "passes": """examples:
   onnx-compress passes""",
+    "debug": """examples:
+  onnx-compress debug original.onnx compressed.onnx --data feeds/
+  onnx-compress debug original.onnx compressed.onnx --top 10 --report layers.html""",
 }
 
 
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(commands)
     _add_bench(commands)
     _add_inspect(commands)
+    _add_debug(commands)
     _add_passes(commands)
     return parser
 
@@ -182,6 +187,18 @@ def _add_inspect(commands) -> None:
     sub.set_defaults(handler=_run_inspect)
 
 
+def _add_debug(commands) -> None:
+    sub = _command(commands, "debug", "per-layer error of a compressed model against the original, worst first")
+    sub.add_argument("reference", help="original .onnx file")
+    sub.add_argument("candidate", help="compressed .onnx file")
+    sub.add_argument("--top", type=int, help="print only the N worst layers")
+    sub.add_argument("--report", action="append", default=[], metavar="FILE",
+                     help="write the table into a report (.json, .md or .html; repeatable)")
+    sub.add_argument("--json", action="store_true", help="print the layers as JSON")
+    _add_feed_arguments(sub)
+    sub.set_defaults(handler=_run_debug)
+
+
 def _add_passes(commands) -> None:
     sub = _command(commands, "passes", "list the passes and their options")
     sub.set_defaults(handler=_run_passes)
@@ -256,6 +273,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be >= 0, got {args.top}")
     inspection = inspect_model(load_model(args.model), path=args.model, top=args.top)
     print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection.to_text())
+    return EXIT_OK
+
+
+def _run_debug(args: argparse.Namespace) -> int:
+    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    feeds = resolve_feeds(reference, args.data, shapes=parse_shape_overrides(args.shape),
+                          samples=args.samples, seed=args.seed)
+    layers = debug_layers(reference, candidate, feeds, provider=args.provider)
+    report = Report(tool_version(), model_summary(reference, args.reference), model_summary(candidate, args.candidate),
+                    layers=layers.to_rows())
+    for path in args.report:
+        write_report(report, path)
+    print(json.dumps(layers.to_rows(), indent=2) if args.json else layers.summary(args.top))
     return EXIT_OK
 
 

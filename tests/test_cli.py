@@ -282,7 +282,21 @@ def test_bench_and_inspect_and_passes_commands(sample_copy, capsys):
     assert "cleanup (lossless)" in listing and "constants-to-initializers.min_size_bytes" in listing
 
 
-@pytest.mark.parametrize("command", ["optimize", "validate", "bench", "inspect", "passes"])
+def test_debug_command_ranks_compressed_layers(tmp_path, capsys):
+    from tests.optimizer.test_layer_debug import compressed_mlp
+    reference, candidate, expected = compressed_mlp()
+    onnx.save(reference, tmp_path / "ref.onnx")
+    onnx.save(candidate, tmp_path / "cand.onnx")
+    assert main(["debug", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--report",
+                 str(tmp_path / "layers.md"), "--report", str(tmp_path / "layers.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2 compressed layer(s)" in out and expected["quantized"].name in out
+    layers = json.loads((tmp_path / "layers.json").read_text())["layers"]
+    assert {layer["kind"] for layer in layers} == {"pruned", "quantized"}
+    assert "## Per layer" in (tmp_path / "layers.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["optimize", "validate", "bench", "inspect", "passes", "debug"])
 def test_help_shows_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
