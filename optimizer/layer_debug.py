@@ -39,6 +39,7 @@ class LayerError:
     weight_max_abs: float | None = None
     output_sqnr_db: float | None = None
     output_cosine: float | None = None
+    reference_node: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {key: _jsonable(value) for key, value in self.__dict__.items()}
@@ -113,7 +114,8 @@ def _match_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tup
         kind, bits, source = _classify(node, ref_node, cand_weight_name, producers, cand_constants, ref_weight)
         if kind is None:
             continue
-        layer = LayerError(node.name or output, node.op_type, output, kind, bits=bits)
+        layer = LayerError(node.name or output, node.op_type, output, kind, bits=bits,
+                           reference_node=ref_node.name or output)
         if kind == "pruned" and source is not None:
             layer.sparsity = float(np.mean(source == 0))
         matched.append((layer, cand_weight_name if ref_weight is not None else None))

@@ -1,0 +1,282 @@
+"""Accuracy budget: the most compression whose task metric stays within ``max_drop``.
+
+Start from the requested compression. If the metric misses the budget, rank the compressed
+layers by harm and back off the most harmful first (a backed-off layer is excluded from the
+passes that compress it), re-measuring until the budget holds or nothing is left to back off.
+
+Ranking: every layer's own gain when it alone is backed off (leave-one-out), measured when the
+trial budget allows; otherwise the per-layer output SQNR of the first trial. Then a k-ary search
+finds the fewest top-ranked layers to back off; each round evaluates ``workers`` candidates in
+parallel processes. Trials are bounded by ``max_trials``.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import re
+import importlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from optimizer.errors import OptionError
+from optimizer.layer_debug import debug_layers
+from optimizer.metrics import Metric, Outputs, collect_outputs, load_metric
+from optimizer.pass_base import PassContext
+from optimizer.pipeline import Pipeline
+from optimizer.registry import create_pass
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass by registry name with its options (picklable, so trials can run in processes)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackoffRule:
+    """Backing off layer L adds an exact-name pattern for L to ``option`` of pass ``pass_name``."""
+
+    pass_name: str
+    option: str
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric that can be rebuilt in a worker process: a built-in name or package.module:function."""
+
+    spec: str
+    higher_is_better: bool | None = None
+    output: str | None = None
+
+    def build(self) -> Metric:
+        return load_metric(self.spec, higher_is_better=self.higher_is_better, output=self.output)
+
+
+@dataclass
+class BudgetStep:
+    step: int
+    action: str
+    backed_off: list[str]
+    value: float
+    drop: float
+    met: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "action": self.action, "backed_off": list(self.backed_off),
+                "value": self.value, "drop": self.drop, "met": self.met}
+
+
+@dataclass
+class BudgetResult:
+    metric: str
+    baseline: float
+    max_drop: float
+    met: bool
+    value: float
+    backed_off: list[str]
+    ranking: list[str]
+    ranking_method: str
+    trials: int
+    steps: list[BudgetStep]
+    higher_is_better: bool
+    model: onnx.ModelProto = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "baseline": self.baseline, "max_drop": self.max_drop, "met": self.met,
+                "value": self.value, "drop": self.drop, "backed_off": list(self.backed_off),
+                "ranking": list(self.ranking), "ranking_method": self.ranking_method, "trials": self.trials,
+                "steps": [step.to_dict() for step in self.steps]}
+
+    @property
+    def drop(self) -> float:
+        return self.baseline - self.value if self.higher_is_better else self.value - self.baseline
+
+
+def exact_name_pattern(name: str) -> str:
+    """A pattern the passes' exclusion options match against exactly this node name."""
+    return "re:^" + re.escape(name) + "$"
+
+
+def backed_off_specs(specs: Sequence[PassSpec], rules: Sequence[BackoffRule], layers: Sequence[str]) -> list[PassSpec]:
+    """``specs`` with every layer in ``layers`` added to the exclusion option of each rule's pass."""
+    patterns = tuple(exact_name_pattern(layer) for layer in sorted(layers))
+    result = []
+    for spec in specs:
+        options = dict(spec.options)
+        for rule in rules:
+            if rule.pass_name == spec.name and patterns:
+                options[rule.option] = tuple(options.get(rule.option, ())) + patterns
+        result.append(PassSpec(spec.name, options))
+    return result
+
+
+def search_budget(
+    model: onnx.ModelProto,
+    specs: Sequence[PassSpec],
+    rules: Sequence[BackoffRule],
+    metric: MetricSpec,
+    feeds: Sequence[Feed],
+    *,
+    max_drop: float,
+    max_trials: int = 24,
+    workers: int = 1,
+    provider: str = "cpu",
+    calibration: Sequence[Feed] | None = None,
+    progress: bool = False,
+    worker_imports: Sequence[str] = (),
+) -> BudgetResult:
+    """Compress with ``specs``; back off layers until ``metric`` drops by at most ``max_drop``.
+
+    ``worker_imports`` names modules a worker process imports first (``module`` or
+    ``module:function`` to also call a function), e.g. ``("passes",)`` so the pass registry is
+    filled there too.
+    """
+    if max_drop < 0 or max_trials < 1 or workers < 1:
+        raise OptionError("max_drop must be >= 0, max_trials >= 1 and workers >= 1")
+    if not rules:
+        raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
+    state = _SearchState(model, list(specs), list(rules), metric, list(feeds), list(calibration or []),
+                         provider, max_drop, max_trials, workers, progress, tuple(worker_imports))
+    try:
+        return state.run()
+    finally:
+        state.close()
+
+
+class _SearchState:
+    def __init__(self, model, specs, rules, metric, feeds, calibration, provider, max_drop, max_trials,
+                 workers, progress, worker_imports) -> None:
+        self.model, self.specs, self.rules, self.metric_spec = model, specs, rules, metric
+        self.feeds, self.calibration, self.provider = feeds, calibration, provider
+        self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
+        self.metric = metric.build()
+        self.reference = collect_outputs(model, feeds, provider=provider)
+        self.baseline = self.metric(self.reference, self.reference)
+        self.results: dict[frozenset[str], float] = {}
+        self.steps: list[BudgetStep] = []
+        self.bar = tqdm(total=max_trials, desc="budget trials", unit="trial", disable=not progress)
+        self.pool = None
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                            initargs=(worker_imports, model.SerializeToString(), specs, rules,
+                                                      metric, feeds, calibration, provider, self.reference))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def run(self) -> BudgetResult:
+        first = self.evaluate([frozenset()], "requested compression")[0]
+        if self.met(first):
+            return self.finish(frozenset(), [], "none needed")
+        layers, method = self.rank()
+        if not layers:
+            return self.finish(frozenset(), [], "no compressed layer found")
+        chosen = self.search_count(layers)
+        return self.finish(chosen, layers, method)
+
+    def met(self, value: float) -> bool:
+        return self.metric.drop(self.baseline, value) <= self.max_drop
+
+    def evaluate(self, candidates: Sequence[frozenset[str]], action: str) -> list[float]:
+        todo = [c for c in dict.fromkeys(candidates) if c not in self.results]
+        todo = todo[: max(0, self.max_trials - len(self.results))]
+        if self.pool is not None and len(todo) > 1:
+            values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
+        else:
+            values = [_trial(self.model, self.specs, self.rules, self.metric, self.feeds, self.calibration,
+                             self.provider, self.reference, sorted(c)) for c in todo]
+        for candidate, value in zip(todo, values, strict=True):
+            self.results[candidate] = value
+            drop = self.metric.drop(self.baseline, value)
+            self.steps.append(BudgetStep(len(self.steps), action, sorted(candidate), value, drop, drop <= self.max_drop))
+            self.bar.update(1)
+        return [self.results.get(c, math.nan) for c in candidates]
+
+    def rank(self) -> tuple[list[str], str]:
+        """Layers worst first: leave-one-out gains when affordable, else output SQNR."""
+        compressed = _compress(self.model, self.specs, self.rules, [], self.calibration, self.provider)
+        report = debug_layers(self.model, compressed, self.feeds[: max(1, min(4, len(self.feeds)))],
+                              provider=self.provider)
+        layers = list(dict.fromkeys(layer.reference_node for layer in report.layers))
+        searches = math.ceil(math.log2(len(layers) + 1)) + 1 if layers else 0
+        if len(layers) + searches > self.max_trials - len(self.results):
+            return layers, "per-layer output SQNR (trial budget too small for leave-one-out)"
+        values = self.evaluate([frozenset([layer]) for layer in layers], "leave-one-out")
+        gains = {layer: self.metric.drop(self.baseline, self.results[frozenset()]) - self.metric.drop(self.baseline, v)
+                 for layer, v in zip(layers, values, strict=True)}
+        order = sorted(layers, key=lambda layer: (-gains[layer], layers.index(layer)))
+        return order, "leave-one-out gain"
+
+    def search_count(self, layers: list[str]) -> frozenset[str]:
+        """Fewest top-ranked layers whose back-off meets the budget (k-ary search)."""
+        low, high = 0, len(layers)
+        everything = frozenset(layers)
+        if not self.met(self.evaluate([everything], "back off all ranked layers")[0]):
+            return everything
+        while high - low > 1 and len(self.results) < self.max_trials:
+            count = min(self.workers, high - low - 1)
+            points = sorted({low + max(1, round((high - low) * (i + 1) / (count + 1))) for i in range(count)})
+            points = [p for p in points if low < p < high]
+            values = self.evaluate([frozenset(layers[:p]) for p in points], "back off the top-ranked layers")
+            passing = [p for p, v in zip(points, values, strict=True) if not math.isnan(v) and self.met(v)]
+            failing = [p for p, v in zip(points, values, strict=True) if not math.isnan(v) and not self.met(v)]
+            if not passing and not failing:
+                break
+            high = min(passing, default=high)
+            low = max([p for p in failing if p < high], default=low)
+        return frozenset(layers[:high])
+
+    def finish(self, chosen: frozenset[str], ranking: list[str], method: str) -> BudgetResult:
+        model = _compress(self.model, self.specs, self.rules, sorted(chosen), self.calibration, self.provider)
+        value = self.results.get(chosen)
+        if value is None:
+            value = self.metric(self.reference, collect_outputs(model, self.feeds, provider=self.provider))
+        return BudgetResult(self.metric.name, self.baseline, self.max_drop, self.met(value), value, sorted(chosen),
+                            ranking, method, len(self.results), self.steps, self.metric.higher_is_better, model)
+
+
+def _compress(model, specs, rules, layers, calibration, provider) -> onnx.ModelProto:
+    passes = [create_pass(spec.name, **dict(spec.options)) for spec in backed_off_specs(specs, rules, layers)]
+    context = PassContext(calibration=(lambda: iter(calibration)) if calibration else None, provider=provider)
+    return Pipeline(passes, context=context).run(model).model
+
+
+def _trial(model, specs, rules, metric: Metric, feeds, calibration, provider, reference: Outputs,
+           layers: list[str]) -> float:
+    compressed = _compress(model, specs, rules, layers, calibration, provider)
+    return metric(reference, collect_outputs(compressed, feeds, provider=provider))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(imports, model_bytes, specs, rules, metric_spec: MetricSpec, feeds, calibration, provider,
+                 reference) -> None:
+    for name in imports:
+        module_name, _, function = name.partition(":")
+        module = importlib.import_module(module_name)
+        if function:
+            getattr(module, function)()
+    _WORKER.update(model=onnx.load_from_string(model_bytes), specs=specs, rules=rules, metric=metric_spec.build(),
+                   feeds=feeds, calibration=calibration, provider=provider, reference=reference)
+
+
+def _worker_trial(layers: list[str]) -> float:
+    w = _WORKER
+    return _trial(w["model"], w["specs"], w["rules"], w["metric"], w["feeds"], w["calibration"], w["provider"],
+                  w["reference"], layers)
+

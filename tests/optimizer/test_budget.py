@@ -1,0 +1,81 @@
+"""Budget search on the sample MLP with a test pass that damages each layer by a known amount."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from optimizer import registry
+from optimizer.budget import BackoffRule, MetricSpec, PassSpec, backed_off_specs, search_budget
+from optimizer.errors import OptionError
+from optimizer.model import load_model
+from tests.conftest import MODELS_DIR, seeded_feeds
+from tests.optimizer.budget_damage import matches
+
+DAMAGE_MODULE = "tests.optimizer.budget_damage"
+
+SPECS = [PassSpec("damage-test")]
+RULES = [BackoffRule("damage-test", "exclude_nodes")]
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The damage pass is registered only while these tests run (and in their worker processes)."""
+    module = importlib.import_module(DAMAGE_MODULE)
+    registry.register(module.DamagePass)
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    yield model, seeded_feeds(model, count=4)
+    registry._PASSES.pop(module.DamagePass.name, None)
+
+
+def test_exclusion_patterns_are_exact_names():
+    specs = backed_off_specs(SPECS, RULES, ["fc2.gemm", "a[1]*"])
+    patterns = specs[0].options["exclude_nodes"]
+    assert matches("fc2.gemm", patterns) and matches("a[1]*", patterns)
+    assert not matches("fc2.gemmX", patterns) and not matches("a1", patterns)
+
+
+def test_backs_off_the_harmful_layer_first_and_meets_the_budget(data):
+    model, feeds = data
+    result = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002)
+    assert result.met and result.drop <= 0.002
+    assert result.backed_off == ["fc2.matmul"]
+    assert result.ranking[0] == "fc2.matmul" and result.ranking_method == "leave-one-out gain"
+    assert result.steps[0].action == "requested compression" and not result.steps[0].met
+    assert result.trials <= 24 and result.to_dict()["steps"][-1]["met"] in (True, False)
+
+
+def test_nothing_to_do_when_the_budget_holds(data):
+    model, feeds = data
+    result = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.5)
+    assert result.met and result.backed_off == [] and result.trials == 1
+
+
+def test_unreachable_budget_backs_off_everything_and_says_not_met(data):
+    model, feeds = data
+    result = search_budget(model, SPECS, RULES, MetricSpec("max_abs"), feeds, max_drop=-0.0 + 1e-12)
+    assert result.backed_off == sorted(result.ranking)
+    assert result.met == (result.drop <= 1e-12)
+
+
+def test_small_trial_budget_ranks_by_sqnr(data):
+    model, feeds = data
+    result = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002, max_trials=4)
+    assert result.ranking_method.startswith("per-layer output SQNR") and result.trials <= 4
+
+
+def test_workers_give_the_same_answer(data):
+    model, feeds = data
+    serial = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002)
+    parallel = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002, workers=2,
+                             worker_imports=("passes", DAMAGE_MODULE + ":register"))
+    assert parallel.backed_off == serial.backed_off and parallel.value == pytest.approx(serial.value)
+
+
+def test_bad_arguments(data):
+    model, feeds = data
+    with pytest.raises(OptionError, match="back off"):
+        search_budget(model, SPECS, [], MetricSpec("cosine"), feeds, max_drop=0.01)
+    with pytest.raises(OptionError):
+        search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=-1)
