@@ -17,6 +17,7 @@ import onnx
 
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.benchmark import BenchResult, benchmark
+from optimizer.budget import BackoffRule, BudgetResult, MetricSpec, PassSpec, backed_off_specs, search_budget
 from optimizer.errors import ModelSaveError, OptionError
 from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
 from optimizer.inspect import weight_bytes_by_dtype
@@ -90,6 +91,12 @@ def optimize(
     bench: bool = False,
     bench_rounds: int = 20,
     fusion_check: bool | None = None,
+    max_drop: float | None = None,
+    metric: str = "cosine",
+    metric_higher_is_better: bool | None = None,
+    metric_output: str | None = None,
+    max_trials: int = 24,
+    workers: int = 1,
     check_each_pass: bool = False,
     external_data: ExternalData = "auto",
     keep_failed: bool = False,
@@ -104,12 +111,28 @@ def optimize(
     ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data,
     such as static quantization, run the model on, with the same ``provider``. ``fusion_check``
     (default: when the output holds DequantizeLinear nodes) reports what onnxruntime really runs.
+
+    With ``max_drop``, ``metric`` (a built-in name or package.module:function) is measured on
+    ``feeds`` and layers are backed off, most harmful first, until it drops by at most
+    ``max_drop`` against the original (see optimizer.budget); at most ``max_trials`` trials, run
+    in ``workers`` processes.
     """
     source, protected, reference = _load(model, max_input_bytes)
+    chosen = build_passes(passes, pass_options)
+    budget = None
+    if max_drop is not None:
+        budget = _search_budget(source, chosen, BudgetRequest(
+            metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers),
+            resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed),
+            calibration, provider, progress)
+        chosen = build_passes(*_specs_as_arguments(budget_specs(chosen, budget.backed_off)))
     context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress)
-    pipeline = Pipeline(build_passes(passes, pass_options), check_each_pass=check_each_pass, context=context)
+    pipeline = Pipeline(chosen, check_each_pass=check_each_pass, context=context)
     result = pipeline.run(source)
     report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
+    if budget is not None:
+        report.budget = budget.to_dict()
+        report.layers = _budget_layers(budget)
     comparison = timing = None
     if validate or bench:
         if tolerance is None:
@@ -126,6 +149,57 @@ def optimize(
     if fusion_check or (fusion_check is None and has_dequantize(result.model)):
         _add_fusion(report, saved if saved is not None else result.model, provider)
     return OptimizeResult(result.model, saved, result.modified, report, comparison, timing)
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    metric: str
+    higher_is_better: bool | None
+    output: str | None
+    max_drop: float
+    max_trials: int
+    workers: int
+
+
+def budget_specs(chosen: Sequence[Pass], backed_off: Sequence[str]) -> list[PassSpec]:
+    """The pipeline as picklable specs, with ``backed_off`` layers excluded where a pass can."""
+    specs = []
+    for item in chosen:
+        if get_pass_class(item.name) is not type(item):
+            raise OptionError(f"the accuracy budget needs registered passes; '{item.name}' is not the registered one")
+        specs.append(PassSpec(item.name, item.options()))
+    return backed_off_specs(specs, _backoff_rules(chosen), backed_off)
+
+
+def _backoff_rules(chosen: Sequence[Pass]) -> list[BackoffRule]:
+    return [BackoffRule(item.name, item.backoff_option) for item in chosen if item.backoff_option]
+
+
+def _specs_as_arguments(specs: Sequence[PassSpec]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise OptionError("the accuracy budget needs each pass at most once in the pipeline")
+    return names, {spec.name: dict(spec.options) for spec in specs}
+
+
+def _search_budget(source: onnx.ModelProto, chosen: Sequence[Pass], request: BudgetRequest, feeds: list[Feed],
+                   calibration: FeedSource, provider: str, progress: bool) -> BudgetResult:
+    factory = calibration_factory(source, calibration)
+    return search_budget(
+        source, budget_specs(chosen, []), _backoff_rules(chosen),
+        MetricSpec(request.metric, request.higher_is_better, request.output), feeds,
+        max_drop=request.max_drop, max_trials=request.max_trials, workers=request.workers, provider=provider,
+        calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",))
+
+
+def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
+    """The final per-layer choice: every ranked layer, compressed or backed off, and why."""
+    rows = []
+    for rank, layer in enumerate(budget.ranking):
+        backed_off = layer in budget.backed_off
+        rows.append({"node": layer, "status": "backed off (kept uncompressed)" if backed_off else "compressed",
+                     "reason": f"rank {rank + 1} by {budget.ranking_method}" if backed_off else ""})
+    return rows
 
 
 @dataclass(frozen=True)

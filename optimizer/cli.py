@@ -145,6 +145,17 @@ def _add_optimize(commands) -> None:
                           "(default: when the output has DequantizeLinear nodes)")
     sub.add_argument("--report", action="append", default=[], metavar="FILE",
                      help="write the report as .json, .md or .html (repeatable)")
+    budget = sub.add_argument_group("accuracy budget (measured on --data, held out from --calibration-data)")
+    budget.add_argument("--max-drop", type=float, metavar="X",
+                        help="back off the most harmful layers until --metric drops by at most X")
+    budget.add_argument("--metric", default="cosine",
+                        help="cosine, sqnr, max_abs, top1, topk, or package.module:function(reference_outputs, "
+                             "candidate_outputs) -> float (default cosine)")
+    budget.add_argument("--metric-direction", choices=("higher", "lower"),
+                        help="whether higher or lower is better (required for a user metric)")
+    budget.add_argument("--metric-output", metavar="NAME", help="compute a built-in metric on this output only")
+    budget.add_argument("--max-trials", type=int, default=24, help="compression trials at most (default 24)")
+    budget.add_argument("--workers", type=int, default=1, help="trials in parallel processes (default 1)")
     sub.add_argument("--check-each-pass", action="store_true",
                      help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
     sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
@@ -212,7 +223,9 @@ def _run_optimize(args: argparse.Namespace) -> int:
         args.input, args.output, passes=names, pass_options=parse_settings(args.settings),
         calibration=args.calibration_data, validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
         samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
-        bench=args.bench, bench_rounds=args.rounds, fusion_check=args.fusion_check, check_each_pass=args.check_each_pass,
+        bench=args.bench, bench_rounds=args.rounds, fusion_check=args.fusion_check, max_drop=args.max_drop,
+        metric=args.metric, metric_higher_is_better=None if args.metric_direction is None else args.metric_direction == "higher",
+        metric_output=args.metric_output, max_trials=args.max_trials, workers=args.workers, check_each_pass=args.check_each_pass,
         external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
         progress=not (args.quiet or args.json),
     )
@@ -238,6 +251,11 @@ def _print_optimize_summary(result) -> None:
         print(result.comparison.summary())
     if result.bench is not None:
         print(result.bench.to_markdown())
+    if data["budget"]:
+        budget = data["budget"]
+        print(f"accuracy budget {'met' if budget['met'] else 'NOT met'}: {budget['metric']} {budget['value']:.6g} "
+              f"(baseline {budget['baseline']:.6g}, drop {budget['drop']:.3g} <= {budget['max_drop']}?) after "
+              f"{budget['trials']} trial(s); backed off: {', '.join(budget['backed_off']) or 'nothing'}")
     if data["fusion"]:
         kernels = ", ".join(f"{op} x{n}" for op, n in data["fusion"]["integer_kernels"].items()) or "none"
         print(f"onnxruntime runs integer kernels: {kernels}")

@@ -88,7 +88,8 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 
 
 def _layers_section(layers: list[dict[str, Any]], plots: _Plots) -> list[str]:
-    keys = [k for k in ("node", "op", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine", "status")
+    keys = [k for k in ("node", "op", "kind", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine",
+                         "status", "reason")
             if any(k in layer for layer in layers)]
     out = ["<h2>Per layer</h2>", _table(keys, [[layer.get(k) for k in keys] for layer in layers])]
     sqnr = [(layer["node"], layer["output_sqnr_db"]) for layer in layers

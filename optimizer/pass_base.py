@@ -88,6 +88,9 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     lossless: ClassVar[bool] = False
+    backoff_option: ClassVar[str | None] = None
+    """A tuple-of-patterns option that leaves matching node names uncompressed (``re:`` regex or
+    glob), so the accuracy budget search can back a layer off; None if the pass has none."""
 
     def __call__(self, graph: gs.Graph, context: PassContext | None = None) -> PassResult:
         if not isinstance(graph, gs.Graph):

@@ -134,7 +134,8 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 
 
 def _layers_section(layers: list[dict[str, Any]]) -> list[str]:
-    keys = [k for k in ("node", "op", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine", "status")
+    keys = [k for k in ("node", "op", "kind", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine",
+                         "status", "reason")
             if any(k in layer for layer in layers)]
     lines = ["## Per layer", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_num(layer.get(k)) for k in keys) + " |" for layer in layers]

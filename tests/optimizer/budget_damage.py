@@ -30,6 +30,7 @@ class DamagePass(Pass):
 
     name = "damage-test"
     summary = "test only"
+    backoff_option = "exclude_nodes"
     exclude_nodes: tuple[str, ...] = option((), "nodes left alone")
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:

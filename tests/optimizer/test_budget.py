@@ -79,3 +79,36 @@ def test_bad_arguments(data):
         search_budget(model, SPECS, [], MetricSpec("cosine"), feeds, max_drop=0.01)
     with pytest.raises(OptionError):
         search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=-1)
+
+
+def test_optimize_with_a_budget_reports_steps_and_fallbacks(data, tmp_path):
+    from optimizer.api import optimize
+    model, feeds = data
+    result = optimize(model, tmp_path / "out.onnx", passes=["damage-test", "cleanup"], max_drop=0.002,
+                      feeds=feeds, validate=True, tolerance=None)
+    budget = result.report.budget
+    assert budget["met"] and budget["backed_off"] == ["fc2.matmul"]
+    fell_back = [row for row in result.report.layers if row["status"].startswith("backed off")]
+    assert [row["node"] for row in fell_back] == ["fc2.matmul"] and "leave-one-out" in fell_back[0]["reason"]
+    options = result.report.passes[0]["options"]["exclude_nodes"]
+    assert options == ["re:^fc2\\.matmul$"]
+    text = result.report.to_markdown()
+    assert "## Accuracy budget" in text and "backed off" in text
+
+
+def test_cli_budget_flags(data, tmp_path, capsys):
+    import numpy as np
+    from optimizer.cli import main
+    model, feeds = data
+    for index, feed in enumerate(feeds):
+        np.savez(tmp_path / f"{index}.npz", **feed)
+    source = tmp_path / "in.onnx"
+    source.write_bytes(model.SerializeToString())
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", "damage-test,cleanup",
+                 "--max-drop", "0.002", "--metric", "cosine", "--data", str(tmp_path), "--workers", "1",
+                 "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    assert "accuracy budget met" in capsys.readouterr().out
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o2.onnx"), "--passes", "damage-test",
+                 "--max-drop", "0.01", "--metric", "nope.module:fn", "--data", str(tmp_path)]) == 2
+    assert "higher or lower" in capsys.readouterr().err
