@@ -95,6 +95,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         model = gs.export_onnx(graph, do_type_check=False)
     except Exception as error:
         raise PassError(f"cannot export graph '{graph.name}': {error}") from error
+    _hoist_sibling_copies(model.graph)
     _remove_outer_scope_copies(model.graph, frozenset())
     _copy_model_fields(template, model)
     _merge_opsets(template, graph, model)
@@ -149,6 +150,45 @@ def _remove_outer_scope_copies(graph: onnx.GraphProto, outer_names: frozenset[st
         for attribute in node.attribute:
             for subgraph in _attribute_graphs(attribute):
                 _remove_outer_scope_copies(subgraph, visible)
+
+
+def _hoist_sibling_copies(graph: onnx.GraphProto) -> None:
+    """Store once, in ``graph``, a constant that several of its subgraphs each hold a copy of.
+
+    onnx-graphsurgeon writes a constant into every graph whose nodes read it, so a weight read
+    only by both branches of an If would be stored twice. Deepest graphs are handled first, so
+    each constant ends up in the closest graph that encloses all its readers.
+    """
+    subtrees: list[dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]]] = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in _attribute_graphs(attribute):
+                _hoist_sibling_copies(subgraph)
+                subtrees.append(_initializers_in_tree(subgraph))
+    defined = _defined_names(graph)
+    shared = sorted({name for tree in subtrees for name in tree if sum(name in t for t in subtrees) > 1} - defined)
+    for name in shared:
+        copies = [location for tree in subtrees for location in tree.get(name, [])]
+        first = copies[0][1].SerializeToString(deterministic=True)
+        if any(tensor.SerializeToString(deterministic=True) != first for _, tensor in copies[1:]):
+            continue
+        graph.initializer.append(copies[0][1])
+        for owner, _ in copies:
+            kept = [t for t in owner.initializer if t.name != name]
+            del owner.initializer[:]
+            owner.initializer.extend(kept)
+
+
+def _initializers_in_tree(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]]:
+    found: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for tensor in graph.initializer:
+        found.setdefault(tensor.name, []).append((graph, tensor))
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in _attribute_graphs(attribute):
+                for name, locations in _initializers_in_tree(subgraph).items():
+                    found.setdefault(name, []).extend(locations)
+    return found
 
 
 def _defined_names(graph: onnx.GraphProto) -> frozenset[str]:

@@ -376,8 +376,53 @@ def _transposed_pairs(
     return [pairs[key] for key in sorted(pairs)]
 
 
+_NARROWER_FLOATS = {
+    onnx.TensorProto.DOUBLE: (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16),
+    onnx.TensorProto.FLOAT: (onnx.TensorProto.FLOAT16,),
+}
+
+
+def _reshaped_sets(classes: dict[tuple, list[list[_Weight]]], paired: set[int]) -> list[list[list[_Weight]]]:
+    """Classes with the same dtype and bytes but different shapes (one is a reshape of the other)."""
+    buckets: dict[tuple, list[list[_Weight]]] = {}
+    for (dtype, shape, digest), groups in classes.items():
+        if math.prod(shape) > 1:
+            buckets.setdefault((dtype, digest), []).extend(g for g in groups if id(g) not in paired)
+    sets = []
+    for groups in buckets.values():
+        if len({tuple(g[0].tensor.dims) for g in groups}) < 2:
+            continue
+        reference = _payload(groups[0][0].tensor)[0]
+        same = [g for g in groups if _payload(g[0].tensor)[0] == reference]
+        if len({tuple(g[0].tensor.dims) for g in same}) > 1:
+            sets.append(same)
+    return sets
+
+
+def _cast_pairs(
+    classes: dict[tuple, list[list[_Weight]]], paired: set[int]
+) -> list[tuple[list[_Weight], list[_Weight]]]:
+    """(wide, narrow) classes of one shape where narrow == wide cast to the narrower float type."""
+    narrow = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    narrow_keys = {(dtype, shape) for dtype, shape, _ in classes if dtype in narrow}
+    pairs = []
+    for (dtype, shape, _), groups in classes.items():
+        targets = [t for t in _NARROWER_FLOATS.get(dtype, ()) if (t, shape) in narrow_keys]
+        for group in (g for g in groups if targets and id(g) not in paired):
+            array = _payload(group[0].tensor)[1]
+            for target in targets if array is not None else ():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    data = array.astype(helper.tensor_dtype_to_np_dtype(target)).tobytes()
+                for other in classes.get((target, shape, hashlib.sha256(data).digest()), []):
+                    if id(other) not in paired and _payload(other[0].tensor)[0] == data:
+                        pairs.append((group, other))
+                        paired.update((id(group), id(other)))
+    return pairs
+
+
 def _find_duplicates(weights: list[_Weight], min_duplicate_bytes: int) -> list[DuplicateGroup]:
-    """Exact and transposed copies; a transposed group also holds exact copies of both sides.
+    """Exact, transposed (2-D), reshaped and cast (narrower float) copies; a transformed group
+    also holds the exact copies of each side. Wasted bytes: everything but one widest copy.
 
     Sparse tensors and external data not loaded into memory are not compared.
     """
@@ -395,6 +440,14 @@ def _find_duplicates(weights: list[_Weight], min_duplicate_bytes: int) -> list[D
             continue
         paired.update((id(first), id(second)))
         groups.append(_group("transposed", first + second))
+    for sets in _reshaped_sets(classes, paired):
+        paired.update(id(g) for g in sets)
+        groups.append(_group("reshaped", [w for g in sets for w in g]))
+    for wide, narrow in _cast_pairs(classes, paired):
+        members = wide + narrow
+        names = tuple(sorted(_display_name(w.graph, w.name) for w in members))
+        wasted = sum(stored_bytes(w.tensor) for w in members) - stored_bytes(wide[0].tensor)
+        groups.append(DuplicateGroup("cast", names, wasted))
     for members in (g for gs in classes.values() for g in gs):
         if len(members) > 1 and id(members) not in paired:
             groups.append(_group("exact", members))

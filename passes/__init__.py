@@ -1,3 +1,8 @@
 """Graph passes, one module per pass. Importing this package registers every pass."""
 
-from passes import cleanup, constants_to_initializers  # noqa: F401  (registers the passes)
+from passes import (  # noqa: F401  (registers the passes)
+    cleanup,
+    cluster,
+    constants_to_initializers,
+    share,
+)

@@ -101,3 +101,35 @@ def test_unused_initializers_found_in_subgraphs_too():
     found = unused_initializers(model.graph)
     assert [(e["tensor"], e["bytes"]) for e in found] == [("spare", 12), ("inner_spare", 16)]
     assert found[1]["graph"].startswith("main/")
+
+
+def test_constant_read_only_by_both_branches_is_stored_once_in_the_enclosing_graph():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, bool c) => (float[N, 4] y)
+    <float[4, 4] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,2}>
+    {
+      y = If(c) <
+        then_branch = t () => (float[N, 4] o1) { o1 = MatMul(x, W) },
+        else_branch = e () => (float[N, 4] o2) { o2 = Add(x, x) }>
+    }""")
+    both = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, bool c) => (float[N, 4] y)
+    <float[4, 4] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,2}>
+    {
+      y = If(c) <
+        then_branch = t () => (float[N, 4] o1) { o1 = MatMul(x, W) },
+        else_branch = e () => (float[N, 4] o2) { m = MatMul(x, W)
+                                                   o2 = Neg(m) }>
+    }""")
+    plain = gs.export_onnx(gs.import_onnx(both))
+    assert all_initializer_names(plain.graph).count("W") == 2, "onnx-graphsurgeon stores it in each branch"
+    exported = export_model(import_graph(both), both)
+    assert all_initializer_names(exported.graph) == ["W"]
+    assert [t.name for t in exported.graph.initializer] == ["W"]
+    onnx.checker.check_model(exported, full_check=True)
+    for switch in (True, False):
+        assert_same_outputs(both, exported, [{"x": np.ones((2, 4), np.float32), "c": np.array(switch)}])
+    single = export_model(import_graph(model), model)
+    assert all_initializer_names(single.graph) == ["W"]

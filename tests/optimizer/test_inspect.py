@@ -299,3 +299,34 @@ def test_file_size_counts_external_data_and_ignores_missing(tmp_path):
 ])
 def test_human_bytes(size, text):
     assert human_bytes(size) == text
+
+
+def test_duplicates_reshaped_and_cast_kinds():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    wide = rng.standard_normal((8, 2)).astype(np.float32)
+    initializers = [
+        _init("R", w), _init("R_flat", w.reshape(-1).copy()), _init("R_3d", w.reshape(2, 3, 4).copy()),
+        _init("C32", wide), _init("C16", wide.astype(np.float16)), _init("C32_copy", wide.copy()),
+        _init("N16", (wide + 1).astype(np.float16)),                # same shape, not a cast copy
+    ]
+    nodes = [helper.make_node("Identity", [t.name], [f"o_{t.name}"]) for t in initializers]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"o_{t.name}", t.data_type, None)
+                                               for t in initializers], initializer=initializers)
+    groups = inspect_model(helper.make_model(graph)).duplicates
+    assert groups == [
+        DuplicateGroup("reshaped", ("R", "R_3d", "R_flat"), 2 * 96),
+        DuplicateGroup("cast", ("C16", "C32", "C32_copy"), 32 + 64),
+    ]
+    text = inspect_model(helper.make_model(graph)).to_text()
+    assert "reshaped" in text and "cast" in text
+
+
+def test_transposed_reshaped_and_cast_do_not_double_count():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    initializers = [_init("A", w), _init("A_t", np.ascontiguousarray(w.T)), _init("A16", w.astype(np.float16))]
+    nodes = [helper.make_node("Identity", [t.name], [f"o_{t.name}"]) for t in initializers]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"o_{t.name}", t.data_type, None)
+                                               for t in initializers], initializer=initializers)
+    groups = inspect_model(helper.make_model(graph)).duplicates
+    assert groups == [DuplicateGroup("transposed", ("A", "A_t"), 48)]
