@@ -29,7 +29,8 @@ from optimizer.registry import create_pass, get_pass_class
 from optimizer.report import ModelSummary, Report
 from optimizer.validate import Comparison, Tolerance, compare
 
-DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "cleanup")
+DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "share", "cleanup")
+PruneMode = Literal["uniform", "global", "nm", "sensitivity", "channels"]
 LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
 LOSSY_TOLERANCE = Tolerance(min_cosine=0.99, min_sqnr_db=20.0)
 ModelInput = str | os.PathLike | bytes | onnx.ModelProto
@@ -72,6 +73,37 @@ def build_passes(
         if name not in named:
             raise OptionError(f"options given for pass '{name}', which is not in the pipeline ({', '.join(map(str, chosen))})")
     return [item if isinstance(item, Pass) else create_pass(item, **dict(options.get(item, {}))) for item in chosen]
+
+
+def plan_passes(
+    base: Sequence[str] = DEFAULT_PASSES,
+    *,
+    prune: float | None = None,
+    prune_mode: PruneMode = "uniform",
+    quantize: str | None = None,
+    quantize_mode: str | None = None,
+    cluster_bits: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Pass names and options for the common requests, in the order that composes well:
+    normalize and share first, then prune, then quantize or cluster (zeros stay zeros)."""
+    if quantize is not None and cluster_bits is not None:
+        raise OptionError("quantize and cluster both rewrite the same weights: choose one")
+    names = list(base)
+    merged: dict[str, dict[str, Any]] = {name: dict(values) for name, values in (options or {}).items()}
+    if prune is not None:
+        name = "prune-channels" if prune_mode == "channels" else "prune"
+        names.append(name)
+        merged.setdefault(name, {}).update({"ratio": prune} if name == "prune-channels" else {"sparsity": prune, "mode": prune_mode})
+    if quantize is not None:
+        names.append("quantize")
+        merged.setdefault("quantize", {})["weight_type"] = quantize
+        if quantize_mode is not None:
+            merged["quantize"]["mode"] = quantize_mode
+    if cluster_bits is not None:
+        names.append("cluster")
+        merged.setdefault("cluster", {})["bits"] = cluster_bits
+    return list(dict.fromkeys(names)), merged
 
 
 def optimize(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import passes as _passes  # noqa: F401  (registers every pass)
-from optimizer.api import DEFAULT_PASSES, model_summary, optimize, resolve_feeds, tool_version
+from optimizer.api import DEFAULT_PASSES, model_summary, optimize, plan_passes, resolve_feeds, tool_version
 from optimizer.benchmark import benchmark
 from optimizer.errors import OnnxCompressError
 from optimizer.feeds import parse_shape_overrides
@@ -30,6 +30,10 @@ EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXAMPLES = {
     "optimize": """examples:
   onnx-compress optimize models/mlp.onnx -o mlp.out.onnx --validate
+  onnx-compress optimize bert.onnx -o bert.int8.onnx --quantize int8 --quantize-mode dynamic --validate
+  onnx-compress optimize cnn.onnx -o cnn.int8.onnx --quantize int8 --quantize-mode static --calibration-data cal/
+  onnx-compress optimize bert.onnx -o small.onnx --quantize int8 --max-drop 0.005 --metric cosine --data held_out/
+  onnx-compress optimize model.onnx -o sparse.onnx --prune 0.5 --prune-mode global
   onnx-compress optimize model.onnx -o small.onnx --passes constants-to-initializers,cleanup \\
       --set constants-to-initializers.min_size_bytes=64 --report report.md --report report.json
   onnx-compress optimize bert.onnx -o out.onnx --validate --data feeds/ --provider cuda --bench""",
@@ -134,6 +138,17 @@ def _add_optimize(commands) -> None:
                           "see 'onnx-compress passes'")
     sub.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="settings",
                      help="set a pass option, e.g. constants-to-initializers.min_size_bytes=64 (repeatable)")
+    compress = sub.add_argument_group("compression (added after --passes: prune, then quantize or cluster)")
+    compress.add_argument("--quantize", choices=("int8", "uint8", "int4", "uint4"),
+                          help="quantize weights to this type (pass 'quantize', option weight_type)")
+    compress.add_argument("--quantize-mode", choices=("weights", "dynamic", "static"),
+                          help="quantize.mode: weight-only, dynamic activations, or static with --calibration-data")
+    compress.add_argument("--prune", type=float, metavar="FRACTION",
+                          help="prune this fraction of weights (prune.sparsity) or of channels (prune-channels.ratio)")
+    compress.add_argument("--prune-mode", choices=("uniform", "global", "nm", "sensitivity", "channels"),
+                          default="uniform", help="prune.mode, or 'channels' for structured pruning (default uniform)")
+    compress.add_argument("--cluster", type=int, metavar="BITS", dest="cluster_bits",
+                          help="share weights through 2^BITS-entry codebooks (pass 'cluster', option bits)")
     sub.add_argument("--calibration-data", metavar="DIR",
                      help="folder of .npz feeds that passes needing data (static quantization, sensitivity) run on")
     sub.add_argument("--validate", action="store_true", help="compare the output with the input in onnxruntime")
@@ -216,11 +231,14 @@ def _add_passes(commands) -> None:
 
 
 def _run_optimize(args: argparse.Namespace) -> int:
-    names = [name.strip() for name in args.passes.split(",") if name.strip()]
-    if not names:
+    base = [name.strip() for name in args.passes.split(",") if name.strip()]
+    if not base:
         raise UsageError("--passes names no pass")
+    names, options = plan_passes(base, prune=args.prune, prune_mode=args.prune_mode, quantize=args.quantize,
+                                 quantize_mode=args.quantize_mode, cluster_bits=args.cluster_bits,
+                                 options=parse_settings(args.settings))
     result = optimize(
-        args.input, args.output, passes=names, pass_options=parse_settings(args.settings),
+        args.input, args.output, passes=names, pass_options=options,
         calibration=args.calibration_data, validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
         samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
         bench=args.bench, bench_rounds=args.rounds, fusion_check=args.fusion_check, max_drop=args.max_drop,

@@ -50,7 +50,7 @@ def test_optimize_every_sample_validates_and_matches(path, tmp_path, capsys):
     assert report["validation"]["passed"] is True
     assert report["validation"]["provider_used"] == "CPUExecutionProvider"
     assert report["output"]["path"] == str(output)
-    assert [run["name"] for run in report["passes"]] == ["constants-to-initializers", "cleanup"]
+    assert [run["name"] for run in report["passes"]] == ["constants-to-initializers", "share", "cleanup"]
 
 
 def test_optimize_twice_gives_byte_identical_files(sample_copy, tmp_path):

@@ -151,3 +151,27 @@ def test_fusion_check_runs_by_itself_on_quantized_outputs(tmp_path):
     assert plain.report.fusion is None
     forced = optimize(MODELS_DIR / "mlp.onnx", passes=["cleanup"], fusion_check=True)
     assert forced.report.fusion["quantized_groups_written"] == 0
+
+
+def test_plan_passes_orders_compressions_and_maps_options():
+    from optimizer.api import plan_passes
+    names, options = plan_passes(prune=0.5, prune_mode="global", quantize="int8", quantize_mode="dynamic",
+                                 options={"cleanup": {"remove_identity": False}})
+    assert names == ["constants-to-initializers", "share", "cleanup", "prune", "quantize"]
+    assert options == {"cleanup": {"remove_identity": False}, "prune": {"sparsity": 0.5, "mode": "global"},
+                       "quantize": {"weight_type": "int8", "mode": "dynamic"}}
+    names, options = plan_passes(["cleanup"], prune=0.25, prune_mode="channels", cluster_bits=4)
+    assert names == ["cleanup", "prune-channels", "cluster"]
+    assert options == {"prune-channels": {"ratio": 0.25}, "cluster": {"bits": 4}}
+    with pytest.raises(OptionError, match="choose one"):
+        plan_passes(quantize="int8", cluster_bits=4)
+
+
+def test_cli_cluster_shortcut_shrinks_the_transformer(tmp_path, capsys):
+    from optimizer.cli import main
+    output = tmp_path / "c.onnx"
+    assert main(["optimize", str(MODELS_DIR / "transformer_tied.onnx"), "-o", str(output), "--cluster", "4",
+                 "--set", "cluster.min_elements=1024", "--validate", "--min-cosine", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "pass share:" in out and "pass cluster:" in out
+    assert output.stat().st_size < 0.3 * (MODELS_DIR / "transformer_tied.onnx").stat().st_size
