@@ -8,7 +8,6 @@ custom op, and ``model.functions``. Output is deterministic: every mapping is so
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import Counter
@@ -16,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from optimizer.duplicates import DuplicateCandidate, DuplicateGroup, find_duplicates
 
 MAIN_GRAPH = "main"
 UNUSED_OP = "(unused)"
@@ -52,15 +53,6 @@ class TensorInfo:
     source: str
     graph: str
     consumers: int
-
-
-@dataclass(frozen=True)
-class DuplicateGroup:
-    """Weights that could share one stored copy; each tensor is in at most one group."""
-
-    kind: str
-    tensors: tuple[str, ...]
-    wasted_bytes: int
 
 
 @dataclass
@@ -316,147 +308,11 @@ def _sum_by(infos: list[TensorInfo], key) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
-def _payload(tensor: onnx.TensorProto) -> tuple[bytes, np.ndarray | None]:
-    """Comparable bytes of a tensor, independent of raw_data vs typed-field storage."""
-    if tensor.data_type == _STRING:
-        return b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data), None
-    try:
-        array = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError, KeyError, NotImplementedError, OSError):
-        return tensor.raw_data, None
-    return np.ascontiguousarray(array).tobytes(), array
-
-
-def _transposed_bytes(array: np.ndarray | None) -> bytes | None:
-    if array is None or array.ndim != 2 or array.dtype == object:
-        return None
-    return np.ascontiguousarray(array.T).tobytes()
-
-
-def _exact_classes(weights: list[_Weight]) -> dict[tuple, list[list[_Weight]]]:
-    """Group by (dtype, shape, sha256), then split each bucket by a byte comparison."""
-    buckets: dict[tuple, list[_Weight]] = {}
-    for weight in weights:
-        data, _ = _payload(weight.tensor)
-        key = (weight.tensor.data_type, tuple(weight.tensor.dims), hashlib.sha256(data).digest())
-        buckets.setdefault(key, []).append(weight)
-    classes: dict[tuple, list[list[_Weight]]] = {}
-    for key, members in buckets.items():
-        confirmed: list[tuple[bytes, list[_Weight]]] = []
-        for weight in members:
-            data = _payload(weight.tensor)[0] if len(members) > 1 else b""
-            match = next((group for ref, group in confirmed if ref == data), None)
-            if match is None:
-                confirmed.append((data, [weight]))
-            else:
-                match.append(weight)
-        classes[key] = [group for _, group in confirmed]
-    return classes
-
-
-def _transposed_pairs(
-    classes: dict[tuple, list[list[_Weight]]]
-) -> list[tuple[list[_Weight], list[_Weight]]]:
-    """Pairs of classes where one is the other's transpose: one transpose per 2-D class."""
-    pairs: dict[tuple[int, int], tuple[list[_Weight], list[_Weight]]] = {}
-    order = {id(group): n for n, group in enumerate(g for gs in classes.values() for g in gs)}
-    for (dtype, shape, _), groups in classes.items():
-        if len(shape) != 2:
-            continue
-        for group in groups:
-            data_t = _transposed_bytes(_payload(group[0].tensor)[1])
-            if data_t is None:
-                continue
-            key_t = (dtype, shape[::-1], hashlib.sha256(data_t).digest())
-            for other in classes.get(key_t, []):
-                if other is group or _payload(other[0].tensor)[0] != data_t:
-                    continue
-                pair_key = tuple(sorted((order[id(group)], order[id(other)])))
-                pairs.setdefault(pair_key, (group, other))
-    return [pairs[key] for key in sorted(pairs)]
-
-
-_NARROWER_FLOATS = {
-    onnx.TensorProto.DOUBLE: (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16),
-    onnx.TensorProto.FLOAT: (onnx.TensorProto.FLOAT16,),
-}
-
-
-def _reshaped_sets(classes: dict[tuple, list[list[_Weight]]], paired: set[int]) -> list[list[list[_Weight]]]:
-    """Classes with the same dtype and bytes but different shapes (one is a reshape of the other)."""
-    buckets: dict[tuple, list[list[_Weight]]] = {}
-    for (dtype, shape, digest), groups in classes.items():
-        if math.prod(shape) > 1:
-            buckets.setdefault((dtype, digest), []).extend(g for g in groups if id(g) not in paired)
-    sets = []
-    for groups in buckets.values():
-        if len({tuple(g[0].tensor.dims) for g in groups}) < 2:
-            continue
-        reference = _payload(groups[0][0].tensor)[0]
-        same = [g for g in groups if _payload(g[0].tensor)[0] == reference]
-        if len({tuple(g[0].tensor.dims) for g in same}) > 1:
-            sets.append(same)
-    return sets
-
-
-def _cast_pairs(
-    classes: dict[tuple, list[list[_Weight]]], paired: set[int]
-) -> list[tuple[list[_Weight], list[_Weight]]]:
-    """(wide, narrow) classes of one shape where narrow == wide cast to the narrower float type."""
-    narrow = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    narrow_keys = {(dtype, shape) for dtype, shape, _ in classes if dtype in narrow}
-    pairs = []
-    for (dtype, shape, _), groups in classes.items():
-        targets = [t for t in _NARROWER_FLOATS.get(dtype, ()) if (t, shape) in narrow_keys]
-        for group in (g for g in groups if targets and id(g) not in paired):
-            array = _payload(group[0].tensor)[1]
-            for target in targets if array is not None else ():
-                with np.errstate(over="ignore", invalid="ignore"):
-                    data = array.astype(helper.tensor_dtype_to_np_dtype(target)).tobytes()
-                for other in classes.get((target, shape, hashlib.sha256(data).digest()), []):
-                    if id(other) not in paired and _payload(other[0].tensor)[0] == data:
-                        pairs.append((group, other))
-                        paired.update((id(group), id(other)))
-    return pairs
-
-
-def _find_duplicates(weights: list[_Weight], min_duplicate_bytes: int) -> list[DuplicateGroup]:
-    """Exact, transposed (2-D), reshaped and cast (narrower float) copies; a transformed group
-    also holds the exact copies of each side. Wasted bytes: everything but one widest copy.
-
-    Sparse tensors and external data not loaded into memory are not compared.
-    """
-    candidates = [
-        w for w in weights
-        if isinstance(w.tensor, onnx.TensorProto)
-        and not (w.tensor.data_location == onnx.TensorProto.EXTERNAL and not w.tensor.raw_data)
-        and stored_bytes(w.tensor) >= min_duplicate_bytes
+def _duplicate_candidates(weights: list[_Weight]) -> list[DuplicateCandidate]:
+    return [
+        DuplicateCandidate(_display_name(w.graph, w.name), w.tensor, stored_bytes(w.tensor))
+        for w in weights
     ]
-    classes = _exact_classes(candidates)
-    groups: list[DuplicateGroup] = []
-    paired: set[int] = set()
-    for first, second in _transposed_pairs(classes):
-        if id(first) in paired or id(second) in paired:
-            continue
-        paired.update((id(first), id(second)))
-        groups.append(_group("transposed", first + second))
-    for sets in _reshaped_sets(classes, paired):
-        paired.update(id(g) for g in sets)
-        groups.append(_group("reshaped", [w for g in sets for w in g]))
-    for wide, narrow in _cast_pairs(classes, paired):
-        members = wide + narrow
-        names = tuple(sorted(_display_name(w.graph, w.name) for w in members))
-        wasted = sum(stored_bytes(w.tensor) for w in members) - stored_bytes(wide[0].tensor)
-        groups.append(DuplicateGroup("cast", names, wasted))
-    for members in (g for gs in classes.values() for g in gs):
-        if len(members) > 1 and id(members) not in paired:
-            groups.append(_group("exact", members))
-    return sorted(groups, key=lambda g: (-g.wasted_bytes, g.tensors, g.kind))
-
-
-def _group(kind: str, members: list[_Weight]) -> DuplicateGroup:
-    names = tuple(sorted(_display_name(w.graph, w.name) for w in members))
-    return DuplicateGroup(kind, names, (len(members) - 1) * stored_bytes(members[0].tensor))
 
 
 def _external_locations(weights: list[_Weight]) -> list[str]:
@@ -565,7 +421,7 @@ def inspect_model(
         constant_node_weight_bytes=sum(info.size_bytes for info in constants),
         subgraphs=list(walk.subgraphs),
         largest_tensors=sorted(infos, key=lambda i: (-i.size_bytes, i.graph, i.name))[:top],
-        duplicates=_find_duplicates(walk.weights, min_duplicate_bytes),
+        duplicates=find_duplicates(_duplicate_candidates(walk.weights), min_duplicate_bytes),
         inputs=[_format_value(v) for v in model.graph.input if v.name not in initializer_names],
         outputs=[_format_value(v) for v in model.graph.output],
         metadata_keys=sorted(prop.key for prop in model.metadata_props),
