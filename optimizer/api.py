@@ -6,6 +6,8 @@ This module and ``optimizer.cli`` are the only core modules that import ``passes
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,15 +20,18 @@ import onnx
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.benchmark import BenchResult, benchmark
 from optimizer.budget import BackoffRule, BudgetResult, MetricSpec, PassSpec, backed_off_specs, search_budget
-from optimizer.errors import ModelSaveError, OptionError
+from optimizer.bisect import bisect_passes
+from optimizer.errors import ModelSaveError, OptionError, PassError, RuntimeSessionError
 from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
 from optimizer.inspect import weight_bytes_by_dtype
+from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
 from optimizer.fusion import check_fusion
 from optimizer.model import PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files, save_model, serialized_size_bytes
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
 from optimizer.report import ModelSummary, Report
+from optimizer.tensor_checks import custom_domain_ops
 from optimizer.validate import Comparison, Tolerance, compare
 
 DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "share", "cleanup")
@@ -130,6 +135,10 @@ def optimize(
     max_trials: int = 24,
     workers: int = 1,
     check_each_pass: bool = False,
+    isolate: bool = True,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    validate_max_memory_bytes: int | None = None,
+    bisect: bool = False,
     external_data: ExternalData = "auto",
     keep_failed: bool = False,
     max_input_bytes: int | None = None,
@@ -148,8 +157,16 @@ def optimize(
     ``feeds`` and layers are backed off, most harmful first, until it drops by at most
     ``max_drop`` against the original (see optimizer.budget); at most ``max_trials`` trials, run
     in ``workers`` processes.
+
+    Validation runs in a child process (``isolate``) with ``timeout_s``, so an onnxruntime crash
+    becomes an error that says so. With ``bisect``, a failed check is followed by a search for the
+    first pass that broke the model (report["bisect"]).
     """
     source, protected, reference = _load(model, max_input_bytes)
+    custom_ops = custom_domain_ops(source)
+    if custom_ops and validate:
+        raise RuntimeSessionError(f"{reference or 'model'}: custom-domain ops {', '.join(custom_ops)} cannot run in "
+                                  f"onnxruntime; {NOT_VALIDATED}")
     chosen = build_passes(passes, pass_options)
     budget = None
     if max_drop is not None:
@@ -160,21 +177,35 @@ def optimize(
         chosen = build_passes(*_specs_as_arguments(budget_specs(chosen, budget.backed_off)))
     context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress)
     pipeline = Pipeline(chosen, check_each_pass=check_each_pass, context=context)
-    result = pipeline.run(source)
+    checks = None
+    if validate or bench or bisect:
+        if tolerance is None:
+            tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in chosen) else LOSSY_TOLERANCE
+        checks = _Checks(resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed), tolerance,
+                         provider, validate, bench, bench_rounds, isolate, timeout_s, validate_max_memory_bytes)
+    try:
+        result = pipeline.run(source)
+    except PassError as error:
+        if not bisect:
+            raise
+        found = bisect_passes(source, chosen, checks.feeds, tolerance=checks.tolerance, provider=provider,
+                              context=context, isolate=isolate, timeout_s=timeout_s)
+        raise PassError(f"{error}; bisect: first bad pass {found.first_bad_pass!r} ({found.reason})") from error
     report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
+    if custom_ops:
+        report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(custom_ops)}")
     if budget is not None:
         report.budget = budget.to_dict()
         report.layers = _budget_layers(budget)
     comparison = timing = None
     if validate or bench:
-        if tolerance is None:
-            tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in pipeline.passes) else LOSSY_TOLERANCE
-        checks = _Checks(resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed), tolerance,
-                         provider, validate, bench, bench_rounds)
         saved, comparison, timing = _save_checked(result.model, output, reference or source, checks, report,
                                                   external_data, protected, keep_failed)
         report.validation = comparison.to_dict() if comparison else None
         report.benchmark = timing.to_dict() if timing else None
+        if comparison is not None and not comparison.passed and bisect:
+            report.bisect = bisect_passes(source, chosen, checks.feeds, tolerance=checks.tolerance, provider=provider,
+                                          context=context, isolate=isolate, timeout_s=timeout_s).to_dict()
     else:
         saved = _save(result.model, output, external_data, protected) if output is not None else None
         report.output = _summary(result.model, saved)
@@ -242,6 +273,16 @@ class _Checks:
     validate: bool
     bench: bool
     bench_rounds: int
+    isolate: bool
+    timeout_s: float | None
+    max_memory_bytes: int | None
+
+    def compare(self, reference: ModelInput, candidate: Path) -> Comparison:
+        if self.isolate:
+            return compare_isolated(reference, candidate, self.feeds, tolerance=self.tolerance,
+                                    provider=self.provider, timeout_s=self.timeout_s,
+                                    max_memory_bytes=self.max_memory_bytes)
+        return compare(reference, candidate, self.feeds, tolerance=self.tolerance, provider=self.provider)
 
 
 def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, reference: ModelInput, checks: _Checks,
@@ -250,8 +291,7 @@ def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, refe
     """Save to a staging folder next to the output, check the staged file, then move it in."""
     with _staging_folder(output) as staging:
         staged = _save(model, Path(staging) / _output_name(output), external_data, protected)
-        comparison = compare(reference, staged, checks.feeds, tolerance=checks.tolerance,
-                             provider=checks.provider) if checks.validate else None
+        comparison = checks.compare(reference, staged) if checks.validate else None
         timing = benchmark([reference, staged], checks.feeds, names=["input", "output"], provider=checks.provider,
                            rounds=checks.bench_rounds) if checks.bench else None
         saved = None
@@ -360,17 +400,43 @@ def _output_name(output: str | os.PathLike | None) -> str:
     return Path(output).name if output is not None else "candidate.onnx"
 
 
+STAGING_PREFIX = ".onnx-compress-"
+
+
 def _staging_folder(output: str | os.PathLike | None) -> tempfile.TemporaryDirectory:
-    """A temporary folder next to the output, so the final move is a rename on one file system."""
+    """A temporary folder next to the output, so the final move is a rename on one file system.
+
+    Its name carries our process id; folders left by a process that no longer runs (killed
+    mid-run) are removed first.
+    """
     folder = None
     if output is not None:
         folder = Path(output).parent
         if not folder.is_dir():
             raise ModelSaveError(f"{output}: output folder '{folder}' does not exist or is not a folder")
+        _remove_stale_staging(folder)
     try:
-        return tempfile.TemporaryDirectory(prefix=".onnx-compress-", dir=folder)
+        return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
     except OSError as error:
         raise ModelSaveError(f"{output}: cannot write in output folder '{folder}': {error.strerror or error}") from error
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    for entry in sorted(folder.glob(STAGING_PREFIX + "*")):
+        match = re.fullmatch(re.escape(STAGING_PREFIX) + r"(\d+)-\w+", entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink() or _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:

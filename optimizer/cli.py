@@ -19,6 +19,7 @@ from optimizer.benchmark import benchmark
 from optimizer.errors import OnnxCompressError
 from optimizer.feeds import parse_shape_overrides
 from optimizer.inspect import inspect_model
+from optimizer.isolation import compare_isolated
 from optimizer.layer_debug import debug_layers
 from optimizer.model import load_model
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
@@ -117,6 +118,16 @@ def _add_feed_arguments(sub: argparse.ArgumentParser) -> None:
                        "with a message when CUDA is not available); default cpu")
 
 
+def _add_isolation_arguments(sub: argparse.ArgumentParser) -> None:
+    group = sub.add_argument_group("isolation")
+    group.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                       help="validate in a child process so an onnxruntime crash is reported, not fatal (default on)")
+    group.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="give up validation after this long (default 600)")
+    group.add_argument("--validate-max-memory", type=int, metavar="BYTES",
+                       help="address-space limit of the validation process")
+
+
 def _add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
     group = sub.add_argument_group("tolerance (every output; default --atol 1e-6 for lossless passes)")
     group.add_argument("--atol", type=float, help="maximum absolute error")
@@ -173,6 +184,8 @@ def _add_optimize(commands) -> None:
     budget.add_argument("--workers", type=int, default=1, help="trials in parallel processes (default 1)")
     sub.add_argument("--check-each-pass", action="store_true",
                      help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
+    sub.add_argument("--bisect", action="store_true",
+                     help="when a pass or validation fails, search for the first pass that broke the model")
     sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                      help="store weights in OUTPUT.data: auto (only past protobuf's 2 GB), always, never")
     sub.add_argument("--max-input-bytes", type=int, help="refuse input files larger than this")
@@ -180,6 +193,7 @@ def _add_optimize(commands) -> None:
     sub.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_feed_arguments(sub)
     _add_tolerance_arguments(sub)
+    _add_isolation_arguments(sub)
     sub.set_defaults(handler=_run_optimize)
 
 
@@ -190,6 +204,7 @@ def _add_validate(commands) -> None:
     sub.add_argument("--json", action="store_true", help="print the comparison as JSON")
     _add_feed_arguments(sub)
     _add_tolerance_arguments(sub)
+    _add_isolation_arguments(sub)
     sub.set_defaults(handler=_run_validate)
 
 
@@ -243,7 +258,9 @@ def _run_optimize(args: argparse.Namespace) -> int:
         samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
         bench=args.bench, bench_rounds=args.rounds, fusion_check=args.fusion_check, max_drop=args.max_drop,
         metric=args.metric, metric_higher_is_better=None if args.metric_direction is None else args.metric_direction == "higher",
-        metric_output=args.metric_output, max_trials=args.max_trials, workers=args.workers, check_each_pass=args.check_each_pass,
+        metric_output=args.metric_output, max_trials=args.max_trials, workers=args.workers, isolate=args.isolate,
+        timeout_s=args.timeout, validate_max_memory_bytes=args.validate_max_memory, bisect=args.bisect,
+        check_each_pass=args.check_each_pass,
         external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
         progress=not (args.quiet or args.json),
     )
@@ -277,6 +294,9 @@ def _print_optimize_summary(result) -> None:
     if data["fusion"]:
         kernels = ", ".join(f"{op} x{n}" for op, n in data["fusion"]["integer_kernels"].items()) or "none"
         print(f"onnxruntime runs integer kernels: {kernels}")
+    if data["bisect"]:
+        found = data["bisect"]
+        print(f"first bad pass: {found['first_bad_pass']} (#{found['index']}): {found['reason']}")
     for note in data["notes"]:
         print(f"note: {note}")
 
@@ -287,7 +307,12 @@ def _run_validate(args: argparse.Namespace) -> int:
     feeds = resolve_feeds(reference, args.data, shapes=parse_shape_overrides(args.shape),
                           samples=args.samples, seed=args.seed)
     tolerance = tolerance_from_args(args) or Tolerance(max_abs=1e-6)
-    comparison = compare(args.reference, args.candidate, feeds, tolerance=tolerance, provider=args.provider)
+    if args.isolate:
+        comparison = compare_isolated(args.reference, args.candidate, feeds, tolerance=tolerance,
+                                      provider=args.provider, timeout_s=args.timeout,
+                                      max_memory_bytes=args.validate_max_memory)
+    else:
+        comparison = compare(args.reference, args.candidate, feeds, tolerance=tolerance, provider=args.provider)
     print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison.summary())
     return EXIT_OK if comparison.passed else EXIT_VALIDATION_FAILED
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import resource
 import stat
 
 from onnx import TensorProto
@@ -16,9 +17,15 @@ from onnx import TensorProto
 from optimizer.errors import ModelLoadError
 from optimizer.tensor_checks import describe_tensor, load_error, raw_byte_count
 
-__all__ = ["READ_CHUNK_BYTES", "ExternalDataReader", "file_kind", "read_exactly", "same_file"]
+__all__ = [
+    "MEMORY_COPIES", "READ_CHUNK_BYTES", "ExternalDataReader", "check_fits_in_memory", "file_kind",
+    "memory_headroom_bytes", "read_exactly", "same_file",
+]  # fmt: skip
 
 READ_CHUNK_BYTES = 2**30
+
+MEMORY_COPIES = 2
+"""Bytes read are held about twice at the peak (the read buffer, then protobuf's own copy)."""
 
 _FILE_KINDS = {
     stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
@@ -33,6 +40,32 @@ def file_kind(mode: int) -> str:
 def same_file(before: os.stat_result, after: os.stat_result) -> bool:
     same_inode = (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
     return same_inode and stat.S_ISREG(after.st_mode)
+
+
+def memory_headroom_bytes() -> int | None:
+    """What this process may still allocate: physical memory, or less under RLIMIT_AS."""
+    try:
+        page_bytes = os.sysconf("SC_PAGE_SIZE")
+        headroom = page_bytes * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return None
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft_limit != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm", "rb") as statm:
+                used_bytes = int(statm.read().split()[0]) * page_bytes
+        except (OSError, ValueError, IndexError):
+            used_bytes = 0
+        headroom = min(headroom, soft_limit - used_bytes)
+    return max(headroom, 0)
+
+
+def check_fits_in_memory(size_bytes: int, shown: str) -> None:
+    """Refuse before allocating: a hostile size must be a clear error, not a MemoryError."""
+    headroom = memory_headroom_bytes()
+    if headroom is not None and MEMORY_COPIES * size_bytes > headroom:
+        raise ModelLoadError(f"{shown}: needs about {MEMORY_COPIES * size_bytes} bytes of memory, "
+                             f"more than the {headroom} bytes this process can allocate")
 
 
 def read_exactly(fd: int, length_bytes: int, offset_bytes: int) -> bytes:
@@ -122,10 +155,13 @@ class ExternalDataReader:
         if length_bytes != expected_bytes:
             raise ModelLoadError(f"{shown}: length {length_bytes} bytes does not match "
                                  f"{describe_tensor(tensor)} ({expected_bytes} bytes)")  # fmt: skip
+        check_fits_in_memory(length_bytes, shown)
         try:
             return read_exactly(fd, length_bytes, offset_bytes)
         except OSError as error:
             raise ModelLoadError(f"{shown}: cannot read: {error}") from error
+        except MemoryError:
+            raise ModelLoadError(f"{shown}: out of memory reading {length_bytes} bytes") from None
 
     def _open(self, parts: list[str], location: str, label: str) -> tuple[int, int, str]:
         key = tuple(parts)

@@ -40,6 +40,10 @@ def render_html(data: dict[str, Any]) -> str:
         parts += _fusion_section(data["fusion"])
     if data.get("benchmark"):
         parts += _benchmark_section(data["benchmark"], plots)
+    if data.get("bisect"):
+        found = data["bisect"]
+        parts += ["<h2>Bisect</h2>", f"<p>first bad pass: {_e(found.get('first_bad_pass'))} "
+                  f"(#{_e(found.get('index'))}): {_e(found.get('reason'))}</p>"]
     notes = list(data.get("notes", [])) + plots.notes
     if notes:
         parts += ["<h2>Notes</h2>", "<ul>"] + [f"<li>{_e(note)}</li>" for note in notes] + ["</ul>"]

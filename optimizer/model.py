@@ -24,13 +24,17 @@ from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError, ModelSaveError
 from optimizer.external_data import (
-    READ_CHUNK_BYTES, ExternalDataReader, file_kind, read_exactly, same_file,
+    READ_CHUNK_BYTES, ExternalDataReader, check_fits_in_memory, file_kind, read_exactly, same_file,
 )  # fmt: skip
-from optimizer.tensor_checks import check_inline_tensor, iter_tensors, load_error, payload_bytes
+from optimizer.tensor_checks import (
+    MAX_CONSTANT_OF_SHAPE_BYTES, MAX_SUBGRAPH_DEPTH, check_graph_structure, check_inline_tensor,
+    check_opsets, check_subgraph_depth, iter_tensors, load_error, payload_bytes,
+)  # fmt: skip
 
 __all__ = [
-    "EXTERNAL_ALIGNMENT_BYTES", "PROTOBUF_LIMIT_BYTES", "PROTOBUF_MARGIN_BYTES",
-    "load_model", "load_model_with_files", "save_model", "serialized_size_bytes",
+    "EXTERNAL_ALIGNMENT_BYTES", "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH",
+    "PROTOBUF_LIMIT_BYTES", "PROTOBUF_MARGIN_BYTES", "load_model", "load_model_with_files",
+    "save_model", "serialized_size_bytes",
 ]  # fmt: skip
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -76,6 +80,7 @@ def _read_model_file(real_path: str, shown: str, max_input_bytes: int | None) ->
     if before.st_size == 0:
         raise ModelLoadError(f"{shown}: not an ONNX model: empty file")
     _check_input_size(before.st_size, max_input_bytes, shown)
+    check_fits_in_memory(before.st_size, shown)
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(real_path, flags)
@@ -87,6 +92,8 @@ def _read_model_file(real_path: str, shown: str, max_input_bytes: int | None) ->
             os.close(fd)
     except OSError as error:
         raise ModelLoadError(f"{shown}: cannot read model: {error}") from error
+    except MemoryError:
+        raise ModelLoadError(f"{shown}: out of memory reading {before.st_size} bytes") from None
 
 
 def _parse_model(data: bytes, shown: str) -> onnx.ModelProto:
@@ -95,17 +102,26 @@ def _parse_model(data: bytes, shown: str) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as error:
-        raise ModelLoadError(f"{shown}: not an ONNX model: {error}") from error
+        reason = str(error)
+        if "MaxDepth" in reason:
+            reason = ("messages nested deeper than protobuf parses (100 levels; about 30 levels "
+                      f"of subgraphs, where the limit is {MAX_SUBGRAPH_DEPTH})")  # fmt: skip
+        raise ModelLoadError(f"{shown}: not an ONNX model: {reason}") from error
+    except MemoryError:
+        raise ModelLoadError(f"{shown}: out of memory parsing {len(data)} bytes") from None
     _require_model_fields(model, shown)
     return model
 
 
 def _require_model_fields(model: onnx.ModelProto, shown: str) -> None:
+    """Also the limits that must hold before anything walks the graph recursively."""
     present = {"graph": model.HasField("graph"), "ir_version": model.ir_version > 0,
                "opset_import": len(model.opset_import) > 0}  # fmt: skip
     missing = [field for field, is_present in present.items() if not is_present]
     if missing:
         raise ModelLoadError(f"{shown}: not an ONNX model: no {', '.join(missing)}")
+    check_subgraph_depth(model, shown)
+    check_opsets(model, shown)
 
 
 def _inline_and_check_tensors(
@@ -128,7 +144,8 @@ def _inline_and_check_tensors(
 
 
 def _run_onnx_checker(model: onnx.ModelProto, shown: str) -> None:
-    """onnx's checker serializes the model, so it only runs below protobuf's limit."""
+    """Our graph checks name the node; onnx's checker serializes, so only below 2 GB."""
+    check_graph_structure(model, shown)
     if serialized_size_bytes(model) > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES:
         return
     try:
@@ -275,7 +292,11 @@ def _new_file_mode() -> int:
 def _commit_atomically(
     folder: pathlib.Path, writers: list[tuple[pathlib.Path, Callable[[int], None]]]
 ) -> None:
-    """Write each file to a temp in the folder, fsync all, then os.replace them in order."""
+    """Write each file to a temp in the folder, fsync all, then os.replace them in order.
+
+    The last file (the model) refers to the others, so an old one is removed before its data
+    file is replaced: a crash in between leaves no model rather than one with the wrong data.
+    """
     pending: list[tuple[str, pathlib.Path]] = []
     try:
         for final_path, write in writers:
@@ -287,6 +308,10 @@ def _commit_atomically(
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if len(pending) > 1:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending[-1][1])
+                _fsync_folder(folder)
         while pending:
             temp_path, final_path = pending[0]
             os.replace(temp_path, final_path)

@@ -51,6 +51,7 @@ class Report:
     layers: list[dict[str, Any]] | None = None
     budget: dict[str, Any] | None = None
     fusion: dict[str, Any] | None = None
+    bisect: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class Report:
             "layers": self.layers,
             "budget": self.budget,
             "fusion": self.fusion,
+            "bisect": self.bisect,
             "notes": list(self.notes),
         }
 
@@ -93,6 +95,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += _fusion_section(data["fusion"])
     if data["benchmark"]:
         lines += _benchmark_section(data["benchmark"])
+    if data.get("bisect"):
+        found = data["bisect"]
+        lines += ["## Bisect", "", f"first bad pass: {found.get('first_bad_pass')} (#{found.get('index')}): "
+                  f"{found.get('reason')}", ""]
     if data["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in data["notes"]] + [""]
     return "\n".join(lines)

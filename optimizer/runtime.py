@@ -102,12 +102,15 @@ def model_label(model: ModelSource) -> str:
 
 
 def create_session(
-    model: ModelSource, provider: ProviderChoice, *, threads: int | None = None
+    model: ModelSource, provider: ProviderChoice, *, threads: int | None = None, memory_arena: bool = True
 ) -> tuple[onnxruntime.InferenceSession, str]:
     """Open a quiet, deterministic session and report the provider that actually runs it.
 
     The second value is ``session.get_providers()[0]``: onnxruntime silently falls back to CPU
-    when CUDA fails to initialise, and callers must be able to show that.
+    when CUDA fails to initialise, and callers must be able to show that. ``memory_arena=False``
+    turns off the CPU arena, which keeps its peak for the session's life (calibration opens one
+    session per group of tensors: with the arena, PP-OCRv4 det at 736x1984 peaked at 2.7 GB,
+    without it 0.74 GB).
     """
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
@@ -116,6 +119,7 @@ def create_session(
     options.log_severity_level = 3
     options.use_deterministic_compute = True
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = memory_arena
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

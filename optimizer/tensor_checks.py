@@ -1,7 +1,9 @@
-"""Every tensor of a model, its byte count, and checks that its data matches dtype and shape.
+"""Every tensor of a model, its byte count, and checks that its data matches dtype and shape;
+then the graph limits a hostile file could abuse (nesting depth, cycles, dangling inputs,
+opsets, a ConstantOfShape that would fill memory).
 
-A hostile or broken file must fail at load time with a message that names the tensor, so
-each check raises ``ModelLoadError`` as ``"{source}: {label}: {reason}"``.
+A hostile or broken file must fail at load time with a message that names the tensor or node,
+so each check raises ``ModelLoadError`` as ``"{source}: {label}: {reason}"``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from onnx import TensorProto
 from optimizer.errors import ModelLoadError
 
 __all__ = [
-    "check_inline_tensor", "describe_tensor", "iter_tensors", "load_error", "payload_bytes",
-    "raw_byte_count",
+    "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH", "check_graph_structure",
+    "check_inline_tensor", "check_opsets", "check_subgraph_depth", "custom_domain_ops", "describe_tensor",
+    "iter_tensors", "load_error", "node_label", "payload_bytes", "raw_byte_count",
 ]  # fmt: skip
 
 _Labelled = tuple[TensorProto, str]
@@ -175,3 +178,202 @@ def check_inline_tensor(
             raise load_error(source, label, reason)
     elif element_count > 0:
         raise load_error(source, label, f"no data for {element_count} elements")
+
+
+# --------------------------------------------------------------------------- graph limits
+
+MAX_SUBGRAPH_DEPTH = 16
+"""If/Loop/Scan bodies nested deeper than this are refused. Exporters write a few levels;
+graphsurgeon, onnx.checker and onnxruntime all recurse once per level, and protobuf stops
+parsing at 100 nested messages (about 30 levels), so a clear limit well below that is safer
+than failing somewhere inside a library."""
+
+MAX_CONSTANT_OF_SHAPE_BYTES = 2**31
+"""A ConstantOfShape whose shape is a constant may produce at most this many bytes:
+onnxruntime folds it when it creates a session and would allocate the whole tensor."""
+
+_SHAPE_VALUES_LIMIT = 64
+"""A constant with more values than this is not a shape; ConstantOfShape refuses it anyway."""
+
+_DOMAIN_ALIASES = {"ai.onnx": ""}
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    name = node.name or (node.output[0] if node.output else "")
+    return f"node '{name}' ({node.op_type})"
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs = []
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+        graphs.extend(attribute.graphs)
+    return graphs
+
+
+def check_subgraph_depth(model: onnx.ModelProto, source: str) -> None:
+    """Without recursion, so a hostile nesting depth cannot exhaust the stack first."""
+    roots = [model.graph] + [training.algorithm for training in model.training_info]
+    stack: list[tuple[onnx.GraphProto, int]] = [(graph, 0) for graph in roots]
+    for function in model.functions:
+        stack.append((onnx.GraphProto(node=function.node), 0))
+    while stack:
+        graph, depth = stack.pop()
+        for node in graph.node:
+            for subgraph in _subgraphs(node):
+                if depth + 1 > MAX_SUBGRAPH_DEPTH:
+                    reason = f"subgraphs nested over the limit of {MAX_SUBGRAPH_DEPTH} levels"
+                    raise load_error(source, node_label(node), reason)
+                stack.append((subgraph, depth + 1))
+
+
+def _max_opset_versions() -> dict[str, int]:
+    try:
+        return {domain: high for domain, (_, high) in onnx.defs.C.schema_version_map().items()}
+    except AttributeError:
+        return {"": onnx.defs.onnx_opset_version()}
+
+
+def check_opsets(model: onnx.ModelProto, source: str) -> None:
+    """Each domain once; onnx's own domains no newer than this onnx knows (others: custom)."""
+    known = _max_opset_versions()
+    seen: set[str] = set()
+    for opset in model.opset_import:
+        domain = _DOMAIN_ALIASES.get(opset.domain, opset.domain)
+        shown = f"opset_import '{opset.domain or 'ai.onnx'}'"
+        if domain in seen:
+            raise load_error(source, shown, "domain imported twice")
+        seen.add(domain)
+        if opset.version < 1:
+            raise load_error(source, shown, f"version {opset.version} is not >= 1")
+        if domain in known and opset.version > known[domain]:
+            reason = f"version {opset.version} is newer than this onnx knows ({known[domain]})"
+            raise load_error(source, shown, reason)
+
+
+def check_graph_structure(model: onnx.ModelProto, source: str) -> None:
+    """Dangling inputs, cycles and huge static ConstantOfShape, each named by its node.
+
+    Runs after ``check_subgraph_depth``, so recursing into subgraphs is bounded.
+    """
+    _check_graph(model.graph, frozenset(), {}, source)
+
+
+def _graph_constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    constants[node.output[0]] = attribute.t
+                elif attribute.name == "value_ints":
+                    constants[node.output[0]] = onnx.helper.make_tensor(
+                        "", TensorProto.INT64, [len(attribute.ints)], list(attribute.ints))
+    return constants
+
+
+def _check_graph(
+    graph: onnx.GraphProto, outer: frozenset[str], outer_constants: dict[str, TensorProto],
+    source: str,
+) -> None:  # fmt: skip
+    defined = {value.name for value in graph.input}
+    defined.update(tensor.name for tensor in graph.initializer)
+    defined.update(sparse.values.name for sparse in graph.sparse_initializer)
+    defined.update(name for node in graph.node for name in node.output)
+    constants = {**outer_constants, **_graph_constants(graph)}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined and name not in outer:
+                reason = f"input '{name}' is produced by no node, initializer or graph input"
+                raise load_error(source, node_label(node), reason)
+        if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") and node.input:
+            _check_constant_of_shape(node, constants.get(node.input[0]), source)
+    _check_acyclic(graph, source)
+    inner_outer = outer | defined
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            _check_graph(subgraph, inner_outer, constants, source)
+
+
+def _check_constant_of_shape(
+    node: onnx.NodeProto, shape_tensor: TensorProto | None, source: str
+) -> None:
+    if shape_tensor is None or math.prod(shape_tensor.dims) > _SHAPE_VALUES_LIMIT:
+        return
+    shape = [int(value) for value in onnx.numpy_helper.to_array(shape_tensor).ravel()]
+    value_type = TensorProto.FLOAT
+    for attribute in node.attribute:
+        if attribute.name == "value" and attribute.HasField("t"):
+            value_type = attribute.t.data_type
+    bits = _ELEMENT_BITS.get(value_type) or 8
+    size_bytes = (math.prod(max(dim, 0) for dim in shape) * bits + 7) // 8
+    if size_bytes > MAX_CONSTANT_OF_SHAPE_BYTES:
+        reason = (f"constant shape {shape} would materialize {size_bytes} bytes, over the limit "
+                  f"of {MAX_CONSTANT_OF_SHAPE_BYTES}")  # fmt: skip
+        raise load_error(source, node_label(node), reason)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph (and its subgraphs) reads but does not define: its implicit inputs."""
+    defined = {value.name for value in graph.input}
+    defined.update(tensor.name for tensor in graph.initializer)
+    defined.update(name for node in graph.node for name in node.output)
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(name for name in node.input if name)
+        for subgraph in _subgraphs(node):
+            read.update(_names_read(subgraph))
+    return read - defined
+
+
+def _check_acyclic(graph: onnx.GraphProto, source: str) -> None:
+    """Kahn's algorithm; nodes left over lie on or behind a cycle, so walk back to find it."""
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    predecessors: list[set[int]] = []
+    successors: list[list[int]] = [[] for _ in graph.node]
+    for index, node in enumerate(graph.node):
+        names = {name for name in node.input if name}
+        for subgraph in _subgraphs(node):
+            names |= _names_read(subgraph)
+        predecessors.append({producer[name] for name in names if name in producer})
+        for other in sorted(predecessors[-1]):
+            successors[other].append(index)
+    waiting = [len(found) for found in predecessors]
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    while ready:
+        for other in successors[ready.pop()]:
+            waiting[other] -= 1
+            if waiting[other] == 0:
+                ready.append(other)
+    remaining = {index for index, count in enumerate(waiting) if count > 0}
+    if not remaining:
+        return
+    path: list[int] = []
+    current = min(remaining)
+    while current not in path:
+        path.append(current)
+        current = min(predecessors[current] & remaining)
+    cycle = path[path.index(current) :][::-1]
+    names = " -> ".join(node_label(graph.node[index]) for index in [*cycle, cycle[0]])
+    raise load_error(source, node_label(graph.node[cycle[0]]), f"nodes form a cycle: {names}")
+
+
+_RUNTIME_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training",
+                    "ai.onnx.training", "com.microsoft")  # fmt: skip
+
+
+def custom_domain_ops(model: onnx.ModelProto) -> list[str]:
+    """Sorted ``domain:op`` of every node neither onnx nor onnxruntime defines (model-local
+    functions excepted): passes leave them alone, and nothing can validate them."""
+    local = {(function.domain, function.name) for function in model.functions}
+    found: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            is_runtime = node.domain in _RUNTIME_DOMAINS or node.domain.startswith("com.microsoft.")
+            if not is_runtime and (node.domain, node.op_type) not in local:
+                found.add(f"{node.domain}:{node.op_type}")
+            graphs.extend(_subgraphs(node))
+    return sorted(found)

@@ -175,3 +175,31 @@ def test_cli_cluster_shortcut_shrinks_the_transformer(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pass share:" in out and "pass cluster:" in out
     assert output.stat().st_size < 0.3 * (MODELS_DIR / "transformer_tied.onnx").stat().st_size
+
+
+def test_bisect_names_the_pass_that_broke_validation(tmp_path):
+    result = optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", validate=True, bisect=True,
+                      passes=["constants-to-initializers", "cleanup", ShiftWeightsPass(shift=0.5), "share"])
+    assert not result.passed
+    found = result.report.bisect
+    assert found["first_bad_pass"] == "shift-weights-test" and found["index"] == 2
+    assert "outside tolerance" in found["reason"]
+    assert "## Bisect" in result.report.to_markdown()
+
+
+def test_validation_without_isolation_gives_the_same_verdict(tmp_path):
+    isolated = optimize(MODELS_DIR / "cnn.onnx", validate=True)
+    inline = optimize(MODELS_DIR / "cnn.onnx", validate=True, isolate=False)
+    assert isolated.comparison.to_dict() == inline.comparison.to_dict()
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+    import os
+    dead = tmp_path / ".onnx-compress-999999999-abc123"
+    alive = tmp_path / f".onnx-compress-{os.getppid()}-def456"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"partial")
+    optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", validate=True)
+    assert not dead.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["o.onnx"]

@@ -570,3 +570,31 @@ def test_model_over_two_gigabytes_round_trips_through_external_data(tmp_path):
     del loaded, values
     for path in tmp_path.iterdir():
         path.unlink()
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+class _Crash(BaseException):
+    """Stands for SIGKILL between two renames: nothing after it runs."""
+
+
+def test_crash_between_data_and_model_rename_never_pairs_an_old_model_with_new_data(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    save_model(_large_weight_model(1000), target, external_data=True)
+    real_replace, calls = os.replace, []
+
+    def replace_then_crash(source, destination):
+        real_replace(source, destination)
+        calls.append(destination)
+        raise _Crash
+
+    monkeypatch.setattr(model_module.os, "replace", replace_then_crash)
+    with pytest.raises(_Crash):
+        save_model(_large_weight_model(2000, "other"), target, external_data=True)
+    assert [pathlib.Path(path).name for path in calls] == ["out.onnx.data"]
+    assert not target.exists(), "the old model now points into the new data file"
+    monkeypatch.undo()
+    save_model(_large_weight_model(2000, "other"), target, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert load_model(target).graph.initializer[0].name == "other"

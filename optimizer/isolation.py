@@ -1,0 +1,184 @@
+"""Run onnxruntime in a child process, so that a crash, a hang or a runaway allocation inside
+onnxruntime becomes a ``RuntimeSessionError`` with a clear message instead of killing or freezing
+the tool (and a half-written report with it).
+
+The child is started with multiprocessing's 'spawn' context: it shares no threads or onnxruntime
+state with the parent, and works the same on Linux, macOS and Windows. Its stdout and stderr go
+to a temporary file whose last line is quoted when it dies, since that is where onnxruntime
+writes before aborting.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from optimizer.errors import OnnxCompressError, RuntimeSessionError
+from optimizer.feeds import Feed
+from optimizer.runtime import ModelSource, ProviderChoice, model_label
+from optimizer.validate import Comparison, Tolerance, compare
+
+__all__ = ["DEFAULT_TIMEOUT_S", "NOT_VALIDATED", "compare_isolated", "run_isolated"]
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Ten minutes: generous for a full validation of a large model on CPU, short of forever."""
+
+NOT_VALIDATED = "not validated"
+"""Every isolation failure says so, so that a user never mistakes it for a passing check."""
+
+_STOP_GRACE_S = 5.0
+_OUTPUT_TAIL_BYTES = 4096
+
+
+def compare_isolated(
+    reference_path: ModelSource,
+    candidate_path: ModelSource,
+    feeds: Iterable[Feed],
+    *,
+    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(max_abs=1e-6),
+    provider: str | ProviderChoice = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    max_memory_bytes: int | None = None,
+) -> Comparison:
+    """``optimizer.validate.compare`` in a child process; same arguments, same result.
+
+    A crash, a timeout or ``max_memory_bytes`` (RLIMIT_AS of the child) exceeded raise
+    ``RuntimeSessionError``, and so does onnxruntime refusing a model, with "not validated"
+    added; other errors of ``compare`` (bad feeds, bad tolerance) are raised unchanged. Pass
+    paths: a ModelProto is copied to the child.
+    """
+    label = f"comparing {model_label(candidate_path)} with {model_label(reference_path)}"
+    try:
+        return run_isolated(
+            compare, reference_path, candidate_path, list(feeds), tolerance=tolerance,
+            provider=provider, timeout_s=timeout_s, label=label, max_memory_bytes=max_memory_bytes,
+        )  # fmt: skip
+    except RuntimeSessionError as error:
+        if str(error).endswith(NOT_VALIDATED):
+            raise
+        raise RuntimeSessionError(f"{error}; {NOT_VALIDATED}") from error
+
+
+def run_isolated(
+    function: Callable[..., Any],
+    *args: Any,
+    timeout_s: float | None,
+    label: str,
+    max_memory_bytes: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``function(*args, **kwargs)`` in a spawned child; its result or its error, re-raised.
+
+    ``function`` and its arguments must be picklable (a module-level function). The child's
+    ``OnnxCompressError`` is raised as is; a death by signal, a non-zero exit without a result,
+    a timeout or a MemoryError become ``RuntimeSessionError``; any other exception in the child
+    is a bug and becomes ``RuntimeError`` (exit code 3 in the CLI).
+    """
+    if timeout_s is not None and not timeout_s > 0:
+        raise RuntimeSessionError(f"timeout must be > 0 seconds or None, got {timeout_s!r}")
+    context = multiprocessing.get_context("spawn")
+    with tempfile.NamedTemporaryFile(prefix="onnx-compress-child-", suffix=".log") as log:
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(
+            target=_child_main, args=(sender, log.name, max_memory_bytes, function, args, kwargs),
+            name="onnx-compress-isolated", daemon=True,
+        )  # fmt: skip
+        try:
+            child.start()
+            sender.close()
+            outcome = _wait(receiver, child, timeout_s, label, log.name)
+        finally:
+            _stop(child)
+            receiver.close()
+    return _unpack(outcome, label)
+
+
+def _wait(receiver, child, timeout_s: float | None, label: str, log_path: str) -> tuple:
+    """The child's message, or an error saying how it died; a closed pipe means it died."""
+    if not receiver.poll(timeout_s):
+        _stop(child)
+        raise RuntimeSessionError(
+            f"onnxruntime did not finish {label} within {timeout_s:g} s and was stopped"
+            f"{_quote_tail(log_path)}; {NOT_VALIDATED}"
+        )  # fmt: skip
+    try:
+        return receiver.recv()
+    except (EOFError, OSError):
+        child.join(_STOP_GRACE_S)
+    raise RuntimeSessionError(
+        f"onnxruntime {_describe_exit(child.exitcode)} while {label}{_quote_tail(log_path)}; "
+        f"{NOT_VALIDATED}"
+    )
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"crashed ({name})"
+    return f"exited with code {exitcode} without a result"
+
+
+def _quote_tail(log_path: str) -> str:
+    """The child's last output line, quoted: onnxruntime's own words before it died."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(max(os.fstat(log.fileno()).st_size - _OUTPUT_TAIL_BYTES, 0))
+            lines = [line.strip() for line in log.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if line]
+    return f" (last output: {' '.join(lines[-1].split())!r})" if lines else ""
+
+
+def _unpack(outcome: tuple, label: str) -> Any:
+    kind, payload = outcome
+    if kind == "ok":
+        return payload
+    if kind == "error":
+        raise payload
+    name, message = payload
+    if name == "MemoryError":
+        raise RuntimeSessionError(f"out of memory while {label}; {NOT_VALIDATED}")
+    raise RuntimeError(f"child process {label} raised {name}: {message}")
+
+
+def _stop(child) -> None:
+    if child.is_alive():
+        child.terminate()
+        child.join(_STOP_GRACE_S)
+    if child.is_alive():
+        child.kill()
+    if child.pid is not None:
+        child.join()
+
+
+def _child_main(sender, log_path: str, max_memory_bytes: int | None, function, args, kwargs) -> None:
+    """Runs in the child: route output to the log, cap memory, run, send one message back."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    if max_memory_bytes is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
+    try:
+        outcome: tuple = ("ok", function(*args, **kwargs))
+    except OnnxCompressError as error:
+        outcome = ("error", error)
+    except BaseException as error:  # reported to the parent, which decides what it means
+        outcome = ("failed", (type(error).__name__, " ".join(str(error).split())))
+    try:
+        sender.send(outcome)
+    except Exception as error:  # e.g. an unpicklable result
+        sender.send(("failed", (type(error).__name__, f"result could not be sent back: {error}")))
+    sender.close()
