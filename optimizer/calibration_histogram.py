@@ -50,17 +50,10 @@ class StreamingHistogram:
         values = np.asarray(array)
         if values.dtype not in (np.float32, np.float64):
             values = values.astype(np.float32)
-        values = values.reshape(-1)
+        values, nonfinite, low, high = finite_values(values.reshape(-1))
+        self.nonfinite += nonfinite
         if values.size == 0:
             return
-        low, high = values.min(), values.max()
-        if not (np.isfinite(low) and np.isfinite(high)):
-            finite = values[np.isfinite(values)]
-            self.nonfinite += values.size - finite.size
-            values = finite
-            if values.size == 0:
-                return
-            low, high = values.min(), values.max()
         self.count += values.size
         if self.count_zeros:
             self.zeros += values.size - int(np.count_nonzero(values))
@@ -214,17 +207,10 @@ class RunningMinMax:
         self.max = -math.inf
 
     def add(self, array: np.ndarray) -> None:
-        values = np.asarray(array).reshape(-1)
+        values, nonfinite, low, high = finite_values(np.asarray(array).reshape(-1))
+        self.nonfinite += nonfinite
         if values.size == 0:
             return
-        low, high = values.min(), values.max()
-        if not (np.isfinite(low) and np.isfinite(high)):
-            finite = values[np.isfinite(values)]
-            self.nonfinite += values.size - finite.size
-            values = finite
-            if values.size == 0:
-                return
-            low, high = values.min(), values.max()
         self.count += values.size
         self.min, self.max = min(self.min, float(low)), max(self.max, float(high))
 
@@ -236,6 +222,19 @@ class RunningMinMax:
         if self.empty:
             raise ValueError("no finite value seen")
         return self.min, self.max
+
+
+def finite_values(values: np.ndarray) -> tuple[np.ndarray, int, float, float]:
+    """The finite values of a flat array, how many were not finite, and their min and max."""
+    if values.size == 0:
+        return values, 0, math.nan, math.nan
+    low, high = values.min(), values.max()
+    if np.isfinite(low) and np.isfinite(high):
+        return values, 0, low, high
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return finite, values.size, math.nan, math.nan
+    return finite, values.size - finite.size, finite.min(), finite.max()
 
 
 def _levels(num_bits: int, symmetric: bool) -> int:

@@ -48,6 +48,17 @@ def assert_same_outputs(reference, candidate, feeds, *, atol: float = 0.0) -> No
                 np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)
 
 
+def all_initializer_names(graph: onnx.GraphProto) -> list[str]:
+    """Initializer names of a graph and all its subgraphs (a name twice = stored twice)."""
+    names = [t.name for t in graph.initializer]
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for subgraph in subgraphs:
+                names += all_initializer_names(subgraph)
+    return names
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -14,16 +14,7 @@ from optimizer.graph import (
     weight_values,
 )
 from optimizer.model import load_model
-from tests.conftest import MODELS_DIR, SAMPLE_MODELS, assert_same_outputs, seeded_feeds
-
-
-def all_initializer_names(graph: onnx.GraphProto) -> list[str]:
-    names = [t.name for t in graph.initializer]
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                names += all_initializer_names(attribute.g)
-    return names
+from tests.conftest import MODELS_DIR, SAMPLE_MODELS, all_initializer_names, assert_same_outputs, seeded_feeds
 
 
 def test_round_trip_keeps_model_fields_of_every_sample():

@@ -23,8 +23,7 @@ from passes.cluster_kmeans import (
     uniform_fake_quantize,
     unpack,
 )
-from tests.conftest import MODELS_DIR, SAMPLE_MODELS, run_model, sample_ids
-from tests.passes.test_pass_contract import test_pass_contract as pass_contract
+from tests.conftest import MODELS_DIR, run_model
 
 F = TensorProto.FLOAT
 
@@ -50,11 +49,6 @@ def matmul_model(weight: np.ndarray, reader: str = "MatMul", **attrs) -> onnx.Mo
 def decoded_weight(model: onnx.ModelProto, rows: int) -> np.ndarray:
     """Run the clustered model on an identity input: the output is the decoded weight."""
     return run_model(model, [{"x": np.eye(rows, dtype=np.float32)}])[0][0]
-
-
-@pytest.mark.parametrize("path", SAMPLE_MODELS, ids=sample_ids())
-def test_contract_on_every_sample(path):
-    pass_contract("cluster", path)
 
 
 def test_kmeans_recovers_few_distinct_values_and_beats_uniform():

@@ -12,8 +12,7 @@ from optimizer.errors import OptionError
 from optimizer.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, SAMPLE_MODELS, assert_same_outputs, run_model, sample_ids, seeded_feeds
-from tests.passes.test_pass_contract import test_pass_contract as pass_contract
+from tests.conftest import MODELS_DIR, all_initializer_names, assert_same_outputs, run_model, seeded_feeds
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -41,20 +40,6 @@ def init(name, array):
 def x_feeds(shape, count=2):
     rng = np.random.default_rng(1)
     return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
-
-
-def all_initializer_names(graph: onnx.GraphProto) -> list[str]:
-    names = [t.name for t in graph.initializer]
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                names += all_initializer_names(attribute.g)
-    return names
-
-
-@pytest.mark.parametrize("path", SAMPLE_MODELS, ids=sample_ids())
-def test_contract_on_every_sample(path):
-    pass_contract("share", path)
 
 
 def test_tied_embedding_stored_once_bit_identical():
