@@ -4,5 +4,7 @@ from passes import (  # noqa: F401  (registers the passes)
     cleanup,
     cluster,
     constants_to_initializers,
+    prune,
+    prune_channels,
     share,
 )
