@@ -26,11 +26,13 @@ from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_
 from optimizer.inspect import weight_bytes_by_dtype
 from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
 from optimizer.fusion import check_fusion
-from optimizer.model import PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files, save_model, serialized_size_bytes
+from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files,
+                             model_size_bytes, save_model, serialized_size_bytes)
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
 from optimizer.report import ModelSummary, Report
+from optimizer.sparse_storage import to_sparse_initializers
 from optimizer.tensor_checks import custom_domain_ops
 from optimizer.validate import Comparison, Tolerance, compare
 
@@ -191,7 +193,13 @@ def optimize(
         found = bisect_passes(source, chosen, checks.feeds, tolerance=checks.tolerance, provider=provider,
                               context=context, isolate=isolate, timeout_s=timeout_s)
         raise PassError(f"{error}; bisect: first bad pass {found.first_bad_pass!r} ({found.reason})") from error
+    sparse_names = sorted({name for run in result.runs for name in run.report.get("details", {}).get("sparse_tensors", [])})
+    if sparse_names:
+        result.model = to_sparse_initializers(result.model, names=sparse_names, storage="sparse")[0]
     report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
+    if sparse_names:
+        report.notes.append(f"{len(sparse_names)} tensor(s) stored as sparse_initializer; onnxruntime loads them, "
+                            "but onnx's full checker (1.23) rejects any sparse initializer")
     if custom_ops:
         report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(custom_ops)}")
     if budget is not None:
@@ -368,7 +376,8 @@ def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> Cali
 
 def _load(model: ModelInput, max_input_bytes: int | None) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
     if isinstance(model, (str, os.PathLike)):
-        loaded, files = load_model_with_files(model, max_input_bytes=max_input_bytes)
+        loaded, files = load_model_with_files(model, max_input_bytes=max_input_bytes,
+                                              lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES)
         return loaded, files, Path(model)
     return load_model(model, max_input_bytes=max_input_bytes), (), None
 
@@ -379,7 +388,7 @@ def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None) -> Mod
 
 
 def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
-    size = _size_on_disk(path) if path is not None else serialized_size_bytes(model)
+    size = _size_on_disk(path) if path is not None else model_size_bytes(model)
     return ModelSummary(str(path) if path is not None else None, size, weight_bytes_by_dtype(model))
 
 

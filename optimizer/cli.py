@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,8 @@ from optimizer.isolation import compare_isolated
 from optimizer.layer_debug import debug_layers
 from optimizer.model import load_model
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
-from optimizer.report import Report, write_report
+from optimizer.report import Report, write_report, write_text_atomic
+from optimizer.sensitivity import sensitivity_scan
 from optimizer.validate import Tolerance, compare
 
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -49,6 +51,9 @@ EXAMPLES = {
   onnx-compress inspect model.onnx --top 20 --json""",
     "passes": """examples:
   onnx-compress passes""",
+    "sensitivity": """examples:
+  onnx-compress sensitivity model.onnx --data calibration/ --target 0.5 --report sensitivity.md
+  onnx-compress sensitivity model.onnx --sparsities 0.25,0.5,0.75 --json""",
     "debug": """examples:
   onnx-compress debug original.onnx compressed.onnx --data feeds/
   onnx-compress debug original.onnx compressed.onnx --top 10 --report layers.html""",
@@ -95,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_inspect(commands)
     _add_debug(commands)
+    _add_sensitivity(commands)
     _add_passes(commands)
     return parser
 
@@ -158,6 +164,8 @@ def _add_optimize(commands) -> None:
                           help="prune this fraction of weights (prune.sparsity) or of channels (prune-channels.ratio)")
     compress.add_argument("--prune-mode", choices=("uniform", "global", "nm", "sensitivity", "channels"),
                           default="uniform", help="prune.mode, or 'channels' for structured pruning (default uniform)")
+    compress.add_argument("--sparse-storage", choices=("dense", "sparse", "auto"),
+                          help="prune.storage: store pruned weights as sparse_initializer where it pays (auto)")
     compress.add_argument("--cluster", type=int, metavar="BITS", dest="cluster_bits",
                           help="share weights through 2^BITS-entry codebooks (pass 'cluster', option bits)")
     sub.add_argument("--calibration-data", metavar="DIR",
@@ -240,6 +248,19 @@ def _add_debug(commands) -> None:
     sub.set_defaults(handler=_run_debug)
 
 
+def _add_sensitivity(commands) -> None:
+    sub = _command(commands, "sensitivity", "how much each layer's pruning changes the outputs, and per-layer "
+                                            "sparsities that reach a target with the least error")
+    sub.add_argument("model", help=".onnx file")
+    sub.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma-separated sparsities to scan")
+    sub.add_argument("--target", type=float, help="allocate per-layer sparsities reaching this overall sparsity")
+    sub.add_argument("--min-elements", type=int, default=1024, help="skip weights with fewer elements")
+    sub.add_argument("--report", action="append", default=[], metavar="FILE", help="save the table (.md or .json)")
+    sub.add_argument("--json", action="store_true", help="print as JSON")
+    _add_feed_arguments(sub)
+    sub.set_defaults(handler=_run_sensitivity)
+
+
 def _add_passes(commands) -> None:
     sub = _command(commands, "passes", "list the passes and their options")
     sub.set_defaults(handler=_run_passes)
@@ -249,9 +270,11 @@ def _run_optimize(args: argparse.Namespace) -> int:
     base = [name.strip() for name in args.passes.split(",") if name.strip()]
     if not base:
         raise UsageError("--passes names no pass")
+    settings = parse_settings(args.settings)
+    if args.sparse_storage is not None:
+        settings.setdefault("prune", {})["storage"] = args.sparse_storage
     names, options = plan_passes(base, prune=args.prune, prune_mode=args.prune_mode, quantize=args.quantize,
-                                 quantize_mode=args.quantize_mode, cluster_bits=args.cluster_bits,
-                                 options=parse_settings(args.settings))
+                                 quantize_mode=args.quantize_mode, cluster_bits=args.cluster_bits, options=settings)
     result = optimize(
         args.input, args.output, passes=names, pass_options=options,
         calibration=args.calibration_data, validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
@@ -347,6 +370,27 @@ def _run_debug(args: argparse.Namespace) -> int:
     for path in args.report:
         write_report(report, path)
     print(json.dumps(layers.to_rows(), indent=2) if args.json else layers.summary(args.top))
+    return EXIT_OK
+
+
+def _run_sensitivity(args: argparse.Namespace) -> int:
+    try:
+        sparsities = [float(item) for item in args.sparsities.split(",") if item.strip()]
+    except ValueError:
+        raise UsageError(f"--sparsities '{args.sparsities}': expected numbers like 0.25,0.5") from None
+    model = load_model(args.model)
+    feeds = resolve_feeds(model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed)
+    table = sensitivity_scan(model, feeds, sparsities=sparsities, provider=args.provider, progress=not args.json,
+                             min_elements=args.min_elements)
+    if args.target is not None:
+        table.allocate(args.target)
+    for path in args.report:
+        target = Path(path)
+        if target.suffix.lower() not in (".md", ".json"):
+            raise UsageError(f"--report '{path}': use .md or .json")
+        text = json.dumps(table.to_dict(), indent=2) + "\n" if target.suffix.lower() == ".json" else table.to_markdown() + "\n"
+        write_text_atomic(target, text)
+    print(json.dumps(table.to_dict(), indent=2) if args.json else table.to_markdown())
     return EXIT_OK
 
 

@@ -296,7 +296,29 @@ def test_debug_command_ranks_compressed_layers(tmp_path, capsys):
     assert "## Per layer" in (tmp_path / "layers.md").read_text()
 
 
-@pytest.mark.parametrize("command", ["optimize", "validate", "bench", "inspect", "passes", "debug"])
+def test_sensitivity_command_scans_and_allocates(tmp_path, capsys):
+    report = tmp_path / "s.json"
+    assert main(["sensitivity", str(ROOT / "models" / "mlp.onnx"), "--sparsities", "0.5,0.9", "--target", "0.5",
+                 "--samples", "2", "--report", str(report), "--report", str(tmp_path / "s.md")]) == 0
+    out = capsys.readouterr().out
+    assert "cos@0.5" in out and "allocated" in out
+    data = json.loads(report.read_text())
+    assert data["sparsities"] == [0.5, 0.9] and len(data["layers"]) >= 2 and data["allocation"]
+    assert main(["sensitivity", str(ROOT / "models" / "mlp.onnx"), "--sparsities", "half"]) == 2
+
+
+def test_prune_and_sparse_storage_flags(tmp_path, capsys):
+    output = tmp_path / "p.onnx"
+    assert main(["optimize", str(ROOT / "models" / "mlp.onnx"), "-o", str(output), "--prune", "0.9",
+                 "--sparse-storage", "auto", "--set", "prune.min_elements=256", "--report", str(tmp_path / "r.json")]) == 0
+    saved = onnx.load(output)
+    assert len(saved.graph.sparse_initializer) >= 1
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert any("sparse_initializer" in note for note in data["notes"])
+    assert output.stat().st_size < 0.5 * (ROOT / "models" / "mlp.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("command", ["optimize", "validate", "bench", "inspect", "passes", "debug", "sensitivity"])
 def test_help_shows_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
