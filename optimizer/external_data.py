@@ -15,6 +15,7 @@ import stat
 from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError
+from optimizer.lazy_io import FileIdentity, trust_file
 from optimizer.tensor_checks import describe_tensor, load_error, raw_byte_count
 
 __all__ = [
@@ -142,6 +143,22 @@ class ExternalDataReader:
         return tuple(pathlib.Path(path) for _, _, path in self._open_files.values())
 
     def read(self, tensor: TensorProto, label: str) -> bytes:
+        fd, shown, offset_bytes, length_bytes = self.locate(tensor, label)
+        try:
+            return read_exactly(fd, length_bytes, offset_bytes)
+        except OSError as error:
+            raise ModelLoadError(f"{shown}: cannot read: {error}") from error
+        except MemoryError:
+            raise ModelLoadError(f"{shown}: out of memory reading {length_bytes} bytes") from None
+
+    def reference(self, tensor: TensorProto, label: str) -> tuple[FileIdentity, int, int]:
+        """The same checks as ``read``, but the bytes stay on disk: (verified file, offset, length)."""
+        fd, _, offset_bytes, length_bytes = self.locate(tensor, label)
+        path = next(path for open_fd, _, path in self._open_files.values() if open_fd == fd)
+        return trust_file(fd, path), offset_bytes, length_bytes
+
+    def locate(self, tensor: TensorProto, label: str) -> tuple[int, str, int, int]:
+        """Check the reference against the file and the tensor: (fd, shown name, offset, length)."""
         location, offset_bytes, length_bytes = _external_entries(tensor, self._source, label)
         parts = _location_parts(location, self._source, label)
         expected_bytes = raw_byte_count(tensor, self._source, label)
@@ -156,12 +173,7 @@ class ExternalDataReader:
             raise ModelLoadError(f"{shown}: length {length_bytes} bytes does not match "
                                  f"{describe_tensor(tensor)} ({expected_bytes} bytes)")  # fmt: skip
         check_fits_in_memory(length_bytes, shown)
-        try:
-            return read_exactly(fd, length_bytes, offset_bytes)
-        except OSError as error:
-            raise ModelLoadError(f"{shown}: cannot read: {error}") from error
-        except MemoryError:
-            raise ModelLoadError(f"{shown}: out of memory reading {length_bytes} bytes") from None
+        return fd, shown, offset_bytes, length_bytes
 
     def _open(self, parts: list[str], location: str, label: str) -> tuple[int, int, str]:
         key = tuple(parts)

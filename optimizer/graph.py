@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from optimizer.errors import PassError
+from optimizer.lazy_io import MappedValues, SpillFile, is_lazy, mapped_tensor, spillable
 
 G_LOGGER.severity = G_LOGGER.ERROR
 
@@ -30,14 +32,74 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import ``model`` into onnx-graphsurgeon.
 
     The graph keeps references to the model's tensor protos (no copy of large weights), so pass a
-    model the caller does not own, such as the one ``optimizer.model.load_model`` returns.
+    model the caller does not own, such as the one ``optimizer.model.load_model`` returns. Lazy
+    tensors (a large model loaded lazily) become read-only memory maps: a pass that changes a
+    weight assigns new values.
     """
     try:
         graph = gs.import_onnx(model)
     except Exception as error:  # onnx-graphsurgeon raises bare exceptions on malformed graphs
         raise PassError(f"cannot import graph '{model.graph.name}': {error}") from error
     graph.dropped_initializers = unused_initializers(model.graph)
+    graph.lazy_tensors = _map_lazy_constants(graph)
     return graph
+
+
+def _all_constants(root: gs.Graph) -> list[gs.Constant]:
+    """Every Constant once: initializers and Constant-node values, in every graph and function."""
+    graphs = list(iter_graphs(root))
+    for function in getattr(root, "functions", []):
+        graphs.extend(iter_graphs(function))
+    found: dict[int, gs.Constant] = {}
+    for graph in graphs:
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                found.setdefault(id(tensor), tensor)
+        for node in graph.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Constant):
+                    found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _map_lazy_constants(root: gs.Graph) -> bool:
+    """Lazy tensors become read-only memory maps of their verified files, never a path that
+    onnx-graphsurgeon would resolve against the working folder."""
+    found = False
+    for constant in _all_constants(root):
+        values = constant._values
+        if isinstance(values, LazyValues) and not isinstance(values, MappedValues) and is_lazy(values.tensor):
+            constant._values = MappedValues(values.tensor)
+            constant.data_location = None
+            found = True
+    return found
+
+
+def release_mapped_values(root: gs.Graph) -> None:
+    """Unmap every unchanged weight a pass read, so memory holds only what passes changed."""
+    for constant in _all_constants(root):
+        marker = mapped_tensor(constant._values)
+        if marker is not None:
+            constant._values = MappedValues(marker)
+
+
+def _spill_new_arrays(root: gs.Graph) -> list[tuple[gs.Constant, np.ndarray]]:
+    """Write the large arrays passes made to a spill file and reference them, for export.
+
+    Only for graphs imported with lazy tensors. Returns what to put back afterwards.
+    """
+    chosen = [(c, spillable(c._values)) for c in _all_constants(root) if getattr(c, "_export_dtype", None) is None]
+    chosen = [(constant, data) for constant, data in chosen if data is not None]
+    if not chosen:
+        return []
+    spill = SpillFile()
+    tensors = [spill.add(data, constant.name) for constant, data in chosen]
+    chosen = [constant for constant, _ in chosen]
+    spill.close()
+    restore = [(constant, constant._values) for constant in chosen]
+    for constant, tensor in zip(chosen, tensors):
+        constant._values = MappedValues(tensor)
+    return restore
 
 
 def dropped_initializers(graph: gs.Graph) -> list[dict[str, object]]:
@@ -89,12 +151,19 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
     Restores metadata, doc string, producer and training info, keeps every opset the template
     declared (custom domains included), raises the IR version only when the opset needs it, and
-    stores each outer-scope constant once, in the scope that owns it.
+    stores each outer-scope constant once, in the scope that owns it. A graph imported with
+    lazy tensors exports them as lazy references, and large arrays passes made are spilled to
+    a file first (``optimizer.lazy_io``), so the model never holds all weights in memory.
     """
+    release_mapped_values(graph)
+    restore = _spill_new_arrays(graph) if getattr(graph, "lazy_tensors", False) else []
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     except Exception as error:
         raise PassError(f"cannot export graph '{graph.name}': {error}") from error
+    finally:
+        for constant, values in restore:
+            constant._values = values
     _hoist_sibling_copies(model.graph)
     _remove_outer_scope_copies(model.graph, frozenset())
     _copy_model_fields(template, model)

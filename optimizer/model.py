@@ -3,21 +3,26 @@
 ``load_model`` returns a self-contained ``ModelProto``: every external tensor is read into
 ``raw_data`` so no later code touches the file system again, and every tensor is checked
 against its dtype and shape, because a hostile or broken file must fail here with a clear
-message rather than deep inside a pass or onnxruntime.
+message rather than deep inside a pass or onnxruntime. ``load_model_with_files(...,
+lazy_above_bytes=...)`` makes the same checks on a large model but leaves its big external
+tensors on disk as lazy references (``optimizer.lazy_io``), so memory stays bounded.
 
-``save_model`` writes through a temporary file in the target folder and ``os.replace``, so
-the final path holds either the old file or the complete new one, never a partial write.
+``save_model`` streams lazy tensors from their verified files into the new data file, with
+the same layout an eager model gets. It writes through a temporary file in the target folder
+and ``os.replace``, so the final path holds either the old file or the complete new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
 import stat
 import tempfile
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto
@@ -26,6 +31,9 @@ from optimizer.errors import ModelLoadError, ModelSaveError
 from optimizer.external_data import (
     READ_CHUNK_BYTES, ExternalDataReader, check_fits_in_memory, file_kind, read_exactly, same_file,
 )  # fmt: skip
+from optimizer.lazy_io import (
+    LAZY_DTYPES, LAZY_TENSOR_MIN_BYTES, copy_range, is_lazy, lazy_ref, make_lazy, read_range,
+)  # fmt: skip
 from optimizer.tensor_checks import (
     MAX_CONSTANT_OF_SHAPE_BYTES, MAX_SUBGRAPH_DEPTH, check_graph_structure, check_inline_tensor,
     check_opsets, check_subgraph_depth, iter_tensors, load_error, payload_bytes,
@@ -33,8 +41,8 @@ from optimizer.tensor_checks import (
 
 __all__ = [
     "EXTERNAL_ALIGNMENT_BYTES", "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH",
-    "PROTOBUF_LIMIT_BYTES", "PROTOBUF_MARGIN_BYTES", "load_model", "load_model_with_files",
-    "save_model", "serialized_size_bytes",
+    "LAZY_LOAD_ABOVE_BYTES", "PROTOBUF_LIMIT_BYTES", "PROTOBUF_MARGIN_BYTES", "has_lazy_tensors",
+    "load_model", "load_model_with_files", "model_size_bytes", "save_model", "serialized_size_bytes",
 ]  # fmt: skip
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -42,6 +50,9 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
 PROTOBUF_MARGIN_BYTES = 64 * 2**20
 """Automatic external data starts this far below the limit: sizes are partly estimated."""
+
+LAZY_LOAD_ABOVE_BYTES = 256 * 2**20
+"""optimize() keeps a model's external tensors on disk when they add up to more than this."""
 
 EXTERNAL_ALIGNMENT_BYTES = 4096
 """Each external tensor starts on a page boundary so runtimes can mmap it."""
@@ -58,8 +69,12 @@ def serialized_size_bytes(model: onnx.ModelProto) -> int:
     """Serialized size, for the 2 GB decision.
 
     upb's ByteSize encodes the whole message (and raises past 2 GB), so tensor payloads are
-    first estimated from dtype and shape; only a model that may fit is measured exactly.
+    first estimated from dtype and shape; only a model that may fit is measured exactly. A model
+    with lazy tensors cannot become one message, so it counts as over the limit: callers that
+    pick between bytes and a saved file then save it (streaming, with external data).
     """
+    if has_lazy_tensors(model):
+        return max(PROTOBUF_LIMIT_BYTES + 1, _lazy_payload_bytes(model))
     payload_total_bytes = sum(payload_bytes(tensor) for tensor, _ in iter_tensors(model))
     if payload_total_bytes > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES:
         return payload_total_bytes
@@ -125,16 +140,28 @@ def _require_model_fields(model: onnx.ModelProto, shown: str) -> None:
 
 
 def _inline_and_check_tensors(
-    model: onnx.ModelProto, shown: str, reader: ExternalDataReader | None
+    model: onnx.ModelProto, shown: str, reader: ExternalDataReader | None, lazy: bool = False
 ) -> None:
-    """Read every external tensor into raw_data (only a file has a folder), check all."""
+    """Read every external tensor into raw_data (only a file has a folder), check all.
+
+    With ``lazy``, large external tensors pass the same checks but stay on disk as lazy
+    references (``optimizer.lazy_io``); lazy references this process made are kept as they are.
+    """
     for tensor, label in iter_tensors(model):
         raw_bytes = None
+        if is_lazy(tensor):
+            _check_lazy_tensor(tensor, shown, label)
+            continue
         if tensor.data_location == TensorProto.EXTERNAL:
             if reader is None:
                 raise load_error(shown, label, _NO_FOLDER_REASON)
             if tensor.HasField("raw_data"):
                 raise load_error(shown, label, "has both raw_data and external data")
+            if lazy and _stays_on_disk(tensor):
+                identity, offset_bytes, length_bytes = reader.reference(tensor, label)
+                _check_as_inline(tensor, shown, label, length_bytes)
+                make_lazy(tensor, identity, offset_bytes, length_bytes)
+                continue
             data = reader.read(tensor, label)
             raw_bytes = len(data)
             tensor.raw_data = data
@@ -143,9 +170,71 @@ def _inline_and_check_tensors(
         check_inline_tensor(tensor, shown, label, raw_bytes)
 
 
+def _stays_on_disk(tensor: TensorProto) -> bool:
+    if tensor.data_type not in LAZY_DTYPES or any(dim < 0 for dim in tensor.dims):
+        return False
+    return payload_bytes_from_shape(tensor) >= LAZY_TENSOR_MIN_BYTES
+
+
+def payload_bytes_from_shape(tensor: TensorProto) -> int:
+    itemsize = np.dtype(LAZY_DTYPES[tensor.data_type]).itemsize
+    return math.prod(tensor.dims) * itemsize
+
+
+def _check_as_inline(tensor: TensorProto, shown: str, label: str, length_bytes: int) -> None:
+    """The checks an eager load makes once the bytes are in raw_data, without the bytes."""
+    probe = TensorProto()
+    probe.CopyFrom(tensor)
+    del probe.external_data[:]
+    probe.ClearField("data_location")
+    probe.raw_data = b""
+    check_inline_tensor(probe, shown, label, length_bytes)
+
+
+def _check_lazy_tensor(tensor: TensorProto, shown: str, label: str) -> None:
+    try:
+        ref = lazy_ref(tensor)
+    except ModelLoadError as error:
+        raise load_error(shown, label, str(error)) from None
+    if tensor.data_type not in LAZY_DTYPES:
+        raise load_error(shown, label, "lazy reference to a data type that is never kept lazy")
+    _check_as_inline(tensor, shown, label, ref.length_bytes)
+
+
+def _lazy_payload_bytes(model: onnx.ModelProto) -> int:
+    return sum(int(entry.value) for tensor, _ in iter_tensors(model) if is_lazy(tensor)
+               for entry in tensor.external_data if entry.key == "length")  # fmt: skip
+
+
+def has_lazy_tensors(model: onnx.ModelProto) -> bool:
+    """True when some tensor's data stays on disk (a lazy load of a large model)."""
+    return any(is_lazy(tensor) for tensor, _ in iter_tensors(model))
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """About what the model takes saved: its serialized size, lazy tensors included."""
+    if not has_lazy_tensors(model):
+        return serialized_size_bytes(model)
+    return _lazy_payload_bytes(model) + _checking_copy(model).ByteSize()
+
+
+def _checking_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without lazy data, each lazy tensor emptied, for onnx's structural checker."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor, _ in iter_tensors(copy):
+        if is_lazy(tensor):
+            del tensor.external_data[:], tensor.dims[:]
+            tensor.ClearField("data_location")
+            tensor.dims.append(0)
+    return copy
+
+
 def _run_onnx_checker(model: onnx.ModelProto, shown: str) -> None:
     """Our graph checks name the node; onnx's checker serializes, so only below 2 GB."""
     check_graph_structure(model, shown)
+    if has_lazy_tensors(model):
+        model = _checking_copy(model)
     if serialized_size_bytes(model) > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES:
         return
     try:
@@ -186,9 +275,15 @@ def load_model(
 
 
 def load_model_with_files(
-    path: str | os.PathLike, *, max_input_bytes: int | None = None
+    path: str | os.PathLike, *, max_input_bytes: int | None = None,
+    lazy_above_bytes: int | None = None,
 ) -> tuple[onnx.ModelProto, tuple[pathlib.Path, ...]]:
-    """The model plus every file it was read from, so callers can refuse to overwrite them."""
+    """The model plus every file it was read from, so callers can refuse to overwrite them.
+
+    When its external data adds up to more than ``lazy_above_bytes``, large external tensors
+    are checked but not read: they stay lazy references to the verified files (memory stays
+    bounded; ``save_model`` and ``optimizer.graph`` understand them, onnxruntime does not).
+    """
     shown = os.fspath(path)
     real_path = os.path.realpath(shown)
     data = _read_model_file(real_path, shown, max_input_bytes)
@@ -196,11 +291,21 @@ def load_model_with_files(
     budget_bytes = None if max_input_bytes is None else max_input_bytes - len(data)
     del data
     folder = os.path.dirname(os.path.abspath(shown))
+    lazy = lazy_above_bytes is not None and _declared_external_bytes(model) > lazy_above_bytes
     with ExternalDataReader(folder, shown, budget_bytes) as reader:
-        _inline_and_check_tensors(model, shown, reader)
+        _inline_and_check_tensors(model, shown, reader, lazy)
         external_paths = reader.paths()
     _run_onnx_checker(model, shown)
     return model, (pathlib.Path(real_path), *external_paths)
+
+
+def _declared_external_bytes(model: onnx.ModelProto) -> int:
+    """What the external tensors say they hold (checked later, one by one)."""
+    total = 0
+    for tensor, _ in iter_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL and tensor.data_type in LAZY_DTYPES:
+            total += payload_bytes_from_shape(tensor) if all(dim >= 0 for dim in tensor.dims) else 0
+    return total
 
 
 def _check_output_folder(folder: pathlib.Path, target: pathlib.Path) -> None:
@@ -247,20 +352,40 @@ def _check_protected(
 def _needs_external_data(
     model: onnx.ModelProto, external_data: bool | None, target: pathlib.Path
 ) -> bool:
-    size_bytes = serialized_size_bytes(model)
+    """Automatic: above the limit, or when tensors are lazy (they stay out of memory)."""
+    size_bytes = model_size_bytes(model)
     if external_data is None:
-        return size_bytes > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES
+        return has_lazy_tensors(model) or size_bytes > PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES
     if not external_data and size_bytes > PROTOBUF_LIMIT_BYTES:
         reason = f"model is {size_bytes} bytes, over protobuf's 2 GB limit; use external data"
         raise ModelSaveError(f"{target}: {reason}")
     return external_data
 
 
-def _reject_unresolved_external(model: onnx.ModelProto, target: pathlib.Path) -> None:
+def _reject_unresolved_external(model: onnx.ModelProto, target: pathlib.Path) -> list[str]:
+    """Lazy tensors are fine (their verified files are returned); other external data is not."""
+    sources: set[str] = set()
     for tensor, label in iter_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL:
+        if is_lazy(tensor):
+            try:
+                sources.add(lazy_ref(tensor).identity.path)
+            except ModelLoadError as error:
+                raise ModelSaveError(f"{target}: {label}: {error}") from None
+        elif tensor.data_location == TensorProto.EXTERNAL:
             reason = f"{label} still references external data; load it with load_model first"
             raise ModelSaveError(f"{target}: {reason}")
+    return sorted(sources)
+
+
+def _resolve_lazy_inline(model: onnx.ModelProto, threshold_bytes: int | None) -> None:
+    """Read lazy tensors back into raw_data: all of them, or those below ``threshold_bytes``."""
+    for tensor, _ in iter_tensors(model):
+        if is_lazy(tensor):
+            ref = lazy_ref(tensor)
+            if threshold_bytes is None or ref.length_bytes < threshold_bytes:
+                del tensor.external_data[:]
+                tensor.ClearField("data_location")
+                tensor.raw_data = read_range(ref)
 
 
 def _remove_stale_temps(folder: pathlib.Path, names: list[str]) -> None:
@@ -336,21 +461,33 @@ def _fsync_folder(folder: pathlib.Path) -> None:
 def _move_tensors_to_file(
     model: onnx.ModelProto, fd: int, location: str, threshold_bytes: int
 ) -> None:
-    """Write raw_data of big tensors to fd, page-aligned, and point the tensors at it."""
+    """Write big tensors to fd, page-aligned, and point the tensors at it.
+
+    raw_data is written from memory and lazy tensors are copied from their files, in one
+    order and layout, so a lazy and an eager model give the same bytes.
+    """
+    _resolve_lazy_inline(model, threshold_bytes)
     end_bytes = 0
     for tensor, _ in iter_tensors(model):
-        if not tensor.HasField("raw_data"):
+        ref = lazy_ref(tensor) if is_lazy(tensor) else None
+        if ref is None and not tensor.HasField("raw_data"):
             continue
-        data = tensor.raw_data
-        if len(data) < threshold_bytes:
+        data = tensor.raw_data if ref is None else None
+        length_bytes = len(data) if ref is None else ref.length_bytes
+        if length_bytes < threshold_bytes:
             continue
         offset_bytes = -(-end_bytes // EXTERNAL_ALIGNMENT_BYTES) * EXTERNAL_ALIGNMENT_BYTES
         _write_all(fd, bytes(offset_bytes - end_bytes))
-        _write_all(fd, data)
-        end_bytes = offset_bytes + len(data)
+        if ref is None:
+            _write_all(fd, data)
+        else:
+            copy_range(ref, fd)
+            del tensor.external_data[:]
+        del data
+        end_bytes = offset_bytes + length_bytes
         tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", offset_bytes), ("length", len(data))):
+        for key, value in (("location", location), ("offset", offset_bytes), ("length", length_bytes)):
             tensor.external_data.add(key=key, value=str(value))
 
 
@@ -378,6 +515,13 @@ def _write_with_external_data(
     _commit_atomically(target.parent, [(data_target, write_data), (target, write_model)])
 
 
+def _inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _resolve_lazy_inline(copy, None)
+    return copy
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -399,10 +543,10 @@ def save_model(
     data_target = folder / f"{target.name}.data"
     _check_output_folder(folder, target)
     _check_output_file(target)
-    _reject_unresolved_external(model, target)
+    lazy_sources = _reject_unresolved_external(model, target)
     use_external = _needs_external_data(model, external_data, target)
     outputs = [data_target, target] if use_external else [target]
-    _check_protected(outputs, protected_paths)
+    _check_protected(outputs, [*protected_paths, *lazy_sources])
     if use_external:
         _check_output_file(data_target)
     try:
@@ -410,9 +554,11 @@ def save_model(
         if use_external:
             _write_with_external_data(model, target, data_target, size_threshold_bytes)
         else:
+            if lazy_sources:
+                model = _inline_copy(model)
             model_bytes = _serialize(model, target)
             _commit_atomically(folder, [(target, lambda fd: _write_all(fd, model_bytes))])
-    except (OSError, EncodeError, ValueError) as error:
+    except (OSError, EncodeError, ValueError, ModelLoadError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ModelSaveError(f"{target}: cannot write (folder {folder}): {reason}") from error
     return target

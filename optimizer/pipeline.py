@@ -11,7 +11,7 @@ import onnx
 
 from optimizer.checker import check_model_full
 from optimizer.errors import PassError
-from optimizer.graph import export_model, import_graph
+from optimizer.graph import export_model, import_graph, release_mapped_values
 from optimizer.pass_base import Pass, PassContext
 
 
@@ -42,6 +42,23 @@ class PipelineResult:
     runs: list[PassRun] = field(default_factory=list)
 
 
+def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model-level fields export needs (opsets, metadata, docs, training info), no weights."""
+    shell = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if isinstance(value, (list, tuple)) or hasattr(value, "extend"):
+            getattr(shell, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(shell, field.name).CopyFrom(value)
+        else:
+            setattr(shell, field.name, value)
+    if model.graph.doc_string:
+        shell.graph.doc_string = model.graph.doc_string
+    return shell
+
+
 class Pipeline:
     """Run ``passes`` in order on a copy of a model.
 
@@ -59,9 +76,11 @@ class Pipeline:
         self.context = context or PassContext()
 
     def run(self, model: onnx.ModelProto) -> PipelineResult:
-        template = onnx.ModelProto()
-        template.CopyFrom(model)
-        graph = import_graph(template)
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
+        template = model_shell(working)
+        graph = import_graph(working)
+        del working
         runs: list[PassRun] = []
         for item in self.passes:
             started = time.perf_counter()
@@ -69,6 +88,7 @@ class Pipeline:
             graph = result.graph
             runs.append(PassRun(item.name, item.options(), result.modified, result.report,
                                 time.perf_counter() - started))
+            release_mapped_values(graph)
             if self.check_each_pass:
                 self._check(export_model(graph, template), item.name)
         output = export_model(graph, template)

@@ -232,8 +232,9 @@ def _make_directory(folder: pathlib.Path) -> str:
         ("w.bin", {"data_type": 0}, "unknown data type"),
     ],
 )
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 def test_hostile_external_data_is_rejected_and_files_untouched(
-    tmp_path, location_or_maker, entries, reason
+    tmp_path, monkeypatch, location_or_maker, entries, reason, lazy
 ):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -246,8 +247,9 @@ def test_hostile_external_data_is_rejected_and_files_untouched(
         location = str(tmp_path / "w.bin")
     model_path = _write_external_model(folder, location, **entries)
     before = _file_hashes(tmp_path)
+    monkeypatch.setattr(model_module, "LAZY_TENSOR_MIN_BYTES", 0)
     with pytest.raises(ModelLoadError, match=reason) as caught:
-        load_model(model_path)
+        load_model_with_files(model_path, lazy_above_bytes=-1 if lazy else None)
     message = str(caught.value)
     assert EXTERNAL_NAME in message and str(model_path) in message and "\n" not in message
     assert _file_hashes(tmp_path) == before
