@@ -175,7 +175,7 @@ def optimize(
         budget = _search_budget(source, chosen, BudgetRequest(
             metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers),
             resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed),
-            calibration, provider, progress)
+            calibration, provider, progress, reference)
         chosen = build_passes(*_specs_as_arguments(budget_specs(chosen, budget.backed_off)))
     context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress)
     pipeline = Pipeline(chosen, check_each_pass=check_each_pass, context=context)
@@ -254,13 +254,14 @@ def _specs_as_arguments(specs: Sequence[PassSpec]) -> tuple[list[str], dict[str,
 
 
 def _search_budget(source: onnx.ModelProto, chosen: Sequence[Pass], request: BudgetRequest, feeds: list[Feed],
-                   calibration: FeedSource, provider: str, progress: bool) -> BudgetResult:
+                   calibration: FeedSource, provider: str, progress: bool, path: Path | None) -> BudgetResult:
     factory = calibration_factory(source, calibration)
     return search_budget(
         source, budget_specs(chosen, []), _backoff_rules(chosen),
         MetricSpec(request.metric, request.higher_is_better, request.output), feeds,
         max_drop=request.max_drop, max_trials=request.max_trials, workers=request.workers, provider=provider,
-        calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",))
+        calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",),
+        model_path=str(path) if path is not None else None)
 
 
 def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from optimizer.errors import OptionError
 from optimizer.layer_debug import debug_layers
 from optimizer.metrics import Metric, Outputs, collect_outputs, load_metric
+from optimizer.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
@@ -135,19 +136,21 @@ def search_budget(
     calibration: Sequence[Feed] | None = None,
     progress: bool = False,
     worker_imports: Sequence[str] = (),
+    model_path: str | None = None,
 ) -> BudgetResult:
     """Compress with ``specs``; back off layers until ``metric`` drops by at most ``max_drop``.
 
     ``worker_imports`` names modules a worker process imports first (``module`` or
     ``module:function`` to also call a function), e.g. ``("passes",)`` so the pass registry is
-    filled there too.
+    filled there too. ``model_path``, when the model came from a file, lets workers load it
+    themselves (lazily loaded weights are only readable by the process that checked them).
     """
     if max_drop < 0 or max_trials < 1 or workers < 1:
         raise OptionError("max_drop must be >= 0, max_trials >= 1 and workers >= 1")
     if not rules:
         raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
     state = _SearchState(model, list(specs), list(rules), metric, list(feeds), list(calibration or []),
-                         provider, max_drop, max_trials, workers, progress, tuple(worker_imports))
+                         provider, max_drop, max_trials, workers, progress, tuple(worker_imports), model_path)
     try:
         return state.run()
     finally:
@@ -156,7 +159,7 @@ def search_budget(
 
 class _SearchState:
     def __init__(self, model, specs, rules, metric, feeds, calibration, provider, max_drop, max_trials,
-                 workers, progress, worker_imports) -> None:
+                 workers, progress, worker_imports, model_path) -> None:
         self.model, self.specs, self.rules, self.metric_spec = model, specs, rules, metric
         self.feeds, self.calibration, self.provider = feeds, calibration, provider
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
@@ -170,8 +173,9 @@ class _SearchState:
         if workers > 1:
             context = multiprocessing.get_context("spawn")
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                            initargs=(worker_imports, model.SerializeToString(), specs, rules,
-                                                      metric, feeds, calibration, provider, self.reference))
+                                            initargs=(worker_imports, model_path or model.SerializeToString(),
+                                                      specs, rules, metric, feeds, calibration, provider,
+                                                      self.reference))
 
     def close(self) -> None:
         self.bar.close()
@@ -264,14 +268,18 @@ def _trial(model, specs, rules, metric: Metric, feeds, calibration, provider, re
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(imports, model_bytes, specs, rules, metric_spec: MetricSpec, feeds, calibration, provider,
-                 reference) -> None:
+def _init_worker(imports, model_source: str | bytes, specs, rules, metric_spec: MetricSpec, feeds, calibration,
+                 provider, reference) -> None:
     for name in imports:
         module_name, _, function = name.partition(":")
         module = importlib.import_module(module_name)
         if function:
             getattr(module, function)()
-    _WORKER.update(model=onnx.load_from_string(model_bytes), specs=specs, rules=rules, metric=metric_spec.build(),
+    if isinstance(model_source, str):
+        model = load_model_with_files(model_source, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES)[0]
+    else:
+        model = onnx.load_from_string(model_source)
+    _WORKER.update(model=model, specs=specs, rules=rules, metric=metric_spec.build(),
                    feeds=feeds, calibration=calibration, provider=provider, reference=reference)
 
 

@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimizer.errors import OptionError
+from optimizer.lazy_io import is_lazy, map_array
 
 INDEX_BYTES = 8
 STORAGE_CHOICES = ("dense", "sparse", "auto")
@@ -62,7 +63,7 @@ def to_sparse_initializers(
     decisions: dict[str, dict[str, object]] = {}
     kept = []
     for tensor in graph.initializer:
-        values = numpy_helper.to_array(tensor)
+        values = map_array(tensor) if is_lazy(tensor) else numpy_helper.to_array(tensor)
         if (wanted is not None and tensor.name not in wanted) or values.dtype.kind != "f":
             kept.append(tensor)
             continue
