@@ -169,7 +169,7 @@ def benchmark(
     sessions, providers_used, create_ms = [], [], []
     for model, name in zip(models, model_names):
         start_ns = time.perf_counter_ns()
-        session, provider_used = create_session(model, choice, threads=threads)
+        session, provider_used = create_session(model, choice, threads=threads, spinning=False)
         create_ms.append((time.perf_counter_ns() - start_ns) / NANOSECONDS_PER_MS)
         sessions.append(session)
         providers_used.append(provider_used)

@@ -160,6 +160,10 @@ def _add_optimize(commands) -> None:
                           help="quantize weights to this type (pass 'quantize', option weight_type)")
     compress.add_argument("--quantize-mode", choices=("weights", "dynamic", "static"),
                           help="quantize.mode: weight-only, dynamic activations, or static with --calibration-data")
+    compress.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy", "mse"),
+                          help="quantize.calibration_method for static mode (default percentile)")
+    compress.add_argument("--exclude", metavar="PATTERNS",
+                          help="quantize.exclude_nodes: comma-separated node-name globs or re:REGEX left in float")
     compress.add_argument("--prune", type=float, metavar="FRACTION",
                           help="prune this fraction of weights (prune.sparsity) or of channels (prune-channels.ratio)")
     compress.add_argument("--prune-mode", choices=("uniform", "global", "nm", "sensitivity", "channels"),
@@ -273,6 +277,10 @@ def _run_optimize(args: argparse.Namespace) -> int:
     settings = parse_settings(args.settings)
     if args.sparse_storage is not None:
         settings.setdefault("prune", {})["storage"] = args.sparse_storage
+    if args.calibration_method is not None:
+        settings.setdefault("quantize", {})["calibration_method"] = args.calibration_method
+    if args.exclude is not None:
+        settings.setdefault("quantize", {})["exclude_nodes"] = parse_option_text("quantize", "exclude_nodes", args.exclude)
     names, options = plan_passes(base, prune=args.prune, prune_mode=args.prune_mode, quantize=args.quantize,
                                  quantize_mode=args.quantize_mode, cluster_bits=args.cluster_bits, options=settings)
     result = optimize(

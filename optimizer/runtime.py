@@ -102,7 +102,8 @@ def model_label(model: ModelSource) -> str:
 
 
 def create_session(
-    model: ModelSource, provider: ProviderChoice, *, threads: int | None = None, memory_arena: bool = True
+    model: ModelSource, provider: ProviderChoice, *, threads: int | None = None, memory_arena: bool = True,
+    spinning: bool = True,
 ) -> tuple[onnxruntime.InferenceSession, str]:
     """Open a quiet, deterministic session and report the provider that actually runs it.
 
@@ -110,7 +111,8 @@ def create_session(
     when CUDA fails to initialise, and callers must be able to show that. ``memory_arena=False``
     turns off the CPU arena, which keeps its peak for the session's life (calibration opens one
     session per group of tensors: with the arena, PP-OCRv4 det at 736x1984 peaked at 2.7 GB,
-    without it 0.74 GB).
+    without it 0.74 GB). ``spinning=False`` stops idle worker threads from spinning: with several
+    sessions alive (an interleaved benchmark) spinning threads take the cores from the one timed.
     """
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
@@ -120,6 +122,8 @@ def create_session(
     options.use_deterministic_compute = True
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.enable_cpu_mem_arena = memory_arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

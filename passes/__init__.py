@@ -6,5 +6,6 @@ from passes import (  # noqa: F401  (registers the passes)
     constants_to_initializers,
     prune,
     prune_channels,
+    quantize,
     share,
 )

@@ -49,6 +49,7 @@ ALREADY_AT_TARGET_SLACK = 1e-6
 class PrunePass(Pass):
     name = "prune"
     summary = "zero the smallest-magnitude weights (uniform, global, N:M or sensitivity-allocated)"
+    backoff_option = "exclude"
 
     mode: Literal["uniform", "global", "nm", "sensitivity"] = option(
         "uniform",

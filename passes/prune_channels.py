@@ -35,6 +35,7 @@ PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 class PruneChannelsPass(Pass):
     name = "prune-channels"
     summary = "remove the lowest-norm output channels / hidden units and shrink every dependent tensor"
+    backoff_option = "exclude"
 
     ratio: float = option(
         0.0, "fraction of each group's channels to remove, lowest norm first (0: only near-dead ones)")
