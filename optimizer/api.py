@@ -314,9 +314,13 @@ def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, refe
     return saved, comparison, timing
 
 
+QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                           "ConvInteger"})
+
+
 def has_dequantize(model: onnx.ModelProto) -> bool:
-    """True when any graph of the model holds a DequantizeLinear node (a quantized group)."""
-    return "DequantizeLinear" in _op_types(model)
+    """True when any graph of the model holds a quantized group (QDQ or the dynamic pattern)."""
+    return bool(QUANTIZED_OPS & _op_types(model))
 
 
 def _op_types(model: onnx.ModelProto) -> set[str]:

@@ -34,6 +34,8 @@ COMPUTE_OPS = frozenset({
     "Gather", "LSTM", "GRU", "Attention",
 })
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
+INTEGER_OPS_WRITTEN = ("MatMulInteger", "ConvInteger")
+"""ONNX-standard integer ops a quantizer writes directly (the dynamic pattern), each one group."""
 
 
 @dataclass
@@ -98,7 +100,8 @@ def analyse(written: onnx.ModelProto, run: onnx.ModelProto, label: str, provider
         provider_used=provider_used,
         written_ops=written_ops,
         run_ops=run_ops,
-        quantized_groups_written=len(_dequantized_compute(written.graph)),
+        quantized_groups_written=len(_dequantized_compute(written.graph))
+        + sum(written_ops.get(op, 0) for op in INTEGER_OPS_WRITTEN),
         integer_kernels={op: n for op, n in run_ops.items() if op in INTEGER_KERNELS},
         float_after_dequantize=_dequantized_compute(run.graph),
     )
