@@ -25,6 +25,7 @@ from optimizer.errors import ModelSaveError, OptionError, PassError, RuntimeSess
 from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
 from optimizer.inspect import weight_bytes_by_dtype
 from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
+from optimizer.lazy_io import process_alive
 from optimizer.fusion import check_fusion
 from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files,
                              model_size_bytes, save_model, serialized_size_bytes)
@@ -438,19 +439,9 @@ def _staging_folder(output: str | os.PathLike | None) -> tempfile.TemporaryDirec
 def _remove_stale_staging(folder: Path) -> None:
     for entry in sorted(folder.glob(STAGING_PREFIX + "*")):
         match = re.fullmatch(re.escape(STAGING_PREFIX) + r"(\d+)-\w+", entry.name)
-        if match is None or not entry.is_dir() or entry.is_symlink() or _process_alive(int(match.group(1))):
+        if match is None or not entry.is_dir() or entry.is_symlink() or process_alive(int(match.group(1))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:

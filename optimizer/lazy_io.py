@@ -302,11 +302,12 @@ def _remove_stale_spills(parent: str) -> None:
     with contextlib.suppress(OSError):
         for entry in sorted(os.listdir(parent)):
             match = re.fullmatch(re.escape(_SPILL_PREFIX) + r"(\d+)-\w+", entry)
-            if match and not _process_alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (temporary folders carry their owner's id)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
