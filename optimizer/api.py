@@ -26,7 +26,7 @@ from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_
 from optimizer.inspect import weight_bytes_by_dtype
 from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
 from optimizer.lazy_io import process_alive
-from optimizer.fusion import check_fusion
+from optimizer.fusion import check_fusion, op_counts
 from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files,
                              model_size_bytes, save_model, serialized_size_bytes)
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
@@ -262,7 +262,7 @@ def _search_budget(source: onnx.ModelProto, chosen: Sequence[Pass], request: Bud
         MetricSpec(request.metric, request.higher_is_better, request.output), feeds,
         max_drop=request.max_drop, max_trials=request.max_trials, workers=request.workers, provider=provider,
         calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",),
-        model_path=str(path) if path is not None else None)
+        model_path=str(path) if path is not None else None, return_model=False)
 
 
 def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
@@ -321,19 +321,7 @@ QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantiz
 
 def has_dequantize(model: onnx.ModelProto) -> bool:
     """True when any graph of the model holds a quantized group (QDQ or the dynamic pattern)."""
-    return bool(QUANTIZED_OPS & _op_types(model))
-
-
-def _op_types(model: onnx.ModelProto) -> set[str]:
-    found: set[str] = set()
-    stack = [model.graph]
-    while stack:
-        graph = stack.pop()
-        for node in graph.node:
-            found.add(node.op_type)
-            for attribute in node.attribute:
-                stack.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
-    return found
+    return bool(QUANTIZED_OPS & set(op_counts(model.graph)))
 
 
 def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> None:

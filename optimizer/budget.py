@@ -91,7 +91,7 @@ class BudgetResult:
     trials: int
     steps: list[BudgetStep]
     higher_is_better: bool
-    model: onnx.ModelProto = field(repr=False)
+    model: onnx.ModelProto | None = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "baseline": self.baseline, "max_drop": self.max_drop, "met": self.met,
@@ -137,6 +137,7 @@ def search_budget(
     progress: bool = False,
     worker_imports: Sequence[str] = (),
     model_path: str | None = None,
+    return_model: bool = True,
 ) -> BudgetResult:
     """Compress with ``specs``; back off layers until ``metric`` drops by at most ``max_drop``.
 
@@ -144,13 +145,16 @@ def search_budget(
     ``module:function`` to also call a function), e.g. ``("passes",)`` so the pass registry is
     filled there too. ``model_path``, when the model came from a file, lets workers load it
     themselves (lazily loaded weights are only readable by the process that checked them).
+    ``return_model=False`` skips the final compression for callers that run the chosen passes
+    themselves (BudgetResult.model is then None).
     """
     if max_drop < 0 or max_trials < 1 or workers < 1:
         raise OptionError("max_drop must be >= 0, max_trials >= 1 and workers >= 1")
     if not rules:
         raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
     state = _SearchState(model, list(specs), list(rules), metric, list(feeds), list(calibration or []),
-                         provider, max_drop, max_trials, workers, progress, tuple(worker_imports), model_path)
+                         provider, max_drop, max_trials, workers, progress, tuple(worker_imports), model_path,
+                         return_model)
     try:
         return state.run()
     finally:
@@ -159,10 +163,11 @@ def search_budget(
 
 class _SearchState:
     def __init__(self, model, specs, rules, metric, feeds, calibration, provider, max_drop, max_trials,
-                 workers, progress, worker_imports, model_path) -> None:
+                 workers, progress, worker_imports, model_path, return_model) -> None:
         self.model, self.specs, self.rules, self.metric_spec = model, specs, rules, metric
         self.feeds, self.calibration, self.provider = feeds, calibration, provider
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
+        self.return_model = return_model
         self.metric = metric.build()
         self.reference = collect_outputs(model, feeds, provider=provider)
         self.baseline = self.metric(self.reference, self.reference)
@@ -245,8 +250,10 @@ class _SearchState:
         return frozenset(layers[:high])
 
     def finish(self, chosen: frozenset[str], ranking: list[str], method: str) -> BudgetResult:
-        model = _compress(self.model, self.specs, self.rules, sorted(chosen), self.calibration, self.provider)
         value = self.results.get(chosen)
+        model = None
+        if self.return_model or value is None:
+            model = _compress(self.model, self.specs, self.rules, sorted(chosen), self.calibration, self.provider)
         if value is None:
             value = self.metric(self.reference, collect_outputs(model, self.feeds, provider=self.provider))
         return BudgetResult(self.metric.name, self.baseline, self.max_drop, self.met(value), value, sorted(chosen),

@@ -93,8 +93,8 @@ def check_fusion(model: ModelSource, provider: str | ProviderChoice = "cpu") -> 
 
 def analyse(written: onnx.ModelProto, run: onnx.ModelProto, label: str, provider_used: str) -> FusionReport:
     """Compare the written graph with the one onnxruntime runs (pure: no session)."""
-    written_ops = _op_counts(written.graph)
-    run_ops = _op_counts(run.graph)
+    written_ops = op_counts(written.graph)
+    run_ops = op_counts(run.graph)
     report = FusionReport(
         model=label,
         provider_used=provider_used,
@@ -145,14 +145,15 @@ def _dequantized_compute(graph: onnx.GraphProto) -> list[dict[str, str]]:
     return found
 
 
-def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+def op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Node count by op type over the graph and every subgraph."""
     counts: Counter[str] = Counter()
     for node in graph.node:
         counts[node.op_type] += 1
         for attribute in node.attribute:
             subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
             for subgraph in subgraphs:
-                counts.update(_op_counts(subgraph))
+                counts.update(op_counts(subgraph))
     return dict(counts)
 
 

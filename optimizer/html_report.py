@@ -24,6 +24,10 @@ th{background:#f3f3f3}td:first-child,th:first-child,td.t{text-align:left}
 """
 
 
+LAYER_COLUMNS = ("node", "op", "kind", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine",
+                 "status", "reason")
+
+
 def render_html(data: dict[str, Any]) -> str:
     """The whole page for a report dict (``Report.to_dict()``)."""
     plots = _Plots()
@@ -92,9 +96,7 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 
 
 def _layers_section(layers: list[dict[str, Any]], plots: _Plots) -> list[str]:
-    keys = [k for k in ("node", "op", "kind", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine",
-                         "status", "reason")
-            if any(k in layer for layer in layers)]
+    keys = layer_columns(layers)
     out = ["<h2>Per layer</h2>", _table(keys, [[layer.get(k) for k in keys] for layer in layers])]
     sqnr = [(layer["node"], layer["output_sqnr_db"]) for layer in layers
             if isinstance(layer.get("output_sqnr_db"), (int, float))]
@@ -102,6 +104,11 @@ def _layers_section(layers: list[dict[str, Any]], plots: _Plots) -> list[str]:
         out.append(plots.bars("Output SQNR per layer (dB, worst first)", [n for n, _ in sqnr],
                               {"SQNR dB": [v for _, v in sqnr]}, "dB", horizontal=True))
     return out
+
+
+def layer_columns(layers: list[dict[str, Any]]) -> list[str]:
+    """The per-layer columns that some row fills, in a fixed order (Markdown and HTML alike)."""
+    return [key for key in LAYER_COLUMNS if any(key in layer for layer in layers)]
 
 
 def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:

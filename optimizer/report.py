@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import OnnxCompressError, OptionError
-from optimizer.html_report import format_number, render_html
+from optimizer.html_report import format_number, layer_columns, render_html
 
 REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
 
@@ -140,9 +140,7 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 
 
 def _layers_section(layers: list[dict[str, Any]]) -> list[str]:
-    keys = [k for k in ("node", "op", "kind", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine",
-                         "status", "reason")
-            if any(k in layer for layer in layers)]
+    keys = layer_columns(layers)
     lines = ["## Per layer", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_num(layer.get(k)) for k in keys) + " |" for layer in layers]
     return lines + [""]

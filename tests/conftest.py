@@ -48,15 +48,19 @@ def assert_same_outputs(reference, candidate, feeds, *, atol: float = 0.0) -> No
                 np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)
 
 
-def all_initializer_names(graph: onnx.GraphProto) -> list[str]:
-    """Initializer names of a graph and all its subgraphs (a name twice = stored twice)."""
-    names = [t.name for t in graph.initializer]
+def all_graphs(graph: onnx.GraphProto):
+    """A graph and every subgraph below it, depth first."""
+    yield graph
     for node in graph.node:
         for attribute in node.attribute:
             subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
             for subgraph in subgraphs:
-                names += all_initializer_names(subgraph)
-    return names
+                yield from all_graphs(subgraph)
+
+
+def all_initializer_names(graph: onnx.GraphProto) -> list[str]:
+    """Initializer names of a graph and all its subgraphs (a name twice = stored twice)."""
+    return [tensor.name for owner in all_graphs(graph) for tensor in owner.initializer]
 
 
 def digest(path: Path) -> str:

@@ -13,26 +13,15 @@ from optimizer.checker import check_model_full
 from optimizer.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, run_model, seeded_feeds
+from tests.conftest import MODELS_DIR, all_graphs, run_model, seeded_feeds
 
 
 def all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    found = list(graph.initializer)
-    for node in graph.node:
-        for attribute in node.attribute:
-            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for subgraph in subgraphs:
-                found += all_initializers(subgraph)
-    return found
+    return [tensor for owner in all_graphs(graph) for tensor in owner.initializer]
 
 
 def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    found = list(graph.node)
-    for node in graph.node:
-        for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
-                found += all_nodes(subgraph)
-    return found
+    return [node for owner in all_graphs(graph) for node in owner.node]
 
 
 def test_weight_shared_by_main_graph_and_if_branches_is_quantized_once():
