@@ -74,6 +74,8 @@ class _Options:
     bins: int
     max_outputs_per_run: int | None
     memory_budget_bytes: int
+    max_binned: int | None = 1 << 16
+    max_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,11 +92,15 @@ class _Options:
             raise OptionError(f"max_outputs_per_run must be a positive integer or None; got {self.max_outputs_per_run!r}")
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1:
             raise OptionError(f"memory_budget_bytes must be a positive integer; got {self.memory_budget_bytes!r}")
+        for key in ("max_binned", "max_samples"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise OptionError(f"{key} must be a positive integer or None; got {value!r}")
 
     def new_statistic(self) -> RunningMinMax | StreamingHistogram:
         if self.method == "minmax":
             return RunningMinMax()
-        return StreamingHistogram(self.bins, count_zeros=self.method == "mse")
+        return StreamingHistogram(self.bins, count_zeros=self.method == "mse", max_binned=self.max_binned)
 
     def range_of(self, statistic: RunningMinMax | StreamingHistogram) -> tuple[float, float]:
         if self.method == "minmax":
@@ -125,15 +131,22 @@ def collect_ranges(
     progress: bool = False,
     max_outputs_per_run: int | None = None,
     memory_budget_bytes: int = 512 * 2**20,
+    max_binned: int | None = 1 << 16,
+    max_samples: int | None = None,
 ) -> CalibrationResult:
-    """Range of every tensor in ``tensor_names`` over all samples of ``feeds``.
+    """Range of every tensor in ``tensor_names`` over the samples of ``feeds``.
 
     ``feeds`` is any iterable of ``{input name: array}`` (read once, one sample at a time) or a
     zero-argument callable returning one. Initializers are ranged from their values, graph
     inputs from the feeds, every other main-graph tensor by running the model. A tensor that
-    cannot be ranged is in ``skipped`` with the reason. ``bins`` is per side of zero.
+    cannot be ranged is in ``skipped`` with the reason. ``bins`` is per side of zero;
+    ``max_binned`` caps the values of one array that are binned (see ``StreamingHistogram``).
+
+    At most ``max_samples`` samples are read (None: all); ``notes`` say when the limit cut
+    the feeds short.
     """
-    options = _Options(method, percentile, num_bits, symmetric, bins, max_outputs_per_run, memory_budget_bytes)
+    options = _Options(method, percentile, num_bits, symmetric, bins, max_outputs_per_run, memory_budget_bytes,
+                       max_binned, max_samples)
     choice = resolve_provider(provider)
     started = time.perf_counter()
     samples = _samples(feeds)
@@ -147,8 +160,11 @@ def collect_ranges(
     runner = _GroupRunner(model, plan.run, catalog, options, choice)
     count = 0
     total = len(feeds) if isinstance(feeds, Sequence) else None
+    if total is not None and max_samples is not None:
+        total = min(total, max_samples)
     pending = [first]
     del first
+    stopped = None
     with tqdm(total=total, desc="calibrating", unit="sample", disable=not progress) as bar:
         for feed in _prepend(pending, samples):
             runner.observe(feed, statistics, seen, plan.skipped)
@@ -157,8 +173,13 @@ def collect_ranges(
             count += 1
             runner.regroup_if_needed()
             bar.update(1)
+            if max_samples is not None and count >= max_samples:
+                if next(samples, None) is not None:
+                    stopped = f"read the first {count} samples (max_samples); the feeds hold more"
+                break
     ranges = _ordered(_finish(plan, statistics, seen, options, catalog, count), tensor_names)
     notes = [choice.note] if choice.note else []
+    notes += [stopped] if stopped else []
     notes += [f"{runner.rebuilds} regrouping(s); final groups: {len(runner.groups)}"]
     return CalibrationResult(ranges, _ordered(plan.skipped, tensor_names), count,
                              time.perf_counter() - started, method, notes)  # fmt: skip

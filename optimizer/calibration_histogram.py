@@ -27,12 +27,19 @@ class StreamingHistogram:
 
     Non-finite values (NaN, +-inf) are counted in ``nonfinite`` and left out of every statistic.
     Exact zeros are counted (``zeros``) only with ``count_zeros``; only the MSE search reads them.
+    With ``max_binned``, an array with more values is binned through an evenly strided subset of
+    at most that many values, each counting for ``size / subset`` values: binning costs about
+    3 ns a value, ten times a min/max pass, and a megapixel feature map holds far more values
+    than the histogram's bins can tell apart. Count, zeros, min and max stay exact.
     """
 
-    def __init__(self, bins: int = 2048, *, count_zeros: bool = True) -> None:
+    def __init__(self, bins: int = 2048, *, count_zeros: bool = True, max_binned: int | None = None) -> None:
         if not isinstance(bins, int) or bins < 16:
             raise ValueError(f"bins must be an integer >= 16, got {bins!r}")
+        if max_binned is not None and (not isinstance(max_binned, int) or max_binned < 1):
+            raise ValueError(f"max_binned must be a positive integer or None, got {max_binned!r}")
         self.bins = bins
+        self.max_binned = max_binned
         self.count_zeros = count_zeros
         self.half_range = 0.0
         self.counts: np.ndarray | None = None
@@ -63,7 +70,12 @@ class StreamingHistogram:
             self._add_zeros(values.size)
             return
         self._cover(peak)
-        self._scatter(values)
+        stride = 1 if self.max_binned is None else -(-values.size // self.max_binned)
+        if stride > 1:
+            binned = values[::stride]
+            self._scatter(binned, weight=values.size / binned.size)
+        else:
+            self._scatter(values)
 
     def _add_zeros(self, amount: int) -> None:
         if self.counts is None:
@@ -91,8 +103,9 @@ class StreamingHistogram:
         self.counts = np.bincount(targets, weights=self.counts, minlength=2 * self.bins)
         self.half_range *= factor
 
-    def _scatter(self, values: np.ndarray) -> None:
-        """Bin ``values`` in cache-sized chunks through reused buffers (about 2 ns a value).
+    def _scatter(self, values: np.ndarray, weight: float = 1.0) -> None:
+        """Bin ``values`` in cache-sized chunks through reused buffers (about 3 ns a value), each
+        counting ``weight`` times (an evenly strided subset stands for the whole array).
 
         ``x * bins / R + bins`` truncates to the bin index: it is never below 0 since
         ``x >= -R``, and only ``x == R`` (or rounding) lands on index ``2 * bins``, folded back.
@@ -109,6 +122,8 @@ class StreamingHistogram:
             part += offset
             part_index[...] = part
             found = np.bincount(part_index, minlength=size)
+            if weight != 1.0:
+                found = found * weight
             self.counts += found[:size]
             self.counts[-1] += found[size:].sum()
 

@@ -302,6 +302,31 @@ def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
             yield owner, node
 
 
+def is_constant_derived(tensor: gs.Tensor, memo: dict[int, bool | None]) -> bool:
+    """True when ``tensor`` is computed from constants only (onnxruntime folds it at load, so it is
+    a weight, not an activation). ``memo`` caches answers by tensor id across calls."""
+    stack = [(tensor, False)]
+    while stack:
+        current, expanded = stack.pop()
+        key = id(current)
+        if isinstance(current, gs.Constant):
+            memo[key] = True
+            continue
+        producers = current.inputs
+        if len(producers) != 1 or producers[0].domain not in DEFAULT_DOMAINS or any(
+                isinstance(value, gs.Graph) for value in producers[0].attrs.values()):  # fmt: skip
+            memo[key] = False
+            continue
+        inputs = [t for t in producers[0].inputs if t.name]
+        if expanded:
+            memo[key] = all(isinstance(t, gs.Constant) or memo.get(id(t)) is True for t in inputs)
+        elif key not in memo:  # None while in progress: a cycle reads as "not constant"
+            memo[key] = None
+            stack.append((current, True))
+            stack.extend((t, False) for t in inputs if id(t) not in memo)
+    return memo[id(tensor)] is True
+
+
 def is_constant_node(node: gs.Node) -> bool:
     return node.op == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.outputs) == 1
 

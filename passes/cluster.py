@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
-from optimizer.graph import DEFAULT_DOMAINS, toposort
+from optimizer.graph import DEFAULT_DOMAINS, is_constant_derived, toposort
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.cluster_kmeans import (
@@ -118,7 +118,7 @@ class ClusterWeightsPass(Pass):
             return f"{weight.values.size} elements < min_elements={self.min_elements}"
         if any(node.domain not in DEFAULT_DOMAINS for node, _ in readers):
             return "read by a custom-domain op"
-        if any(node.op in LOOKUP_OPS and i == 0 and _is_constant(node.inputs[1], {}) for node, i in readers):
+        if any(node.op in LOOKUP_OPS and i == 0 and is_constant_derived(node.inputs[1], {}) for node, i in readers):
             return "a lookup table read with constant indices (e.g. a codebook already)"
         if not np.isfinite(weight.values).all():
             return "holds inf or NaN"
@@ -163,19 +163,6 @@ def _rows(values: np.ndarray, axis: int) -> np.ndarray:
     if axis < 0:
         return values.reshape(1, -1)
     return np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-
-
-def _is_constant(tensor: gs.Tensor, memo: dict[int, bool]) -> bool:
-    """True when ``tensor`` is computed from constants only (so a Gather on it is a table lookup)."""
-    if isinstance(tensor, gs.Constant):
-        return True
-    if id(tensor) not in memo:
-        memo[id(tensor)] = False
-        producers = tensor.inputs
-        memo[id(tensor)] = (len(producers) == 1 and producers[0].domain in DEFAULT_DOMAINS
-                            and not any(isinstance(v, gs.Graph) for v in producers[0].attrs.values())
-                            and all(_is_constant(t, memo) for t in producers[0].inputs if t.name))
-    return memo[id(tensor)]
 
 
 def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: GraphTree, names) -> int:

@@ -39,27 +39,42 @@ def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto
     return model
 
 
-def channel_absmax(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
-                   *, max_samples: int, provider: str = "cpu") -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor over up to ``max_samples`` feeds."""
+def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
+                        visit: Callable[[str, np.ndarray], None], *, max_samples: int | None,
+                        provider: str = "cpu") -> int:
+    """Run up to ``max_samples`` feeds with ``tensor_names`` exposed and hand every float32 value
+    to ``visit(name, value)``, one sample at a time; returns the number of samples run."""
     if not tensor_names:
-        return {}
+        return 0
     model = probe_model(graph, tensor_names)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = ORT_QUIET
     session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                            providers=list(resolve_provider(provider).providers))
+    del model
     inputs = [node_arg.name for node_arg in session.get_inputs()]
     names = list(tensor_names)
-    absmax: dict[str, np.ndarray] = {}
+    count = 0
     for feed in itertools.islice(feeds(), max_samples):
         values = session.run(names, {name: feed[name] for name in inputs})
         for name, value in zip(names, values):
-            if value.ndim == 0 or value.dtype != np.float32:
-                continue
-            current = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            previous = absmax.get(name)
-            absmax[name] = current if previous is None or previous.shape != current.shape else np.maximum(previous, current)
+            if value.ndim > 0 and value.dtype == np.float32:
+                visit(name, value)
+        count += 1
+    return count
+
+
+def channel_absmax(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
+                   *, max_samples: int | None, provider: str = "cpu") -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each tensor over up to ``max_samples`` feeds."""
+    absmax: dict[str, np.ndarray] = {}
+
+    def visit(name: str, value: np.ndarray) -> None:
+        current = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+        previous = absmax.get(name)
+        absmax[name] = current if previous is None or previous.shape != current.shape else np.maximum(previous, current)
+
+    observe_activations(graph, tensor_names, feeds, visit, max_samples=max_samples, provider=provider)
     return absmax
 
 

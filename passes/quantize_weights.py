@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from optimizer.quant_math import QType, qtype, quantize_weight
+from optimizer.quant_math import QType, QuantizedTensor, qtype, quantize_weight
 from optimizer.pass_base import PassReport
 from passes.quantize_common import FloatForm, Names, QuantizedWeight
 from passes.quantize_targets import Consumer, WeightTarget
@@ -108,10 +108,13 @@ def _form(target: WeightTarget, choice: WeightOnlyForm, bits: int) -> FloatForm:
     return "dq" if bits == 4 and all(c.node.op in DQ_FUSED_OPS for c in target.consumers) else "fold"
 
 
-def quantize_weight_only(target: WeightTarget, spec: WeightSpec, names: Names, report: PassReport) -> QuantizedWeight:
-    """Store ``target`` as integers and give every reader its dequantized value."""
-    quantized = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis,
-                                block_size=spec.block_size)
+def quantize_weight_only(target: WeightTarget, spec: WeightSpec, names: Names, report: PassReport,
+                         quantized: QuantizedTensor | None = None) -> QuantizedWeight:
+    """Store ``target`` as integers (rounded to nearest unless ``quantized`` is given, e.g. by
+    GPTQ) and give every reader its dequantized value."""
+    if quantized is None:
+        quantized = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis,
+                                    block_size=spec.block_size)
     weight = QuantizedWeight(target, quantized, names)
     weight.make_float_view(spec.form)
     report.count(f"weights_{spec.qtype.name}")

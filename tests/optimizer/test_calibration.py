@@ -57,6 +57,26 @@ def test_adaptive_histogram_percentile_matches_numpy_within_one_bin(symmetric):
         assert abs(low - expected_low) <= width and abs(high - expected_high) <= width
 
 
+def test_binning_a_strided_subset_keeps_exact_counts_and_close_percentiles():
+    data = _laplace_with_outlier(3)
+    full, sampled = StreamingHistogram(2048), StreamingHistogram(2048, max_binned=1 << 14)
+    for part in np.array_split(data, 5):
+        full.add(part)
+        sampled.add(part)
+    assert sampled.count == full.count == data.size and sampled.minmax() == full.minmax()
+    assert sampled.counts.sum() == pytest.approx(data.size)  # each binned value stands for its stride
+    for percentile in (99.0, 99.9):
+        want = np.percentile(np.abs(data), percentile)
+        assert sampled.percentile_range(percentile, symmetric=True)[1] == pytest.approx(want, rel=0.05)
+    small = StreamingHistogram(2048, max_binned=1 << 14)
+    small.add(data[:1000])
+    reference = StreamingHistogram(2048)
+    reference.add(data[:1000])
+    np.testing.assert_array_equal(small.counts, reference.counts)  # arrays under the cap are binned whole
+    with pytest.raises(ValueError, match="max_binned"):
+        StreamingHistogram(64, max_binned=0)
+
+
 def test_percentile_of_uniform_distribution_within_a_bin():
     data = np.random.default_rng(3).uniform(0.0, 10.0, 400_000).astype(np.float32)
     histogram = _histogram(data)
@@ -185,6 +205,26 @@ def test_feeds_as_list_iterator_or_factory(kind):
     result = collect_ranges(model, names, source, method="percentile", progress=True)
     assert result.samples == 3
     assert result.ranges == collect_ranges(model, names, feeds, method="percentile").ranges
+
+
+def test_max_samples_reads_only_that_many_and_says_so():
+    model = _cnn()
+    feeds = seeded_feeds(model, count=6)
+    read = []
+
+    def source():
+        for feed in feeds:
+            read.append(1)
+            yield feed
+
+    result = collect_ranges(model, ["conv1.out"], source, method="minmax", max_samples=3)
+    assert result.samples == 3 and len(read) == 4  # one more is read to tell whether the cap cut anything
+    assert any("first 3 samples" in note for note in result.notes)
+    assert result.ranges == collect_ranges(model, ["conv1.out"], feeds[:3], method="minmax").ranges
+    everything = collect_ranges(model, ["conv1.out"], feeds, method="minmax", max_samples=6)
+    assert everything.samples == 6 and not any("first" in note for note in everything.notes)
+    with pytest.raises(OptionError, match="max_samples"):
+        collect_ranges(model, ["conv1.out"], feeds, max_samples=0)
 
 
 def test_inputs_initializers_unknown_and_non_float_tensors():

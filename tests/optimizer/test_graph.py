@@ -8,6 +8,7 @@ from onnx import helper
 from optimizer.graph import (
     export_model,
     import_graph,
+    is_constant_derived,
     iter_graphs,
     tensor_uses,
     unused_initializers,
@@ -124,3 +125,23 @@ def test_constant_read_only_by_both_branches_is_stored_once_in_the_enclosing_gra
         assert_same_outputs(both, exported, [{"x": np.ones((2, 4), np.float32), "c": np.array(switch)}])
     single = export_model(import_graph(model), model)
     assert all_initializer_names(single.graph) == ["W"]
+
+
+def test_is_constant_derived_follows_chains_and_diamonds_but_not_inputs_or_subgraphs():
+    weight = gs.Constant("w", np.ones((2, 2), np.float32))
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 2])
+    cast, scaled, summed, mixed = (gs.Variable(name, dtype=np.float32) for name in ("cast", "scaled", "summed", "mixed"))
+    graph = gs.Graph(nodes=[
+        gs.Node("Cast", inputs=[weight], outputs=[cast], attrs={"to": 1}),
+        gs.Node("Mul", inputs=[cast, weight], outputs=[scaled]),
+        gs.Node("Add", inputs=[scaled, cast], outputs=[summed]),  # diamond: cast read twice
+        gs.Node("Add", inputs=[summed, x], outputs=[mixed]),
+    ], inputs=[x], outputs=[mixed])
+    memo: dict = {}
+    assert is_constant_derived(summed, memo) and memo[id(cast)] is True
+    assert not is_constant_derived(mixed, memo) and not is_constant_derived(x, memo)
+    branch = gs.Variable("branch", dtype=np.float32)
+    body = gs.Graph(nodes=[], inputs=[], outputs=[gs.Constant("b", np.ones(1, np.float32))])
+    graph.nodes.append(gs.Node("If", inputs=[gs.Constant("c", np.array(True))], outputs=[branch],
+                               attrs={"then_branch": body, "else_branch": body}))
+    assert not is_constant_derived(branch, {})

@@ -83,10 +83,12 @@ def test_per_channel_static_raises_opset_11_to_13_with_the_version_converter():
 def test_tensor_with_a_range_too_wide_for_8_bits_stays_float():
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((16, 16)) * 0.2).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"), helper.make_node("Add", ["h", "mask"], ["y"])]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"), helper.make_node("Add", ["h", "mask"], ["y"]),
+             helper.make_node("MatMul", ["y", "W"], ["z"], name="fc2")]  # the Add leads to an integer op
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16]),
                                            helper.make_tensor_value_info("mask", TensorProto.FLOAT, [4, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 16])],
                               [numpy_helper.from_array(weight, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     mask = np.where(rng.random((4, 16)) < 0.3, -1e9, 0.0).astype(np.float32)
@@ -113,3 +115,107 @@ def test_contract_context_default_mode_needs_no_calibration():
     model = load_model(MODELS_DIR / "cnn.onnx")
     result = Pipeline([create_pass("quantize")], context=PassContext()).run(model)
     assert result.runs[0].report["details"]["mode"] == "dynamic" and result.modified
+
+
+def embedding_model() -> onnx.ModelProto:
+    """Gather from an embedding table (weight-only in static mode), MatMul, Reshape, MatMul."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((500, 64)).astype(np.float32)
+    first = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32)
+    second = (rng.standard_normal((16, 16)) * 0.2).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "W1"], ["h"], name="fc1"),
+        helper.make_node("Reshape", ["h", "shape"], ["r"], name="split_heads"),
+        helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 4, 16])],
+                              [numpy_helper.from_array(table, "E"), numpy_helper.from_array(first, "W1"),
+                               numpy_helper.from_array(second, "W2"),
+                               numpy_helper.from_array(np.array([2, 8, 4, 16], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def constant_derived(graph: onnx.GraphProto) -> set[str]:
+    known = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(not i or i in known for i in node.input)):
+            known.update(node.output)
+    return known
+
+
+def id_feeds(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"ids": rng.integers(0, 500, (2, 8)).astype(np.int64)} for _ in range(count)]
+
+
+def test_static_leaves_weight_only_chains_unquantized_and_reshape_shares_its_input_scale(tmp_path):
+    model = embedding_model()
+    feeds = id_feeds(6)
+    result, report = quantize(model, calibration=feeds, mode="static", min_weight_elements=16)
+    graph = result.model.graph
+    folded = constant_derived(graph)
+    assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in folded], \
+        "the float view of a weight-only table is a weight, not an activation"
+    ran = ort_runs(result.model, tmp_path)
+    assert ran["QLinearMatMul"] == 1 and ran["MatMulIntegerToFloat"] == 1 and "DequantizeLinear" not in ran
+    assert ran["Gather"] == 1, "onnxruntime folded the dequantized table at load and gathers from it"
+    producer = {o: n for n in graph.node for o in n.output}
+    reshape = next(n for n in graph.node if n.op_type == "Reshape" and n.name == "split_heads")
+    before = producer[reshape.input[0]]  # DequantizeLinear of the MatMul output
+    after = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == reshape.output[0])
+    scales = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert before.op_type == "DequantizeLinear" and scales[before.input[1]] == scales[after.input[1]]
+    assert report["details"]["calibration"]["tensors"] == 3  # e, h and y; r inherits h's range
+    assert max_abs_error(model, result.model, feeds) <= 0.1
+
+
+def test_static_reads_calibration_samples_then_stops_and_zero_reads_all():
+    model = embedding_model()
+    feeds = id_feeds(40)
+    _, report = quantize(model, calibration=feeds, mode="static", min_weight_elements=16)
+    calibration = report["details"]["calibration"]
+    assert calibration["samples"] == 32 and any("first 32" in note for note in calibration["notes"])
+    _, report = quantize(model, calibration=feeds, mode="static", min_weight_elements=16, calibration_samples=0)
+    assert report["details"]["calibration"]["samples"] == 40
+
+
+def residual_block_model() -> onnx.ModelProto:
+    """MatMul -> residual Add -> LayerNorm (float) -> MatMul -> GELU -> MatMul: a transformer FFN."""
+    rng = np.random.default_rng(3)
+    w1, w2, w3 = ((rng.standard_normal(shape) * 0.2).astype(np.float32) for shape in ((32, 32), (32, 64), (64, 32)))
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["a"], name="attention_out"),
+        helper.make_node("Add", ["a", "x"], ["residual"], name="residual_add"),
+        helper.make_node("LayerNormalization", ["residual", "gamma", "beta"], ["n"], axis=-1, name="norm"),
+        helper.make_node("MatMul", ["n", "W2"], ["up"], name="ffn_up"),
+        helper.make_node("Div", ["up", "sqrt2"], ["scaled"]),
+        helper.make_node("Erf", ["scaled"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["shifted"], name="gelu_add"),
+        helper.make_node("Mul", ["up", "shifted"], ["gelu_half"], name="gelu_mul"),
+        helper.make_node("Mul", ["gelu_half", "half"], ["gelu"], name="gelu_scale"),
+        helper.make_node("MatMul", ["gelu", "W3"], ["y"], name="ffn_down"),
+    ]
+    constants = {"W1": w1, "W2": w2, "W3": w3, "gamma": np.ones(32, np.float32), "beta": np.zeros(32, np.float32),
+                 "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32),
+                 "half": np.array(0.5, np.float32)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_static_keeps_ops_that_feed_only_float_ops_and_gelu_fed_matmuls_out_of_int8(tmp_path):
+    model = residual_block_model()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((4, 32)).astype(np.float32)} for i in range(6)]
+    result, report = quantize(model, calibration=feeds, mode="static", min_weight_elements=16)
+    graph = result.model.graph
+    quantized_inputs = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert "residual" not in quantized_inputs, "the residual Add feeds LayerNorm only: no integer op gains from it"
+    assert "gelu" not in quantized_inputs and report["counts"]["static_MatMul"] == 2
+    assert any(note["tensor"] == "W3" and "GELU" in note["reason"] for note in report["details"]["weight_only_matmuls"])
+    assert report["details"]["float_neighbors"]["count"] >= 2  # residual_add, and the GELU's Add/Muls
+    ran = ort_runs(result.model, tmp_path)
+    assert "QLinearAdd" not in ran and ran["QLinearMatMul"] + ran["MatMulIntegerToFloat"] == 2
+    assert max_abs_error(model, result.model, feeds) <= 0.05 * max(np.abs(r[0]).max() for r in run_model(model, feeds))
