@@ -27,8 +27,8 @@ from optimizer.inspect import weight_bytes_by_dtype
 from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
 from optimizer.lazy_io import process_alive
 from optimizer.fusion import check_fusion, op_counts
-from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, PROTOBUF_LIMIT_BYTES, load_model, load_model_with_files,
-                             model_size_bytes, save_model, serialized_size_bytes)
+from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, fits_one_message, load_model, load_model_with_files,
+                             model_size_bytes, save_model)
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
@@ -325,7 +325,7 @@ def has_dequantize(model: onnx.ModelProto) -> bool:
 
 
 def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> None:
-    if isinstance(model, onnx.ModelProto) and serialized_size_bytes(model) >= PROTOBUF_LIMIT_BYTES:
+    if isinstance(model, onnx.ModelProto) and not fits_one_message(model):
         report.notes.append("fusion check skipped: the model exceeds 2 GB and was not written")
         return
     fusion = check_fusion(model, provider)

@@ -28,7 +28,7 @@ from optimizer.calibration_graph import (
 )  # fmt: skip
 from optimizer.calibration_histogram import RunningMinMax, StreamingHistogram
 from optimizer.errors import FeedError, OptionError
-from optimizer.model import PROTOBUF_LIMIT_BYTES, PROTOBUF_MARGIN_BYTES, save_model, serialized_size_bytes
+from optimizer.model import fits_one_message, save_model
 from optimizer.runtime import ProviderChoice, create_session, resolve_provider, run_session
 
 __all__ = [
@@ -157,7 +157,8 @@ def collect_ranges(
     plan = _Plan.make(catalog, tensor_names)
     statistics = {name: options.new_statistic() for name in (*plan.run, *plan.inputs)}
     seen = dict.fromkeys(statistics, 0)
-    runner = _GroupRunner(model, plan.run, catalog, options, choice)
+    input_bytes = sum(int(np.asarray(value).nbytes) for value in first.values())
+    runner = _GroupRunner(model, plan.run, catalog, options, choice, input_bytes)
     count = 0
     total = len(feeds) if isinstance(feeds, Sequence) else None
     if total is not None and max_samples is not None:
@@ -244,10 +245,15 @@ class _GroupRunner:
     """Runs the sample through one pruned model per group of tensors and feeds the statistics."""
 
     def __init__(self, model: onnx.ModelProto, names: list[str], catalog: TensorCatalog,
-                 options: _Options, choice: ProviderChoice) -> None:  # fmt: skip
+                 options: _Options, choice: ProviderChoice, input_bytes: int) -> None:  # fmt: skip
         self.model, self.names, self.options, self.choice = model, names, options, choice
+        self.elem_types = catalog.elem_types
+        # A size shape inference could not tell is guessed as the largest known one, or (none
+        # known: a torch export whose Slice ends come from Shape ops, say) one sample's inputs.
+        # Guessing the whole budget gave all-MiniLM-L6-v2 one session per tensor: 48 copies of
+        # the weights, 5 GB and 30 s. The first sample's real sizes regroup either guess.
         known = [catalog.nbytes[name] for name in names if name in catalog.nbytes]
-        fallback = max(known, default=options.memory_budget_bytes)
+        fallback = max(known, default=max(input_bytes, 1))
         self.estimates = {name: catalog.nbytes.get(name, fallback) for name in names}
         self.observed: dict[str, int] = {}
         self.rebuilds = 0
@@ -264,7 +270,7 @@ class _GroupRunner:
         self.sessions = []
         self.groups = groups
         for group in groups:
-            self.sessions.append(_group_session(self.model, group, self.choice))
+            self.sessions.append(_group_session(self.model, group, self.choice, self.elem_types))
 
     def observe(self, feed: Feed, statistics: dict, seen: dict, skipped: dict[str, str]) -> None:
         for index, session in enumerate(self.sessions):
@@ -297,9 +303,10 @@ class _GroupRunner:
             self.rebuilds += 1
 
 
-def _group_session(model: onnx.ModelProto, group: list[str], choice: ProviderChoice) -> onnxruntime.InferenceSession:
-    exposed = expose_outputs(model, group, prune=True)
-    if serialized_size_bytes(exposed) <= PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES:
+def _group_session(model: onnx.ModelProto, group: list[str], choice: ProviderChoice,
+                   elem_types: Mapping[str, int]) -> onnxruntime.InferenceSession:  # fmt: skip
+    exposed = expose_outputs(model, group, prune=True, elem_types=elem_types)
+    if fits_one_message(exposed):
         return create_session(exposed.SerializeToString(), choice, memory_arena=False)[0]
     with tempfile.TemporaryDirectory(prefix="onnx-compress-calibration-") as folder:
         path = save_model(exposed, os.path.join(folder, "calibration.onnx"), external_data=True)

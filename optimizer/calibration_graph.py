@@ -60,8 +60,7 @@ def _typed_value_infos(
     value infos it already declares, and the missing types are learnt from the first run.
     """
     declared = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = _shapes_only(model)
     for info in copy.graph.input:
         shape = input_shapes.get(info.name)
         if shape is not None and info.type.HasField("tensor_type"):
@@ -79,6 +78,30 @@ def _typed_value_infos(
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
             infos.setdefault(info.name, info)
     return infos
+
+
+STUB_ABOVE_BYTES = 4096
+"""Main-graph initializers larger than this reach shape inference as dims and type only: shape
+inference reads values only to propagate shapes (small int64 tensors), and copying 90 MB of
+weights into and out of it took longer than the inference itself."""
+
+
+def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference: large main-graph initializers without values."""
+    copy = _without_graph_body(model)
+    graph = copy.graph
+    source = model.graph
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    graph.sparse_initializer.extend(source.sparse_initializer)
+    for tensor in source.initializer:
+        if len(tensor.raw_data) > STUB_ABOVE_BYTES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            graph.initializer.append(tensor)
+    return copy
 
 
 def _static_nbytes(info: onnx.ValueInfoProto) -> int | None:
@@ -127,7 +150,8 @@ def _names_read_inside(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def expose_outputs(model: onnx.ModelProto, names: Iterable[str], *, prune: bool = False) -> onnx.ModelProto:
+def expose_outputs(model: onnx.ModelProto, names: Iterable[str], *, prune: bool = False,
+                   elem_types: Mapping[str, int] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose graph outputs are ``names`` (main-graph tensors).
 
     Without ``prune`` the original outputs stay and ``names`` are appended; with ``prune`` the
@@ -135,9 +159,15 @@ def expose_outputs(model: onnx.ModelProto, names: Iterable[str], *, prune: bool 
     Each added output carries its type from the model or shape inference (symbolic shapes
     only: shape inference runs without concrete inputs here); an output whose type stays
     unknown gets no type at all, which onnxruntime accepts (it infers it) but the checker does not.
+    With ``elem_types`` (a catalog's), outputs get those element types and no shape, and shape
+    inference is not run again.
     """
     wanted = list(dict.fromkeys(names))
-    infos = _typed_value_infos(model, {})
+    if elem_types is None:
+        infos = _typed_value_infos(model, {})
+    else:
+        infos = {name: onnx.helper.make_tensor_value_info(name, elem_types[name], None)
+                 for name in wanted if elem_types.get(name)}
     result = onnx.ModelProto()
     if prune:
         _copy_pruned(model, wanted, result)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from optimizer.model import PROTOBUF_LIMIT_BYTES, save_model, serialized_size_bytes
+from optimizer.model import fits_one_message, save_model
 
 
 def check_model_full(model: onnx.ModelProto) -> None:
@@ -16,7 +16,7 @@ def check_model_full(model: onnx.ModelProto) -> None:
     onnx checks models over protobuf's 2 GB limit only from a path, so those are written with
     external data to a temporary folder first.
     """
-    if serialized_size_bytes(model) < PROTOBUF_LIMIT_BYTES:
+    if fits_one_message(model):
         onnx.checker.check_model(model, full_check=True)
         return
     with tempfile.TemporaryDirectory(prefix="onnx-compress-check-") as folder:

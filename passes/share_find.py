@@ -28,11 +28,25 @@ class Relation:
 
 
 def exact_classes(weights: list[Weight]) -> list[list[Weight]]:
-    """Weights grouped by dtype, shape and bytes (hash first, bytes confirmed), in walk order."""
-    buckets: dict[tuple, list[Weight]] = {}
+    """Weights grouped by dtype, shape and bytes (hash first, bytes confirmed), in walk order.
+
+    Only weights that share dtype and shape with another are hashed: a tensor alone in its
+    shape (an embedding table, most often the largest) has no copy to find.
+    """
+    by_shape: dict[tuple, list[Weight]] = {}
     for weight in weights:
-        key = (weight.values.dtype.str, weight.values.shape, weight.digest())
-        buckets.setdefault(key, []).append(weight)
+        by_shape.setdefault((weight.values.dtype.str, weight.values.shape), []).append(weight)
+    buckets: dict[tuple, list[Weight]] = {}
+    for key, members in by_shape.items():
+        if len(members) == 1:
+            buckets[key] = members
+            continue
+        sampled: dict[bytes, list[Weight]] = {}
+        for weight in members:  # a strided sample splits most same-shape tensors before hashing
+            sampled.setdefault(_sample_bytes(weight.values), []).append(weight)
+        for sample, group in sampled.items():
+            for weight in group:
+                buckets.setdefault(key + (sample, weight.digest() if len(group) > 1 else b""), []).append(weight)
     classes: list[list[Weight]] = []
     for members in buckets.values():
         confirmed: list[list[Weight]] = []
@@ -109,8 +123,14 @@ def _transposed(weights: list[Weight]) -> list[Relation]:
             groups.setdefault((weight.values.dtype.str, tuple(sorted(shape))), []).append(weight)
     relations = []
     for members in groups.values():
-        stats = {id(w): _stats(w.values) for w in members}
+        extremes = {id(w): _extremes(w.values) for w in members}
+        stats: dict[int, np.ndarray] = {}
         for first, second in itertools.combinations(members, 2):
+            if extremes[id(first)] != extremes[id(second)]:  # a permutation keeps min and max exactly
+                continue
+            for weight in (first, second):
+                if id(weight) not in stats:
+                    stats[id(weight)] = _stats(weight.values)
             if not np.allclose(stats[id(first)], stats[id(second)], rtol=1e-6, atol=1e-30):
                 continue
             perm = _find_permutation(first.values, second.values)
@@ -149,6 +169,16 @@ def _cast(weights: list[Weight]) -> list[Relation]:
     return sorted(relations, key=lambda r: (r.derived.order, r.source.order))
 
 
+SAMPLE_VALUES = 1024
+
+
+def _sample_bytes(values: np.ndarray) -> bytes:
+    """Up to ``SAMPLE_VALUES`` evenly strided values (bit patterns): equal tensors have equal samples."""
+    flat = _raw(values).view(values.dtype) if values.dtype.kind != "b" else values.reshape(-1)
+    step = max(1, flat.size // SAMPLE_VALUES)
+    return np.ascontiguousarray(flat[::step]).tobytes()
+
+
 def _stats(values: np.ndarray) -> np.ndarray:
     """Permutation-invariant fingerprint (sum, sum of squares, min, max) used as a pre-filter."""
     data = values.astype(np.float64).reshape(-1)
@@ -156,6 +186,12 @@ def _stats(values: np.ndarray) -> np.ndarray:
     if finite.size == 0:
         return np.zeros(4)
     return np.array([finite.sum(), (finite * finite).sum(), finite.min(), finite.max()])
+
+
+def _extremes(values: np.ndarray) -> bytes:
+    """min and max as bit patterns (NaN-safe: a NaN anywhere shows in both)."""
+    flat = values.reshape(-1)
+    return np.array([flat.min(), flat.max()], dtype=values.dtype).tobytes()
 
 
 def _raw(values: np.ndarray) -> np.ndarray:

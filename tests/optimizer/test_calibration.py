@@ -12,7 +12,7 @@ import pytest
 from optimizer.calibration import (
     CalibrationResult, StreamingHistogram, TensorRange, collect_ranges, expose_outputs,
 )  # fmt: skip
-from optimizer.calibration_graph import SUBGRAPH_ONLY, UNKNOWN_TENSOR
+from optimizer.calibration_graph import STUB_ABOVE_BYTES, SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
 from optimizer.errors import FeedError, OptionError
 from tests.conftest import MODELS_DIR, seeded_feeds
 
@@ -321,3 +321,41 @@ def test_peak_memory_does_not_grow_with_samples(method):
     assert many < 1.1 * few + 2**18
     # 1 MB budget: 2 tensors per group, far less than one sample's 6 MB of activations
     assert many < 0.5 * one_sample_bytes
+
+
+def _reshape_from_input_model() -> onnx.ModelProto:
+    """Sizes shape inference cannot tell: the Reshape target is a graph input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["h"]),
+             helper.make_node("Relu", ["h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+                                           helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_unknown_sizes_are_guessed_small_so_one_session_serves_every_tensor():
+    model = _reshape_from_input_model()
+    catalog = build_catalog(model, {"x": (256,), "shape": (2,)})
+    assert not {"r", "h", "y"} & set(catalog.nbytes), "the test needs sizes shape inference cannot tell"
+    feeds = [{"x": np.random.default_rng(i).standard_normal(256).astype(np.float32),
+              "shape": np.array([4, 64], np.int64)} for i in range(3)]
+    result = collect_ranges(model, ["r", "h", "y"], feeds, method="minmax")
+    assert result.notes[-1] == "0 regrouping(s); final groups: 1"
+    assert set(result.ranges) == {"r", "h", "y"}
+
+
+def test_catalog_infers_through_small_constants_while_large_weights_reach_inference_as_stubs():
+    from onnx import numpy_helper
+
+    model = _reshape_from_input_model()
+    model.graph.input.pop()  # the Reshape target becomes a small initializer, the weight stays large
+    model.graph.initializer.append(numpy_helper.from_array(np.array([4, 64], np.int64), "shape"))
+    weight = model.graph.initializer[0].raw_data
+    assert len(weight) > STUB_ABOVE_BYTES
+    catalog = build_catalog(model, {"x": (256,)})
+    assert {name: catalog.nbytes.get(name) for name in ("r", "h", "y")} == {"r": 1024, "h": 1024, "y": 1024}
+    assert model.graph.initializer[0].raw_data == weight, "the caller's model is not touched"

@@ -314,3 +314,19 @@ def test_file_over_max_input_bytes_is_rejected(tmp_path):
     with pytest.raises(ModelLoadError, match="over the limit"):
         load_model(path.read_bytes(), max_input_bytes=10)
     assert load_model(path, max_input_bytes=path.stat().st_size).graph.name == "main"
+
+
+def test_fits_one_message_skips_byte_size_for_small_payloads_and_measures_near_the_limit(monkeypatch):
+    weight = numpy_helper.from_array(np.zeros(1000, np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1000])], [weight])
+    model = helper.make_model(graph)
+    assert model_module.fits_one_message(model)
+    measured = []
+    monkeypatch.setattr(model_module, "serialized_size_bytes", lambda m: measured.append(1) or m.ByteSize())
+    monkeypatch.setattr(model_module, "PROTOBUF_MARGIN_BYTES", 0)
+    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT_BYTES", 10_000)  # payload 4,000 B: under half, no measuring
+    assert model_module.fits_one_message(model) and not measured
+    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT_BYTES", 4_050)  # over half: measured, and too big
+    assert not model_module.fits_one_message(model) and measured

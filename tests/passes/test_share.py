@@ -211,3 +211,18 @@ def test_bad_option_values():
         create_pass("share", near_duplicate_rtol=1.5)
     with pytest.raises(OptionError, match="must be bool"):
         create_pass("share", transformed="yes")
+
+
+def test_same_shape_tensors_differing_only_between_sampled_values_are_not_merged():
+    base = RNG.standard_normal((100, 100)).astype(np.float32)
+    near = base.copy()
+    near.reshape(-1)[1] += 1.0  # the sample takes every 9th value: index 1 is not in it
+    copy = base.copy()
+    nodes = [helper.make_node("MatMul", ["x", name], [f"y{i}"]) for i, name in enumerate(("A", "B", "C"))]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", F, [2, 100])],
+                       [helper.make_tensor_value_info(f"y{i}", F, [2, 100]) for i in range(3)],
+                       [init("A", base), init("B", near), init("C", copy)])
+    shared, report = run_share(model)
+    assert report["counts"]["exact_copies_removed"] == 1
+    assert sorted(all_initializer_names(shared.graph)) == ["A", "B"]
+    assert_same_outputs(model, shared, x_feeds((2, 100)), atol=0.0)
