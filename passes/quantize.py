@@ -83,7 +83,9 @@ class QuantizePass(Pass):
         "activation ranges (on PP-OCRv4 and all-MiniLM-L6-v2 the accuracy from 32 and 100 samples agrees within "
         "run-to-run noise, at a third of the time: benchmarks/results/quantize.md)")
     calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = option(
-        "percentile", "how static mode turns calibration statistics into activation ranges")
+        "percentile", "how static mode turns calibration statistics into activation ranges; entropy (KL) clips long "
+        "tails hard and is for post-ReLU activations: on PP-OCRv4 det (Conv outputs before BatchNorm) it gave "
+        "IoU 0.0 where percentile gave 0.949, mse 0.945, minmax 0.945")
     percentile: float = option(99.999, "percentile of |activation| kept by calibration_method=percentile")
     op_types: tuple[str, ...] = option(DEFAULT_OP_TYPES, "op types whose weights are quantized")
     exclude_nodes: tuple[str, ...] = option((), "node names left in float: globs, or regular expressions after 're:'")

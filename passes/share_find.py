@@ -101,10 +101,21 @@ def transform_relations(weights: list[Weight]) -> list[Relation]:
 
 
 def _reshaped(weights: list[Weight]) -> list[Relation]:
-    buckets: dict[tuple, list[Weight]] = {}
+    by_size: dict[tuple, list[Weight]] = {}
     for weight in weights:
         if weight.values.size > 1:
-            buckets.setdefault((weight.values.dtype.str, weight.digest()), []).append(weight)
+            by_size.setdefault((weight.values.dtype.str, weight.values.size), []).append(weight)
+    buckets: dict[tuple, list[Weight]] = {}
+    for key, members in by_size.items():
+        shapes = {weight.values.shape for weight in members}
+        if len(shapes) < 2:
+            continue  # same-shape copies are exact copies, found before
+        sampled: dict[bytes, list[Weight]] = {}
+        for weight in members:
+            sampled.setdefault(_sample_bytes(weight.values), []).append(weight)
+        for group in sampled.values():
+            for weight in group if len(group) > 1 else ():
+                buckets.setdefault(key + (weight.digest(),), []).append(weight)
     relations = []
     for members in buckets.values():
         first = members[0]
