@@ -39,7 +39,7 @@ from optimizer.registry import create_pass  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.md"
 CALIBRATION_SAMPLES = {"minilm": 100, "ocr-rec": 100, "ocr-det": 100}
-ROUNDS = {"minilm": 60, "ocr-rec": 60, "ocr-det": 20}
+ROUNDS = {"minilm": 80, "ocr-rec": 80, "ocr-det": 40}
 CLI = "import sys, passes.quantize; from optimizer.cli import main; sys.exit(main(sys.argv[1:]))"
 
 ORT_SCRIPT = '''
@@ -79,6 +79,7 @@ class Variant:
     metrics: dict[str, float] = field(default_factory=dict)
     latency_ratio: float | None = None
     latency_min_ratio: float | None = None
+    latency_paired: float | None = None
     note: str = ""
 
 
@@ -183,15 +184,16 @@ def run_task(key: str, quick: bool) -> tuple[list[Variant], dict]:
         reference, candidate = result.models
         variant.latency_ratio = candidate.ratio_p50
         variant.latency_min_ratio = candidate.min_ms / reference.min_ms
+        variant.latency_paired = candidate.ratio_paired
         fp32_p50.append(reference.p50_ms)
-    variants[0].latency_ratio = variants[0].latency_min_ratio = 1.0
+    variants[0].latency_ratio = variants[0].latency_min_ratio = variants[0].latency_paired = 1.0
     return variants, {"fp32_bytes": file_size_bytes(task.model), "name": task.name, "samples": len(feeds),
                       "fp32_p50_ms": float(sorted(fp32_p50)[len(fp32_p50) // 2])}
 
 
 def table(variants: list[Variant], info: dict) -> str:
     metric_names = sorted({k for v in variants for k in v.metrics})
-    header = ["variant", "size MB", "size / fp32", *metric_names, "latency / fp32 (p50)", "latency / fp32 (min)", "tool s", "tool peak RSS MB",
+    header = ["variant", "size MB", "size / fp32", *metric_names, "latency / fp32 (paired)", "latency / fp32 (p50)", "latency / fp32 (min)", "tool s", "tool peak RSS MB",
               "checker / ORT load", "note"]
     rows = []
     for v in variants:
@@ -199,6 +201,7 @@ def table(variants: list[Variant], info: dict) -> str:
         rows.append([
             v.name, f"{size / 1e6:.2f}" if size else "-", f"{size / info['fp32_bytes']:.3f}" if size else "-",
             *[f"{v.metrics[m]:.4f}" if m in v.metrics else "-" for m in metric_names],
+            f"{v.latency_paired:.3f}" if v.latency_paired is not None else "-",
             f"{v.latency_ratio:.3f}" if v.latency_ratio is not None else "-",
             f"{v.latency_min_ratio:.3f}" if v.latency_min_ratio is not None else "-",
             f"{v.seconds:.1f}" if v.seconds else "-", f"{v.peak_rss_mb:.0f}" if v.peak_rss_mb else "-",
@@ -219,7 +222,8 @@ def main() -> None:
         "CPU, onnxruntime 1.32, threads=2, latency of each variant interleaved with fp32 in one process "
         "(`optimizer.benchmark`, one pair at a time: with more sessions alive, their idle spinning threads "
         "steal the 2 cores from the one being timed), "
-        "p50 and min ratio to fp32 (lower is faster; the min is the steadier one on a shared machine). Tool time and peak RSS: the CLI (or onnxruntime's "
+        "ratio to fp32 as the median of same-round ratios (paired: a slow spell of the shared machine hits both "
+        "sides of a pair), then the ratios of p50s and of minima (lower is faster). Tool time and peak RSS: the CLI (or onnxruntime's "
         "quantizer) in a fresh child process (`harness.run_measured`), calibration included. "
         "onnx-compress runs with its default pipeline (constants-to-initializers, share, cleanup, quantize) and is "
         "given the same calibration folder as onnxruntime: static mode reads its first 32 samples by default "

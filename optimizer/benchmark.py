@@ -44,6 +44,9 @@ class ModelTiming:
     rounds: int
     ratio_p50: float
     provider_used: str
+    ratio_paired: float = 1.0
+    """Median over rounds of this model's time over the first model's in the same round: a slow
+    spell of the machine hits both sides of a pair, so this moves less than ``ratio_p50``."""
 
 
 @dataclass
@@ -71,14 +74,15 @@ class BenchResult:
             lines.append(f"note: {self.provider_note}")
         lines += [
             "",
-            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | create ms | provider |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | ratio paired | create ms | provider |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for timing in self.models:
             lines.append(
                 f"| {timing.name} | {timing.size_bytes / 1e6:.2f} | {timing.p50_ms:.3f} | "
                 f"{timing.p90_ms:.3f} | {timing.mean_ms:.3f} | {timing.min_ms:.3f} | "
-                f"{timing.ratio_p50:.3f} | {timing.session_create_ms:.1f} | {timing.provider_used} |"
+                f"{timing.ratio_p50:.3f} | {timing.ratio_paired:.3f} | {timing.session_create_ms:.1f} | "
+                f"{timing.provider_used} |"
             )
         return "\n".join(lines)
 
@@ -189,6 +193,8 @@ def benchmark(
     baseline_p50_ms = timings[0].p50_ms
     for position, timing in enumerate(timings):
         timing.ratio_p50 = 1.0 if position == 0 else _ratio(timing.p50_ms, baseline_p50_ms)
+        paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0])]
+        timing.ratio_paired = 1.0 if position == 0 else float(np.median(paired))
     return BenchResult(
         models=timings,
         provider_requested=choice.requested,

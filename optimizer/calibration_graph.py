@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from optimizer.shapes import shapes_only, without_graph_body
+
 FLOAT_TYPES = frozenset({
     onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
 })  # fmt: skip
@@ -60,7 +62,7 @@ def _typed_value_infos(
     value infos it already declares, and the missing types are learnt from the first run.
     """
     declared = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
-    copy = _shapes_only(model)
+    copy = shapes_only(model)
     for info in copy.graph.input:
         shape = input_shapes.get(info.name)
         if shape is not None and info.type.HasField("tensor_type"):
@@ -78,30 +80,6 @@ def _typed_value_infos(
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
             infos.setdefault(info.name, info)
     return infos
-
-
-STUB_ABOVE_BYTES = 4096
-"""Main-graph initializers larger than this reach shape inference as dims and type only: shape
-inference reads values only to propagate shapes (small int64 tensors), and copying 90 MB of
-weights into and out of it took longer than the inference itself."""
-
-
-def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference: large main-graph initializers without values."""
-    copy = _without_graph_body(model)
-    graph = copy.graph
-    source = model.graph
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    graph.sparse_initializer.extend(source.sparse_initializer)
-    for tensor in source.initializer:
-        if len(tensor.raw_data) > STUB_ABOVE_BYTES or tensor.data_location == onnx.TensorProto.EXTERNAL:
-            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-        else:
-            graph.initializer.append(tensor)
-    return copy
 
 
 def _static_nbytes(info: onnx.ValueInfoProto) -> int | None:
@@ -198,27 +176,13 @@ def _copy_pruned(model: onnx.ModelProto, wanted: Sequence[str], result: onnx.Mod
         needed.update(name for name in node.input if name)
         for subgraph in _node_subgraphs(node):
             needed |= _names_read_inside(subgraph)
-    result.CopyFrom(_without_graph_body(model))
+    result.CopyFrom(without_graph_body(model))
     target = result.graph
     target.node.extend(reversed(kept_nodes))
     target.initializer.extend(tensor for tensor in graph.initializer if tensor.name in needed)
     target.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in needed)
     target.input.extend(graph.input)
     target.value_info.extend(info for info in graph.value_info if info.name in needed)
-
-
-def _without_graph_body(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Model fields that are not the graph (opsets, local functions, metadata) without copying weights."""
-    shell = onnx.ModelProto(
-        ir_version=model.ir_version, producer_name=model.producer_name,
-        producer_version=model.producer_version, domain=model.domain,
-        model_version=model.model_version, doc_string=model.doc_string,
-    )  # fmt: skip
-    shell.opset_import.extend(model.opset_import)
-    shell.metadata_props.extend(model.metadata_props)
-    shell.functions.extend(model.functions)
-    shell.graph.name = model.graph.name
-    return shell
 
 
 def group_by_budget(

@@ -198,11 +198,34 @@ def _rewrite_matmul(consumer: Consumer, weight: QuantizedWeight, path: Activatio
     inlier_part = gs.Variable(names.fresh(base, "_inlier_part"), dtype=np.float32)
     outlier_part = gs.Variable(names.fresh(base, "_outlier_part"), dtype=np.float32)
     outlier_rows = _outlier_rows(graph, weight, path.outlier_index, names)
+    # one channel: an outer product, which a broadcast Mul computes faster than a K=1 MatMul
+    outer = "Mul" if path.outlier_index.size == 1 else "MatMul"
     graph.nodes.extend([
         gs.Node("Mul", names.fresh(base, "_Mul"), {}, [as_float, combined_scale], [inlier_part]),
-        gs.Node("MatMul", names.fresh(base, "_OutlierMatMul"), {}, [path.outlier_values, outlier_rows], [outlier_part]),
-        gs.Node("Add", names.fresh(base, "_OutlierAdd"), {}, [inlier_part, outlier_part], [output]),
+        gs.Node(outer, names.fresh(base, "_Outlier" + outer), {}, [path.outlier_values, outlier_rows], [outlier_part]),
     ])
+    bias_add = _bias_add(graph, output)
+    if bias_add is None:
+        graph.nodes.append(gs.Node("Add", names.fresh(base, "_OutlierAdd"), {}, [inlier_part, outlier_part], [output]))
+        return
+    # (inliers + bias) + outliers: onnxruntime folds the bias Add into DynamicQuantizeMatMul only
+    # when it follows the integer MatMul directly (MiniLM: 0.545x -> 0.512x fp32 latency, with the Mul)
+    result, biased = bias_add.outputs[0], gs.Variable(names.fresh(base, "_biased"), dtype=np.float32)
+    bias_add.inputs[bias_add.inputs.index(output)] = inlier_part
+    bias_add.outputs[0] = biased
+    graph.nodes.append(gs.Node("Add", names.fresh(base, "_OutlierAdd"), {}, [biased, outlier_part], [result]))
+
+
+def _bias_add(graph: gs.Graph, output: gs.Tensor) -> gs.Node | None:
+    """The Add that adds a constant bias to ``output`` and is its only reader, if there is one."""
+    readers = list(output.outputs)
+    if len(readers) != 1 or any(t is output for t in graph.outputs):
+        return None
+    add = readers[0]
+    if add.op != "Add" or add.domain not in ("", None, "ai.onnx") or len(add.inputs) != 2 or len(add.outputs) != 1:
+        return None
+    other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+    return add if isinstance(other, gs.Constant) and other is not output else None
 
 
 def _outlier_rows(graph: gs.Graph, weight: QuantizedWeight, index: np.ndarray, names: Names) -> gs.Variable:

@@ -169,3 +169,16 @@ def test_cuda_request_reports_the_fallback():
     assert result.models[0].provider_used == CPU_PROVIDER
     assert "falling back to CPU" in result.provider_note
     assert "note: CUDA requested" in result.to_markdown()
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios_and_ignores_a_slow_spell(monkeypatch):
+    # the machine turns three times slower after round 3, one run earlier for the candidate
+    baseline = [10.0, 10.0, 10.0, 10.0, 30.0, 30.0, 30.0]
+    candidate = [9.0, 9.0, 9.0, 27.0, 27.0, 27.0, 27.0]
+    clock = {"small": iter(baseline), "model1": iter(candidate)}
+    monkeypatch.setattr(benchmark_module, "_run_timed_ms", lambda session, inputs, name: next(clock[name]))
+    result = benchmark([matmul_model(), matmul_model(columns=8)], FEEDS, names=["small", "model1"], warmup=1, rounds=7)
+    first, second = result.models
+    assert first.ratio_paired == 1.0 and second.ratio_paired == pytest.approx(0.9)
+    assert second.ratio_p50 == pytest.approx(2.7)  # p50 27 ms over p50 10 ms: the spell, not the model
+    assert "| ratio paired |" in result.to_markdown()

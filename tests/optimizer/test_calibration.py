@@ -12,7 +12,8 @@ import pytest
 from optimizer.calibration import (
     CalibrationResult, StreamingHistogram, TensorRange, collect_ranges, expose_outputs,
 )  # fmt: skip
-from optimizer.calibration_graph import STUB_ABOVE_BYTES, SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
+from optimizer.calibration_graph import SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
+from optimizer.shapes import STUB_ABOVE_BYTES
 from optimizer.errors import FeedError, OptionError
 from tests.conftest import MODELS_DIR, seeded_feeds
 

@@ -328,6 +328,29 @@ def test_dynamic_splits_outlier_channels_measured_on_calibration_data():
     assert max_abs_error(model, split.model, evaluation) < 0.5 * max_abs_error(model, plain.model, evaluation)
 
 
+def test_outlier_split_adds_the_bias_first_so_onnxruntime_fuses_it(tmp_path):
+    w, bias = weight((64, 32)), weight((32,), seed=3)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"), helper.make_node("Add", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32) * np.where(np.arange(64) == 5, 60.0, 1.0)
+              .astype(np.float32)} for _ in range(6)]
+    result, report = quantize(model, calibration=feeds[:4], mode="dynamic", dynamic_min_k=0)
+    assert report["details"]["outlier_channels"] == {"x": [5]}
+    ran = ort_runs(result.model, tmp_path)
+    assert ran["DynamicQuantizeMatMul"] == 1 and ran["Add"] == 1, ran
+    fused = next(n for n in onnx.load(tmp_path / "model.ort-optimized.onnx").graph.node
+                 if n.op_type == "DynamicQuantizeMatMul")
+    assert len(fused.input) == 5 and fused.input[4] == "b", "the bias is folded into the integer MatMul"
+    assert ran["Mul"] >= 2 and "MatMul" not in ran  # inlier mask, and the one-channel outer product
+    reference = run_model(model, feeds[4:])
+    assert max_abs_error(model, result.model, feeds[4:]) < 0.02 * max(np.abs(r[0]).max() for r in reference)
+
+
 def test_dynamic_shares_one_integer_weight_across_if_branches():
     model = load_model(MODELS_DIR / "if_subgraph.onnx")
     result, report = quantize(model, mode="dynamic", dynamic_min_k=0)
