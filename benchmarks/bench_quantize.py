@@ -39,7 +39,7 @@ from optimizer.registry import create_pass  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.md"
 CALIBRATION_SAMPLES = {"minilm": 100, "ocr-rec": 100, "ocr-det": 100}
-ROUNDS = {"minilm": 80, "ocr-rec": 80, "ocr-det": 40}
+ROUNDS = {"minilm": 100, "ocr-rec": 100, "ocr-det": 60}
 CLI = "import sys, passes.quantize; from optimizer.cli import main; sys.exit(main(sys.argv[1:]))"
 
 ORT_SCRIPT = '''
