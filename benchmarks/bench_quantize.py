@@ -176,19 +176,17 @@ def run_task(key: str, quick: bool) -> tuple[list[Variant], dict]:
             log(f"{task.name}: evaluating {variant.name}")
             variant.metrics = task.evaluate(variant.path, task.model)
     timed = [v for v in variants[1:] if v.path is not None]
-    log(f"{task.name}: latency of {len(timed)} models, each interleaved with fp32")
-    fp32_p50 = []
-    for variant in timed:
-        result = benchmark([str(task.model), str(variant.path)], task.latency_feeds(), names=["fp32", variant.name],
-                           threads=2, rounds=4 if quick else ROUNDS[key], warmup=3)
-        reference, candidate = result.models
-        variant.latency_ratio = candidate.ratio_p50
-        variant.latency_min_ratio = candidate.min_ms / reference.min_ms
-        variant.latency_paired = candidate.ratio_paired
-        fp32_p50.append(reference.p50_ms)
+    log(f"{task.name}: latency of fp32 and {len(timed)} models, interleaved round by round")
+    result = benchmark([str(task.model)] + [str(v.path) for v in timed], task.latency_feeds(),
+                       names=["fp32"] + [v.name for v in timed], threads=2, rounds=4 if quick else ROUNDS[key], warmup=3)
+    reference, *timings = result.models
+    for variant, timing in zip(timed, timings):
+        variant.latency_ratio = timing.ratio_p50
+        variant.latency_min_ratio = timing.min_ms / reference.min_ms
+        variant.latency_paired = timing.ratio_paired
     variants[0].latency_ratio = variants[0].latency_min_ratio = variants[0].latency_paired = 1.0
     return variants, {"fp32_bytes": file_size_bytes(task.model), "name": task.name, "samples": len(feeds),
-                      "fp32_p50_ms": float(sorted(fp32_p50)[len(fp32_p50) // 2])}
+                      "fp32_p50_ms": reference.p50_ms}
 
 
 def table(variants: list[Variant], info: dict) -> str:
@@ -219,9 +217,9 @@ def main() -> None:
     sections = [
         "# Quantization: onnx-compress vs onnxruntime's quantizer (same calibration and evaluation data)",
         "",
-        "CPU, onnxruntime 1.32, threads=2, latency of each variant interleaved with fp32 in one process "
-        "(`optimizer.benchmark`, one pair at a time: with more sessions alive, their idle spinning threads "
-        "steal the 2 cores from the one being timed), "
+        "CPU, onnxruntime 1.32, threads=2, every variant of a model timed in the same rounds as fp32 "
+        "(`optimizer.benchmark`: each round runs every model once, the order reversed every other round, "
+        "sessions without spinning threads), "
         "ratio to fp32 as the median of same-round ratios (paired: a slow spell of the shared machine hits both "
         "sides of a pair), then the ratios of p50s and of minima (lower is faster). Tool time and peak RSS: the CLI (or onnxruntime's "
         "quantizer) in a fresh child process (`harness.run_measured`), calibration included. "
