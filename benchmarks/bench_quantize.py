@@ -175,6 +175,10 @@ def run_task(key: str, quick: bool) -> tuple[list[Variant], dict]:
         if variant.path is not None:
             log(f"{task.name}: evaluating {variant.name}")
             variant.metrics = task.evaluate(variant.path, task.model)
+    control = Variant("fp32, second session (noise floor)", task.model, valid=variants[0].valid,
+                      metrics=dict(variants[0].metrics),
+                      note="the same file in its own session: how far two identical graphs' ratios drift apart")
+    variants.insert(1, control)
     timed = [v for v in variants[1:] if v.path is not None]
     log(f"{task.name}: latency of fp32 and {len(timed)} models, interleaved round by round")
     result = benchmark([str(task.model)] + [str(v.path) for v in timed], task.latency_feeds(),
