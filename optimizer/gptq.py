@@ -41,6 +41,7 @@ class HessianAccumulator:
             rows = rows[np.isfinite(rows).all(axis=1)]
         self._pending.append(rows)
         self._pending_rows += rows.shape[0]
+        self.rows += rows.shape[0]
         if self._pending_rows >= FLUSH_ROWS:
             self._flush()
 
@@ -48,7 +49,6 @@ class HessianAccumulator:
         if self._pending:
             rows = np.concatenate(self._pending)
             self.sum += (rows.T @ rows).astype(np.float64)
-            self.rows += rows.shape[0]
         self._pending, self._pending_rows = [], 0
 
     def hessian(self) -> np.ndarray:

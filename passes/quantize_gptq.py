@@ -48,45 +48,70 @@ def gptq_inputs(graph: gs.Graph, target: WeightTarget, spec: WeightSpec) -> list
     return list(dict.fromkeys(names))
 
 
+HESSIAN_BUDGET_BYTES = 1 << 30
+"""X^T X accumulators held at once (float64, K x K each: 128 MB for K = 4096). Inputs beyond it
+are measured in further calibration passes, so memory stays bounded on large models."""
+
+
 def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[WeightTarget, WeightSpec]], options,
                      context: PassContext, report: PassReport) -> dict[int, QuantizedTensor]:
     """GPTQ-rounded integers for every target it applies to, keyed by ``id(target)``."""
-    inputs = {id(target): names for target, spec in planned if (names := gptq_inputs(graph, target, spec))}
+    inputs = {id(target): tuple(names) for target, spec in planned if (names := gptq_inputs(graph, target, spec))}
     if not inputs:
         return {}
     channels = {name: target.values.shape[0] for target, _ in planned for name in inputs.get(id(target), ())}
-    accumulators = {name: HessianAccumulator(size) for name, size in channels.items()}
-
-    def visit(name: str, value: np.ndarray) -> None:
-        if value.shape[-1] == channels[name]:
-            accumulators[name].add(value)
-
-    samples = observe_activations(graph, sorted(accumulators), lambda: context.calibration_feeds("quantize"), visit,
-                                  max_samples=options.calibration_samples or None, provider=context.provider)
     results: dict[int, QuantizedTensor] = {}
-    factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
-    gains = []
-    for target, spec in planned:
-        names = tuple(inputs.get(id(target), ()))
-        if not names or any(accumulators[name].hessian().shape[0] != target.values.shape[0] or
-                            accumulators[name].rows == 0 for name in names):
-            continue
-        if names not in factors:
-            hessian = sum(accumulators[name].hessian() for name in names)
-            factors[names] = (hessian, InverseFactor(hessian))
-        hessian, factor = factors[names]
-        quantized = gptq_quantize(target.values, factor, spec.qtype, symmetric=spec.symmetric,
-                                  block_size=spec.block_size)
-        nearest = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=0,
-                                  block_size=spec.block_size)
-        gains.append(_output_error(target.values, quantized, hessian) / max(_output_error(target.values, nearest, hessian), 1e-30))
-        results[id(target)] = quantized
-        report.count("weights_gptq")
+    gains: list[float] = []
+    chunks = _chunks(list(dict.fromkeys(inputs.values())), channels)
+    samples = 0
+    for chunk in chunks:
+        accumulators = {name: HessianAccumulator(channels[name]) for group in chunk for name in group}
+
+        def visit(name: str, value: np.ndarray, accumulators=accumulators) -> None:
+            if value.shape[-1] == channels[name]:
+                accumulators[name].add(value)
+
+        samples = observe_activations(graph, sorted(accumulators), lambda: context.calibration_feeds("quantize"),
+                                      visit, max_samples=options.calibration_samples or None, provider=context.provider)
+        factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
+        for target, spec in planned:
+            names = inputs.get(id(target))
+            if names not in chunk or any(accumulators[name].rows == 0 for name in names):
+                continue
+            if names not in factors:
+                hessian = sum(accumulators[name].hessian() for name in names)
+                factors[names] = (hessian, InverseFactor(hessian))
+            hessian, factor = factors[names]
+            quantized = gptq_quantize(target.values, factor, spec.qtype, symmetric=spec.symmetric,
+                                      block_size=spec.block_size)
+            nearest = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=0,
+                                      block_size=spec.block_size)
+            gains.append(_output_error(target.values, quantized, hessian)
+                         / max(_output_error(target.values, nearest, hessian), 1e-30))
+            results[id(target)] = quantized
+            report.count("weights_gptq")
     report.details["gptq"] = {
-        "samples": samples, "weights": len(results),
+        "samples": samples, "weights": len(results), "calibration_passes": len(chunks),
         "output_error_vs_nearest_median": round(float(np.median(gains)), 4) if gains else None,
     }  # fmt: skip
     return results
+
+
+def _chunks(groups: list[tuple[str, ...]], channels: dict[str, int]) -> list[list[tuple[str, ...]]]:
+    """Input groups split so each chunk's accumulators stay within ``HESSIAN_BUDGET_BYTES``."""
+    chunks: list[list[tuple[str, ...]]] = []
+    current: list[tuple[str, ...]] = []
+    held: set[str] = set()
+    for group in groups:
+        grown = held | set(group)
+        if current and sum(8 * channels[name] ** 2 for name in grown) > HESSIAN_BUDGET_BYTES:
+            chunks.append(current)
+            current, grown = [], set(group)
+        current.append(group)
+        held = grown
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _output_error(weight: np.ndarray, quantized: QuantizedTensor, hessian: np.ndarray) -> float:

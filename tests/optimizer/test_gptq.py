@@ -63,9 +63,9 @@ def test_accumulator_buffers_rows_drops_non_finite_rows_and_equals_the_direct_pr
     for part in parts:
         accumulator.add(part.reshape(1, -1, k))  # leading axes are rows too
     kept = np.concatenate([np.delete(parts[2], 7, axis=0) if i == 2 else p for i, p in enumerate(parts)])
+    assert accumulator.rows == kept.shape[0], "rows still buffered count too"
     expected = kept.astype(np.float64).T @ kept.astype(np.float64) / kept.shape[0]
     np.testing.assert_allclose(accumulator.hessian(), expected, rtol=1e-5, atol=1e-6)
-    assert accumulator.rows == kept.shape[0]
 
 
 def test_shapes_that_do_not_match_are_refused():

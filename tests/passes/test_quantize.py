@@ -184,6 +184,25 @@ def test_int4_with_calibration_data_rounds_by_gptq_and_beats_nearest_on_held_out
     assert again.modified is False
 
 
+def test_gptq_measures_inputs_in_several_passes_when_their_hessians_exceed_the_budget(monkeypatch):
+    import passes.quantize_gptq as gptq_module
+
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+                              [numpy_helper.from_array(weight((128, 128)), "W1"),
+                               numpy_helper.from_array(weight((128, 64), seed=1), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calibration = correlated_feeds(6, seed=1)
+    one_pass, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    assert report["details"]["gptq"]["calibration_passes"] == 1 and report["counts"]["weights_gptq"] == 2
+    monkeypatch.setattr(gptq_module, "HESSIAN_BUDGET_BYTES", 8 * 128 * 128)  # one 128 x 128 X^T X at a time
+    two_passes, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    assert report["details"]["gptq"]["calibration_passes"] == 2 and report["counts"]["weights_gptq"] == 2
+    assert two_passes.model.SerializeToString() == one_pass.model.SerializeToString()
+
+
 def test_gptq_asked_for_without_calibration_data_says_what_is_missing():
     with pytest.raises(PassError, match="calibration data"):
         quantize(matmul_model(weight((64, 32))), mode="weights", weight_type="int4", weight_rounding="gptq")
