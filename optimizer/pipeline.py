@@ -45,15 +45,15 @@ class PipelineResult:
 def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model-level fields export needs (opsets, metadata, docs, training info), no weights."""
     shell = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
+    for descriptor, value in model.ListFields():
+        if descriptor.name == "graph":
             continue
         if isinstance(value, (list, tuple)) or hasattr(value, "extend"):
-            getattr(shell, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(shell, field.name).CopyFrom(value)
+            getattr(shell, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(shell, descriptor.name).CopyFrom(value)
         else:
-            setattr(shell, field.name, value)
+            setattr(shell, descriptor.name, value)
     if model.graph.doc_string:
         shell.graph.doc_string = model.graph.doc_string
     return shell

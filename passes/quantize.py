@@ -39,7 +39,6 @@ from passes.quantize_targets import WEIGHT_INPUTS, Selection, collect_targets
 from passes.quantize_weights import quantize_weight_only, weight_only_spec
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @register

@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from optimizer.graph import (
     export_model,

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from optimizer.layer_debug import debug_layers
 from optimizer.model import load_model
@@ -16,7 +16,6 @@ def compressed_mlp() -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     reference = load_model(MODELS_DIR / "mlp.onnx")
     candidate = onnx.ModelProto()
     candidate.CopyFrom(reference)
-    nodes = {node.op_type + ":" + node.name: node for node in candidate.graph.node}
     gemm = next(n for n in candidate.graph.node if n.op_type == "Gemm")
     matmul = next(n for n in candidate.graph.node if n.op_type == "MatMul")
     inits = {t.name: t for t in candidate.graph.initializer}

@@ -103,8 +103,8 @@ def test_lazy_round_trip_writes_the_same_bytes_as_eager(tmp_path):
     outputs = {}
     for mode, threshold in (("eager", None), ("lazy", 0)):
         model, _ = load_model_with_files(source, lazy_above_bytes=threshold)
-        passes = [create_pass(name) for name in ("constants-to-initializers", "share", "cleanup")]
-        result = Pipeline(passes).run(model)
+        steps = [create_pass(name) for name in ("constants-to-initializers", "share", "cleanup")]
+        result = Pipeline(steps).run(model)
         assert has_lazy_tensors(result.model) == (mode == "lazy")
         (tmp_path / mode).mkdir()
         outputs[mode] = save_model(result.model, tmp_path / mode / "out.onnx", external_data=True)

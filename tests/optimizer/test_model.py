@@ -14,11 +14,9 @@ import optimizer.model as model_module
 from optimizer.errors import ModelLoadError
 from optimizer.model import load_model, load_model_with_files, save_model
 
-from tests.optimizer.model_helpers import (  # noqa: F401
-    REPO_ROOT,
+from tests.optimizer.model_helpers import (
     WEIGHTS,
     EXTERNAL_NAME,
-    FUNCTION_MODEL_TEXT,
     _function_model,
     _add_model,
     _external_tensor,

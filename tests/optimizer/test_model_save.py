@@ -16,14 +16,11 @@ import optimizer.model as model_module
 from optimizer.errors import ModelSaveError
 from optimizer.model import load_model, load_model_with_files, save_model, serialized_size_bytes
 
-from tests.optimizer.model_helpers import (  # noqa: F401
+from tests.optimizer.model_helpers import (
     REPO_ROOT,
-    WEIGHTS,
     EXTERNAL_NAME,
-    FUNCTION_MODEL_TEXT,
     _function_model,
     _add_model,
-    _external_tensor,
     _write_external_model,
     _file_hashes,
     _run_add,

@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.model import load_model, save_model
 from tests.reliability.child import ROOT, error_lines, run_cli_child, tree_state, weight_model
