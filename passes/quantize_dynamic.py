@@ -225,7 +225,7 @@ def _bias_add(graph: gs.Graph, output: gs.Tensor) -> gs.Node | None:
     if add.op != "Add" or add.domain not in ("", None, "ai.onnx") or len(add.inputs) != 2 or len(add.outputs) != 1:
         return None
     other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
-    return add if isinstance(other, gs.Constant) and other is not output else None
+    return add if isinstance(other, gs.Constant) else None
 
 
 def _outlier_rows(graph: gs.Graph, weight: QuantizedWeight, index: np.ndarray, names: Names) -> gs.Variable:

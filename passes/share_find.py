@@ -185,7 +185,7 @@ SAMPLE_VALUES = 1024
 
 def _sample_bytes(values: np.ndarray) -> bytes:
     """Up to ``SAMPLE_VALUES`` evenly strided values (bit patterns): equal tensors have equal samples."""
-    flat = _raw(values).view(values.dtype) if values.dtype.kind != "b" else values.reshape(-1)
+    flat = np.ascontiguousarray(values).reshape(-1)
     step = max(1, flat.size // SAMPLE_VALUES)
     return np.ascontiguousarray(flat[::step]).tobytes()
 

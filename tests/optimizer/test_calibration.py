@@ -8,13 +8,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.calibration import (
-    CalibrationResult, StreamingHistogram, TensorRange, collect_ranges, expose_outputs,
+    CalibrationResult,
+    StreamingHistogram,
+    TensorRange,
+    collect_ranges,
+    expose_outputs,
 )  # fmt: skip
 from optimizer.calibration_graph import SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
-from optimizer.shapes import STUB_ABOVE_BYTES
 from optimizer.errors import FeedError, OptionError
+from optimizer.shapes import STUB_ABOVE_BYTES
 from tests.conftest import MODELS_DIR, seeded_feeds
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -326,8 +331,6 @@ def test_peak_memory_does_not_grow_with_samples(method):
 
 def _reshape_from_input_model() -> onnx.ModelProto:
     """Sizes shape inference cannot tell: the Reshape target is a graph input."""
-    from onnx import TensorProto, helper, numpy_helper
-
     weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["h"]),
              helper.make_node("Relu", ["h"], ["y"])]
@@ -350,8 +353,6 @@ def test_unknown_sizes_are_guessed_small_so_one_session_serves_every_tensor():
 
 
 def test_catalog_infers_through_small_constants_while_large_weights_reach_inference_as_stubs():
-    from onnx import numpy_helper
-
     model = _reshape_from_input_model()
     model.graph.input.pop()  # the Reshape target becomes a small initializer, the weight stays large
     model.graph.initializer.append(numpy_helper.from_array(np.array([4, 64], np.int64), "shape"))

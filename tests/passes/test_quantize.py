@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import passes  # noqa: F401
 import passes.quantize  # noqa: F401  (registers the pass until passes/__init__ lists it)
+import passes.quantize_gptq as gptq_module
 from optimizer.checker import check_model_full
 from optimizer.errors import OptionError, PassError
 from optimizer.model import load_model
@@ -185,8 +186,6 @@ def test_int4_with_calibration_data_rounds_by_gptq_and_beats_nearest_on_held_out
 
 
 def test_gptq_measures_inputs_in_several_passes_when_their_hessians_exceed_the_budget(monkeypatch):
-    import passes.quantize_gptq as gptq_module
-
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
