@@ -224,8 +224,13 @@ sys.exit(code)
 
 
 def file_size_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """The model file plus every external-data file it records (onnx-compress names them OUT.HASH.data)."""
+    import onnx
+
+    from optimizer.output_files import data_locations
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in data_locations(model))
 
 
 def save_feeds(feeds: list[Feed], folder: Path) -> Path:

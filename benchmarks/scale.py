@@ -28,6 +28,9 @@ import onnx
 from onnx import TensorProto, helper
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from optimizer.output_files import data_locations  # noqa: E402  (the checkout, not an installed copy)
+
 RESULTS = REPO / "benchmarks" / "results" / "scale.md"
 HIDDEN, VOCAB, ALIGNMENT_BYTES = 1024, 32000, 4096
 LAYER_BYTES = 12 * HIDDEN * HIDDEN * 4
@@ -150,9 +153,12 @@ def run_timed(command: list[str], timeout_s: float) -> tuple[float | None, float
 
 
 def _output_mb(path: Path) -> float | None:
-    files = [path, path.with_name(path.name + ".data")]
-    present = [file.stat().st_size for file in files if file.exists()]
-    return sum(present) / 2**20 if present else None
+    """The model file plus every external-data file it records, or None when it was not written."""
+    if not path.exists():
+        return None
+    model = onnx.load_model(str(path), load_external_data=False)
+    files = [path, *(path.parent / name for name in data_locations(model))]
+    return sum(file.stat().st_size for file in files if file.exists()) / 2**20
 
 
 def _remove_outputs(folder: Path) -> None:

@@ -6,7 +6,6 @@ This module and ``optimizer.cli`` are the only core modules that import ``passes
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,18 +20,21 @@ import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.benchmark import BenchResult, benchmark
 from optimizer.budget import BackoffRule, BudgetResult, MetricSpec, PassSpec, backed_off_specs, search_budget
 from optimizer.bisect import bisect_passes
-from optimizer.errors import ModelSaveError, OptionError, PassError, RuntimeSessionError
+from optimizer.errors import ModelSaveError, OnnxCompressError, OptionError, PassError, RuntimeSessionError
 from optimizer.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
 from optimizer.inspect import weight_bytes_by_dtype
 from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
-from optimizer.lazy_io import process_alive
+from optimizer.lazy_io import check_sources_unchanged
 from optimizer.fusion import check_fusion, op_counts
 from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, fits_one_message, load_model, load_model_with_files,
                              model_size_bytes, save_model)
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
-from optimizer.report import ModelSummary, Report
+from optimizer.output_files import (check_apart, commit, folder_files, previous_data_files, remove_dead_staging,
+                                    remove_dead_temps, staging_prefix, warn)
+from optimizer.report import ModelSummary, Report, check_writes_apart, write_report
+from optimizer.runtime import RunTimeoutError
 from optimizer.sparse_storage import to_sparse_initializers
 from optimizer.tensor_checks import custom_domain_ops
 from optimizer.validate import Comparison, Tolerance, compare
@@ -146,6 +148,8 @@ def optimize(
     keep_failed: bool = False,
     max_input_bytes: int | None = None,
     progress: bool = False,
+    allow_symlinks_under: Sequence[str | os.PathLike] = (),
+    reports: Sequence[str | os.PathLike] = (),
 ) -> OptimizeResult:
     """Run passes on ``model``; save to ``output`` when given; validate and benchmark on request.
 
@@ -162,10 +166,22 @@ def optimize(
     in ``workers`` processes.
 
     Validation runs in a child process (``isolate``) with ``timeout_s``, so an onnxruntime crash
-    becomes an error that says so. With ``bisect``, a failed check is followed by a search for the
-    first pass that broke the model (report["bisect"]).
+    becomes an error that says so; every other onnxruntime run (calibration, GPTQ, benchmark, budget
+    search) is stopped after ``timeout_s`` too (``RunTimeoutError``). With ``bisect``, a failed check
+    is followed by a search for the first pass that broke the model (report["bisect"]).
+
+    External data may be a symlink into ``allow_symlinks_under`` folders or a Hugging Face
+    cache's blobs folder (see ``load_model``). An input that changes during the run (checked
+    before anything is written or published) is a ``ModelLoadError``; nothing is written.
+
+    ``reports`` (.json, .md or .html paths) are written last. Every file the run would write
+    (output, reports) is checked against every file it reads (the input, its external data, the
+    ``feeds`` and ``calibration`` folders) before any work; a collision is a ``ModelSaveError``.
+    The fusion check never fails a run: a failure is a note in the report and a warning.
     """
-    source, protected, reference = _load(model, max_input_bytes)
+    source, protected, reference = _load(model, max_input_bytes, allow_symlinks_under)
+    protected = (*protected, *folder_files(feeds), *folder_files(calibration))
+    check_writes_apart([*([output] if output is not None else []), *reports], reports, protected)
     custom_ops = custom_domain_ops(source)
     if custom_ops and validate:
         raise RuntimeSessionError(f"{reference or 'model'}: custom-domain ops {', '.join(custom_ops)} cannot run in "
@@ -174,11 +190,12 @@ def optimize(
     budget = None
     if max_drop is not None:
         budget = _search_budget(source, chosen, BudgetRequest(
-            metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers),
+            metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers, timeout_s),
             resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed),
             calibration, provider, progress, reference)
         chosen = build_passes(*_specs_as_arguments(budget_specs(chosen, budget.backed_off)))
-    context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress)
+    context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress,
+                          timeout_s=timeout_s)
     pipeline = Pipeline(chosen, check_each_pass=check_each_pass, context=context)
     checks = None
     if validate or bench or bisect:
@@ -188,6 +205,8 @@ def optimize(
                          provider, validate, bench, bench_rounds, isolate, timeout_s, validate_max_memory_bytes)
     try:
         result = pipeline.run(source)
+    except RunTimeoutError as error:
+        raise error.naming(reference) from error
     except PassError as error:
         if not bisect:
             raise
@@ -220,7 +239,10 @@ def optimize(
         report.output = _summary(result.model, saved)
     if fusion_check or (fusion_check is None and has_dequantize(result.model)):
         _add_fusion(report, saved if saved is not None else result.model, provider)
+    for path in reports:
+        write_report(report, path)
     return OptimizeResult(result.model, saved, result.modified, report, comparison, timing)
+
 
 
 @dataclass(frozen=True)
@@ -231,6 +253,7 @@ class BudgetRequest:
     max_drop: float
     max_trials: int
     workers: int
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
 
 
 def budget_specs(chosen: Sequence[Pass], backed_off: Sequence[str]) -> list[PassSpec]:
@@ -262,7 +285,7 @@ def _search_budget(source: onnx.ModelProto, chosen: Sequence[Pass], request: Bud
         MetricSpec(request.metric, request.higher_is_better, request.output), feeds,
         max_drop=request.max_drop, max_trials=request.max_trials, workers=request.workers, provider=provider,
         calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",),
-        model_path=str(path) if path is not None else None, return_model=False)
+        model_path=str(path) if path is not None else None, return_model=False, timeout_s=request.timeout_s)
 
 
 def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
@@ -292,7 +315,8 @@ class _Checks:
             return compare_isolated(reference, candidate, self.feeds, tolerance=self.tolerance,
                                     provider=self.provider, timeout_s=self.timeout_s,
                                     max_memory_bytes=self.max_memory_bytes)
-        return compare(reference, candidate, self.feeds, tolerance=self.tolerance, provider=self.provider)
+        return compare(reference, candidate, self.feeds, tolerance=self.tolerance, provider=self.provider,
+                       timeout_s=self.timeout_s)
 
 
 def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, reference: ModelInput, checks: _Checks,
@@ -303,7 +327,7 @@ def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, refe
         staged = _save(model, Path(staging) / _output_name(output), external_data, protected)
         comparison = checks.compare(reference, staged) if checks.validate else None
         timing = benchmark([reference, staged], checks.feeds, names=["input", "output"], provider=checks.provider,
-                           rounds=checks.bench_rounds) if checks.bench else None
+                           rounds=checks.bench_rounds, timeout_s=checks.timeout_s) if checks.bench else None
         saved = None
         if output is not None and (comparison is None or comparison.passed or keep_failed):
             saved = _publish(staged, Path(output), protected)
@@ -328,7 +352,13 @@ def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) ->
     if isinstance(model, onnx.ModelProto) and not fits_one_message(model):
         report.notes.append("fusion check skipped: the model exceeds 2 GB and was not written")
         return
-    fusion = check_fusion(model, provider)
+    try:
+        fusion = check_fusion(model, provider)
+    except (OnnxCompressError, RuntimeError, ValueError, OSError) as error:
+        message = f"fusion check failed (the output is written and valid): {error}"
+        report.notes.append(message)
+        warn(message)
+        return
     report.fusion = fusion.to_dict()
     report.notes.extend(f"fusion check: {warning}" for warning in fusion.warnings)
 
@@ -368,10 +398,12 @@ def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> Cali
     return lambda: iter(kept)
 
 
-def _load(model: ModelInput, max_input_bytes: int | None) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
+def _load(model: ModelInput, max_input_bytes: int | None,
+          allow_symlinks_under: Sequence[str | os.PathLike] = ()) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
     if isinstance(model, (str, os.PathLike)):
         loaded, files = load_model_with_files(model, max_input_bytes=max_input_bytes,
-                                              lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES)
+                                              lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES,
+                                              allow_symlinks_under=allow_symlinks_under)
         return loaded, files, Path(model)
     return load_model(model, max_input_bytes=max_input_bytes), (), None
 
@@ -387,13 +419,15 @@ def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
 
 
 def _size_on_disk(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """The model file plus the data files it records (content-named, next to it)."""
+    data_files = [path.parent / name for name in previous_data_files(path)]
+    return path.stat().st_size + sum(data.stat().st_size for data in data_files if data.exists())
 
 
 def _save(model: onnx.ModelProto, path: str | os.PathLike, external_data: ExternalData,
           protected: Sequence[Path]) -> Path:
     choices = {"auto": None, "always": True, "never": False}
+    check_sources_unchanged(protected)
     if external_data not in choices:
         raise OptionError(f"external_data must be one of {', '.join(choices)}, got {external_data!r}")
     return save_model(model, path, external_data=choices[external_data], protected_paths=protected)
@@ -403,46 +437,37 @@ def _output_name(output: str | os.PathLike | None) -> str:
     return Path(output).name if output is not None else "candidate.onnx"
 
 
-STAGING_PREFIX = ".onnx-compress-"
-
-
 def _staging_folder(output: str | os.PathLike | None) -> tempfile.TemporaryDirectory:
     """A temporary folder next to the output, so the final move is a rename on one file system.
 
-    Its name carries our process id; folders left by a process that no longer runs (killed
-    mid-run) are removed first.
+    Its name carries our process id and start time; folders and temporary files whose owner
+    is provably dead (see optimizer.output_files) are removed first.
     """
     folder = None
     if output is not None:
         folder = Path(output).parent
         if not folder.is_dir():
             raise ModelSaveError(f"{output}: output folder '{folder}' does not exist or is not a folder")
-        _remove_stale_staging(folder)
+        remove_dead_temps(folder)
+        for stale in remove_dead_staging(folder):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
-        return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
+        return tempfile.TemporaryDirectory(prefix=staging_prefix(), dir=folder)
     except OSError as error:
         raise ModelSaveError(f"{output}: cannot write in output folder '{folder}': {error.strerror or error}") from error
 
 
-def _remove_stale_staging(folder: Path) -> None:
-    for entry in sorted(folder.glob(STAGING_PREFIX + "*")):
-        match = re.fullmatch(re.escape(STAGING_PREFIX) + r"(\d+)-\w+", entry.name)
-        if match is None or not entry.is_dir() or entry.is_symlink() or process_alive(int(match.group(1))):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-
-
 def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:
-    """Move a validated file (and its external data) into place; the data file goes first."""
+    """Move a validated file and its content-named data file in; the model's rename commits."""
+    check_sources_unchanged(protected)
     final = save_target_check(output, protected)
-    staged_data = staged.with_name(staged.name + ".data")
-    final_data = final.with_name(final.name + ".data")
-    if staged_data.exists():
-        os.replace(staged_data, final_data)
-    elif final_data.exists() and not final_data.is_symlink():
-        final_data.unlink()
-    os.replace(staged, final)
-    _fsync_folder(final.parent)
+    data_names = previous_data_files(staged)
+    if len(data_names) > 1:
+        raise ModelSaveError(f"{output}: the staged model records {len(data_names)} data files")
+    data_name = data_names[0] if data_names else None
+    if data_name is not None:
+        save_target_check(final.with_name(data_name), protected)
+    commit(final, staged, staged.with_name(data_name) if data_name else None, data_name, protected)
     return final
 
 
@@ -452,16 +477,7 @@ def save_target_check(output: Path, protected: Sequence[Path]) -> Path:
         raise ModelSaveError(f"{output}: output path is a symbolic link; refusing to write through it")
     if output.is_dir():
         raise ModelSaveError(f"{output}: output path is a directory")
-    for path in protected:
-        for candidate in (output, output.with_name(output.name + ".data")):
-            if candidate.exists() and Path(path).exists() and os.path.samefile(candidate, path):
-                raise ModelSaveError(f"{output}: refusing to overwrite the input file '{path}'")
+    if output.exists() and not output.is_file():
+        raise ModelSaveError(f"{output}: output path exists and is not a regular file")
+    check_apart([output], protected, "a file this run reads")
     return output
-
-
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -10,16 +10,22 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
-from optimizer.errors import FeedError, ModelLoadError, OptionError, RuntimeSessionError
+from optimizer.progress import progress_bar
+
+from optimizer.errors import FeedError, ModelLoadError, OptionError
 from optimizer.runtime import (
+    DEFAULT_TIMEOUT_S,
     ModelSource,
     ProviderChoice,
     as_provider_choice,
+    bounded_run,
+    checked_timeout,
     create_session,
     external_data_locations,
     fallback_note,
@@ -28,6 +34,7 @@ from optimizer.runtime import (
 )
 
 NANOSECONDS_PER_MS = 1_000_000
+STAGE = "benchmark"
 
 
 @dataclass
@@ -162,13 +169,16 @@ def benchmark(
     rounds: int = 20,
     threads: int | None = None,
     progress: bool = False,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> BenchResult:
     """Time every model on the same feeds, interleaved (see ``round_order``).
 
     Every model is warmed up before any timing starts. Round ``r`` uses feed ``r % len(feeds)``
-    for all models, so each model sees the same inputs.
+    for all models, so each model sees the same inputs. A run longer than ``timeout_s`` raises
+    ``RunTimeoutError``.
     """
     model_names = _check_arguments(models, feeds, names, warmup, rounds)
+    checked_timeout(timeout_s)
     choice = as_provider_choice(provider)
     sessions, providers_used, create_ms = [], [], []
     for model, name in zip(models, model_names):
@@ -178,12 +188,12 @@ def benchmark(
         sessions.append(session)
         providers_used.append(provider_used)
     total_runs = (warmup + rounds) * len(models)
-    with tqdm(total=total_runs, disable=not progress, desc="benchmark", unit="run") as bar:
+    with progress_bar(total=total_runs, desc="benchmark", unit="run", enabled=progress) as bar:
         for index in range(warmup):
             for session, name in zip(sessions, model_names):
-                run_session(session, feeds[index % len(feeds)], label=name)
+                run_session(session, feeds[index % len(feeds)], label=name, stage=STAGE, timeout_s=timeout_s)
                 bar.update(1)
-        times_ms = _timed_rounds(sessions, model_names, feeds, rounds, bar)
+        times_ms = _timed_rounds(sessions, model_names, feeds, rounds, bar, timeout_s)
     timings = [
         _timing(name, model, times, created, used)
         for name, model, times, created, used in zip(
@@ -206,34 +216,40 @@ def benchmark(
 
 
 def _timed_rounds(
-    sessions: list, names: list[str], feeds: Sequence, rounds: int, bar: tqdm
+    sessions: list, names: list[str], feeds: Sequence, rounds: int, bar: tqdm, timeout_s: float | None
 ) -> list[list[float]]:
     """Per model, the latency of each round; feeds are sliced per session before timing."""
     prepared = [
         [session_feed(session, feed, label=name) for feed in feeds]
         for session, name in zip(sessions, names)
     ]
+    bounded = [_BoundedSession(session, timeout_s) for session in sessions]
     times_ms: list[list[float]] = [[] for _ in sessions]
     for round_index in range(rounds):
         feed_index = round_index % len(feeds)
         for model_index in round_order(len(sessions), round_index):
             session_inputs = prepared[model_index][feed_index]
             times_ms[model_index].append(
-                _run_timed_ms(sessions[model_index], session_inputs, names[model_index])
+                _run_timed_ms(bounded[model_index], session_inputs, names[model_index])
             )
             bar.update(1)
     return times_ms
 
 
-def _run_timed_ms(session, session_inputs: dict[str, np.ndarray], name: str) -> float:
-    try:
+@dataclass(frozen=True)
+class _BoundedSession:
+    """A session and the time one of its runs may take."""
+
+    session: Any
+    timeout_s: float | None
+
+
+def _run_timed_ms(bounded: _BoundedSession, session_inputs: dict[str, np.ndarray], name: str) -> float:
+    """One run's latency; the watchdog is armed and disarmed outside the timed span."""
+    with bounded_run(name, stage=STAGE, timeout_s=bounded.timeout_s) as run_options:
         start_ns = time.perf_counter_ns()
-        session.run(None, session_inputs)
+        bounded.session.run(None, session_inputs, run_options)
         elapsed_ns = time.perf_counter_ns() - start_ns
-    except Exception as exc:  # onnxruntime's exceptions share no base class but Exception
-        raise RuntimeSessionError(
-            f"onnxruntime failed to run {name}: {' '.join(str(exc).split())}"
-        ) from exc
     return elapsed_ns / NANOSECONDS_PER_MS
 
 

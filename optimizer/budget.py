@@ -7,13 +7,15 @@ passes that compress it), re-measuring until the budget holds or nothing is left
 Ranking: every layer's own gain when it alone is backed off (leave-one-out), measured when the
 trial budget allows; otherwise the per-layer output SQNR of the first trial. Then a k-ary search
 finds the fewest top-ranked layers to back off; each round evaluates ``workers`` candidates in
-parallel processes. Trials are bounded by ``max_trials``.
+parallel processes, which die with the process that started them. Trials are bounded by
+``max_trials``, and every onnxruntime run in them by ``timeout_s``.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import re
 import importlib
 from collections.abc import Mapping, Sequence
@@ -23,17 +25,20 @@ from typing import Any
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from optimizer.progress import progress_bar
 
 from optimizer.errors import OptionError
+from optimizer.isolation import die_with_parent
 from optimizer.layer_debug import debug_layers
 from optimizer.metrics import Metric, Outputs, collect_outputs, load_metric
 from optimizer.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
+from optimizer.runtime import DEFAULT_TIMEOUT_S, checked_timeout
 
 Feed = dict[str, np.ndarray]
+STAGE = "accuracy budget"
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ def search_budget(
     worker_imports: Sequence[str] = (),
     model_path: str | None = None,
     return_model: bool = True,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> BudgetResult:
     """Compress with ``specs``; back off layers until ``metric`` drops by at most ``max_drop``.
 
@@ -146,46 +152,62 @@ def search_budget(
     filled there too. ``model_path``, when the model came from a file, lets workers load it
     themselves (lazily loaded weights are only readable by the process that checked them).
     ``return_model=False`` skips the final compression for callers that run the chosen passes
-    themselves (BudgetResult.model is then None).
+    themselves (BudgetResult.model is then None). Every onnxruntime run (trials, ranking) is bounded
+    by ``timeout_s`` (``RunTimeoutError``).
     """
     if max_drop < 0 or max_trials < 1 or workers < 1:
         raise OptionError("max_drop must be >= 0, max_trials >= 1 and workers >= 1")
     if not rules:
         raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
+    checked_timeout(timeout_s)
     state = _SearchState(model, list(specs), list(rules), metric, list(feeds), list(calibration or []),
-                         provider, max_drop, max_trials, workers, progress, tuple(worker_imports), model_path,
-                         return_model)
+                         _Runtime(provider, timeout_s), max_drop, max_trials, workers, progress,
+                         tuple(worker_imports), model_path, return_model)
     try:
         return state.run()
     finally:
         state.close()
 
 
+@dataclass(frozen=True)
+class _Runtime:
+    """Where trials run the model, and how long one onnxruntime run may take."""
+
+    provider: str
+    timeout_s: float | None
+
+    def outputs(self, model, feeds) -> Outputs:
+        return collect_outputs(model, feeds, provider=self.provider, timeout_s=self.timeout_s, stage=STAGE)
+
+
 class _SearchState:
-    def __init__(self, model, specs, rules, metric, feeds, calibration, provider, max_drop, max_trials,
+    def __init__(self, model, specs, rules, metric, feeds, calibration, runtime: _Runtime, max_drop, max_trials,
                  workers, progress, worker_imports, model_path, return_model) -> None:
         self.model, self.specs, self.rules, self.metric_spec = model, specs, rules, metric
-        self.feeds, self.calibration, self.provider = feeds, calibration, provider
+        self.feeds, self.calibration, self.runtime = feeds, calibration, runtime
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
         self.return_model = return_model
         self.metric = metric.build()
-        self.reference = collect_outputs(model, feeds, provider=provider)
+        self.reference = runtime.outputs(model, feeds)
         self.baseline = self.metric(self.reference, self.reference)
         self.results: dict[frozenset[str], float] = {}
         self.steps: list[BudgetStep] = []
-        self.bar = tqdm(total=max_trials, desc="budget trials", unit="trial", disable=not progress)
-        self.pool = None
+        self.bar = progress_bar(total=max_trials, desc="budget trials", unit="trial", enabled=progress)
+        self.pool = self.lifeline = None
         if workers > 1:
             context = multiprocessing.get_context("spawn")
+            self.lifeline = context.Pipe(duplex=False)
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                            initargs=(worker_imports, model_path or model.SerializeToString(),
-                                                      specs, rules, metric, feeds, calibration, provider,
-                                                      self.reference))
+                                            initargs=((self.lifeline[0], os.getpid()), worker_imports,
+                                                      model_path or model.SerializeToString(), specs, rules, metric,
+                                                      feeds, calibration, runtime, self.reference))
 
     def close(self) -> None:
         self.bar.close()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+        for end in self.lifeline or ():
+            end.close()
 
     def run(self) -> BudgetResult:
         first = self.evaluate([frozenset()], "requested compression")[0]
@@ -207,7 +229,7 @@ class _SearchState:
             values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
         else:
             values = [_trial(self.model, self.specs, self.rules, self.metric, self.feeds, self.calibration,
-                             self.provider, self.reference, sorted(c)) for c in todo]
+                             self.runtime, self.reference, sorted(c)) for c in todo]
         for candidate, value in zip(todo, values, strict=True):
             self.results[candidate] = value
             drop = self.metric.drop(self.baseline, value)
@@ -217,9 +239,9 @@ class _SearchState:
 
     def rank(self) -> tuple[list[str], str]:
         """Layers worst first: leave-one-out gains when affordable, else output SQNR."""
-        compressed = _compress(self.model, self.specs, self.rules, [], self.calibration, self.provider)
+        compressed = _compress(self.model, self.specs, self.rules, [], self.calibration, self.runtime)
         report = debug_layers(self.model, compressed, self.feeds[: max(1, min(4, len(self.feeds)))],
-                              provider=self.provider)
+                              provider=self.runtime.provider, timeout_s=self.runtime.timeout_s)
         layers = list(dict.fromkeys(layer.reference_node for layer in report.layers))
         searches = math.ceil(math.log2(len(layers) + 1)) + 1 if layers else 0
         if len(layers) + searches > self.max_trials - len(self.results):
@@ -253,30 +275,32 @@ class _SearchState:
         value = self.results.get(chosen)
         model = None
         if self.return_model or value is None:
-            model = _compress(self.model, self.specs, self.rules, sorted(chosen), self.calibration, self.provider)
+            model = _compress(self.model, self.specs, self.rules, sorted(chosen), self.calibration, self.runtime)
         if value is None:
-            value = self.metric(self.reference, collect_outputs(model, self.feeds, provider=self.provider))
+            value = self.metric(self.reference, self.runtime.outputs(model, self.feeds))
         return BudgetResult(self.metric.name, self.baseline, self.max_drop, self.met(value), value, sorted(chosen),
                             ranking, method, len(self.results), self.steps, self.metric.higher_is_better, model)
 
 
-def _compress(model, specs, rules, layers, calibration, provider) -> onnx.ModelProto:
+def _compress(model, specs, rules, layers, calibration, runtime: _Runtime) -> onnx.ModelProto:
     passes = [create_pass(spec.name, **dict(spec.options)) for spec in backed_off_specs(specs, rules, layers)]
-    context = PassContext(calibration=(lambda: iter(calibration)) if calibration else None, provider=provider)
+    context = PassContext(calibration=(lambda: iter(calibration)) if calibration else None, provider=runtime.provider,
+                          timeout_s=runtime.timeout_s)
     return Pipeline(passes, context=context).run(model).model
 
 
-def _trial(model, specs, rules, metric: Metric, feeds, calibration, provider, reference: Outputs,
+def _trial(model, specs, rules, metric: Metric, feeds, calibration, runtime: _Runtime, reference: Outputs,
            layers: list[str]) -> float:
-    compressed = _compress(model, specs, rules, layers, calibration, provider)
-    return metric(reference, collect_outputs(compressed, feeds, provider=provider))
+    compressed = _compress(model, specs, rules, layers, calibration, runtime)
+    return metric(reference, runtime.outputs(compressed, feeds))
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(imports, model_source: str | bytes, specs, rules, metric_spec: MetricSpec, feeds, calibration,
-                 provider, reference) -> None:
+def _init_worker(parent: tuple, imports, model_source: str | bytes, specs, rules, metric_spec: MetricSpec, feeds,
+                 calibration, runtime: _Runtime, reference) -> None:
+    die_with_parent(*parent)
     for name in imports:
         module_name, _, function = name.partition(":")
         module = importlib.import_module(module_name)
@@ -287,11 +311,11 @@ def _init_worker(imports, model_source: str | bytes, specs, rules, metric_spec: 
     else:
         model = onnx.load_from_string(model_source)
     _WORKER.update(model=model, specs=specs, rules=rules, metric=metric_spec.build(),
-                   feeds=feeds, calibration=calibration, provider=provider, reference=reference)
+                   feeds=feeds, calibration=calibration, runtime=runtime, reference=reference)
 
 
 def _worker_trial(layers: list[str]) -> float:
     w = _WORKER
-    return _trial(w["model"], w["specs"], w["rules"], w["metric"], w["feeds"], w["calibration"], w["provider"],
+    return _trial(w["model"], w["specs"], w["rules"], w["metric"], w["feeds"], w["calibration"], w["runtime"],
                   w["reference"], layers)
 

@@ -20,7 +20,7 @@ from typing import Literal, get_args
 import numpy as np
 import onnx
 import onnxruntime
-from tqdm import tqdm
+from optimizer.progress import progress_bar
 
 from optimizer.calibration_graph import (
     FLOAT_TYPES, SUBGRAPH_ONLY, UNKNOWN_TENSOR, TensorCatalog, build_catalog, expose_outputs,
@@ -29,7 +29,9 @@ from optimizer.calibration_graph import (
 from optimizer.calibration_histogram import RunningMinMax, StreamingHistogram
 from optimizer.errors import FeedError, OptionError
 from optimizer.model import fits_one_message, save_model
-from optimizer.runtime import ProviderChoice, create_session, resolve_provider, run_session
+from optimizer.runtime import (
+    DEFAULT_TIMEOUT_S, ProviderChoice, checked_timeout, create_session, resolve_provider, run_session,
+)  # fmt: skip
 
 __all__ = [
     "CalibrationResult", "Method", "RunningMinMax", "StreamingHistogram", "TensorRange",
@@ -76,8 +78,11 @@ class _Options:
     memory_budget_bytes: int
     max_binned: int | None = 1 << 16
     max_samples: int | None = None
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    stage: str = "calibration"
 
     def __post_init__(self) -> None:
+        checked_timeout(self.timeout_s)
         if self.method not in METHODS:
             raise OptionError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not isinstance(self.percentile, (int, float)) or not 0.0 < self.percentile <= 100.0:
@@ -133,6 +138,8 @@ def collect_ranges(
     memory_budget_bytes: int = 512 * 2**20,
     max_binned: int | None = 1 << 16,
     max_samples: int | None = None,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    stage: str = "calibration",
 ) -> CalibrationResult:
     """Range of every tensor in ``tensor_names`` over the samples of ``feeds``.
 
@@ -143,10 +150,11 @@ def collect_ranges(
     ``max_binned`` caps the values of one array that are binned (see ``StreamingHistogram``).
 
     At most ``max_samples`` samples are read (None: all); ``notes`` say when the limit cut
-    the feeds short.
+    the feeds short. A model run longer than ``timeout_s`` raises ``RunTimeoutError`` naming
+    ``stage`` (how the caller calls this calibration, e.g. "static calibration").
     """
     options = _Options(method, percentile, num_bits, symmetric, bins, max_outputs_per_run, memory_budget_bytes,
-                       max_binned, max_samples)
+                       max_binned, max_samples, timeout_s, stage)
     choice = resolve_provider(provider)
     started = time.perf_counter()
     samples = _samples(feeds)
@@ -166,7 +174,7 @@ def collect_ranges(
     pending = [first]
     del first
     stopped = None
-    with tqdm(total=total, desc="calibrating", unit="sample", disable=not progress) as bar:
+    with progress_bar(total=total, desc="calibrating", unit="sample", enabled=progress) as bar:
         for feed in _prepend(pending, samples):
             runner.observe(feed, statistics, seen, plan.skipped)
             for name in plan.inputs:
@@ -274,7 +282,8 @@ class _GroupRunner:
 
     def observe(self, feed: Feed, statistics: dict, seen: dict, skipped: dict[str, str]) -> None:
         for index, session in enumerate(self.sessions):
-            outputs = run_session(session, feed, label=f"calibration model (group {index + 1} of {len(self.sessions)})")
+            outputs = run_session(session, feed, label=f"calibration model (group {index + 1} of {len(self.sessions)})",
+                                  stage=self.options.stage, timeout_s=self.options.timeout_s)
             for name in self.groups[index]:
                 value = outputs.pop(name)
                 self.observed[name] = max(self.observed.get(name, 0), value.nbytes)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
+from contextlib import redirect_stdout
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -17,15 +19,21 @@ from typing import Any
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.api import DEFAULT_PASSES, model_summary, optimize, plan_passes, resolve_feeds, tool_version
 from optimizer.benchmark import benchmark
+from optimizer.cli_options import (
+    MAX_BYTES, MAX_COUNT, MAX_SAMPLES, MAX_SEED, POSITIVE_SECONDS, TOLERANCE_TYPES, OneLineParser,
+    add_tolerance_arguments, float_in, float_list_in, int_in, metric_spec, shape_override,
+)  # fmt: skip
 from optimizer.errors import OnnxCompressError
 from optimizer.feeds import parse_shape_overrides
 from optimizer.inspect import inspect_model
-from optimizer.isolation import compare_isolated
+from optimizer.internal_errors import internal_error_message
+from optimizer.isolation import DEFAULT_TIMEOUT_S, compare_isolated
 from optimizer.layer_debug import debug_layers
-from optimizer.model import load_model
+from optimizer.model import load_model, load_model_with_files
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
-from optimizer.report import Report, write_report, write_text_atomic
+from optimizer.report import Report, check_reports_apart, write_report, write_text_atomic
 from optimizer.sensitivity import sensitivity_scan
+from optimizer.text import ControlEscapingWriter, escape_control, printable
 from optimizer.validate import Tolerance, compare
 
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -65,10 +73,14 @@ class UsageError(OnnxCompressError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        args = build_parser().parse_args(argv)
+    except argparse.ArgumentError as error:  # a bad option value: one line, exit 2, like bad input
+        print(f"onnx-compress: error: {_one_line(str(error))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        with redirect_stdout(ControlEscapingWriter(sys.stdout)):
+            return args.handler(args)
     except OnnxCompressError as error:
         print(f"onnx-compress: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -80,14 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as error:  # a bug, not bad input: say so, with the trace on request
         if args.debug:
-            traceback.print_exc()
-        print(f"onnx-compress: internal error: {type(error).__name__}: {_one_line(str(error))} "
-              "(run with --debug for the traceback)", file=sys.stderr)
+            print(escape_control(traceback.format_exc(), keep_layout=True), end="", file=sys.stderr)
+        print(f"onnx-compress: {internal_error_message(error, default_stage=args.command)}", file=sys.stderr)
         return EXIT_INTERNAL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="onnx-compress",
         description="Make exported ONNX models smaller and faster, and check them against the original "
                     "with onnxruntime.",
@@ -116,34 +127,33 @@ def _add_feed_arguments(sub: argparse.ArgumentParser) -> None:
     group = sub.add_argument_group("input data")
     group.add_argument("--data", metavar="DIR", help="folder of .npz files, one sample each, keys = input names "
                        "(default: seeded random feeds)")
-    group.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx..",
+    group.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx..", type=shape_override,
                        help="fix a dynamic input shape for generated feeds, e.g. input_ids=1x128 (repeatable)")
-    group.add_argument("--samples", type=int, default=4, help="number of generated feeds (default 4)")
-    group.add_argument("--seed", type=int, default=0, help="seed for generated feeds (default 0)")
+    group.add_argument("--samples", type=int_in(1, MAX_SAMPLES), default=4,
+                       help=f"number of generated feeds, at most {MAX_SAMPLES} (default 4)")
+    group.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed for generated feeds (default 0)")
     group.add_argument("--provider", default="cpu", help="execution provider: cpu or cuda (falls back to cpu "
                        "with a message when CUDA is not available); default cpu")
+
+
+def _add_symlink_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--allow-symlinks-under", action="append", default=[], metavar="DIR",
+                     help="external-data files may be symlinks into DIR (repeatable); a Hugging Face "
+                          "cache's blobs folder is allowed without it")
 
 
 def _add_isolation_arguments(sub: argparse.ArgumentParser) -> None:
     group = sub.add_argument_group("isolation")
     group.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                        help="validate in a child process so an onnxruntime crash is reported, not fatal (default on)")
-    group.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                       help="give up validation after this long (default 600)")
-    group.add_argument("--validate-max-memory", type=int, metavar="BYTES",
+    _add_timeout_argument(group, "; isolated validation: the whole comparison")
+    group.add_argument("--validate-max-memory", type=int_in(2**20, MAX_BYTES), metavar="BYTES",
                        help="address-space limit of the validation process")
 
 
-def _add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
-    group = sub.add_argument_group("tolerance (every output; default --atol 1e-6 for lossless passes)")
-    group.add_argument("--atol", type=float, help="maximum absolute error")
-    group.add_argument("--rtol", type=float, help="maximum relative error (max |a-b| / max |a|)")
-    group.add_argument("--min-cosine", type=float, help="minimum cosine similarity")
-    group.add_argument("--min-sqnr", type=float, help="minimum SQNR in dB")
-    group.add_argument("--min-top1", type=float, help="minimum top-1 agreement for class-like outputs")
-    group.add_argument("--output-tolerance", action="append", default=[], metavar="OUTPUT:KEY=V[,KEY=V]",
-                       help="tolerance for one output, keys atol, rtol, min-cosine, min-sqnr, min-top1, e.g. "
-                            "logits:atol=1e-3,min-cosine=0.999 (repeatable; other outputs use the flags above)")
+def _add_timeout_argument(group, more: str = "") -> None:
+    group.add_argument("--timeout", type=POSITIVE_SECONDS, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help=f"stop any onnxruntime run that takes longer, exit 2 (default {DEFAULT_TIMEOUT_S:g}{more})")
 
 
 def _add_optimize(commands) -> None:
@@ -164,47 +174,49 @@ def _add_optimize(commands) -> None:
                           help="quantize.calibration_method for static mode (default percentile)")
     compress.add_argument("--exclude", metavar="PATTERNS",
                           help="quantize.exclude_nodes: comma-separated node-name globs or re:REGEX left in float")
-    compress.add_argument("--prune", type=float, metavar="FRACTION",
+    compress.add_argument("--prune", type=float_in(0.0, 1.0, high_open=True), metavar="FRACTION",
                           help="prune this fraction of weights (prune.sparsity) or of channels (prune-channels.ratio)")
     compress.add_argument("--prune-mode", choices=("uniform", "global", "nm", "sensitivity", "channels"),
                           default="uniform", help="prune.mode, or 'channels' for structured pruning (default uniform)")
     compress.add_argument("--sparse-storage", choices=("dense", "sparse", "auto"),
                           help="prune.storage: store pruned weights as sparse_initializer where it pays (auto)")
-    compress.add_argument("--cluster", type=int, metavar="BITS", dest="cluster_bits",
+    compress.add_argument("--cluster", type=int_in(2, 8), metavar="BITS", dest="cluster_bits",
                           help="share weights through 2^BITS-entry codebooks (pass 'cluster', option bits)")
     sub.add_argument("--calibration-data", metavar="DIR",
                      help="folder of .npz feeds that passes needing data (static quantization, sensitivity) run on")
     sub.add_argument("--validate", action="store_true", help="compare the output with the input in onnxruntime")
     sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
     sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
-    sub.add_argument("--rounds", type=int, default=20, help="benchmark rounds (default 20)")
+    sub.add_argument("--rounds", type=int_in(1, MAX_COUNT), default=20, help="benchmark rounds (default 20)")
     sub.add_argument("--fusion-check", action=argparse.BooleanOptionalAction, default=None,
                      help="report which quantized groups onnxruntime runs as integer kernels "
                           "(default: when the output has DequantizeLinear nodes)")
     sub.add_argument("--report", action="append", default=[], metavar="FILE",
                      help="write the report as .json, .md or .html (repeatable)")
     budget = sub.add_argument_group("accuracy budget (measured on --data, held out from --calibration-data)")
-    budget.add_argument("--max-drop", type=float, metavar="X",
+    budget.add_argument("--max-drop", type=float_in(0.0, math.inf), metavar="X",
                         help="back off the most harmful layers until --metric drops by at most X")
-    budget.add_argument("--metric", default="cosine",
+    budget.add_argument("--metric", default="cosine", type=metric_spec,
                         help="cosine, sqnr, max_abs, top1, topk, or package.module:function(reference_outputs, "
                              "candidate_outputs) -> float (default cosine)")
     budget.add_argument("--metric-direction", choices=("higher", "lower"),
                         help="whether higher or lower is better (required for a user metric)")
     budget.add_argument("--metric-output", metavar="NAME", help="compute a built-in metric on this output only")
-    budget.add_argument("--max-trials", type=int, default=24, help="compression trials at most (default 24)")
-    budget.add_argument("--workers", type=int, default=1, help="trials in parallel processes (default 1)")
+    budget.add_argument("--max-trials", type=int_in(1, MAX_COUNT), default=24,
+                        help="compression trials at most (default 24)")
+    budget.add_argument("--workers", type=int_in(1, 256), default=1, help="trials in parallel processes (default 1)")
     sub.add_argument("--check-each-pass", action="store_true",
                      help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
     sub.add_argument("--bisect", action="store_true",
                      help="when a pass or validation fails, search for the first pass that broke the model")
     sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
-                     help="store weights in OUTPUT.data: auto (only past protobuf's 2 GB), always, never")
-    sub.add_argument("--max-input-bytes", type=int, help="refuse input files larger than this")
+                     help="store weights in OUTPUT.HASH.data: auto (only past protobuf's 2 GB), always, never")
+    sub.add_argument("--max-input-bytes", type=int_in(1, MAX_BYTES), help="refuse input files larger than this")
+    _add_symlink_argument(sub)
     sub.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     sub.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_feed_arguments(sub)
-    _add_tolerance_arguments(sub)
+    add_tolerance_arguments(sub)
     _add_isolation_arguments(sub)
     sub.set_defaults(handler=_run_optimize)
 
@@ -214,8 +226,9 @@ def _add_validate(commands) -> None:
     sub.add_argument("reference", help="reference .onnx file")
     sub.add_argument("candidate", help="candidate .onnx file")
     sub.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_symlink_argument(sub)
     _add_feed_arguments(sub)
-    _add_tolerance_arguments(sub)
+    add_tolerance_arguments(sub)
     _add_isolation_arguments(sub)
     sub.set_defaults(handler=_run_validate)
 
@@ -223,10 +236,12 @@ def _add_validate(commands) -> None:
 def _add_bench(commands) -> None:
     sub = _command(commands, "bench", "time several models on the same feeds, interleaved round by round")
     sub.add_argument("models", nargs="+", help=".onnx files; ratios are against the first")
-    sub.add_argument("--warmup", type=int, default=3, help="warm-up runs per model (default 3)")
-    sub.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
-    sub.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    sub.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=3, help="warm-up runs per model (default 3)")
+    sub.add_argument("--rounds", type=int_in(1, MAX_COUNT), default=20, help="timed rounds (default 20)")
+    sub.add_argument("--threads", type=int_in(1, 1024), help="onnxruntime intra-op threads (default: onnxruntime's)")
     sub.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_symlink_argument(sub)
+    _add_timeout_argument(sub)
     _add_feed_arguments(sub)
     sub.set_defaults(handler=_run_bench)
 
@@ -235,8 +250,9 @@ def _add_inspect(commands) -> None:
     sub = _command(commands, "inspect", "show size by dtype and op, largest tensors, Constant-node weights, "
                                         "subgraphs and duplicated tensors")
     sub.add_argument("model", help=".onnx file")
-    sub.add_argument("--top", type=int, default=10, help="largest tensors to list (default 10)")
+    sub.add_argument("--top", type=int_in(0, MAX_COUNT), default=10, help="largest tensors to list (default 10)")
     sub.add_argument("--json", action="store_true", help="print as JSON")
+    _add_symlink_argument(sub)
     sub.set_defaults(handler=_run_inspect)
 
 
@@ -244,10 +260,12 @@ def _add_debug(commands) -> None:
     sub = _command(commands, "debug", "per-layer error of a compressed model against the original, worst first")
     sub.add_argument("reference", help="original .onnx file")
     sub.add_argument("candidate", help="compressed .onnx file")
-    sub.add_argument("--top", type=int, help="print only the N worst layers")
+    sub.add_argument("--top", type=int_in(0, MAX_COUNT), help="print only the N worst layers")
     sub.add_argument("--report", action="append", default=[], metavar="FILE",
                      help="write the table into a report (.json, .md or .html; repeatable)")
     sub.add_argument("--json", action="store_true", help="print the layers as JSON")
+    _add_symlink_argument(sub)
+    _add_timeout_argument(sub)
     _add_feed_arguments(sub)
     sub.set_defaults(handler=_run_debug)
 
@@ -256,11 +274,15 @@ def _add_sensitivity(commands) -> None:
     sub = _command(commands, "sensitivity", "how much each layer's pruning changes the outputs, and per-layer "
                                             "sparsities that reach a target with the least error")
     sub.add_argument("model", help=".onnx file")
-    sub.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma-separated sparsities to scan")
-    sub.add_argument("--target", type=float, help="allocate per-layer sparsities reaching this overall sparsity")
-    sub.add_argument("--min-elements", type=int, default=1024, help="skip weights with fewer elements")
+    sub.add_argument("--sparsities", default="0.25,0.5,0.75", type=float_list_in(0.0, 1.0, high_open=True),
+                     help="comma-separated sparsities to scan, each in [0, 1)")
+    sub.add_argument("--target", type=float_in(0.0, 1.0, high_open=True),
+                     help="allocate per-layer sparsities reaching this overall sparsity")
+    sub.add_argument("--min-elements", type=int_in(0, MAX_BYTES), default=1024, help="skip weights with fewer elements")
     sub.add_argument("--report", action="append", default=[], metavar="FILE", help="save the table (.md or .json)")
     sub.add_argument("--json", action="store_true", help="print as JSON")
+    _add_symlink_argument(sub)
+    _add_timeout_argument(sub)
     _add_feed_arguments(sub)
     sub.set_defaults(handler=_run_sensitivity)
 
@@ -293,10 +315,9 @@ def _run_optimize(args: argparse.Namespace) -> int:
         timeout_s=args.timeout, validate_max_memory_bytes=args.validate_max_memory, bisect=args.bisect,
         check_each_pass=args.check_each_pass,
         external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
-        progress=not (args.quiet or args.json),
+        progress=not (args.quiet or args.json), allow_symlinks_under=args.allow_symlinks_under,
+        reports=args.report,
     )
-    for path in args.report:
-        write_report(result.report, path)
     if args.json:
         print(result.report.to_json(), end="")
     elif not args.quiet:
@@ -333,8 +354,8 @@ def _print_optimize_summary(result) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    reference = load_model(args.reference)
-    load_model(args.candidate)
+    reference = load_model(args.reference, allow_symlinks_under=args.allow_symlinks_under)
+    load_model(args.candidate, allow_symlinks_under=args.allow_symlinks_under)
     feeds = resolve_feeds(reference, args.data, shapes=parse_shape_overrides(args.shape),
                           samples=args.samples, seed=args.seed)
     tolerance = tolerance_from_args(args) or Tolerance(max_abs=1e-6)
@@ -343,36 +364,38 @@ def _run_validate(args: argparse.Namespace) -> int:
                                       provider=args.provider, timeout_s=args.timeout,
                                       max_memory_bytes=args.validate_max_memory)
     else:
-        comparison = compare(args.reference, args.candidate, feeds, tolerance=tolerance, provider=args.provider)
+        comparison = compare(args.reference, args.candidate, feeds, tolerance=tolerance, provider=args.provider,
+                             timeout_s=args.timeout)
     print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison.summary())
     return EXIT_OK if comparison.passed else EXIT_VALIDATION_FAILED
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    first = load_model(args.models[0])
+    first = load_model(args.models[0], allow_symlinks_under=args.allow_symlinks_under)
     for path in args.models[1:]:
-        load_model(path)
+        load_model(path, allow_symlinks_under=args.allow_symlinks_under)
     feeds = resolve_feeds(first, args.data, shapes=parse_shape_overrides(args.shape),
                           samples=args.samples, seed=args.seed)
     result = benchmark(args.models, feeds, provider=args.provider, warmup=args.warmup, rounds=args.rounds,
-                       threads=args.threads, progress=not args.json)
+                       threads=args.threads, progress=not args.json, timeout_s=args.timeout)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
     return EXIT_OK
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    if args.top < 0:
-        raise UsageError(f"--top must be >= 0, got {args.top}")
-    inspection = inspect_model(load_model(args.model), path=args.model, top=args.top)
+    inspection = inspect_model(load_model(args.model, allow_symlinks_under=args.allow_symlinks_under),
+                               path=args.model, top=args.top)
     print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection.to_text())
     return EXIT_OK
 
 
 def _run_debug(args: argparse.Namespace) -> int:
-    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    reference, reference_files = load_model_with_files(args.reference, allow_symlinks_under=args.allow_symlinks_under)
+    candidate, candidate_files = load_model_with_files(args.candidate, allow_symlinks_under=args.allow_symlinks_under)
+    check_reports_apart(args.report, [*reference_files, *candidate_files], args.data)
     feeds = resolve_feeds(reference, args.data, shapes=parse_shape_overrides(args.shape),
                           samples=args.samples, seed=args.seed)
-    layers = debug_layers(reference, candidate, feeds, provider=args.provider)
+    layers = debug_layers(reference, candidate, feeds, provider=args.provider, timeout_s=args.timeout)
     report = Report(tool_version(), model_summary(reference, args.reference), model_summary(candidate, args.candidate),
                     layers=layers.to_rows())
     for path in args.report:
@@ -382,22 +405,21 @@ def _run_debug(args: argparse.Namespace) -> int:
 
 
 def _run_sensitivity(args: argparse.Namespace) -> int:
-    try:
-        sparsities = [float(item) for item in args.sparsities.split(",") if item.strip()]
-    except ValueError:
-        raise UsageError(f"--sparsities '{args.sparsities}': expected numbers like 0.25,0.5") from None
-    model = load_model(args.model)
+    sparsities = list(args.sparsities)
+    model, model_files = load_model_with_files(args.model, allow_symlinks_under=args.allow_symlinks_under)
+    check_reports_apart(args.report, model_files, args.data, {".md": "markdown", ".json": "json"})
     feeds = resolve_feeds(model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed)
     table = sensitivity_scan(model, feeds, sparsities=sparsities, provider=args.provider, progress=not args.json,
-                             min_elements=args.min_elements)
+                             min_elements=args.min_elements, timeout_s=args.timeout)
     if args.target is not None:
         table.allocate(args.target)
     for path in args.report:
         target = Path(path)
         if target.suffix.lower() not in (".md", ".json"):
             raise UsageError(f"--report '{path}': use .md or .json")
-        text = json.dumps(table.to_dict(), indent=2) + "\n" if target.suffix.lower() == ".json" else table.to_markdown() + "\n"
-        write_text_atomic(target, text)
+        markdown = target.suffix.lower() == ".md"
+        text = escape_control(table.to_markdown(), keep_layout=True) if markdown else json.dumps(table.to_dict(), indent=2)
+        write_text_atomic(target, text + "\n")
     print(json.dumps(table.to_dict(), indent=2) if args.json else table.to_markdown())
     return EXIT_OK
 
@@ -451,14 +473,14 @@ def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:
             raise UsageError(f"--output-tolerance '{item}': '{part}' is not KEY=VALUE with KEY one of "
                              f"{', '.join(TOLERANCE_KEYS)}")
         try:
-            values[TOLERANCE_KEYS[key.strip()]] = float(text)
-        except ValueError:
-            raise UsageError(f"--output-tolerance '{item}': '{text}' is not a number") from None
+            values[TOLERANCE_KEYS[key.strip()]] = TOLERANCE_TYPES[key.strip()](text)
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"--output-tolerance '{item}': {key.strip()}: {error}") from None
     return name, Tolerance(**values)
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return printable(" ".join(text.split()))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Reading external tensor data from files inside the model's folder, and nowhere else.
 
-A location may not leave the folder (no absolute path, '..' or symlink), each file is opened
-once without following links, and its size counts against ``max_input_bytes``. The plain
-file helpers here (kind, identity, chunked pread) serve model-file reading as well.
+A location may not leave the folder (no absolute path, '..' or symlink, except a symlink into
+a root ``optimizer.symlink_roots`` allows), and its size counts against ``max_input_bytes``.
+Each file's identity (inode, size, mtime, ctime) is recorded when it is first opened and
+checked before and after every read, so a file rewritten while the model loads is an error.
+Only a few descriptors stay open at a time (a model may have thousands of data files). The
+plain file helpers here (kind, identity, chunked pread) serve model-file reading as well.
 """
 
 from __future__ import annotations
@@ -11,19 +14,25 @@ import os
 import pathlib
 import resource
 import stat
+from collections import OrderedDict
+from collections.abc import Iterable
 
 from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError
-from optimizer.lazy_io import FileIdentity, trust_file
+from optimizer.lazy_io import FileIdentity, remember_source, trust_identity
+from optimizer.symlink_roots import resolve_allowed_symlink, symlink_roots
 from optimizer.tensor_checks import describe_tensor, load_error, raw_byte_count
 
 __all__ = [
     "MEMORY_COPIES", "READ_CHUNK_BYTES", "ExternalDataReader", "check_fits_in_memory", "file_kind",
-    "memory_headroom_bytes", "read_exactly", "same_file",
+    "memory_headroom_bytes", "read_exactly", "read_model_file", "same_file",
 ]  # fmt: skip
 
 READ_CHUNK_BYTES = 2**30
+
+_MAX_NUMBER_DIGITS = 19
+"""An offset or length past int64 (19 digits) cannot point into a file."""
 
 MEMORY_COPIES = 2
 """Bytes read are held about twice at the peak (the read buffer, then protobuf's own copy)."""
@@ -83,6 +92,39 @@ def read_exactly(fd: int, length_bytes: int, offset_bytes: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def read_model_file(real_path: str, shown: str, max_input_bytes: int | None) -> bytes:
+    """Stat before opening so a FIFO or device is never opened, then read it in one go."""
+    try:
+        before = os.stat(real_path)
+    except OSError as error:
+        raise ModelLoadError(f"{shown}: cannot read model: {error.strerror}") from error
+    if not stat.S_ISREG(before.st_mode):
+        raise ModelLoadError(f"{shown}: cannot read model: {file_kind(before.st_mode)}")
+    if before.st_size == 0:
+        raise ModelLoadError(f"{shown}: not an ONNX model: empty file")
+    if max_input_bytes is not None and before.st_size > max_input_bytes:
+        raise ModelLoadError(f"{shown}: {before.st_size} bytes, over the limit of {max_input_bytes}")
+    check_fits_in_memory(before.st_size, shown)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(real_path, flags)
+        try:
+            if not same_file(before, os.fstat(fd)):
+                raise ModelLoadError(f"{shown}: file changed while it was being opened")
+            identity = FileIdentity.of(fd, real_path)
+            data = read_exactly(fd, before.st_size, 0)
+            if not identity.matches(os.fstat(fd)) or identity.size_bytes != before.st_size:
+                raise ModelLoadError(f"{shown}: file changed while it was being read")
+            remember_source(identity)
+            return data
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise ModelLoadError(f"{shown}: cannot read model: {error}") from error
+    except MemoryError:
+        raise ModelLoadError(f"{shown}: out of memory reading {before.st_size} bytes") from None
+
+
 def _external_entries(tensor: TensorProto, source: str, label: str) -> tuple[str, int, int | None]:
     """(location, offset, length or None) from the key/value list, strictly parsed."""
     entries: dict[str, str] = {}
@@ -95,14 +137,17 @@ def _external_entries(tensor: TensorProto, source: str, label: str) -> tuple[str
     numbers: dict[str, int | None] = {}
     for key in ("offset", "length"):
         text = entries.get(key)
-        if text is not None and not (text.isascii() and text.isdigit()):
-            raise load_error(source, label, f"external data {key} {text!r} is not a number >= 0")
+        if text is not None and not (text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS):
+            shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+            reason = f"external data {key} {shown!r} is not a number >= 0 of at most {_MAX_NUMBER_DIGITS} digits"
+            raise load_error(source, label, reason)
         numbers[key] = None if text is None else int(text)
     return entries["location"], numbers["offset"] or 0, numbers["length"]
 
 
 def _location_parts(location: str, source: str, label: str) -> list[str]:
-    """Split a location into plain names; anything that could leave the folder is refused."""
+    """Split a location into plain names; anything that could leave the folder is refused, and
+    so is what onnxruntime refuses: a location ending in '/' or '/.' (it names a folder)."""
     reason = None
     if any(ord(char) < 32 or ord(char) == 127 for char in location):
         reason = "contains control characters"
@@ -117,53 +162,84 @@ def _location_parts(location: str, source: str, label: str) -> list[str]:
         reason = "contains '..'"
     if reason is None and not parts:
         reason = "names no file"
+    if reason is None and location.split("/")[-1] in ("", "."):
+        reason = "ends in '/' or '/.' (onnxruntime refuses it)"
     if reason is not None:
         raise load_error(source, label, f"external data location {location!r} {reason}")
     return parts
 
 
-class ExternalDataReader:
-    """Reads external tensor data from files inside one folder, opening each file once."""
+_OPEN_FILES_KEPT = 16
+"""Descriptors kept open at once; others are reopened (and their identity checked) on use."""
 
-    def __init__(self, folder: str, source: str, budget_bytes: int | None) -> None:
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class ExternalDataReader:
+    """Reads external tensor data from files inside one folder (or allowed symlink roots)."""
+
+    def __init__(self, folder: str, source: str, budget_bytes: int | None,
+                 allow_symlinks_under: Iterable[str | os.PathLike] = ()) -> None:  # fmt: skip
         self._folder = os.path.realpath(folder)
+        self._roots = symlink_roots(folder, allow_symlinks_under)
         self._source = source
         self._budget_bytes = budget_bytes
-        self._open_files: dict[tuple[str, ...], tuple[int, int, str]] = {}
+        self._files: dict[tuple[str, ...], FileIdentity] = {}
+        self._open_fds: OrderedDict[tuple[str, ...], int] = OrderedDict()
 
     def __enter__(self) -> ExternalDataReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for fd, _, _ in self._open_files.values():
+        for fd in self._open_fds.values():
             os.close(fd)
-        self._open_files.clear()
+        self._open_fds.clear()
 
     def paths(self) -> tuple[pathlib.Path, ...]:
-        return tuple(pathlib.Path(path) for _, _, path in self._open_files.values())
+        return tuple(pathlib.Path(identity.path) for identity in self._files.values())
+
+    def check_unchanged(self) -> None:
+        """Every file read is still the file it was when first opened; remembered for later."""
+        for identity in self._files.values():
+            try:
+                info = os.stat(identity.path, follow_symlinks=False)
+            except OSError as error:
+                raise ModelLoadError(f"{self._source}: external file {identity.path} is gone: "
+                                     f"{error.strerror}") from error  # fmt: skip
+            if not identity.matches(info):
+                raise ModelLoadError(f"{self._source}: external file {identity.path} changed "
+                                     "while the model was being loaded")  # fmt: skip
+            remember_source(identity)
 
     def read(self, tensor: TensorProto, label: str) -> bytes:
-        fd, shown, offset_bytes, length_bytes = self.locate(tensor, label)
+        key, shown, offset_bytes, length_bytes = self.locate(tensor, label)
+        identity = self._files[key]
         try:
-            return read_exactly(fd, length_bytes, offset_bytes)
+            fd = self._descriptor(key)
+            identity.check(fd, "while the model was being loaded")
+            data = read_exactly(fd, length_bytes, offset_bytes)
+            identity.check(fd, "while the model was being loaded")
+            return data
         except OSError as error:
             raise ModelLoadError(f"{shown}: cannot read: {error}") from error
         except MemoryError:
             raise ModelLoadError(f"{shown}: out of memory reading {length_bytes} bytes") from None
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{self._source}: {label}: {error}") from None
 
     def reference(self, tensor: TensorProto, label: str) -> tuple[FileIdentity, int, int]:
         """The same checks as ``read``, but the bytes stay on disk: (verified file, offset, length)."""
-        fd, _, offset_bytes, length_bytes = self.locate(tensor, label)
-        path = next(path for open_fd, _, path in self._open_files.values() if open_fd == fd)
-        return trust_file(fd, path), offset_bytes, length_bytes
+        key, _, offset_bytes, length_bytes = self.locate(tensor, label)
+        return trust_identity(self._files[key]), offset_bytes, length_bytes
 
-    def locate(self, tensor: TensorProto, label: str) -> tuple[int, str, int, int]:
-        """Check the reference against the file and the tensor: (fd, shown name, offset, length)."""
+    def locate(self, tensor: TensorProto, label: str) -> tuple[tuple[str, ...], str, int, int]:
+        """Check the reference against the file and the tensor: (file key, shown name, offset, length)."""
         location, offset_bytes, length_bytes = _external_entries(tensor, self._source, label)
         parts = _location_parts(location, self._source, label)
         expected_bytes = raw_byte_count(tensor, self._source, label)
-        fd, size_bytes, path = self._open(parts, location, label)
-        shown = f"{self._source}: {label}: external file {path}"
+        identity = self._identity(parts, location, label)
+        size_bytes = identity.size_bytes
+        shown = f"{self._source}: {label}: external file {identity.path}"
         if length_bytes is None:
             length_bytes = max(size_bytes - offset_bytes, 0)
         if offset_bytes + length_bytes > size_bytes or offset_bytes > size_bytes:
@@ -173,29 +249,45 @@ class ExternalDataReader:
             raise ModelLoadError(f"{shown}: length {length_bytes} bytes does not match "
                                  f"{describe_tensor(tensor)} ({expected_bytes} bytes)")  # fmt: skip
         check_fits_in_memory(length_bytes, shown)
-        return fd, shown, offset_bytes, length_bytes
+        return tuple(parts), shown, offset_bytes, length_bytes
 
-    def _open(self, parts: list[str], location: str, label: str) -> tuple[int, int, str]:
+    def _identity(self, parts: list[str], location: str, label: str) -> FileIdentity:
         key = tuple(parts)
-        if key not in self._open_files:
+        if key not in self._files:
             path = os.path.join(self._folder, *parts)
             real = os.path.realpath(path)
-            if os.path.commonpath([real, self._folder]) != self._folder or real == self._folder:
+            if not _inside(real, self._folder) and not any(_inside(real, root) for root in self._roots):
                 reason = f"external data {location!r} resolves outside {self._folder}"
                 raise load_error(self._source, label, reason)
             try:
-                fd, size_bytes = self._open_inside_folder(parts)
+                fd, identity = self._open_inside_folder(parts)
             except OSError as error:
-                reason = f"cannot open external data {path}: {error.strerror}"
+                reason = f"cannot open external data {path}: {error.strerror or error}"
                 raise load_error(self._source, label, reason) from error
             except ValueError as error:
-                raise load_error(self._source, label, f"external data {path} {error}") from None
-            self._open_files[key] = (fd, size_bytes, path)
-            self._charge(size_bytes, path, label)
-        return self._open_files[key]
+                raise load_error(self._source, label, f"external data {location!r} ({path}) {error}") from None
+            self._files[key] = identity
+            self._keep_open(key, fd)
+            self._charge(identity.size_bytes, identity.path, label)
+        return self._files[key]
 
-    def _open_inside_folder(self, parts: list[str]) -> tuple[int, int]:
-        """Walk with dir fds and O_NOFOLLOW so no symlink or swapped file can be followed."""
+    def _descriptor(self, key: tuple[str, ...]) -> int:
+        """An open descriptor of the file, reopened by its real path if it was closed."""
+        if key in self._open_fds:
+            self._open_fds.move_to_end(key)
+            return self._open_fds[key]
+        fd = os.open(self._files[key].path, _READ_FLAGS)
+        self._keep_open(key, fd)
+        return fd
+
+    def _keep_open(self, key: tuple[str, ...], fd: int) -> None:
+        self._open_fds[key] = fd
+        while len(self._open_fds) > _OPEN_FILES_KEPT:
+            os.close(self._open_fds.popitem(last=False)[1])
+
+    def _open_inside_folder(self, parts: list[str]) -> tuple[int, FileIdentity]:
+        """Walk with dir fds and O_NOFOLLOW so no symlink or swapped file can be followed; only
+        the file itself may be a symlink, into an allowed root (see ``optimizer.symlink_roots``)."""
         dir_fd = os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for part in parts[:-1]:
@@ -207,19 +299,12 @@ class ExternalDataReader:
                 os.close(dir_fd)
                 dir_fd = next_fd
             before = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-            if not stat.S_ISREG(before.st_mode):
-                raise ValueError(f"is {file_kind(before.st_mode)}")
-            if before.st_nlink > 1:
-                raise ValueError(f"is a hard link ({before.st_nlink} links)")
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            fd = os.open(parts[-1], flags, dir_fd=dir_fd)
+            path = os.path.join(self._folder, *parts)
+            if stat.S_ISLNK(before.st_mode):
+                return _open_regular(resolve_allowed_symlink(path, self._roots), None)
+            return _open_regular(path, (before, parts[-1], dir_fd))
         finally:
             os.close(dir_fd)
-        after = os.fstat(fd)
-        if not same_file(before, after):
-            os.close(fd)
-            raise ValueError("changed while it was being opened")
-        return fd, after.st_size
 
     def _charge(self, size_bytes: int, path: str, label: str) -> None:
         if self._budget_bytes is not None:
@@ -227,3 +312,26 @@ class ExternalDataReader:
             if self._budget_bytes < 0:
                 reason = f"external data {path} takes the input over max_input_bytes"
                 raise load_error(self._source, label, reason)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _open_regular(
+    path: str, in_folder: tuple[os.stat_result, str, int] | None
+) -> tuple[int, FileIdentity]:
+    """Open a regular, singly linked file without following a link; (fd, identity)."""
+    before = os.stat(path, follow_symlinks=False) if in_folder is None else in_folder[0]
+    if not stat.S_ISREG(before.st_mode):
+        raise ValueError(f"is {file_kind(before.st_mode)}" + ("" if in_folder else f" ({path})"))
+    if before.st_nlink > 1:
+        raise ValueError(f"is a hard link ({before.st_nlink} links)")
+    if in_folder is None:
+        fd = os.open(path, _READ_FLAGS)
+    else:
+        fd = os.open(in_folder[1], _READ_FLAGS, dir_fd=in_folder[2])
+    if not same_file(before, os.fstat(fd)):
+        os.close(fd)
+        raise ValueError("changed while it was being opened")
+    return fd, FileIdentity.of(fd, os.path.realpath(path))

@@ -6,9 +6,9 @@ because a feed that does not fit otherwise surfaces as an opaque onnxruntime mes
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from optimizer.errors import FeedError
+from optimizer.npz_files import check_regular_file, read_npz_file
 
 Feed = dict[str, np.ndarray]
 
@@ -69,11 +70,21 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 f"input {value_info.name!r} is not a tensor; only tensor inputs are fed"
             )
         tensor_type = value_info.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        dtype = _input_dtype(value_info.name, tensor_type.elem_type)
         rank_known = tensor_type.HasField("shape")
         shape = tuple(_dim_value(dim) for dim in tensor_type.shape.dim)
+        if any(isinstance(dim, int) and dim < 0 for dim in shape):
+            raise FeedError(f"input {value_info.name!r} has a negative dimension in shape {_format_shape(shape)}")
         specs.append(InputSpec(value_info.name, dtype, shape, rank_known))
     return specs
+
+
+def _input_dtype(name: str, elem_type: int) -> np.dtype:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        raise FeedError(f"input {name!r} has element type {elem_type}, which is not a data type "
+                        "numpy can feed") from None  # fmt: skip
 
 
 def _dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
@@ -205,11 +216,31 @@ def generate_feeds(
     if count < 1:
         raise FeedError(f"feed count must be at least 1, got {count}")
     resolved = resolve_shapes(specs, shapes)
+    _check_generated_size(specs, resolved, count)
     rng = np.random.Generator(np.random.PCG64(seed))
     return [
         {spec.name: _random_array(spec, resolved[spec.name], rng) for spec in specs}
         for _ in range(count)
     ]
+
+
+MAX_GENERATED_FEED_BYTES = 2**31
+"""Generated feeds (all samples, all inputs) may take at most this much memory."""
+
+
+def _check_generated_size(specs: Sequence[InputSpec], resolved: Mapping[str, tuple[int, ...]], count: int) -> None:
+    """A hostile shape such as 2^40 must be a clear error, not a MemoryError."""
+    total_bytes = 0
+    for spec in specs:
+        shape = resolved[spec.name]
+        if any(dim < 0 for dim in shape):
+            raise FeedError(f"input {spec.name!r}: negative dimension in shape {list(shape)}")
+        element_bytes = max(spec.dtype.itemsize, 8)  # float64/int64 intermediates while generating
+        total_bytes += count * math.prod(shape) * element_bytes
+        if total_bytes > MAX_GENERATED_FEED_BYTES:
+            raise FeedError(f"input {spec.name!r}: shape {list(shape)} x {count} samples needs "
+                            f"{total_bytes} bytes of generated data, over the limit of "
+                            f"{MAX_GENERATED_FEED_BYTES}; pass --shape or an .npz folder")  # fmt: skip
 
 
 def _random_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -244,19 +275,15 @@ def load_npz_feeds(folder: str | os.PathLike) -> Iterator[Feed]:
     files = sorted(path.glob("*.npz"), key=lambda file: file.name)
     if not files:
         raise FeedError(f"feeds folder {os.fspath(folder)!r} holds no .npz files")
+    for file in files:
+        check_regular_file(file)
     return _read_npz_files(files)
 
 
 def _read_npz_files(files: list[Path]) -> Iterator[Feed]:
+    """Regular files only (a FIFO would block forever), sizes checked first: ``optimizer.npz_files``."""
     for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as archive:
-                feed = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise FeedError(f"cannot read feeds file {os.fspath(file)!r}: {exc}") from exc
-        if not feed:
-            raise FeedError(f"feeds file {os.fspath(file)!r} holds no arrays")
-        yield feed
+        yield read_npz_file(file)
 
 
 def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, np.ndarray], index: int) -> Feed:

@@ -3,7 +3,8 @@
 A QDQ graph is only a request. onnxruntime fuses some groups (QLinearConv, MatMulNBits,
 DynamicQuantizeMatMul ...) and leaves others as DequantizeLinear followed by a float op, which
 shrinks the file but not the time, or worse. The check loads the model with
-``optimized_model_filepath`` set and reads the graph onnxruntime saved.
+``optimized_model_filepath`` set and reads the graph onnxruntime saved. It only opens a session
+(no run), so ``--timeout`` has nothing to stop here: graph optimization cannot be interrupted.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime
 
-from optimizer.errors import RuntimeSessionError
-from optimizer.runtime import ModelSource, ProviderChoice, as_provider_choice, model_label
+from optimizer.runtime import ModelSource, ProviderChoice, as_provider_choice, create_session, model_label
 
 INTEGER_KERNELS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -165,17 +164,11 @@ def _as_model(model: ModelSource) -> onnx.ModelProto:
     return onnx.load(os.fspath(model), load_external_data=False)
 
 
+OPTIMIZED_MODEL_CONFIG = {
+    "session.optimized_model_external_initializers_file_name": "optimized.data",
+    "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+}
+
+
 def _optimize(model: ModelSource, choice: ProviderChoice, optimized_path: Path) -> str:
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(optimized_path)
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    source = os.fspath(source) if isinstance(source, os.PathLike) else source
-    try:
-        session = onnxruntime.InferenceSession(source, options, providers=list(choice.providers))
-    except Exception as error:
-        raise RuntimeSessionError(f"{model_label(model)}: onnxruntime cannot load the model: "
-                                  f"{' '.join(str(error).split())}") from error
-    return session.get_providers()[0]
+    return create_session(model, choice, optimized_model_path=optimized_path, config=OPTIMIZED_MODEL_CONFIG)[1]

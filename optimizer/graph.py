@@ -20,7 +20,14 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from optimizer.errors import PassError
+from optimizer.graph_inputs import (
+    keep_input_declarations,
+    keep_training_initializers,
+    record_training_bindings,
+    restore_initializer_inputs,
+)
 from optimizer.lazy_io import MappedValues, SpillFile, is_lazy, mapped_tensor, spillable
+from optimizer.sparse_storage import restore_unchanged_sparse, wrap_sparse_constants
 
 G_LOGGER.severity = G_LOGGER.ERROR
 
@@ -40,9 +47,36 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         graph = gs.import_onnx(model)
     except Exception as error:  # onnx-graphsurgeon raises bare exceptions on malformed graphs
         raise PassError(f"cannot import graph '{model.graph.name}': {error}") from error
-    graph.dropped_initializers = unused_initializers(model.graph)
+    restore_initializer_inputs(model.graph, graph)
+    record_training_bindings(model, graph)
+    bound = graph.training_bound_names
+    graph.dropped_initializers = [entry for entry in unused_initializers(model.graph)
+                                  if entry["graph"] != "main" or entry["tensor"] not in bound]
     graph.lazy_tensors = _map_lazy_constants(graph)
+    constants = _all_constants(graph)
+    wrap_sparse_constants(constants)
+    _wrap_string_constants(constants)
     return graph
+
+
+class StringValues(LazyValues):
+    """onnx-graphsurgeon values of a STRING tensor, loaded as the bytes it stores.
+
+    ``numpy_helper.to_array`` decodes strings as UTF-8, which fails on the arbitrary bytes ONNX
+    allows; a pass that merely looks at such a tensor must not break the model.
+    """
+
+    def load(self) -> np.ndarray:
+        shape = tuple(int(d) for d in self.tensor.dims)
+        return np.array(list(self.tensor.string_data), dtype=object).reshape(shape)
+
+
+def _wrap_string_constants(constants: list[gs.Constant]) -> None:
+    for constant in constants:
+        values = constant._values
+        if (type(values) is LazyValues and isinstance(values.tensor, onnx.TensorProto)
+                and values.tensor.data_type == onnx.TensorProto.STRING):
+            constant._values = StringValues(values.tensor)
 
 
 def _all_constants(root: gs.Graph) -> list[gs.Constant]:
@@ -68,7 +102,8 @@ def _map_lazy_constants(root: gs.Graph) -> bool:
     found = False
     for constant in _all_constants(root):
         values = constant._values
-        if isinstance(values, LazyValues) and not isinstance(values, MappedValues) and is_lazy(values.tensor):
+        if (isinstance(values, LazyValues) and not isinstance(values, MappedValues)
+                and isinstance(values.tensor, onnx.TensorProto) and is_lazy(values.tensor)):
             constant._values = MappedValues(values.tensor)
             constant.data_location = None
             found = True
@@ -122,7 +157,7 @@ def unused_initializers(graph: onnx.GraphProto, path: str = "main") -> list[dict
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
-    read = {output.name for output in graph.output}
+    read = {output.name for output in graph.output} | {value.name for value in graph.input}
     for node in graph.node:
         read.update(name for name in node.input if name)
         for attribute in node.attribute:
@@ -136,14 +171,27 @@ PACKED_4BIT_TYPES = frozenset(
 )
 
 
-def tensor_proto_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes the tensor's values take when stored raw (4-bit types pack two per byte)."""
+PACKED_SUB_BYTE_TYPES = PACKED_4BIT_TYPES | frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT2", "UINT2") if hasattr(onnx.TensorProto, name)
+)
+
+
+def tensor_proto_bytes(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> int:
+    """Bytes the tensor's values take when stored raw (4-bit types pack two per byte); a sparse
+    tensor counts its values and indices."""
+    if isinstance(tensor, onnx.SparseTensorProto):
+        return tensor_proto_bytes(tensor.values) + tensor_proto_bytes(tensor.indices)
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(item) for item in tensor.string_data)
     count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
     if tensor.data_type in PACKED_4BIT_TYPES:
         return (count + 1) // 2
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def tensor_proto_dtype(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> int:
+    """The ONNX element type of a dense or sparse tensor proto."""
+    return tensor.values.data_type if isinstance(tensor, onnx.SparseTensorProto) else tensor.data_type
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -156,6 +204,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     a file first (``optimizer.lazy_io``), so the model never holds all weights in memory.
     """
     release_mapped_values(graph)
+    restore_unchanged_sparse(_all_constants(graph))
+    _store_special_arrays(graph)
     restore = _spill_new_arrays(graph) if getattr(graph, "lazy_tensors", False) else []
     try:
         model = gs.export_onnx(graph, do_type_check=False)
@@ -166,9 +216,34 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             constant._values = values
     _hoist_sibling_copies(model.graph)
     _remove_outer_scope_copies(model.graph, frozenset())
+    keep_input_declarations(graph, model.graph)
+    keep_training_initializers(graph, model)
     _copy_model_fields(template, model)
     _merge_opsets(template, graph, model)
     return model
+
+
+def _store_special_arrays(root: gs.Graph) -> None:
+    """Store loaded 4-bit (and 2-bit) arrays packed, and string arrays as ``string_data``.
+
+    onnx-graphsurgeon turns a weight into a numpy array as soon as a pass reads it, and exports
+    an array with ``tobytes()``, one byte per element: a packed INT4 tensor read by any pass
+    would come out twice too long, and a STRING tensor cannot be exported at all.
+    ``numpy_helper.from_array`` stores both correctly.
+    """
+    for constant in _all_constants(root):
+        values = constant._values
+        if not isinstance(values, np.ndarray):
+            continue
+        if values.dtype.kind in "OSU" or _onnx_dtype(values.dtype) in PACKED_SUB_BYTE_TYPES:
+            constant._values = LazyValues(onnx.numpy_helper.from_array(values, constant.name))
+
+
+def _onnx_dtype(dtype: np.dtype) -> int | None:
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(dtype))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _copy_model_fields(template: onnx.ModelProto, model: onnx.ModelProto) -> None:

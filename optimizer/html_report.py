@@ -12,6 +12,8 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from optimizer.text import plot_text, printable
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
 color:#1b1b1b;line-height:1.4;padding:0 1em}
@@ -192,7 +194,7 @@ def _num(value: Any) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(printable(value), quote=True)
 
 
 class _Plots:
@@ -216,10 +218,11 @@ class _Plots:
         if self._pyplot is None:
             return ""
         figure, axes = self._pyplot.subplots(figsize=(8, max(2.5, 0.28 * len(labels)) if horizontal else 3.2))
+        labels, unit = [plot_text(label) for label in labels], plot_text(unit)
         width = 0.8 / max(1, len(series))
         for index, (name, values) in enumerate(series.items()):
             positions = [i + index * width for i in range(len(labels))]
-            (axes.barh if horizontal else axes.bar)(positions, values, width, label=name)
+            (axes.barh if horizontal else axes.bar)(positions, values, width, label=plot_text(name))
         ticks = [i + width * (len(series) - 1) / 2 for i in range(len(labels))]
         if horizontal:
             axes.set_yticks(ticks, labels, fontsize=7)
@@ -237,12 +240,12 @@ class _Plots:
             return ""
         figure, axes = self._pyplot.subplots(figsize=(7, 3))
         axes.plot(xs, ys, marker="o")
-        axes.set_xlabel(x_label)
-        axes.set_ylabel(y_label)
+        axes.set_xlabel(plot_text(x_label))
+        axes.set_ylabel(plot_text(y_label))
         return self._finish(figure, axes, title)
 
     def _finish(self, figure, axes, title: str) -> str:
-        axes.set_title(title)
+        axes.set_title(plot_text(title))
         figure.tight_layout()
         buffer = io.StringIO()
         figure.savefig(buffer, format="svg", metadata={"Date": None})

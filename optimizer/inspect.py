@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from optimizer.duplicates import DuplicateCandidate, DuplicateGroup, find_duplicates
+from optimizer.inspect_values import NonFiniteTensor, non_finite_lines, non_finite_tensors
 
 MAIN_GRAPH = "main"
 UNUSED_OP = "(unused)"
@@ -76,6 +77,7 @@ class ModelInspection:
     inputs: list[str]
     outputs: list[str]
     metadata_keys: list[str]
+    non_finite: list[NonFiniteTensor] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain JSON types only (shapes and names as lists), for report.py and --json."""
@@ -425,6 +427,7 @@ def inspect_model(
         inputs=[_format_value(v) for v in model.graph.input if v.name not in initializer_names],
         outputs=[_format_value(v) for v in model.graph.output],
         metadata_keys=sorted(prop.key for prop in model.metadata_props),
+        non_finite=non_finite_tensors([(_display_name(w.graph, w.name), w.tensor) for w in walk.weights]),
     )
 
 
@@ -501,4 +504,5 @@ def _text_report(report: ModelInspection) -> list[str]:
         right=(1,),
     )
     lines += ["", "Metadata keys", *_table([(key,) for key in report.metadata_keys])]
+    lines += ["", "Non-finite weights (NaN/Inf)", *_table(non_finite_lines(report.non_finite), right=(1, 2, 3, 4))]
     return lines

@@ -5,33 +5,38 @@ the tool (and a half-written report with it).
 The child is started with multiprocessing's 'spawn' context: it shares no threads or onnxruntime
 state with the parent, and works the same on Linux, macOS and Windows. Its stdout and stderr go
 to a temporary file whose last line is quoted when it dies, since that is where onnxruntime
-writes before aborting.
+writes before aborting. The child dies with its parent (``die_with_parent``), so killing the tool
+mid-validation leaves no onnxruntime process behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from optimizer.errors import OnnxCompressError, RuntimeSessionError
 from optimizer.feeds import Feed
-from optimizer.runtime import ModelSource, ProviderChoice, model_label
+from optimizer.runtime import DEFAULT_TIMEOUT_S, ModelSource, ProviderChoice, model_label
 from optimizer.validate import Comparison, Tolerance, compare
 
-__all__ = ["DEFAULT_TIMEOUT_S", "NOT_VALIDATED", "compare_isolated", "run_isolated"]
-
-DEFAULT_TIMEOUT_S = 600.0
-"""Ten minutes: generous for a full validation of a large model on CPU, short of forever."""
+__all__ = ["DEFAULT_TIMEOUT_S", "NOT_VALIDATED", "compare_isolated", "die_with_parent", "run_isolated"]
 
 NOT_VALIDATED = "not validated"
 """Every isolation failure says so, so that a user never mistakes it for a passing check."""
 
 _STOP_GRACE_S = 5.0
 _OUTPUT_TAIL_BYTES = 4096
+_PR_SET_PDEATHSIG = 1
+EXIT_PARENT_GONE = 75
+"""Exit code of a child that ended because its parent went away."""
 
 
 def compare_isolated(
@@ -54,13 +59,20 @@ def compare_isolated(
     label = f"comparing {model_label(candidate_path)} with {model_label(reference_path)}"
     try:
         return run_isolated(
-            compare, reference_path, candidate_path, list(feeds), tolerance=tolerance,
-            provider=provider, timeout_s=timeout_s, label=label, max_memory_bytes=max_memory_bytes,
+            _compare_in_child, reference_path, candidate_path, list(feeds), tolerance, provider, timeout_s,
+            timeout_s=timeout_s, label=label, max_memory_bytes=max_memory_bytes,
         )  # fmt: skip
     except RuntimeSessionError as error:
         if str(error).endswith(NOT_VALIDATED):
             raise
-        raise RuntimeSessionError(f"{error}; {NOT_VALIDATED}") from error
+        raise type(error)(f"{error}; {NOT_VALIDATED}") from error
+
+
+def _compare_in_child(reference_path: ModelSource, candidate_path: ModelSource, feeds: list[Feed],
+                      tolerance: Tolerance | Mapping[str, Tolerance], provider: str | ProviderChoice,
+                      timeout_s: float | None) -> Comparison:
+    """``compare`` with its own per-run limit, so that ``timeout_s=None`` means no limit at all."""
+    return compare(reference_path, candidate_path, feeds, tolerance=tolerance, provider=provider, timeout_s=timeout_s)
 
 
 def run_isolated(
@@ -80,21 +92,60 @@ def run_isolated(
     """
     if timeout_s is not None and not timeout_s > 0:
         raise RuntimeSessionError(f"timeout must be > 0 seconds or None, got {timeout_s!r}")
+    if timeout_s is not None and math.isinf(timeout_s):
+        timeout_s = None
     context = multiprocessing.get_context("spawn")
     with tempfile.NamedTemporaryFile(prefix="onnx-compress-child-", suffix=".log") as log:
         receiver, sender = context.Pipe(duplex=False)
+        lifeline, lifeline_end = context.Pipe(duplex=False)
         child = context.Process(
-            target=_child_main, args=(sender, log.name, max_memory_bytes, function, args, kwargs),
-            name="onnx-compress-isolated", daemon=True,
+            target=_child_main, name="onnx-compress-isolated", daemon=True,
+            args=(sender, (lifeline, os.getpid()), log.name, max_memory_bytes, function, args, kwargs),
         )  # fmt: skip
         try:
             child.start()
             sender.close()
+            lifeline.close()
             outcome = _wait(receiver, child, timeout_s, label, log.name)
         finally:
             _stop(child)
             receiver.close()
+            lifeline_end.close()
     return _unpack(outcome, label)
+
+
+def die_with_parent(lifeline, parent_pid: int) -> None:
+    """Called first in a child process: end it as soon as its parent ends, however the parent died.
+
+    ``lifeline`` is the read end of a pipe whose write end only the parent holds. On Linux the
+    kernel sends SIGKILL when the parent exits (PR_SET_PDEATHSIG; checked against ``parent_pid``
+    afterwards, in case the parent died first); everywhere, a daemon thread ends the process when
+    the pipe reaches end of file, which it does when the parent's end is closed or the parent dies.
+    """
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_PARENT_GONE)
+    threading.Thread(target=_exit_at_end_of_file, args=(lifeline,), name="onnx-compress-lifeline",
+                     daemon=True).start()  # fmt: skip
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the lifeline thread still ends the child
+        pass
+
+
+def _exit_at_end_of_file(lifeline) -> None:
+    try:
+        while True:
+            lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(EXIT_PARENT_GONE)
 
 
 def _wait(receiver, child, timeout_s: float | None, label: str, log_path: str) -> tuple:
@@ -161,8 +212,11 @@ def _stop(child) -> None:
         child.join()
 
 
-def _child_main(sender, log_path: str, max_memory_bytes: int | None, function, args, kwargs) -> None:
-    """Runs in the child: route output to the log, cap memory, run, send one message back."""
+def _child_main(sender, parent: tuple, log_path: str, max_memory_bytes: int | None, function, args,
+                kwargs) -> None:
+    """Runs in the child: tie its life to the parent's, route output to the log, cap memory, run,
+    send one message back."""
+    die_with_parent(*parent)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)

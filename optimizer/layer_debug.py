@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimizer.calibration_graph import expose_outputs
-from optimizer.runtime import as_provider_choice, create_session, run_session
+from optimizer.runtime import DEFAULT_TIMEOUT_S, as_provider_choice, checked_timeout, create_session, run_session
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU"})
 WEIGHT_INPUT = {"Gather": 0}
@@ -68,8 +68,12 @@ class LayerDebugReport:
 
 
 def debug_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto,
-                 feeds: Iterable[Mapping[str, np.ndarray]], *, provider: str = "cpu") -> LayerDebugReport:
-    """Compare every compressed node's weight and output with the original's, worst first."""
+                 feeds: Iterable[Mapping[str, np.ndarray]], *, provider: str = "cpu",
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S) -> LayerDebugReport:
+    """Compare every compressed node's weight and output with the original's, worst first.
+
+    A model run longer than ``timeout_s`` raises ``RunTimeoutError``."""
+    checked_timeout(timeout_s)
     layers, unmatched = _match_layers(reference, candidate)
     if not layers:
         return LayerDebugReport([], sum(1 for _ in feeds), unmatched)
@@ -83,8 +87,10 @@ def debug_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     stats = {name: _Accumulator() for name in outputs}
     samples = 0
     for feed in feeds:
-        want = run_session(reference_session, dict(feed), label="reference")
-        got = run_session(candidate_session, dict(feed), label="candidate")
+        want = run_session(reference_session, dict(feed), label="the reference", stage="layer debug",
+                           timeout_s=timeout_s)
+        got = run_session(candidate_session, dict(feed), label="the candidate", stage="layer debug",
+                          timeout_s=timeout_s)
         if samples == 0:
             _weight_errors(reference, [layer for layer, _ in layers], weight_names, {**candidate_constants, **got})
         for name in outputs:

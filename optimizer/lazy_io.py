@@ -8,9 +8,14 @@ folder) naming the verified file by path and identity (device, inode, size, mtim
 and length. Only files this process verified (the loader) or wrote (the export spill) are
 trusted, so a marker in a hostile input points nowhere.
 
-On use the file is opened again without following links and its identity compared on the open
-descriptor, which is then mapped: a file swapped or rewritten since loading is an error, never
-silently other data. Writing copies each range with ``copy_file_range`` (no user-space buffer).
+On use the file is opened again without following links and its identity (device, inode, size,
+mtime, ctime) compared on the open descriptor before and after every read or copy: a file
+swapped, rewritten or truncated since loading is an error, never silently other data. A user's
+file is never memory-mapped, because truncating a mapped file kills the process with SIGBUS:
+a pass sees a map of a private, already unlinked copy of the range (made in the kernel with
+``copy_file_range``), which nobody else can truncate. Files this process wrote (the spill) are
+mapped directly. ``check_sources_unchanged`` tells, before an output is published, whether any
+file a load read has changed since.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from optimizer.errors import ModelLoadError
 
 __all__ = [
     "LAZY_DTYPES", "LAZY_TENSOR_MIN_BYTES", "SPILL_MIN_BYTES", "FileIdentity", "LazyRef",
-    "MappedValues", "SpillFile", "copy_range", "is_lazy", "lazy_ref", "make_lazy", "map_array",
-    "mapped_tensor", "read_range", "spillable", "trust_file",
+    "MappedValues", "SpillFile", "check_sources_unchanged", "copy_range", "is_lazy", "lazy_ref",
+    "make_lazy", "map_array", "mapped_tensor", "read_range", "remember_source", "spillable",
+    "trust_file", "trust_identity",
 ]  # fmt: skip
 
 LAZY_TENSOR_MIN_BYTES = 4096
@@ -49,7 +55,7 @@ SPILL_MIN_BYTES = 64 * 1024
 COPY_CHUNK_BYTES = 64 * 2**20
 
 _MARKER = "\x00onnx-compress-lazy:"
-_MARKER_PATTERN = re.compile(r"(\d+):(\d+):(\d+):(\d+):(/.*)", re.DOTALL)
+_MARKER_PATTERN = re.compile(r"(\d+):(\d+):(\d+):(\d+):(\d+):(/.*)", re.DOTALL)
 _OPEN_FILES_KEPT = 16
 _SPILL_PREFIX = "onnx-compress-spill-"
 
@@ -73,15 +79,23 @@ class FileIdentity:
     inode: int
     size_bytes: int
     mtime_ns: int
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, fd: int, path: str) -> FileIdentity:
         info = os.fstat(fd)
-        return cls(os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        return cls(os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                   info.st_ctime_ns)  # fmt: skip
 
     def matches(self, info: os.stat_result) -> bool:
-        found = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-        return found == (self.device, self.inode, self.size_bytes, self.mtime_ns)
+        found = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        return found == (self.device, self.inode, self.size_bytes, self.mtime_ns, self.ctime_ns)
+
+    def check(self, fd: int, when: str) -> None:
+        """Raise unless ``fd`` is still exactly this file: same inode, size, mtime and ctime."""
+        if not self.matches(os.fstat(fd)):
+            raise ModelLoadError(f"{self.path}: external data changed {when} (size, time or inode "
+                                 "differ); refusing to use a file that is being rewritten")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +106,45 @@ class LazyRef:
 
 
 _TRUSTED: set[FileIdentity] = set()
+_OWN: set[FileIdentity] = set()
 _OPEN: OrderedDict[FileIdentity, int] = OrderedDict()
+_SOURCES: dict[str, FileIdentity] = {}
 
 
 def trust_file(fd: int, path: str) -> FileIdentity:
     """Record a file whose checks passed on ``fd``: lazy references may now point into it."""
-    identity = FileIdentity.of(fd, path)
+    return trust_identity(FileIdentity.of(fd, path))
+
+
+def trust_identity(identity: FileIdentity) -> FileIdentity:
     _TRUSTED.add(identity)
     return identity
+
+
+def remember_source(identity: FileIdentity) -> None:
+    """A file a load read, as it was then: ``check_sources_unchanged`` compares against it."""
+    _SOURCES[identity.path] = identity
+
+
+def check_sources_unchanged(paths: object) -> None:
+    """Raise ``ModelLoadError`` naming the first of ``paths`` a load read that differs now.
+
+    For the end of a run: an input rewritten, truncated or replaced while a pass ran would
+    otherwise leave an output made of old and new data. Paths no load read are ignored.
+    """
+    for path in map(os.fspath, paths):  # type: ignore[call-overload]
+        identity = _SOURCES.get(os.path.abspath(path)) or _SOURCES.get(os.path.realpath(path))
+        if identity is None:
+            continue
+        try:
+            info = os.stat(identity.path, follow_symlinks=False)
+        except OSError as error:
+            raise ModelLoadError(f"{identity.path}: input file is gone since it was loaded: "
+                                 f"{error.strerror}") from error  # fmt: skip
+        if not identity.matches(info):
+            raise ModelLoadError(f"{identity.path}: input file changed while onnx-compress was "
+                                 "running (size, time or inode differ from the load); nothing "
+                                 "was written")  # fmt: skip
 
 
 def make_lazy(tensor: TensorProto, identity: FileIdentity, offset_bytes: int, length_bytes: int) -> None:
@@ -108,7 +153,7 @@ def make_lazy(tensor: TensorProto, identity: FileIdentity, offset_bytes: int, le
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
     where = (f"{_MARKER}{identity.device}:{identity.inode}:{identity.size_bytes}:"
-             f"{identity.mtime_ns}:{identity.path}")  # fmt: skip
+             f"{identity.mtime_ns}:{identity.ctime_ns}:{identity.path}")  # fmt: skip
     for key, value in (("location", where), ("offset", offset_bytes), ("length", length_bytes)):
         tensor.external_data.add(key=key, value=str(value))
 
@@ -126,8 +171,8 @@ def lazy_ref(tensor: TensorProto) -> LazyRef:
     numbers = [entries.get(key, "") for key in ("offset", "length")]
     if match is None or not all(text.isascii() and text.isdigit() for text in numbers):
         raise ModelLoadError(f"tensor '{tensor.name}': malformed lazy external data reference")
-    device, inode, size_bytes, mtime_ns = (int(group) for group in match.groups()[:4])
-    identity = FileIdentity(match.group(5), device, inode, size_bytes, mtime_ns)
+    device, inode, size_bytes, mtime_ns, ctime_ns = (int(group) for group in match.groups()[:5])
+    identity = FileIdentity(match.group(6), device, inode, size_bytes, mtime_ns, ctime_ns)
     if identity not in _TRUSTED:
         raise ModelLoadError(f"tensor '{tensor.name}': lazy external data in {identity.path} was not "
                              "loaded by this process; load the model from its path")  # fmt: skip
@@ -138,9 +183,11 @@ def lazy_ref(tensor: TensorProto) -> LazyRef:
 
 
 def _open_trusted(identity: FileIdentity) -> int:
-    """A descriptor of exactly the verified file (same inode, size, mtime), cached."""
+    """A descriptor of exactly the verified file (same inode, size, times), cached; checked
+    again on every use, since the file may have been rewritten in place since."""
     if identity in _OPEN:
         _OPEN.move_to_end(identity)
+        identity.check(_OPEN[identity], "since the model was loaded")
         return _OPEN[identity]
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -160,15 +207,22 @@ _MAPPED: dict[int, tuple[weakref.ref, TensorProto]] = {}
 
 
 def map_array(tensor: TensorProto) -> np.ndarray:
-    """A read-only array over the lazy tensor's bytes; unmapped when the array is dropped."""
+    """A read-only array over the lazy tensor's bytes; unmapped when the array is dropped.
+
+    Only files this process wrote are mapped in place; a user's file is copied first (see the
+    module doc), so that no one truncating it can make a later access die with SIGBUS.
+    """
     ref = lazy_ref(tensor)
     dtype = np.dtype(LAZY_DTYPES[tensor.data_type])
     shape = tuple(int(dim) for dim in tensor.dims)
     if ref.length_bytes == 0:
         return np.zeros(shape, dtype)
-    fd = _open_trusted(ref.identity)
-    start = ref.offset_bytes - ref.offset_bytes % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, ref.offset_bytes + ref.length_bytes - start, access=mmap.ACCESS_READ, offset=start)
+    if ref.identity in _OWN:
+        fd = _open_trusted(ref.identity)
+        start = ref.offset_bytes - ref.offset_bytes % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(fd, ref.offset_bytes + ref.length_bytes - start, access=mmap.ACCESS_READ, offset=start)
+    else:
+        mapping, start = _private_copy(ref), ref.offset_bytes
     _LIVE_MAPS.add(mapping)
     _start_reclaimer()
     count = ref.length_bytes // dtype.itemsize
@@ -248,6 +302,21 @@ class MappedValues(LazyValues):
         return f"MappedValues (shape={self.shape}, dtype={self.dtype})"
 
 
+def _private_copy(ref: LazyRef) -> mmap.mmap:
+    """A read-only map of a copy of the range in an unlinked file of this process's own."""
+    in_fd = _open_trusted(ref.identity)
+    copy_fd, copy_path = tempfile.mkstemp(dir=_spill_folder(), suffix=".copy")
+    try:
+        os.unlink(copy_path)
+        _copy_bytes(in_fd, ref, copy_fd)
+        ref.identity.check(in_fd, "while it was being read")
+        return mmap.mmap(copy_fd, ref.length_bytes, access=mmap.ACCESS_READ)
+    except OSError as error:
+        raise ModelLoadError(f"{ref.identity.path}: cannot read external data: {error}") from error
+    finally:
+        os.close(copy_fd)
+
+
 def read_range(ref: LazyRef) -> bytes:
     """The referenced bytes in memory: for small tensors and for saving a model inline."""
     fd = _open_trusted(ref.identity)
@@ -259,12 +328,19 @@ def read_range(ref: LazyRef) -> bytes:
             raise ModelLoadError(f"{ref.identity.path}: external data ended early")
         chunks.append(chunk)
         offset, remaining = offset + len(chunk), remaining - len(chunk)
+    ref.identity.check(fd, "while it was being read")
     return b"".join(chunks)
 
 
 def copy_range(ref: LazyRef, out_fd: int) -> None:
-    """Append the referenced bytes to ``out_fd`` in the kernel, or in 64 MB chunks."""
+    """Append the referenced bytes to ``out_fd`` in the kernel, or in 64 MB chunks; the source
+    must be the same file, unchanged, before and after."""
     in_fd = _open_trusted(ref.identity)
+    _copy_bytes(in_fd, ref, out_fd)
+    ref.identity.check(in_fd, "while it was being copied")
+
+
+def _copy_bytes(in_fd: int, ref: LazyRef, out_fd: int) -> None:
     offset, remaining = ref.offset_bytes, ref.length_bytes
     with contextlib.suppress(OSError, AttributeError):
         while remaining > 0:
@@ -357,6 +433,7 @@ class SpillFile:
     def close(self) -> None:
         try:
             identity = trust_file(self._fd, self._path)
+            _OWN.add(identity)
         finally:
             os.close(self._fd)
         for tensor, offset, length in self._pending:

@@ -9,13 +9,16 @@ how much worse a candidate is than that, whatever the metric's direction.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from optimizer.errors import OptionError
-from optimizer.runtime import ModelSource, as_provider_choice, create_session, model_label, run_session
+from optimizer.runtime import (
+    DEFAULT_TIMEOUT_S, ModelSource, as_provider_choice, create_session, model_label, run_session,
+)  # fmt: skip
 
 Outputs = list[dict[str, np.ndarray]]
 MetricFunction = Callable[[Outputs, Outputs], float]
@@ -65,22 +68,50 @@ def load_metric(spec: str, *, higher_is_better: bool | None = None, output: str 
         return metric
     if higher_is_better is None:
         raise OptionError(f"metric '{spec}': say whether higher or lower is better (--metric-direction)")
+    return Metric(spec, resolve_user_metric(spec), higher_is_better)
+
+
+def check_metric_spec(spec: str) -> None:
+    """Refuse (OptionError) a metric that is neither built in nor spelled ``package.module:function``.
+
+    Importing and checking the function is ``resolve_user_metric``'s job, when the metric is used.
+    """
+    if ":" not in spec:
+        builtin_metric(spec)
+        return
     module_name, _, attribute = spec.partition(":")
+    if not all(part.isidentifier() for part in [*module_name.split("."), attribute]):
+        raise OptionError(f"metric '{spec}': expected a built-in name or package.module:function")
+
+
+def resolve_user_metric(spec: str) -> MetricFunction:
+    """``package.module:function``: importable, a plain Python function of exactly two positional arguments."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise OptionError(f"metric '{spec}': expected package.module:function")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
+    except (ImportError, AttributeError, ValueError) as error:
         raise OptionError(f"metric '{spec}': cannot import: {error}") from error
-    if not callable(function):
-        raise OptionError(f"metric '{spec}' is not callable")
-    return Metric(spec, function, higher_is_better)
+    if not inspect.isfunction(function):
+        raise OptionError(f"metric '{spec}' is a {type(function).__name__}, not a Python function "
+                          "(reference_outputs, candidate_outputs)")
+    parameters = inspect.signature(function).parameters.values()
+    required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in required if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 2 or len(required) != 2:
+        raise OptionError(f"metric '{spec}' must take exactly two positional arguments (reference_outputs, "
+                          f"candidate_outputs), its signature is {inspect.signature(function)}")
+    return function
 
 
 def collect_outputs(model: ModelSource, feeds: Iterable[Mapping[str, np.ndarray]], *,
-                    provider: str = "cpu") -> Outputs:
-    """Every output of every sample, by output name, in feed order."""
+                    provider: str = "cpu", timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                    stage: str = "metric") -> Outputs:
+    """Every output of every sample, by output name, in feed order; runs bounded by ``timeout_s``."""
     session, _ = create_session(model, as_provider_choice(provider))
     label = model_label(model)
-    return [run_session(session, dict(feed), label=label) for feed in feeds]
+    return [run_session(session, dict(feed), label=label, stage=stage, timeout_s=timeout_s) for feed in feeds]
 
 
 def _over_outputs(per_output: Callable[[list[np.ndarray], list[np.ndarray]], float], output: str | None,

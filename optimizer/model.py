@@ -19,7 +19,6 @@ import math
 import os
 import pathlib
 import stat
-import tempfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -28,15 +27,14 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError, ModelSaveError
-from optimizer.external_data import (
-    READ_CHUNK_BYTES, ExternalDataReader, check_fits_in_memory, file_kind, read_exactly, same_file,
-)  # fmt: skip
+from optimizer.external_data import READ_CHUNK_BYTES, ExternalDataReader, file_kind, read_model_file
 from optimizer.lazy_io import (
     LAZY_DTYPES, LAZY_TENSOR_MIN_BYTES, copy_range, is_lazy, lazy_ref, make_lazy, read_range,
 )  # fmt: skip
+from optimizer.output_files import commit, data_file_name, file_digest, is_same_file, remove_dead_temps, temp_file
 from optimizer.tensor_checks import (
     MAX_CONSTANT_OF_SHAPE_BYTES, MAX_SUBGRAPH_DEPTH, check_graph_structure, check_inline_tensor,
-    check_opsets, check_subgraph_depth, iter_tensors, load_error, payload_bytes,
+    check_opsets, check_subgraph_depth, check_text_fields, iter_tensors, load_error, payload_bytes,
 )  # fmt: skip
 
 __all__ = [
@@ -57,8 +55,6 @@ LAZY_LOAD_ABOVE_BYTES = 256 * 2**20
 EXTERNAL_ALIGNMENT_BYTES = 4096
 """Each external tensor starts on a page boundary so runtimes can mmap it."""
 
-_TEMP_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
-_TEMP_SUFFIX_CHARS = 8
 _NO_FOLDER_REASON = ("references external data, but a model given as bytes or a proto has no "
                      "folder to read it from; load it from its .onnx path instead")  # fmt: skip
 _PROTO_SOURCE = "<ModelProto>"
@@ -94,33 +90,6 @@ def fits_one_message(model: onnx.ModelProto) -> bool:
     return serialized_size_bytes(model) <= PROTOBUF_LIMIT_BYTES - PROTOBUF_MARGIN_BYTES
 
 
-def _read_model_file(real_path: str, shown: str, max_input_bytes: int | None) -> bytes:
-    """Stat before opening so a FIFO or device is never opened, then read it in one go."""
-    try:
-        before = os.stat(real_path)
-    except OSError as error:
-        raise ModelLoadError(f"{shown}: cannot read model: {error.strerror}") from error
-    if not stat.S_ISREG(before.st_mode):
-        raise ModelLoadError(f"{shown}: cannot read model: {file_kind(before.st_mode)}")
-    if before.st_size == 0:
-        raise ModelLoadError(f"{shown}: not an ONNX model: empty file")
-    _check_input_size(before.st_size, max_input_bytes, shown)
-    check_fits_in_memory(before.st_size, shown)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(real_path, flags)
-        try:
-            if not same_file(before, os.fstat(fd)):
-                raise ModelLoadError(f"{shown}: file changed while it was being opened")
-            return read_exactly(fd, before.st_size, 0)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        raise ModelLoadError(f"{shown}: cannot read model: {error}") from error
-    except MemoryError:
-        raise ModelLoadError(f"{shown}: out of memory reading {before.st_size} bytes") from None
-
-
 def _parse_model(data: bytes, shown: str) -> onnx.ModelProto:
     """Parse, then reject the garbage that protobuf happily accepts as a valid message."""
     model = onnx.ModelProto()
@@ -146,6 +115,7 @@ def _require_model_fields(model: onnx.ModelProto, shown: str) -> None:
     if missing:
         raise ModelLoadError(f"{shown}: not an ONNX model: no {', '.join(missing)}")
     check_subgraph_depth(model, shown)
+    check_text_fields(model, shown)
     check_opsets(model, shown)
 
 
@@ -260,11 +230,17 @@ def _check_input_size(size_bytes: int, max_input_bytes: int | None, shown: str) 
 
 
 def load_model(
-    source: str | os.PathLike | bytes | onnx.ModelProto, *, max_input_bytes: int | None = None
+    source: str | os.PathLike | bytes | onnx.ModelProto, *, max_input_bytes: int | None = None,
+    allow_symlinks_under: Iterable[str | os.PathLike] = (),
 ) -> onnx.ModelProto:
-    """A new, self-contained, checked ModelProto from a path, serialized bytes or a proto."""
+    """A new, self-contained, checked ModelProto from a path, serialized bytes or a proto.
+
+    External data may be a symlink only into ``allow_symlinks_under`` folders or, detected
+    by its layout, the ``blobs`` folder of a Hugging Face cache (``optimizer.symlink_roots``).
+    """
     if isinstance(source, (str, os.PathLike)):
-        return load_model_with_files(source, max_input_bytes=max_input_bytes)[0]
+        return load_model_with_files(source, max_input_bytes=max_input_bytes,
+                                     allow_symlinks_under=allow_symlinks_under)[0]
     if isinstance(source, onnx.ModelProto):
         shown = _PROTO_SOURCE
         _check_input_size(serialized_size_bytes(source), max_input_bytes, shown)
@@ -286,24 +262,29 @@ def load_model(
 
 def load_model_with_files(
     path: str | os.PathLike, *, max_input_bytes: int | None = None,
-    lazy_above_bytes: int | None = None,
+    lazy_above_bytes: int | None = None, allow_symlinks_under: Iterable[str | os.PathLike] = (),
 ) -> tuple[onnx.ModelProto, tuple[pathlib.Path, ...]]:
-    """The model plus every file it was read from, so callers can refuse to overwrite them.
+    """The model plus every file it was read from (real paths), so callers can refuse to
+    overwrite them and, with ``optimizer.lazy_io.check_sources_unchanged``, notice that one
+    changed since.
 
     When its external data adds up to more than ``lazy_above_bytes``, large external tensors
     are checked but not read: they stay lazy references to the verified files (memory stays
     bounded; ``save_model`` and ``optimizer.graph`` understand them, onnxruntime does not).
+    The model path may be a symlink (a Hugging Face snapshot); its external data is looked up
+    next to the path as given. ``allow_symlinks_under``: see ``load_model``.
     """
     shown = os.fspath(path)
     real_path = os.path.realpath(shown)
-    data = _read_model_file(real_path, shown, max_input_bytes)
+    data = read_model_file(real_path, shown, max_input_bytes)
     model = _parse_model(data, shown)
     budget_bytes = None if max_input_bytes is None else max_input_bytes - len(data)
     del data
     folder = os.path.dirname(os.path.abspath(shown))
     lazy = lazy_above_bytes is not None and _declared_external_bytes(model) > lazy_above_bytes
-    with ExternalDataReader(folder, shown, budget_bytes) as reader:
+    with ExternalDataReader(folder, shown, budget_bytes, allow_symlinks_under) as reader:
         _inline_and_check_tensors(model, shown, reader, lazy)
+        reader.check_unchanged()
         external_paths = reader.paths()
     _run_onnx_checker(model, shown)
     return model, (pathlib.Path(real_path), *external_paths)
@@ -341,21 +322,12 @@ def _check_output_file(path: pathlib.Path) -> None:
         raise ModelSaveError(f"{path}: output exists and is {file_kind(info.st_mode)}")
 
 
-def _is_same_path(first: pathlib.Path, second: str) -> bool:
-    if os.path.realpath(first) == os.path.realpath(second):
-        return True
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
-
-
 def _check_protected(
     outputs: list[pathlib.Path], protected_paths: Iterable[str | os.PathLike]
 ) -> None:
     for protected in map(os.fspath, protected_paths):
         for output in outputs:
-            if _is_same_path(output, protected):
+            if is_same_file(output, protected):
                 raise ModelSaveError(f"{output}: refusing to overwrite {protected}, an input file")
 
 
@@ -398,18 +370,6 @@ def _resolve_lazy_inline(model: onnx.ModelProto, threshold_bytes: int | None) ->
                 tensor.raw_data = read_range(ref)
 
 
-def _remove_stale_temps(folder: pathlib.Path, names: list[str]) -> None:
-    """Drop temps an earlier, killed save left for these exact names (mkstemp pattern)."""
-    prefixes = [f".{name}.tmp-" for name in names]
-    for entry in os.listdir(folder):
-        for prefix in prefixes:
-            suffix = entry[len(prefix) :]
-            is_ours = len(suffix) == _TEMP_SUFFIX_CHARS and set(suffix) <= _TEMP_NAME_CHARS
-            if entry.startswith(prefix) and is_ours:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(folder / entry)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -424,48 +384,38 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _write_temp(folder: pathlib.Path, final_name: str, write: Callable[[int], None]) -> str:
+    """A complete, fsynced temporary file in ``folder`` (removed again if writing fails)."""
+    fd, temp_path = temp_file(folder, final_name)
+    try:
+        try:
+            write(fd)
+            os.fchmod(fd, _new_file_mode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_path)
+        raise
+    return temp_path
+
+
 def _commit_atomically(
-    folder: pathlib.Path, writers: list[tuple[pathlib.Path, Callable[[int], None]]]
+    target: pathlib.Path, model_bytes: bytes, protected: list[str],
+    data_temp: str | None = None, data_name: str | None = None,
 ) -> None:
-    """Write each file to a temp in the folder, fsync all, then os.replace them in order.
+    """Write the model to a temp, then move the data file in and os.replace the model.
 
-    The last file (the model) refers to the others, so an old one is removed before its data
-    file is replaced: a crash in between leaves no model rather than one with the wrong data.
+    Replacing the model is the one commit point (see optimizer.output_files): nothing is
+    unlinked before it, so the final path always holds a complete model with its data.
     """
-    pending: list[tuple[str, pathlib.Path]] = []
+    model_temp = _write_temp(target.parent, target.name, lambda fd: _write_all(fd, model_bytes))
     try:
-        for final_path, write in writers:
-            fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{final_path.name}.tmp-")
-            pending.append((temp_path, final_path))
-            try:
-                write(fd)
-                os.fchmod(fd, _new_file_mode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        if len(pending) > 1:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pending[-1][1])
-                _fsync_folder(folder)
-        while pending:
-            temp_path, final_path = pending[0]
-            os.replace(temp_path, final_path)
-            pending.pop(0)
+        commit(target, model_temp, data_temp, data_name, protected)
     finally:
-        for temp_path, _ in pending:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_path)
-    with contextlib.suppress(OSError):
-        _fsync_folder(folder)
-
-
-def _fsync_folder(folder: pathlib.Path) -> None:
-    """Make the renames durable; best effort, as some file systems cannot fsync a folder."""
-    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder_fd)
-    finally:
-        os.close(folder_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(model_temp)
 
 
 def _move_tensors_to_file(
@@ -510,19 +460,27 @@ def _serialize(model: onnx.ModelProto, target: pathlib.Path) -> bytes:
 
 
 def _write_with_external_data(
-    model: onnx.ModelProto, target: pathlib.Path, data_target: pathlib.Path, threshold_bytes: int
+    model: onnx.ModelProto, target: pathlib.Path, threshold_bytes: int, protected: list[str]
 ) -> None:
-    """Lay big tensors out in a fresh data file; the caller's model is copied, not changed."""
+    """Lay big tensors out in a fresh data file named by its content; the caller's model is
+    copied, not changed."""
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
-
-    def write_data(fd: int) -> None:
-        _move_tensors_to_file(model_copy, fd, data_target.name, threshold_bytes)
-
-    def write_model(fd: int) -> None:
-        _write_all(fd, _serialize(model_copy, target))
-
-    _commit_atomically(target.parent, [(data_target, write_data), (target, write_model)])
+    folder = target.parent
+    data_temp = _write_temp(folder, f"{target.name}.data",
+                            lambda fd: _move_tensors_to_file(model_copy, fd, "", threshold_bytes))
+    try:
+        data_name = data_file_name(target.name, file_digest(data_temp))
+        for tensor, _ in iter_tensors(model_copy):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        _check_output_file(folder / data_name)
+        _check_protected([folder / data_name], protected)
+        _commit_atomically(target, _serialize(model_copy, target), protected, data_temp, data_name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(data_temp)
 
 
 def _inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -542,32 +500,28 @@ def save_model(
 ) -> pathlib.Path:
     """Write atomically, refusing to touch inputs; external data when asked or above 2 GB.
 
-    With external data, tensors of at least ``size_threshold_bytes`` go to ``{name}.data``
-    next to the model, which is always rewritten whole. Temps left by a killed earlier save
-    to the same name are removed first.
+    With external data, tensors of at least ``size_threshold_bytes`` go to ``{name}.{hash}.data``
+    next to the model (see optimizer.output_files), which records that name. Temps that
+    provably dead writers left in the folder are removed first.
     """
     if not isinstance(model, onnx.ModelProto):
         raise ModelSaveError(f"{os.fspath(path)}: not an onnx.ModelProto: {type(model).__name__}")
     target = pathlib.Path(os.path.abspath(os.fspath(path)))
     folder = target.parent
-    data_target = folder / f"{target.name}.data"
     _check_output_folder(folder, target)
     _check_output_file(target)
     lazy_sources = _reject_unresolved_external(model, target)
     use_external = _needs_external_data(model, external_data, target)
-    outputs = [data_target, target] if use_external else [target]
-    _check_protected(outputs, [*protected_paths, *lazy_sources])
-    if use_external:
-        _check_output_file(data_target)
+    protected = [*(os.fspath(path) for path in protected_paths), *lazy_sources]
+    _check_protected([target], protected)
     try:
-        _remove_stale_temps(folder, [target.name, data_target.name])
+        remove_dead_temps(folder)
         if use_external:
-            _write_with_external_data(model, target, data_target, size_threshold_bytes)
+            _write_with_external_data(model, target, size_threshold_bytes, protected)
         else:
             if lazy_sources:
                 model = _inline_copy(model)
-            model_bytes = _serialize(model, target)
-            _commit_atomically(folder, [(target, lambda fd: _write_all(fd, model_bytes))])
+            _commit_atomically(target, _serialize(model, target), protected)
     except (OSError, EncodeError, ValueError, ModelLoadError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ModelSaveError(f"{target}: cannot write (folder {folder}): {reason}") from error

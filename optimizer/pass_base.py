@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import PassError
+from optimizer.run_limit import DEFAULT_TIMEOUT_S, checked_timeout
 
 
 def option(default: Any, help: str) -> Any:
@@ -61,12 +62,17 @@ class PassContext:
     """What a pass may need besides the graph: data to run the model on, and where to run it.
 
     ``calibration`` is a factory: each call yields the calibration feeds anew (a pass may need
-    several passes over the data, e.g. ranges first, then histograms).
+    several passes over the data, e.g. ranges first, then histograms). ``timeout_s`` bounds each
+    onnxruntime run a pass makes (None: no limit); a run past it raises ``RunTimeoutError``.
     """
 
     calibration: CalibrationFactory | None = None
     provider: str = "cpu"
     progress: bool = False
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        checked_timeout(self.timeout_s)
 
     def calibration_feeds(self, pass_name: str) -> Iterator[Mapping[str, np.ndarray]]:
         if self.calibration is None:

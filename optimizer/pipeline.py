@@ -12,6 +12,7 @@ import onnx
 from optimizer.checker import check_model_full
 from optimizer.errors import PassError
 from optimizer.graph import export_model, import_graph, release_mapped_values
+from optimizer.internal_errors import internal_stage
 from optimizer.pass_base import Pass, PassContext
 
 
@@ -84,7 +85,8 @@ class Pipeline:
         runs: list[PassRun] = []
         for item in self.passes:
             started = time.perf_counter()
-            result = item(graph, self.context)
+            with internal_stage("run passes", item.name):
+                result = item(graph, self.context)
             graph = result.graph
             runs.append(PassRun(item.name, item.options(), result.modified, result.report,
                                 time.perf_counter() - started))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -86,8 +87,22 @@ def parse_option_text(name: str, key: str, text: str) -> Any:
         except ValueError:
             continue
         if _matches(value, annotation):
+            _check_number(name, key, value, text)
             return value
     raise OptionError(f"pass '{name}' option '{key}' must be {specs[key].type_name}, got '{text}'")
+
+
+INT_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _check_number(name: str, key: str, value: Any, text: str) -> None:
+    """Numbers from the command line are finite floats and 64-bit integers."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, float) and not math.isfinite(item):
+            raise OptionError(f"pass '{name}' option '{key}' must be a finite number, got '{text}'")
+        if isinstance(item, int) and not isinstance(item, bool) and not INT_RANGE[0] <= item <= INT_RANGE[1]:
+            raise OptionError(f"pass '{name}' option '{key}' must be an integer from {INT_RANGE[0]} to "
+                              f"{INT_RANGE[1]}, got '{text}'")
 
 
 def _annotation_members(annotation: Any) -> list[Any]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.html_report import format_number, layer_columns, render_html
+from optimizer.output_files import check_apart, folder_files, temp_file
+from optimizer.text import escape_control
 
 REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
 
@@ -101,7 +103,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                   f"{found.get('reason')}", ""]
     if data["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in data["notes"]] + [""]
-    return "\n".join(lines)
+    return escape_control("\n".join(lines), keep_layout=True)
 
 
 def _size_section(before: dict[str, Any], after: dict[str, Any] | None) -> list[str]:
@@ -207,23 +209,57 @@ def _ratio(old: int, new: int | None) -> str:
     return f"{(new - old) / old * 100:+.1f}%"
 
 
+def check_report_path(path: str | os.PathLike, formats: Mapping[str, str] = REPORT_FORMATS) -> Path:
+    """Refuse, before any work, a report path with an unknown suffix, a missing folder, or a
+    folder or other non-file in the way (so writing it at the end cannot fail for those)."""
+    target = Path(path)
+    if target.suffix.lower() not in formats:
+        raise OptionError(f"report '{target}': unknown format; use one of {', '.join(sorted(formats))}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCompressError(f"report '{target}': folder '{folder}' does not exist")
+    if target.exists() and not target.is_file():
+        raise OnnxCompressError(f"report '{target}': exists and is not a regular file")
+    return target
+
+
+def check_writes_apart(written: Sequence[str | os.PathLike], reports: Sequence[str | os.PathLike],
+                       read: Sequence[str | os.PathLike], formats: Mapping[str, str] = REPORT_FORMATS) -> None:
+    """Before any work: report formats and folders, and no file written (``written``, which
+    includes ``reports``) aliasing a file read or another file written (optimizer.output_files)."""
+    for path in reports:
+        check_report_path(path, formats)
+    check_apart(written, read, "a file this run reads")
+    for index, path in enumerate(written):
+        check_apart([path], written[index + 1 :], "another file this run writes")
+
+
+def check_reports_apart(reports: Sequence[str | os.PathLike], model_files: Sequence[str | os.PathLike],
+                        data: str | os.PathLike | None, formats: Mapping[str, str] = REPORT_FORMATS) -> None:
+    """``debug``/``sensitivity``: their reports must not alias the models or data they read."""
+    check_writes_apart(reports, reports, [*model_files, *folder_files(data)], formats)
+
+
 def write_report(report: Report, path: str | os.PathLike) -> Path:
     """Write ``report`` as JSON or Markdown by the file's suffix, atomically."""
-    target = Path(path)
-    kind = REPORT_FORMATS.get(target.suffix.lower())
-    if kind is None:
-        raise OptionError(f"report '{target}': unknown format; use one of {', '.join(sorted(REPORT_FORMATS))}")
+    target = check_report_path(path)
+    kind = REPORT_FORMATS[target.suffix.lower()]
     text = {"json": report.to_json, "markdown": report.to_markdown, "html": report.to_html}[kind]()
     write_text_atomic(target, text)
     return target
 
 
 def write_text_atomic(target: Path, text: str) -> None:
-    """Write a text file via a temporary file in the same folder; nothing partial on failure."""
+    """Write a text file via a temporary file in the same folder; nothing partial on failure.
+
+    The temporary name carries our process id and start time (see optimizer.output_files)."""
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxCompressError(f"report '{target}': folder '{folder}' does not exist")
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        descriptor, temporary = temp_file(folder, target.name)
+    except OSError as error:
+        raise OnnxCompressError(f"report '{target}': cannot write: {error.strerror or error}") from error
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)

@@ -1,14 +1,18 @@
-"""onnxruntime sessions: provider choice, quiet deterministic sessions, errors that quote onnxruntime.
+"""onnxruntime sessions: provider choice, quiet deterministic sessions, errors that quote onnxruntime,
+and a time limit on every run.
 
 Models are accepted as a path, serialized bytes or an ``onnx.ModelProto``. Paths go to onnxruntime
-unchanged so that external data next to the model file is found.
+unchanged so that external data next to the model file is found. Every session of the tool is
+opened by ``create_session`` and every run goes through ``bounded_run`` (``run_session`` and
+``run_outputs`` use it), so no run can go on past its stage's ``timeout_s`` (see ``run_limit``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +20,14 @@ import onnx
 import onnxruntime
 
 from optimizer.errors import OptionError, RuntimeSessionError
+from optimizer.run_limit import DEFAULT_TIMEOUT_S, RunTimeoutError, arm, checked_timeout, disarm, timeout_error
+
+__all__ = [
+    "CPU_PROVIDER", "CUDA_PROVIDER", "DEFAULT_TIMEOUT_S", "IN_MEMORY_MODEL", "ModelSource", "ProviderChoice",
+    "RunTimeoutError", "as_provider_choice", "bounded_run", "checked_timeout", "create_session",
+    "external_data_locations", "fallback_note", "model_label", "resolve_provider", "run_outputs", "run_session",
+    "session_feed",
+]  # fmt: skip
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
@@ -103,7 +115,8 @@ def model_label(model: ModelSource) -> str:
 
 def create_session(
     model: ModelSource, provider: ProviderChoice, *, threads: int | None = None, memory_arena: bool = True,
-    spinning: bool = True,
+    spinning: bool = True, optimized_model_path: str | os.PathLike | None = None,
+    config: Mapping[str, str] | None = None,
 ) -> tuple[onnxruntime.InferenceSession, str]:
     """Open a quiet, deterministic session and report the provider that actually runs it.
 
@@ -113,6 +126,8 @@ def create_session(
     session per group of tensors: with the arena, PP-OCRv4 det at 736x1984 peaked at 2.7 GB,
     without it 0.74 GB). ``spinning=False`` stops idle worker threads from spinning: with several
     sessions alive (an interleaved benchmark) spinning threads take the cores from the one timed.
+    ``optimized_model_path`` saves the graph onnxruntime optimized (the fusion check reads it);
+    ``config`` adds session config entries.
     """
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
@@ -127,6 +142,10 @@ def create_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = os.fspath(optimized_model_path)
+    for key, value in sorted((config or {}).items()):
+        options.add_session_config_entry(key, value)
     source = _session_source(model)
     try:
         session = onnxruntime.InferenceSession(
@@ -177,17 +196,50 @@ def session_feed(
     return {name: feed[name] for name in input_names}
 
 
-def run_session(
-    session: onnxruntime.InferenceSession, feed: Mapping[str, np.ndarray], *, label: str
-) -> dict[str, np.ndarray]:
-    """Run one sample (see ``session_feed``); outputs keyed by name."""
-    output_names = [node_arg.name for node_arg in session.get_outputs()]
+DEFAULT_STAGE = "onnxruntime run"
+
+
+@contextmanager
+def bounded_run(label: str, *, stage: str = DEFAULT_STAGE,
+                timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Iterator[onnxruntime.RunOptions]:
+    """RunOptions for one ``session.run`` in the block, which the watchdog stops after ``timeout_s``.
+
+    A stopped run raises ``RunTimeoutError`` naming ``stage`` and ``label``; any other failure of
+    onnxruntime in the block becomes ``RuntimeSessionError`` quoting it. Keep the block to the run
+    itself (a benchmark times inside it, with the watchdog armed outside the timing).
+    """
+    options = onnxruntime.RunOptions()
+    options.log_severity_level = 4  # the error is raised with onnxruntime's words; no second copy on stderr
+    token = arm(options, timeout_s)
     try:
-        values = session.run(output_names, session_feed(session, feed, label=label))
+        yield options
     except RuntimeSessionError:
         raise
     except Exception as exc:  # see create_session
+        if options.terminate:
+            raise timeout_error(stage, float(timeout_s or 0), label) from exc
         raise RuntimeSessionError(f"onnxruntime failed to run {label}: {_one_line(exc)}") from exc
+    finally:
+        disarm(token)
+
+
+def run_outputs(
+    session: onnxruntime.InferenceSession, output_names: Sequence[str] | None, inputs: Mapping[str, np.ndarray],
+    *, label: str, stage: str = DEFAULT_STAGE, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> list[np.ndarray]:
+    """``session.run(output_names, inputs)`` within ``timeout_s`` (see ``bounded_run``)."""
+    with bounded_run(label, stage=stage, timeout_s=timeout_s) as options:
+        return session.run(None if output_names is None else list(output_names), dict(inputs), options)
+
+
+def run_session(
+    session: onnxruntime.InferenceSession, feed: Mapping[str, np.ndarray], *, label: str,
+    stage: str = DEFAULT_STAGE, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> dict[str, np.ndarray]:
+    """Run one sample (see ``session_feed``) within ``timeout_s``; outputs keyed by name."""
+    output_names = [node_arg.name for node_arg in session.get_outputs()]
+    values = run_outputs(session, output_names, session_feed(session, feed, label=label), label=label,
+                         stage=stage, timeout_s=timeout_s)
     return dict(zip(output_names, values, strict=True))
 
 

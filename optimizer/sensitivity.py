@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tqdm import tqdm
+from optimizer.progress import progress_bar
 
 from optimizer.errors import FeedError, OptionError
-from optimizer.runtime import ProviderChoice, as_provider_choice, create_session
+from optimizer.runtime import (
+    DEFAULT_TIMEOUT_S, ProviderChoice, as_provider_choice, checked_timeout, create_session, run_outputs,
+)  # fmt: skip
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SCANNED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -132,13 +134,16 @@ def sensitivity_scan(
     provider: str | ProviderChoice = "cpu",
     progress: bool = False,
     min_elements: int = 1024,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> SensitivityTable:
     """Measure each weight's effect on the outputs when pruned alone, at every sparsity.
 
     ``weights`` names main-graph initializers or Constant-node outputs; by default, float
     weights of Conv, ConvTranspose, Gemm and MatMul with at least ``min_elements`` elements.
+    A model run longer than ``timeout_s`` raises ``RunTimeoutError``.
     """
     _check_sparsities(sparsities)
+    checked_timeout(timeout_s)
     feed_list = [dict(feed) for feed in feeds]
     if not feed_list:
         raise FeedError("sensitivity_scan needs at least one calibration feed")
@@ -147,9 +152,9 @@ def sensitivity_scan(
     session, provider_used = create_session(scan_model, as_provider_choice(provider))
     data_names = [arg.name for arg in session.get_inputs() if arg.name not in values]
     samples = [{name: feed[name] for name in data_names} for feed in feed_list]
-    runner = _Runner(session, samples, values)
+    runner = _Runner(session, samples, values, timeout_s)
     layers = []
-    with tqdm(total=len(names) * len(sparsities), disable=not progress, desc="sensitivity", unit="run") as bar:
+    with progress_bar(total=len(names) * len(sparsities), desc="sensitivity", unit="run", enabled=progress) as bar:
         for name in names:
             layers.append(runner.layer(name, tuple(sparsities), bar))
     return SensitivityTable(tuple(sparsities), layers, len(samples), provider_used)
@@ -163,12 +168,14 @@ def _check_sparsities(sparsities: Sequence[float]) -> None:
 class _Runner:
     """Runs the scan model with all weights fed; one weight replaced at a time."""
 
-    def __init__(self, session, samples: list[dict[str, np.ndarray]], values: dict[str, np.ndarray]) -> None:
-        self.session, self.samples, self.values = session, samples, values
+    def __init__(self, session, samples: list[dict[str, np.ndarray]], values: dict[str, np.ndarray],
+                 timeout_s: float | None) -> None:
+        self.session, self.samples, self.values, self.timeout_s = session, samples, values, timeout_s
         self.reference = [self._run(sample, values) for sample in samples]
 
     def _run(self, sample: dict[str, np.ndarray], values: Mapping[str, np.ndarray]) -> np.ndarray:
-        outputs = self.session.run(None, {**sample, **values})
+        outputs = run_outputs(self.session, None, {**sample, **values}, label="the scan model",
+                              stage="sensitivity scan", timeout_s=self.timeout_s)
         floats = [np.asarray(o, np.float64).ravel() for o in outputs if np.asarray(o).dtype.kind == "f"]
         return np.concatenate(floats) if floats else np.zeros(0)
 

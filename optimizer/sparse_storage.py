@@ -21,9 +21,11 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
-from optimizer.errors import OptionError
+from optimizer.errors import ModelLoadError, OptionError
 from optimizer.lazy_io import is_lazy, map_array
 
 INDEX_BYTES = 8
@@ -94,18 +96,74 @@ def to_dense_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     result.CopyFrom(model)
     graph = result.graph
     for sparse in graph.sparse_initializer:
-        values = numpy_helper.to_array(sparse.values)
-        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
-        dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
-        if indices.ndim == 2:
-            indices = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
-        dense[indices] = values
-        graph.initializer.append(numpy_helper.from_array(dense.reshape(tuple(sparse.dims)), sparse.values.name))
+        graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sparse), sparse.values.name))
     del graph.sparse_initializer[:]
     return result
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array a sparse tensor stands for, in its own dtype; bad indices are a
+    ModelLoadError naming the tensor."""
+    name, shape = sparse.values.name, tuple(int(d) for d in sparse.dims)
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    size = int(np.prod(shape, dtype=np.int64))
+    try:
+        if indices.ndim == 2:
+            indices = np.ravel_multi_index(tuple(indices.T), shape)
+        if indices.shape != values.shape or (indices.size and (indices.min() < 0 or indices.max() >= size)):
+            raise ValueError("indices do not match the values or the shape")
+    except ValueError as error:
+        raise ModelLoadError(f"sparse initializer '{name}': {error}") from error
+    dense = np.zeros(size, dtype=values.dtype)
+    dense[indices] = values
+    return dense.reshape(shape)
+
+
+class SparseWeightValues(SparseValues):
+    """onnx-graphsurgeon values of a sparse initializer, loaded in the dtype it declares.
+
+    onnx-graphsurgeon's own loader returns float64 and ignores ``raw_data``, so a pass reading a
+    sparse weight would see zeros of the wrong type.
+    """
+
+    def load(self) -> np.ndarray:
+        return sparse_to_dense(self.tensor)
+
+
+def wrap_sparse_constants(constants: Sequence[gs.Constant]) -> None:
+    """Give sparse initializers a correct loader, and remember their proto for export."""
+    for constant in constants:
+        if isinstance(constant._values, SparseValues):
+            constant._values = SparseWeightValues(constant._values.tensor)
+            constant.sparse_source = constant._values.tensor
+
+
+def restore_unchanged_sparse(constants: Sequence[gs.Constant]) -> None:
+    """Sparse initializers a pass read but did not change are exported sparse again."""
+    for constant in constants:
+        source = getattr(constant, "sparse_source", None)
+        values = constant._values
+        if source is None or not isinstance(values, np.ndarray):
+            continue
+        original = sparse_to_dense(source)
+        if values.dtype == original.dtype and values.shape == original.shape and np.array_equal(
+                values, original, equal_nan=values.dtype.kind == "f"):  # fmt: skip
+            constant._values = SparseWeightValues(source)
 
 
 def size_report(model: onnx.ModelProto) -> dict[str, int]:
     """Serialized size and its gzip size (what a download or a zip archive would take)."""
     data = model.SerializeToString(deterministic=True)
     return {"raw_bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))}
+
+
+def mark_sparse_sources(constants: Sequence[gs.Constant], sources: Sequence[onnx.SparseTensorProto]) -> None:
+    """Constants that were densified for a tool that cannot read sparse initializers (onnx's
+    version converter) become sparse again, by name."""
+    by_name = {source.values.name: source for source in sources}
+    for constant in constants:
+        source = by_name.get(constant.name)
+        if source is not None and not isinstance(constant._values, SparseValues):
+            constant._values = SparseWeightValues(source)
+            constant.sparse_source = source

@@ -12,13 +12,15 @@ import math
 from collections.abc import Iterator
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError
 
 __all__ = [
     "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH", "check_graph_structure",
-    "check_inline_tensor", "check_opsets", "check_subgraph_depth", "custom_domain_ops", "describe_tensor",
+    "check_inline_tensor", "check_opsets", "check_subgraph_depth", "check_text_fields", "custom_domain_ops", "describe_tensor",
     "iter_tensors", "load_error", "node_label", "payload_bytes", "raw_byte_count",
 ]  # fmt: skip
 
@@ -119,10 +121,18 @@ def _dtype_bits(tensor: TensorProto, source: str, label: str) -> int:
     return bits
 
 
+_MAX_ARRAY_BYTES = 2**63 - 1
+"""numpy (and onnxruntime) refuse a shape whose size overflows int64, zero dimensions or not."""
+
+
 def _element_count(tensor: TensorProto, source: str, label: str) -> int:
     dims = list(tensor.dims)
     if any(dim < 0 for dim in dims):
         raise load_error(source, label, f"negative dimension in shape {dims}")
+    element_bits = max(_ELEMENT_BITS.get(tensor.data_type) or 64, 8)
+    if 0 in dims and math.prod(dim for dim in dims if dim) * element_bits // 8 > _MAX_ARRAY_BYTES:
+        reason = f"shape {dims} overflows 64-bit sizes (numpy refuses it even when a dimension is 0)"
+        raise load_error(source, label, reason)
     return math.prod(dims)
 
 
@@ -139,7 +149,7 @@ def _typed_value_count(tensor: TensorProto, element_count: int) -> int:
     if data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
         return 2 * element_count
     bits = _ELEMENT_BITS.get(data_type, 8)
-    per_entry = 8 // bits if bits < 8 and 8 % bits == 0 else 1
+    per_entry = 8 // bits if 0 < bits < 8 and 8 % bits == 0 else 1  # strings (bits 0): one per entry
     return -(-element_count // per_entry)
 
 
@@ -178,6 +188,47 @@ def check_inline_tensor(
             raise load_error(source, label, reason)
     elif element_count > 0:
         raise load_error(source, label, f"no data for {element_count} elements")
+
+
+# --------------------------------------------------------------------------- text fields
+
+_TENSOR_MESSAGE_FIELDS = ("external_data", "metadata_props")
+
+
+def check_text_fields(model: onnx.ModelProto, source: str) -> None:
+    """Every ``string`` field must be valid UTF-8: protobuf hands invalid ones over as bytes,
+    which later fail as a TypeError or UnicodeDecodeError far from the file.
+
+    Runs after ``check_subgraph_depth`` (the walk is iterative anyway). Tensors are visited
+    field by field, never through ListFields, which would copy their raw_data.
+    """
+    stack: list[tuple[Message, str]] = [(model, "model")]
+    while stack:
+        message, path = stack.pop()
+        if isinstance(message, TensorProto):
+            _check_text(message.name, f"{path}.name", source)
+            _check_text(message.doc_string, f"{path}.doc_string", source)
+            fields = [(message.DESCRIPTOR.fields_by_name[name], getattr(message, name))
+                      for name in _TENSOR_MESSAGE_FIELDS]
+        else:
+            fields = message.ListFields()
+        for field, value in fields:
+            if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+                continue
+            where = f"{path}.{field.name}"
+            items = enumerate(value) if field.is_repeated else [(None, value)]
+            for index, item in items:
+                shown = where if index is None else f"{where}[{index}]"
+                if field.type == FieldDescriptor.TYPE_STRING:
+                    _check_text(item, shown, source)
+                elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                    stack.append((item, shown))
+
+
+def _check_text(value: object, where: str, source: str) -> None:
+    if not isinstance(value, str):
+        shown = bytes(value)[:40] if isinstance(value, (bytes, bytearray)) else value
+        raise load_error(source, where, f"text is not valid UTF-8: {shown!r}")
 
 
 # --------------------------------------------------------------------------- graph limits
@@ -289,6 +340,7 @@ def _check_graph(
                 raise load_error(source, node_label(node), reason)
         if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") and node.input:
             _check_constant_of_shape(node, constants.get(node.input[0]), source)
+        _check_control_scalars(node, constants, source)
     _check_acyclic(graph, source)
     inner_outer = outer | defined
     for node in graph.node:
@@ -312,6 +364,21 @@ def _check_constant_of_shape(
         reason = (f"constant shape {shape} would materialize {size_bytes} bytes, over the limit "
                   f"of {MAX_CONSTANT_OF_SHAPE_BYTES}")  # fmt: skip
         raise load_error(source, node_label(node), reason)
+
+
+_CONTROL_SCALARS = {"Loop": ("M", "cond"), "If": ("cond",)}
+"""Inputs onnxruntime reads as one value without checking: an empty constant crashes it (SIGSEGV)."""
+
+
+def _check_control_scalars(node: onnx.NodeProto, constants: dict[str, TensorProto], source: str) -> None:
+    if node.domain not in ("", "ai.onnx"):
+        return
+    for role, name in zip(_CONTROL_SCALARS.get(node.op_type, ()), node.input):
+        constant = constants.get(name) if name else None
+        if constant is not None and math.prod(constant.dims) != 1:
+            reason = (f"{node.op_type} input '{role}' must hold one value, but the constant '{name}' has "
+                      f"{describe_tensor(constant)} (onnxruntime crashes on it)")
+            raise load_error(source, node_label(node), reason)
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

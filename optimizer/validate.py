@@ -17,9 +17,11 @@ import numpy as np
 from optimizer.errors import FeedError, OptionError, RuntimeSessionError
 from optimizer.feeds import Feed, check_feed, session_input_specs
 from optimizer.runtime import (
+    DEFAULT_TIMEOUT_S,
     ModelSource,
     ProviderChoice,
     as_provider_choice,
+    checked_timeout,
     create_session,
     fallback_note,
     model_label,
@@ -27,6 +29,7 @@ from optimizer.runtime import (
 )
 
 DEFAULT_TOLERANCE_KEY = "*"
+STAGE = "validation"
 RELATIVE_ERROR_EPS = 1e-12
 
 
@@ -408,12 +411,15 @@ def compare(
     *,
     tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(max_abs=1e-6),
     provider: str | ProviderChoice = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> Comparison:
     """Run both models one sample at a time on the same feeds and check every output.
 
     Feeds are checked against the reference's inputs; the candidate receives only the inputs it
-    declares. Differing output names or shapes raise ``RuntimeSessionError``.
+    declares. Differing output names or shapes raise ``RuntimeSessionError``; a run longer than
+    ``timeout_s`` raises ``RunTimeoutError``.
     """
+    checked_timeout(timeout_s)
     choice = as_provider_choice(provider)
     labels = (model_label(reference), model_label(candidate))
     reference_session, reference_provider = create_session(reference, choice)
@@ -426,8 +432,8 @@ def compare(
     samples = 0
     for index, feed in enumerate(feeds):
         checked = check_feed(specs, feed, index)
-        reference_outputs = run_session(reference_session, checked, label=labels[0])
-        candidate_outputs = run_session(candidate_session, checked, label=labels[1])
+        reference_outputs = run_session(reference_session, checked, label=labels[0], stage=STAGE, timeout_s=timeout_s)
+        candidate_outputs = run_session(candidate_session, checked, label=labels[1], stage=STAGE, timeout_s=timeout_s)
         for name in output_names:
             ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
             _check_same_layout(name, ref_value, cand_value, index)

@@ -4,7 +4,8 @@ Lossy. Each chosen weight gets k = 2^bits centroids (per tensor or per output ch
 deterministic 1-D k-means, and its values become indices into them. Indices of codebooks up to
 4 bits are packed two per byte (four for 2-bit) into a uint8 tensor, so the file holds ~bits/32
 of the float32 weight. Decoding is standard ONNX that works from opset 13 on without raising the
-model's opset (UINT4 tensors would need opset 21): BitShift/Sub/Concat unpack the bytes, Cast
+model's opset (UINT4 tensors would need opset 21): BitShift/Sub/Concat unpack the bytes (as uint32
+below opset 14, where Sub has no uint8 kernel), Cast
 makes int64 indices, Gather (per tensor) or GatherElements (per channel) reads the codebook.
 Every input of that chain is constant, so onnxruntime folds it at session creation: run time is
 that of the float model, only the file is smaller. The report gives, per tensor, k-means error
@@ -33,10 +34,13 @@ from passes.cluster_kmeans import (
     uniform_fake_quantize,
 )
 from passes.share_scope import GraphTree, Weight, collect_weights, tensor_names, unique_name
+from passes.weight_guard import WeightGuard
 
 WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 BIAS_SLOTS = {"Gemm": 2, "Conv": 2, "ConvTranspose": 2}
 LOOKUP_OPS = ("Gather", "GatherElements", "GatherND")
+UINT8_SUB_OPSET = 14
+DECODE_MIN_OPSET = 11
 KNOWN_OPS = ("Conv", "ConvTranspose", "Gather", "Gemm", "MatMul")
 
 
@@ -68,18 +72,23 @@ class ClusterWeightsPass(Pass):
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
+        if graph.opset < DECODE_MIN_OPSET:
+            report.skip("model", "opset", f"opset {graph.opset} < {DECODE_MIN_OPSET}: the decoding ops "
+                                          "(BitShift, GatherElements) do not exist there")
+            return PassResult(graph, False, report.to_dict())
         tree, names = GraphTree.build(graph), tensor_names(graph)
         tensors = []
+        guard = WeightGuard.of(graph)  # never allow_non_finite: a codebook cannot hold NaN or Inf
         for weight in collect_weights(graph):
-            axis = self._choose(weight, tree, report)
+            axis = self._choose(weight, tree, report, guard)
             if axis is not None:
-                tensors.append(self._cluster(weight, axis, tree, names, report))
+                tensors.append(self._cluster(weight, axis, tree, names, report, graph.opset < UINT8_SUB_OPSET))
         if tensors:
             toposort(graph)
             report.details["tensors"] = tensors
         return PassResult(graph, bool(tensors), report.to_dict())
 
-    def _choose(self, weight: Weight, tree: GraphTree, report: PassReport) -> int | None:
+    def _choose(self, weight: Weight, tree: GraphTree, report: PassReport, guard: WeightGuard) -> int | None:
         """The channel axis (-1 for per tensor) if ``weight`` should be clustered, else None."""
         readers = [(node, i) for node in weight.consumers for i, t in enumerate(node.inputs) if t is weight.tensor]
         weight_reads = [(n, i) for n, i in readers if n.op in self.ops and WEIGHT_SLOTS.get(n.op) == i
@@ -89,7 +98,7 @@ class ClusterWeightsPass(Pass):
             if weight.values.dtype.kind == "f" and any(BIAS_SLOTS.get(n.op) == i for n, i in readers):
                 report.skip("tensor", label, "bias: small and sensitive, kept in float")
             return None
-        reason = self._refusal(weight, readers)
+        reason = self._refusal(weight, readers, guard)
         if reason:
             report.skip("tensor", label, reason)
             return None
@@ -109,9 +118,12 @@ class ClusterWeightsPass(Pass):
         slots = slots_per_byte(self.bits, values.size) if self.pack_indices else 1
         return books * 2 ** self.bits * values.itemsize + -(-values.size // slots)
 
-    def _refusal(self, weight: Weight, readers) -> str:
+    def _refusal(self, weight: Weight, readers, guard: WeightGuard) -> str:
         if weight.values.dtype.kind != "f":
             return f"{weight.values.dtype} weight: only float weights are clustered"
+        guarded = guard.reason(weight.tensor, weight.values)
+        if guarded:
+            return guarded
         if weight.protected:
             return weight.protected
         if weight.values.size < self.min_elements:
@@ -120,11 +132,10 @@ class ClusterWeightsPass(Pass):
             return "read by a custom-domain op"
         if any(node.op in LOOKUP_OPS and i == 0 and is_constant_derived(node.inputs[1], {}) for node, i in readers):
             return "a lookup table read with constant indices (e.g. a codebook already)"
-        if not np.isfinite(weight.values).all():
-            return "holds inf or NaN"
         return ""
 
-    def _cluster(self, weight: Weight, axis: int, tree: GraphTree, names, report: PassReport) -> dict:
+    def _cluster(self, weight: Weight, axis: int, tree: GraphTree, names, report: PassReport,
+                 widen: bool) -> dict:
         values = weight.values
         rows = _rows(values, axis)
         k = 2 ** self.bits
@@ -134,7 +145,7 @@ class ClusterWeightsPass(Pass):
         mse, sqnr = error_metrics(rows, decoded)
         uniform_mse, uniform_sqnr = error_metrics(rows, uniform_fake_quantize(rows, self.bits))
         slots = slots_per_byte(self.bits, values.size) if self.pack_indices else 1
-        stored = _decode_graph(weight, axis, codebook, codes, slots, tree, names)
+        stored = _decode_graph(weight, axis, codebook, codes, slots, tree, names, widen)
         report.count("tensors_clustered")
         report.saved_bytes += weight.nbytes - stored
         return {
@@ -165,8 +176,11 @@ def _rows(values: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
 
 
-def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: GraphTree, names) -> int:
-    """Replace ``weight`` by codebook + indices + decoding nodes; returns the bytes now stored."""
+def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: GraphTree, names,
+                  widen: bool) -> int:
+    """Replace ``weight`` by codebook + indices + decoding nodes; returns the bytes now stored.
+
+    ``widen``: unpack in uint32, for opsets before 14 (no uint8 Sub there)."""
     where = weight.home if weight.node is not None else tree.common_ancestor(weight.reader_graphs(tree))
     values, base = weight.values, weight.name
     output = weight.tensor if weight.node is not None else gs.Variable(base, dtype=values.dtype, shape=list(values.shape))
@@ -194,7 +208,7 @@ def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: 
     else:
         stored, table_values, op, gather_axis = codes.T, codebook.T, "GatherElements", 0
     packed = constant("codes", pack(stored, slots) if slots > 1 else stored)
-    indices = _unpack_nodes(packed, slots, constant, add)
+    indices = _unpack_nodes(packed, slots, constant, add, widen)
     if slots > 1:
         indices = add("Reshape", [indices, constant("codes_shape", np.array(stored.shape, np.int64))])
     indices = add("Cast", [indices], {"to": onnx.TensorProto.INT64})
@@ -207,13 +221,14 @@ def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: 
     return int(packed.values.nbytes + table.values.nbytes)
 
 
-def _unpack_nodes(packed: gs.Constant, slots: int, constant, add) -> gs.Tensor:
+def _unpack_nodes(packed: gs.Constant, slots: int, constant, add, widen: bool) -> gs.Tensor:
     """BitShift/Sub nodes that split each byte into ``slots`` codes, concatenated slot by slot."""
     if slots == 1:
         return packed
-    width = np.array(8 // slots, dtype=np.uint8)
+    width = np.array(8 // slots, dtype=np.uint32 if widen else np.uint8)
     shift = constant("shift", width)
-    shifted, parts = packed, []
+    shifted: gs.Tensor = add("Cast", [packed], {"to": onnx.TensorProto.UINT32}) if widen else packed
+    parts = []
     for slot in range(slots):
         if slot == slots - 1:
             parts.append(shifted)

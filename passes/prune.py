@@ -39,6 +39,7 @@ from passes.prune_weights import (
     WEIGHT_SLOTS, WeightRef, as_weight, check_patterns, is_default_domain, magnitude_order,
     name_matches, role_of, sparsity_of, zero_count, zero_flat,
 )  # fmt: skip
+from passes.weight_guard import NON_FINITE_OPTION_HELP, WeightGuard
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ALREADY_AT_TARGET_SLACK = 1e-6
@@ -65,6 +66,7 @@ class PrunePass(Pass):
     storage: Literal["dense", "sparse", "auto"] = option(
         "dense", "how pruned tensors should be saved: dense, sparse_initializer, or whichever is smaller")
     scan_samples: int = option(16, "calibration samples the sensitivity scan runs (mode sensitivity)")
+    allow_non_finite: bool = option(False, NON_FINITE_OPTION_HELP)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -95,11 +97,14 @@ class PrunePass(Pass):
     def _eligible(self, graph: gs.Graph, report: PassReport) -> list[WeightRef]:
         """Constant weights in a prunable slot of every consumer, after the size and name filters."""
         weights = []
+        guard = WeightGuard.of(graph, allow_non_finite=self.allow_non_finite)
         for name, uses in sorted(tensor_uses(graph).items()):
             weight = as_weight(uses[0].node.inputs[uses[0].index], uses)
             if weight is None:
                 continue
             reason = self._ineligible_reason(weight)
+            if reason is None:
+                reason = guard.reason(weight.tensor, weight.values) or None
             if reason is None:
                 weights.append(weight)
             elif reason:
@@ -153,7 +158,7 @@ class PrunePass(Pass):
         main = [w.name for w in weights if all(use.graph is graph for use in w.uses)]
         model = gs.export_onnx(graph.copy(), do_type_check=False)
         table = sensitivity_scan(model, feeds, weights=main, sparsities=DEFAULT_SPARSITIES,
-                                 provider=context.provider, progress=context.progress)
+                                 provider=context.provider, progress=context.progress, timeout_s=context.timeout_s)
         allocation = table.allocate(self.sparsity)
         for weight in weights:
             allocation.setdefault(weight.name, self.sparsity)

@@ -26,6 +26,7 @@ from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, optio
 from optimizer.registry import register
 from passes.prune_channel_groups import ChannelGroup, Illegal, channel_scores, find_group
 from passes.prune_weights import as_weight, check_patterns, is_default_domain, name_matches, zero_count
+from passes.weight_guard import NON_FINITE_OPTION_HELP, WeightGuard
 
 PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -47,6 +48,7 @@ class PruneChannelsPass(Pass):
     exclude: tuple[str, ...] = option((), "leave producers whose node or weight name matches (glob, or re:REGEX)")
     min_channels: int = option(1, "never keep fewer channels than this in a group")
     channel_multiple: int = option(1, "round the kept channel count up to a multiple of this (SIMD-friendly widths)")
+    allow_non_finite: bool = option(False, NON_FINITE_OPTION_HELP)
 
     def __post_init__(self) -> None:
         for key in ("ratio", "min_norm_ratio"):
@@ -67,6 +69,7 @@ class PruneChannelsPass(Pass):
         uses = tensor_uses(graph)
         outputs = graph_output_names(graph)
         groups: list[dict[str, object]] = []
+        guard = WeightGuard.of(graph, allow_non_finite=self.allow_non_finite)
         for owner, node in list(iter_nodes(graph)):
             if not self._is_candidate(node, uses):
                 continue
@@ -75,6 +78,10 @@ class PruneChannelsPass(Pass):
                 group = find_group(node, owner, uses, outputs)
             except Illegal as reason:
                 report.skip("node", label, str(reason))
+                continue
+            guarded = _guarded_tensor(group, guard)
+            if guarded is not None:
+                report.skip("tensor", *guarded)
                 continue
             keep = self._kept_channels(group)
             if len(keep) == group.channels:
@@ -106,6 +113,16 @@ class PruneChannelsPass(Pass):
         keep_count = min(group.channels, -(-keep_count // self.channel_multiple) * self.channel_multiple)
         order = np.argsort(-scores, kind="stable")
         return np.sort(order[:keep_count])
+
+
+def _guarded_tensor(group: ChannelGroup, guard: WeightGuard) -> tuple[str, str] | None:
+    """(tensor, reason) for the first tensor of the group a lossy pass must leave alone."""
+    weights = [group.slices[name][0] for name in sorted(group.slices)] + [w for w, _ in group.reshapes]
+    for weight in weights:
+        reason = guard.reason(weight.tensor, weight.values)
+        if reason:
+            return weight.name, reason
+    return None
 
 
 def _apply(group: ChannelGroup, keep: np.ndarray) -> int:

@@ -37,6 +37,7 @@ from passes.quantize_report import finish_report
 from passes.quantize_static import plan_static, quantize_static
 from passes.quantize_targets import WEIGHT_INPUTS, Selection, collect_targets
 from passes.quantize_weights import quantize_weight_only, weight_only_spec
+from passes.weight_guard import NON_FINITE_OPTION_HELP
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
 
@@ -94,6 +95,7 @@ class QuantizePass(Pass):
     exclude_first: int = option(0, "leave the first N quantizable layers in float")
     exclude_last: int = option(0, "leave the last N quantizable layers in float")
     min_weight_elements: int = option(256, "leave weights with fewer elements in float")
+    allow_non_finite: bool = option(False, NON_FINITE_OPTION_HELP)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.op_types) - set(WEIGHT_INPUTS))
@@ -136,7 +138,7 @@ class QuantizePass(Pass):
 
     def selection(self) -> Selection:
         return Selection(self.op_types, self.exclude_nodes, self.exclude_op_types, self.exclude_first,
-                         self.exclude_last, self.min_weight_elements)
+                         self.exclude_last, self.min_weight_elements, self.allow_non_finite)
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
@@ -165,7 +167,8 @@ class QuantizePass(Pass):
         outliers = {}
         if calibrated:
             absmax = channel_absmax(graph, dynamic_activations(graph, plan), context.calibration,
-                                    max_samples=self.calibration_samples or None, provider=context.provider)
+                                    max_samples=self.calibration_samples or None, provider=context.provider,
+                                    timeout_s=context.timeout_s)
             for name, values in absmax.items():
                 split = outlier_channels(values, ratio=self.outlier_ratio, limit=self.outlier_channels)
                 if split.size:

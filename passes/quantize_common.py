@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from optimizer.graph import iter_graphs, tensor_proto_bytes
+from optimizer.graph import iter_graphs, tensor_proto_bytes, tensor_proto_dtype
 from optimizer.quant_math import QuantizedTensor, QType, pack_4bit
 from passes.quantize_targets import QUANTIZED_SUFFIX, WeightTarget
 
@@ -219,7 +219,7 @@ def constant_dtype_and_bytes(tensor: gs.Constant) -> tuple[str, int]:
     values = tensor._values
     if isinstance(values, LazyValues):
         proto = values.tensor
-        return dtype_name(proto.data_type), tensor_proto_bytes(proto)
+        return dtype_name(tensor_proto_dtype(proto)), tensor_proto_bytes(proto)
     array = np.asarray(values)
     return str(array.dtype), int(array.nbytes)
 

@@ -72,7 +72,8 @@ def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[WeightTarget, WeightSp
                 accumulators[name].add(value)
 
         samples = observe_activations(graph, sorted(accumulators), lambda: context.calibration_feeds("quantize"),
-                                      visit, max_samples=options.calibration_samples or None, provider=context.provider)
+                                      visit, max_samples=options.calibration_samples or None, provider=context.provider,
+                                      timeout_s=context.timeout_s, stage="GPTQ calibration")
         factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
         for target, spec in planned:
             names = inputs.get(id(target))

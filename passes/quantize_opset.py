@@ -14,7 +14,9 @@ from onnx import version_converter
 
 from optimizer.errors import PassError
 from optimizer.graph import DEFAULT_DOMAINS, dropped_initializers, export_model, import_graph
+from optimizer.graph_inputs import copy_interface_records
 from optimizer.pass_base import PassReport
+from optimizer.sparse_storage import mark_sparse_sources, to_dense_initializers
 
 
 def ensure_opset(graph: gs.Graph, required: int, report: PassReport) -> gs.Graph:
@@ -26,14 +28,17 @@ def ensure_opset(graph: gs.Graph, required: int, report: PassReport) -> gs.Graph
     template.ir_version = 8
     template.opset_import.extend(graph.import_domains or [onnx.helper.make_opsetid("", current)])
     model = export_model(graph, template)
+    sparse = list(model.graph.sparse_initializer)
     try:
-        converted = version_converter.convert_version(model, required)
+        converted = version_converter.convert_version(to_dense_initializers(model) if sparse else model, required)
     except Exception as error:  # the converter raises bare RuntimeErrors naming the op
         raise PassError(f"quantize needs opset {required} (model has {current}) and onnx's version "
                         f"converter failed: {' '.join(str(error).split())[:300]}") from error
     _keep_custom_domains(model, converted)
     new_graph = import_graph(converted)
+    mark_sparse_sources(list(new_graph.tensors().values()), sparse)
     new_graph.dropped_initializers = dropped_initializers(graph)
+    copy_interface_records(graph, new_graph)
     report.details["opset"] = {"before": current, "after": required,
                                "why": "per-channel DequantizeLinear needs 13, 4-bit and blocked need 21"}
     return new_graph

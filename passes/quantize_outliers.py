@@ -17,12 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime
 
 from optimizer.graph import export_model, toposort
-from optimizer.runtime import resolve_provider
-
-ORT_QUIET = 3
+from optimizer.runtime import DEFAULT_TIMEOUT_S, checked_timeout, create_session, resolve_provider, run_outputs
 
 
 def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto:
@@ -41,22 +38,23 @@ def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto
 
 def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
                         visit: Callable[[str, np.ndarray], None], *, max_samples: int | None,
-                        provider: str = "cpu") -> int:
+                        provider: str = "cpu", timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                        stage: str = "activation calibration") -> int:
     """Run up to ``max_samples`` feeds with ``tensor_names`` exposed and hand every float32 value
-    to ``visit(name, value)``, one sample at a time; returns the number of samples run."""
+    to ``visit(name, value)``, one sample at a time; returns the number of samples run. A run
+    longer than ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``."""
+    checked_timeout(timeout_s)
     if not tensor_names:
         return 0
     model = probe_model(graph, tensor_names)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = ORT_QUIET
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                           providers=list(resolve_provider(provider).providers))
+    session, _ = create_session(model.SerializeToString(), resolve_provider(provider))
     del model
     inputs = [node_arg.name for node_arg in session.get_inputs()]
     names = list(tensor_names)
     count = 0
     for feed in itertools.islice(feeds(), max_samples):
-        values = session.run(names, {name: feed[name] for name in inputs})
+        values = run_outputs(session, names, {name: feed[name] for name in inputs}, label="calibration model",
+                             stage=stage, timeout_s=timeout_s)
         for name, value in zip(names, values):
             if value.ndim > 0 and value.dtype == np.float32:
                 visit(name, value)
@@ -65,7 +63,8 @@ def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Cal
 
 
 def channel_absmax(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
-                   *, max_samples: int | None, provider: str = "cpu") -> dict[str, np.ndarray]:
+                   *, max_samples: int | None, provider: str = "cpu",
+                   timeout_s: float | None = DEFAULT_TIMEOUT_S) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over up to ``max_samples`` feeds."""
     absmax: dict[str, np.ndarray] = {}
 
@@ -74,7 +73,8 @@ def channel_absmax(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable
         previous = absmax.get(name)
         absmax[name] = current if previous is None or previous.shape != current.shape else np.maximum(previous, current)
 
-    observe_activations(graph, tensor_names, feeds, visit, max_samples=max_samples, provider=provider)
+    observe_activations(graph, tensor_names, feeds, visit, max_samples=max_samples, provider=provider,
+                        timeout_s=timeout_s, stage="outlier calibration")
     return absmax
 
 

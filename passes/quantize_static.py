@@ -174,7 +174,8 @@ def _calibrate(graph: gs.Graph, candidates: list[str], options, report: PassRepo
     result = collect_ranges(model, candidates, lambda: context.calibration_feeds("quantize"),
                             method=options.calibration_method, percentile=options.percentile,
                             symmetric=options.symmetric_activations, provider=context.provider,
-                            progress=context.progress, max_samples=options.calibration_samples or None)
+                            progress=context.progress, max_samples=options.calibration_samples or None,
+                            timeout_s=context.timeout_s, stage="static calibration")
     report.details["calibration"] = {"method": result.method, "samples": result.samples,
                                      "seconds": round(result.seconds, 3), "tensors": len(result.ranges),
                                      "notes": result.notes}

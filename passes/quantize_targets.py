@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import DEFAULT_DOMAINS, is_constant_node, iter_graphs, node_subgraphs, weight_values
 from optimizer.pass_base import PassReport
+from passes.weight_guard import WeightGuard
 
 WEIGHT_INPUTS = {
     "MatMul": (1,),
@@ -73,6 +74,7 @@ class Selection:
     exclude_first: int = 0
     exclude_last: int = 0
     min_weight_elements: int = 0
+    allow_non_finite: bool = False
 
 
 @dataclass
@@ -208,6 +210,7 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
     excluded = excluded_nodes(nodes, selection)
     targets: dict[int, WeightTarget] = {}
     blocked: set[int] = set()
+    guard = WeightGuard.of(root, allow_non_finite=selection.allow_non_finite)
     for graph, node in nodes:
         label = node.name or node.outputs[0].name
         if id(node) in excluded:
@@ -219,6 +222,8 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
             tensor = node.inputs[index]
             values = weight_values(tensor)
             reason = skip_reason_for_input(node, index, values, selection.min_weight_elements)
+            if reason is None:
+                reason = guard.reason(tensor, values) or None
             if reason is not None:
                 report.skip("node", f"{label} input {index} ({tensor.name})", reason)
                 continue

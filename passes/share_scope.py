@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from optimizer.graph import (
     DEFAULT_DOMAINS,
@@ -23,6 +24,9 @@ from optimizer.graph import (
     is_constant_node,
     iter_graphs,
 )
+from optimizer.graph_inputs import training_bound_ids
+
+TRAINING_BINDING_REASON = "bound by training_info (initialization_binding / update_binding)"
 
 
 @dataclass
@@ -175,14 +179,14 @@ def collect_weights(root: gs.Graph, digests: dict[int, bytes] | None = None) -> 
                 values = _dense_values(tensor, producer)
                 if values is None:
                     continue
-                reason = "a graph input or output: callers may read or override it" if id(tensor) in protected else ""
+                reason = protected.get(id(tensor), "")
                 weights.append(Weight(tensor, values, len(weights), producer,
                                       graph if producer is not None else None, reason, digests))
     return weights
 
 
 def _dense_values(tensor: gs.Tensor, producer: gs.Node | None) -> np.ndarray | None:
-    if producer is None and type(tensor._values).__name__ == "SparseValues":
+    if producer is None and isinstance(tensor._values, SparseValues):
         return None
     values = constant_node_values(producer) if producer is not None else tensor.values
     if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
@@ -190,12 +194,13 @@ def _dense_values(tensor: gs.Tensor, producer: gs.Node | None) -> np.ndarray | N
     return values
 
 
-def _protected_tensor_ids(root: gs.Graph) -> set[int]:
-    ids: set[int] = set()
+def _protected_tensor_ids(root: gs.Graph) -> dict[int, str]:
+    """id -> why the tensor must keep its name: a graph input or output, or a training binding."""
+    reasons = dict.fromkeys(training_bound_ids(root), TRAINING_BINDING_REASON)
     for graph in iter_graphs(root):
-        ids.update(id(t) for t in graph.outputs)
-        ids.update(id(t) for t in graph.inputs)
-    return ids
+        for tensor in itertools.chain(graph.outputs, graph.inputs):
+            reasons[id(tensor)] = "a graph input or output: callers may read or override it"
+    return reasons
 
 
 def tensor_names(root: gs.Graph) -> dict[str, set[int]]:

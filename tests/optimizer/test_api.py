@@ -194,11 +194,17 @@ def test_validation_without_isolation_gives_the_same_verdict(tmp_path):
 
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     import os
-    dead = tmp_path / ".onnx-compress-999999999-abc123"
-    alive = tmp_path / f".onnx-compress-{os.getppid()}-def456"
-    for folder in (dead, alive):
+
+    from optimizer.output_files import process_start_ticks
+    parent, me = os.getppid(), os.getpid()
+    dead = tmp_path / ".onnx-compress-999999999-5-abc12345"
+    reused = tmp_path / f".onnx-compress-{me}-{process_start_ticks(me) + 1}-abc12345"
+    alive = tmp_path / f".onnx-compress-{parent}-{process_start_ticks(parent)}-def45678"
+    legacy = tmp_path / ".onnx-compress-999999999-abc123"
+    for folder in (dead, reused, alive, legacy):
         folder.mkdir()
         (folder / "model.onnx").write_bytes(b"partial")
     optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", validate=True)
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and not reused.exists(), "owners provably dead (gone, or id reused)"
+    assert alive.exists() and legacy.exists(), "a live owner, or one that cannot be proven dead"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["o.onnx"]

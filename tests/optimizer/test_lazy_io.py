@@ -20,6 +20,7 @@ from optimizer import lazy_io
 from optimizer.errors import ModelLoadError, ModelSaveError
 from optimizer.graph import export_model, import_graph, iter_graphs, weight_values
 from optimizer.model import has_lazy_tensors, load_model, load_model_with_files, save_model
+from optimizer.output_files import previous_data_files
 from optimizer.pipeline import Pipeline, model_shell
 from optimizer.registry import create_pass
 from optimizer.tensor_checks import iter_tensors
@@ -63,6 +64,12 @@ def _saved(folder: pathlib.Path) -> pathlib.Path:
     return save_model(_model(), folder / "in.onnx", external_data=True)
 
 
+def _data_of(model_path: pathlib.Path) -> pathlib.Path:
+    """The content-named data file (NAME.HASH.data) the saved model records."""
+    (name,) = previous_data_files(pathlib.Path(model_path))
+    return pathlib.Path(model_path).parent / name
+
+
 def _feeds() -> list[dict[str, np.ndarray]]:
     x = np.random.default_rng(1).standard_normal((2, SIDE)).astype(np.float32)
     return [{"x": x, "c": np.array(True)}, {"x": x, "c": np.array(False)}]
@@ -71,7 +78,7 @@ def _feeds() -> list[dict[str, np.ndarray]]:
 def test_lazy_load_keeps_large_tensors_as_checked_references(tmp_path):
     source = _saved(tmp_path / "m")
     model, files = load_model_with_files(source, lazy_above_bytes=0)
-    assert [path.name for path in files] == ["in.onnx", "in.onnx.data"]
+    assert [path.name for path in files] == ["in.onnx", _data_of(source).name]
     lazy = {tensor.name for tensor in model.graph.initializer if lazy_io.is_lazy(tensor)}
     assert lazy == {"A", "A_copy", "B"}
     tiny = next(t for t in model.graph.initializer if t.name == "tiny")
@@ -108,9 +115,9 @@ def test_lazy_round_trip_writes_the_same_bytes_as_eager(tmp_path):
         assert has_lazy_tensors(result.model) == (mode == "lazy")
         (tmp_path / mode).mkdir()
         outputs[mode] = save_model(result.model, tmp_path / mode / "out.onnx", external_data=True)
-    for suffix in ("", ".data"):
-        eager, lazy = (pathlib.Path(f"{outputs[mode]}{suffix}").read_bytes() for mode in ("eager", "lazy"))
-        assert eager == lazy, f"out.onnx{suffix} differs"
+    for kind, pick in (("model", pathlib.Path), ("data", _data_of)):
+        eager, lazy = (pick(outputs[mode]).read_bytes() for mode in ("eager", "lazy"))
+        assert eager == lazy, f"the {kind} file differs"
     reloaded = load_model(outputs["lazy"])
     assert {p.key: p.value for p in reloaded.metadata_props} == {"kept": "yes"}
     assert_same_outputs(_model(), reloaded, _feeds())
@@ -131,9 +138,9 @@ def test_arrays_a_pass_makes_are_spilled_and_saved_like_eager(tmp_path):
         assert tensors["A"].values.flags.writeable, "export puts the pass's own array back"
         (tmp_path / mode).mkdir()
         outputs[mode] = save_model(exported, tmp_path / mode / "out.onnx", external_data=True)
-    for suffix in ("", ".data"):
-        eager, lazy = (pathlib.Path(f"{outputs[mode]}{suffix}").read_bytes() for mode in ("eager", "lazy"))
-        assert eager == lazy, f"out.onnx{suffix} differs"
+    for kind, pick in (("model", pathlib.Path), ("data", _data_of)):
+        eager, lazy = (pick(outputs[mode]).read_bytes() for mode in ("eager", "lazy"))
+        assert eager == lazy, f"the {kind} file differs"
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in load_model(outputs["lazy"]).graph.initializer}
     np.testing.assert_array_equal(stored["A"], _weights()["A"] * 2)
     np.testing.assert_array_equal(stored["A_copy"], _weights()["A"])
@@ -142,10 +149,10 @@ def test_arrays_a_pass_makes_are_spilled_and_saved_like_eager(tmp_path):
 def test_lazy_model_saves_inline_on_request_and_checks_in_a_file(tmp_path):
     model, _ = load_model_with_files(_saved(tmp_path / "m"), lazy_above_bytes=0)
     inline = save_model(model, tmp_path / "inline.onnx", external_data=False)
-    assert not (tmp_path / "inline.onnx.data").exists()
+    assert not list(tmp_path.glob("inline.onnx*.data"))
     assert_same_outputs(_model(), load_model(inline), _feeds())
     automatic = save_model(model, tmp_path / "auto.onnx")
-    assert (tmp_path / "auto.onnx.data").exists(), "lazy tensors stay out of memory: external by default"
+    assert list(tmp_path.glob("auto.onnx.*.data")), "lazy tensors stay out of memory: external by default"
     onnx.checker.check_model(str(automatic), full_check=True)
     assert has_lazy_tensors(model), "saving does not change the caller's model"
 
@@ -174,7 +181,7 @@ def test_reference_from_an_untrusted_source_is_refused(tmp_path):
 def test_data_file_replaced_after_load_is_an_error_not_other_data(tmp_path):
     source = _saved(tmp_path / "m")
     model, _ = load_model_with_files(source, lazy_above_bytes=0)
-    data = tmp_path / "m" / "in.onnx.data"
+    data = _data_of(source)
     replacement = tmp_path / "m" / "other.data"
     replacement.write_bytes(bytes(data.stat().st_size))
     os.replace(replacement, data)
@@ -188,10 +195,10 @@ def test_data_file_replaced_after_load_is_an_error_not_other_data(tmp_path):
 def test_output_never_overwrites_the_data_a_lazy_model_reads(tmp_path):
     source = _saved(tmp_path / "m")
     model, _ = load_model_with_files(source, lazy_above_bytes=0)
-    before = (tmp_path / "m" / "in.onnx.data").read_bytes()
+    before = _data_of(source).read_bytes()
     with pytest.raises(ModelSaveError, match="refusing to overwrite"):
         save_model(model, tmp_path / "m" / "in.onnx")
-    assert (tmp_path / "m" / "in.onnx.data").read_bytes() == before
+    assert _data_of(source).read_bytes() == before
 
 
 _CHILD = r"""

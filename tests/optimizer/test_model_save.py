@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import optimizer.model as model_module
 from optimizer.errors import ModelSaveError
 from optimizer.model import load_model, load_model_with_files, save_model, serialized_size_bytes
+from optimizer.output_files import process_start_ticks
 
 from tests.optimizer.model_helpers import (
     REPO_ROOT,
@@ -45,7 +47,6 @@ def _refusal_setup(tmp_path: pathlib.Path) -> tuple[onnx.ModelProto, tuple[pathl
         ("nope/out.onnx", {}, "does not exist"),
         ("w.bin/out.onnx", {}, "is not a folder"),
         ("adir", {}, "is a folder"),
-        ("w", {"external_data": True}, "refusing to overwrite"),
     ],
 )
 def test_save_refuses_and_writes_nothing(tmp_path, output, options, reason):
@@ -94,16 +95,23 @@ def _large_weight_model(count: int, name: str = "big_w") -> onnx.ModelProto:
     return _add_model(numpy_helper.from_array(values, name))
 
 
+def _data_file(folder: pathlib.Path) -> pathlib.Path:
+    """The one content-named data file (``NAME.HASH.data``) in ``folder``."""
+    (found,) = [path for path in folder.iterdir() if path.name.endswith(".data")]
+    assert re.fullmatch(r"out\.onnx\.[0-9a-f]{16}\.data", found.name), found.name
+    return found
+
+
 def test_save_twice_is_byte_identical_and_data_file_is_replaced(tmp_path):
     model = _large_weight_model(4000)
     target = tmp_path / "out.onnx"
     save_model(model, target, external_data=True)
-    first = (target.read_bytes(), (tmp_path / "out.onnx.data").read_bytes())
+    first = (target.read_bytes(), _data_file(tmp_path).read_bytes())
     save_model(model, target, external_data=True)
-    assert (target.read_bytes(), (tmp_path / "out.onnx.data").read_bytes()) == first
+    assert (target.read_bytes(), _data_file(tmp_path).read_bytes()) == first
     save_model(_large_weight_model(1000), target, external_data=True)
-    assert (tmp_path / "out.onnx.data").stat().st_size == 4000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert _data_file(tmp_path).stat().st_size == 4000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", _data_file(tmp_path).name]
 
 
 def test_external_data_save_round_trips_and_leaves_caller_model_alone(tmp_path):
@@ -116,11 +124,12 @@ def test_external_data_save_round_trips_and_leaves_caller_model_alone(tmp_path):
     on_disk = onnx.load_model(target, load_external_data=False)
     stored = {t.name: {e.key: e.value for e in t.external_data} for t in on_disk.graph.initializer}
     assert stored["tiny"] == {}
-    assert stored["big_w"] == {"location": "out.onnx.data", "offset": "0", "length": "4000"}
-    assert stored["ints"] == {"location": "out.onnx.data", "offset": "4096", "length": "16000"}
+    data_name = _data_file(tmp_path).name
+    assert stored["big_w"] == {"location": data_name, "offset": "0", "length": "4000"}
+    assert stored["ints"] == {"location": data_name, "offset": "4096", "length": "16000"}
     reloaded, files = load_model_with_files(target)
     assert reloaded.SerializeToString(deterministic=True) == before
-    assert files == (target, tmp_path / "out.onnx.data")
+    assert files == (target, tmp_path / data_name)
     x = np.ones(1000, np.float32)
     np.testing.assert_array_equal(_run_add(str(target), x), np.arange(1000) + 1.0)
 
@@ -134,7 +143,8 @@ def test_automatic_external_data_above_the_protobuf_limit(tmp_path, monkeypatch)
         save_model(model, tmp_path / "never.onnx", external_data=False)
     assert list(tmp_path.iterdir()) == []
     save_model(model, tmp_path / "auto.onnx")
-    assert (tmp_path / "auto.onnx.data").stat().st_size == 4000
+    (data_file,) = tmp_path.glob("auto.onnx.*.data")
+    assert data_file.stat().st_size == 4000
     assert (tmp_path / "auto.onnx").stat().st_size < 3000
 
 
@@ -143,9 +153,14 @@ def test_small_model_is_saved_inline_by_default(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_stale_temps_of_the_same_target_are_removed(tmp_path):
-    stale = [".out.onnx.tmp-abcd_123", ".out.onnx.data.tmp-zz99yy88"]
-    kept = [".out.onnx.tmp-keep", ".other.onnx.tmp-abcd1234", "out.onnx.tmp-abcd1234"]
+def test_temps_of_provably_dead_writers_are_removed(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid, me = int(finished.stdout), os.getpid()
+    my_start = process_start_ticks(me)
+    stale = [f".out.onnx.tmp-{dead_pid}-5-abcd_123", f".other.onnx.data.tmp-{me}-{my_start + 1}-zz99yy88"]
+    kept = [".out.onnx.tmp-abcd_123", f".out.onnx.tmp-{me}-{my_start}-abcd1234", "out.onnx.tmp-abcd1234",
+            f".out.onnx.tmp-{me}-0-abcd1234"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"old")
     save_model(_function_model(), tmp_path / "out.onnx")
@@ -201,7 +216,8 @@ def test_model_over_two_gigabytes_round_trips_through_external_data(tmp_path):
     target = save_model(model, tmp_path / "big.onnx")
     del model
     assert target.stat().st_size < 10_000
-    assert (tmp_path / "big.onnx.data").stat().st_size > 2**31
+    (data_file,) = tmp_path.glob("big.onnx.*.data")
+    assert data_file.stat().st_size > 2**31
     loaded = load_model(target)
     probes = [0, 1, 250, 251, 123_456_789, element_count - 1]
     for index, tensor in enumerate(loaded.graph.initializer):
@@ -234,9 +250,9 @@ def test_crash_between_data_and_model_rename_never_pairs_an_old_model_with_new_d
     monkeypatch.setattr(model_module.os, "replace", replace_then_crash)
     with pytest.raises(_Crash):
         save_model(_large_weight_model(2000, "other"), target, external_data=True)
-    assert [pathlib.Path(path).name for path in calls] == ["out.onnx.data"]
-    assert not target.exists(), "the old model now points into the new data file"
+    assert len(calls) == 1 and pathlib.Path(calls[0]).name.endswith(".data")
+    assert load_model(target).graph.initializer[0].name == "big_w", "the old model lost its data"
     monkeypatch.undo()
     save_model(_large_weight_model(2000, "other"), target, external_data=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", pathlib.Path(calls[0]).name]
     assert load_model(target).graph.initializer[0].name == "other"

@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from optimizer.model import load_model, save_model
+from optimizer.output_files import file_digest
 from tests.reliability.child import ROOT, error_lines, run_cli_child, tree_state, weight_model
 
 KILL_MODEL_BYTES = 200 * 2**20
@@ -69,7 +70,9 @@ def test_disk_full_keeps_the_previous_output(workspace):
 def _external_input(folder: Path, data_name: str = "w.bin") -> Path:
     model = weight_model(4096)
     save_model(model, folder / "m.onnx", external_data=True)
-    os.rename(folder / "m.onnx.data", folder / data_name)
+    (written,) = folder.glob("m.onnx.*.data")
+    data_name = data_name.format(digest=file_digest(written)[:16])
+    os.rename(written, folder / data_name)
     stored = onnx.load(folder / "m.onnx", load_external_data=False)
     for entry in stored.graph.initializer[0].external_data:
         if entry.key == "location":
@@ -99,7 +102,8 @@ REFUSED_OUTPUTS = {
 @pytest.mark.parametrize("validate", [False, True], ids=["plain", "validate"])
 @pytest.mark.parametrize("case", sorted(REFUSED_OUTPUTS))
 def test_output_that_would_overwrite_something_is_refused(workspace, case, validate):
-    data_name = "o.onnx.data" if case == "data-file-aliases-input-data" else "w.bin"
+    # the output's data file is named by its content: o.onnx.HASH.data (optimizer.output_files)
+    data_name = "o.onnx.{digest}.data" if case == "data-file-aliases-input-data" else "w.bin"
     source = _external_input(workspace / "model", data_name)
     output, extra = REFUSED_OUTPUTS[case](workspace)
     before = tree_state(workspace)
