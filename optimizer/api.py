@@ -190,7 +190,8 @@ def optimize(
     budget = None
     if max_drop is not None:
         budget = _search_budget(source, chosen, BudgetRequest(
-            metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers, timeout_s),
+            metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers, timeout_s,
+            tuple(map(os.fspath, allow_symlinks_under))),
             resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed),
             calibration, provider, progress, reference)
         chosen = build_passes(*_specs_as_arguments(budget_specs(chosen, budget.backed_off)))
@@ -254,6 +255,7 @@ class BudgetRequest:
     max_trials: int
     workers: int
     timeout_s: float | None = DEFAULT_TIMEOUT_S
+    allow_symlinks_under: tuple[str, ...] = ()
 
 
 def budget_specs(chosen: Sequence[Pass], backed_off: Sequence[str]) -> list[PassSpec]:
@@ -285,7 +287,8 @@ def _search_budget(source: onnx.ModelProto, chosen: Sequence[Pass], request: Bud
         MetricSpec(request.metric, request.higher_is_better, request.output), feeds,
         max_drop=request.max_drop, max_trials=request.max_trials, workers=request.workers, provider=provider,
         calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",),
-        model_path=str(path) if path is not None else None, return_model=False, timeout_s=request.timeout_s)
+        model_path=str(path) if path is not None else None, return_model=False, timeout_s=request.timeout_s,
+        allow_symlinks_under=request.allow_symlinks_under)
 
 
 def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:

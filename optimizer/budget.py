@@ -144,13 +144,15 @@ def search_budget(
     model_path: str | None = None,
     return_model: bool = True,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    allow_symlinks_under: Sequence[str] = (),
 ) -> BudgetResult:
     """Compress with ``specs``; back off layers until ``metric`` drops by at most ``max_drop``.
 
     ``worker_imports`` names modules a worker process imports first (``module`` or
     ``module:function`` to also call a function), e.g. ``("passes",)`` so the pass registry is
     filled there too. ``model_path``, when the model came from a file, lets workers load it
-    themselves (lazily loaded weights are only readable by the process that checked them).
+    themselves (lazily loaded weights are only readable by the process that checked them), with
+    the same ``allow_symlinks_under`` folders as the caller's load.
     ``return_model=False`` skips the final compression for callers that run the chosen passes
     themselves (BudgetResult.model is then None). Every onnxruntime run (trials, ranking) is bounded
     by ``timeout_s`` (``RunTimeoutError``).
@@ -162,7 +164,8 @@ def search_budget(
     checked_timeout(timeout_s)
     state = _SearchState(model, list(specs), list(rules), metric, list(feeds), list(calibration or []),
                          _Runtime(provider, timeout_s), max_drop, max_trials, workers, progress,
-                         tuple(worker_imports), model_path, return_model)
+                         tuple(worker_imports), (model_path, tuple(allow_symlinks_under)) if model_path else None,
+                         return_model)
     try:
         return state.run()
     finally:
@@ -182,7 +185,7 @@ class _Runtime:
 
 class _SearchState:
     def __init__(self, model, specs, rules, metric, feeds, calibration, runtime: _Runtime, max_drop, max_trials,
-                 workers, progress, worker_imports, model_path, return_model) -> None:
+                 workers, progress, worker_imports, worker_source, return_model) -> None:
         self.model, self.specs, self.rules, self.metric_spec = model, specs, rules, metric
         self.feeds, self.calibration, self.runtime = feeds, calibration, runtime
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
@@ -199,7 +202,7 @@ class _SearchState:
             self.lifeline = context.Pipe(duplex=False)
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                             initargs=((self.lifeline[0], os.getpid()), worker_imports,
-                                                      model_path or model.SerializeToString(), specs, rules, metric,
+                                                      worker_source or model.SerializeToString(), specs, rules, metric,
                                                       feeds, calibration, runtime, self.reference))
 
     def close(self) -> None:
@@ -298,7 +301,7 @@ def _trial(model, specs, rules, metric: Metric, feeds, calibration, runtime: _Ru
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(parent: tuple, imports, model_source: str | bytes, specs, rules, metric_spec: MetricSpec, feeds,
+def _init_worker(parent: tuple, imports, model_source: tuple[str, tuple[str, ...]] | bytes, specs, rules, metric_spec: MetricSpec, feeds,
                  calibration, runtime: _Runtime, reference) -> None:
     die_with_parent(*parent)
     for name in imports:
@@ -306,8 +309,9 @@ def _init_worker(parent: tuple, imports, model_source: str | bytes, specs, rules
         module = importlib.import_module(module_name)
         if function:
             getattr(module, function)()
-    if isinstance(model_source, str):
-        model = load_model_with_files(model_source, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES)[0]
+    if isinstance(model_source, tuple):
+        path, roots = model_source
+        model = load_model_with_files(path, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES, allow_symlinks_under=roots)[0]
     else:
         model = onnx.load_from_string(model_source)
     _WORKER.update(model=model, specs=specs, rules=rules, metric=metric_spec.build(),

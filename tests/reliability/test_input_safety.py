@@ -424,3 +424,30 @@ def test_allow_symlinks_under_a_named_folder(tmp_path, capsys):
     outside = _write(folder, _matmul_model(_external("x.bin")).SerializeToString(), "outside.onnx")
     with pytest.raises(ModelLoadError, match="outside"):
         load_model(outside, allow_symlinks_under=[store])
+
+
+def test_budget_workers_load_with_the_same_symlink_roots(tmp_path):
+    """--max-drop with --workers loads the model again in each worker: the folders the user allowed
+    travel with it (before, every worker refused the symlink)."""
+    store, folder = tmp_path / "store", tmp_path / "model"
+    store.mkdir()
+    folder.mkdir()
+    weights = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)
+    (store / "w.bin").write_bytes(weights.tobytes())
+    (folder / "w.bin").symlink_to(store / "w.bin")
+    nodes, tensors = [], []
+    for index in range(3):
+        tensor = _external("w.bin", f"W{index}", offset=index * 64 * 64 * 4, length=64 * 64 * 4)
+        tensor.dims[:] = [64, 64]
+        tensors.append(tensor)
+        nodes.append(helper.make_node("MatMul", [f"h{index}", f"W{index}"], [f"h{index + 1}"], name=f"matmul{index}"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [1, 64])], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    path = _write(folder, model.SerializeToString())
+    (tmp_path / "out").mkdir()
+    result = api_module.optimize(path, tmp_path / "out" / "o.onnx", allow_symlinks_under=[store],
+                                 passes=["prune"], pass_options={"prune": {"sparsity": 0.5}},
+                                 max_drop=0.0, metric="max_abs", max_trials=8, workers=2)
+    assert result.output_path is not None
+    assert result.report.budget is not None and result.report.budget["trials"] >= 3
