@@ -62,6 +62,7 @@ class BisectResult:
 def check_candidate(
     reference_path: str, candidate_path: str, feeds: list[Feed], *,
     tolerance: Tolerance | Mapping[str, Tolerance], provider: str | ProviderChoice,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> str | None:  # fmt: skip
     """Why the candidate is broken (checker, onnxruntime or tolerance), or None if it is fine."""
     try:
@@ -71,7 +72,7 @@ def check_candidate(
         return f"onnx.checker rejects it: {lines[0] if lines else type(error).__name__}"
     try:
         comparison = compare(reference_path, candidate_path, feeds, tolerance=tolerance,
-                             provider=provider)  # fmt: skip
+                             provider=provider, timeout_s=timeout_s)  # fmt: skip
     except OnnxCompressError as error:
         return str(error)
     if comparison.passed:
@@ -104,12 +105,12 @@ def bisect_passes(
         reference = str(save_model(load_model(model), Path(folder) / "reference.onnx"))
 
         def check(path: str) -> str | None:
-            options = {"tolerance": tolerance, "provider": provider}
+            options = {"tolerance": tolerance, "provider": provider, "timeout_s": timeout_s}
             if not isolate:
                 return check_candidate(reference, path, feed_list, **options)
             try:
                 return run_isolated(check_candidate, reference, path, feed_list, **options,
-                                    timeout_s=timeout_s, label=f"checking {Path(path).name}")
+                                    label=f"checking {Path(path).name}")
             except OnnxCompressError as error:
                 return str(error)
 
