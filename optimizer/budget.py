@@ -28,7 +28,7 @@ import onnx
 from optimizer.progress import progress_bar
 
 from optimizer.errors import OptionError
-from optimizer.isolation import die_with_parent
+from optimizer.isolation import die_with_parent, spawn_without_main_script
 from optimizer.layer_debug import debug_layers
 from optimizer.metrics import Metric, Outputs, collect_outputs, load_metric
 from optimizer.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
@@ -229,7 +229,8 @@ class _SearchState:
         todo = [c for c in dict.fromkeys(candidates) if c not in self.results]
         todo = todo[: max(0, self.max_trials - len(self.results))]
         if self.pool is not None and len(todo) > 1:
-            values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
+            with spawn_without_main_script():
+                values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
         else:
             values = [_trial(self.model, self.specs, self.rules, self.metric, self.feeds, self.calibration,
                              self.runtime, self.reference, sorted(c)) for c in todo]

@@ -11,6 +11,7 @@ mid-validation leaves no onnxruntime process behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import multiprocessing
@@ -19,7 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from optimizer.errors import OnnxCompressError, RuntimeSessionError
@@ -37,6 +38,28 @@ _OUTPUT_TAIL_BYTES = 4096
 _PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 75
 """Exit code of a child that ended because its parent went away."""
+
+
+@contextlib.contextmanager
+def spawn_without_main_script() -> Iterator[None]:
+    """Children started inside do not re-run the parent's ``__main__`` script.
+
+    A 'spawn' child imports the parent's main module to unpickle what it was sent; for a plain
+    script without a ``__name__ == "__main__"`` guard (a notebook export, a README example) that
+    re-runs the whole script, and the child dies before it starts. Everything a child here runs
+    lives in importable modules, so the script is hidden while it starts (``python -m`` mains,
+    which have a ``__spec__``, are imported by name and are left as they are).
+    """
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if main is None or script is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = script
 
 
 def compare_isolated(
@@ -103,7 +126,8 @@ def run_isolated(
             args=(sender, (lifeline, os.getpid()), log.name, max_memory_bytes, function, args, kwargs),
         )  # fmt: skip
         try:
-            child.start()
+            with spawn_without_main_script():
+                child.start()
             sender.close()
             lifeline.close()
             outcome = _wait(receiver, child, timeout_s, label, log.name)
