@@ -14,6 +14,8 @@ import os
 import stat
 from collections.abc import Iterable
 
+from optimizer.errors import ModelLoadError
+
 __all__ = ["MAX_SYMLINK_HOPS", "hugging_face_blobs", "resolve_allowed_symlink", "symlink_roots"]
 
 MAX_SYMLINK_HOPS = 40
@@ -32,8 +34,15 @@ def hugging_face_blobs(folder: str) -> str | None:
 
 
 def symlink_roots(folder: str, allowed: Iterable[str | os.PathLike]) -> tuple[str, ...]:
-    """Real paths of the folders symlinks from ``folder`` may point into (existing folders only)."""
+    """Real paths of the folders symlinks from ``folder`` may point into.
+
+    A folder the user named must exist (a typo would otherwise refuse the symlink with a reason
+    that hides it); a detected Hugging Face ``blobs`` folder is used only when it exists.
+    """
     candidates = [os.fspath(root) for root in allowed]
+    for root in candidates:
+        if not os.path.isdir(root):
+            raise ModelLoadError(f"--allow-symlinks-under {root!r}: no such folder")
     for seen in (folder, os.path.realpath(folder)):
         blobs = hugging_face_blobs(seen)
         if blobs is not None:

@@ -451,3 +451,10 @@ def test_budget_workers_load_with_the_same_symlink_roots(tmp_path):
                                  max_drop=0.0, metric="max_abs", max_trials=8, workers=2)
     assert result.output_path is not None
     assert result.report.budget is not None and result.report.budget["trials"] >= 3
+
+
+def test_a_misspelled_symlink_root_is_an_error(tmp_path):
+    path = _write(tmp_path, _matmul_model(numpy_helper.from_array(WEIGHTS, "W")).SerializeToString())
+    with pytest.raises(ModelLoadError, match="--allow-symlinks-under .*no such folder"):
+        load_model(path, allow_symlinks_under=[tmp_path / "no-such-store"])
+    assert main(["inspect", str(path), "--allow-symlinks-under", str(tmp_path / "no-such-store")]) == 2
