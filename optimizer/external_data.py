@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError
-from optimizer.lazy_io import FileIdentity, remember_source, trust_identity
+from optimizer.lazy_io import FileIdentity, check_identity, remember_source, trust_identity
 from optimizer.symlink_roots import resolve_allowed_symlink, symlink_roots
 from optimizer.tensor_checks import describe_tensor, load_error, raw_byte_count
 
@@ -201,14 +201,8 @@ class ExternalDataReader:
     def check_unchanged(self) -> None:
         """Every file read is still the file it was when first opened; remembered for later."""
         for identity in self._files.values():
-            try:
-                info = os.stat(identity.path, follow_symlinks=False)
-            except OSError as error:
-                raise ModelLoadError(f"{self._source}: external file {identity.path} is gone: "
-                                     f"{error.strerror}") from error  # fmt: skip
-            if not identity.matches(info):
-                raise ModelLoadError(f"{self._source}: external file {identity.path} changed "
-                                     "while the model was being loaded")  # fmt: skip
+            check_identity(identity, f"{self._source}: external file {identity.path}",
+                           "while the model was being loaded")
             remember_source(identity)
 
     def read(self, tensor: TensorProto, label: str) -> bytes:

@@ -134,17 +134,20 @@ def check_sources_unchanged(paths: object) -> None:
     """
     for path in map(os.fspath, paths):  # type: ignore[call-overload]
         identity = _SOURCES.get(os.path.abspath(path)) or _SOURCES.get(os.path.realpath(path))
-        if identity is None:
-            continue
-        try:
-            info = os.stat(identity.path, follow_symlinks=False)
-        except OSError as error:
-            raise ModelLoadError(f"{identity.path}: input file is gone since it was loaded: "
-                                 f"{error.strerror}") from error  # fmt: skip
-        if not identity.matches(info):
-            raise ModelLoadError(f"{identity.path}: input file changed while onnx-compress was "
-                                 "running (size, time or inode differ from the load); nothing "
-                                 "was written")  # fmt: skip
+        if identity is not None:
+            check_identity(identity, f"{identity.path}: input file",
+                           "while onnx-compress was running (size, time or inode differ from the load); "
+                           "nothing was written")
+
+
+def check_identity(identity: FileIdentity, what: str, when: str) -> None:
+    """Raise ``ModelLoadError`` ("WHAT is gone" / "WHAT changed WHEN") unless the file is as it was."""
+    try:
+        info = os.stat(identity.path, follow_symlinks=False)
+    except OSError as error:
+        raise ModelLoadError(f"{what} is gone: {error.strerror}") from error
+    if not identity.matches(info):
+        raise ModelLoadError(f"{what} changed {when}")
 
 
 def make_lazy(tensor: TensorProto, identity: FileIdentity, offset_bytes: int, length_bytes: int) -> None:
