@@ -27,7 +27,7 @@ from optimizer.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolat
 from optimizer.lazy_io import check_sources_unchanged
 from optimizer.fusion import check_fusion, op_counts
 from optimizer.model import (LAZY_LOAD_ABOVE_BYTES, fits_one_message, load_model, load_model_with_files,
-                             model_size_bytes, save_model)
+                             check_output_file, model_size_bytes, save_model)
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
@@ -476,11 +476,6 @@ def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:
 
 def save_target_check(output: Path, protected: Sequence[Path]) -> Path:
     """The same refusals save_model makes, for a file staged elsewhere and moved in."""
-    if output.is_symlink():
-        raise ModelSaveError(f"{output}: output path is a symbolic link; refusing to write through it")
-    if output.is_dir():
-        raise ModelSaveError(f"{output}: output path is a directory")
-    if output.exists() and not output.is_file():
-        raise ModelSaveError(f"{output}: output path exists and is not a regular file")
+    check_output_file(output)
     check_apart([output], protected, "a file this run reads")
     return output

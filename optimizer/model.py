@@ -31,7 +31,7 @@ from optimizer.external_data import READ_CHUNK_BYTES, ExternalDataReader, file_k
 from optimizer.lazy_io import (
     LAZY_DTYPES, LAZY_TENSOR_MIN_BYTES, copy_range, is_lazy, lazy_ref, make_lazy, read_range,
 )  # fmt: skip
-from optimizer.output_files import commit, data_file_name, file_digest, is_same_file, remove_dead_temps, temp_file
+from optimizer.output_files import check_apart, commit, data_file_name, file_digest, remove_dead_temps, temp_file
 from optimizer.tensor_checks import (
     MAX_CONSTANT_OF_SHAPE_BYTES, MAX_SUBGRAPH_DEPTH, check_graph_structure, check_inline_tensor,
     check_opsets, check_subgraph_depth, check_text_fields, iter_tensors, load_error, payload_bytes,
@@ -312,7 +312,7 @@ def _check_output_folder(folder: pathlib.Path, target: pathlib.Path) -> None:
         raise ModelSaveError(f"{target}: output folder {folder} is not writable")
 
 
-def _check_output_file(path: pathlib.Path) -> None:
+def check_output_file(path: pathlib.Path) -> None:
     """Refuse to write through a symlink or over anything that is not a regular file."""
     try:
         info = os.lstat(path)
@@ -320,15 +320,6 @@ def _check_output_file(path: pathlib.Path) -> None:
         return
     if not stat.S_ISREG(info.st_mode):
         raise ModelSaveError(f"{path}: output exists and is {file_kind(info.st_mode)}")
-
-
-def _check_protected(
-    outputs: list[pathlib.Path], protected_paths: Iterable[str | os.PathLike]
-) -> None:
-    for protected in map(os.fspath, protected_paths):
-        for output in outputs:
-            if is_same_file(output, protected):
-                raise ModelSaveError(f"{output}: refusing to overwrite {protected}, an input file")
 
 
 def _needs_external_data(
@@ -475,8 +466,8 @@ def _write_with_external_data(
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = data_name
-        _check_output_file(folder / data_name)
-        _check_protected([folder / data_name], protected)
+        check_output_file(folder / data_name)
+        check_apart([folder / data_name], protected, "an input file")
         _commit_atomically(target, _serialize(model_copy, target), protected, data_temp, data_name)
     finally:
         with contextlib.suppress(OSError):
@@ -509,11 +500,11 @@ def save_model(
     target = pathlib.Path(os.path.abspath(os.fspath(path)))
     folder = target.parent
     _check_output_folder(folder, target)
-    _check_output_file(target)
+    check_output_file(target)
     lazy_sources = _reject_unresolved_external(model, target)
     use_external = _needs_external_data(model, external_data, target)
     protected = [*(os.fspath(path) for path in protected_paths), *lazy_sources]
-    _check_protected([target], protected)
+    check_apart([target], protected, "an input file")
     try:
         remove_dead_temps(folder)
         if use_external:
