@@ -20,17 +20,17 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import passes  # noqa: E402,F401
-import passes.prune  # noqa: E402,F401
-import passes.prune_channels  # noqa: E402,F401
+import passes.prune.prune_pass  # noqa: E402,F401
+import passes.prune.channels  # noqa: E402,F401
 from benchmarks.harness import markdown_table, minilm_task, ocr_det_task  # noqa: E402
-from optimizer.benchmark import benchmark  # noqa: E402
-from optimizer.checker import check_model_full  # noqa: E402
-from optimizer.model import load_model, save_model  # noqa: E402
+from optimizer.verify.benchmark import benchmark  # noqa: E402
+from optimizer.fileio.checker import check_model_full  # noqa: E402
+from optimizer.fileio.model import load_model, save_model  # noqa: E402
 from optimizer.pass_base import PassContext  # noqa: E402
 from optimizer.pipeline import Pipeline  # noqa: E402
 from optimizer.registry import create_pass  # noqa: E402
-from optimizer.sensitivity import magnitude_order, sensitivity_scan, zero_count  # noqa: E402
-from optimizer.sparse_storage import size_report, to_sparse_initializers  # noqa: E402
+from optimizer.calibration.sensitivity import magnitude_order, sensitivity_scan, zero_count  # noqa: E402
+from optimizer.graph.sparse_storage import size_report, to_sparse_initializers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune.md"
 SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)

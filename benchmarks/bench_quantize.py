@@ -28,19 +28,19 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import passes  # noqa: E402,F401
-import passes.quantize  # noqa: E402,F401
+import passes.quantize.quantize_pass  # noqa: E402,F401
 from benchmarks.harness import TASKS, file_size_bytes, markdown_table, run_measured, save_feeds, session  # noqa: E402
-from optimizer.benchmark import benchmark  # noqa: E402
-from optimizer.checker import check_model_full  # noqa: E402
-from optimizer.fusion import check_fusion  # noqa: E402
-from optimizer.model import load_model, save_model  # noqa: E402
+from optimizer.verify.benchmark import benchmark  # noqa: E402
+from optimizer.fileio.checker import check_model_full  # noqa: E402
+from optimizer.verify.fusion import check_fusion  # noqa: E402
+from optimizer.fileio.model import load_model, save_model  # noqa: E402
 from optimizer.pipeline import Pipeline  # noqa: E402
 from optimizer.registry import create_pass  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.md"
 CALIBRATION_SAMPLES = {"minilm": 100, "ocr-rec": 100, "ocr-det": 100}
 ROUNDS = {"minilm": 100, "ocr-rec": 100, "ocr-det": 60}
-CLI = "import sys, passes.quantize; from optimizer.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys, passes.quantize.quantize_pass; from optimizer.cli import main; sys.exit(main(sys.argv[1:]))"
 
 ORT_SCRIPT = '''
 import glob, sys
@@ -222,7 +222,7 @@ def main() -> None:
         "# Quantization: onnx-compress vs onnxruntime's quantizer (same calibration and evaluation data)",
         "",
         "CPU, onnxruntime 1.32, threads=2, every variant of a model timed in the same rounds as fp32 "
-        "(`optimizer.benchmark`: each round runs every model once, the order reversed every other round, "
+        "(`optimizer.verify.benchmark`: each round runs every model once, the order reversed every other round, "
         "sessions without spinning threads), "
         "ratio to fp32 as the median of same-round ratios (paired: a slow spell of the shared machine hits both "
         "sides of a pair), then the ratios of p50s and of minima (lower is faster). Tool time and peak RSS: the CLI (or onnxruntime's "

@@ -28,14 +28,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import passes  # noqa: E402,F401
-import passes.cluster  # noqa: E402,F401
-import passes.share  # noqa: E402,F401
+import passes.share.cluster  # noqa: E402,F401
+import passes.share.share_pass  # noqa: E402,F401
 from benchmarks import harness  # noqa: E402
-from optimizer.benchmark import benchmark  # noqa: E402
-from optimizer.model import load_model  # noqa: E402
+from optimizer.verify.benchmark import benchmark  # noqa: E402
+from optimizer.fileio.model import load_model  # noqa: E402
 from optimizer.pipeline import Pipeline  # noqa: E402
 from optimizer.registry import create_pass  # noqa: E402
-from passes.cluster_kmeans import uniform_fake_quantize  # noqa: E402
+from passes.share.kmeans import uniform_fake_quantize  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "share.md"
 

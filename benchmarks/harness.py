@@ -227,7 +227,7 @@ def file_size_bytes(path: Path) -> int:
     """The model file plus every external-data file it records (onnx-compress names them OUT.HASH.data)."""
     import onnx
 
-    from optimizer.output_files import data_locations
+    from optimizer.fileio.output_files import data_locations
 
     model = onnx.load_model(str(path), load_external_data=False)
     return path.stat().st_size + sum((path.parent / name).stat().st_size for name in data_locations(model))

@@ -45,8 +45,8 @@ def sample_calibration(model: Path, folder: Path) -> Path:
     if folder.is_dir():
         return folder
     sys.path.insert(0, str(REPO))
-    from optimizer.feeds import generate_feeds, model_input_specs
-    from optimizer.model import load_model
+    from optimizer.calibration.feeds import generate_feeds, model_input_specs
+    from optimizer.fileio.model import load_model
 
     feeds = generate_feeds(model_input_specs(load_model(model)), count=8, seed=0)
     return _save_feeds(feeds, folder)

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from optimizer.output_files import data_locations  # noqa: E402  (the checkout, not an installed copy)
+from optimizer.fileio.output_files import data_locations  # noqa: E402  (the checkout, not an installed copy)
 
 RESULTS = REPO / "benchmarks" / "results" / "scale.md"
 HIDDEN, VOCAB, ALIGNMENT_BYTES = 1024, 32000, 4096
@@ -43,7 +43,7 @@ import importlib, sys
 import passes
 from optimizer.registry import pass_names
 if "quantize" not in pass_names():
-    importlib.import_module("passes.quantize")
+    importlib.import_module("passes.quantize.quantize_pass")
 from optimizer.cli import main
 sys.exit(main(sys.argv[1:]))
 """

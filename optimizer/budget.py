@@ -28,14 +28,14 @@ import onnx
 from optimizer.progress import progress_bar
 
 from optimizer.errors import OptionError
-from optimizer.isolation import die_with_parent, spawn_without_main_script
-from optimizer.layer_debug import debug_layers
-from optimizer.metrics import Metric, Outputs, collect_outputs, load_metric
-from optimizer.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
+from optimizer.verify.isolation import die_with_parent, spawn_without_main_script
+from optimizer.verify.layer_debug import debug_layers
+from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
+from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from optimizer.runtime import DEFAULT_TIMEOUT_S, checked_timeout
+from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout
 
 Feed = dict[str, np.ndarray]
 STAGE = "accuracy budget"

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 from optimizer.errors import OnnxCompressError
-from optimizer.metrics import check_metric_spec
+from optimizer.verify.metrics import check_metric_spec
 from optimizer.text import printable
 
 MAX_SAMPLES = 10_000

@@ -20,8 +20,8 @@ _PASS = "onnx_compress_pass"
 
 STAGE_FUNCTIONS: dict[tuple[str, str], str] = {
     ("optimizer.api", "_load"): "load",
-    ("optimizer.model", "load_model"): "load",
-    ("optimizer.model", "load_model_with_files"): "load",
+    ("optimizer.fileio.model", "load_model"): "load",
+    ("optimizer.fileio.model", "load_model_with_files"): "load",
     ("optimizer.api", "_check_writes"): "check outputs",
     ("optimizer.api", "build_passes"): "plan",
     ("optimizer.api", "plan_passes"): "plan",
@@ -32,15 +32,15 @@ STAGE_FUNCTIONS: dict[tuple[str, str], str] = {
     ("optimizer.api", "_save_checked"): "publish",
     ("optimizer.api", "_save"): "publish",
     ("optimizer.api", "_publish"): "publish",
-    ("optimizer.validate", "compare"): "validate",
-    ("optimizer.isolation", "compare_isolated"): "validate",
-    ("optimizer.benchmark", "benchmark"): "benchmark",
+    ("optimizer.verify.validate", "compare"): "validate",
+    ("optimizer.verify.isolation", "compare_isolated"): "validate",
+    ("optimizer.verify.benchmark", "benchmark"): "benchmark",
     ("optimizer.api", "_add_fusion"): "fusion check",
-    ("optimizer.bisect", "bisect_passes"): "bisect",
-    ("optimizer.report", "write_report"): "report",
-    ("optimizer.inspect", "inspect_model"): "inspect",
-    ("optimizer.layer_debug", "debug_layers"): "per-layer debug",
-    ("optimizer.sensitivity", "sensitivity_scan"): "sensitivity scan",
+    ("optimizer.verify.pass_bisect", "bisect_passes"): "bisect",
+    ("optimizer.report.report", "write_report"): "report",
+    ("optimizer.graph.inspection", "inspect_model"): "inspect",
+    ("optimizer.verify.layer_debug", "debug_layers"): "per-layer debug",
+    ("optimizer.calibration.sensitivity", "sensitivity_scan"): "sensitivity scan",
 }
 
 

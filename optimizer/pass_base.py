@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import PassError
-from optimizer.run_limit import DEFAULT_TIMEOUT_S, checked_timeout
+from optimizer.verify.run_limit import DEFAULT_TIMEOUT_S, checked_timeout
 
 
 def option(default: Any, help: str) -> Any:

@@ -1,11 +1,6 @@
-"""Graph passes, one module per pass. Importing this package registers every pass."""
+"""Graph passes, one package per family. Importing this package registers every pass."""
 
-from passes import (  # noqa: F401  (registers the passes)
-    cleanup,
-    cluster,
-    constants_to_initializers,
-    prune,
-    prune_channels,
-    quantize,
-    share,
-)
+from passes import cleanup, constants_to_initializers  # noqa: F401  (registers the passes)
+from passes.prune import channels, prune_pass  # noqa: F401
+from passes.quantize import quantize_pass  # noqa: F401
+from passes.share import cluster, share_pass  # noqa: F401

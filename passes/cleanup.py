@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import (
+from optimizer.graph.core import (
     DEFAULT_DOMAINS,
     cleanup,
     dropped_initializers,

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
-from optimizer.graph import cleanup, is_constant_node, iter_graphs, tensor_proto_bytes
+from optimizer.graph.core import cleanup, is_constant_node, iter_graphs, tensor_proto_bytes
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from optimizer.feeds import generate_feeds, model_input_specs
+from optimizer.calibration.feeds import generate_feeds, model_input_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"

@@ -283,7 +283,7 @@ def test_bench_and_inspect_and_passes_commands(sample_copy, capsys):
 
 
 def test_debug_command_ranks_compressed_layers(tmp_path, capsys):
-    from tests.optimizer.test_layer_debug import compressed_mlp
+    from tests.optimizer.verify.test_layer_debug import compressed_mlp
     reference, candidate, expected = compressed_mlp()
     onnx.save(reference, tmp_path / "ref.onnx")
     onnx.save(candidate, tmp_path / "cand.onnx")

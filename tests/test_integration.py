@@ -8,9 +8,9 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 import passes  # noqa: F401
-from optimizer.calibration_graph import expose_outputs
-from optimizer.checker import check_model_full
-from optimizer.model import load_model
+from optimizer.calibration.expose import expose_outputs
+from optimizer.fileio.checker import check_model_full
+from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
 from tests.conftest import MODELS_DIR, all_graphs, run_model, seeded_feeds

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from optimizer.lazy_io import map_array
-from optimizer.model import PROTOBUF_LIMIT_BYTES, load_model_with_files, save_model
-from optimizer.output_files import previous_data_files
+from optimizer.fileio.lazy_io import map_array
+from optimizer.fileio.model import PROTOBUF_LIMIT_BYTES, load_model_with_files, save_model
+from optimizer.fileio.output_files import previous_data_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

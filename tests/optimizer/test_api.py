@@ -8,11 +8,11 @@ import pytest
 
 from optimizer.api import build_passes, optimize
 from optimizer.errors import OptionError
-from optimizer.graph import iter_graphs
-from optimizer.model import load_model
+from optimizer.graph.core import iter_graphs
+from optimizer.fileio.model import load_model
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
-from optimizer.report import write_report
-from optimizer.validate import Tolerance
+from optimizer.report.report import write_report
+from optimizer.verify.validate import Tolerance
 from tests.conftest import MODELS_DIR, digest, seeded_feeds
 
 
@@ -142,7 +142,7 @@ def test_calibration_feeds_are_checked_against_the_model(tmp_path):
 
 
 def test_fusion_check_runs_by_itself_on_quantized_outputs(tmp_path):
-    from tests.optimizer.test_fusion import matmul_model
+    from tests.optimizer.verify.test_fusion import matmul_model
     quantized = optimize(matmul_model("weight-only"), tmp_path / "q.onnx", passes=["cleanup"])
     assert quantized.report.fusion["integer_kernels"] == {"MatMulNBits": 1}
     assert "## What onnxruntime runs" in quantized.report.to_markdown()
@@ -195,7 +195,7 @@ def test_validation_without_isolation_gives_the_same_verdict(tmp_path):
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     import os
 
-    from optimizer.output_files import process_start_ticks
+    from optimizer.fileio.output_files import process_start_ticks
     parent, me = os.getppid(), os.getpid()
     dead = tmp_path / ".onnx-compress-999999999-5-abc12345"
     reused = tmp_path / f".onnx-compress-{me}-{process_start_ticks(me) + 1}-abc12345"

@@ -9,7 +9,7 @@ import pytest
 from optimizer import registry
 from optimizer.budget import BackoffRule, MetricSpec, PassSpec, backed_off_specs, search_budget
 from optimizer.errors import OptionError
-from optimizer.model import load_model
+from optimizer.fileio.model import load_model
 from tests.conftest import MODELS_DIR, seeded_feeds
 from tests.optimizer.budget_damage import matches
 

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import passes  # noqa: F401
-from optimizer.checker import check_model_full
+from optimizer.fileio.checker import check_model_full
 from optimizer.errors import OptionError
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass

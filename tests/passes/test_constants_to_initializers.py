@@ -6,9 +6,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import passes  # noqa: F401
-from optimizer.checker import check_model_full
+from optimizer.fileio.checker import check_model_full
 from optimizer.errors import OptionError
-from optimizer.model import load_model
+from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
 from tests.conftest import MODELS_DIR, assert_same_outputs, seeded_feeds

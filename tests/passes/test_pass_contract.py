@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import passes  # noqa: F401
-from optimizer.checker import check_model_full
-from optimizer.model import load_model
+from optimizer.fileio.checker import check_model_full
+from optimizer.fileio.model import load_model
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class, pass_names

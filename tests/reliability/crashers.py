@@ -1,4 +1,4 @@
-"""Module-level functions for optimizer.isolation tests: a spawned child must import them."""
+"""Module-level functions for optimizer.verify.isolation tests: a spawned child must import them."""
 
 from __future__ import annotations
 

@@ -373,7 +373,7 @@ def _calibration_npz(sample: Path) -> bytes:
 
     import numpy as np
 
-    from optimizer.feeds import generate_feeds, model_input_specs
+    from optimizer.calibration.feeds import generate_feeds, model_input_specs
     [feed] = generate_feeds(model_input_specs(onnx.load(sample)), count=1, seed=0)
     buffer = io.BytesIO()
     np.savez(buffer, **feed)  # type: ignore[arg-type]

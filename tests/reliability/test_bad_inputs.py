@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.tensor_checks import MAX_CONSTANT_OF_SHAPE_BYTES, MAX_SUBGRAPH_DEPTH
+from optimizer.fileio.tensor_checks import MAX_CONSTANT_OF_SHAPE_BYTES, MAX_SUBGRAPH_DEPTH
 from tests.reliability.child import error_lines, run_cli_child, tree_state
 
 WEIGHT_VALUES = np.arange(16, dtype=np.float32).reshape(4, 4)

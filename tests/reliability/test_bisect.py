@@ -1,4 +1,4 @@
-"""optimizer.bisect: name the first pass after which the model fails the checker, onnxruntime
+"""optimizer.verify.pass_bisect: name the first pass after which the model fails the checker, onnxruntime
 or the tolerance, with a binary search over cumulative snapshots."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.bisect import bisect_passes
+from optimizer.verify.pass_bisect import bisect_passes
 from optimizer.errors import PassError
 from optimizer.pass_base import Pass, PassContext, PassResult
-from optimizer.validate import Tolerance
+from optimizer.verify.validate import Tolerance
 
 LOSSLESS = Tolerance(max_abs=1e-6)
 

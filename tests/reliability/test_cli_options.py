@@ -12,7 +12,7 @@ import pytest
 from optimizer import registry
 from optimizer.cli import main
 from optimizer.errors import OptionError
-from optimizer.metrics import check_metric_spec, load_metric
+from optimizer.verify.metrics import check_metric_spec, load_metric
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.registry import parse_option_text
 
@@ -212,7 +212,7 @@ def test_debug_keeps_the_traceback(buggy_pass, tmp_path, capsys):
 def test_bug_in_a_command_stage_names_the_stage(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("in the walker")
-    monkeypatch.setattr("optimizer.inspect._walk_model", broken)
+    monkeypatch.setattr("optimizer.graph.inspection._walk_model", broken)
     assert main(["inspect", str(MLP)]) == 3
     assert one_error_line(capsys).startswith(
         "onnx-compress: internal error (stage: inspect): ZeroDivisionError: in the walker")

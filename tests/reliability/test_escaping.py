@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
-from optimizer.html_report import render_html
-from optimizer.report import render_markdown
+from optimizer.report.html_page import render_html
+from optimizer.report.report import render_markdown
 from optimizer.text import ControlEscapingWriter, escape_control, plot_text, printable
 
 OSC_TITLE = "\x1b]0;pwned\x07"
@@ -127,7 +127,7 @@ def test_report_renderers_escape_names():
 def test_internal_error_messages_and_tracebacks_are_escaped(debug, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise ZeroDivisionError(f"bad {OSC_TITLE}")
-    monkeypatch.setattr("optimizer.inspect._walk_model", broken)
+    monkeypatch.setattr("optimizer.graph.inspection._walk_model", broken)
     assert main(["inspect", str(Path(__file__).resolve().parents[2] / "models" / "mlp.onnx"), *debug]) == 3
     err = capsys.readouterr().err
     assert_no_control(err)

@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from optimizer.model import load_model, save_model
-from optimizer.output_files import file_digest
+from optimizer.fileio.model import load_model, save_model
+from optimizer.fileio.output_files import file_digest
 from tests.reliability.child import ROOT, error_lines, run_cli_child, tree_state, weight_model
 
 KILL_MODEL_BYTES = 200 * 2**20
@@ -102,7 +102,7 @@ REFUSED_OUTPUTS = {
 @pytest.mark.parametrize("validate", [False, True], ids=["plain", "validate"])
 @pytest.mark.parametrize("case", sorted(REFUSED_OUTPUTS))
 def test_output_that_would_overwrite_something_is_refused(workspace, case, validate):
-    # the output's data file is named by its content: o.onnx.HASH.data (optimizer.output_files)
+    # the output's data file is named by its content: o.onnx.HASH.data (optimizer.fileio.output_files)
     data_name = "o.onnx.{digest}.data" if case == "data-file-aliases-input-data" else "w.bin"
     source = _external_input(workspace / "model", data_name)
     output, extra = REFUSED_OUTPUTS[case](workspace)
@@ -127,7 +127,7 @@ import os, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from tests.reliability.child import weight_model
-from optimizer.model import save_model
+from optimizer.fileio.model import save_model
 model = weight_model(int(sys.argv[3]) // 4, seed=7)
 real_write = os.write
 def slow_write(fd, data):

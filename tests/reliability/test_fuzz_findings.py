@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError
-from optimizer.model import load_model
+from optimizer.fileio.model import load_model
 from tests.conftest import MODELS_DIR
 
 

@@ -16,11 +16,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import optimizer.api as api_module
-import optimizer.model as model_module
-from optimizer import lazy_io
+import optimizer.fileio.model as model_module
+from optimizer.fileio import lazy_io
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError, ModelSaveError
-from optimizer.model import load_model, load_model_with_files, save_model
+from optimizer.fileio.model import load_model, load_model_with_files, save_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MLP = REPO_ROOT / "models" / "mlp.onnx"
@@ -111,8 +111,8 @@ def test_input_changed_after_load_fails_with_exit_2_and_writes_nothing(
 
 _TRUNCATE_WHILE_MAPPED = r"""
 import os, sys
-import optimizer.api as api, optimizer.model as model
-from optimizer import lazy_io
+import optimizer.api as api, optimizer.fileio.model as model
+from optimizer.fileio import lazy_io
 from optimizer.cli import main
 api.LAZY_LOAD_ABOVE_BYTES = 0
 model.LAZY_TENSOR_MIN_BYTES = 0
@@ -273,8 +273,8 @@ def test_hostile_model_fields_are_exit_2_in_every_command(tmp_path, capsys, case
 
 _MANY_FILES = r"""
 import resource, sys
-import optimizer.model as model_module
-from optimizer.model import load_model, load_model_with_files, save_model
+import optimizer.fileio.model as model_module
+from optimizer.fileio.model import load_model, load_model_with_files, save_model
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 model = load_model(sys.argv[1])
 assert len(model.graph.initializer) == int(sys.argv[3])

@@ -1,4 +1,4 @@
-"""optimizer.isolation: onnxruntime crashes, hangs and runaway allocations in a child process
+"""optimizer.verify.isolation: onnxruntime crashes, hangs and runaway allocations in a child process
 become RuntimeSessionError quoting the signal or onnxruntime, and say 'not validated'."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.errors import FeedError, RuntimeSessionError
-from optimizer.isolation import NOT_VALIDATED, compare_isolated, run_isolated
-from optimizer.validate import Tolerance, compare
+from optimizer.verify.isolation import NOT_VALIDATED, compare_isolated, run_isolated
+from optimizer.verify.validate import Tolerance, compare
 from tests.reliability import crashers
 
 

@@ -10,12 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import optimizer.external_data as external_module
-import optimizer.model as model_module
+import optimizer.fileio.external_data as external_module
+import optimizer.fileio.model as model_module
 from optimizer.errors import ModelLoadError
-from optimizer.model import load_model
-from optimizer.tensor_checks import custom_domain_ops
-from tests.optimizer.test_model import (
+from optimizer.fileio.model import load_model
+from optimizer.fileio.tensor_checks import custom_domain_ops
+from tests.optimizer.fileio.test_model import (
     EXTERNAL_NAME, WEIGHTS, _add_model, _valid_model_bytes, _write, _write_external_model,
 )  # fmt: skip
 

@@ -26,11 +26,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
-from optimizer.feeds import generate_feeds, model_input_specs
-from optimizer.graph import export_model, import_graph
-from optimizer.inspect import inspect_model
-from optimizer.inspect_values import NonFiniteTensor
-from optimizer.tensor_checks import check_inline_tensor
+from optimizer.calibration.feeds import generate_feeds, model_input_specs
+from optimizer.graph.core import export_model, import_graph
+from optimizer.graph.inspection import inspect_model
+from optimizer.graph.inspect_values import NonFiniteTensor
+from optimizer.fileio.tensor_checks import check_inline_tensor
 from passes.weight_guard import OVERRIDABLE_INPUT_REASON, WeightGuard, non_finite_count
 
 RNG_SEED = 0

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from optimizer.cli import main
-from optimizer.feeds import generate_feeds, model_input_specs
+from optimizer.calibration.feeds import generate_feeds, model_input_specs
 from tests.conftest import SAMPLE_MODELS, sample_ids
 
 REQUESTS: dict[str, list[str]] = {

@@ -23,11 +23,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer import run_limit
+from optimizer.verify import run_limit
 from optimizer.errors import OptionError
-from optimizer.isolation import EXIT_PARENT_GONE, die_with_parent
+from optimizer.verify.isolation import EXIT_PARENT_GONE, die_with_parent
 from optimizer.pass_base import PassContext
-from optimizer.runtime import RunTimeoutError, checked_timeout, create_session, resolve_provider, run_outputs
+from optimizer.verify.runtime import RunTimeoutError, checked_timeout, create_session, resolve_provider, run_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 FOREVER = 2**62
@@ -238,7 +238,7 @@ def test_killing_the_cli_during_validation_leaves_no_child(hanging, how, tmp_pat
 
 BUDGET_SCRIPT = """
 from optimizer.budget import BackoffRule, MetricSpec, PassSpec, search_budget
-from optimizer.model import load_model
+from optimizer.fileio.model import load_model
 from tests.conftest import MODELS_DIR, seeded_feeds
 from tests.optimizer.budget_damage import register
 register()

@@ -1,0 +1,1 @@
+"""Calibration: feeds, activation ranges, histograms, Hessian statistics, sensitivity."""

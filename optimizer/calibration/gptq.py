@@ -1,0 +1,107 @@
+"""GPTQ rounding for blocked weights (Frantar et al., 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers"), in numpy.
+
+Round-to-nearest treats every weight alone. GPTQ rounds the rows of ``W`` (the reduction axis
+of ``X @ W``) one at a time and moves each row's rounding error onto the rows not yet rounded,
+weighted by ``H = X^T X`` measured on calibration data, so the error of ``X @ W`` (not of ``W``)
+is what gets minimised. Block scales and zero points are chosen from the weights as updated when
+the block's first row is reached, so the result is an ordinary blocked tensor that
+DequantizeLinear (and onnxruntime's MatMulNBits) reads like any other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from optimizer.calibration.quant_math import QType, QuantizedTensor, scale_zero_point
+
+DAMPING = 0.01
+"""Added to the Hessian's diagonal, as a fraction of its mean: keeps the inverse well conditioned."""
+BATCH_ROWS = 128
+"""Rows whose updates are applied lazily as one matrix product (the paper's lazy batch)."""
+
+
+FLUSH_ROWS = 1024
+"""Activation rows buffered before one ``X^T X`` product: the product costs K^2 per call whatever
+the row count, so one sentence (30 rows) at a time would spend it 30 times over."""
+
+
+class HessianAccumulator:
+    """Streaming ``X^T X`` of one activation over calibration samples (rows = all leading axes)."""
+
+    def __init__(self, channels: int) -> None:
+        self.sum = np.zeros((channels, channels), np.float64)
+        self.rows = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    def add(self, activation: np.ndarray) -> None:
+        rows = np.asarray(activation, np.float32).reshape(-1, self.sum.shape[0])
+        if not np.isfinite(rows).all():
+            rows = rows[np.isfinite(rows).all(axis=1)]
+        self._pending.append(rows)
+        self._pending_rows += rows.shape[0]
+        self.rows += rows.shape[0]
+        if self._pending_rows >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            rows = np.concatenate(self._pending)
+            self.sum += (rows.T @ rows).astype(np.float64)
+        self._pending, self._pending_rows = [], 0
+
+    def hessian(self) -> np.ndarray:
+        self._flush()
+        return self.sum / max(self.rows, 1)
+
+
+class InverseFactor:
+    """The upper Cholesky factor of the damped inverse Hessian, shared by every weight that
+    multiplies the same activation (the Q, K and V projections of one attention block)."""
+
+    def __init__(self, hessian: np.ndarray, damping: float = DAMPING) -> None:
+        h = np.array(hessian, np.float64)
+        if h.ndim != 2 or h.shape[0] != h.shape[1]:
+            raise ValueError(f"a Hessian is square; got shape {h.shape}")
+        self.dead = np.diag(h) <= 0
+        h[self.dead, self.dead] = 1.0
+        h[np.diag_indices(h.shape[0])] += damping * float(np.mean(np.diag(h)))
+        self.upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U
+
+
+def gptq_quantize(weight: np.ndarray, factor: InverseFactor, target: QType, *, symmetric: bool,
+                  block_size: int) -> QuantizedTensor:
+    """Blocked quantization of ``weight`` (``K x N``, blocks of ``block_size`` along K) by GPTQ."""
+    weight = np.asarray(weight, np.float64)
+    upper = factor.upper
+    if weight.ndim != 2 or upper.shape != (weight.shape[0],) * 2:
+        raise ValueError(f"gptq needs a K x N weight and a K x K factor; got {weight.shape} and {upper.shape}")
+    rows, columns = weight.shape
+    work = weight.copy()
+    work[factor.dead] = 0.0  # an input that is always zero: its weights do not matter
+    blocks = -(-rows // block_size)
+    values = np.empty((rows, columns), target.storage_dtype)
+    scales = np.empty((blocks, columns), np.float32)
+    zeros = np.empty((blocks, columns), target.storage_dtype)
+    batch = max(block_size, BATCH_ROWS // block_size * block_size)
+    for start in range(0, rows, batch):
+        stop = min(start + batch, rows)
+        part = work[start:stop].copy()
+        errors = np.zeros_like(part)
+        for offset in range(stop - start):
+            row = start + offset
+            if row % block_size == 0:
+                block = part[offset : offset + block_size]
+                scale, zero = scale_zero_point(block.min(axis=0), block.max(axis=0), target, symmetric=symmetric)
+                scales[row // block_size], zeros[row // block_size] = scale, zero
+                scale64, zero64 = scale.astype(np.float64), zero.astype(np.float64)
+            current = part[offset]
+            codes = np.clip(np.rint(current.astype(np.float32) / scales[row // block_size]) + zero64,
+                            target.qmin, target.qmax)
+            values[row] = codes.astype(target.storage_dtype)
+            error = (current - (codes - zero64) * scale64) / upper[row, row]
+            part[offset + 1 :] -= np.outer(upper[row, row + 1 : stop], error)
+            errors[offset] = error
+        work[stop:] -= upper[start:stop, stop:].T @ errors
+    return QuantizedTensor(values, scales, zeros, target, 0, block_size)

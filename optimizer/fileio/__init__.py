@@ -1,0 +1,1 @@
+"""Safe load and atomic save: external data, memory maps, tensor checks, output files."""

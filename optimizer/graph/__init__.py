@@ -1,0 +1,1 @@
+"""The graph layer: import/export, walking every graph, weights, names, shapes, inspection."""

@@ -1,0 +1,508 @@
+"""Inspect an ONNX model: ops, weights by dtype and consumer, subgraphs, duplicate weights.
+
+Works directly on a loaded ``onnx.ModelProto`` (external data already in memory) so it can
+describe a model before and after any pass without depending on the pass framework. Every
+graph is walked: the main graph, If/Loop/Scan bodies and any GRAPH/GRAPHS attribute of a
+custom op, and ``model.functions``. Output is deterministic: every mapping is sorted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from optimizer.graph.duplicates import DuplicateCandidate, DuplicateGroup, find_duplicates
+from optimizer.graph.inspect_values import NonFiniteTensor, non_finite_lines, non_finite_tensors
+
+MAIN_GRAPH = "main"
+UNUSED_OP = "(unused)"
+_STANDARD_DOMAINS = ("", "ai.onnx")
+_SUB_BYTE_NAMES = {
+    "INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6
+}
+_SUB_BYTE_BITS = {
+    int(getattr(onnx.TensorProto, name)): bits
+    for name, bits in sorted(_SUB_BYTE_NAMES.items())
+    if hasattr(onnx.TensorProto, name)
+}
+_STRING = onnx.TensorProto.STRING
+_SCALAR_ATTRS = {
+    "value_float": (onnx.TensorProto.FLOAT, "f"), "value_int": (onnx.TensorProto.INT64, "i"),
+    "value_string": (_STRING, "s"),
+}
+_LIST_ATTRS = {
+    "value_floats": (onnx.TensorProto.FLOAT, "floats"),
+    "value_ints": (onnx.TensorProto.INT64, "ints"), "value_strings": (_STRING, "strings"),
+}
+_ANY_TENSOR = onnx.TensorProto | onnx.SparseTensorProto
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored weight, wherever it lives (initializer, Constant node, sparse initializer)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    size_bytes: int
+    source: str
+    graph: str
+    consumers: int
+
+
+@dataclass
+class ModelInspection:
+    """What a model holds and where its bytes go; the input of every size report."""
+
+    path: str | None
+    file_size_bytes: int | None
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    nodes_by_op: dict[str, int]
+    weight_bytes_by_dtype: dict[str, int]
+    weight_bytes_by_op: dict[str, int]
+    weight_bytes_total: int
+    constant_node_weights: int
+    constant_node_weight_bytes: int
+    subgraphs: list[str]
+    largest_tensors: list[TensorInfo]
+    duplicates: list[DuplicateGroup]
+    inputs: list[str]
+    outputs: list[str]
+    metadata_keys: list[str]
+    non_finite: list[NonFiniteTensor] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON types only (shapes and names as lists), for report.py and --json."""
+        plain = asdict(self)
+        for info in plain["largest_tensors"]:
+            info["shape"] = list(info["shape"])
+        for group in plain["duplicates"]:
+            group["tensors"] = list(group["tensors"])
+        return plain
+
+    def to_text(self) -> str:
+        """A terminal report: one section per question a user asks about model size."""
+        return "\n".join(_text_report(self)) + "\n"
+
+
+@dataclass
+class _Weight:
+    """A weight found by the walk; consumers are counted before TensorInfo is frozen."""
+
+    graph: str
+    name: str
+    source: str
+    tensor: _ANY_TENSOR
+    consumers: int = 0
+    first_consumer_op: str | None = None
+
+    def info(self) -> TensorInfo:
+        sparse = isinstance(self.tensor, onnx.SparseTensorProto)
+        dtype = self.tensor.values.data_type if sparse else self.tensor.data_type
+        return TensorInfo(
+            name=self.name, dtype=dtype_name(dtype), shape=tuple(int(d) for d in self.tensor.dims),
+            size_bytes=stored_bytes(self.tensor), source=self.source, graph=self.graph,
+            consumers=self.consumers,
+        )
+
+
+@dataclass
+class _Walk:
+    """Everything one pass over all graphs collects."""
+
+    weights: list[_Weight] = field(default_factory=list)
+    nodes_by_op: Counter = field(default_factory=Counter)
+    subgraphs: list[str] = field(default_factory=list)
+    graph_paths: set[str] = field(default_factory=set)
+
+
+def human_bytes(n: int) -> str:
+    """Decimal units ("1.2 MB") so sizes match what file managers and ``du --si`` print."""
+    if abs(n) < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        value /= 1000.0
+        if abs(value) < 999.95 or unit == "PB":
+            return f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+def dtype_name(data_type: int) -> str:
+    """ONNX type name ("FLOAT", "INT8"); unknown codes stay visible instead of raising."""
+    try:
+        return onnx.TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return f"UNKNOWN({data_type})"
+
+
+def _element_bits(data_type: int) -> int:
+    if data_type in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[data_type]
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize * 8
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _dense_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes from dims and dtype, so raw_data and typed fields give the same answer."""
+    if tensor.data_type == _STRING:
+        return sum(len(s) for s in tensor.string_data)
+    count = math.prod(int(d) for d in tensor.dims)
+    return (count * _element_bits(tensor.data_type) + 7) // 8
+
+
+def stored_bytes(tensor: _ANY_TENSOR) -> int:
+    """Bytes a tensor occupies when saved: a sparse tensor stores its values and indices."""
+    if isinstance(tensor, onnx.SparseTensorProto):
+        return _dense_bytes(tensor.values) + _dense_bytes(tensor.indices)
+    return _dense_bytes(tensor)
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    if node.domain in _STANDARD_DOMAINS:
+        return node.op_type
+    return f"{node.domain}::{node.op_type}"
+
+
+def _display_name(graph: str, name: str) -> str:
+    return name if graph == MAIN_GRAPH else f"{graph}/{name}"
+
+
+def _graph_label(path: str, node_count: int) -> str:
+    return f"{path} ({node_count} node{'' if node_count == 1 else 's'})"
+
+
+def _function_path(function: onnx.FunctionProto) -> str:
+    overload = getattr(function, "overload", "")
+    suffix = f":{overload}" if overload else ""
+    return f"function:{function.domain}.{function.name}{suffix}"
+
+
+def _constant_tensor(node: onnx.NodeProto) -> _ANY_TENSOR | None:
+    """The value a Constant node stores; value_float(s)/int(s)/string(s) become tiny tensors."""
+    if node.op_type != "Constant" or node.domain not in _STANDARD_DOMAINS or not node.output:
+        return None
+    name = node.output[0]
+    for attr in node.attribute:
+        if attr.ref_attr_name:
+            continue
+        if attr.name == "value":
+            return attr.t
+        if attr.name == "sparse_value":
+            return attr.sparse_tensor
+        if attr.name in _SCALAR_ATTRS:
+            data_type, field_name = _SCALAR_ATTRS[attr.name]
+            return helper.make_tensor(name, data_type, [], [getattr(attr, field_name)])
+        if attr.name in _LIST_ATTRS:
+            data_type, field_name = _LIST_ATTRS[attr.name]
+            values = list(getattr(attr, field_name))
+            return helper.make_tensor(name, data_type, [len(values)], values)
+    return None
+
+
+def _resolve(scopes: list[dict[str, _Weight | None]], name: str) -> _Weight | None:
+    """Innermost definition wins: a subgraph's own tensor shadows an outer one."""
+    for scope in reversed(scopes):
+        if name in scope:
+            return scope[name]
+    return None
+
+
+def _subgraph_path(walk: _Walk, parent: str, node: onnx.NodeProto, index: int, attr: str) -> str:
+    label = node.name or f"{node.op_type}_{index}"
+    path = f"{parent}/{label}.{attr}"
+    if path in walk.graph_paths:
+        path = f"{parent}/{label}#{index}.{attr}"
+    walk.graph_paths.add(path)
+    return path
+
+
+def _node_subgraphs(
+    walk: _Walk, parent: str, node: onnx.NodeProto, index: int
+) -> list[tuple[str, onnx.GraphProto]]:
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append((_subgraph_path(walk, parent, node, index, attr.name), attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for position, graph in enumerate(attr.graphs):
+                label = f"{attr.name}[{position}]"
+                found.append((_subgraph_path(walk, parent, node, index, label), graph))
+    return found
+
+
+def _walk_nodes(
+    nodes, path: str, scopes: list[dict[str, _Weight | None]], walk: _Walk
+) -> None:
+    """Define every node output in the current scope, then count reads and recurse."""
+    scope = scopes[-1]
+    for node in nodes:
+        constant = _constant_tensor(node)
+        for position, output in enumerate(node.output):
+            if not output:
+                continue
+            weight = None
+            if constant is not None and position == 0:
+                weight = _Weight(path, output, "constant-node", constant)
+                walk.weights.append(weight)
+            scope[output] = weight
+    for index, node in enumerate(nodes):
+        op = _op_key(node)
+        walk.nodes_by_op[op] += 1
+        for name in node.input:
+            weight = _resolve(scopes, name) if name else None
+            if weight is not None:
+                weight.consumers += 1
+                weight.first_consumer_op = weight.first_consumer_op or op
+        for sub_path, graph in _node_subgraphs(walk, path, node, index):
+            walk.subgraphs.append(_graph_label(sub_path, len(graph.node)))
+            _walk_graph(graph, sub_path, scopes, walk)
+
+
+def _walk_graph(
+    graph: onnx.GraphProto, path: str, outer: list[dict[str, _Weight | None]], walk: _Walk
+) -> None:
+    scope: dict[str, _Weight | None] = {value.name: None for value in graph.input}
+    for tensor in graph.initializer:
+        scope[tensor.name] = _Weight(path, tensor.name, "initializer", tensor)
+        walk.weights.append(scope[tensor.name])
+    for sparse in graph.sparse_initializer:
+        scope[sparse.values.name] = _Weight(path, sparse.values.name, "sparse-initializer", sparse)
+        walk.weights.append(scope[sparse.values.name])
+    _walk_nodes(graph.node, path, [*outer, scope], walk)
+
+
+def _walk_model(model: onnx.ModelProto) -> _Walk:
+    walk = _Walk(graph_paths={MAIN_GRAPH})
+    _walk_graph(model.graph, MAIN_GRAPH, [], walk)
+    for function in model.functions:
+        path = _function_path(function)
+        walk.graph_paths.add(path)
+        walk.subgraphs.append(_graph_label(path, len(function.node)))
+        _walk_nodes(function.node, path, [{name: None for name in function.input}], walk)
+    return walk
+
+
+def weight_tensors(model: onnx.ModelProto) -> list[TensorInfo]:
+    """Every stored weight in every graph, in walk order (graph by graph, node order)."""
+    return [weight.info() for weight in _walk_model(model).weights]
+
+
+def weight_bytes_by_dtype(model: onnx.ModelProto) -> dict[str, int]:
+    """Stored weight bytes per dtype name over all graphs, sorted by dtype name."""
+    return _sum_by(weight_tensors(model), lambda info: info.dtype)
+
+
+def _sum_by(infos: list[TensorInfo], key) -> dict[str, int]:
+    totals: Counter = Counter()
+    for info in infos:
+        totals[key(info)] += info.size_bytes
+    return dict(sorted(totals.items()))
+
+
+def _duplicate_candidates(weights: list[_Weight]) -> list[DuplicateCandidate]:
+    return [
+        DuplicateCandidate(_display_name(w.graph, w.name), w.tensor, stored_bytes(w.tensor))
+        for w in weights
+    ]
+
+
+def _external_locations(weights: list[_Weight]) -> list[str]:
+    locations: set[str] = set()
+    for weight in weights:
+        parts = [weight.tensor]
+        if isinstance(weight.tensor, onnx.SparseTensorProto):
+            parts = [weight.tensor.values, weight.tensor.indices]
+        for tensor in parts:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(locations)
+
+
+def _file_size_bytes(
+    path: str, model: onnx.ModelProto, weights: list[_Weight], weight_bytes: int
+) -> int | None:
+    """Model file plus referenced external data files (stat only; missing files ignored).
+
+    Loading external data erases the locations from the in-memory model, so when the file is
+    too small to hold the weights we re-read the (then small) model file without its data.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    locations = _external_locations(weights)
+    if not locations and size < weight_bytes:
+        try:
+            on_disk = onnx.load(path, load_external_data=False)
+        except Exception:  # noqa: BLE001 - a size report must not fail on an unreadable file
+            on_disk = None
+        if on_disk is not None:
+            locations = _external_locations(_walk_model(on_disk).weights)
+    folder = os.path.dirname(os.path.abspath(path))
+    for location in locations:
+        try:
+            size += os.path.getsize(os.path.join(folder, location))
+        except OSError:
+            continue
+    return size
+
+
+def format_type(value_type: onnx.TypeProto) -> str:
+    """"FLOAT[batch,3,224,224]"; symbolic dims by name, unknown dims as "?"."""
+    kind = value_type.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        tensor_type = getattr(value_type, kind)
+        prefix = "sparse " if kind == "sparse_tensor_type" else ""
+        dtype = prefix + dtype_name(tensor_type.elem_type)
+        if not tensor_type.HasField("shape"):
+            return dtype
+        dims = [
+            str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in tensor_type.shape.dim
+        ]
+        return f"{dtype}[{','.join(dims)}]"
+    if kind == "sequence_type":
+        return f"seq({format_type(value_type.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({format_type(value_type.optional_type.elem_type)})"
+    if kind == "map_type":
+        key = dtype_name(value_type.map_type.key_type)
+        return f"map({key},{format_type(value_type.map_type.value_type)})"
+    return "?"
+
+
+def _format_value(value: onnx.ValueInfoProto) -> str:
+    return f"{value.name}: {format_type(value.type)}"
+
+
+def inspect_model(
+    model: onnx.ModelProto,
+    *,
+    path: str | os.PathLike | None = None,
+    top: int = 10,
+    min_duplicate_bytes: int = 16,
+) -> ModelInspection:
+    """Describe a loaded model; ``path`` only adds the on-disk size (model + external data).
+
+    ``weight_bytes_by_op`` attributes each weight once, to the op type of its first consumer
+    in walk order (graph node order, a subgraph right after the node that owns it, functions
+    last); weights nobody reads are listed under ``"(unused)"``.
+    """
+    walk = _walk_model(model)
+    infos = [weight.info() for weight in walk.weights]
+    total_bytes = sum(info.size_bytes for info in infos)
+    constants = [info for info in infos if info.source == "constant-node"]
+    by_op: Counter = Counter()
+    for weight, info in zip(walk.weights, infos):
+        by_op[weight.first_consumer_op or UNUSED_OP] += info.size_bytes
+    initializer_names = {tensor.name for tensor in model.graph.initializer}
+    path_text = os.fspath(path) if path is not None else None
+    return ModelInspection(
+        path=path_text,
+        file_size_bytes=(
+            _file_size_bytes(path_text, model, walk.weights, total_bytes) if path_text else None
+        ),
+        ir_version=int(model.ir_version),
+        opsets=dict(sorted((o.domain or "ai.onnx", int(o.version)) for o in model.opset_import)),
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        nodes_by_op=dict(sorted(walk.nodes_by_op.items())),
+        weight_bytes_by_dtype=_sum_by(infos, lambda info: info.dtype),
+        weight_bytes_by_op=dict(sorted(by_op.items())),
+        weight_bytes_total=total_bytes,
+        constant_node_weights=len(constants),
+        constant_node_weight_bytes=sum(info.size_bytes for info in constants),
+        subgraphs=list(walk.subgraphs),
+        largest_tensors=sorted(infos, key=lambda i: (-i.size_bytes, i.graph, i.name))[:top],
+        duplicates=find_duplicates(_duplicate_candidates(walk.weights), min_duplicate_bytes),
+        inputs=[_format_value(v) for v in model.graph.input if v.name not in initializer_names],
+        outputs=[_format_value(v) for v in model.graph.output],
+        metadata_keys=sorted(prop.key for prop in model.metadata_props),
+        non_finite=non_finite_tensors([(_display_name(w.graph, w.name), w.tensor) for w in walk.weights]),
+    )
+
+
+def _table(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows padded to column width, indented; columns listed in ``right`` align right."""
+    if not rows:
+        return ["  (none)"]
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[col]) if col in right else cell.ljust(widths[col])
+            for col, cell in enumerate(row)
+        ]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _share_rows(totals: dict[str, int], whole: int) -> list[tuple[str, ...]]:
+    ordered = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+    return [
+        (name, human_bytes(size), f"{100.0 * size / whole:.1f}%" if whole else "-")
+        for name, size in ordered
+    ]
+
+
+def _header_lines(report: ModelInspection) -> list[str]:
+    where = report.path or "(in memory)"
+    if report.file_size_bytes is not None:
+        where += f"  ({human_bytes(report.file_size_bytes)} on disk)"
+    opsets = ", ".join(f"{domain} {version}" for domain, version in report.opsets.items())
+    return [
+        f"Model: {where}",
+        f"IR version {report.ir_version}; producer: {report.producer or '-'}; opsets: {opsets}",
+    ]
+
+
+def _tensor_rows(report: ModelInspection) -> list[tuple[str, ...]]:
+    rows = [("name", "dtype", "shape", "size", "source", "graph", "consumers")]
+    for info in report.largest_tensors:
+        shape = "[" + ",".join(str(d) for d in info.shape) + "]"
+        rows.append((
+            info.name, info.dtype, shape, human_bytes(info.size_bytes), info.source,
+            info.graph, str(info.consumers),
+        ))
+    return rows
+
+
+def _text_report(report: ModelInspection) -> list[str]:
+    wasted = sum(group.wasted_bytes for group in report.duplicates)
+    total_nodes = sum(report.nodes_by_op.values())
+    lines = _header_lines(report)
+    lines += ["", "Inputs", *_table([(text,) for text in report.inputs])]
+    lines += ["", "Outputs", *_table([(text,) for text in report.outputs])]
+    lines += ["", f"Nodes by op ({total_nodes} total, all graphs)"]
+    lines += _table([(op, str(n)) for op, n in report.nodes_by_op.items()], right=(1,))
+    lines += [
+        "",
+        f"Weights: {human_bytes(report.weight_bytes_total)} ({report.weight_bytes_total} bytes); "
+        f"{report.constant_node_weights} in Constant nodes "
+        f"({human_bytes(report.constant_node_weight_bytes)})",
+    ]
+    whole = report.weight_bytes_total
+    lines += ["", "Weights by dtype"]
+    lines += _table(_share_rows(report.weight_bytes_by_dtype, whole), right=(1, 2))
+    lines += ["", "Weights by consuming op (first consumer)"]
+    lines += _table(_share_rows(report.weight_bytes_by_op, whole), right=(1, 2))
+    lines += ["", "Subgraphs", *_table([(text,) for text in report.subgraphs])]
+    lines += ["", f"Largest tensors (top {len(report.largest_tensors)})"]
+    lines += _table(_tensor_rows(report), right=(3, 6)) if report.largest_tensors else ["  (none)"]
+    lines += ["", f"Duplicates ({human_bytes(wasted)} could be saved)"]
+    lines += _table(
+        [(g.kind, human_bytes(g.wasted_bytes), ", ".join(g.tensors)) for g in report.duplicates],
+        right=(1,),
+    )
+    lines += ["", "Metadata keys", *_table([(key,) for key in report.metadata_keys])]
+    lines += ["", "Non-finite weights (NaN/Inf)", *_table(non_finite_lines(report.non_finite), right=(1, 2, 3, 4))]
+    return lines

@@ -1,0 +1,1 @@
+"""Reports: one report dict written as JSON, Markdown and HTML."""

@@ -1,0 +1,1 @@
+"""Verification with onnxruntime: sessions, validation, metrics, benchmark, fusion check, isolation, debugging."""

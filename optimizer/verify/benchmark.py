@@ -1,0 +1,275 @@
+"""Interleaved latency of several models on one provider: percentiles and ratios to the first.
+
+Models are timed in turns within each round, in an order that reverses every other round, so
+thermal throttling, turbo and background load drift affect every model alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from optimizer.progress import progress_bar
+
+from optimizer.errors import FeedError, ModelLoadError, OptionError
+from optimizer.verify.runtime import (
+    DEFAULT_TIMEOUT_S,
+    ModelSource,
+    ProviderChoice,
+    as_provider_choice,
+    bounded_run,
+    checked_timeout,
+    create_session,
+    external_data_locations,
+    fallback_note,
+    run_session,
+    session_feed,
+)
+
+NANOSECONDS_PER_MS = 1_000_000
+STAGE = "benchmark"
+
+
+@dataclass
+class ModelTiming:
+    """Latency of one model; ``ratio_p50`` is its p50 over the first model's p50."""
+
+    name: str
+    size_bytes: int
+    session_create_ms: float
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    rounds: int
+    ratio_p50: float
+    provider_used: str
+    ratio_paired: float = 1.0
+    """Median over rounds of this model's time over the first model's in the same round: a slow
+    spell of the machine hits both sides of a pair, so this moves less than ``ratio_p50``."""
+
+
+@dataclass
+class BenchResult:
+    """All timings of one ``benchmark`` call, plus the settings needed to reproduce it."""
+
+    models: list[ModelTiming]
+    provider_requested: str
+    provider_note: str | None
+    warmup: int
+    rounds: int
+    threads: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        """A Markdown table, one row per model, with the settings above it."""
+        threads = "onnxruntime default" if self.threads is None else str(self.threads)
+        lines = [
+            f"provider: {self.provider_requested}; warm-up: {self.warmup}; rounds: {self.rounds}; "
+            f"threads: {threads}",
+        ]
+        if self.provider_note:
+            lines.append(f"note: {self.provider_note}")
+        lines += [
+            "",
+            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | ratio paired | create ms | provider |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for timing in self.models:
+            lines.append(
+                f"| {timing.name} | {timing.size_bytes / 1e6:.2f} | {timing.p50_ms:.3f} | "
+                f"{timing.p90_ms:.3f} | {timing.mean_ms:.3f} | {timing.min_ms:.3f} | "
+                f"{timing.ratio_p50:.3f} | {timing.ratio_paired:.3f} | {timing.session_create_ms:.1f} | "
+                f"{timing.provider_used} |"
+            )
+        return "\n".join(lines)
+
+
+def round_order(model_count: int, round_index: int) -> list[int]:
+    """Model indices in the order round ``round_index`` runs them: forward, then reversed."""
+    order = list(range(model_count))
+    return order[::-1] if round_index % 2 else order
+
+
+def model_size_bytes(model: ModelSource) -> int:
+    """Bytes on disk including external data files for a path, else the serialized size."""
+    if isinstance(model, bytes):
+        return len(model)
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    path = os.fspath(model)
+    try:
+        header = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise several unrelated types
+        raise ModelLoadError(f"cannot read model {path!r} to measure its size: {exc}") from exc
+    folder = os.path.dirname(os.path.abspath(path))
+    data_files = {
+        os.path.normpath(os.path.join(folder, location))
+        for location in external_data_locations(header)
+    }
+    return os.path.getsize(path) + sum(
+        os.path.getsize(file) for file in sorted(data_files) if os.path.isfile(file)
+    )
+
+
+def _default_names(models: Sequence[ModelSource]) -> list[str]:
+    names = [
+        (
+            f"model{index}"
+            if isinstance(model, (bytes, onnx.ModelProto))
+            else os.path.basename(os.fspath(model))
+        )
+        for index, model in enumerate(models)
+    ]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{index}:{name}" for index, name in enumerate(names)]
+
+
+def _check_arguments(
+    models: Sequence[ModelSource],
+    feeds: Sequence,
+    names: Sequence[str] | None,
+    warmup: int,
+    rounds: int,
+) -> list[str]:
+    if not models:
+        raise OptionError("benchmark needs at least one model")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise OptionError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise OptionError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if not feeds:
+        raise FeedError("benchmark needs at least one feed")
+    if names is None:
+        return _default_names(models)
+    if len(names) != len(models):
+        raise OptionError(f"got {len(names)} name(s) for {len(models)} model(s)")
+    if len(set(names)) != len(names):
+        raise OptionError(f"model names must be unique, got {list(names)}")
+    return list(names)
+
+
+def benchmark(
+    models: Sequence[ModelSource],
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    names: Sequence[str] | None = None,
+    provider: str | ProviderChoice = "cpu",
+    warmup: int = 3,
+    rounds: int = 20,
+    threads: int | None = None,
+    progress: bool = False,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> BenchResult:
+    """Time every model on the same feeds, interleaved (see ``round_order``).
+
+    Every model is warmed up before any timing starts. Round ``r`` uses feed ``r % len(feeds)``
+    for all models, so each model sees the same inputs. A run longer than ``timeout_s`` raises
+    ``RunTimeoutError``.
+    """
+    model_names = _check_arguments(models, feeds, names, warmup, rounds)
+    checked_timeout(timeout_s)
+    choice = as_provider_choice(provider)
+    sessions, providers_used, create_ms = [], [], []
+    for model, name in zip(models, model_names):
+        start_ns = time.perf_counter_ns()
+        session, provider_used = create_session(model, choice, threads=threads, spinning=False)
+        create_ms.append((time.perf_counter_ns() - start_ns) / NANOSECONDS_PER_MS)
+        sessions.append(session)
+        providers_used.append(provider_used)
+    total_runs = (warmup + rounds) * len(models)
+    with progress_bar(total=total_runs, desc="benchmark", unit="run", enabled=progress) as bar:
+        for index in range(warmup):
+            for session, name in zip(sessions, model_names):
+                run_session(session, feeds[index % len(feeds)], label=name, stage=STAGE, timeout_s=timeout_s)
+                bar.update(1)
+        times_ms = _timed_rounds(sessions, model_names, feeds, rounds, bar, timeout_s)
+    timings = [
+        _timing(name, model, times, created, used)
+        for name, model, times, created, used in zip(
+            model_names, models, times_ms, create_ms, providers_used
+        )
+    ]
+    baseline_p50_ms = timings[0].p50_ms
+    for position, timing in enumerate(timings):
+        timing.ratio_p50 = 1.0 if position == 0 else _ratio(timing.p50_ms, baseline_p50_ms)
+        paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0])]
+        timing.ratio_paired = 1.0 if position == 0 else float(np.median(paired))
+    return BenchResult(
+        models=timings,
+        provider_requested=choice.requested,
+        provider_note=fallback_note(choice, providers_used[0]),
+        warmup=warmup,
+        rounds=rounds,
+        threads=threads,
+    )
+
+
+def _timed_rounds(
+    sessions: list, names: list[str], feeds: Sequence, rounds: int, bar: tqdm, timeout_s: float | None
+) -> list[list[float]]:
+    """Per model, the latency of each round; feeds are sliced per session before timing."""
+    prepared = [
+        [session_feed(session, feed, label=name) for feed in feeds]
+        for session, name in zip(sessions, names)
+    ]
+    bounded = [_BoundedSession(session, timeout_s) for session in sessions]
+    times_ms: list[list[float]] = [[] for _ in sessions]
+    for round_index in range(rounds):
+        feed_index = round_index % len(feeds)
+        for model_index in round_order(len(sessions), round_index):
+            session_inputs = prepared[model_index][feed_index]
+            times_ms[model_index].append(
+                _run_timed_ms(bounded[model_index], session_inputs, names[model_index])
+            )
+            bar.update(1)
+    return times_ms
+
+
+@dataclass(frozen=True)
+class _BoundedSession:
+    """A session and the time one of its runs may take."""
+
+    session: Any
+    timeout_s: float | None
+
+
+def _run_timed_ms(bounded: _BoundedSession, session_inputs: dict[str, np.ndarray], name: str) -> float:
+    """One run's latency; the watchdog is armed and disarmed outside the timed span."""
+    with bounded_run(name, stage=STAGE, timeout_s=bounded.timeout_s) as run_options:
+        start_ns = time.perf_counter_ns()
+        bounded.session.run(None, session_inputs, run_options)
+        elapsed_ns = time.perf_counter_ns() - start_ns
+    return elapsed_ns / NANOSECONDS_PER_MS
+
+
+def _timing(
+    name: str, model: ModelSource, times_ms: list[float], create_ms: float, provider_used: str
+) -> ModelTiming:
+    samples = np.asarray(times_ms, dtype=np.float64)
+    return ModelTiming(
+        name=name,
+        size_bytes=model_size_bytes(model),
+        session_create_ms=create_ms,
+        p50_ms=float(np.percentile(samples, 50)),
+        p90_ms=float(np.percentile(samples, 90)),
+        mean_ms=float(samples.mean()),
+        min_ms=float(samples.min()),
+        rounds=len(times_ms),
+        ratio_p50=1.0,
+        provider_used=provider_used,
+    )
+
+
+def _ratio(value: float, baseline: float) -> float:
+    return value / baseline if baseline > 0 else float("inf")

@@ -1,0 +1,460 @@
+"""Run a reference and a candidate model on the same feeds and compare every output.
+
+Per output, in the manner of Polygraphy: max and mean absolute error, max relative error,
+cosine similarity, SQNR, top-1 agreement for logits, bitwise equality, checked against a
+tolerance per output. Metrics stream over samples in float64, so memory does not grow with the
+number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from optimizer.errors import FeedError, OptionError, RuntimeSessionError
+from optimizer.calibration.feeds import Feed, check_feed, session_input_specs
+from optimizer.verify.runtime import (
+    DEFAULT_TIMEOUT_S,
+    ModelSource,
+    ProviderChoice,
+    as_provider_choice,
+    checked_timeout,
+    create_session,
+    fallback_note,
+    model_label,
+    run_session,
+)
+
+DEFAULT_TOLERANCE_KEY = "*"
+STAGE = "validation"
+RELATIVE_ERROR_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Limits for one output; None means not checked. Non-float outputs are always exact."""
+
+    max_abs: float | None = None
+    max_rel: float | None = None
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+    min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
+                raise OptionError(f"tolerance {name} must be a number or None, got {value!r}")
+        for name in ("max_abs", "max_rel"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise OptionError(f"tolerance {name} must be >= 0, got {getattr(self, name)}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise OptionError(f"tolerance min_cosine must be in [-1, 1], got {self.min_cosine}")
+        if self.min_top1 is not None and not 0.0 <= self.min_top1 <= 1.0:
+            raise OptionError(f"tolerance min_top1 must be in [0, 1], got {self.min_top1}")
+
+
+@dataclass
+class OutputMetrics:
+    """Metrics of one output over all samples.
+
+    ``max_rel`` is the largest element-wise ``|ref - cand| / max(|ref|, 1e-12)``, so it blows up
+    where the reference is near zero; prefer cosine or SQNR there. Numeric metrics cover only
+    positions where both values are finite; NaN/Inf in one model but not the other are counted
+    in ``nonfinite_mismatches`` and always fail. ``violation_ratio`` > 1 means failed; it ranks
+    outputs by how badly they miss their tolerance.
+    """
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None
+    exact: bool
+    shape: tuple[int | None, ...]
+    dtype: str
+    passed: bool
+    failures: list[str]
+    nonfinite_mismatches: int = 0
+    violation_ratio: float = 0.0
+
+
+@dataclass
+class Comparison:
+    """Result of ``compare``: one ``OutputMetrics`` per output, in the reference's order."""
+
+    outputs: list[OutputMetrics]
+    passed: bool
+    worst_output: str | None
+    samples: int
+    provider_requested: str
+    provider_used: str
+    provider_note: str | None
+    tolerance: dict
+
+    def to_dict(self) -> dict:
+        """JSON-ready: non-finite floats become the strings "inf", "-inf" and "nan"."""
+        return _json_ready(asdict(self))
+
+    def summary(self) -> str:
+        """A table per output, then "PASS" or "FAIL: worst output ..." on the last line."""
+        header = ("output", "max_abs", "mean_abs", "cosine", "SQNR dB", "top1", "verdict")
+        rows = [header] + [_summary_row(metrics) for metrics in self.outputs]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows
+        ]
+        lines.insert(0, f"{self.samples} sample(s) on {self.provider_used}")
+        if self.provider_note:
+            lines.insert(1, f"note: {self.provider_note}")
+        lines.append(self._verdict())
+        return "\n".join(lines)
+
+    def _verdict(self) -> str:
+        if self.passed:
+            return "PASS"
+        worst = next(metrics for metrics in self.outputs if metrics.name == self.worst_output)
+        return f"FAIL: worst output {worst.name!r} ({'; '.join(worst.failures)})"
+
+
+def _summary_row(metrics: OutputMetrics) -> tuple[str, ...]:
+    top1 = "-" if metrics.top1_agreement is None else f"{metrics.top1_agreement:.4f}"
+    verdict = "exact" if metrics.exact else ("ok" if metrics.passed else "FAIL")
+    return (
+        metrics.name,
+        _fmt(metrics.max_abs),
+        _fmt(metrics.mean_abs),
+        f"{metrics.cosine:.6f}",
+        f"{metrics.sqnr_db:.1f}",
+        top1,
+        verdict,
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _json_ready(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        return number if math.isfinite(number) else str(number)
+    return value
+
+
+@dataclass
+class _OutputAccumulator:
+    """Streaming float64 sums for one output; ``add`` once per sample."""
+
+    name: str
+    reference_dtype: np.dtype
+    candidate_dtype: np.dtype
+    shape: list[int | None] | None = None
+    class_like: bool = False
+    elements: int = 0
+    finite_elements: int = 0
+    exact_mismatches: int = 0
+    nonfinite_mismatches: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    max_rel: float = 0.0
+    sum_ref_sq: float = 0.0
+    sum_cand_sq: float = 0.0
+    sum_dot: float = 0.0
+    sum_err_sq: float = 0.0
+    top1_matches: int = 0
+    top1_rows: int = 0
+    exact: bool = True
+
+    @property
+    def compared_exactly(self) -> bool:
+        return self.reference_dtype.kind != "f"
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        self._track_shape(reference.shape)
+        self.elements += reference.size
+        self.exact = self.exact and _bitwise_equal(reference, candidate)
+        if reference.dtype.kind not in "fiub" or candidate.dtype.kind not in "fiub":
+            self.exact_mismatches += int(np.count_nonzero(reference != candidate))
+            return
+        if self.compared_exactly:
+            self.exact_mismatches += int(np.count_nonzero(reference != candidate))
+        self._add_numeric(
+            reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
+        )
+        if self.class_like and reference.ndim >= 2:
+            matches = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
+            self.top1_matches += int(np.count_nonzero(matches))
+            self.top1_rows += matches.size
+
+    def _track_shape(self, shape: tuple[int, ...]) -> None:
+        if self.shape is None:
+            self.shape = list(shape)
+            self.class_like = (
+                self.reference_dtype.kind == "f" and len(shape) >= 2 and shape[-1] >= 2
+            )
+        elif len(self.shape) == len(shape):
+            self.shape = [old if old == new else None for old, new in zip(self.shape, shape)]
+
+    def _add_numeric(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        finite = np.isfinite(reference) & np.isfinite(candidate)
+        if not finite.all():
+            both_nan = np.isnan(reference) & np.isnan(candidate)
+            same = (reference == candidate) | both_nan
+            self.nonfinite_mismatches += int(np.count_nonzero(~finite & ~same))
+            reference, candidate = reference[finite], candidate[finite]
+        self.finite_elements += reference.size
+        abs_diff = np.abs(reference - candidate)
+        self.max_abs = max(self.max_abs, float(abs_diff.max(initial=0.0)))
+        self.sum_abs += float(abs_diff.sum())
+        relative = abs_diff / np.maximum(np.abs(reference), RELATIVE_ERROR_EPS)
+        self.max_rel = max(self.max_rel, float(relative.max(initial=0.0)))
+        self.sum_ref_sq += float(np.dot(reference, reference))
+        self.sum_cand_sq += float(np.dot(candidate, candidate))
+        self.sum_dot += float(np.dot(reference, candidate))
+        self.sum_err_sq += float(np.dot(abs_diff, abs_diff))
+
+    def cosine(self) -> float:
+        """Cosine over all samples concatenated; two all-zero outputs count as identical (1.0)."""
+        if self.exact or (self.sum_ref_sq == 0.0 and self.sum_cand_sq == 0.0):
+            return 1.0
+        if self.sum_ref_sq == 0.0 or self.sum_cand_sq == 0.0:
+            return 0.0
+        cosine = self.sum_dot / (math.sqrt(self.sum_ref_sq) * math.sqrt(self.sum_cand_sq))
+        return min(1.0, max(-1.0, cosine))
+
+    def sqnr_db(self) -> float:
+        """10*log10(sum ref^2 / sum (ref-cand)^2); inf when identical, -inf for a zero reference."""
+        if self.sum_err_sq == 0.0:
+            return math.inf
+        if self.sum_ref_sq == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.sum_ref_sq / self.sum_err_sq)
+
+
+def _bitwise_equal(reference: np.ndarray, candidate: np.ndarray) -> bool:
+    if reference.dtype != candidate.dtype or reference.shape != candidate.shape:
+        return False
+    if reference.dtype.kind == "O":
+        return bool(np.array_equal(reference, candidate))
+    return np.ascontiguousarray(reference).tobytes() == np.ascontiguousarray(candidate).tobytes()
+
+
+def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[str, float]]:
+    """(failure text, violation ratio) for every limit the output misses."""
+    misses = []
+    if acc.nonfinite_mismatches:
+        misses.append(
+            (
+                f"{acc.nonfinite_mismatches} NaN/Inf value(s) in one model but not the other",
+                math.inf,
+            )
+        )
+    if acc.compared_exactly:
+        if acc.exact_mismatches:
+            text = f"{acc.exact_mismatches} of {acc.elements} elements differ ({acc.reference_dtype} compared exactly)"
+            misses.append((text, math.inf))
+        return misses
+    checks = [
+        ("max_abs", acc.max_abs, tolerance.max_abs, False),
+        ("max_rel", acc.max_rel, tolerance.max_rel, False),
+        ("cosine", acc.cosine(), tolerance.min_cosine, True),
+        ("SQNR dB", acc.sqnr_db(), tolerance.min_sqnr_db, True),
+    ]
+    if acc.class_like:
+        checks.append(("top-1 agreement", _top1(acc), tolerance.min_top1, True))
+    for label, value, limit, is_minimum in checks:
+        if limit is None or (value >= limit if is_minimum else value <= limit):
+            continue
+        sign = "<" if is_minimum else ">"
+        misses.append(
+            (f"{label} {_fmt(value)} {sign} {_fmt(limit)}", _violation(label, value, limit))
+        )
+    return misses
+
+
+def _violation(label: str, value: float, limit: float) -> float:
+    """How many times over its limit a metric is, comparable across metric kinds."""
+    if label == "SQNR dB":
+        return 10.0 ** ((limit - value) / 10.0)
+    if label in ("cosine", "top-1 agreement"):
+        allowed, actual = 1.0 - limit, 1.0 - value
+    else:
+        allowed, actual = limit, value
+    return actual / allowed if allowed > 0 else math.inf
+
+
+def _top1(acc: _OutputAccumulator) -> float | None:
+    if not acc.class_like or acc.top1_rows == 0:
+        return None
+    return acc.top1_matches / acc.top1_rows
+
+
+def _finish(acc: _OutputAccumulator, tolerance: Tolerance) -> OutputMetrics:
+    misses = _check_limits(acc, tolerance)
+    dtype = str(acc.reference_dtype)
+    if acc.candidate_dtype != acc.reference_dtype:
+        dtype = f"{acc.reference_dtype} vs {acc.candidate_dtype}"
+    numeric = acc.reference_dtype.kind in "fiub"
+    mean_abs = acc.sum_abs / acc.finite_elements if acc.finite_elements else 0.0
+    return OutputMetrics(
+        name=acc.name,
+        max_abs=acc.max_abs if numeric else math.nan,
+        mean_abs=mean_abs if numeric else math.nan,
+        max_rel=acc.max_rel if numeric else math.nan,
+        cosine=acc.cosine() if numeric else math.nan,
+        sqnr_db=acc.sqnr_db() if numeric else math.nan,
+        top1_agreement=_top1(acc),
+        exact=acc.exact,
+        shape=tuple(acc.shape or ()),
+        dtype=dtype,
+        passed=not misses,
+        failures=[text for text, _ in misses],
+        nonfinite_mismatches=acc.nonfinite_mismatches,
+        violation_ratio=max((ratio for _, ratio in misses), default=0.0),
+    )
+
+
+def resolve_tolerances(
+    tolerance: Tolerance | Mapping[str, Tolerance], output_names: Sequence[str]
+) -> dict[str, Tolerance]:
+    """One tolerance per output. In a mapping, "*" is the default for outputs not named;
+    without "*", unnamed outputs keep the strict ``Tolerance(max_abs=1e-6)``."""
+    if isinstance(tolerance, Tolerance):
+        return {name: tolerance for name in output_names}
+    if not isinstance(tolerance, Mapping):
+        raise OptionError(
+            f"tolerance must be a Tolerance or a mapping, got {type(tolerance).__name__}"
+        )
+    unknown = sorted(set(tolerance) - set(output_names) - {DEFAULT_TOLERANCE_KEY})
+    if unknown:
+        raise OptionError(
+            f"tolerance for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(output_names)}"
+        )
+    for key, value in tolerance.items():
+        if not isinstance(value, Tolerance):
+            raise OptionError(
+                f"tolerance for {key!r} must be a Tolerance, got {type(value).__name__}"
+            )
+    default = tolerance.get(DEFAULT_TOLERANCE_KEY, Tolerance(max_abs=1e-6))
+    return {name: tolerance.get(name, default) for name in output_names}
+
+
+def _check_same_outputs(
+    reference_names: list[str], candidate_names: list[str], labels: tuple[str, str]
+) -> None:
+    only_reference = [name for name in reference_names if name not in candidate_names]
+    only_candidate = [name for name in candidate_names if name not in reference_names]
+    if only_reference or only_candidate:
+        raise RuntimeSessionError(
+            f"cannot compare {labels[0]} (reference) with {labels[1]} (candidate): outputs only in "
+            f"reference: {', '.join(only_reference) or '-'}; only in candidate: {', '.join(only_candidate) or '-'}"
+        )
+
+
+def _check_same_layout(name: str, reference: np.ndarray, candidate: np.ndarray, index: int) -> None:
+    if reference.shape != candidate.shape:
+        raise RuntimeSessionError(
+            f"sample {index}: output {name!r} has shape {reference.shape} in the reference but "
+            f"{candidate.shape} in the candidate"
+        )
+    numeric = "fiub"
+    if (reference.dtype.kind in numeric) != (candidate.dtype.kind in numeric) or (
+        (reference.dtype.kind == "f") != (candidate.dtype.kind == "f")
+    ):
+        raise RuntimeSessionError(
+            f"sample {index}: output {name!r} is {reference.dtype} in the reference but "
+            f"{candidate.dtype} in the candidate"
+        )
+
+
+def _explicit_top1_misuse(
+    tolerance: Tolerance | Mapping[str, Tolerance], accumulators: Sequence[_OutputAccumulator]
+) -> None:
+    if not isinstance(tolerance, Mapping):
+        return
+    for acc in accumulators:
+        limit = tolerance.get(acc.name)
+        if limit is not None and limit.min_top1 is not None and not acc.class_like:
+            raise OptionError(
+                f"min_top1 set for output {acc.name!r}, which is not class-like "
+                f"(needs a float output of rank >= 2 with last dim >= 2, got shape {tuple(acc.shape or ())})"
+            )
+
+
+def _worst_output(outputs: Sequence[OutputMetrics]) -> str | None:
+    failed = [metrics for metrics in outputs if not metrics.passed]
+    if failed:
+        return max(failed, key=lambda metrics: metrics.violation_ratio).name
+    if not outputs:
+        return None
+    return min(outputs, key=lambda m: math.inf if math.isnan(m.sqnr_db) else m.sqnr_db).name
+
+
+def compare(
+    reference: ModelSource,
+    candidate: ModelSource,
+    feeds: Iterable[Feed],
+    *,
+    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(max_abs=1e-6),
+    provider: str | ProviderChoice = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> Comparison:
+    """Run both models one sample at a time on the same feeds and check every output.
+
+    Feeds are checked against the reference's inputs; the candidate receives only the inputs it
+    declares. Differing output names or shapes raise ``RuntimeSessionError``; a run longer than
+    ``timeout_s`` raises ``RunTimeoutError``.
+    """
+    checked_timeout(timeout_s)
+    choice = as_provider_choice(provider)
+    labels = (model_label(reference), model_label(candidate))
+    reference_session, reference_provider = create_session(reference, choice)
+    candidate_session, candidate_provider = create_session(candidate, choice)
+    output_names = [node_arg.name for node_arg in reference_session.get_outputs()]
+    _check_same_outputs(output_names, [arg.name for arg in candidate_session.get_outputs()], labels)
+    tolerances = resolve_tolerances(tolerance, output_names)
+    specs = session_input_specs(reference_session)
+    accumulators: dict[str, _OutputAccumulator] = {}
+    samples = 0
+    for index, feed in enumerate(feeds):
+        checked = check_feed(specs, feed, index)
+        reference_outputs = run_session(reference_session, checked, label=labels[0], stage=STAGE, timeout_s=timeout_s)
+        candidate_outputs = run_session(candidate_session, checked, label=labels[1], stage=STAGE, timeout_s=timeout_s)
+        for name in output_names:
+            ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
+            _check_same_layout(name, ref_value, cand_value, index)
+            if name not in accumulators:
+                accumulators[name] = _OutputAccumulator(name, ref_value.dtype, cand_value.dtype)
+            accumulators[name].add(ref_value, cand_value)
+        samples += 1
+    if samples == 0:
+        raise FeedError("no feeds given: need at least one sample to compare")
+    _explicit_top1_misuse(tolerance, list(accumulators.values()))
+    outputs = [_finish(accumulators[name], tolerances[name]) for name in output_names]
+    provider_used = reference_provider
+    if candidate_provider != reference_provider:
+        provider_used = f"{reference_provider} (reference), {candidate_provider} (candidate)"
+    return Comparison(
+        outputs=outputs,
+        passed=all(metrics.passed for metrics in outputs),
+        worst_output=_worst_output(outputs),
+        samples=samples,
+        provider_requested=choice.requested,
+        provider_used=provider_used,
+        provider_note=fallback_note(choice, reference_provider),
+        tolerance={name: asdict(tolerances[name]) for name in output_names},
+    )

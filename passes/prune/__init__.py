@@ -1,0 +1,1 @@
+"""Pruning passes: unstructured, N:M, structured channels."""

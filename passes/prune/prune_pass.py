@@ -1,0 +1,245 @@
+"""prune: zero the smallest-magnitude weights of Conv, ConvTranspose, Gemm and MatMul.
+
+Modes:
+- ``uniform``: every eligible tensor gets exactly round(sparsity * size) zeros (halves up).
+- ``global``: one threshold over all eligible tensors on a normalized score,
+  ``|w| / rms(w)`` with ``rms`` the root mean square of the weight's own tensor. Dividing by the
+  layer's RMS puts every layer on the same scale, so a layer whose weights are small overall (a
+  wide layer with a small init scale, an embedding) is not wiped out by one raw threshold while
+  a layer with large weights keeps everything; layers still end up with different sparsities.
+- ``nm``: N:M semi-structured sparsity along the reduction axis (see ``passes.prune.nm``).
+- ``sensitivity``: per-tensor sparsities allocated from a calibration scan
+  (``optimizer.calibration.sensitivity``) so the parameter-weighted sparsity reaches the target with the
+  least output error.
+
+Zeros are exact, so pruning composes with any quantizer that maps 0.0 to exactly 0 (symmetric,
+or zero point on the integer grid). Zeroed weights do not shrink a dense file: ``storage``
+records, per tensor, whether a sparse_initializer (int64 indices) would be smaller; the
+conversion itself runs on the saved model (``optimizer.graph.sparse_storage``), because onnx's full
+checker cannot infer shapes through sparse initializers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.errors import OptionError, PassError
+from optimizer.graph.core import tensor_uses
+from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
+from optimizer.registry import register
+from optimizer.calibration.sensitivity import DEFAULT_SPARSITIES, sensitivity_scan
+from optimizer.graph.sparse_storage import storage_choice
+from passes.prune.nm import follows_nm, nm_prune, weight_layout
+from passes.prune.weights import (
+    WEIGHT_SLOTS, WeightRef, as_weight, check_patterns, is_default_domain, magnitude_order,
+    name_matches, role_of, sparsity_of, zero_count, zero_flat,
+)  # fmt: skip
+from passes.weight_guard import NON_FINITE_OPTION_HELP, WeightGuard
+
+DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ALREADY_AT_TARGET_SLACK = 1e-6
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class PrunePass(Pass):
+    name = "prune"
+    summary = "zero the smallest-magnitude weights (uniform, global, N:M or sensitivity-allocated)"
+    backoff_option = "exclude"
+
+    mode: Literal["uniform", "global", "nm", "sensitivity"] = option(
+        "uniform",
+        "uniform per tensor, one global normalized threshold, N:M pattern, or allocated by a sensitivity scan")
+    sparsity: float = option(
+        0.3, "fraction of weights to zero, in [0, 1) (not used by mode nm); the default 0.3 keeps even tiny "
+             "random models within cosine 0.93 of the original")
+    nm: tuple[int, ...] = option((2, 4), "N,M for mode nm: keep N of every M weights along the reduction axis")
+    op_types: tuple[str, ...] = option(DEFAULT_OP_TYPES, "ops whose weights are pruned; add Gather for embeddings")
+    min_elements: int = option(1024, "leave weights with fewer elements alone")
+    include: tuple[str, ...] = option((), "only tensors whose name or consumer node name matches (glob, or re:REGEX)")
+    exclude: tuple[str, ...] = option((), "leave tensors whose name or consumer node name matches (glob, or re:REGEX)")
+    storage: Literal["dense", "sparse", "auto"] = option(
+        "dense", "how pruned tensors should be saved: dense, sparse_initializer, or whichever is smaller")
+    scan_samples: int = option(16, "calibration samples the sensitivity scan runs (mode sensitivity)")
+    allow_non_finite: bool = option(False, NON_FINITE_OPTION_HELP)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise OptionError(f"pass 'prune' option 'sparsity' must be in [0, 1), got {self.sparsity}")
+        if len(self.nm) != 2 or not 0 < self.nm[0] < self.nm[1]:
+            raise OptionError(f"pass 'prune' option 'nm' must be two integers N,M with 0 < N < M, got {self.nm}")
+        unknown = sorted(set(self.op_types) - set(WEIGHT_SLOTS))
+        if unknown or not self.op_types:
+            raise OptionError(f"pass 'prune' option 'op_types' has {unknown or 'no ops'}; "
+                              f"valid op types: {', '.join(sorted(WEIGHT_SLOTS))}")
+        if self.min_elements < 0 or self.scan_samples < 1:
+            raise OptionError("pass 'prune' options 'min_elements' must be >= 0 and 'scan_samples' >= 1")
+        bad = check_patterns(self.include + self.exclude)
+        if bad:
+            raise OptionError(f"pass 'prune' option 'include'/'exclude' has an invalid regex {bad}")
+
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+        report = PassReport()
+        weights = self._eligible(graph, report)
+        if self.mode == "nm":
+            targets = self._nm_targets(weights, report)
+        else:
+            sparsities = self._sparsities(weights, graph, context, report)
+            targets = self._magnitude_targets(weights, sparsities)
+        modified = self._apply(weights, targets, report)
+        return PassResult(graph, modified, report.to_dict())
+
+    def _eligible(self, graph: gs.Graph, report: PassReport) -> list[WeightRef]:
+        """Constant weights in a prunable slot of every consumer, after the size and name filters."""
+        weights = []
+        guard = WeightGuard.of(graph, allow_non_finite=self.allow_non_finite)
+        for name, uses in sorted(tensor_uses(graph).items()):
+            weight = as_weight(uses[0].node.inputs[uses[0].index], uses)
+            if weight is None:
+                continue
+            reason = self._ineligible_reason(weight)
+            if reason is None:
+                reason = guard.reason(weight.tensor, weight.values) or None
+            if reason is None:
+                weights.append(weight)
+            elif reason:
+                report.skip("tensor", name, reason)
+        return weights
+
+    def _ineligible_reason(self, weight: WeightRef) -> str | None:
+        """None when eligible; "" when not worth a report line (small non-weight constants)."""
+        values = weight.values
+        slots = [use for use in weight.uses if self._is_weight_slot(use)]
+        if not slots:
+            return role_of(weight.uses[0], values) if values.size >= self.min_elements else ""
+        others = [use for use in weight.uses if not self._is_weight_slot(use)]
+        if others:
+            use = others[0]
+            return f"also read by {use.node.op} '{use.node.name}' at input {use.index}, not a prunable weight slot"
+        if values.dtype.kind != "f":
+            return f"{values.dtype} weight; only floating-point weights are pruned"
+        if values.size < self.min_elements:
+            return f"{values.size} elements < min_elements={self.min_elements}"
+        names = [weight.name] + [use.node.name for use in weight.uses]
+        if self.include and not name_matches(self.include, names):
+            return "matches no 'include' pattern"
+        if self.exclude and name_matches(self.exclude, names):
+            return "matches an 'exclude' pattern"
+        return None
+
+    def _is_weight_slot(self, use) -> bool:
+        node = use.node
+        return (node.op in self.op_types and is_default_domain(node)
+                and WEIGHT_SLOTS[node.op] == use.index and _gather_on_rows(node))
+
+    def _sparsities(self, weights: list[WeightRef], graph: gs.Graph, context: PassContext,
+                    report: PassReport) -> dict[str, float] | None:
+        """Per-tensor sparsity (uniform, sensitivity); None means one global threshold."""
+        if self.mode == "global":
+            return None
+        if self.mode == "sensitivity" and weights:
+            return self._allocated(weights, graph, context, report)
+        return {weight.name: self.sparsity for weight in weights}
+
+    def _allocated(self, weights: list[WeightRef], graph: gs.Graph, context: PassContext,
+                   report: PassReport) -> dict[str, float]:
+        current = _overall_sparsity(weights)
+        if current + ALREADY_AT_TARGET_SLACK >= self.sparsity:
+            report.details["allocation"] = f"already at {current:.4f} >= target {self.sparsity}; nothing to do"
+            return {weight.name: 0.0 for weight in weights}
+        feeds = list(itertools.islice(context.calibration_feeds(self.name), self.scan_samples))
+        if not feeds:
+            raise PassError("pass 'prune' mode 'sensitivity' got no calibration samples")
+        main = [w.name for w in weights if all(use.graph is graph for use in w.uses)]
+        model = gs.export_onnx(graph.copy(), do_type_check=False)
+        table = sensitivity_scan(model, feeds, weights=main, sparsities=DEFAULT_SPARSITIES,
+                                 provider=context.provider, progress=context.progress, timeout_s=context.timeout_s)
+        allocation = table.allocate(self.sparsity)
+        for weight in weights:
+            allocation.setdefault(weight.name, self.sparsity)
+        report.details["allocation"] = {name: round(value, 4) for name, value in sorted(allocation.items())}
+        return allocation
+
+    def _magnitude_targets(self, weights: list[WeightRef],
+                           sparsities: dict[str, float] | None) -> dict[str, np.ndarray]:
+        if sparsities is None:
+            return _global_targets(weights, self.sparsity)
+        targets = {}
+        for weight in weights:
+            values = weight.values
+            count = zero_count(sparsities[weight.name], values.size)
+            targets[weight.name] = zero_flat(values, magnitude_order(values)[:count]) if count else values
+        return targets
+
+    def _nm_targets(self, weights: list[WeightRef], report: PassReport) -> dict[str, np.ndarray]:
+        n, m = self.nm
+        targets, eligible = {}, []
+        for weight in weights:
+            values = weight.values
+            layout = weight_layout(weight.uses, values.shape, m)
+            if isinstance(layout, str):
+                report.skip("tensor", weight.name, f"not N:M eligible: {layout}")
+                continue
+            eligible.append(weight.name)
+            targets[weight.name] = values if follows_nm(values, layout, n, m) else nm_prune(values, layout, n, m)
+        report.details["nm_eligible"] = eligible
+        return targets
+
+    def _apply(self, weights: list[WeightRef], targets: dict[str, np.ndarray], report: PassReport) -> bool:
+        modified = False
+        tensors, storage, total, zeros = {}, {}, 0, 0
+        for weight in weights:
+            if weight.name not in targets:
+                continue
+            before, after = weight.values, targets[weight.name]
+            if not np.array_equal(before, after):
+                weight.write(after)
+                modified = True
+                report.count("tensors_pruned")
+                report.count("weights_zeroed", int(np.count_nonzero(before)) - int(np.count_nonzero(after)))
+            tensors[weight.name] = {"elements": int(after.size), "sparsity_before": round(sparsity_of(before), 6),
+                                    "sparsity_after": round(sparsity_of(after), 6)}
+            storage[weight.name] = storage_choice(after, self.storage)
+            total, zeros = total + after.size, zeros + int(after.size - np.count_nonzero(after))
+        report.count("tensors_eligible", len(tensors))
+        report.details.update({"mode": self.mode, "tensors": tensors, "storage": storage,
+                               "achieved_sparsity": round(zeros / total, 6) if total else 0.0})
+        report.details["sparse_tensors"] = sorted(n for n, s in storage.items() if s["stored_as"] == "sparse")
+        return modified
+
+
+def _gather_on_rows(node: gs.Node) -> bool:
+    return node.op != "Gather" or int(node.attrs.get("axis", 0)) == 0
+
+
+def _overall_sparsity(weights: list[WeightRef]) -> float:
+    total = sum(w.values.size for w in weights)
+    zeros = sum(w.values.size - np.count_nonzero(w.values) for w in weights)
+    return zeros / total if total else 1.0
+
+
+def _global_targets(weights: list[WeightRef], sparsity: float) -> dict[str, np.ndarray]:
+    """One threshold over ``|w| / rms(w)`` across all tensors (in name order, stable ties)."""
+    if not weights:
+        return {}
+    scores = []
+    for weight in weights:
+        values = np.abs(weight.values.astype(np.float64).ravel())
+        rms = float(np.sqrt(np.mean(values * values)))
+        scores.append(values / rms if rms > 0 else values)
+    flat = np.concatenate(scores)
+    count = zero_count(sparsity, flat.size)
+    chosen = np.zeros(flat.size, dtype=bool)
+    chosen[np.argsort(flat, kind="stable")[:count]] = True
+    targets, start = {}, 0
+    for weight in weights:
+        values = weight.values
+        mask = chosen[start:start + values.size]
+        start += values.size
+        targets[weight.name] = zero_flat(values, np.flatnonzero(mask)) if mask.any() else values
+    return targets

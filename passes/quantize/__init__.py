@@ -1,0 +1,1 @@
+"""Quantization passes: targets, weights, dynamic and static QDQ, GPTQ, outliers, reports."""

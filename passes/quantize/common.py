@@ -1,0 +1,230 @@
+"""Building blocks of the quantize pass: fresh names, integer initializers, and the float view of
+a quantized weight (DequantizeLinear, or a Cast/Mul chain onnxruntime folds when it loads).
+
+Two float views exist because onnxruntime treats them differently (FIELD-NOTES):
+- ``dq``: DequantizeLinear. onnxruntime fuses it into MatMulNBits on a MatMul weight and into
+  QLinear* kernels in a QDQ graph, but keeps it at run time elsewhere (a Conv then re-reads the
+  dequantized weight every run and loses its NCHWc layout).
+- ``fold``: Cast -> (Sub zero point) -> Mul scale. Every input is constant, so onnxruntime's
+  constant folding turns it into the float weight at load time: the file stays integer, run time
+  is exactly fp32's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from optimizer.graph.core import iter_graphs, tensor_proto_bytes, tensor_proto_dtype
+from optimizer.calibration.quant_math import QuantizedTensor, QType, pack_4bit
+from passes.quantize.targets import QUANTIZED_SUFFIX, WeightTarget
+
+FloatForm = Literal["dq", "fold"]
+ONNX_INTEGER_TYPES = {
+    "int8": onnx.TensorProto.INT8,
+    "uint8": onnx.TensorProto.UINT8,
+    "int4": onnx.TensorProto.INT4,
+    "uint4": onnx.TensorProto.UINT4,
+}
+
+
+class Names:
+    """Fresh, deterministic tensor and node names that collide with nothing in any graph."""
+
+    def __init__(self, root: gs.Graph) -> None:
+        self.taken: set[str] = set()
+        for graph in iter_graphs(root):
+            self.taken.update(graph.tensors().keys())
+            self.taken.update(node.name for node in graph.nodes if node.name)
+            self.taken.update(t.name for t in list(graph.inputs) + list(graph.outputs))
+
+    def fresh(self, base: str, suffix: str = "") -> str:
+        candidate = f"{base}{suffix}"
+        counter = 1
+        while candidate in self.taken:
+            candidate = f"{base}_{counter}{suffix}"
+            counter += 1
+        self.taken.add(candidate)
+        return candidate
+
+
+def integer_constant(name: str, values: np.ndarray, qtype: QType) -> gs.Constant:
+    """An integer initializer stored as its real type (4-bit values packed two per byte)."""
+    if qtype.bits == 4:
+        proto = onnx.helper.make_tensor(name, ONNX_INTEGER_TYPES[qtype.name], list(values.shape),
+                                        pack_4bit(values), raw=True)
+    else:
+        proto = onnx.numpy_helper.from_array(np.array(values, dtype=qtype.storage_dtype, order="C"), name)
+    return gs.Constant(name, LazyValues(proto))
+
+
+def float_constant(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.array(values, dtype=np.float32, order="C"))
+
+
+def int64_constant(name: str, values: Iterable[int]) -> gs.Constant:
+    return gs.Constant(name, np.asarray(list(values), np.int64))
+
+
+def is_symmetric_signed(quantized: QuantizedTensor) -> bool:
+    return quantized.qtype.signed and not np.any(quantized.zero_point)
+
+
+@dataclass
+class QuantizedWeight:
+    """One weight's integer initializer, scale and zero point, and (once) its float view."""
+
+    target: WeightTarget
+    quantized: QuantizedTensor
+    names: Names
+    integer: gs.Constant = field(init=False)
+    scale: gs.Constant = field(init=False)
+    zero_point: gs.Constant | None = field(init=False)
+    float_view: gs.Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        base = self.target.name
+        self.integer = integer_constant(self.names.fresh(base, QUANTIZED_SUFFIX), self.quantized.values,
+                                        self.quantized.qtype)
+        self.scale = float_constant(self.names.fresh(base, "_scale"), self.quantized.scale)
+        self.zero_point = None
+        if not is_symmetric_signed(self.quantized):
+            self.zero_point = integer_constant(self.names.fresh(base, "_zero_point"),
+                                               np.asarray(self.quantized.zero_point), self.quantized.qtype)
+
+    def make_float_view(self, form: FloatForm) -> gs.Tensor:
+        """Replace the float weight, for every reader, by its dequantized value (done once)."""
+        if self.float_view is not None:
+            return self.float_view
+        output = self._take_over_weight_tensor()
+        nodes = self._dq_nodes(output) if form == "dq" else self._fold_nodes(output)
+        self.target.owner.nodes.extend(nodes)
+        self.float_view = output
+        return output
+
+    def _take_over_weight_tensor(self) -> gs.Variable:
+        """The weight's own tensor becomes the dequantized output: readers need no rewiring."""
+        tensor = self.target.tensor
+        shape = list(self.quantized.values.shape)
+        if self.target.constant_node is not None:
+            self.target.constant_node.outputs.clear()
+            tensor.dtype, tensor.shape = np.float32, shape
+            return tensor
+        variable = tensor.to_variable(dtype=np.float32, shape=shape)
+        variable.type = "tensor_type"
+        return variable
+
+    def _dq_nodes(self, output: gs.Tensor) -> list[gs.Node]:
+        q = self.quantized
+        attrs: dict[str, int] = {}
+        if q.axis is not None:
+            attrs["axis"] = int(q.axis)
+        if q.block_size is not None:
+            attrs["block_size"] = int(q.block_size)
+        inputs = [self.integer, self.scale] + ([self.zero_point] if self.zero_point is not None else [])
+        name = self.names.fresh(self.target.name, "_DequantizeLinear")
+        return [gs.Node("DequantizeLinear", name, attrs, inputs, [output])]
+
+    def _fold_nodes(self, output: gs.Tensor) -> list[gs.Node]:
+        """Cast -> [Reshape into blocks] -> [Sub zero point] -> Mul scale -> [Reshape back]."""
+        q = self.quantized
+        shape = tuple(q.values.shape)
+        base = self.target.name
+        broadcast = _broadcast_shape(shape, q.axis, q.block_size)
+        nodes: list[gs.Node] = []
+        current = self._variable(base, "_cast")
+        nodes.append(gs.Node("Cast", self.names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT},
+                             [self.integer], [current]))
+        if q.block_size is not None:
+            blocked = self._variable(base, "_blocks")
+            split = int64_constant(self.names.fresh(base, "_block_shape"), _block_split(shape, q.axis, q.block_size))
+            nodes.append(gs.Node("Reshape", self.names.fresh(base, "_Reshape"), {}, [current, split], [blocked]))
+            current = blocked
+        if self.zero_point is not None:
+            zero_int = integer_constant(self.names.fresh(base, "_zero_point_broadcast"),
+                                        np.asarray(q.zero_point).reshape(broadcast), q.qtype)
+            zero = self._variable(base, "_zero_point_float")
+            centered = self._variable(base, "_centered")
+            nodes.append(gs.Node("Cast", self.names.fresh(base, "_ZeroPointCast"), {"to": onnx.TensorProto.FLOAT},
+                                 [zero_int], [zero]))
+            nodes.append(gs.Node("Sub", self.names.fresh(base, "_Sub"), {}, [current, zero], [centered]))
+            current = centered
+        scale_values = np.asarray(q.scale, np.float32).reshape(broadcast)
+        if q.qtype.bits != 4 or not _fits_float16(scale_values):
+            scale = float_constant(self.names.fresh(base, "_scale_broadcast"), scale_values)
+        else:
+            # one scale per 32 4-bit values costs a quarter of their bytes in float32; float16's
+            # relative error (2^-11) is a hundredth of a 4-bit step, and the Cast folds at load
+            scale_half = gs.Constant(self.names.fresh(base, "_scale_float16"), scale_values.astype(np.float16))
+            scale = self._variable(base, "_scale_float")
+            nodes.append(gs.Node("Cast", self.names.fresh(base, "_ScaleCast"), {"to": onnx.TensorProto.FLOAT},
+                                 [scale_half], [scale]))
+        scaled = output if q.block_size is None else self._variable(base, "_scaled")
+        nodes.append(gs.Node("Mul", self.names.fresh(base, "_Mul"), {}, [current, scale], [scaled]))
+        if q.block_size is not None:
+            full = int64_constant(self.names.fresh(base, "_shape"), shape)
+            nodes.append(gs.Node("Reshape", self.names.fresh(base, "_ReshapeBack"), {}, [scaled, full], [output]))
+        return nodes
+
+    def _variable(self, base: str, suffix: str) -> gs.Variable:
+        return gs.Variable(self.names.fresh(base, suffix), dtype=np.float32)
+
+
+def _fits_float16(values: np.ndarray) -> bool:
+    """Every value is a normal float16 (so rounding to float16 keeps 11 significant bits)."""
+    magnitude = np.abs(values)
+    return bool(values.size) and bool(np.all((magnitude >= np.finfo(np.float16).tiny)
+                                             & (magnitude <= np.finfo(np.float16).max)))
+
+
+def _broadcast_shape(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...]:
+    if axis is None:
+        return ()
+    if block_size is None:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return tuple(view)
+    return shape[:axis] + (shape[axis] // block_size, 1) + shape[axis + 1:]
+
+
+def _block_split(shape: tuple[int, ...], axis: int, block_size: int) -> tuple[int, ...]:
+    return shape[:axis] + (shape[axis] // block_size, block_size) + shape[axis + 1:]
+
+
+def bytes_by_dtype(root: gs.Graph) -> dict[str, int]:
+    """Bytes of every stored tensor (initializers and Constant nodes, all graphs) by dtype."""
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+    for graph in iter_graphs(root):
+        for node in graph.nodes:
+            tensors = [t for t in node.inputs if isinstance(t, gs.Constant)]
+            if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+                tensors.append(node.attrs["value"])
+            for tensor in tensors:
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                dtype, size = constant_dtype_and_bytes(tensor)
+                totals[dtype] = totals.get(dtype, 0) + size
+    return dict(sorted(totals.items()))
+
+
+def constant_dtype_and_bytes(tensor: gs.Constant) -> tuple[str, int]:
+    values = tensor._values
+    if isinstance(values, LazyValues):
+        proto = values.tensor
+        return dtype_name(tensor_proto_dtype(proto)), tensor_proto_bytes(proto)
+    array = np.asarray(values)
+    return str(array.dtype), int(array.nbytes)
+
+
+def dtype_name(data_type: int) -> str:
+    """numpy-style name of an ONNX element type ("float32", "int8", "int4")."""
+    name = onnx.TensorProto.DataType.Name(data_type).lower()
+    return {"float": "float32", "double": "float64", "bool": "bool"}.get(name, name)

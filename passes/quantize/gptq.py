@@ -1,0 +1,121 @@
+"""GPTQ rounding for 4-bit weight-only MatMuls (``weight_rounding``), fed by calibration data.
+
+Which weights: blocked along the reduction axis (4-bit MatMul weights), every reader a main-graph
+MatMul taking the weight as its second input. A weight read by several MatMuls uses the sum of
+their inputs' ``X^T X``. Everything else is rounded to nearest, as without calibration data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.errors import PassError
+from optimizer.calibration.gptq import HessianAccumulator, InverseFactor, gptq_quantize
+from optimizer.graph.core import is_constant_derived
+from optimizer.pass_base import PassContext, PassReport
+from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
+from passes.quantize.outliers import observe_activations
+from passes.quantize.targets import WeightTarget
+from passes.quantize.weights import WeightSpec
+
+
+def wants_gptq(options, context: PassContext) -> bool:
+    """Whether this run rounds by GPTQ; an explicit request without data is an error."""
+    if options.weight_rounding == "nearest" or options.mode != "weights":
+        return False
+    if context.calibration is None:
+        if options.weight_rounding == "gptq":
+            raise PassError("pass 'quantize' option weight_rounding='gptq' needs calibration data "
+                            "(--calibration-data DIR or calibration=...)")
+        return False
+    return options.weight_rounding == "gptq" or options.storage_type() in ("int4", "uint4")
+
+
+def gptq_inputs(graph: gs.Graph, target: WeightTarget, spec: WeightSpec) -> list[str] | None:
+    """Names of the activations multiplied by ``target``, or None when GPTQ does not apply."""
+    if spec.block_size is None or spec.axis != 0 or target.values.ndim != 2:
+        return None
+    names = []
+    memo: dict[int, bool | None] = {}
+    for consumer in target.consumers:
+        node = consumer.node
+        if consumer.graph is not graph or node.op != "MatMul" or node.inputs[1] is not target.tensor:
+            return None
+        if node.inputs[0] is target.tensor or is_constant_derived(node.inputs[0], memo):
+            return None
+        names.append(node.inputs[0].name)
+    return list(dict.fromkeys(names))
+
+
+HESSIAN_BUDGET_BYTES = 1 << 30
+"""X^T X accumulators held at once (float64, K x K each: 128 MB for K = 4096). Inputs beyond it
+are measured in further calibration passes, so memory stays bounded on large models."""
+
+
+def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[WeightTarget, WeightSpec]], options,
+                     context: PassContext, report: PassReport) -> dict[int, QuantizedTensor]:
+    """GPTQ-rounded integers for every target it applies to, keyed by ``id(target)``."""
+    inputs = {id(target): tuple(names) for target, spec in planned if (names := gptq_inputs(graph, target, spec))}
+    if not inputs:
+        return {}
+    channels = {name: target.values.shape[0] for target, _ in planned for name in inputs.get(id(target), ())}
+    results: dict[int, QuantizedTensor] = {}
+    gains: list[float] = []
+    chunks = _chunks(list(dict.fromkeys(inputs.values())), channels)
+    samples = 0
+    for chunk in chunks:
+        accumulators = {name: HessianAccumulator(channels[name]) for group in chunk for name in group}
+
+        def visit(name: str, value: np.ndarray, accumulators=accumulators) -> None:
+            if value.shape[-1] == channels[name]:
+                accumulators[name].add(value)
+
+        samples = observe_activations(graph, sorted(accumulators), lambda: context.calibration_feeds("quantize"),
+                                      visit, max_samples=options.calibration_samples or None, provider=context.provider,
+                                      timeout_s=context.timeout_s, stage="GPTQ calibration")
+        factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
+        for target, spec in planned:
+            names = inputs.get(id(target))
+            if names not in chunk or any(accumulators[name].rows == 0 for name in names):
+                continue
+            if names not in factors:
+                hessian = sum(accumulators[name].hessian() for name in names)
+                factors[names] = (hessian, InverseFactor(hessian))
+            hessian, factor = factors[names]
+            quantized = gptq_quantize(target.values, factor, spec.qtype, symmetric=spec.symmetric,
+                                      block_size=spec.block_size)
+            nearest = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=0,
+                                      block_size=spec.block_size)
+            gains.append(_output_error(target.values, quantized, hessian)
+                         / max(_output_error(target.values, nearest, hessian), 1e-30))
+            results[id(target)] = quantized
+            report.count("weights_gptq")
+    report.details["gptq"] = {
+        "samples": samples, "weights": len(results), "calibration_passes": len(chunks),
+        "output_error_vs_nearest_median": round(float(np.median(gains)), 4) if gains else None,
+    }  # fmt: skip
+    return results
+
+
+def _chunks(groups: list[tuple[str, ...]], channels: dict[str, int]) -> list[list[tuple[str, ...]]]:
+    """Input groups split so each chunk's accumulators stay within ``HESSIAN_BUDGET_BYTES``."""
+    chunks: list[list[tuple[str, ...]]] = []
+    current: list[tuple[str, ...]] = []
+    held: set[str] = set()
+    for group in groups:
+        grown = held | set(group)
+        if current and sum(8 * channels[name] ** 2 for name in grown) > HESSIAN_BUDGET_BYTES:
+            chunks.append(current)
+            current, grown = [], set(group)
+        current.append(group)
+        held = grown
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _output_error(weight: np.ndarray, quantized: QuantizedTensor, hessian: np.ndarray) -> float:
+    """Mean squared error of ``X @ W`` the rounding causes: trace(D^T H D) with D the weight error."""
+    difference = quantized.dequantized().astype(np.float64) - weight
+    return float(np.einsum("kn,kj,jn->", difference, hessian, difference, optimize=True))

@@ -1,0 +1,124 @@
+"""Weight-only quantization: integer initializers, activations stay float.
+
+Per op (FIELD-NOTES, onnxruntime 1.32 CPU):
+- 4-bit MatMul: DequantizeLinear blocked along K (opset 21), which onnxruntime fuses into
+  MatMulNBits (0.94x fp32 on all-MiniLM-L6-v2 here).
+- Everything else (8-bit MatMul, Conv, ConvTranspose, Gemm, Gather, LSTM/GRU/RNN): the Cast/Mul
+  chain onnxruntime folds at load, so run time is fp32's. A DequantizeLinear there runs on every
+  inference (a Conv also loses its NCHWc layout: 1.23x); 8-bit MatMulNBits measured 1.28x fp32
+  on this machine (FIELD-NOTES saw 0.72-0.82x elsewhere): weight_only_form=dequantize_linear
+  asks for it anyway (less memory at run time).
+- 4-bit is blocked along the reduction axis (MatMul, Gemm) or the row (Gather); convolutions and
+  recurrent weights stay int8, since one 4-bit scale per output channel loses too much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from optimizer.calibration.quant_math import QType, QuantizedTensor, qtype, quantize_weight
+from optimizer.pass_base import PassReport
+from passes.quantize.common import FloatForm, Names, QuantizedWeight
+from passes.quantize.targets import Consumer, WeightTarget
+
+BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
+DQ_FUSED_OPS = ("MatMul",)
+OPSET_PER_CHANNEL_DQ = 13
+OPSET_4BIT = 21
+
+WeightOnlyForm = Literal["auto", "dequantize_linear", "fold_at_load"]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How one weight is stored: integer type, granularity and float view."""
+
+    qtype: QType
+    symmetric: bool
+    axis: int | None
+    block_size: int | None
+    form: FloatForm
+    note: str = ""
+
+    def required_opset(self) -> int:
+        if self.qtype.bits == 4 or self.block_size is not None:
+            return OPSET_4BIT
+        if self.form == "dq" and self.axis is not None:
+            return OPSET_PER_CHANNEL_DQ
+        return 1
+
+
+def channel_axis(consumer: Consumer, ndim: int) -> int:
+    """The weight axis that indexes output channels for this consumer."""
+    node = consumer.node
+    if node.op == "MatMul":
+        return ndim - 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gather":
+        return int(node.attrs.get("axis", 0)) % ndim
+    if node.op in ("LSTM", "GRU", "RNN"):
+        return 1
+    return 0
+
+
+def reduction_axis(consumer: Consumer, ndim: int) -> int | None:
+    """The axis a 4-bit block runs along (the dot-product axis), or None when there is none."""
+    node = consumer.node
+    if ndim != 2 or node.op not in BLOCKED_OPS:
+        return None
+    if node.op == "MatMul":
+        return 0
+    if node.op == "Gemm":
+        return 1 if node.attrs.get("transB", 0) else 0
+    return 1 - int(node.attrs.get("axis", 0)) % 2
+
+
+def weight_only_spec(target: WeightTarget, options, opset: int) -> WeightSpec:
+    """Integer type, axis, block and float view for ``target`` under the pass ``options``."""
+    ndim = target.values.ndim
+    first = target.consumers[0]
+    wanted = qtype(options.storage_type())
+    form = _form(target, options.weight_only_form, wanted.bits)
+    if wanted.bits == 4:
+        axis = reduction_axis(first, ndim)
+        blocks_fit = axis is not None and (form == "dq" or target.values.shape[axis] % options.block_size == 0)
+        if blocks_fit and all(c.node.op in BLOCKED_OPS for c in target.consumers):
+            return WeightSpec(wanted, options.weights_symmetric(), axis, options.block_size, form)
+        fallback = qtype("int8" if wanted.signed or options.symmetric_weights is None else "uint8")
+        note = f"{options.weight_type} needs a blocked dot-product axis; stored as {fallback.name} per channel"
+        wanted = fallback
+        symmetric = True if options.symmetric_weights is None else options.symmetric_weights
+    else:
+        note, symmetric = "", options.weights_symmetric()
+    axis = channel_axis(first, ndim) if options.per_channel and ndim > 0 else None
+    if form == "dq" and axis is not None and opset < OPSET_PER_CHANNEL_DQ and options.weight_only_form == "auto":
+        form = "fold"
+    return WeightSpec(wanted, symmetric, axis, None, form, note)
+
+
+def _form(target: WeightTarget, choice: WeightOnlyForm, bits: int) -> FloatForm:
+    if choice == "dequantize_linear":
+        return "dq"
+    if choice == "fold_at_load":
+        return "fold"
+    return "dq" if bits == 4 and all(c.node.op in DQ_FUSED_OPS for c in target.consumers) else "fold"
+
+
+def quantize_weight_only(target: WeightTarget, spec: WeightSpec, names: Names, report: PassReport,
+                         quantized: QuantizedTensor | None = None) -> QuantizedWeight:
+    """Store ``target`` as integers (rounded to nearest unless ``quantized`` is given, e.g. by
+    GPTQ) and give every reader its dequantized value."""
+    if quantized is None:
+        quantized = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis,
+                                    block_size=spec.block_size)
+    weight = QuantizedWeight(target, quantized, names)
+    weight.make_float_view(spec.form)
+    report.count(f"weights_{spec.qtype.name}")
+    report.count(f"weight_only_{spec.form}")
+    if spec.note:
+        report.details.setdefault("notes", []).append(f"{target.name}: {spec.note}")
+    return weight

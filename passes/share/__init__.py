@@ -1,0 +1,1 @@
+"""Weight sharing: deduplication and clustering into codebooks."""

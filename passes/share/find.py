@@ -1,0 +1,213 @@
+"""Finding weights that could share one stored copy: exact copies (hash, then bytes), near copies,
+and copies that equal another weight transposed, reshaped or cast to a narrower float type."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from passes.share.scope import Weight
+
+CASTABLE = {  # wide dtype -> narrower float dtypes an exact Cast can produce
+    np.dtype(np.float64): (np.dtype(np.float32), np.dtype(np.float16)),
+    np.dtype(np.float32): (np.dtype(np.float16),),
+}
+MAX_TRANSPOSE_RANK = 6
+
+
+@dataclass(frozen=True)
+class Relation:
+    """``derived`` equals ``source`` after one cheap op: Transpose(perm), Reshape(shape) or Cast(dtype)."""
+
+    kind: str
+    source: Weight
+    derived: Weight
+    perm: tuple[int, ...] = ()
+
+
+def exact_classes(weights: list[Weight]) -> list[list[Weight]]:
+    """Weights grouped by dtype, shape and bytes (hash first, bytes confirmed), in walk order.
+
+    Only weights that share dtype and shape with another are hashed: a tensor alone in its
+    shape (an embedding table, most often the largest) has no copy to find.
+    """
+    by_shape: dict[tuple, list[Weight]] = {}
+    for weight in weights:
+        by_shape.setdefault((weight.values.dtype.str, weight.values.shape), []).append(weight)
+    buckets: dict[tuple, list[Weight]] = {}
+    for key, members in by_shape.items():
+        if len(members) == 1:
+            buckets[key] = members
+            continue
+        sampled: dict[bytes, list[Weight]] = {}
+        for weight in members:  # a strided sample splits most same-shape tensors before hashing
+            sampled.setdefault(_sample_bytes(weight.values), []).append(weight)
+        for sample, group in sampled.items():
+            for weight in group:
+                buckets.setdefault(key + (sample, weight.digest() if len(group) > 1 else b""), []).append(weight)
+    classes: list[list[Weight]] = []
+    for members in buckets.values():
+        confirmed: list[list[Weight]] = []
+        for weight in members:
+            match = next((group for group in confirmed if group[0].same_bytes(weight)), None)
+            if match is None:
+                confirmed.append([weight])
+            else:
+                match.append(weight)
+        classes.extend(confirmed)
+    return sorted(classes, key=lambda group: group[0].order)
+
+
+def near_pairs(weights: list[Weight], rtol: float) -> list[tuple[Weight, Weight, float, float]]:
+    """(kept, merged, max abs error, max error relative to the kept's largest magnitude).
+
+    Same dtype (float) and shape; each weight is merged into the first earlier weight within
+    ``rtol`` and never serves as a kept copy afterwards.
+    """
+    groups: dict[tuple, list[Weight]] = {}
+    for weight in weights:
+        if weight.values.dtype.kind == "f" and weight.values.size > 0:
+            groups.setdefault((weight.values.dtype.str, weight.values.shape), []).append(weight)
+    pairs = []
+    for members in groups.values():
+        merged: set[int] = set()
+        for index, kept in enumerate(members):
+            if id(kept) in merged:
+                continue
+            reference = kept.values.astype(np.float64)
+            scale = float(np.abs(reference).max()) or 1.0
+            for other in members[index + 1:]:
+                if id(other) in merged:
+                    continue
+                error = float(np.abs(other.values.astype(np.float64) - reference).max())
+                if error / scale <= rtol:
+                    merged.add(id(other))
+                    pairs.append((kept, other, error, error / scale))
+    return sorted(pairs, key=lambda pair: (pair[1].order, pair[0].order))
+
+
+def transform_relations(weights: list[Weight]) -> list[Relation]:
+    """Reshaped, transposed and cast copies among weights that are no exact copies of each other."""
+    relations = _reshaped(weights)
+    related = {(id(r.source), id(r.derived)) for r in relations}
+    for relation in _transposed(weights) + _cast(weights):
+        pair = (id(relation.source), id(relation.derived))
+        if pair not in related and pair[::-1] not in related:
+            related.add(pair)
+            relations.append(relation)
+    return relations
+
+
+def _reshaped(weights: list[Weight]) -> list[Relation]:
+    by_size: dict[tuple, list[Weight]] = {}
+    for weight in weights:
+        if weight.values.size > 1:
+            by_size.setdefault((weight.values.dtype.str, weight.values.size), []).append(weight)
+    buckets: dict[tuple, list[Weight]] = {}
+    for key, members in by_size.items():
+        shapes = {weight.values.shape for weight in members}
+        if len(shapes) < 2:
+            continue  # same-shape copies are exact copies, found before
+        sampled: dict[bytes, list[Weight]] = {}
+        for weight in members:
+            sampled.setdefault(_sample_bytes(weight.values), []).append(weight)
+        for group in sampled.values():
+            for weight in group if len(group) > 1 else ():
+                buckets.setdefault(key + (weight.digest(),), []).append(weight)
+    relations = []
+    for members in buckets.values():
+        first = members[0]
+        for other in members[1:]:
+            same = _byte_view(first).tobytes() == _byte_view(other).tobytes()
+            if other.values.shape != first.values.shape and same:
+                relations.append(Relation("reshaped", first, other))
+    return relations
+
+
+def _transposed(weights: list[Weight]) -> list[Relation]:
+    groups: dict[tuple, list[Weight]] = {}
+    for weight in weights:
+        shape = weight.values.shape
+        if 2 <= len(shape) <= MAX_TRANSPOSE_RANK and weight.values.size > 1:
+            groups.setdefault((weight.values.dtype.str, tuple(sorted(shape))), []).append(weight)
+    relations = []
+    for members in groups.values():
+        extremes = {id(w): _extremes(w.values) for w in members}
+        stats: dict[int, np.ndarray] = {}
+        for first, second in itertools.combinations(members, 2):
+            if extremes[id(first)] != extremes[id(second)]:  # a permutation keeps min and max exactly
+                continue
+            for weight in (first, second):
+                if id(weight) not in stats:
+                    stats[id(weight)] = _stats(weight.values)
+            if not np.allclose(stats[id(first)], stats[id(second)], rtol=1e-6, atol=1e-30):
+                continue
+            perm = _find_permutation(first.values, second.values)
+            if perm is not None:
+                relations.append(Relation("transposed", first, second, perm))
+    return relations
+
+
+def _find_permutation(source: np.ndarray, derived: np.ndarray) -> tuple[int, ...] | None:
+    """A non-identity ``perm`` with ``source.transpose(perm)`` bit-identical to ``derived``."""
+    target = _raw(derived).tobytes()
+    for perm in itertools.permutations(range(source.ndim)):
+        if perm == tuple(range(source.ndim)):
+            continue
+        if tuple(source.shape[axis] for axis in perm) != derived.shape:
+            continue
+        if _raw(np.ascontiguousarray(source.transpose(perm))).tobytes() == target:
+            return perm
+    return None
+
+
+def _cast(weights: list[Weight]) -> list[Relation]:
+    groups: dict[tuple, list[Weight]] = {}
+    for weight in weights:
+        if weight.values.dtype.kind == "f" and weight.values.size > 0:
+            groups.setdefault(weight.values.shape, []).append(weight)
+    relations = []
+    for members in groups.values():
+        for wide, narrow in itertools.permutations(members, 2):
+            if narrow.values.dtype not in CASTABLE.get(wide.values.dtype, ()):
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = wide.values.astype(narrow.values.dtype)
+            if _raw(cast).tobytes() == _raw(narrow.values).tobytes():
+                relations.append(Relation("cast", wide, narrow))
+    return sorted(relations, key=lambda r: (r.derived.order, r.source.order))
+
+
+SAMPLE_VALUES = 1024
+
+
+def _sample_bytes(values: np.ndarray) -> bytes:
+    """Up to ``SAMPLE_VALUES`` evenly strided values (bit patterns): equal tensors have equal samples."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    step = max(1, flat.size // SAMPLE_VALUES)
+    return np.ascontiguousarray(flat[::step]).tobytes()
+
+
+def _stats(values: np.ndarray) -> np.ndarray:
+    """Permutation-invariant fingerprint (sum, sum of squares, min, max) used as a pre-filter."""
+    data = values.astype(np.float64).reshape(-1)
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return np.zeros(4)
+    return np.array([finite.sum(), (finite * finite).sum(), finite.min(), finite.max()])
+
+
+def _extremes(values: np.ndarray) -> bytes:
+    """min and max as bit patterns (NaN-safe: a NaN anywhere shows in both)."""
+    flat = values.reshape(-1)
+    return np.array([flat.min(), flat.max()], dtype=values.dtype).tobytes()
+
+
+def _raw(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+
+
+def _byte_view(weight: Weight) -> np.ndarray:
+    return _raw(weight.values)

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimizer.calibration.quant_math import (
+    QTYPES,
+    dequantize,
+    pack_4bit,
+    qtype,
+    quantize,
+    quantize_bias,
+    quantize_weight,
+    relative_error,
+    scale_zero_point,
+    scale_shape,
+    unpack_4bit,
+    value_ranges,
+)
+
+
+def test_round_half_to_even_like_onnx_quantize_linear():
+    values = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 127.5, 300.0], np.float32)
+    q = quantize(values, np.float32(1.0), np.int8(0), qtype("int8"))
+    assert q.dtype == np.int8
+    assert q.tolist() == [0, 2, 2, 0, -2, 126, 127, 127]
+
+
+@pytest.mark.parametrize("name", list(QTYPES))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_is_exact_and_range_is_covered(name, symmetric):
+    target = qtype(name)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((16, 40)).astype(np.float32) + 0.3
+    values[:, ::5] = 0.0
+    quantized = quantize_weight(values, target, symmetric=symmetric, axis=0)
+    restored = quantized.dequantized()
+    assert np.all(restored[values == 0] == 0.0)
+    assert quantized.values.min() >= target.qmin and quantized.values.max() <= target.qmax
+    step = np.asarray(quantized.scale)[:, None]
+    assert np.all(np.abs(restored - values) <= step / 2 + 1e-7)
+
+
+def test_symmetric_signed_has_zero_point_zero_and_unsigned_the_middle():
+    low, high = np.array([-1.0, -0.1]), np.array([0.5, 2.0])
+    scale, zero = scale_zero_point(low, high, qtype("int8"), symmetric=True)
+    assert zero.tolist() == [0, 0] and zero.dtype == np.int8
+    np.testing.assert_allclose(scale, np.array([1.0, 2.0]) / 127, rtol=1e-6)
+    _, zero_u = scale_zero_point(low, high, qtype("uint4"), symmetric=True)
+    assert zero_u.tolist() == [8, 8]
+
+
+def test_asymmetric_widens_to_hold_zero_and_all_zero_range_gets_scale_one():
+    scale, zero = scale_zero_point(np.array([0.5, 0.0]), np.array([2.0, 0.0]), qtype("uint8"), symmetric=False)
+    assert zero.tolist() == [0, 0]
+    assert scale[0] == np.float32(2.0 / 255) and scale[1] == np.float32(1.0)
+
+
+def test_blocked_ranges_with_a_partial_last_block():
+    values = np.arange(10, dtype=np.float32).reshape(10, 1) - 4
+    low, high = value_ranges(values, axis=0, block_size=4)
+    assert low.ravel().tolist() == [-4, 0, 4] and high.ravel().tolist() == [-1, 3, 5]
+    assert scale_shape((10, 1), 0, 4) == (3, 1)
+    quantized = quantize_weight(values, qtype("int4"), symmetric=True, axis=0, block_size=4)
+    assert quantized.scale.shape == (3, 1)
+    assert relative_error(values, quantized.dequantized()) < 0.1
+
+
+def test_dequantize_matches_onnx_formula_bit_for_bit():
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((8, 6)).astype(np.float32)
+    q = quantize_weight(values, qtype("uint8"), symmetric=False, axis=1)
+    expected = (q.values.astype(np.float32) - q.zero_point.astype(np.float32)[None, :]) * q.scale[None, :]
+    np.testing.assert_array_equal(dequantize(q.values, q.scale, q.zero_point, axis=1), expected)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_pack_4bit_low_nibble_first_and_round_trip(signed):
+    values = np.array([1, -2, 7, -8, 3] if signed else [1, 14, 7, 0, 15], np.int8 if signed else np.uint8)
+    packed = pack_4bit(values)
+    assert len(packed) == 3
+    assert packed[0] == (int(values[0]) & 0xF) | ((int(values[1]) & 0xF) << 4)
+    np.testing.assert_array_equal(unpack_4bit(packed, 5, signed=signed), values)
+
+
+def test_bias_int32_uses_input_scale_times_weight_scale():
+    bias = np.array([0.5, -1.25, 0.0], np.float32)
+    integers, scale = quantize_bias(bias, 0.01, np.array([0.1, 0.5, 0.2], np.float32))
+    assert integers.dtype == np.int32
+    np.testing.assert_allclose(scale, np.float32(0.01) * np.array([0.1, 0.5, 0.2], np.float32))
+    np.testing.assert_allclose(integers * scale, bias, atol=np.max(scale) / 2)
+    assert integers[2] == 0
+
+
+def test_unknown_type_is_refused():
+    with pytest.raises(ValueError, match="valid: int8"):
+        qtype("int3")

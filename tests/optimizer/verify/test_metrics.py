@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from optimizer.errors import OptionError
+from optimizer.verify.metrics import builtin_metric, collect_outputs, load_metric
+from optimizer.fileio.model import load_model
+from tests.conftest import MODELS_DIR, seeded_feeds
+
+
+def outputs(*arrays, name="y"):
+    return [{name: np.asarray(a, np.float32)} for a in arrays]
+
+
+def test_cosine_is_mean_over_samples_and_worst_over_outputs():
+    ref = [{"a": np.array([1.0, 0.0]), "b": np.array([1.0, 1.0])}] * 2
+    cand = [{"a": np.array([1.0, 0.0]), "b": np.array([1.0, 0.0])}, {"a": np.array([0.0, 1.0]), "b": np.array([1.0, 1.0])}]
+    assert builtin_metric("cosine", output="a")(ref, cand) == pytest.approx(0.5)
+    assert builtin_metric("cosine", output="b")(ref, cand) == pytest.approx((np.sqrt(0.5) + 1) / 2)
+    assert builtin_metric("cosine")(ref, cand) == pytest.approx(0.5)
+
+
+def test_sqnr_and_max_abs_directions_and_drop():
+    ref, cand = outputs([1.0, 2.0, 3.0]), outputs([1.0, 2.0, 3.1])
+    sqnr, max_abs = builtin_metric("sqnr"), builtin_metric("max_abs")
+    assert sqnr(ref, cand) == pytest.approx(10 * np.log10(14 / 0.01), rel=1e-4)
+    assert sqnr(ref, ref) == float("inf")
+    assert max_abs(ref, cand) == pytest.approx(0.1, rel=1e-5) and not max_abs.higher_is_better
+    assert max_abs.drop(0.0, 0.1) == pytest.approx(0.1)
+    assert builtin_metric("cosine").drop(1.0, 0.99) == pytest.approx(0.01)
+
+
+def test_top1_and_topk_agreement():
+    ref = outputs([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    cand = outputs([[0.5, 0.4, 0.1], [0.9, 0.0, 0.1]])
+    assert builtin_metric("top1")(ref, cand) == 0.5
+    assert builtin_metric("topk", k=2)(ref, cand) == 1.0
+
+
+def test_user_metric_from_module_path_needs_a_direction(monkeypatch):
+    module = types.ModuleType("user_metrics_for_test")
+    module.error_rate = lambda ref, cand: float(np.mean([np.argmax(c["y"]) != np.argmax(r["y"]) for r, c in zip(ref, cand)]))
+    monkeypatch.setitem(sys.modules, "user_metrics_for_test", module)
+    with pytest.raises(OptionError, match="higher or lower"):
+        load_metric("user_metrics_for_test:error_rate")
+    metric = load_metric("user_metrics_for_test:error_rate", higher_is_better=False)
+    ref, cand = outputs([0.0, 1.0], [1.0, 0.0]), outputs([0.0, 1.0], [0.0, 1.0])
+    assert metric(ref, cand) == 0.5 and metric.drop(metric(ref, ref), 0.5) == 0.5
+    with pytest.raises(OptionError, match="cannot import"):
+        load_metric("user_metrics_for_test:nope", higher_is_better=True)
+    with pytest.raises(OptionError, match="built-in metrics"):
+        load_metric("cosinus")
+    with pytest.raises(OptionError, match="higher-is-better"):
+        load_metric("cosine", higher_is_better=False)
+
+
+def test_unknown_output_is_named():
+    with pytest.raises(OptionError, match="'z' not found; outputs: y"):
+        builtin_metric("cosine", output="z")(outputs([1.0]), outputs([1.0]))
+
+
+def test_collect_outputs_runs_the_model_per_sample():
+    model = load_model(MODELS_DIR / "transformer_tied.onnx")
+    feeds = seeded_feeds(model, count=2)
+    collected = collect_outputs(model, feeds)
+    assert len(collected) == 2 and sorted(collected[0]) == ["hidden", "logits"]
+    assert builtin_metric("cosine")(collected, collected) == pytest.approx(1.0)

@@ -1,0 +1,404 @@
+"""quantize pass, weights and dynamic modes (static mode: test_quantize_static.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import passes  # noqa: F401
+import passes.quantize.quantize_pass  # noqa: F401  (registers the pass until passes/__init__ lists it)
+import passes.quantize.gptq as gptq_module
+from optimizer.fileio.checker import check_model_full
+from optimizer.errors import OptionError, PassError
+from optimizer.fileio.model import load_model
+from optimizer.pass_base import PassContext
+from optimizer.pipeline import Pipeline
+from optimizer.registry import create_pass
+from tests.conftest import MODELS_DIR, run_model, seeded_feeds
+
+
+def quantize(model: onnx.ModelProto, calibration=None, **options):
+    context = PassContext(calibration=(lambda: iter(calibration)) if calibration is not None else None)
+    result = Pipeline([create_pass("quantize", **options)], check_each_pass=True, context=context).run(model)
+    check_model_full(result.model)
+    ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return result, result.runs[0].report
+
+
+def all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(attribute.g)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for g in all_graphs(model.graph) for t in g.initializer}
+
+
+def nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for g in all_graphs(model.graph) for n in g.node]
+
+
+def ort_runs(model: onnx.ModelProto, tmp_path) -> Counter:
+    """Op types of the graph onnxruntime really runs (SessionOptions.optimized_model_filepath)."""
+    source, target = tmp_path / "model.onnx", tmp_path / "model.ort-optimized.onnx"
+    onnx.save(model, source)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(target).graph.node)
+
+
+def run_unoptimized(model: onnx.ModelProto, feed: dict) -> np.ndarray:
+    """First output with onnxruntime's graph optimizations off: DequantizeLinear's own arithmetic."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+def max_abs_error(reference, candidate, feeds) -> float:
+    return max(float(np.abs(a - b).max()) for ra, rb in zip(run_model(reference, feeds), run_model(candidate, feeds))
+               for a, b in zip(ra, rb) if a.dtype.kind == "f")
+
+
+def matmul_model(weight: np.ndarray, opset: int = 17, gelu: bool = False) -> onnx.ModelProto:
+    k, n = weight.shape
+    pre = [helper.make_node("Erf", ["x"], ["e"]), helper.make_node("Mul", ["x", "e"], ["h"])] if gelu else []
+    graph = helper.make_graph(
+        pre + [helper.make_node("MatMul", ["h" if gelu else "x", "W"], ["y"], name="fc")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [numpy_helper.from_array(weight, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def weight(shape, seed=0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * 0.1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- weights mode
+
+def test_weight_only_int8_integers_equal_numpy_round_half_even_and_logits_bound():
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    result, report = quantize(model, mode="weights")
+    stored = initializers(result.model)
+    quantized = [name for name in stored if name.endswith("_quantized")]
+    assert len(quantized) == 3 and report["counts"]["weights_int8"] == 3
+    for name in quantized:
+        assert stored[name].data_type == TensorProto.INT8
+        original = originals[name[: -len("_quantized")]]
+        axis = 1 if original.shape == (128, 128) or original.shape[0] != 10 and original.shape[1] == 10 else 0
+        scale = np.abs(original).max(axis=1 - axis) / np.float32(127)
+        shape = [1, 1]
+        shape[axis] = -1
+        expected = np.clip(np.rint(original / scale.reshape(shape).astype(np.float32)), -127, 127).astype(np.int8)
+        np.testing.assert_array_equal(numpy_helper.to_array(stored[name]), expected)
+    error = max_abs_error(model, result.model, seeded_feeds(model, count=8))
+    assert error <= 0.05, error  # measured 0.027 (logits of magnitude ~1-3) on 8 seeded feeds
+
+
+def test_weight_only_int8_matmul_is_folded_at_load_by_default(tmp_path):
+    model = matmul_model(weight((64, 32)))
+    result, report = quantize(model, mode="weights")
+    assert report["counts"]["weight_only_fold"] == 1
+    assert ort_runs(result.model, tmp_path) == Counter({"MatMul": 1})
+
+
+def test_weight_only_matmul_as_dequantize_linear_runs_matmulnbits_and_is_bit_exact(tmp_path):
+    w = weight((64, 32))
+    model = matmul_model(w)
+    result, _ = quantize(model, mode="weights", weight_only_form="dequantize_linear")
+    stored = initializers(result.model)
+    q, scale = numpy_helper.to_array(stored["W_quantized"]), numpy_helper.to_array(stored["W_scale"])
+    assert ort_runs(result.model, tmp_path)["MatMulNBits"] == 1
+    restored = run_unoptimized(result.model, {"x": np.eye(64, dtype=np.float32)})
+    np.testing.assert_array_equal(restored, q.astype(np.float32) * scale)
+    fused = run_model(result.model, [{"x": np.eye(64, dtype=np.float32)}])[0][0]
+    np.testing.assert_allclose(fused, restored, rtol=0, atol=1e-6)  # MatMulNBits scales after the sum
+
+
+def test_weight_only_conv_is_folded_at_load_so_onnxruntime_runs_a_float_conv(tmp_path):
+    model = load_model(MODELS_DIR / "cnn.onnx")
+    result, report = quantize(model, mode="weights")
+    assert report["counts"]["weight_only_fold"] == 5
+    ran = ort_runs(result.model, tmp_path)
+    assert "DequantizeLinear" not in ran and "Cast" not in ran and ran["Conv"] >= 1
+    assert max_abs_error(model, result.model, seeded_feeds(model)) <= 0.05
+
+
+@pytest.mark.parametrize("weight_type,data_type", [("int4", TensorProto.INT4), ("uint4", TensorProto.UINT4)])
+def test_int4_blocked_raises_opset_and_runs_matmulnbits(tmp_path, weight_type, data_type):
+    w = weight((128, 64))
+    model = matmul_model(w)
+    result, report = quantize(model, mode="weights", weight_type=weight_type, symmetric_weights=weight_type == "int4")
+    stored = initializers(result.model)
+    assert stored["W_quantized"].data_type == data_type
+    assert len(stored["W_quantized"].raw_data) == 128 * 64 // 2
+    dq = next(n for n in result.model.graph.node if n.op_type == "DequantizeLinear")
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
+    assert report["details"]["opset"]["after"] == 21
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 21
+    assert result.model.ir_version >= 10
+    assert ort_runs(result.model, tmp_path)["MatMulNBits"] == 1
+    feeds = [{"x": np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)}]
+    reference, candidate = run_model(model, feeds)[0][0], run_model(result.model, feeds)[0][0]
+    assert np.linalg.norm(candidate - reference) / np.linalg.norm(reference) < 0.12
+
+
+def correlated_feeds(count: int, seed: int, k: int = 128) -> list[dict]:
+    """Activations like a transformer's: correlated channels, a few of them ten times larger."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).standard_normal((k, k)) * 0.3 + np.eye(k)
+    scale = np.ones(k)
+    scale[[3, 40, 77]] = 10.0
+    return [{"x": ((rng.standard_normal((16, k)) @ mix) * scale).astype(np.float32)} for _ in range(count)]
+
+
+def test_int4_with_calibration_data_rounds_by_gptq_and_beats_nearest_on_held_out_data(tmp_path):
+    model = matmul_model(weight((128, 256)))
+    calibration, held_out = correlated_feeds(12, seed=1), correlated_feeds(4, seed=2)
+    gptq, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    nearest, plain = quantize(model, calibration=calibration, mode="weights", weight_type="int4",
+                              weight_rounding="nearest")
+    assert report["counts"]["weights_gptq"] == 1 and "weights_gptq" not in plain["counts"]
+    assert report["details"]["gptq"]["samples"] == 12
+    assert report["details"]["gptq"]["output_error_vs_nearest_median"] < 0.7
+    assert ort_runs(gptq.model, tmp_path)["MatMulNBits"] == 1, "GPTQ output is an ordinary blocked tensor"
+    reference = run_model(model, held_out)
+
+    def error(candidate) -> float:
+        got = run_model(candidate, held_out)
+        return sum(float(np.linalg.norm(a[0] - b[0])) for a, b in zip(got, reference))
+
+    assert error(gptq.model) < 0.85 * error(nearest.model)  # norms: 0.79 here, MSE 0.63
+    again, _ = quantize(gptq.model, calibration=calibration, mode="weights", weight_type="int4")
+    assert again.modified is False
+
+
+def test_gptq_measures_inputs_in_several_passes_when_their_hessians_exceed_the_budget(monkeypatch):
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+                              [numpy_helper.from_array(weight((128, 128)), "W1"),
+                               numpy_helper.from_array(weight((128, 64), seed=1), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calibration = correlated_feeds(6, seed=1)
+    one_pass, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    assert report["details"]["gptq"]["calibration_passes"] == 1 and report["counts"]["weights_gptq"] == 2
+    monkeypatch.setattr(gptq_module, "HESSIAN_BUDGET_BYTES", 8 * 128 * 128)  # one 128 x 128 X^T X at a time
+    two_passes, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    assert report["details"]["gptq"]["calibration_passes"] == 2 and report["counts"]["weights_gptq"] == 2
+    assert two_passes.model.SerializeToString() == one_pass.model.SerializeToString()
+
+
+def test_gptq_asked_for_without_calibration_data_says_what_is_missing():
+    with pytest.raises(PassError, match="calibration data"):
+        quantize(matmul_model(weight((64, 32))), mode="weights", weight_type="int4", weight_rounding="gptq")
+
+
+def test_4bit_table_folded_at_load_keeps_its_block_scales_in_float16():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((300, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["y"], name="embed")], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 64])],
+                              [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result, report = quantize(model, mode="weights", weight_type="int4")
+    stored = initializers(result.model)
+    halves = [t for t in stored.values() if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) == 1 and numpy_helper.to_array(halves[0]).size == 300 * 64 // 32
+    assert "float32" not in report["details"]["bytes_by_dtype_after"], report["details"]["bytes_by_dtype_after"]
+    feeds = [{"ids": np.array([0, 7, 299, 150, 7], np.int64)}]
+    got = run_model(result.model, feeds)[0][0]
+    step = (table.max(axis=1, keepdims=True) - table.min(axis=1, keepdims=True)) / 15
+    assert np.all(np.abs(got - table[feeds[0]["ids"]]) <= 0.51 * step[feeds[0]["ids"]] + 1e-3)
+
+
+def test_zeros_stay_exactly_zero_symmetric_and_asymmetric():
+    w = weight((64, 32)) + 0.05
+    w[::3] = 0.0
+    for symmetric, weight_type in ((True, "int8"), (False, "uint8")):
+        result, _ = quantize(matmul_model(w), mode="weights", weight_type=weight_type, symmetric_weights=symmetric)
+        restored = run_unoptimized(result.model, {"x": np.eye(64, dtype=np.float32)})
+        assert np.all(restored[w == 0] == 0.0)
+        assert np.count_nonzero(restored[np.abs(w) > 0.01]) == np.count_nonzero(np.abs(w) > 0.01)
+
+
+def test_shared_weight_in_main_graph_and_if_branches_is_quantized_once():
+    model = load_model(MODELS_DIR / "if_subgraph.onnx")
+    result, _ = quantize(model, mode="weights", weight_only_form="dequantize_linear")
+    stored = initializers(result.model)
+    assert [name for name in stored if name.startswith("shared.weight")] == ["shared.weight_quantized", "shared.weight_scale"]
+    assert [t.name for t in result.model.graph.initializer if t.name == "shared.weight_quantized"]
+    readers = [n for n in nodes(result.model) if "shared.weight_quantized" in n.input]
+    assert [n.op_type for n in readers] == ["DequantizeLinear"]
+    users = [n for n in nodes(result.model) if "shared.weight" in n.input]
+    assert len(users) == 3 and len({n.op_type for n in users}) == 1
+    feeds = seeded_feeds(model, count=4)
+    assert max_abs_error(model, result.model, feeds) <= 0.05
+
+
+def test_constant_node_weights_are_quantized_and_a_shared_one_once():
+    model = load_model(MODELS_DIR / "constant_weights.onnx")
+    result, report = quantize(model, mode="weights", min_weight_elements=0)
+    float_constants = [n for n in result.model.graph.node if n.op_type == "Constant"
+                       and numpy_helper.to_array(n.attribute[0].t).dtype == np.float32
+                       and numpy_helper.to_array(n.attribute[0].t).size > 16]
+    assert float_constants == []
+    assert report["counts"]["weights_int8"] == 3  # conv2d_0.w_0, conv2d_1.w_0 (two Convs), fc_0.w_0
+    integer = [n for n in initializers(result.model) if n.endswith("_quantized")]
+    assert sorted(integer) == sorted(set(integer)) and "conv2d_1.w_0_quantized" in integer
+    assert list(result.model.metadata_props) == list(model.metadata_props)
+    assert max_abs_error(model, result.model, seeded_feeds(model)) <= 0.05
+
+
+def test_report_gives_bytes_by_dtype_and_warns_about_float_weights_left():
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    float_bytes = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    weight_elements = sum(numpy_helper.to_array(t).size for t in model.graph.initializer if len(t.dims) == 2)
+    _, report = quantize(model, mode="weights")
+    details = report["details"]
+    assert details["bytes_by_dtype_before"] == {"float32": float_bytes}
+    assert details["bytes_by_dtype_after"]["int8"] == weight_elements
+    assert report["saved_bytes"] == details["bytes_before"] - details["bytes_after"] > 0
+    assert "warnings" not in details
+    _, excluded = quantize(model, mode="weights", exclude_op_types=("Gemm",))
+    assert "still stored as float" in excluded["details"]["warnings"][0]
+
+
+def test_exclusions_by_name_glob_regex_op_type_and_position():
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    names = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert len(names) == 3
+
+    def kept_float(**options):
+        _, report = quantize(model, mode="weights", **options)
+        return sorted(s["node"] for s in report["skipped"] if "node" in s), report
+
+    skipped, report = kept_float(exclude_nodes=(names[0],))
+    assert skipped == [names[0]] and "exclude_nodes" in report["skipped"][0]["reason"]
+    assert kept_float(exclude_nodes=("re:" + names[1][-3:] + "$",))[0] == [names[1]]
+    skipped, report = kept_float(exclude_op_types=("MatMul",))
+    assert len(skipped) == 1 and "exclude_op_types" in report["skipped"][0]["reason"]
+    assert kept_float(exclude_first=1, exclude_last=1)[0] == sorted([names[0], names[2]])
+
+
+@pytest.mark.parametrize("mode", ["weights", "dynamic"])
+def test_second_run_changes_nothing_and_says_already_quantized(mode):
+    model = load_model(MODELS_DIR / "transformer_tied.onnx")
+    first, _ = quantize(model, mode=mode)
+    again, report = quantize(first.model, mode=mode)
+    assert again.modified is False
+    assert report["skipped"] and all("already" in s["reason"] or "min_weight_elements" in s["reason"]
+                                      or "run time" in s["reason"] for s in report["skipped"])
+    assert again.model.SerializeToString(deterministic=True) == first.model.SerializeToString(deterministic=True)
+
+
+# ---------------------------------------------------------------- dynamic mode
+
+def test_dynamic_matmul_uses_the_pattern_onnxruntime_fuses(tmp_path):
+    model = matmul_model(weight((128, 96)))
+    result, report = quantize(model, mode="dynamic", dynamic_min_k=0)
+    assert sorted(n.op_type for n in result.model.graph.node) == sorted(
+        ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"])
+    assert report["counts"]["matmul_dynamic"] == 1
+    assert initializers(result.model)["W_quantized"].data_type == TensorProto.INT8
+    assert ort_runs(result.model, tmp_path)["DynamicQuantizeMatMul"] == 1
+    feeds = [{"x": np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)}]
+    reference = run_model(model, feeds)[0][0]
+    assert max_abs_error(model, result.model, feeds) <= 0.02 * np.abs(reference).max()
+
+
+def test_dynamic_keeps_gelu_fed_matmul_weight_only_without_calibration(tmp_path):
+    model = matmul_model(weight((64, 32)), gelu=True)
+    _, report = quantize(model, mode="dynamic", dynamic_min_k=0)
+    assert report["counts"].get("matmul_dynamic", 0) == 0
+    assert "GELU" in report["details"]["weight_only_matmuls"][0]["reason"]
+    feeds = [{"x": np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)}]
+    _, calibrated = quantize(model, calibration=feeds, mode="dynamic", dynamic_min_k=0)
+    assert calibrated["counts"]["matmul_dynamic"] == 1
+
+
+def test_dynamic_splits_outlier_channels_measured_on_calibration_data():
+    model = matmul_model(weight((64, 32)))
+    rng = np.random.default_rng(4)
+
+    def sample():
+        x = rng.standard_normal((16, 64)).astype(np.float32)
+        x[:, 5] *= 60.0
+        return {"x": x}
+    calibration, evaluation = [sample() for _ in range(4)], [sample() for _ in range(2)]
+    split, report = quantize(model, calibration=calibration, mode="dynamic", dynamic_min_k=0)
+    assert report["details"]["outlier_channels"] == {"x": [5]}
+    plain, _ = quantize(model, calibration=calibration, mode="dynamic", dynamic_min_k=0, outlier_channels=0)
+    assert max_abs_error(model, split.model, evaluation) < 0.5 * max_abs_error(model, plain.model, evaluation)
+
+
+def test_outlier_split_adds_the_bias_first_so_onnxruntime_fuses_it(tmp_path):
+    w, bias = weight((64, 32)), weight((32,), seed=3)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"), helper.make_node("Add", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32) * np.where(np.arange(64) == 5, 60.0, 1.0)
+              .astype(np.float32)} for _ in range(6)]
+    result, report = quantize(model, calibration=feeds[:4], mode="dynamic", dynamic_min_k=0)
+    assert report["details"]["outlier_channels"] == {"x": [5]}
+    ran = ort_runs(result.model, tmp_path)
+    assert ran["DynamicQuantizeMatMul"] == 1 and ran["Add"] == 1, ran
+    fused = next(n for n in onnx.load(tmp_path / "model.ort-optimized.onnx").graph.node
+                 if n.op_type == "DynamicQuantizeMatMul")
+    assert len(fused.input) == 5 and fused.input[4] == "b", "the bias is folded into the integer MatMul"
+    assert ran["Mul"] >= 2 and "MatMul" not in ran  # inlier mask, and the one-channel outer product
+    reference = run_model(model, feeds[4:])
+    assert max_abs_error(model, result.model, feeds[4:]) < 0.02 * max(np.abs(r[0]).max() for r in reference)
+
+
+def test_dynamic_shares_one_integer_weight_across_if_branches():
+    model = load_model(MODELS_DIR / "if_subgraph.onnx")
+    result, report = quantize(model, mode="dynamic", dynamic_min_k=0)
+    assert report["counts"]["matmul_dynamic"] == 3
+    readers = [n for n in nodes(result.model) if "shared.weight_quantized" in n.input]
+    assert [n.op_type for n in readers] == ["MatMulInteger"] * 3
+    assert list(initializers(result.model)).count("shared.weight_quantized") == 1
+    assert max_abs_error(model, result.model, seeded_feeds(model, count=4)) <= 0.05
+
+
+def test_dynamic_leaves_small_matmuls_weight_only_because_they_would_run_slower(tmp_path):
+    model = matmul_model(weight((120, 120)))
+    result, report = quantize(model, mode="dynamic")
+    assert "matmul_dynamic" not in report["counts"]
+    assert "dynamic_min_k" in report["details"]["weight_only_matmuls"][0]["reason"]
+    assert ort_runs(result.model, tmp_path) == Counter({"MatMul": 1})
+
+
+# ---------------------------------------------------------------- options
+
+@pytest.mark.parametrize("options,message", [
+    ({"block_size": 24}, "block_size"),
+    ({"op_types": ("Conv", "Softmax")}, "op_types"),
+    ({"mode": "static", "weight_type": "int4"}, "static"),
+    ({"exclude_first": -1}, "exclude_first"),
+    ({"mode": "fast"}, "mode"),
+    ({"exclude_nodes": ("re:(",)}, "regular expression"),
+    ({"mode": "dynamic", "weight_rounding": "gptq"}, "weight_rounding"),
+    ({"calibration_samples": -1}, "calibration_samples"),
+])
+def test_bad_options_name_the_option(options, message):
+    with pytest.raises(OptionError, match=message):
+        create_pass("quantize", **options)
