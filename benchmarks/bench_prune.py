@@ -25,7 +25,8 @@ import passes.prune.channels  # noqa: E402,F401
 from benchmarks.harness import markdown_table, minilm_task, ocr_det_task  # noqa: E402
 from optimizer.verify.benchmark import benchmark  # noqa: E402
 from optimizer.fileio.checker import check_model_full  # noqa: E402
-from optimizer.fileio.model import load_model, save_model  # noqa: E402
+from optimizer.fileio.model import load_model  # noqa: E402
+from optimizer.fileio.save import save_model  # noqa: E402
 from optimizer.pass_base import PassContext  # noqa: E402
 from optimizer.pipeline import Pipeline  # noqa: E402
 from optimizer.registry import create_pass  # noqa: E402

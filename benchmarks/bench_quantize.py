@@ -33,7 +33,8 @@ from benchmarks.harness import TASKS, file_size_bytes, markdown_table, run_measu
 from optimizer.verify.benchmark import benchmark  # noqa: E402
 from optimizer.fileio.checker import check_model_full  # noqa: E402
 from optimizer.verify.fusion import check_fusion  # noqa: E402
-from optimizer.fileio.model import load_model, save_model  # noqa: E402
+from optimizer.fileio.model import load_model  # noqa: E402
+from optimizer.fileio.save import save_model  # noqa: E402
 from optimizer.pipeline import Pipeline  # noqa: E402
 from optimizer.registry import create_pass  # noqa: E402
 

@@ -17,26 +17,40 @@ from typing import Any, Literal
 import onnx
 
 import passes as _passes  # noqa: F401  (registers every pass)
-from optimizer.verify.benchmark import BenchResult, benchmark
 from optimizer.budget import BackoffRule, BudgetResult, MetricSpec, PassSpec, backed_off_specs, search_budget
-from optimizer.verify.pass_bisect import bisect_passes
-from optimizer.errors import ModelSaveError, OnnxCompressError, OptionError, PassError, RuntimeSessionError
 from optimizer.calibration.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
-from optimizer.graph.inspection import weight_bytes_by_dtype
-from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
+from optimizer.errors import ModelSaveError, OnnxCompressError, OptionError, PassError, RuntimeSessionError
 from optimizer.fileio.lazy_io import check_sources_unchanged
-from optimizer.verify.fusion import check_fusion, op_counts
-from optimizer.fileio.model import (LAZY_LOAD_ABOVE_BYTES, fits_one_message, load_model, load_model_with_files,
-                             check_output_file, model_size_bytes, save_model)
+from optimizer.fileio.model import (
+    LAZY_LOAD_ABOVE_BYTES,
+    fits_one_message,
+    load_model,
+    load_model_with_files,
+    model_size_bytes,
+)
+from optimizer.fileio.output_files import (
+    check_apart,
+    commit,
+    folder_files,
+    previous_data_files,
+    remove_dead_staging,
+    remove_dead_temps,
+    staging_prefix,
+    warn,
+)
+from optimizer.fileio.save import check_output_file, save_model
+from optimizer.fileio.tensor_checks import custom_domain_ops
+from optimizer.graph.inspection import weight_bytes_by_dtype
+from optimizer.graph.sparse_storage import to_sparse_initializers
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class
-from optimizer.fileio.output_files import (check_apart, commit, folder_files, previous_data_files, remove_dead_staging,
-                                    remove_dead_temps, staging_prefix, warn)
 from optimizer.report.report import ModelSummary, Report, check_writes_apart, write_report
+from optimizer.verify.benchmark import BenchResult, benchmark
+from optimizer.verify.fusion import check_fusion, op_counts
+from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
+from optimizer.verify.pass_bisect import bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
-from optimizer.graph.sparse_storage import to_sparse_initializers
-from optimizer.fileio.tensor_checks import custom_domain_ops
 from optimizer.verify.validate import Comparison, Tolerance, compare
 
 DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "share", "cleanup")

@@ -13,11 +13,11 @@ parallel processes, which die with the process that started them. Trials are bou
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import os
 import re
-import importlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from optimizer.progress import progress_bar
 
 from optimizer.errors import OptionError
-from optimizer.verify.isolation import die_with_parent, spawn_without_main_script
-from optimizer.verify.layer_debug import debug_layers
-from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
 from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
+from optimizer.progress import progress_bar
 from optimizer.registry import create_pass
+from optimizer.verify.isolation import die_with_parent, spawn_without_main_script
+from optimizer.verify.layer_debug import debug_layers
+from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout
 
 Feed = dict[str, np.ndarray]

@@ -11,29 +11,40 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.api import DEFAULT_PASSES, model_summary, optimize, plan_passes, resolve_feeds, tool_version
-from optimizer.verify.benchmark import benchmark
+from optimizer.calibration.feeds import parse_shape_overrides
+from optimizer.calibration.sensitivity import sensitivity_scan
 from optimizer.cli_options import (
-    MAX_BYTES, MAX_COUNT, MAX_SAMPLES, MAX_SEED, POSITIVE_SECONDS, TOLERANCE_TYPES, OneLineParser,
-    add_tolerance_arguments, float_in, float_list_in, int_in, metric_spec, shape_override,
+    MAX_BYTES,
+    MAX_COUNT,
+    MAX_SAMPLES,
+    MAX_SEED,
+    POSITIVE_SECONDS,
+    TOLERANCE_TYPES,
+    OneLineParser,
+    add_tolerance_arguments,
+    float_in,
+    float_list_in,
+    int_in,
+    metric_spec,
+    shape_override,
 )  # fmt: skip
 from optimizer.errors import OnnxCompressError
-from optimizer.calibration.feeds import parse_shape_overrides
+from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
 from optimizer.internal_errors import internal_error_message
-from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, compare_isolated
-from optimizer.verify.layer_debug import debug_layers
-from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
-from optimizer.calibration.sensitivity import sensitivity_scan
 from optimizer.text import ControlEscapingWriter, escape_control, printable
+from optimizer.verify.benchmark import benchmark
+from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, compare_isolated
+from optimizer.verify.layer_debug import debug_layers
 from optimizer.verify.validate import Tolerance, compare
 
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3

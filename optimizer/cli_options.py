@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 
 from optimizer.errors import OnnxCompressError
-from optimizer.verify.metrics import check_metric_spec
 from optimizer.text import printable
+from optimizer.verify.metrics import check_metric_spec
 
 MAX_SAMPLES = 10_000
 MAX_SEED = 2**32 - 1

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import PassError

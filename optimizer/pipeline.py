@@ -9,8 +9,8 @@ from typing import Any
 
 import onnx
 
-from optimizer.fileio.checker import check_model_full
 from optimizer.errors import PassError
+from optimizer.fileio.checker import check_model_full
 from optimizer.graph.core import export_model, import_graph, release_mapped_values
 from optimizer.internal_errors import internal_stage
 from optimizer.pass_base import Pass, PassContext

@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.cli import main
-from tests.conftest import ROOT, SAMPLE_MODELS, assert_same_outputs, folder_state, sample_ids, seeded_feeds
+from tests.helpers.runtime import assert_same_outputs
+from tests.helpers.samples import ROOT, SAMPLE_MODELS, folder_state, sample_ids, seeded_feeds
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -283,7 +284,7 @@ def test_bench_and_inspect_and_passes_commands(sample_copy, capsys):
 
 
 def test_debug_command_ranks_compressed_layers(tmp_path, capsys):
-    from tests.optimizer.verify.test_layer_debug import compressed_mlp
+    from tests.helpers.builders import compressed_mlp
     reference, candidate, expected = compressed_mlp()
     onnx.save(reference, tmp_path / "ref.onnx")
     onnx.save(candidate, tmp_path / "cand.onnx")

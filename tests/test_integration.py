@@ -13,7 +13,8 @@ from optimizer.fileio.checker import check_model_full
 from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, all_graphs, run_model, seeded_feeds
+from tests.helpers.runtime import run_model
+from tests.helpers.samples import MODELS_DIR, all_graphs, seeded_feeds
 
 
 def all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:

@@ -13,8 +13,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from optimizer.fileio.lazy_io import map_array
-from optimizer.fileio.model import PROTOBUF_LIMIT_BYTES, load_model_with_files, save_model
+from optimizer.fileio.model import PROTOBUF_LIMIT_BYTES, load_model_with_files
 from optimizer.fileio.output_files import previous_data_files
+from optimizer.fileio.save import save_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

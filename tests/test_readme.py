@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import MODELS_DIR, ROOT
+from tests.helpers.samples import MODELS_DIR, ROOT
 
 README = ROOT / "README.md"
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)

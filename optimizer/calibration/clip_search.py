@@ -1,6 +1,7 @@
 """Clip-range searches over a calibration histogram: MSE-optimal and entropy (KL) thresholds.
 
-Both scan candidate ranges inside the unclipped one and evaluate every candidate at once from prefix sums of the histogram, so a 2048-bin search costs a few
+Both scan candidate ranges inside the unclipped one and evaluate every candidate at once from prefix
+sums of the histogram, so a 2048-bin search costs a few
 milliseconds instead of one Python loop per threshold.
 """
 

@@ -148,7 +148,7 @@ def resolve_shapes(
     for spec in specs:
         if spec.name in overrides:
             _check_override(spec, overrides[spec.name])
-            for dim, value in zip(spec.shape, overrides[spec.name]):
+            for dim, value in zip(spec.shape, overrides[spec.name], strict=False):
                 if isinstance(dim, str):
                     bound.setdefault(dim, value)
     resolved = {}
@@ -174,7 +174,7 @@ def _check_override(spec: InputSpec, shape: tuple[int, ...]) -> None:
             f"shape override for {spec.name!r} has rank {len(shape)}, model expects rank "
             f"{len(spec.shape)} {_format_shape(spec.shape)}"
         )
-    for axis, (dim, value) in enumerate(zip(spec.shape, shape)):
+    for axis, (dim, value) in enumerate(zip(spec.shape, shape, strict=False)):
         if isinstance(dim, int) and dim != value:
             raise FeedError(
                 f"shape override for {spec.name!r} sets dim {axis} to {value}, model fixes it to "
@@ -317,7 +317,7 @@ def _checked_array(spec: InputSpec, value: object, index: int) -> np.ndarray:
             f"{where}: rank {value.ndim} {value.shape}, model expects rank {len(spec.shape)} "
             f"{_format_shape(spec.shape)}"
         )
-    for axis, (dim, size) in enumerate(zip(spec.shape, value.shape)):
+    for axis, (dim, size) in enumerate(zip(spec.shape, value.shape, strict=False)):
         if isinstance(dim, int) and dim != size:
             raise FeedError(
                 f"{where}: dim {axis} is {size}, model fixes it to {dim} {_format_shape(spec.shape)}"

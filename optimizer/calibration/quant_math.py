@@ -83,7 +83,9 @@ def expand_to(values: np.ndarray, shape: tuple[int, ...], axis: int | None, bloc
     return np.take(repeated, np.arange(shape[axis]), axis=axis)
 
 
-def value_ranges(values: np.ndarray, axis: int | None = None, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def value_ranges(
+    values: np.ndarray, axis: int | None = None, block_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) of ``values`` per tensor, per channel along ``axis``, or per block along ``axis``."""
     values = np.asarray(values, dtype=np.float32)
     if axis is None:
@@ -98,11 +100,13 @@ def value_ranges(values: np.ndarray, axis: int | None = None, block_size: int | 
     pad[axis] = (0, padded_count - count)
     low_source = np.pad(values, pad, constant_values=np.inf)
     high_source = np.pad(values, pad, constant_values=-np.inf)
-    split = values.shape[:axis] + (padded_count // block_size, block_size) + values.shape[axis + 1:]
+    split = (*values.shape[:axis], padded_count // block_size, block_size, *values.shape[axis + 1:])
     return low_source.reshape(split).min(axis=axis + 1), high_source.reshape(split).max(axis=axis + 1)
 
 
-def scale_zero_point(low: np.ndarray, high: np.ndarray, target: QType, *, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def scale_zero_point(
+    low: np.ndarray, high: np.ndarray, target: QType, *, symmetric: bool,
+) -> tuple[np.ndarray, np.ndarray]:
     """Scales (float32, > 0) and integer zero points covering ``[low, high]`` with 0 inside.
 
     Symmetric: zero point 0 (signed) or the middle code (unsigned), scale = max|x| / qmax.

@@ -15,22 +15,34 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
-import onnxruntime
-from optimizer.progress import progress_bar
 
 from optimizer.calibration.expose import (
-    FLOAT_TYPES, SUBGRAPH_ONLY, UNKNOWN_TENSOR, TensorCatalog, build_catalog, expose_outputs,
-    group_by_budget, is_float_array,
+    FLOAT_TYPES,
+    SUBGRAPH_ONLY,
+    UNKNOWN_TENSOR,
+    TensorCatalog,
+    build_catalog,
+    expose_outputs,
+    group_by_budget,
+    is_float_array,
 )  # fmt: skip
 from optimizer.calibration.histogram import RunningMinMax, StreamingHistogram
 from optimizer.errors import FeedError, OptionError
-from optimizer.fileio.model import fits_one_message, save_model
+from optimizer.fileio.model import fits_one_message
+from optimizer.fileio.save import save_model
+from optimizer.progress import progress_bar
 from optimizer.verify.runtime import (
-    DEFAULT_TIMEOUT_S, ProviderChoice, checked_timeout, create_session, resolve_provider, run_session,
+    DEFAULT_TIMEOUT_S,
+    ProviderChoice,
+    Session,
+    checked_timeout,
+    create_session,
+    resolve_provider,
+    run_session,
 )  # fmt: skip
 
 __all__ = [
@@ -94,7 +106,8 @@ class _Options:
         if self.max_outputs_per_run is not None and (
             not isinstance(self.max_outputs_per_run, int) or self.max_outputs_per_run < 1
         ):
-            raise OptionError(f"max_outputs_per_run must be a positive integer or None; got {self.max_outputs_per_run!r}")
+            raise OptionError("max_outputs_per_run must be a positive integer or None; "
+                              f"got {self.max_outputs_per_run!r}")
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1:
             raise OptionError(f"memory_budget_bytes must be a positive integer; got {self.memory_budget_bytes!r}")
         for key in ("max_binned", "max_samples"):
@@ -167,31 +180,41 @@ def collect_ranges(
     seen = dict.fromkeys(statistics, 0)
     input_bytes = sum(int(np.asarray(value).nbytes) for value in first.values())
     runner = _GroupRunner(model, plan.run, catalog, options, choice, input_bytes)
-    count = 0
     total = len(feeds) if isinstance(feeds, Sequence) else None
     if total is not None and max_samples is not None:
         total = min(total, max_samples)
     pending = [first]
     del first
-    stopped = None
     with progress_bar(total=total, desc="calibrating", unit="sample", enabled=progress) as bar:
-        for feed in _prepend(pending, samples):
-            runner.observe(feed, statistics, seen, plan.skipped)
-            for name in plan.inputs:
-                _add_input(name, feed, statistics, seen, plan.skipped)
-            count += 1
-            runner.regroup_if_needed()
-            bar.update(1)
-            if max_samples is not None and count >= max_samples:
-                if next(samples, None) is not None:
-                    stopped = f"read the first {count} samples (max_samples); the feeds hold more"
-                break
+        count, stopped = _observe_all(pending, samples, runner, plan, statistics, seen, max_samples, bar)
     ranges = _ordered(_finish(plan, statistics, seen, options, catalog, count), tensor_names)
     notes = [choice.note] if choice.note else []
     notes += [stopped] if stopped else []
     notes += [f"{runner.rebuilds} regrouping(s); final groups: {len(runner.groups)}"]
     return CalibrationResult(ranges, _ordered(plan.skipped, tensor_names), count,
                              time.perf_counter() - started, method, notes)  # fmt: skip
+
+
+def _observe_all(pending: list[Feed], samples: Iterator[Feed], runner: _GroupRunner, plan: _Plan,
+                 statistics: dict, seen: dict, max_samples: int | None, bar: Any) -> tuple[int, str | None]:
+    """Feed every sample to the statistics, one at a time; return (samples read, why reading stopped early).
+
+    ``pending`` holds the already-read first sample in a list the iterator empties, so the caller
+    keeps no reference to it and no more than one sample is alive at a time.
+    """
+    count = 0
+    for feed in _prepend(pending, samples):
+        runner.observe(feed, statistics, seen, plan.skipped)
+        for name in plan.inputs:
+            _add_input(name, feed, statistics, seen, plan.skipped)
+        count += 1
+        runner.regroup_if_needed()
+        bar.update(1)
+        if max_samples is not None and count >= max_samples:
+            if next(samples, None) is not None:
+                return count, f"read the first {count} samples (max_samples); the feeds hold more"
+            break
+    return count, None
 
 
 def _samples(feeds: FeedSource) -> Iterator[Feed]:
@@ -313,7 +336,7 @@ class _GroupRunner:
 
 
 def _group_session(model: onnx.ModelProto, group: list[str], choice: ProviderChoice,
-                   elem_types: Mapping[str, int]) -> onnxruntime.InferenceSession:  # fmt: skip
+                   elem_types: Mapping[str, int]) -> Session:  # fmt: skip
     exposed = expose_outputs(model, group, prune=True, elem_types=elem_types)
     if fits_one_message(exposed):
         return create_session(exposed.SerializeToString(), choice, memory_arena=False)[0]

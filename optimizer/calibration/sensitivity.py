@@ -19,11 +19,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from optimizer.progress import progress_bar
 
 from optimizer.errors import FeedError, OptionError
+from optimizer.progress import progress_bar
 from optimizer.verify.runtime import (
-    DEFAULT_TIMEOUT_S, ProviderChoice, as_provider_choice, checked_timeout, create_session, run_outputs,
+    DEFAULT_TIMEOUT_S,
+    ProviderChoice,
+    as_provider_choice,
+    checked_timeout,
+    create_session,
+    run_outputs,
 )  # fmt: skip
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -88,20 +93,20 @@ class SensitivityTable:
                 if high / low < 1.0 + 1e-9:
                     break
             choice = self._choose(high)
-        self.allocation = dict(zip((layer.name for layer in self.layers), choice))
+        self.allocation = dict(zip((layer.name for layer in self.layers), choice, strict=False))
         return dict(self.allocation)
 
     def _choose(self, weight: float) -> list[float]:
         """Each layer's sparsity minimizing noise - weight * pruned parameters."""
         picks = []
         for layer in self.layers:
-            options = [(0.0, 0.0)] + list(zip(self.sparsities, layer.noise()))
+            options = [(0.0, 0.0), *list(zip(self.sparsities, layer.noise(), strict=False))]
             costs = [noise - weight * layer.elements * sparsity for sparsity, noise in options]
             picks.append(options[int(np.argmin(costs))][0])
         return picks
 
     def _pruned(self, picks: list[float]) -> float:
-        return sum(layer.elements * pick for layer, pick in zip(self.layers, picks))
+        return sum(layer.elements * pick for layer, pick in zip(self.layers, picks, strict=False))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -195,7 +200,7 @@ class _Runner:
 
     def _agreement(self, candidates: list[np.ndarray]) -> tuple[float, float]:
         dot = ref_sq = cand_sq = err_sq = 0.0
-        for reference, candidate in zip(self.reference, candidates):
+        for reference, candidate in zip(self.reference, candidates, strict=False):
             dot += float(reference @ candidate)
             ref_sq += float(reference @ reference)
             cand_sq += float(candidate @ candidate)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import onnx
 
-from optimizer.fileio.model import fits_one_message, save_model
+from optimizer.fileio.model import fits_one_message
+from optimizer.fileio.save import save_model
 
 
 def check_model_full(model: onnx.ModelProto) -> None:

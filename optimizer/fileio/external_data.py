@@ -321,10 +321,7 @@ def _open_regular(
         raise ValueError(f"is {file_kind(before.st_mode)}" + ("" if in_folder else f" ({path})"))
     if before.st_nlink > 1:
         raise ValueError(f"is a hard link ({before.st_nlink} links)")
-    if in_folder is None:
-        fd = os.open(path, _READ_FLAGS)
-    else:
-        fd = os.open(in_folder[1], _READ_FLAGS, dir_fd=in_folder[2])
+    fd = os.open(path, _READ_FLAGS) if in_folder is None else os.open(in_folder[1], _READ_FLAGS, dir_fd=in_folder[2])
     if not same_file(before, os.fstat(fd)):
         os.close(fd)
         raise ValueError("changed while it was being opened")

@@ -34,8 +34,8 @@ import weakref
 from collections import OrderedDict
 
 import numpy as np
-from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import TensorProto
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from optimizer.errors import ModelLoadError
 
@@ -285,7 +285,7 @@ class MappedValues(LazyValues):
     ``tensor`` is a fresh copy on every access, because the exporter renames what it gets.
     """
 
-    def __init__(self, tensor: TensorProto) -> None:  # noqa: D107 (no super: it sets .tensor)
+    def __init__(self, tensor: TensorProto) -> None:  # no super: it sets .tensor
         self._marker = TensorProto()
         self._marker.CopyFrom(tensor)
         self.shape = tuple(int(dim) for dim in tensor.dims)

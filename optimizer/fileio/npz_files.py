@@ -170,7 +170,7 @@ def _parse_header(text: str) -> tuple[np.dtype, tuple[int, ...], bool]:
     if not isinstance(shape, tuple) or not all(isinstance(dim, int) and dim >= 0 for dim in shape):
         raise ValueError(f"shape {shape!r} is not a tuple of sizes >= 0")
     if not isinstance(fortran_order, bool):
-        raise ValueError(f"fortran_order {fortran_order!r} is not a bool")  # noqa: TRY004 (a bad value in the file)
+        raise ValueError(f"fortran_order {fortran_order!r} is not a bool")  # a bad value in the file
     try:
         dtype = np.lib.format.descr_to_dtype(header["descr"])
     except (TypeError, ValueError) as error:

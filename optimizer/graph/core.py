@@ -20,13 +20,13 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from optimizer.errors import PassError
+from optimizer.fileio.lazy_io import MappedValues, SpillFile, is_lazy, mapped_tensor, spillable
 from optimizer.graph.interface import (
     keep_input_declarations,
     keep_training_initializers,
     record_training_bindings,
     restore_initializer_inputs,
 )
-from optimizer.fileio.lazy_io import MappedValues, SpillFile, is_lazy, mapped_tensor, spillable
 from optimizer.graph.sparse_storage import restore_unchanged_sparse, wrap_sparse_constants
 
 G_LOGGER.severity = G_LOGGER.ERROR

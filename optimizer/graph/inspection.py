@@ -289,7 +289,7 @@ def _walk_model(model: onnx.ModelProto) -> _Walk:
         path = _function_path(function)
         walk.graph_paths.add(path)
         walk.subgraphs.append(_graph_label(path, len(function.node)))
-        _walk_nodes(function.node, path, [{name: None for name in function.input}], walk)
+        _walk_nodes(function.node, path, [dict.fromkeys(function.input)], walk)
     return walk
 
 
@@ -344,7 +344,7 @@ def _file_size_bytes(
     if not locations and size < weight_bytes:
         try:
             on_disk = onnx.load(path, load_external_data=False)
-        except Exception:  # noqa: BLE001 - a size report must not fail on an unreadable file
+        except Exception:
             on_disk = None
         if on_disk is not None:
             locations = _external_locations(_walk_model(on_disk).weights)

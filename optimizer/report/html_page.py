@@ -79,7 +79,7 @@ def _size_section(data: dict[str, Any], plots: _Plots) -> list[str]:
 def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
     out = ["<h2>Passes</h2>"]
     if not passes:
-        return out + ["<p>No pass ran.</p>"]
+        return [*out, "<p>No pass ran.</p>"]
     rows = []
     for run in passes:
         report = run["report"]

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import OnnxCompressError, OptionError
-from optimizer.report.html_page import format_number, layer_columns, render_html
 from optimizer.fileio.output_files import check_apart, folder_files, temp_file
+from optimizer.report.html_page import format_number, layer_columns, render_html
 from optimizer.text import escape_control
 
 REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
@@ -119,13 +119,13 @@ def _size_section(before: dict[str, Any], after: dict[str, Any] | None) -> list[
                      after["weight_bytes_by_dtype"].get(dtype, 0) if after else None))
     for label, old, new in rows:
         lines.append(f"| {label} | {old:,} | {_num(new)} | {_ratio(old, new)} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
     lines = ["## Passes", ""]
     if not passes:
-        return lines + ["No pass ran.", ""]
+        return [*lines, "No pass ran.", ""]
     lines += ["| pass | modified | counts | saved bytes | skipped | seconds |", "|---|---|---|---:|---:|---:|"]
     for run in passes:
         report = run["report"]
@@ -138,14 +138,14 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
         for name, skip in skips:
             what = ", ".join(f"{k} `{v}`" for k, v in skip.items() if k != "reason")
             lines.append(f"- {name}: {what}: {skip['reason']}")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _layers_section(layers: list[dict[str, Any]]) -> list[str]:
     keys = layer_columns(layers)
     lines = ["## Per layer", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_num(layer.get(k)) for k in keys) + " |" for layer in layers]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _budget_section(budget: dict[str, Any]) -> list[str]:
@@ -157,7 +157,7 @@ def _budget_section(budget: dict[str, Any]) -> list[str]:
     if steps:
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_num(step.get(k)) for k in keys) + " |" for step in steps]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _fusion_section(fusion: dict[str, Any]) -> list[str]:
@@ -166,7 +166,7 @@ def _fusion_section(fusion: dict[str, Any]) -> list[str]:
              f"{fusion.get('quantized_groups_written')} quantized group(s) written; integer kernels: {kernels} "
              f"({fusion.get('provider_used')})."]
     lines += [f"- warning: {w}" for w in fusion.get("warnings", [])]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _validation_section(validation: dict[str, Any]) -> list[str]:
@@ -183,7 +183,7 @@ def _validation_section(validation: dict[str, Any]) -> list[str]:
         lines.append(f"| {out['name']} | {_num(out.get('max_abs'))} | {_num(out.get('mean_abs'))} | "
                      f"{_num(out.get('max_rel'))} | {_num(out.get('cosine'))} | {_num(out.get('sqnr_db'))} | "
                      f"{_num(out.get('top1_agreement'))} | {verdict} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
@@ -193,7 +193,7 @@ def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
     for row in benchmark.get("models", []):
         lines.append(f"| {row['name']} | {row['size_bytes']:,} | {_num(row['session_create_ms'])} | "
                      f"{_num(row['p50_ms'])} | {_num(row['p90_ms'])} | {_num(row['ratio_p50'])} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _num(value: Any) -> str:

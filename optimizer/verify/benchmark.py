@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from optimizer.progress import progress_bar
-
 from optimizer.errors import FeedError, ModelLoadError, OptionError
+from optimizer.progress import progress_bar
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
     ModelSource,
@@ -81,7 +80,8 @@ class BenchResult:
             lines.append(f"note: {self.provider_note}")
         lines += [
             "",
-            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | ratio paired | create ms | provider |",
+            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | ratio paired "
+            "| create ms | provider |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for timing in self.models:
@@ -181,7 +181,7 @@ def benchmark(
     checked_timeout(timeout_s)
     choice = as_provider_choice(provider)
     sessions, providers_used, create_ms = [], [], []
-    for model, name in zip(models, model_names):
+    for model, _name in zip(models, model_names, strict=False):
         start_ns = time.perf_counter_ns()
         session, provider_used = create_session(model, choice, threads=threads, spinning=False)
         create_ms.append((time.perf_counter_ns() - start_ns) / NANOSECONDS_PER_MS)
@@ -190,20 +190,20 @@ def benchmark(
     total_runs = (warmup + rounds) * len(models)
     with progress_bar(total=total_runs, desc="benchmark", unit="run", enabled=progress) as bar:
         for index in range(warmup):
-            for session, name in zip(sessions, model_names):
+            for session, name in zip(sessions, model_names, strict=False):
                 run_session(session, feeds[index % len(feeds)], label=name, stage=STAGE, timeout_s=timeout_s)
                 bar.update(1)
         times_ms = _timed_rounds(sessions, model_names, feeds, rounds, bar, timeout_s)
     timings = [
         _timing(name, model, times, created, used)
         for name, model, times, created, used in zip(
-            model_names, models, times_ms, create_ms, providers_used
+            model_names, models, times_ms, create_ms, providers_used, strict=False
         )
     ]
     baseline_p50_ms = timings[0].p50_ms
     for position, timing in enumerate(timings):
         timing.ratio_p50 = 1.0 if position == 0 else _ratio(timing.p50_ms, baseline_p50_ms)
-        paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0])]
+        paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0], strict=False)]
         timing.ratio_paired = 1.0 if position == 0 else float(np.median(paired))
     return BenchResult(
         models=timings,
@@ -221,7 +221,7 @@ def _timed_rounds(
     """Per model, the latency of each round; feeds are sliced per session before timing."""
     prepared = [
         [session_feed(session, feed, label=name) for feed in feeds]
-        for session, name in zip(sessions, names)
+        for session, name in zip(sessions, names, strict=False)
     ]
     bounded = [_BoundedSession(session, timeout_s) for session in sessions]
     times_ms: list[list[float]] = [[] for _ in sessions]

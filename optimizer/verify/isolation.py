@@ -23,8 +23,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from optimizer.errors import OnnxCompressError, RuntimeSessionError
 from optimizer.calibration.feeds import Feed
+from optimizer.errors import OnnxCompressError, RuntimeSessionError
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, ModelSource, ProviderChoice, model_label
 from optimizer.verify.validate import Comparison, Tolerance, compare
 
@@ -36,6 +36,7 @@ NOT_VALIDATED = "not validated"
 _STOP_GRACE_S = 5.0
 _OUTPUT_TAIL_BYTES = 4096
 _PR_SET_PDEATHSIG = 1
+_DEFAULT_TOLERANCE = Tolerance(max_abs=1e-6)
 EXIT_PARENT_GONE = 75
 """Exit code of a child that ended because its parent went away."""
 
@@ -67,7 +68,7 @@ def compare_isolated(
     candidate_path: ModelSource,
     feeds: Iterable[Feed],
     *,
-    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(max_abs=1e-6),
+    tolerance: Tolerance | Mapping[str, Tolerance] = _DEFAULT_TOLERANCE,
     provider: str | ProviderChoice = "cpu",
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     max_memory_bytes: int | None = None,

@@ -56,7 +56,8 @@ class LayerDebugReport:
 
     def summary(self, top: int | None = None) -> str:
         rows = self.layers if top is None else self.layers[:top]
-        header = f"{'node':32s} {'op':10s} {'kind':10s} {'bits':>4s} {'sparsity':>8s} {'w SQNR':>8s} {'out SQNR':>9s} {'cosine':>9s}"
+        header = (f"{'node':32s} {'op':10s} {'kind':10s} {'bits':>4s} {'sparsity':>8s} {'w SQNR':>8s} "
+                  f"{'out SQNR':>9s} {'cosine':>9s}")
         lines = [f"{len(self.layers)} compressed layer(s), {self.samples} sample(s); worst first", header]
         for layer in rows:
             lines.append(f"{layer.node[:32]:32s} {layer.op[:10]:10s} {layer.kind:10s} {_fmt(layer.bits, 'd'):>4s} "
@@ -102,7 +103,9 @@ def debug_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     return LayerDebugReport(ranked, samples, unmatched)
 
 
-def _match_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[list[tuple[LayerError, str | None]], list[str]]:
+def _match_layers(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto,
+) -> tuple[list[tuple[LayerError, str | None]], list[str]]:
     """Candidate nodes whose output name is a reference compute node's output, and that changed."""
     ref_nodes = {out: node for node in reference.graph.node if node.op_type in COMPUTE_OPS for out in node.output[:1]}
     ref_weights = _constants(reference.graph)
@@ -162,7 +165,8 @@ def _weight_errors(reference: onnx.ModelProto, layers: list[LayerError], weight_
             continue
         error = effective - ref_weight.astype(np.float64)
         noise = float((error ** 2).sum())
-        layer.weight_sqnr_db = math.inf if noise == 0 else 10 * math.log10(max(float((ref_weight.astype(np.float64) ** 2).sum()), 1e-300) / noise)
+        signal = max(float((ref_weight.astype(np.float64) ** 2).sum()), 1e-300)
+        layer.weight_sqnr_db = math.inf if noise == 0 else 10 * math.log10(signal / noise)
         layer.weight_max_abs = float(np.abs(error).max(initial=0.0))
 
 

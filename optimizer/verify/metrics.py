@@ -17,7 +17,12 @@ import numpy as np
 
 from optimizer.errors import OptionError
 from optimizer.verify.runtime import (
-    DEFAULT_TIMEOUT_S, ModelSource, as_provider_choice, create_session, model_label, run_session,
+    DEFAULT_TIMEOUT_S,
+    ModelSource,
+    as_provider_choice,
+    create_session,
+    model_label,
+    run_session,
 )  # fmt: skip
 
 Outputs = list[dict[str, np.ndarray]]

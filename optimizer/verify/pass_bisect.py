@@ -20,12 +20,13 @@ from typing import Any
 
 import onnx
 
-from optimizer.errors import OnnxCompressError, PassError
 from optimizer.calibration.feeds import Feed
+from optimizer.errors import OnnxCompressError, PassError
+from optimizer.fileio.model import load_model
+from optimizer.fileio.save import save_model
 from optimizer.graph.core import export_model, import_graph
-from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, run_isolated
-from optimizer.fileio.model import load_model, save_model
 from optimizer.pass_base import Pass, PassContext
+from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, run_isolated
 from optimizer.verify.runtime import ProviderChoice
 from optimizer.verify.validate import Tolerance, compare
 

@@ -34,6 +34,8 @@ ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 IN_MEMORY_MODEL = "<in-memory model>"
+# The session type, named here so other modules can annotate with it without touching onnxruntime.
+Session = onnxruntime.InferenceSession
 
 _PROVIDER_ALIASES = {
     "cpu": "cpu",

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from optimizer.errors import FeedError, OptionError, RuntimeSessionError
 from optimizer.calibration.feeds import Feed, check_feed, session_input_specs
+from optimizer.errors import FeedError, OptionError, RuntimeSessionError
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
     ModelSource,
@@ -106,7 +106,7 @@ class Comparison:
         rows = [header] + [_summary_row(metrics) for metrics in self.outputs]
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
         lines = [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip()
             for row in rows
         ]
         lines.insert(0, f"{self.samples} sample(s) on {self.provider_used}")
@@ -207,7 +207,7 @@ class _OutputAccumulator:
                 self.reference_dtype.kind == "f" and len(shape) >= 2 and shape[-1] >= 2
             )
         elif len(self.shape) == len(shape):
-            self.shape = [old if old == new else None for old, new in zip(self.shape, shape)]
+            self.shape = [old if old == new else None for old, new in zip(self.shape, shape, strict=False)]
 
     def _add_numeric(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         finite = np.isfinite(reference) & np.isfinite(candidate)
@@ -334,7 +334,7 @@ def resolve_tolerances(
     """One tolerance per output. In a mapping, "*" is the default for outputs not named;
     without "*", unnamed outputs keep the strict ``Tolerance(max_abs=1e-6)``."""
     if isinstance(tolerance, Tolerance):
-        return {name: tolerance for name in output_names}
+        return dict.fromkeys(output_names, tolerance)
     if not isinstance(tolerance, Mapping):
         raise OptionError(
             f"tolerance must be a Tolerance or a mapping, got {type(tolerance).__name__}"

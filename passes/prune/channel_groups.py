@@ -221,7 +221,7 @@ def _flatten(node: gs.Node, layout: Layout, group: ChannelGroup, uses) -> list[t
     if node.op == "Reshape":
         shape = _required(node, 1, uses)
         target = shape.values.tolist()
-        if len(target) != 2 or target[0] == -1 and target[1] != group.channels:
+        if len(target) != 2 or (target[0] == -1 and target[1] != group.channels):
             raise Illegal(f"Reshape '{node.name}' to {target}: layout after it cannot be followed")
         if target[1] == group.channels:
             group.reshapes.append((shape, 1))

@@ -28,16 +28,25 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.sensitivity import DEFAULT_SPARSITIES, sensitivity_scan
 from optimizer.errors import OptionError, PassError
 from optimizer.graph.core import tensor_uses
+from optimizer.graph.sparse_storage import storage_choice
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
-from optimizer.calibration.sensitivity import DEFAULT_SPARSITIES, sensitivity_scan
-from optimizer.graph.sparse_storage import storage_choice
 from passes.prune.nm import follows_nm, nm_prune, weight_layout
 from passes.prune.weights import (
-    WEIGHT_SLOTS, WeightRef, as_weight, check_patterns, is_default_domain, magnitude_order,
-    name_matches, role_of, sparsity_of, zero_count, zero_flat,
+    WEIGHT_SLOTS,
+    WeightRef,
+    as_weight,
+    check_patterns,
+    is_default_domain,
+    magnitude_order,
+    name_matches,
+    role_of,
+    sparsity_of,
+    zero_count,
+    zero_flat,
 )  # fmt: skip
 from passes.weight_guard import NON_FINITE_OPTION_HELP, WeightGuard
 

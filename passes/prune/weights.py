@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.core import DEFAULT_DOMAINS, TensorUse, is_constant_node, weight_values
 from optimizer.calibration.sensitivity import magnitude_order, zero_count  # noqa: F401  (one magnitude rule)
+from optimizer.graph.core import DEFAULT_DOMAINS, TensorUse, is_constant_node, weight_values
 
 WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
 """Input index that holds the weight, per prunable op type."""

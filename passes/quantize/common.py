@@ -21,8 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from optimizer.calibration.quant_math import QType, QuantizedTensor, pack_4bit
 from optimizer.graph.core import iter_graphs, tensor_proto_bytes, tensor_proto_dtype
-from optimizer.calibration.quant_math import QuantizedTensor, QType, pack_4bit
 from passes.quantize.targets import QUANTIZED_SUFFIX, WeightTarget
 
 FloatForm = Literal["dq", "fold"]

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.pass_base import PassReport
 from optimizer.calibration.quant_math import qtype, quantize_weight
+from optimizer.pass_base import PassReport
 from passes.quantize.common import Names, QuantizedWeight
 from passes.quantize.targets import Consumer, WeightTarget, name_matcher
 from passes.quantize.weights import WeightSpec, quantize_weight_only, weight_only_spec

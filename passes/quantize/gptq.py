@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.errors import PassError
 from optimizer.calibration.gptq import HessianAccumulator, InverseFactor, gptq_quantize
+from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
+from optimizer.errors import PassError
 from optimizer.graph.core import is_constant_derived
 from optimizer.pass_base import PassContext, PassReport
-from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
 from passes.quantize.outliers import observe_activations
 from passes.quantize.targets import WeightTarget
 from passes.quantize.weights import WeightSpec

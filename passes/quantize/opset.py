@@ -15,8 +15,8 @@ from onnx import version_converter
 from optimizer.errors import PassError
 from optimizer.graph.core import DEFAULT_DOMAINS, dropped_initializers, export_model, import_graph
 from optimizer.graph.interface import copy_interface_records
-from optimizer.pass_base import PassReport
 from optimizer.graph.sparse_storage import mark_sparse_sources, to_dense_initializers
+from optimizer.pass_base import PassReport
 
 
 def ensure_opset(graph: gs.Graph, required: int, report: PassReport) -> gs.Graph:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.quant_math import qtype, quantize, quantize_bias, quantize_weight, scale_zero_point
 from optimizer.calibration.ranges import collect_ranges
 from optimizer.graph.core import is_constant_derived, weight_values
 from optimizer.pass_base import PassContext, PassReport
-from optimizer.calibration.quant_math import qtype, quantize, quantize_bias, quantize_weight, scale_zero_point
 from passes.quantize.common import Names, QuantizedWeight, float_constant, integer_constant
 from passes.quantize.dynamic import weight_only_reason
 from passes.quantize.outliers import probe_model

@@ -8,12 +8,12 @@ import pytest
 
 from optimizer.api import build_passes, optimize
 from optimizer.errors import OptionError
-from optimizer.graph.core import iter_graphs
 from optimizer.fileio.model import load_model
+from optimizer.graph.core import iter_graphs
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.report.report import write_report
 from optimizer.verify.validate import Tolerance
-from tests.conftest import MODELS_DIR, digest, seeded_feeds
+from tests.helpers.samples import MODELS_DIR, digest, seeded_feeds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +142,7 @@ def test_calibration_feeds_are_checked_against_the_model(tmp_path):
 
 
 def test_fusion_check_runs_by_itself_on_quantized_outputs(tmp_path):
-    from tests.optimizer.verify.test_fusion import matmul_model
+    from tests.helpers.builders import matmul_model
     quantized = optimize(matmul_model("weight-only"), tmp_path / "q.onnx", passes=["cleanup"])
     assert quantized.report.fusion["integer_kernels"] == {"MatMulNBits": 1}
     assert "## What onnxruntime runs" in quantized.report.to_markdown()

@@ -10,10 +10,10 @@ from optimizer import registry
 from optimizer.budget import BackoffRule, MetricSpec, PassSpec, backed_off_specs, search_budget
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
-from tests.conftest import MODELS_DIR, seeded_feeds
-from tests.optimizer.budget_damage import matches
+from tests.helpers.budget_damage import matches
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
-DAMAGE_MODULE = "tests.optimizer.budget_damage"
+DAMAGE_MODULE = "tests.helpers.budget_damage"
 
 SPECS = [PassSpec("damage-test")]
 RULES = [BackoffRule("damage-test", "exclude_nodes")]
@@ -98,6 +98,7 @@ def test_optimize_with_a_budget_reports_steps_and_fallbacks(data, tmp_path):
 
 def test_cli_budget_flags(data, tmp_path, capsys):
     import numpy as np
+
     from optimizer.cli import main
     model, feeds = data
     for index, feed in enumerate(feeds):

@@ -6,11 +6,11 @@ import pytest
 from onnx import TensorProto, helper
 
 import passes  # noqa: F401
-from optimizer.fileio.checker import check_model_full
 from optimizer.errors import OptionError
+from optimizer.fileio.checker import check_model_full
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import assert_same_outputs
+from tests.helpers.runtime import assert_same_outputs
 
 
 def run_cleanup(model: onnx.ModelProto, **options):

@@ -6,12 +6,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import passes  # noqa: F401
-from optimizer.fileio.checker import check_model_full
 from optimizer.errors import OptionError
+from optimizer.fileio.checker import check_model_full
 from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, assert_same_outputs, seeded_feeds
+from tests.helpers.runtime import assert_same_outputs
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def convert(model: onnx.ModelProto, **options):

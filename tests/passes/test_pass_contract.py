@@ -14,7 +14,8 @@ from optimizer.fileio.model import load_model
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class, pass_names
-from tests.conftest import SAMPLE_MODELS, assert_same_outputs, run_model, sample_ids, seeded_feeds
+from tests.helpers.runtime import assert_same_outputs, run_model
+from tests.helpers.samples import SAMPLE_MODELS, sample_ids, seeded_feeds
 
 LOSSY_MIN_COSINE = 0.9
 

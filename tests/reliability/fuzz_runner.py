@@ -122,7 +122,7 @@ def _loads(name: str) -> str:
     try:
         onnx.load(name)
         onnxruntime.InferenceSession(name, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001  any failure to load is the finding
+    except Exception as error:  # any failure to load is the finding
         return f"{name}: {type(error).__name__}: {str(error)[:300]}"
     return ""
 
@@ -160,7 +160,7 @@ def _child(case: Case, folder: Path, tmp: Path, logs: Path, main: Main) -> None:
             code = int(main(case.command.resolve(case.model)) or 0)
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
-        except BaseException:  # noqa: BLE001  anything escaping main() is the finding
+        except BaseException:  # anything escaping main() is the finding
             traceback.print_exc()
             code = EXIT_ESCAPED
         if code == 0 and case.command.outputs:

@@ -12,9 +12,9 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.verify.pass_bisect import bisect_passes
 from optimizer.errors import PassError
 from optimizer.pass_base import Pass, PassContext, PassResult
+from optimizer.verify.pass_bisect import bisect_passes
 from optimizer.verify.validate import Tolerance
 
 LOSSLESS = Tolerance(max_abs=1e-6)

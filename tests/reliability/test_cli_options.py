@@ -12,9 +12,9 @@ import pytest
 from optimizer import registry
 from optimizer.cli import main
 from optimizer.errors import OptionError
-from optimizer.verify.metrics import check_metric_spec, load_metric
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.registry import parse_option_text
+from optimizer.verify.metrics import check_metric_spec, load_metric
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = ROOT / "models" / "mlp.onnx"

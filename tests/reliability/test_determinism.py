@@ -18,7 +18,7 @@ import pytest
 import passes  # noqa: F401  (registers every pass)
 from optimizer.cli import main
 from optimizer.registry import get_pass_class, pass_names
-from tests.conftest import MODELS_DIR, seeded_feeds
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 from tests.reliability.child import ROOT
 
 HASH_SEEDS = ("0", "1", "4242")

@@ -14,8 +14,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from optimizer.fileio.model import load_model, save_model
+from optimizer.fileio.model import load_model
 from optimizer.fileio.output_files import file_digest
+from optimizer.fileio.save import save_model
 from tests.reliability.child import ROOT, error_lines, run_cli_child, tree_state, weight_model
 
 KILL_MODEL_BYTES = 200 * 2**20
@@ -127,7 +128,7 @@ import os, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from tests.reliability.child import weight_model
-from optimizer.fileio.model import save_model
+from optimizer.fileio.save import save_model
 model = weight_model(int(sys.argv[3]) // 4, seed=7)
 real_write = os.write
 def slow_write(fd, data):

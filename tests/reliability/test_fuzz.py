@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_MODELS
+from tests.helpers.samples import ROOT, SAMPLE_MODELS
 from tests.reliability.fuzz_runner import (
     ALWAYS,
     ROTATION,

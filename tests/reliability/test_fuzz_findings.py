@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError
 from optimizer.fileio.model import load_model
-from tests.conftest import MODELS_DIR
+from tests.helpers.samples import MODELS_DIR
 
 
 def _loop_model(trip_dims: list[int] | None, cond_dims: list[int] | None) -> onnx.ModelProto:

@@ -17,10 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import optimizer.api as api_module
 import optimizer.fileio.model as model_module
-from optimizer.fileio import lazy_io
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError, ModelSaveError
-from optimizer.fileio.model import load_model, load_model_with_files, save_model
+from optimizer.fileio import lazy_io
+from optimizer.fileio.model import load_model, load_model_with_files
+from optimizer.fileio.save import save_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MLP = REPO_ROOT / "models" / "mlp.onnx"
@@ -274,7 +275,8 @@ def test_hostile_model_fields_are_exit_2_in_every_command(tmp_path, capsys, case
 _MANY_FILES = r"""
 import resource, sys
 import optimizer.fileio.model as model_module
-from optimizer.fileio.model import load_model, load_model_with_files, save_model
+from optimizer.fileio.model import load_model, load_model_with_files
+from optimizer.fileio.save import save_model
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 model = load_model(sys.argv[1])
 assert len(model.graph.initializer) == int(sys.argv[3])

@@ -15,10 +15,14 @@ import optimizer.fileio.model as model_module
 from optimizer.errors import ModelLoadError
 from optimizer.fileio.model import load_model
 from optimizer.fileio.tensor_checks import custom_domain_ops
-from tests.optimizer.fileio.test_model import (
-    EXTERNAL_NAME, WEIGHTS, _add_model, _valid_model_bytes, _write, _write_external_model,
+from tests.helpers.model_files import (
+    EXTERNAL_NAME,
+    WEIGHTS,
+    _add_model,
+    _valid_model_bytes,
+    _write,
+    _write_external_model,
 )  # fmt: skip
-
 
 # --------------------------------------------------------------------------- graph limits
 

@@ -15,10 +15,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from optimizer.fileio import npz_files
+from optimizer.calibration.feeds import load_npz_feeds
 from optimizer.cli import main
 from optimizer.errors import FeedError
-from optimizer.calibration.feeds import load_npz_feeds
+from optimizer.fileio import npz_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MLP = REPO_ROOT / "models" / "mlp.onnx"

@@ -19,15 +19,16 @@ import pytest
 import optimizer.api as api_module
 from optimizer.api import optimize
 from optimizer.errors import ModelSaveError, OptionError, RuntimeSessionError
-from optimizer.fileio.model import load_model, save_model
+from optimizer.fileio.model import load_model
 from optimizer.fileio.output_files import process_start_ticks
+from optimizer.fileio.save import save_model
 from tests.reliability.child import ROOT, run_cli_child, weight_model
 
 ROUNDS = 20
 _WRITER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from optimizer.fileio.model import save_model
+from optimizer.fileio.save import save_model
 from tests.reliability.child import weight_model
 model = weight_model(200_000, seed=int(sys.argv[3]))
 for _ in range(int(sys.argv[4])):

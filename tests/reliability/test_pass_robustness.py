@@ -25,12 +25,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.cli import main
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
-from optimizer.graph.core import export_model, import_graph
-from optimizer.graph.inspection import inspect_model
-from optimizer.graph.inspect_values import NonFiniteTensor
+from optimizer.cli import main
 from optimizer.fileio.tensor_checks import check_inline_tensor
+from optimizer.graph.core import export_model, import_graph
+from optimizer.graph.inspect_values import NonFiniteTensor
+from optimizer.graph.inspection import inspect_model
 from passes.weight_guard import OVERRIDABLE_INPUT_REASON, WeightGuard, non_finite_count
 
 RNG_SEED = 0

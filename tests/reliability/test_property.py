@@ -18,7 +18,8 @@ from optimizer.fileio.model import load_model
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass, get_pass_class, pass_names
-from tests.conftest import assert_same_outputs, run_model, seeded_feeds
+from tests.helpers.runtime import assert_same_outputs, run_model
+from tests.helpers.samples import seeded_feeds
 from tests.reliability.random_graphs import features, random_model
 
 SEEDS = range(20)

@@ -18,9 +18,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from optimizer.cli import main
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
-from tests.conftest import SAMPLE_MODELS, sample_ids
+from optimizer.cli import main
+from tests.helpers.samples import SAMPLE_MODELS, sample_ids
 
 REQUESTS: dict[str, list[str]] = {
     "default": [],

@@ -23,10 +23,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.verify import run_limit
 from optimizer.errors import OptionError
-from optimizer.verify.isolation import EXIT_PARENT_GONE, die_with_parent
 from optimizer.pass_base import PassContext
+from optimizer.verify import run_limit
+from optimizer.verify.isolation import EXIT_PARENT_GONE, die_with_parent
 from optimizer.verify.runtime import RunTimeoutError, checked_timeout, create_session, resolve_provider, run_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,13 +239,13 @@ def test_killing_the_cli_during_validation_leaves_no_child(hanging, how, tmp_pat
 BUDGET_SCRIPT = """
 from optimizer.budget import BackoffRule, MetricSpec, PassSpec, search_budget
 from optimizer.fileio.model import load_model
-from tests.conftest import MODELS_DIR, seeded_feeds
-from tests.optimizer.budget_damage import register
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
+from tests.helpers.budget_damage import register
 register()
 model = load_model(MODELS_DIR / "mlp.onnx")
 search_budget(model, [PassSpec("damage-test")], [BackoffRule("damage-test", "exclude_nodes")], MetricSpec("cosine"),
               seeded_feeds(model, count=4), max_drop=0.002, workers=2,
-              worker_imports=("tests.optimizer.budget_damage:register", "signal:pause"))
+              worker_imports=("tests.helpers.budget_damage:register", "signal:pause"))
 """
 """A budget search whose workers never finish starting (``signal.pause()`` in their initializer), so
 they are busy when the parent is killed."""

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer.calibration.expose import SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
 from optimizer.calibration.ranges import (
     CalibrationResult,
     StreamingHistogram,
@@ -17,10 +18,9 @@ from optimizer.calibration.ranges import (
     collect_ranges,
     expose_outputs,
 )  # fmt: skip
-from optimizer.calibration.expose import SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
 from optimizer.errors import FeedError, OptionError
 from optimizer.graph.shapes import STUB_ABOVE_BYTES
-from tests.conftest import MODELS_DIR, seeded_feeds
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 

@@ -3,7 +3,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.errors import FeedError
 from optimizer.calibration.feeds import (
     InputSpec,
     check_feeds,
@@ -14,6 +13,7 @@ from optimizer.calibration.feeds import (
     resolve_shapes,
     session_input_specs,
 )
+from optimizer.errors import FeedError
 from optimizer.verify.runtime import create_session, resolve_provider
 
 

@@ -12,8 +12,8 @@ from optimizer.calibration.quant_math import (
     quantize_bias,
     quantize_weight,
     relative_error,
-    scale_zero_point,
     scale_shape,
+    scale_zero_point,
     unpack_4bit,
     value_ranges,
 )

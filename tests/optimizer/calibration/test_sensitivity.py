@@ -8,11 +8,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from optimizer.calibration.sensitivity import LayerSensitivity, SensitivityTable, sensitivity_scan
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
-from optimizer.calibration.sensitivity import LayerSensitivity, SensitivityTable, sensitivity_scan
 from optimizer.graph.sparse_storage import size_report, sparse_bytes, to_dense_initializers, to_sparse_initializers
-from tests.conftest import MODELS_DIR, run_model, seeded_feeds
+from tests.helpers.runtime import run_model
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def test_scan_measures_every_weight_and_pruning_more_hurts_more():

@@ -16,15 +16,16 @@ import pytest
 from onnx import TensorProto, helper
 
 import passes  # noqa: F401  (registers the passes)
-from optimizer.fileio import lazy_io
 from optimizer.errors import ModelLoadError, ModelSaveError
-from optimizer.graph.core import export_model, import_graph, iter_graphs, weight_values
-from optimizer.fileio.model import has_lazy_tensors, load_model, load_model_with_files, save_model
+from optimizer.fileio import lazy_io
+from optimizer.fileio.model import has_lazy_tensors, load_model, load_model_with_files
 from optimizer.fileio.output_files import previous_data_files
+from optimizer.fileio.save import save_model
+from optimizer.fileio.tensor_checks import iter_tensors
+from optimizer.graph.core import export_model, import_graph, iter_graphs, weight_values
 from optimizer.pipeline import Pipeline, model_shell
 from optimizer.registry import create_pass
-from optimizer.fileio.tensor_checks import iter_tensors
-from tests.conftest import assert_same_outputs
+from tests.helpers.runtime import assert_same_outputs
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 SIDE = 128  # 128 x 128 float32 = 64 KB per weight: lazy, and spilled when a pass changes it

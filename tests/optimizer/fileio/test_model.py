@@ -12,19 +12,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 import optimizer.fileio.model as model_module
 from optimizer.errors import ModelLoadError
-from optimizer.fileio.model import load_model, load_model_with_files, save_model
-
-from tests.optimizer.fileio.model_helpers import (
-    WEIGHTS,
+from optimizer.fileio.model import load_model, load_model_with_files
+from optimizer.fileio.save import save_model
+from tests.helpers.model_files import (
     EXTERNAL_NAME,
-    _function_model,
+    WEIGHTS,
     _add_model,
     _external_tensor,
-    _write_external_model,
     _file_hashes,
+    _function_model,
     _run_add,
+    _valid_model_bytes,
     _write,
+    _write_external_model,
 )
+
+
 def test_round_trip_keeps_metadata_docs_opsets_and_functions(tmp_path):
     model = _function_model()
     loaded = load_model(save_model(model, tmp_path / "m.onnx"))
@@ -273,10 +276,6 @@ def test_bad_tensor_inside_subgraph_is_rejected():
 
 
 # --------------------------------------------------------------------------- hostile files
-
-
-def _valid_model_bytes() -> bytes:
-    return _function_model().SerializeToString()
 
 
 @pytest.mark.parametrize(

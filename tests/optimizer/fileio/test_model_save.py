@@ -13,22 +13,21 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import optimizer.fileio.model as model_module
+import optimizer.fileio.save as save_module
 from optimizer.errors import ModelSaveError
-from optimizer.fileio.model import load_model, load_model_with_files, save_model, serialized_size_bytes
+from optimizer.fileio.model import load_model, load_model_with_files, serialized_size_bytes
 from optimizer.fileio.output_files import process_start_ticks
-
-from tests.optimizer.fileio.model_helpers import (
-    REPO_ROOT,
+from optimizer.fileio.save import save_model
+from tests.helpers.model_files import (
     EXTERNAL_NAME,
-    _function_model,
+    REPO_ROOT,
     _add_model,
-    _write_external_model,
     _file_hashes,
+    _function_model,
     _run_add,
     _write,
+    _write_external_model,
 )
-
 
 # --------------------------------------------------------------------------- saving: refusals
 
@@ -135,8 +134,8 @@ def test_external_data_save_round_trips_and_leaves_caller_model_alone(tmp_path):
 
 
 def test_automatic_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT_BYTES", 3000)
-    monkeypatch.setattr(model_module, "PROTOBUF_MARGIN_BYTES", 0)
+    monkeypatch.setattr(save_module, "PROTOBUF_LIMIT_BYTES", 3000)
+    monkeypatch.setattr(save_module, "PROTOBUF_MARGIN_BYTES", 0)
     model = _large_weight_model(1000)
     assert serialized_size_bytes(model) >= 4000
     with pytest.raises(ModelSaveError, match="over protobuf's 2 GB limit"):
@@ -176,7 +175,8 @@ def test_disk_full_leaves_no_file_and_no_temp(tmp_path, external_data):
 import resource, signal, sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
 from optimizer.errors import ModelSaveError
-from optimizer.fileio.model import load_model, save_model
+from optimizer.fileio.model import load_model
+from optimizer.fileio.save import save_model
 model = load_model({str(source)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
@@ -247,7 +247,7 @@ def test_crash_between_data_and_model_rename_never_pairs_an_old_model_with_new_d
         calls.append(destination)
         raise _Crash
 
-    monkeypatch.setattr(model_module.os, "replace", replace_then_crash)
+    monkeypatch.setattr(save_module.os, "replace", replace_then_crash)
     with pytest.raises(_Crash):
         save_model(_large_weight_model(2000, "other"), target, external_data=True)
     assert len(calls) == 1 and pathlib.Path(calls[0]).name.endswith(".data")

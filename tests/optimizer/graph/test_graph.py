@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer.fileio.model import load_model
 from optimizer.graph.core import (
     export_model,
     import_graph,
@@ -13,8 +14,8 @@ from optimizer.graph.core import (
     unused_initializers,
     weight_values,
 )
-from optimizer.fileio.model import load_model
-from tests.conftest import MODELS_DIR, SAMPLE_MODELS, all_initializer_names, assert_same_outputs, seeded_feeds
+from tests.helpers.runtime import assert_same_outputs
+from tests.helpers.samples import MODELS_DIR, SAMPLE_MODELS, all_initializer_names, seeded_feeds
 
 
 def test_round_trip_keeps_model_fields_of_every_sample():

@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import optimizer.verify.benchmark as benchmark_module
-from optimizer.verify.benchmark import benchmark, model_size_bytes, round_order
 from optimizer.errors import FeedError, OptionError, RuntimeSessionError
+from optimizer.verify.benchmark import benchmark, model_size_bytes, round_order
 from optimizer.verify.runtime import CPU_PROVIDER, CUDA_PROVIDER
 
 

@@ -8,36 +8,13 @@ from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
 from optimizer.verify.fusion import analyse, check_fusion
+from tests.helpers.builders import matmul_model
 
 RNG = np.random.default_rng(0)
-K, N = 64, 96
 
 
 def array(values, name):
     return numpy_helper.from_array(values, name)
-
-
-def matmul_model(kind: str) -> onnx.ModelProto:
-    weight = (RNG.standard_normal((K, N)) * 0.05).astype(np.float32)
-    scale = (np.abs(weight).max(0) / 127).astype(np.float32)
-    quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
-    inputs = [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, K])]
-    outputs = [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, N])]
-    if kind == "fp32":
-        nodes, inits = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [array(weight, "W")]
-    elif kind == "weight-only":
-        nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], axis=1, name="dq"),
-                 helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
-        inits = [array(quantized, "Wq"), array(scale, "Ws")]
-    else:
-        nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
-                 helper.make_node("MatMulInteger", ["xq", "Wq", "xz", "wz"], ["yi"], name="mmi"),
-                 helper.make_node("Cast", ["yi"], ["yf"], to=T.FLOAT, name="cast"),
-                 helper.make_node("Mul", ["xs", "Ws"], ["sc"], name="scale"),
-                 helper.make_node("Mul", ["yf", "sc"], ["y"], name="rescale")]
-        inits = [array(quantized, "Wq"), array(scale, "Ws"), array(np.zeros(N, np.int8), "wz")]
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
 def conv_model(static: bool, integer: bool = False) -> onnx.ModelProto:

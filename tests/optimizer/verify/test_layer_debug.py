@@ -3,36 +3,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
-from optimizer.verify.layer_debug import debug_layers
 from optimizer.fileio.model import load_model
-from tests.conftest import MODELS_DIR, seeded_feeds
-
-
-def compressed_mlp() -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
-    """fc1 weight: half its columns zeroed (pruned); mm2 weight: int8 per-column via DequantizeLinear."""
-    reference = load_model(MODELS_DIR / "mlp.onnx")
-    candidate = onnx.ModelProto()
-    candidate.CopyFrom(reference)
-    gemm = next(n for n in candidate.graph.node if n.op_type == "Gemm")
-    matmul = next(n for n in candidate.graph.node if n.op_type == "MatMul")
-    inits = {t.name: t for t in candidate.graph.initializer}
-    pruned = numpy_helper.to_array(inits[gemm.input[1]]).copy()
-    pruned[:, ::2] = 0
-    inits[gemm.input[1]].CopyFrom(numpy_helper.from_array(pruned, gemm.input[1]))
-    weight = numpy_helper.to_array(inits[matmul.input[1]])
-    scale = (np.abs(weight).max(0) / 127).astype(np.float32)
-    quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
-    candidate.graph.initializer.extend([numpy_helper.from_array(quantized, "w_q"), numpy_helper.from_array(scale, "w_s")])
-    dq = helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w_dq"], axis=1, name="w_dequantize")
-    index = list(candidate.graph.node).index(matmul)
-    candidate.graph.node.insert(index, dq)
-    matmul.input[1] = "w_dq"
-    onnx.checker.check_model(candidate, full_check=True)
-    expected = {"pruned": gemm, "quantized": matmul, "weight": weight, "dequantized": quantized * scale}
-    return reference, candidate, expected
+from optimizer.verify.layer_debug import debug_layers
+from tests.helpers.builders import compressed_mlp
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def test_compressed_layers_are_found_classified_and_ranked():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from optimizer.errors import OptionError
-from optimizer.verify.metrics import builtin_metric, collect_outputs, load_metric
 from optimizer.fileio.model import load_model
-from tests.conftest import MODELS_DIR, seeded_feeds
+from optimizer.verify.metrics import builtin_metric, collect_outputs, load_metric
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def outputs(*arrays, name="y"):

@@ -7,8 +7,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.errors import FeedError, OptionError, RuntimeSessionError
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
+from optimizer.errors import FeedError, OptionError, RuntimeSessionError
 from optimizer.verify.runtime import (
     CPU_PROVIDER,
     CUDA_PROVIDER,

@@ -5,14 +5,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import passes  # noqa: F401
+import passes
 import passes.prune.channels  # noqa: F401  (registers the pass until passes/__init__ imports it)
-from optimizer.fileio.checker import check_model_full
 from optimizer.errors import OptionError
+from optimizer.fileio.checker import check_model_full
 from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, assert_same_outputs, seeded_feeds
+from tests.helpers.runtime import assert_same_outputs
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def prune_channels(model: onnx.ModelProto, **options):

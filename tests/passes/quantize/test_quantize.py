@@ -10,24 +10,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import passes  # noqa: F401
-import passes.quantize.quantize_pass  # noqa: F401  (registers the pass until passes/__init__ lists it)
+import passes
 import passes.quantize.gptq as gptq_module
-from optimizer.fileio.checker import check_model_full
+import passes.quantize.quantize_pass  # noqa: F401  (registers the pass until passes/__init__ lists it)
 from optimizer.errors import OptionError, PassError
 from optimizer.fileio.model import load_model
-from optimizer.pass_base import PassContext
-from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, run_model, seeded_feeds
-
-
-def quantize(model: onnx.ModelProto, calibration=None, **options):
-    context = PassContext(calibration=(lambda: iter(calibration)) if calibration is not None else None)
-    result = Pipeline([create_pass("quantize", **options)], check_each_pass=True, context=context).run(model)
-    check_model_full(result.model)
-    ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return result, result.runs[0].report
+from tests.helpers.quantize_checks import initializers, quantize
+from tests.helpers.runtime import max_abs_error, ort_runs, run_model
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def all_graphs(graph: onnx.GraphProto):
@@ -38,23 +29,8 @@ def all_graphs(graph: onnx.GraphProto):
                 yield from all_graphs(attribute.g)
 
 
-def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for g in all_graphs(model.graph) for t in g.initializer}
-
-
 def nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for g in all_graphs(model.graph) for n in g.node]
-
-
-def ort_runs(model: onnx.ModelProto, tmp_path) -> Counter:
-    """Op types of the graph onnxruntime really runs (SessionOptions.optimized_model_filepath)."""
-    source, target = tmp_path / "model.onnx", tmp_path / "model.ort-optimized.onnx"
-    onnx.save(model, source)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(target).graph.node)
 
 
 def run_unoptimized(model: onnx.ModelProto, feed: dict) -> np.ndarray:
@@ -63,11 +39,6 @@ def run_unoptimized(model: onnx.ModelProto, feed: dict) -> np.ndarray:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)[0]
-
-
-def max_abs_error(reference, candidate, feeds) -> float:
-    return max(float(np.abs(a - b).max()) for ra, rb in zip(run_model(reference, feeds), run_model(candidate, feeds))
-               for a, b in zip(ra, rb) if a.dtype.kind == "f")
 
 
 def matmul_model(weight: np.ndarray, opset: int = 17, gelu: bool = False) -> onnx.ModelProto:
@@ -97,7 +68,7 @@ def test_weight_only_int8_integers_equal_numpy_round_half_even_and_logits_bound(
     for name in quantized:
         assert stored[name].data_type == TensorProto.INT8
         original = originals[name[: -len("_quantized")]]
-        axis = 1 if original.shape == (128, 128) or original.shape[0] != 10 and original.shape[1] == 10 else 0
+        axis = 1 if original.shape == (128, 128) or (original.shape[0] != 10 and original.shape[1] == 10) else 0
         scale = np.abs(original).max(axis=1 - axis) / np.float32(127)
         shape = [1, 1]
         shape[axis] = -1

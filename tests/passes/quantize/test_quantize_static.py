@@ -12,8 +12,9 @@ from optimizer.fileio.model import load_model
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.conftest import MODELS_DIR, run_model, seeded_feeds
-from tests.passes.quantize.test_quantize import initializers, max_abs_error, ort_runs, quantize
+from tests.helpers.quantize_checks import initializers, quantize
+from tests.helpers.runtime import max_abs_error, ort_runs, run_model
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
 def test_static_cnn_runs_qlinearconv_with_int32_bias(tmp_path):

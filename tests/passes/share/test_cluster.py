@@ -5,11 +5,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import passes  # noqa: F401
-import passes.share.cluster  # noqa: F401  (registers "cluster" until passes/__init__ imports it)
+import passes
+import passes.share.cluster
 import passes.share.share_pass  # noqa: F401
-from optimizer.fileio.checker import check_model_full
 from optimizer.errors import OptionError
+from optimizer.fileio.checker import check_model_full
 from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
@@ -23,7 +23,8 @@ from passes.share.kmeans import (
     uniform_fake_quantize,
     unpack,
 )
-from tests.conftest import MODELS_DIR, run_model
+from tests.helpers.runtime import run_model
+from tests.helpers.samples import MODELS_DIR
 
 F = TensorProto.FLOAT
 

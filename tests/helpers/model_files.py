@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, parser
 
+from tests.helpers.runtime import run_model
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 WEIGHTS = np.arange(1, 5, dtype=np.float32)
 EXTERNAL_NAME = "weight_ext"
 
@@ -36,7 +37,7 @@ def _function_model() -> onnx.ModelProto:
     return model
 
 
-def _add_model(weight: TensorProto, *, extra: list[TensorProto] = ()) -> onnx.ModelProto:
+def _add_model(weight: TensorProto, *, extra: Sequence[TensorProto] = ()) -> onnx.ModelProto:
     """y = x + weight, with weight (and any extra tensors) as initializers."""
     dims = list(weight.dims) if weight.data_type == TensorProto.FLOAT else [4]
     graph = helper.make_graph(
@@ -81,9 +82,7 @@ def _file_hashes(folder: pathlib.Path) -> dict[str, str]:
 
 
 def _run_add(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
-    source = model if isinstance(model, str) else model.SerializeToString()
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return run_model(pathlib.Path(model) if isinstance(model, str) else model, [{"x": x}])[0][0]
 
 
 # --------------------------------------------------------------------------- round trips
@@ -91,3 +90,8 @@ def _run_add(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
 def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
     path.write_bytes(data)
     return path
+
+
+def _valid_model_bytes() -> bytes:
+    """A small valid model file's bytes, the starting point the hostile-file tests break."""
+    return _function_model().SerializeToString()

@@ -37,7 +37,8 @@ class DamagePass(Pass):
         report = PassReport()
         for node in graph.nodes:
             weight = node.inputs[1] if len(node.inputs) > 1 else None
-            if node.op not in ("Gemm", "MatMul") or not isinstance(weight, gs.Constant) or matches(node.name, self.exclude_nodes):
+            if (node.op not in ("Gemm", "MatMul") or not isinstance(weight, gs.Constant)
+                    or matches(node.name, self.exclude_nodes)):
                 continue
             rng = np.random.default_rng(len(node.name))
             values = weight.values
