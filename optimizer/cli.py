@@ -26,20 +26,22 @@ from optimizer.cli_options import (
     MAX_SAMPLES,
     MAX_SEED,
     POSITIVE_SECONDS,
-    TOLERANCE_TYPES,
     OneLineParser,
+    UsageError,
     add_tolerance_arguments,
     float_in,
     float_list_in,
     int_in,
     metric_spec,
     shape_override,
+    tolerance_from_args,
 )  # fmt: skip
 from optimizer.errors import OnnxCompressError
 from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
 from optimizer.internal_errors import internal_error_message
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
+from optimizer.report.inspect_text import inspection_text
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
 from optimizer.text import ControlEscapingWriter, escape_control, printable
 from optimizer.verify.benchmark import benchmark
@@ -79,8 +81,6 @@ EXAMPLES = {
 }
 
 
-class UsageError(OnnxCompressError):
-    """A command-line argument is malformed."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +176,37 @@ def _add_optimize(commands) -> None:
                           "see 'onnx-compress passes'")
     sub.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="settings",
                      help="set a pass option, e.g. constants-to-initializers.min_size_bytes=64 (repeatable)")
+    _add_compression_arguments(sub)
+    sub.add_argument("--calibration-data", metavar="DIR",
+                     help="folder of .npz feeds that passes needing data (static quantization, sensitivity) run on")
+    sub.add_argument("--validate", action="store_true", help="compare the output with the input in onnxruntime")
+    sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
+    sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
+    sub.add_argument("--rounds", type=int_in(1, MAX_COUNT), default=20, help="benchmark rounds (default 20)")
+    sub.add_argument("--fusion-check", action=argparse.BooleanOptionalAction, default=None,
+                     help="report which quantized groups onnxruntime runs as integer kernels "
+                          "(default: when the output has DequantizeLinear nodes)")
+    sub.add_argument("--report", action="append", default=[], metavar="FILE",
+                     help="write the report as .json, .md or .html (repeatable)")
+    _add_budget_arguments(sub)
+    sub.add_argument("--check-each-pass", action="store_true",
+                     help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
+    sub.add_argument("--bisect", action="store_true",
+                     help="when a pass or validation fails, search for the first pass that broke the model")
+    sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                     help="store weights in OUTPUT.HASH.data: auto (only past protobuf's 2 GB), always, never")
+    sub.add_argument("--max-input-bytes", type=int_in(1, MAX_BYTES), help="refuse input files larger than this")
+    _add_symlink_argument(sub)
+    sub.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    sub.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_feed_arguments(sub)
+    add_tolerance_arguments(sub)
+    _add_isolation_arguments(sub)
+    sub.set_defaults(handler=_run_optimize)
+
+
+def _add_compression_arguments(sub: argparse.ArgumentParser) -> None:
+    """The shortcut flags that add prune, quantize and cluster after --passes."""
     compress = sub.add_argument_group("compression (added after --passes: prune, then quantize or cluster)")
     compress.add_argument("--quantize", choices=("int8", "uint8", "int4", "uint4"),
                           help="quantize weights to this type (pass 'quantize', option weight_type)")
@@ -193,17 +224,10 @@ def _add_optimize(commands) -> None:
                           help="prune.storage: store pruned weights as sparse_initializer where it pays (auto)")
     compress.add_argument("--cluster", type=int_in(2, 8), metavar="BITS", dest="cluster_bits",
                           help="share weights through 2^BITS-entry codebooks (pass 'cluster', option bits)")
-    sub.add_argument("--calibration-data", metavar="DIR",
-                     help="folder of .npz feeds that passes needing data (static quantization, sensitivity) run on")
-    sub.add_argument("--validate", action="store_true", help="compare the output with the input in onnxruntime")
-    sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
-    sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
-    sub.add_argument("--rounds", type=int_in(1, MAX_COUNT), default=20, help="benchmark rounds (default 20)")
-    sub.add_argument("--fusion-check", action=argparse.BooleanOptionalAction, default=None,
-                     help="report which quantized groups onnxruntime runs as integer kernels "
-                          "(default: when the output has DequantizeLinear nodes)")
-    sub.add_argument("--report", action="append", default=[], metavar="FILE",
-                     help="write the report as .json, .md or .html (repeatable)")
+
+
+def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
+    """--max-drop and the metric it is measured with."""
     budget = sub.add_argument_group("accuracy budget (measured on --data, held out from --calibration-data)")
     budget.add_argument("--max-drop", type=float_in(0.0, math.inf), metavar="X",
                         help="back off the most harmful layers until --metric drops by at most X")
@@ -216,20 +240,6 @@ def _add_optimize(commands) -> None:
     budget.add_argument("--max-trials", type=int_in(1, MAX_COUNT), default=24,
                         help="compression trials at most (default 24)")
     budget.add_argument("--workers", type=int_in(1, 256), default=1, help="trials in parallel processes (default 1)")
-    sub.add_argument("--check-each-pass", action="store_true",
-                     help="run onnx.checker (full_check) after every pass to name the pass that broke a model")
-    sub.add_argument("--bisect", action="store_true",
-                     help="when a pass or validation fails, search for the first pass that broke the model")
-    sub.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
-                     help="store weights in OUTPUT.HASH.data: auto (only past protobuf's 2 GB), always, never")
-    sub.add_argument("--max-input-bytes", type=int_in(1, MAX_BYTES), help="refuse input files larger than this")
-    _add_symlink_argument(sub)
-    sub.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    sub.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    _add_feed_arguments(sub)
-    add_tolerance_arguments(sub)
-    _add_isolation_arguments(sub)
-    sub.set_defaults(handler=_run_optimize)
 
 
 def _add_validate(commands) -> None:
@@ -396,7 +406,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     inspection = inspect_model(load_model(args.model, allow_symlinks_under=args.allow_symlinks_under),
                                path=args.model, top=args.top)
-    print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection.to_text())
+    print(json.dumps(inspection.to_dict(), indent=2) if args.json else inspection_text(inspection))
     return EXIT_OK
 
 
@@ -455,39 +465,6 @@ def parse_settings(settings: Sequence[str]) -> dict[str, dict[str, Any]]:
             raise UsageError(f"--set '{item}': expected PASS.OPTION=VALUE")
         options.setdefault(name, {})[option_name] = parse_option_text(name, option_name, text)
     return options
-
-
-TOLERANCE_KEYS = {"atol": "max_abs", "rtol": "max_rel", "min-cosine": "min_cosine",
-                  "min-sqnr": "min_sqnr_db", "min-top1": "min_top1"}
-
-
-def tolerance_from_args(args: argparse.Namespace) -> Tolerance | dict[str, Tolerance] | None:
-    """The global flags as one Tolerance, or a per-output mapping ("*" = the global flags)."""
-    values = {"max_abs": args.atol, "max_rel": args.rtol, "min_cosine": args.min_cosine,
-              "min_sqnr_db": args.min_sqnr, "min_top1": args.min_top1}
-    common = None if all(value is None for value in values.values()) else Tolerance(**values)
-    if not args.output_tolerance:
-        return common
-    per_output = dict(parse_output_tolerance(item) for item in args.output_tolerance)
-    return {"*": common or Tolerance(max_abs=1e-6), **per_output}
-
-
-def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:
-    """``"logits:atol=1e-3,min-cosine=0.99"`` -> ("logits", Tolerance(max_abs=0.001, min_cosine=0.99))."""
-    name, sep, body = item.rpartition(":")
-    if not sep or not name or not body:
-        raise UsageError(f"--output-tolerance '{item}': expected OUTPUT:KEY=VALUE[,KEY=VALUE]")
-    values = {}
-    for part in body.split(","):
-        key, eq, text = part.partition("=")
-        if not eq or key.strip() not in TOLERANCE_KEYS:
-            raise UsageError(f"--output-tolerance '{item}': '{part}' is not KEY=VALUE with KEY one of "
-                             f"{', '.join(TOLERANCE_KEYS)}")
-        try:
-            values[TOLERANCE_KEYS[key.strip()]] = TOLERANCE_TYPES[key.strip()](text)
-        except argparse.ArgumentTypeError as error:
-            raise UsageError(f"--output-tolerance '{item}': {key.strip()}: {error}") from None
-    return name, Tolerance(**values)
 
 
 def _one_line(text: str) -> str:

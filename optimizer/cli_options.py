@@ -14,6 +14,7 @@ from collections.abc import Callable
 from optimizer.errors import OnnxCompressError
 from optimizer.text import printable
 from optimizer.verify.metrics import check_metric_spec
+from optimizer.verify.validate import Tolerance
 
 MAX_SAMPLES = 10_000
 MAX_SEED = 2**32 - 1
@@ -22,6 +23,10 @@ MAX_BYTES = 2**62
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_SHAPE_DIM = 2**31 - 1
 MAX_SHAPE_ELEMENTS = 2**30
+
+
+class UsageError(OnnxCompressError):
+    """A command-line argument is malformed."""
 
 
 def _refuse(text: str, expected: str) -> argparse.ArgumentTypeError:
@@ -157,3 +162,36 @@ def add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
                        type=output_tolerance,
                        help="tolerance for one output, keys atol, rtol, min-cosine, min-sqnr, min-top1, e.g. "
                             "logits:atol=1e-3,min-cosine=0.999 (repeatable; other outputs use the flags above)")
+
+
+TOLERANCE_KEYS = {"atol": "max_abs", "rtol": "max_rel", "min-cosine": "min_cosine",
+                  "min-sqnr": "min_sqnr_db", "min-top1": "min_top1"}
+
+
+def tolerance_from_args(args: argparse.Namespace) -> Tolerance | dict[str, Tolerance] | None:
+    """The global flags as one Tolerance, or a per-output mapping ("*" = the global flags)."""
+    values = {"max_abs": args.atol, "max_rel": args.rtol, "min_cosine": args.min_cosine,
+              "min_sqnr_db": args.min_sqnr, "min_top1": args.min_top1}
+    common = None if all(value is None for value in values.values()) else Tolerance(**values)
+    if not args.output_tolerance:
+        return common
+    per_output = dict(parse_output_tolerance(item) for item in args.output_tolerance)
+    return {"*": common or Tolerance(max_abs=1e-6), **per_output}
+
+
+def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:
+    """``"logits:atol=1e-3,min-cosine=0.99"`` -> ("logits", Tolerance(max_abs=0.001, min_cosine=0.99))."""
+    name, sep, body = item.rpartition(":")
+    if not sep or not name or not body:
+        raise UsageError(f"--output-tolerance '{item}': expected OUTPUT:KEY=VALUE[,KEY=VALUE]")
+    values = {}
+    for part in body.split(","):
+        key, eq, text = part.partition("=")
+        if not eq or key.strip() not in TOLERANCE_KEYS:
+            raise UsageError(f"--output-tolerance '{item}': '{part}' is not KEY=VALUE with KEY one of "
+                             f"{', '.join(TOLERANCE_KEYS)}")
+        try:
+            values[TOLERANCE_KEYS[key.strip()]] = TOLERANCE_TYPES[key.strip()](text)
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"--output-tolerance '{item}': {key.strip()}: {error}") from None
+    return name, Tolerance(**values)

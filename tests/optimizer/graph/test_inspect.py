@@ -18,6 +18,7 @@ from optimizer.graph.inspection import (
     weight_bytes_by_dtype,
     weight_tensors,
 )
+from optimizer.report.inspect_text import inspection_text
 
 F = TensorProto.FLOAT
 IF_PATH = "main/If_9"
@@ -266,13 +267,13 @@ def test_to_dict_is_json_and_deterministic(model):
 
 
 def test_to_text_has_every_section(model):
-    text = inspect_model(model).to_text()
+    text = inspection_text(inspect_model(model))
     for section in ("Model: (in memory)", "Inputs", "Outputs", "Nodes by op (18 total",
                     "Weights by dtype", "Weights by consuming op", "Subgraphs",
                     "Largest tensors", "Duplicates (128 B could be saved)", "Metadata keys",
                     "custom.ops::MyOp", "X: FLOAT[batch,4]", "W, W_copy, W_t"):
         assert section in text, section
-    assert text == inspect_model(model).to_text()
+    assert text == inspection_text(inspect_model(model))
 
 
 def test_file_size_counts_external_data_and_ignores_missing(tmp_path):
@@ -318,7 +319,7 @@ def test_duplicates_reshaped_and_cast_kinds():
         DuplicateGroup("reshaped", ("R", "R_3d", "R_flat"), 2 * 96),
         DuplicateGroup("cast", ("C16", "C32", "C32_copy"), 32 + 64),
     ]
-    text = inspect_model(helper.make_model(graph)).to_text()
+    text = inspection_text(inspect_model(helper.make_model(graph)))
     assert "reshaped" in text and "cast" in text
 
 
