@@ -386,7 +386,7 @@ def inspect_model(
     *,
     path: str | os.PathLike | None = None,
     top: int = 10,
-    min_duplicate_bytes: int = 16,
+    min_duplicate_bytes: int = 0,
 ) -> ModelInspection:
     """Describe a loaded model; ``path`` only adds the on-disk size (model + external data).
 

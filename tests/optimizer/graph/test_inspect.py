@@ -39,7 +39,7 @@ def _initializers() -> list[TensorProto]:
         _init("W_t", np.ascontiguousarray(w.T)),         # 48 B, transposed copy
         _init("B1", b),                                  # 32 B
         _init("B2", b.copy()),                           # 32 B, exact copy
-        _init("S1", s),                                  # 4 B, below min_duplicate_bytes
+        _init("S1", s),                                  # 4 B
         _init("S2", s.copy()),                           # 4 B
         _init("Q", np.arange(16, dtype=np.int8)),        # 16 B, unused
         helper.make_tensor("N4", TensorProto.INT4, [5], [1, -2, 3, 4, 5]),  # 3 B, unused
@@ -203,13 +203,13 @@ def test_duplicates_exact_and_transposed(model):
     assert report.duplicates == [
         DuplicateGroup("transposed", ("W", "W_copy", "W_t"), 96),
         DuplicateGroup("exact", ("B1", "B2"), 32),
+        DuplicateGroup("exact", ("S1", "S2"), 4),
     ]
 
 
-def test_small_duplicates_are_not_reported_unless_allowed(model):
-    assert all("S1" not in g.tensors for g in inspect_model(model).duplicates)
-    small = inspect_model(model, min_duplicate_bytes=1).duplicates
-    assert DuplicateGroup("exact", ("S1", "S2"), 4) in small
+def test_small_duplicates_count_unless_a_minimum_is_set(model):
+    """Every duplicate counts by default, as every one is a byte share saves; a minimum hides small ones."""
+    assert all("S1" not in g.tensors for g in inspect_model(model, min_duplicate_bytes=16).duplicates)
 
 
 def test_duplicates_across_graphs_use_path_prefix():
@@ -270,7 +270,7 @@ def test_to_text_has_every_section(model):
     text = inspection_text(inspect_model(model))
     for section in ("Model: (in memory)", "Inputs", "Outputs", "Nodes by op (18 total",
                     "Weights by dtype", "Weights by consuming op", "Subgraphs",
-                    "Largest tensors", "Duplicates (128 B could be saved)", "Metadata keys",
+                    "Largest tensors", "Duplicates (132 B could be saved)", "Metadata keys",
                     "custom.ops::MyOp", "X: FLOAT[batch,4]", "W, W_copy, W_t"):
         assert section in text, section
     assert text == inspection_text(inspect_model(model))
