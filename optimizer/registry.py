@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import types
 import typing
@@ -13,6 +14,8 @@ from optimizer.errors import OptionError
 from optimizer.pass_base import Pass
 
 _PASSES: dict[str, type[Pass]] = {}
+ENTRY_POINT_GROUP = "onnx_compress.passes"
+_plugins_loaded = False
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,33 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+def load_plugins() -> None:
+    """Register the passes other packages declare in the ``onnx_compress.passes`` entry point group.
+
+    An entry point names a module whose import registers its passes, or a Pass class itself. Loaded
+    once, the first time the registry is asked; a plugin that fails to load is an OptionError naming it.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            loaded = entry.load()
+            if isinstance(loaded, type) and issubclass(loaded, Pass):
+                register(loaded)
+        except Exception as error:  # a third-party import can raise anything
+            raise OptionError(f"pass plugin '{entry.name}' ({entry.value}, entry point group "
+                              f"{ENTRY_POINT_GROUP}) failed to load: {type(error).__name__}: {error}") from None
+
+
 def pass_names() -> list[str]:
+    load_plugins()
     return sorted(_PASSES)
 
 
 def get_pass_class(name: str) -> type[Pass]:
+    load_plugins()
     try:
         return _PASSES[name]
     except KeyError:
