@@ -1,4 +1,4 @@
-"""Library entry point: optimize() = load -> passes -> save -> validate -> report.
+"""Library entry point: optimize() = plan -> load -> run passes -> publish (validate, benchmark) -> report.
 
 This module and ``optimizer.cli`` are the only core modules that import ``passes``.
 """
@@ -6,21 +6,18 @@ This module and ``optimizer.cli`` are the only core modules that import ``passes
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import onnx
 
 import passes as _passes  # noqa: F401  (registers every pass)
-from optimizer.budget import BackoffRule, BudgetResult, MetricSpec, PassSpec, backed_off_specs, search_budget
+from optimizer.budget import BudgetResult, MetricSpec, backed_off_passes, search_budget
 from optimizer.calibration.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
-from optimizer.errors import ModelSaveError, OnnxCompressError, OptionError, PassError, RuntimeSessionError
-from optimizer.fileio.lazy_io import check_sources_unchanged
+from optimizer.errors import OptionError, PassError, RuntimeSessionError
 from optimizer.fileio.model import (
     LAZY_LOAD_ABOVE_BYTES,
     fits_one_message,
@@ -28,38 +25,29 @@ from optimizer.fileio.model import (
     load_model_with_files,
     model_size_bytes,
 )
-from optimizer.fileio.output_files import (
-    check_apart,
-    commit,
-    folder_files,
-    previous_data_files,
-    remove_dead_staging,
-    remove_dead_temps,
-    staging_prefix,
-    warn,
-)
-from optimizer.fileio.save import check_output_file, save_model
+from optimizer.fileio.output_files import folder_files, previous_data_files, warn
+from optimizer.fileio.publish import ExternalData, publish, save_unchanged_sources, staged_name, staging_folder
 from optimizer.fileio.tensor_checks import custom_domain_ops
 from optimizer.graph.inspection import weight_bytes_by_dtype
 from optimizer.graph.sparse_storage import to_sparse_initializers
+from optimizer.internal_errors import stage
 from optimizer.pass_base import CalibrationFactory, Pass, PassContext
-from optimizer.pipeline import Pipeline
+from optimizer.pipeline import Pipeline, PipelineResult
 from optimizer.registry import create_pass, get_pass_class
 from optimizer.report.report import ModelSummary, Report, check_writes_apart, write_report
+from optimizer.shortcuts import calibration_request, shortcut_options
 from optimizer.verify.benchmark import BenchResult, benchmark
 from optimizer.verify.fusion import check_fusion, op_counts
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
-from optimizer.verify.pass_bisect import bisect_passes
+from optimizer.verify.pass_bisect import BisectResult, bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
 from optimizer.verify.validate import Comparison, Tolerance, compare
 
 DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "share", "cleanup")
-PruneMode = Literal["uniform", "global", "nm", "sensitivity", "channels"]
 LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
 LOSSY_TOLERANCE = Tolerance(min_cosine=0.99, min_sqnr_db=20.0)
 ModelInput = str | os.PathLike | bytes | onnx.ModelProto
 FeedSource = str | os.PathLike | Iterable[Mapping[str, Any]] | None
-ExternalData = Literal["auto", "always", "never"]
 
 
 @dataclass
@@ -95,214 +83,272 @@ def build_passes(
     for name in sorted(options):
         get_pass_class(name)
         if name not in named:
-            raise OptionError(f"options given for pass '{name}', which is not in the pipeline ({', '.join(map(str, chosen))})")
+            raise OptionError(f"options given for pass '{name}', which is not in the pipeline "
+                              f"({', '.join(map(str, chosen))})")
     return [item if isinstance(item, Pass) else create_pass(item, **dict(options.get(item, {}))) for item in chosen]
 
 
 def plan_passes(
     base: Sequence[str] = DEFAULT_PASSES,
     *,
-    prune: float | None = None,
-    prune_mode: PruneMode = "uniform",
-    quantize: str | None = None,
-    quantize_mode: str | None = None,
-    cluster_bits: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    **shortcuts: Any,
 ) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """Pass names and options for the common requests, in the order that composes well:
-    normalize and share first, then prune, then quantize or cluster (zeros stay zeros)."""
-    if quantize is not None and cluster_bits is not None:
-        raise OptionError("quantize and cluster both rewrite the same weights: choose one")
-    names = list(base)
+    """Pass names and options for the shortcut requests (``optimizer.shortcuts.SHORTCUTS``, keyed by
+    ``dest``: prune, prune_mode, quantize, quantize_mode, cluster_bits, ...), in the order that
+    composes well: normalize and share first, then prune, then quantize or cluster (zeros stay zeros)."""
+    added, shortcut_values = shortcut_options(shortcuts)
     merged: dict[str, dict[str, Any]] = {name: dict(values) for name, values in (options or {}).items()}
-    if prune is not None:
-        name = "prune-channels" if prune_mode == "channels" else "prune"
-        names.append(name)
-        merged.setdefault(name, {}).update({"ratio": prune} if name == "prune-channels" else {"sparsity": prune, "mode": prune_mode})
-    if quantize is not None:
-        names.append("quantize")
-        merged.setdefault("quantize", {})["weight_type"] = quantize
-        if quantize_mode is not None:
-            merged["quantize"]["mode"] = quantize_mode
-    if cluster_bits is not None:
-        names.append("cluster")
-        merged.setdefault("cluster", {})["bits"] = cluster_bits
-    return list(dict.fromkeys(names)), merged
+    for name, values in shortcut_values.items():
+        merged.setdefault(name, {}).update(values)
+    return list(dict.fromkeys([*base, *added])), merged
 
 
-def optimize(
-    model: ModelInput,
-    output: str | os.PathLike | None = None,
-    *,
-    passes: Sequence[str | Pass] | None = None,
-    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
-    calibration: FeedSource = None,
-    validate: bool = False,
-    feeds: FeedSource = None,
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    samples: int = 4,
-    seed: int = 0,
-    tolerance: Tolerance | Mapping[str, Tolerance] | None = None,
-    provider: str = "cpu",
-    bench: bool = False,
-    bench_rounds: int = 20,
-    fusion_check: bool | None = None,
-    max_drop: float | None = None,
-    metric: str = "cosine",
-    metric_higher_is_better: bool | None = None,
-    metric_output: str | None = None,
-    max_trials: int = 24,
-    workers: int = 1,
-    check_each_pass: bool = False,
-    isolate: bool = True,
-    timeout_s: float | None = DEFAULT_TIMEOUT_S,
-    validate_max_memory_bytes: int | None = None,
-    bisect: bool = False,
-    external_data: ExternalData = "auto",
-    keep_failed: bool = False,
-    max_input_bytes: int | None = None,
-    progress: bool = False,
-    allow_symlinks_under: Sequence[str | os.PathLike] = (),
-    reports: Sequence[str | os.PathLike] = (),
-) -> OptimizeResult:
+@dataclass(frozen=True, kw_only=True)
+class FeedOptions:
+    """The inputs validation, the benchmark, bisect and the accuracy budget run the models on: an .npz
+    folder, an iterable of {input name: array}, or (``source`` None) ``samples`` seeded random feeds."""
+
+    source: FeedSource = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    samples: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationOptions:
+    """Compare the saved output with the input (default tolerance: exact for lossless passes).
+
+    ``isolate`` runs onnxruntime in a child process (limited to ``max_memory_bytes``) so a crash
+    becomes an error that says so; a failed comparison leaves the output unwritten unless ``keep_failed``.
+    """
+
+    tolerance: Tolerance | Mapping[str, Tolerance] | None = None
+    isolate: bool = True
+    max_memory_bytes: int | None = None
+    keep_failed: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetOptions:
+    """Back layers off, most harmful first, until ``metric`` (a built-in name or package.module:function,
+    on ``output`` only when given) drops by at most ``max_drop`` (see optimizer.budget)."""
+
+    max_drop: float
+    metric: str = "cosine"
+    higher_is_better: bool | None = None
+    output: str | None = None
+    max_trials: int = 24
+    workers: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizeOptions:
+    """Everything optimize() can be asked; the defaults run DEFAULT_PASSES and save the result.
+
+    ``passes`` are names or Pass objects, ``pass_options`` options by pass name (see plan_passes).
+    ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data run
+    on, with ``provider``; ``timeout_s`` bounds every onnxruntime run (``RunTimeoutError``).
+    ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
+    ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
+    ``bisect`` searches for the first bad pass when a pass or the validation fails.
+    External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
+    ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
+    every file it reads before any work (a collision is a ``ModelSaveError``).
+    """
+
+    passes: Sequence[str | Pass] | None = None
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None
+    calibration: FeedSource = None
+    provider: str = "cpu"
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    progress: bool = False
+    check_each_pass: bool = False
+    feeds: FeedOptions = field(default_factory=FeedOptions)
+    validation: ValidationOptions | None = None
+    bench_rounds: int | None = None
+    fusion_check: bool | None = None
+    budget: BudgetOptions | None = None
+    bisect: bool = False
+    external_data: ExternalData = "auto"
+    max_input_bytes: int | None = None
+    allow_symlinks_under: Sequence[str | os.PathLike] = ()
+    reports: Sequence[str | os.PathLike] = ()
+
+
+def optimize(model: ModelInput, output: str | os.PathLike | None = None,
+             options: OptimizeOptions | None = None) -> OptimizeResult:
     """Run passes on ``model``; save to ``output`` when given; validate and benchmark on request.
 
-    With ``validate`` the saved file itself is compared with the input on ``feeds`` (an .npz
-    folder, an iterable of feed dicts, or, when None, ``samples`` seeded random feeds). When
-    validation fails the output is not written unless ``keep_failed``. The input is never changed.
-    ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data,
-    such as static quantization, run the model on, with the same ``provider``. ``fusion_check``
-    (default: when the output holds DequantizeLinear nodes) reports what onnxruntime really runs.
-
-    With ``max_drop``, ``metric`` (a built-in name or package.module:function) is measured on
-    ``feeds`` and layers are backed off, most harmful first, until it drops by at most
-    ``max_drop`` against the original (see optimizer.budget); at most ``max_trials`` trials, run
-    in ``workers`` processes.
-
-    Validation runs in a child process (``isolate``) with ``timeout_s``, so an onnxruntime crash
-    becomes an error that says so; every other onnxruntime run (calibration, GPTQ, benchmark, budget
-    search) is stopped after ``timeout_s`` too (``RunTimeoutError``). With ``bisect``, a failed check
-    is followed by a search for the first pass that broke the model (report["bisect"]).
-
-    External data may be a symlink into ``allow_symlinks_under`` folders or a Hugging Face
-    cache's blobs folder (see ``load_model``). An input that changes during the run (checked
-    before anything is written or published) is a ``ModelLoadError``; nothing is written.
-
-    ``reports`` (.json, .md or .html paths) are written last. Every file the run would write
-    (output, reports) is checked against every file it reads (the input, its external data, the
-    ``feeds`` and ``calibration`` folders) before any work; a collision is a ``ModelSaveError``.
-    The fusion check never fails a run: a failure is a note in the report and a warning.
+    The stages, each named in an internal error: plan (passes built, calibration data checked before
+    any work) -> load -> accuracy budget (with ``options.budget``) -> run passes -> publish (staged
+    next to the output, validated and benchmarked there, then moved in atomically) -> fusion check ->
+    report. ``OptimizeOptions`` documents every option. The input is never changed; when validation
+    fails the output is not written unless ``keep_failed``. An input that changes during the run is a
+    ``ModelLoadError`` and nothing is written. The fusion check never fails a run: at worst a note.
     """
-    source, protected, reference = _load(model, max_input_bytes, allow_symlinks_under)
-    protected = (*protected, *folder_files(feeds), *folder_files(calibration))
-    check_writes_apart([*([output] if output is not None else []), *reports], reports, protected)
-    custom_ops = custom_domain_ops(source)
-    if custom_ops and validate:
-        raise RuntimeSessionError(f"{reference or 'model'}: custom-domain ops {', '.join(custom_ops)} cannot run in "
-                                  f"onnxruntime; {NOT_VALIDATED}")
-    chosen = build_passes(passes, pass_options)
-    budget = None
-    if max_drop is not None:
-        budget = _search_budget(source, chosen, BudgetRequest(
-            metric, metric_higher_is_better, metric_output, max_drop, max_trials, workers, timeout_s,
-            tuple(map(os.fspath, allow_symlinks_under))),
-            resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed),
-            calibration, provider, progress, reference)
-        chosen = build_passes(*_specs_as_arguments(budget_specs(chosen, budget.backed_off)))
-    context = PassContext(calibration=calibration_factory(source, calibration), provider=provider, progress=progress,
-                          timeout_s=timeout_s)
-    pipeline = Pipeline(chosen, check_each_pass=check_each_pass, context=context)
-    checks = None
-    if validate or bench or bisect:
-        if tolerance is None:
-            tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in chosen) else LOSSY_TOLERANCE
-        checks = _Checks(resolve_feeds(source, feeds, shapes=shapes, samples=samples, seed=seed), tolerance,
-                         provider, validate, bench, bench_rounds, isolate, timeout_s, validate_max_memory_bytes)
-    try:
-        result = pipeline.run(source)
-    except RunTimeoutError as error:
-        raise error.naming(reference) from error
-    except PassError as error:
-        if not bisect:
-            raise
-        found = bisect_passes(source, chosen, checks.feeds, tolerance=checks.tolerance, provider=provider,
-                              context=context, isolate=isolate, timeout_s=timeout_s)
-        raise PassError(f"{error}; bisect: first bad pass {found.first_bad_pass!r} ({found.reason})") from error
-    sparse_names = sorted({name for run in result.runs for name in run.report.get("details", {}).get("sparse_tensors", [])})
-    if sparse_names:
-        result.model = to_sparse_initializers(result.model, names=sparse_names, storage="sparse")[0]
-    report = Report(tool_version(), _summary(source, reference), passes=[run.to_dict() for run in result.runs])
-    if sparse_names:
-        report.notes.append(f"{len(sparse_names)} tensor(s) stored as sparse_initializer; onnxruntime loads them, "
-                            "but onnx's full checker (1.23) rejects any sparse initializer")
-    if custom_ops:
-        report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(custom_ops)}")
-    if budget is not None:
-        report.budget = budget.to_dict()
-        report.layers = _budget_layers(budget)
-    comparison = timing = None
-    if validate or bench:
-        saved, comparison, timing = _save_checked(result.model, output, reference or source, checks, report,
-                                                  external_data, protected, keep_failed)
-        report.validation = comparison.to_dict() if comparison else None
-        report.benchmark = timing.to_dict() if timing else None
-        if comparison is not None and not comparison.passed and bisect:
-            report.bisect = bisect_passes(source, chosen, checks.feeds, tolerance=checks.tolerance, provider=provider,
-                                          context=context, isolate=isolate, timeout_s=timeout_s).to_dict()
+    options = options or OptimizeOptions()
+    with stage("plan"):
+        chosen = _plan_stage(options)
+    with stage("load"):
+        run = _load_stage(model, output, options, chosen)
+    if options.budget is not None:
+        with stage("accuracy budget"):
+            budget = _budget_stage(run)
+            run.chosen = backed_off_passes(run.chosen, budget.backed_off)
     else:
-        saved = _save(result.model, output, external_data, protected) if output is not None else None
-        report.output = _summary(result.model, saved)
-    if fusion_check or (fusion_check is None and has_dequantize(result.model)):
-        _add_fusion(report, saved if saved is not None else result.model, provider)
-    for path in reports:
-        write_report(report, path)
+        budget = None
+    with stage("feeds"):
+        run.checks = _checks(run)
+    result = _run_stage(run)
+    report = _new_report(run, result, budget)
+    saved, comparison, timing = _publish_stage(run, result.model, report)
+    if options.fusion_check or (options.fusion_check is None and has_dequantize(result.model)):
+        with stage("fusion check"):
+            _add_fusion(report, saved if saved is not None else result.model, options.provider)
+    with stage("report"):
+        for path in options.reports:
+            write_report(report, path)
     return OptimizeResult(result.model, saved, result.modified, report, comparison, timing)
 
 
+@dataclass
+class _Run:
+    """What the stages share: the request, the loaded input, the passes and where checks run."""
 
-@dataclass(frozen=True)
-class BudgetRequest:
-    metric: str
-    higher_is_better: bool | None
-    output: str | None
-    max_drop: float
-    max_trials: int
-    workers: int
-    timeout_s: float | None = DEFAULT_TIMEOUT_S
-    allow_symlinks_under: tuple[str, ...] = ()
-
-
-def budget_specs(chosen: Sequence[Pass], backed_off: Sequence[str]) -> list[PassSpec]:
-    """The pipeline as picklable specs, with ``backed_off`` layers excluded where a pass can."""
-    specs = []
-    for item in chosen:
-        if get_pass_class(item.name) is not type(item):
-            raise OptionError(f"the accuracy budget needs registered passes; '{item.name}' is not the registered one")
-        specs.append(PassSpec(item.name, item.options()))
-    return backed_off_specs(specs, _backoff_rules(chosen), backed_off)
+    options: OptimizeOptions
+    output: str | os.PathLike | None
+    source: onnx.ModelProto
+    reference: Path | None
+    protected: tuple[Path, ...]
+    custom_ops: list[str]
+    chosen: list[Pass]
+    context: PassContext
+    checks: _Checks | None = None
 
 
-def _backoff_rules(chosen: Sequence[Pass]) -> list[BackoffRule]:
-    return [BackoffRule(item.name, item.backoff_option) for item in chosen if item.backoff_option]
+def _plan_stage(options: OptimizeOptions) -> list[Pass]:
+    """The passes, built once; a pass that needs calibration data without it is refused here."""
+    chosen = build_passes(options.passes, options.pass_options)
+    if options.calibration is None:
+        for item in chosen:
+            request = calibration_request(item.name, item.options())
+            if request is not None:
+                raise OptionError(f"{request} needs calibration data: --calibration-data DIR "
+                                  "(calibration=... in the library)")
+    return chosen
 
 
-def _specs_as_arguments(specs: Sequence[PassSpec]) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise OptionError("the accuracy budget needs each pass at most once in the pipeline")
-    return names, {spec.name: dict(spec.options) for spec in specs}
+def _load_stage(model: ModelInput, output: str | os.PathLike | None, options: OptimizeOptions,
+                chosen: list[Pass]) -> _Run:
+    """Load the input; refuse writes over anything the run reads, and validation of custom ops."""
+    source, protected, reference = _load(model, options.max_input_bytes, options.allow_symlinks_under)
+    protected = (*protected, *folder_files(options.feeds.source), *folder_files(options.calibration))
+    check_writes_apart([*([output] if output is not None else []), *options.reports], options.reports, protected)
+    custom_ops = custom_domain_ops(source)
+    if custom_ops and options.validation is not None:
+        raise RuntimeSessionError(f"{reference or 'model'}: custom-domain ops {', '.join(custom_ops)} cannot run in "
+                                  f"onnxruntime; {NOT_VALIDATED}")
+    with stage("calibration"):
+        factory = calibration_factory(source, options.calibration)
+    context = PassContext(calibration=factory, provider=options.provider, progress=options.progress,
+                          timeout_s=options.timeout_s)
+    return _Run(options, output, source, reference, protected, custom_ops, chosen, context)
 
 
-def _search_budget(source: onnx.ModelProto, chosen: Sequence[Pass], request: BudgetRequest, feeds: list[Feed],
-                   calibration: FeedSource, provider: str, progress: bool, path: Path | None) -> BudgetResult:
-    factory = calibration_factory(source, calibration)
+def _budget_stage(run: _Run) -> BudgetResult:
+    """The accuracy budget search over the Pass objects themselves (backed off by dataclasses.replace)."""
+    options, budget = run.options, run.options.budget
+    assert budget is not None
+    factory = run.context.calibration
     return search_budget(
-        source, budget_specs(chosen, []), _backoff_rules(chosen),
-        MetricSpec(request.metric, request.higher_is_better, request.output), feeds,
-        max_drop=request.max_drop, max_trials=request.max_trials, workers=request.workers, provider=provider,
-        calibration=list(factory()) if factory else None, progress=progress, worker_imports=("passes",),
-        model_path=str(path) if path is not None else None, return_model=False, timeout_s=request.timeout_s,
-        allow_symlinks_under=request.allow_symlinks_under)
+        run.source, run.chosen, MetricSpec(budget.metric, budget.higher_is_better, budget.output),
+        _resolve(run.source, options.feeds), max_drop=budget.max_drop, max_trials=budget.max_trials,
+        workers=budget.workers, provider=options.provider, progress=options.progress, worker_imports=("passes",),
+        calibration=[dict(feed) for feed in factory()] if factory else None,
+        model_path=str(run.reference) if run.reference is not None else None, return_model=False,
+        timeout_s=options.timeout_s, allow_symlinks_under=tuple(str(path) for path in options.allow_symlinks_under))
+
+
+def _checks(run: _Run) -> _Checks | None:
+    """Feeds and tolerance for validation, benchmark and bisect, resolved before the passes run."""
+    options = run.options
+    validation = options.validation
+    if validation is None and options.bench_rounds is None and not options.bisect:
+        return None
+    tolerance = validation.tolerance if validation is not None else None
+    if tolerance is None:
+        tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in run.chosen) else LOSSY_TOLERANCE
+    settings = validation or ValidationOptions()
+    return _Checks(_resolve(run.source, options.feeds), tolerance, options.provider, validation is not None,
+                   options.bench_rounds, settings.isolate, options.timeout_s, settings.max_memory_bytes)
+
+
+def _run_stage(run: _Run) -> PipelineResult:
+    """The passes in order; a failing pass is bisected on request; sparse storage is applied last."""
+    pipeline = Pipeline(run.chosen, check_each_pass=run.options.check_each_pass, context=run.context)
+    try:
+        with stage("run passes"):
+            result = pipeline.run(run.source)
+    except RunTimeoutError as error:
+        raise error.naming(run.reference) from error
+    except PassError as error:
+        if not run.options.bisect or run.checks is None:
+            raise
+        with stage("bisect"):
+            found = _bisect(run)
+        raise PassError(f"{error}; bisect: first bad pass {found.first_bad_pass!r} ({found.reason})") from error
+    sparse_names = _sparse_names(result)
+    if sparse_names:
+        with stage("run passes"):
+            result.model = to_sparse_initializers(result.model, names=sparse_names, storage="sparse")[0]
+    return result
+
+
+def _sparse_names(result: PipelineResult) -> list[str]:
+    """Tensors the passes asked to store as sparse_initializer (applied once, after every pass)."""
+    return sorted({name for item in result.runs for name in item.report.get("details", {}).get("sparse_tensors", [])})
+
+
+def _bisect(run: _Run) -> BisectResult:
+    assert run.checks is not None
+    return bisect_passes(run.source, run.chosen, run.checks.feeds, tolerance=run.checks.tolerance,
+                         provider=run.options.provider, context=run.context, isolate=run.checks.isolate,
+                         timeout_s=run.options.timeout_s)
+
+
+def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) -> Report:
+    report = Report(tool_version(), _summary(run.source, run.reference),
+                    passes=[item.to_dict() for item in result.runs])
+    sparse_names = _sparse_names(result)
+    if sparse_names:
+        report.notes.append(f"{len(sparse_names)} tensor(s) stored as sparse_initializer; onnxruntime loads them, "
+                            "but onnx's full checker (1.23) rejects any sparse initializer")
+    if run.custom_ops:
+        report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(run.custom_ops)}")
+    if budget is not None:
+        report.budget = budget.to_dict()
+        report.layers = _budget_layers(budget)
+    return report
+
+
+def _publish_stage(run: _Run, model: onnx.ModelProto,
+                   report: Report) -> tuple[Path | None, Comparison | None, BenchResult | None]:
+    """Write the output: straight (atomically) when nothing checks it, else staged, checked, moved in."""
+    options, checks = run.options, run.checks
+    if checks is None or not (checks.validate or checks.bench_rounds is not None):
+        with stage("publish"):
+            saved = (save_unchanged_sources(model, run.output, options.external_data, run.protected)
+                     if run.output is not None else None)
+        report.output = _summary(model, saved)
+        return saved, None, None
+    saved, comparison, timing = _save_checked(run, model, checks, report)
+    report.validation = comparison.to_dict() if comparison else None
+    report.benchmark = timing.to_dict() if timing else None
+    if comparison is not None and not comparison.passed and options.bisect:
+        with stage("bisect"):
+            report.bisect = _bisect(run).to_dict()
+    return saved, comparison, timing
 
 
 def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
@@ -321,8 +367,7 @@ class _Checks:
     tolerance: Tolerance | Mapping[str, Tolerance]
     provider: str
     validate: bool
-    bench: bool
-    bench_rounds: int
+    bench_rounds: int | None
     isolate: bool
     timeout_s: float | None
     max_memory_bytes: int | None
@@ -336,18 +381,26 @@ class _Checks:
                        timeout_s=self.timeout_s)
 
 
-def _save_checked(model: onnx.ModelProto, output: str | os.PathLike | None, reference: ModelInput, checks: _Checks,
-                  report: Report, external_data: ExternalData, protected: Sequence[Path],
-                  keep_failed: bool) -> tuple[Path | None, Comparison | None, BenchResult | None]:
+def _save_checked(run: _Run, model: onnx.ModelProto, checks: _Checks,
+                  report: Report) -> tuple[Path | None, Comparison | None, BenchResult | None]:
     """Save to a staging folder next to the output, check the staged file, then move it in."""
-    with _staging_folder(output) as staging:
-        staged = _save(model, Path(staging) / _output_name(output), external_data, protected)
-        comparison = checks.compare(reference, staged) if checks.validate else None
-        timing = benchmark([reference, staged], checks.feeds, names=["input", "output"], provider=checks.provider,
-                           rounds=checks.bench_rounds, timeout_s=checks.timeout_s) if checks.bench else None
+    output, reference = run.output, run.reference or run.source
+    keep_failed = run.options.validation is not None and run.options.validation.keep_failed
+    with stage("publish"):
+        staging = staging_folder(output)
+    with staging as folder:
+        with stage("publish"):
+            staged = save_unchanged_sources(model, Path(folder) / staged_name(output), run.options.external_data,
+                                            run.protected)
+        with stage("validate"):
+            comparison = checks.compare(reference, staged) if checks.validate else None
+        with stage("benchmark"):
+            timing = benchmark([reference, staged], checks.feeds, names=["input", "output"], provider=checks.provider,
+                               rounds=checks.bench_rounds, timeout_s=checks.timeout_s) if checks.bench_rounds else None
         saved = None
         if output is not None and (comparison is None or comparison.passed or keep_failed):
-            saved = _publish(staged, Path(output), protected)
+            with stage("publish"):
+                saved = publish(staged, Path(output), run.protected)
         elif output is not None:
             report.notes.append(f"validation failed: '{output}' was not written (keep_failed=False)")
         report.output = _summary(model, saved or staged)
@@ -362,7 +415,7 @@ QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantiz
 
 def has_dequantize(model: onnx.ModelProto) -> bool:
     """True when any graph of the model holds a quantized group (QDQ or the dynamic pattern)."""
-    return bool(QUANTIZED_OPS & set(op_counts(model.graph)))
+    return bool(QUANTIZED_OPS & set(op_counts(model)))
 
 
 def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> None:
@@ -371,8 +424,8 @@ def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) ->
         return
     try:
         fusion = check_fusion(model, provider)
-    except (OnnxCompressError, RuntimeError, ValueError, OSError) as error:
-        message = f"fusion check failed (the output is written and valid): {error}"
+    except Exception as error:  # the output is written and validated: any failure here is a warning only
+        message = f"fusion check failed (the output is written and valid): {type(error).__name__}: {error}"
         report.notes.append(message)
         warn(message)
         return
@@ -415,8 +468,12 @@ def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> Cali
     return lambda: iter(kept)
 
 
-def _load(model: ModelInput, max_input_bytes: int | None,
-          allow_symlinks_under: Sequence[str | os.PathLike] = ()) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
+def _resolve(model: onnx.ModelProto, feeds: FeedOptions) -> list[Feed]:
+    return resolve_feeds(model, feeds.source, shapes=feeds.shapes, samples=feeds.samples, seed=feeds.seed)
+
+
+def _load(model: ModelInput, max_input_bytes: int | None, allow_symlinks_under: Sequence[str | os.PathLike] = (),
+          ) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
     if isinstance(model, (str, os.PathLike)):
         loaded, files = load_model_with_files(model, max_input_bytes=max_input_bytes,
                                               lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES,
@@ -439,57 +496,3 @@ def _size_on_disk(path: Path) -> int:
     """The model file plus the data files it records (content-named, next to it)."""
     data_files = [path.parent / name for name in previous_data_files(path)]
     return path.stat().st_size + sum(data.stat().st_size for data in data_files if data.exists())
-
-
-def _save(model: onnx.ModelProto, path: str | os.PathLike, external_data: ExternalData,
-          protected: Sequence[Path]) -> Path:
-    choices = {"auto": None, "always": True, "never": False}
-    check_sources_unchanged(protected)
-    if external_data not in choices:
-        raise OptionError(f"external_data must be one of {', '.join(choices)}, got {external_data!r}")
-    return save_model(model, path, external_data=choices[external_data], protected_paths=protected)
-
-
-def _output_name(output: str | os.PathLike | None) -> str:
-    return Path(output).name if output is not None else "candidate.onnx"
-
-
-def _staging_folder(output: str | os.PathLike | None) -> tempfile.TemporaryDirectory:
-    """A temporary folder next to the output, so the final move is a rename on one file system.
-
-    Its name carries our process id and start time; folders and temporary files whose owner
-    is provably dead (see optimizer.fileio.output_files) are removed first.
-    """
-    folder = None
-    if output is not None:
-        folder = Path(output).parent
-        if not folder.is_dir():
-            raise ModelSaveError(f"{output}: output folder '{folder}' does not exist or is not a folder")
-        remove_dead_temps(folder)
-        for stale in remove_dead_staging(folder):
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
-        return tempfile.TemporaryDirectory(prefix=staging_prefix(), dir=folder)
-    except OSError as error:
-        raise ModelSaveError(f"{output}: cannot write in output folder '{folder}': {error.strerror or error}") from error
-
-
-def _publish(staged: Path, output: Path, protected: Sequence[Path]) -> Path:
-    """Move a validated file and its content-named data file in; the model's rename commits."""
-    check_sources_unchanged(protected)
-    final = save_target_check(output, protected)
-    data_names = previous_data_files(staged)
-    if len(data_names) > 1:
-        raise ModelSaveError(f"{output}: the staged model records {len(data_names)} data files")
-    data_name = data_names[0] if data_names else None
-    if data_name is not None:
-        save_target_check(final.with_name(data_name), protected)
-    commit(final, staged, staged.with_name(data_name) if data_name else None, data_name, protected)
-    return final
-
-
-def save_target_check(output: Path, protected: Sequence[Path]) -> Path:
-    """The same refusals save_model makes, for a file staged elsewhere and moved in."""
-    check_output_file(output)
-    check_apart([output], protected, "a file this run reads")
-    return output

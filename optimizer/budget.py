@@ -13,12 +13,12 @@ parallel processes, which die with the process that started them. Trials are bou
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import multiprocessing
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +28,10 @@ import onnx
 
 from optimizer.errors import OptionError
 from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
-from optimizer.pass_base import PassContext
+from optimizer.graph.patterns import exact_name_pattern
+from optimizer.pass_base import Pass, PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.progress import progress_bar
-from optimizer.registry import create_pass
 from optimizer.verify.isolation import die_with_parent, spawn_without_main_script
 from optimizer.verify.layer_debug import debug_layers
 from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
@@ -39,22 +39,6 @@ from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout
 
 Feed = dict[str, np.ndarray]
 STAGE = "accuracy budget"
-
-
-@dataclass(frozen=True)
-class PassSpec:
-    """A pass by registry name with its options (picklable, so trials can run in processes)."""
-
-    name: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BackoffRule:
-    """Backing off layer L adds an exact-name pattern for L to ``option`` of pass ``pass_name``."""
-
-    pass_name: str
-    option: str
 
 
 @dataclass(frozen=True)
@@ -109,28 +93,19 @@ class BudgetResult:
         return self.baseline - self.value if self.higher_is_better else self.value - self.baseline
 
 
-def exact_name_pattern(name: str) -> str:
-    """A pattern the passes' exclusion options match against exactly this node name."""
-    return "re:^" + re.escape(name) + "$"
-
-
-def backed_off_specs(specs: Sequence[PassSpec], rules: Sequence[BackoffRule], layers: Sequence[str]) -> list[PassSpec]:
-    """``specs`` with every layer in ``layers`` added to the exclusion option of each rule's pass."""
+def backed_off_passes(passes: Sequence[Pass], layers: Sequence[str]) -> list[Pass]:
+    """``passes`` with an exact-name pattern for every layer in ``layers`` added to the exclusion
+    option (``Pass.backoff_option``) of each pass that has one; the Pass objects are kept, not rebuilt."""
     patterns = tuple(exact_name_pattern(layer) for layer in sorted(layers))
-    result = []
-    for spec in specs:
-        options = dict(spec.options)
-        for rule in rules:
-            if rule.pass_name == spec.name and patterns:
-                options[rule.option] = tuple(options.get(rule.option, ())) + patterns
-        result.append(PassSpec(spec.name, options))
-    return result
+    if not patterns:
+        return list(passes)
+    return [dataclasses.replace(item, **{item.backoff_option: (*getattr(item, item.backoff_option), *patterns)})
+            if item.backoff_option else item for item in passes]
 
 
 def search_budget(
     model: onnx.ModelProto,
-    specs: Sequence[PassSpec],
-    rules: Sequence[BackoffRule],
+    passes: Sequence[Pass],
     metric: MetricSpec,
     feeds: Sequence[Feed],
     *,
@@ -146,23 +121,23 @@ def search_budget(
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     allow_symlinks_under: Sequence[str] = (),
 ) -> BudgetResult:
-    """Compress with ``specs``; back off layers until ``metric`` drops by at most ``max_drop``.
+    """Compress with ``passes``; back off layers until ``metric`` drops by at most ``max_drop``.
 
     ``worker_imports`` names modules a worker process imports first (``module`` or
     ``module:function`` to also call a function), e.g. ``("passes",)`` so the pass registry is
-    filled there too. ``model_path``, when the model came from a file, lets workers load it
-    themselves (lazily loaded weights are only readable by the process that checked them), with
-    the same ``allow_symlinks_under`` folders as the caller's load.
+    filled there too (the passes are pickled to the workers). ``model_path``, when the model came
+    from a file, lets workers load it themselves (lazily loaded weights are only readable by the
+    process that checked them), with the same ``allow_symlinks_under`` folders as the caller's load.
     ``return_model=False`` skips the final compression for callers that run the chosen passes
     themselves (BudgetResult.model is then None). Every onnxruntime run (trials, ranking) is bounded
     by ``timeout_s`` (``RunTimeoutError``).
     """
     if max_drop < 0 or max_trials < 1 or workers < 1:
         raise OptionError("max_drop must be >= 0, max_trials >= 1 and workers >= 1")
-    if not rules:
+    if not any(item.backoff_option for item in passes):
         raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
     checked_timeout(timeout_s)
-    state = _SearchState(model, list(specs), list(rules), metric, list(feeds), list(calibration or []),
+    state = _SearchState(model, list(passes), metric, list(feeds), list(calibration or []),
                          _Runtime(provider, timeout_s), max_drop, max_trials, workers, progress,
                          tuple(worker_imports), (model_path, tuple(allow_symlinks_under)) if model_path else None,
                          return_model)
@@ -184,9 +159,9 @@ class _Runtime:
 
 
 class _SearchState:
-    def __init__(self, model, specs, rules, metric, feeds, calibration, runtime: _Runtime, max_drop, max_trials,
+    def __init__(self, model, passes, metric, feeds, calibration, runtime: _Runtime, max_drop, max_trials,
                  workers, progress, worker_imports, worker_source, return_model) -> None:
-        self.model, self.specs, self.rules, self.metric_spec = model, specs, rules, metric
+        self.model, self.passes, self.metric_spec = model, passes, metric
         self.feeds, self.calibration, self.runtime = feeds, calibration, runtime
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
         self.return_model = return_model
@@ -202,7 +177,7 @@ class _SearchState:
             self.lifeline = context.Pipe(duplex=False)
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                             initargs=((self.lifeline[0], os.getpid()), worker_imports,
-                                                      worker_source or model.SerializeToString(), specs, rules, metric,
+                                                      worker_source or model.SerializeToString(), passes, metric,
                                                       feeds, calibration, runtime, self.reference))
 
     def close(self) -> None:
@@ -232,18 +207,19 @@ class _SearchState:
             with spawn_without_main_script():
                 values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
         else:
-            values = [_trial(self.model, self.specs, self.rules, self.metric, self.feeds, self.calibration,
+            values = [_trial(self.model, self.passes, self.metric, self.feeds, self.calibration,
                              self.runtime, self.reference, sorted(c)) for c in todo]
         for candidate, value in zip(todo, values, strict=True):
             self.results[candidate] = value
             drop = self.metric.drop(self.baseline, value)
-            self.steps.append(BudgetStep(len(self.steps), action, sorted(candidate), value, drop, drop <= self.max_drop))
+            met = drop <= self.max_drop
+            self.steps.append(BudgetStep(len(self.steps), action, sorted(candidate), value, drop, met))
             self.bar.update(1)
         return [self.results.get(c, math.nan) for c in candidates]
 
     def rank(self) -> tuple[list[str], str]:
         """Layers worst first: leave-one-out gains when affordable, else output SQNR."""
-        compressed = _compress(self.model, self.specs, self.rules, [], self.calibration, self.runtime)
+        compressed = _compress(self.model, self.passes, [], self.calibration, self.runtime)
         report = debug_layers(self.model, compressed, self.feeds[: max(1, min(4, len(self.feeds)))],
                               provider=self.runtime.provider, timeout_s=self.runtime.timeout_s)
         layers = list(dict.fromkeys(layer.reference_node for layer in report.layers))
@@ -279,31 +255,30 @@ class _SearchState:
         value = self.results.get(chosen)
         model = None
         if self.return_model or value is None:
-            model = _compress(self.model, self.specs, self.rules, sorted(chosen), self.calibration, self.runtime)
+            model = _compress(self.model, self.passes, sorted(chosen), self.calibration, self.runtime)
         if value is None:
             value = self.metric(self.reference, self.runtime.outputs(model, self.feeds))
         return BudgetResult(self.metric.name, self.baseline, self.max_drop, self.met(value), value, sorted(chosen),
                             ranking, method, len(self.results), self.steps, self.metric.higher_is_better, model)
 
 
-def _compress(model, specs, rules, layers, calibration, runtime: _Runtime) -> onnx.ModelProto:
-    passes = [create_pass(spec.name, **dict(spec.options)) for spec in backed_off_specs(specs, rules, layers)]
+def _compress(model, passes, layers, calibration, runtime: _Runtime) -> onnx.ModelProto:
     context = PassContext(calibration=(lambda: iter(calibration)) if calibration else None, provider=runtime.provider,
                           timeout_s=runtime.timeout_s)
-    return Pipeline(passes, context=context).run(model).model
+    return Pipeline(backed_off_passes(passes, layers), context=context).run(model).model
 
 
-def _trial(model, specs, rules, metric: Metric, feeds, calibration, runtime: _Runtime, reference: Outputs,
+def _trial(model, passes, metric: Metric, feeds, calibration, runtime: _Runtime, reference: Outputs,
            layers: list[str]) -> float:
-    compressed = _compress(model, specs, rules, layers, calibration, runtime)
+    compressed = _compress(model, passes, layers, calibration, runtime)
     return metric(reference, runtime.outputs(compressed, feeds))
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(parent: tuple, imports, model_source: tuple[str, tuple[str, ...]] | bytes, specs, rules, metric_spec: MetricSpec, feeds,
-                 calibration, runtime: _Runtime, reference) -> None:
+def _init_worker(parent: tuple, imports, model_source: tuple[str, tuple[str, ...]] | bytes, passes,
+                 metric_spec: MetricSpec, feeds, calibration, runtime: _Runtime, reference) -> None:
     die_with_parent(*parent)
     for name in imports:
         module_name, _, function = name.partition(":")
@@ -315,12 +290,12 @@ def _init_worker(parent: tuple, imports, model_source: tuple[str, tuple[str, ...
         model = load_model_with_files(path, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES, allow_symlinks_under=roots)[0]
     else:
         model = onnx.load_from_string(model_source)
-    _WORKER.update(model=model, specs=specs, rules=rules, metric=metric_spec.build(),
+    _WORKER.update(model=model, passes=passes, metric=metric_spec.build(),
                    feeds=feeds, calibration=calibration, runtime=runtime, reference=reference)
 
 
 def _worker_trial(layers: list[str]) -> float:
     w = _WORKER
-    return _trial(w["model"], w["specs"], w["rules"], w["metric"], w["feeds"], w["calibration"], w["runtime"],
+    return _trial(w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"],
                   w["reference"], layers)
 

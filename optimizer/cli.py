@@ -11,13 +11,24 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import passes as _passes  # noqa: F401  (registers every pass)
-from optimizer.api import DEFAULT_PASSES, model_summary, optimize, plan_passes, resolve_feeds, tool_version
+from optimizer.api import (
+    DEFAULT_PASSES,
+    BudgetOptions,
+    FeedOptions,
+    OptimizeOptions,
+    ValidationOptions,
+    model_summary,
+    optimize,
+    plan_passes,
+    resolve_feeds,
+    tool_version,
+)
 from optimizer.calibration.feeds import parse_shape_overrides
 from optimizer.calibration.sensitivity import sensitivity_scan
 from optimizer.cli_options import (
@@ -39,10 +50,11 @@ from optimizer.cli_options import (
 from optimizer.errors import OnnxCompressError
 from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
-from optimizer.internal_errors import internal_error_message
+from optimizer.internal_errors import bad_input_message, internal_error_message
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
 from optimizer.report.inspect_text import inspection_text
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
+from optimizer.shortcuts import SHORTCUTS, Shortcut
 from optimizer.text import ControlEscapingWriter, escape_control, printable
 from optimizer.verify.benchmark import benchmark
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, compare_isolated
@@ -89,11 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentError as error:  # a bad option value: one line, exit 2, like bad input
         print(f"onnx-compress: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OnnxCompressError as error:  # the flags come from the registry: a broken plugin is bad input
+        print(f"onnx-compress: error: {bad_input_message(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         with redirect_stdout(ControlEscapingWriter(sys.stdout)):
             return args.handler(args)
     except OnnxCompressError as error:
-        print(f"onnx-compress: error: {_one_line(str(error))}", file=sys.stderr)
+        print(f"onnx-compress: error: {bad_input_message(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -206,24 +221,28 @@ def _add_optimize(commands) -> None:
 
 
 def _add_compression_arguments(sub: argparse.ArgumentParser) -> None:
-    """The shortcut flags that add prune, quantize and cluster after --passes."""
+    """The shortcut flags of optimizer.shortcuts; choices and help come from the passes' typed options."""
     compress = sub.add_argument_group("compression (added after --passes: prune, then quantize or cluster)")
-    compress.add_argument("--quantize", choices=("int8", "uint8", "int4", "uint4"),
-                          help="quantize weights to this type (pass 'quantize', option weight_type)")
-    compress.add_argument("--quantize-mode", choices=("weights", "dynamic", "static"),
-                          help="quantize.mode: weight-only, dynamic activations, or static with --calibration-data")
-    compress.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy", "mse"),
-                          help="quantize.calibration_method for static mode (default percentile)")
-    compress.add_argument("--exclude", metavar="PATTERNS",
-                          help="quantize.exclude_nodes: comma-separated node-name globs or re:REGEX left in float")
-    compress.add_argument("--prune", type=float_in(0.0, 1.0, high_open=True), metavar="FRACTION",
-                          help="prune this fraction of weights (prune.sparsity) or of channels (prune-channels.ratio)")
-    compress.add_argument("--prune-mode", choices=("uniform", "global", "nm", "sensitivity", "channels"),
-                          default="uniform", help="prune.mode, or 'channels' for structured pruning (default uniform)")
-    compress.add_argument("--sparse-storage", choices=("dense", "sparse", "auto"),
-                          help="prune.storage: store pruned weights as sparse_initializer where it pays (auto)")
-    compress.add_argument("--cluster", type=int_in(2, 8), metavar="BITS", dest="cluster_bits",
-                          help="share weights through 2^BITS-entry codebooks (pass 'cluster', option bits)")
+    for shortcut in SHORTCUTS:
+        compress.add_argument(shortcut.flag, dest=shortcut.dest, metavar=shortcut.metavar,
+                              choices=shortcut.choices(), type=_shortcut_type(shortcut), help=shortcut.help())
+
+
+def _shortcut_type(shortcut: Shortcut) -> Callable[[str], Any]:
+    """Range-checked numbers, the pass's own text parsing for other free values, str for choices."""
+    if shortcut.choices() is not None:
+        return str
+    annotation = shortcut.spec().annotation
+    if shortcut.bounds is not None:
+        low, high = shortcut.bounds
+        if annotation is int:
+            return int_in(int(low), int(high))
+        return float_in(low, high, high_open=shortcut.high_open)
+
+    def parse(text: str) -> Any:
+        return parse_option_text(shortcut.pass_name, shortcut.option, text)
+    parse.__name__ = shortcut.spec().type_name
+    return parse
 
 
 def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
@@ -317,33 +336,33 @@ def _run_optimize(args: argparse.Namespace) -> int:
     base = [name.strip() for name in args.passes.split(",") if name.strip()]
     if not base:
         raise UsageError("--passes names no pass")
-    settings = parse_settings(args.settings)
-    if args.sparse_storage is not None:
-        settings.setdefault("prune", {})["storage"] = args.sparse_storage
-    if args.calibration_method is not None:
-        settings.setdefault("quantize", {})["calibration_method"] = args.calibration_method
-    if args.exclude is not None:
-        settings.setdefault("quantize", {})["exclude_nodes"] = parse_option_text("quantize", "exclude_nodes", args.exclude)
-    names, options = plan_passes(base, prune=args.prune, prune_mode=args.prune_mode, quantize=args.quantize,
-                                 quantize_mode=args.quantize_mode, cluster_bits=args.cluster_bits, options=settings)
-    result = optimize(
-        args.input, args.output, passes=names, pass_options=options,
-        calibration=args.calibration_data, validate=args.validate, feeds=args.data, shapes=parse_shape_overrides(args.shape),
-        samples=args.samples, seed=args.seed, tolerance=tolerance_from_args(args), provider=args.provider,
-        bench=args.bench, bench_rounds=args.rounds, fusion_check=args.fusion_check, max_drop=args.max_drop,
-        metric=args.metric, metric_higher_is_better=None if args.metric_direction is None else args.metric_direction == "higher",
-        metric_output=args.metric_output, max_trials=args.max_trials, workers=args.workers, isolate=args.isolate,
-        timeout_s=args.timeout, validate_max_memory_bytes=args.validate_max_memory, bisect=args.bisect,
-        check_each_pass=args.check_each_pass,
-        external_data=args.external_data, keep_failed=args.keep_failed, max_input_bytes=args.max_input_bytes,
-        progress=not (args.quiet or args.json), allow_symlinks_under=args.allow_symlinks_under,
-        reports=args.report,
-    )
+    shortcut_values = {shortcut.dest: getattr(args, shortcut.dest) for shortcut in SHORTCUTS}
+    names, options = plan_passes(base, options=parse_settings(args.settings), **shortcut_values)
+    result = optimize(args.input, args.output, _optimize_options(args, names, options))
     if args.json:
         print(result.report.to_json(), end="")
     elif not args.quiet:
         _print_optimize_summary(result)
     return EXIT_OK if result.passed else EXIT_VALIDATION_FAILED
+
+
+def _optimize_options(args: argparse.Namespace, names: list[str],
+                      options: dict[str, dict[str, Any]]) -> OptimizeOptions:
+    """The optimize flags as the library's typed options, group by group."""
+    validation = ValidationOptions(tolerance=tolerance_from_args(args), isolate=args.isolate,
+                                   max_memory_bytes=args.validate_max_memory, keep_failed=args.keep_failed)
+    budget = None if args.max_drop is None else BudgetOptions(
+        max_drop=args.max_drop, metric=args.metric, output=args.metric_output, max_trials=args.max_trials,
+        workers=args.workers,
+        higher_is_better=None if args.metric_direction is None else args.metric_direction == "higher")
+    return OptimizeOptions(
+        passes=names, pass_options=options, calibration=args.calibration_data, provider=args.provider,
+        timeout_s=args.timeout, progress=not (args.quiet or args.json), check_each_pass=args.check_each_pass,
+        feeds=FeedOptions(source=args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples,
+                          seed=args.seed),
+        validation=validation if args.validate else None, bench_rounds=args.rounds if args.bench else None,
+        fusion_check=args.fusion_check, budget=budget, bisect=args.bisect, external_data=args.external_data,
+        max_input_bytes=args.max_input_bytes, allow_symlinks_under=args.allow_symlinks_under, reports=args.report)
 
 
 def _print_optimize_summary(result) -> None:
@@ -429,7 +448,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     sparsities = list(args.sparsities)
     model, model_files = load_model_with_files(args.model, allow_symlinks_under=args.allow_symlinks_under)
     check_reports_apart(args.report, model_files, args.data, {".md": "markdown", ".json": "json"})
-    feeds = resolve_feeds(model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed)
+    feeds = resolve_feeds(model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples,
+                          seed=args.seed)
     table = sensitivity_scan(model, feeds, sparsities=sparsities, provider=args.provider, progress=not args.json,
                              min_elements=args.min_elements, timeout_s=args.timeout)
     if args.target is not None:
@@ -439,7 +459,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
         if target.suffix.lower() not in (".md", ".json"):
             raise UsageError(f"--report '{path}': use .md or .json")
         markdown = target.suffix.lower() == ".md"
-        text = escape_control(table.to_markdown(), keep_layout=True) if markdown else json.dumps(table.to_dict(), indent=2)
+        text = (escape_control(table.to_markdown(), keep_layout=True) if markdown
+                else json.dumps(table.to_dict(), indent=2))
         write_text_atomic(target, text + "\n")
     print(json.dumps(table.to_dict(), indent=2) if args.json else table.to_markdown())
     return EXIT_OK

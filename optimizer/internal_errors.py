@@ -1,47 +1,26 @@
-"""Internal errors (exit 3) that say where they happened: the stage, and the pass when one ran.
+"""Errors that say where they happened: the stage, the pass when one ran, and the node or tensor.
 
-A bug is never turned into a different exception: the stage and pass are attached to the original
-exception (attributes plus a note that ``--debug`` tracebacks show), so the traceback is intact.
-Stages are named explicitly where it is cheap (``internal_stage`` around each pass) and otherwise
-read from the traceback: the innermost frame that is one of the stage functions below.
+A bug is never turned into a different exception: the stage, pass and target are attached to the
+original exception (attributes plus a note that ``--debug`` tracebacks show), so the traceback is
+intact. Everything is named explicitly, nothing is guessed from the traceback: ``stage("validate")``
+around each of optimize()'s stages, ``internal_stage`` around each pass (naming it), ``working_on``
+around a pass's work on one node or tensor, and the CLI command as the default for everything else.
+
+A failing pass is reported as ``pass 'NAME' failed on node X: ...``: exit 3 for a bug (``--debug``
+shows the traceback), exit 2 for a ``PassError`` (a graph the pass cannot handle is bad input).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from types import TracebackType
+from contextlib import AbstractContextManager, contextmanager
 
-from optimizer.errors import OnnxCompressError
+from optimizer.errors import OnnxCompressError, PassError
 from optimizer.text import printable
 
 _STAGE = "onnx_compress_stage"
 _PASS = "onnx_compress_pass"
-
-STAGE_FUNCTIONS: dict[tuple[str, str], str] = {
-    ("optimizer.api", "_load"): "load",
-    ("optimizer.fileio.model", "load_model"): "load",
-    ("optimizer.fileio.model", "load_model_with_files"): "load",
-    ("optimizer.api", "_check_writes"): "check outputs",
-    ("optimizer.api", "build_passes"): "plan",
-    ("optimizer.api", "plan_passes"): "plan",
-    ("optimizer.api", "resolve_feeds"): "feeds",
-    ("optimizer.api", "calibration_factory"): "calibration",
-    ("optimizer.api", "_search_budget"): "accuracy budget",
-    ("optimizer.pipeline", "run"): "run passes",
-    ("optimizer.api", "_save_checked"): "publish",
-    ("optimizer.api", "_save"): "publish",
-    ("optimizer.api", "_publish"): "publish",
-    ("optimizer.verify.validate", "compare"): "validate",
-    ("optimizer.verify.isolation", "compare_isolated"): "validate",
-    ("optimizer.verify.benchmark", "benchmark"): "benchmark",
-    ("optimizer.api", "_add_fusion"): "fusion check",
-    ("optimizer.verify.pass_bisect", "bisect_passes"): "bisect",
-    ("optimizer.report.report", "write_report"): "report",
-    ("optimizer.graph.inspection", "inspect_model"): "inspect",
-    ("optimizer.verify.layer_debug", "debug_layers"): "per-layer debug",
-    ("optimizer.calibration.sensitivity", "sensitivity_scan"): "sensitivity scan",
-}
+_TARGET = "onnx_compress_target"
 
 
 def mark_internal(error: BaseException, stage: str, pass_name: str | None = None) -> None:
@@ -55,9 +34,14 @@ def mark_internal(error: BaseException, stage: str, pass_name: str | None = None
 
 @contextmanager
 def internal_stage(stage: str, pass_name: str | None = None) -> Iterator[None]:
-    """Name the stage and pass on any unexpected exception raised inside (bad input is left alone)."""
+    """Name the stage and pass on any unexpected exception raised inside; bad input keeps its class
+    and exit code 2, and only a PassError learns the pass it came from."""
     try:
         yield
+    except PassError as error:
+        if pass_name is not None and getattr(error, _PASS, None) is None:
+            setattr(error, _PASS, pass_name)
+        raise
     except OnnxCompressError:
         raise
     except Exception as error:
@@ -65,28 +49,50 @@ def internal_stage(stage: str, pass_name: str | None = None) -> Iterator[None]:
         raise
 
 
+def stage(name: str) -> AbstractContextManager[None]:
+    """Name the stage on any unexpected exception raised inside; an inner name (a pass's) wins."""
+    return internal_stage(name)
+
+
+@contextmanager
+def working_on(kind: str, name: str) -> Iterator[None]:
+    """Name the node or tensor (``kind`` "node" or "tensor") a pass was working on when it failed."""
+    try:
+        yield
+    except Exception as error:
+        if getattr(error, _TARGET, None) is None:
+            setattr(error, _TARGET, f"{kind} {name}")
+        raise
+
+
 def error_stage(error: BaseException, default: str | None = None) -> tuple[str | None, str | None]:
-    """(stage, pass) of an internal error: attached names, else the traceback's, else ``default``."""
-    stage = getattr(error, _STAGE, None)
-    if stage is not None:
-        return stage, getattr(error, _PASS, None)
-    return _traceback_stage(error.__traceback__) or default, None
+    """(stage, pass) of an internal error: the names attached by ``stage``, else ``default``."""
+    return getattr(error, _STAGE, None) or default, getattr(error, _PASS, None)
 
 
-def _traceback_stage(trace: TracebackType | None) -> str | None:
-    found = None
-    while trace is not None:
-        frame = trace.tb_frame
-        found = STAGE_FUNCTIONS.get((frame.f_globals.get("__name__", ""), frame.f_code.co_name), found)
-        trace = trace.tb_next
-    return found
+def _pass_failed(pass_name: str, error: BaseException) -> str:
+    target = getattr(error, _TARGET, None)
+    return f"pass '{printable(pass_name)}' failed" + (f" on {printable(target)}" if target else "")
+
+
+def bad_input_message(error: OnnxCompressError) -> str:
+    """The message of an exit-2 error; a PassError starts with ``pass 'NAME' failed on node X``."""
+    text = " ".join(str(error).split())
+    pass_name = getattr(error, _PASS, None)
+    if not isinstance(error, PassError) or pass_name is None:
+        return printable(text)
+    if text.startswith(f"pass '{pass_name}'") and getattr(error, _TARGET, None) is None:
+        return printable(text)
+    return f"{_pass_failed(pass_name, error)}: {printable(text)}"
 
 
 def internal_error_message(error: BaseException, default_stage: str | None = None) -> str:
-    """One line: ``internal error in pass 'p' (stage: s): Type: message (run with --debug ...)``."""
-    stage, pass_name = error_stage(error, default_stage)
-    where = f" in pass '{printable(pass_name)}'" if pass_name else ""
-    where += f" (stage: {stage})" if stage else ""
-    text = " ".join(str(error).split())
-    return (f"internal error{where}: {type(error).__name__}: {printable(text)} "
-            "(run with --debug for the traceback)")
+    """One line: ``pass 'p' failed on node n: Type: message (internal error, stage: s; run with
+    --debug ...)``, or ``internal error (stage: s): Type: message (...)`` outside a pass."""
+    stage_name, pass_name = error_stage(error, default_stage)
+    text = f"{type(error).__name__}: {printable(' '.join(str(error).split()))}"
+    if pass_name:
+        return (f"{_pass_failed(pass_name, error)}: {text} (internal error, stage: {stage_name}; "
+                "run with --debug for the traceback)")
+    where = f" (stage: {stage_name})" if stage_name else ""
+    return f"internal error{where}: {text} (run with --debug for the traceback)"

@@ -88,7 +88,8 @@ class PassResult:
 
 @dataclass(frozen=True, kw_only=True)
 class Pass(abc.ABC):
-    """Base of every pass. Subclasses are ``@dataclass(frozen=True, kw_only=True)``."""
+    """Base of every pass. ``optimizer.registry.register`` makes a subclass a frozen keyword-only
+    dataclass; an unregistered one (a test's) is decorated ``@dataclass(frozen=True, kw_only=True)``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]

@@ -11,7 +11,7 @@ import onnx
 
 from optimizer.errors import PassError
 from optimizer.fileio.checker import check_model_full
-from optimizer.graph.core import export_model, import_graph, release_mapped_values
+from optimizer.graph.convert import export_model, import_graph, release_mapped_values
 from optimizer.internal_errors import internal_stage
 from optimizer.pass_base import Pass, PassContext
 

@@ -9,7 +9,7 @@ from tqdm import tqdm
 __all__ = ["progress_bar"]
 
 
-def progress_bar(*, total: int, desc: str, unit: str, enabled: bool) -> tqdm:
+def progress_bar(*, total: int | None, desc: str, unit: str, enabled: bool) -> tqdm:
     """A tqdm bar; disabled (every update a no-op) when not ``enabled`` or stderr is a pipe or file."""
     on_terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and on_terminal))

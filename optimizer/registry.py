@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from optimizer.errors import OptionError
-from optimizer.pass_base import Pass
+from optimizer.pass_base import Pass, option
+
+PassT = typing.TypeVar("PassT", bound=Pass)
 
 _PASSES: dict[str, type[Pass]] = {}
 ENTRY_POINT_GROUP = "onnx_compress.passes"
@@ -30,10 +32,14 @@ class OptionSpec:
         return _type_name(self.annotation)
 
 
-def register(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its ``name``."""
-    params = cls.__dict__.get("__dataclass_params__")
-    if params is None or not params.frozen:
+@typing.dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(dataclasses.field, option))
+def register(cls: type[PassT]) -> type[PassT]:
+    """Class decorator: make a pass available by its ``name``, as a frozen keyword-only dataclass
+    (applied here unless the class is already one: its fields are the pass's typed options)."""
+    if "__dataclass_params__" not in cls.__dict__:
+        cls = dataclass(frozen=True, kw_only=True)(cls)
+    params = cls.__dict__["__dataclass_params__"]
+    if not params.frozen:
         raise TypeError(f"{cls.__name__} must be a frozen keyword-only dataclass")
     existing = _PASSES.get(cls.name)
     if existing is not None and existing is not cls:

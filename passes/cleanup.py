@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.core import (
-    DEFAULT_DOMAINS,
-    cleanup,
-    dropped_initializers,
-    iter_graphs,
-    toposort,
-)
+from optimizer.graph.convert import dropped_initializers
+from optimizer.graph.edit import cleanup, toposort
+from optimizer.graph.opsets import DEFAULT_DOMAINS
+from optimizer.graph.walk import iter_graphs
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class CleanupPass(Pass):
     name = "cleanup"
     summary = "remove unused nodes and initializers and Identity nodes; sort topologically"

@@ -7,13 +7,14 @@ Constant node held becomes the initializer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
-from optimizer.graph.core import cleanup, is_constant_node, iter_graphs, tensor_proto_bytes
+from optimizer.graph.bytes import stored_bytes
+from optimizer.graph.edit import cleanup
+from optimizer.graph.walk import iter_graphs
+from optimizer.graph.weights import is_constant_node
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 
@@ -26,7 +27,6 @@ SCALAR_ATTRIBUTES = {
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class ConstantsToInitializersPass(Pass):
     name = "constants-to-initializers"
     summary = "store Constant-node tensors as initializers, in the graph that holds the node"
@@ -85,4 +85,4 @@ def _constant_values(node: gs.Node):
 def _size_bytes(values) -> int:
     if isinstance(values, np.ndarray):
         return int(values.nbytes)
-    return tensor_proto_bytes(values.tensor)
+    return stored_bytes(values.tensor)

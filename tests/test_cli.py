@@ -207,7 +207,8 @@ def test_unknown_pass_and_bad_option_are_usage_errors(sample_copy, tmp_path, cap
     source = sample_copy("mlp")
     assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--passes", "cleanup,shrink"]) == 2
     assert_one_line_error(capsys, "unknown pass 'shrink'", "cleanup")
-    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--set", "cleanup.remove_identity=maybe"]) == 2
+    output = str(tmp_path / "o.onnx")
+    assert main(["optimize", str(source), "-o", output, "--set", "cleanup.remove_identity=maybe"]) == 2
     assert_one_line_error(capsys, "remove_identity", "bool")
     assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--set", "cleanup.speed=1"]) == 2
     assert_one_line_error(capsys, "valid options: remove_identity")
@@ -310,8 +311,9 @@ def test_sensitivity_command_scans_and_allocates(tmp_path, capsys):
 
 def test_prune_and_sparse_storage_flags(tmp_path, capsys):
     output = tmp_path / "p.onnx"
-    assert main(["optimize", str(ROOT / "models" / "mlp.onnx"), "-o", str(output), "--prune", "0.9",
-                 "--sparse-storage", "auto", "--set", "prune.min_elements=256", "--report", str(tmp_path / "r.json")]) == 0
+    args = ["--prune", "0.9", "--sparse-storage", "auto", "--set", "prune.min_elements=256"]
+    report = str(tmp_path / "r.json")
+    assert main(["optimize", str(ROOT / "models" / "mlp.onnx"), "-o", str(output), *args, "--report", report]) == 0
     saved = onnx.load(output)
     assert len(saved.graph.sparse_initializer) >= 1
     data = json.loads((tmp_path / "r.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 import passes  # noqa: F401
@@ -13,7 +12,7 @@ from optimizer.fileio.checker import check_model_full
 from optimizer.fileio.model import load_model
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.helpers.runtime import run_model
+from tests.helpers.runtime import open_session, run_model
 from tests.helpers.samples import MODELS_DIR, all_graphs, seeded_feeds
 
 
@@ -42,7 +41,7 @@ def test_weight_shared_by_main_graph_and_if_branches_is_quantized_once():
     producers = [n for n in all_nodes(result.model.graph) if "shared.weight" in n.output]
     assert len(producers) == 1 and producers[0] in result.model.graph.node, "one dequantize, in the main graph"
     feeds = seeded_feeds(model, count=4)
-    for expected, actual in zip(run_model(model, feeds), run_model(result.model, feeds)):
+    for expected, actual in zip(run_model(model, feeds), run_model(result.model, feeds), strict=True):
         a, b = expected[0].ravel().astype(np.float64), actual[0].ravel().astype(np.float64)
         assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
 
@@ -50,8 +49,8 @@ def test_weight_shared_by_main_graph_and_if_branches_is_quantized_once():
 def effective_weights(model: onnx.ModelProto, feed: dict) -> dict[str, np.ndarray]:
     """The float weight each MatMul/Gemm really multiplies by, as onnxruntime computes it."""
     names = [node.input[1] for node in model.graph.node if node.op_type in ("MatMul", "Gemm")]
-    session = ort.InferenceSession(expose_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    session = open_session(expose_outputs(model, names))
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
     return {node.name: values[node.input[1]] for node in model.graph.node if node.op_type in ("MatMul", "Gemm")}
 
 

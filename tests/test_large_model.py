@@ -30,7 +30,9 @@ def pattern(index: int) -> np.ndarray:
 def big_model() -> onnx.ModelProto:
     initializers = [helper.make_tensor(f"W{k}", TensorProto.FLOAT, [ELEMENTS], pattern(k).tobytes(), raw=True)
                     for k in range(WEIGHTS)]
-    initializers.append(helper.make_tensor("unused", TensorProto.FLOAT, [4], np.zeros(4, np.float32).tobytes(), raw=True))
+    initializers.append(
+        helper.make_tensor("unused", TensorProto.FLOAT, [4], np.zeros(4, np.float32).tobytes(), raw=True)
+    )
     nodes = [helper.make_node("Identity", ["W0"], ["w0_copy"], name="copy"),
              helper.make_node("Add", ["w0_copy", "W1"], ["s1"], name="add1"),
              helper.make_node("Add", ["s1", "W2"], ["s2"], name="add2"),
@@ -48,8 +50,8 @@ def peak_kb():
     # VmHWM belongs to this process image; ru_maxrss would include the forking parent's peak
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-from optimizer.api import optimize
-result = optimize(sys.argv[1], sys.argv[2], passes=["cleanup"])
+from optimizer.api import OptimizeOptions, optimize
+result = optimize(sys.argv[1], sys.argv[2], OptimizeOptions(passes=["cleanup"]))
 report = result.report.to_dict()["passes"][0]["report"]
 peak_mb = peak_kb() / 1024
 print(json.dumps({"counts": report["counts"], "peak_mb": peak_mb}))

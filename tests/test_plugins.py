@@ -26,7 +26,6 @@ from optimizer.registry import register
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class DocStampPass(Pass):
     name = "doc-stamp"
     summary = "write a doc string on the graph (a test plugin)"

@@ -5,14 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+
+from tests.helpers.runtime import open_session
+from tests.helpers.samples import all_graphs
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SCRIPT = MODELS_DIR / "make_models.py"
@@ -23,17 +24,6 @@ INT_INPUT_HIGH = {"input_ids": 512}
 
 def load(name: str) -> onnx.ModelProto:
     return onnx.load(str(MODELS_DIR / f"{name}.onnx"))
-
-
-def walk_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph nested in If/Loop/Scan attributes, depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from walk_graphs(attr.g)
-            for sub in attr.graphs:
-                yield from walk_graphs(sub)
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -55,7 +45,7 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
 
 
 def run(name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(MODELS_DIR / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    session = open_session(MODELS_DIR / f"{name}.onnx")
     return session.run(None, feeds)
 
 
@@ -87,7 +77,7 @@ def test_onnxruntime_outputs_are_finite(name: str) -> None:
     model = load(name)
     outputs = run(name, random_feeds(model))
     assert len(outputs) == len(model.graph.output)
-    for value, output in zip(model.graph.output, outputs):
+    for value, output in zip(model.graph.output, outputs, strict=True):
         assert np.isfinite(output).all(), value.name
         assert output.shape[0] == DIM_PARAM_SIZES["batch"], value.name
 
@@ -107,7 +97,7 @@ def test_metadata_doc_string_and_producer(name: str) -> None:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_nodes_have_unique_names_and_batch_is_dynamic(name: str) -> None:
     model = load(name)
-    node_names = [node.name for graph in walk_graphs(model.graph) for node in graph.node]
+    node_names = [node.name for graph in all_graphs(model.graph) for node in graph.node]
     assert all(node_names) and len(node_names) == len(set(node_names))
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from optimizer.graph.shapes import shapes_only, without_graph_body
+from optimizer.graph.walk import names_read, proto_subgraphs, walk_proto
 
 FLOAT_TYPES = frozenset({
     onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
@@ -39,7 +40,7 @@ class TensorCatalog:
 def build_catalog(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> TensorCatalog:
     """Catalog of ``model``; sizes come from shape inference with the given concrete input shapes."""
     graph = model.graph
-    produced = {}
+    produced: dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for name in node.output:
             if name:
@@ -75,7 +76,7 @@ def _typed_value_infos(
     except Exception:  # onnx raises several unrelated types; inference is optional here
         pass
     del copy
-    infos = {}
+    infos: dict[str, onnx.ValueInfoProto] = {}
     for info in declared:
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
             infos.setdefault(info.name, info)
@@ -99,33 +100,9 @@ def _static_nbytes(info: onnx.ValueInfoProto) -> int | None:
 
 
 def _subgraph_outputs(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for subgraph in _node_subgraphs(node):
-            for inner in subgraph.node:
-                names.update(name for name in inner.output if name)
-            names |= _subgraph_outputs(subgraph)
-    return names
-
-
-def _node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs = []
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attribute.graphs)
-    return graphs
-
-
-def _names_read_inside(graph: onnx.GraphProto) -> set[str]:
-    """Every name a subgraph reads (its own or the outer scope's): a superset is harmless."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(name for name in node.input if name)
-        for subgraph in _node_subgraphs(node):
-            names |= _names_read_inside(subgraph)
-    return names
+    """Names produced inside a subgraph at any depth: onnxruntime cannot expose them as outputs."""
+    return {name for site in walk_proto(graph) if site.depth > 0
+            for node in site.graph.node for name in node.output if name}
 
 
 def expose_outputs(model: onnx.ModelProto, names: Iterable[str], *, prune: bool = False,
@@ -174,8 +151,8 @@ def _copy_pruned(model: onnx.ModelProto, wanted: Sequence[str], result: onnx.Mod
             continue
         kept_nodes.append(node)
         needed.update(name for name in node.input if name)
-        for subgraph in _node_subgraphs(node):
-            needed |= _names_read_inside(subgraph)
+        for _, subgraph in proto_subgraphs(node):
+            needed |= names_read(subgraph)  # its own names too: a superset is harmless
     result.CopyFrom(without_graph_body(model))
     target = result.graph
     target.node.extend(reversed(kept_nodes))

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -286,7 +287,7 @@ def _read_npz_files(files: list[Path]) -> Iterator[Feed]:
         yield read_npz_file(file)
 
 
-def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, np.ndarray], index: int) -> Feed:
+def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], index: int) -> Feed:
     """Check one sample against the specs; returns it with inputs in model order."""
     if not isinstance(feed, Mapping):
         raise FeedError(
@@ -325,7 +326,7 @@ def _checked_array(spec: InputSpec, value: object, index: int) -> np.ndarray:
     return value
 
 
-def check_feeds(specs: Sequence[InputSpec], feeds: Iterable[Feed]) -> list[Feed]:
+def check_feeds(specs: Sequence[InputSpec], feeds: Iterable[Mapping[str, Any]]) -> list[Feed]:
     """Check every sample (see ``check_feed``); use ``check_feed`` to stay streaming."""
     checked = [check_feed(specs, feed, index) for index, feed in enumerate(feeds)]
     if not checked:

@@ -110,6 +110,9 @@ class StreamingHistogram:
         ``x * bins / R + bins`` truncates to the bin index: it is never below 0 since
         ``x >= -R``, and only ``x == R`` (or rounding) lands on index ``2 * bins``, folded back.
         """
+        counts = self.counts
+        if counts is None:
+            raise ValueError("histogram range not set: _cover comes first")
         scale = values.dtype.type(self.bins / self.half_range)
         offset = values.dtype.type(self.bins)
         size = 2 * self.bins
@@ -121,11 +124,11 @@ class StreamingHistogram:
             np.multiply(chunk, scale, out=part)
             part += offset
             part_index[...] = part
-            found = np.bincount(part_index, minlength=size)
+            found: np.ndarray = np.bincount(part_index, minlength=size)
             if weight != 1.0:
                 found = found * weight
-            self.counts += found[:size]
-            self.counts[-1] += found[size:].sum()
+            counts += found[:size]
+            counts[-1] += found[size:].sum()
 
     def merge(self, other: StreamingHistogram) -> None:
         """Add ``other``'s values (e.g. from another worker); ranges need not match.
@@ -205,6 +208,8 @@ class StreamingHistogram:
         return entropy_range(self._view(), low, high, _levels(num_bits, symmetric), symmetric=symmetric)
 
     def _view(self) -> HistogramView:
+        if self.counts is None:
+            raise ValueError("empty histogram")
         return HistogramView(self.counts, self.half_range, self.zeros)
 
     def _require_data(self) -> None:

@@ -105,7 +105,7 @@ def value_ranges(
 
 
 def scale_zero_point(
-    low: np.ndarray, high: np.ndarray, target: QType, *, symmetric: bool,
+    low: np.ndarray | np.floating, high: np.ndarray | np.floating, target: QType, *, symmetric: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scales (float32, > 0) and integer zero points covering ``[low, high]`` with 0 inside.
 

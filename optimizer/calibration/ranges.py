@@ -126,6 +126,8 @@ class _Options:
             if self.symmetric:
                 peak = max(-low, high)
                 return -peak, peak
+        elif not isinstance(statistic, StreamingHistogram):
+            raise TypeError(f"calibration method {self.method!r} needs a histogram, got {type(statistic).__name__}")
         elif self.method == "percentile":
             low, high = statistic.percentile_range(self.percentile, symmetric=self.symmetric)
         elif self.method == "entropy":

@@ -26,7 +26,7 @@ from optimizer.fileio.tensor_checks import describe_tensor, load_error, raw_byte
 
 __all__ = [
     "MEMORY_COPIES", "READ_CHUNK_BYTES", "ExternalDataReader", "check_fits_in_memory", "file_kind",
-    "memory_headroom_bytes", "read_exactly", "read_model_file", "same_file",
+    "memory_headroom_bytes", "read_exactly", "read_model_file", "same_file", "stat_regular_file",
 ]  # fmt: skip
 
 READ_CHUNK_BYTES = 2**30
@@ -45,6 +45,18 @@ _FILE_KINDS = {
 
 def file_kind(mode: int) -> str:
     return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def stat_regular_file(path: str) -> tuple[os.stat_result | None, str]:
+    """Stat ``path`` without opening it (opening a FIFO would block, a device could be read
+    forever): its stat, or None and why it cannot be read ("No such file...", "a FIFO", ...)."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        return None, str(error.strerror or error)
+    if not stat.S_ISREG(info.st_mode):
+        return None, file_kind(info.st_mode)
+    return info, ""
 
 
 def same_file(before: os.stat_result, after: os.stat_result) -> bool:
@@ -94,12 +106,9 @@ def read_exactly(fd: int, length_bytes: int, offset_bytes: int) -> bytes:
 
 def read_model_file(real_path: str, shown: str, max_input_bytes: int | None) -> bytes:
     """Stat before opening so a FIFO or device is never opened, then read it in one go."""
-    try:
-        before = os.stat(real_path)
-    except OSError as error:
-        raise ModelLoadError(f"{shown}: cannot read model: {error.strerror}") from error
-    if not stat.S_ISREG(before.st_mode):
-        raise ModelLoadError(f"{shown}: cannot read model: {file_kind(before.st_mode)}")
+    before, problem = stat_regular_file(real_path)
+    if before is None:
+        raise ModelLoadError(f"{shown}: cannot read model: {problem}")
     if before.st_size == 0:
         raise ModelLoadError(f"{shown}: not an ONNX model: empty file")
     if max_input_bytes is not None and before.st_size > max_input_bytes:

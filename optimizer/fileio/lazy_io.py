@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import mmap
 import os
 import re
@@ -59,7 +60,7 @@ _MARKER_PATTERN = re.compile(r"(\d+):(\d+):(\d+):(\d+):(\d+):(/.*)", re.DOTALL)
 _OPEN_FILES_KEPT = 16
 _SPILL_PREFIX = "onnx-compress-spill-"
 
-LAZY_DTYPES = {
+LAZY_DTYPES: dict[int, type] = {
     TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
     TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
     TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32, TensorProto.UINT32: np.uint32,
@@ -233,7 +234,7 @@ def map_array(tensor: TensorProto) -> np.ndarray:
     key = id(array)
     marker = TensorProto()
     marker.CopyFrom(tensor)
-    _MAPPED[key] = (weakref.ref(array, lambda dead, key=key: _forget(key, dead)), marker)
+    _MAPPED[key] = (weakref.ref(array, functools.partial(_forget, key)), marker)
     return array
 
 
@@ -425,7 +426,7 @@ class SpillFile:
             data = contiguous.reshape(-1).view(np.uint8)
         tensor.name = name
         offset = -(-self._end_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        view, position = memoryview(data), offset
+        view, position = data.data, offset
         while view:
             written = os.pwrite(self._fd, view[:COPY_CHUNK_BYTES], position)
             view, position = view[written:], position + written

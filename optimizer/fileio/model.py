@@ -280,7 +280,7 @@ def load_model_with_files(
 
     When its external data adds up to more than ``lazy_above_bytes``, large external tensors
     are checked but not read: they stay lazy references to the verified files (memory stays
-    bounded; ``save_model`` and ``optimizer.graph.core`` understand them, onnxruntime does not).
+    bounded; ``save_model`` and ``optimizer.graph.convert`` understand them, onnxruntime does not).
     The model path may be a symlink (a Hugging Face snapshot); its external data is looked up
     next to the path as given. ``allow_symlinks_under``: see ``load_model``.
     """

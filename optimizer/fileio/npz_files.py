@@ -20,7 +20,7 @@ from typing import IO
 import numpy as np
 
 from optimizer.errors import FeedError
-from optimizer.fileio.external_data import MEMORY_COPIES, file_kind, memory_headroom_bytes
+from optimizer.fileio.external_data import MEMORY_COPIES, memory_headroom_bytes, stat_regular_file
 
 __all__ = ["MAX_DEFLATE_RATIO", "MAX_NPZ_FILE_BYTES", "check_regular_file", "read_npz_file"]
 
@@ -54,12 +54,9 @@ def read_npz_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def check_regular_file(path: str | os.PathLike) -> os.stat_result:
     """Stat (never open) a feeds file: a FIFO, device or folder is refused by name."""
     shown = os.fspath(path)
-    try:
-        info = os.stat(shown)
-    except OSError as error:
-        raise FeedError(f"cannot read feeds file {shown!r}: {error.strerror or error}") from error
-    if not stat.S_ISREG(info.st_mode):
-        raise FeedError(f"feeds file {shown!r} is {file_kind(info.st_mode)}, not a regular file")
+    info, problem = stat_regular_file(shown)
+    if info is None:
+        raise FeedError(f"cannot read feeds file {shown!r}: {problem}")
     return info
 
 

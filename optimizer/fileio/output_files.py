@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -95,24 +95,26 @@ def staging_prefix() -> str:
 
 def remove_dead_temps(folder: Path) -> None:
     """Remove temporary files in ``folder`` whose writer is provably dead."""
-    for entry in sorted(os.listdir(folder)):
-        match = _TEMP_PATTERN.fullmatch(entry)
-        if match is None or not owner_dead(int(match.group(1)), int(match.group(2))):
-            continue
+    for path in _dead_entries(folder, _TEMP_PATTERN, stat.S_ISREG):
         with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(folder / entry).st_mode):
-                os.unlink(folder / entry)
+            os.unlink(path)
 
 
 def remove_dead_staging(folder: Path) -> list[Path]:
     """Staging folders whose owner is provably dead; returned for the caller to remove."""
+    return _dead_entries(folder, _STAGING_PATTERN, stat.S_ISDIR)
+
+
+def _dead_entries(folder: Path, pattern: re.Pattern[str], is_kind: Callable[[int], bool]) -> list[Path]:
+    """Entries named by ``pattern`` (pid and start time of their writer), of the kind asked for
+    (never following a link), whose writer is no longer running."""
     dead = []
     for entry in sorted(os.listdir(folder)):
-        match = _STAGING_PATTERN.fullmatch(entry)
+        match = pattern.fullmatch(entry)
         if match is None or not owner_dead(int(match.group(1)), int(match.group(2))):
             continue
         with contextlib.suppress(OSError):
-            if stat.S_ISDIR(os.lstat(folder / entry).st_mode):
+            if is_kind(os.lstat(folder / entry).st_mode):
                 dead.append(folder / entry)
     return dead
 

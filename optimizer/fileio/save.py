@@ -165,7 +165,7 @@ def _move_tensors_to_file(
         ref = lazy_ref(tensor) if is_lazy(tensor) else None
         if ref is None and not tensor.HasField("raw_data"):
             continue
-        data = tensor.raw_data if ref is None else None
+        data = tensor.raw_data if ref is None else b""
         length_bytes = len(data) if ref is None else ref.length_bytes
         if length_bytes < threshold_bytes:
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NoReturn
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -17,11 +18,23 @@ from google.protobuf.message import Message
 from onnx import TensorProto
 
 from optimizer.errors import ModelLoadError
+from optimizer.graph.walk import (
+    Enter,
+    Event,
+    Leave,
+    NodeStep,
+    defined_names,
+    model_events,
+    names_read,
+    proto_events,
+    proto_subgraphs,
+    walk_model,
+)
 
 __all__ = [
-    "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH", "check_graph_structure",
-    "check_inline_tensor", "check_opsets", "check_subgraph_depth", "check_text_fields", "custom_domain_ops", "describe_tensor",
-    "iter_tensors", "load_error", "node_label", "payload_bytes", "raw_byte_count",
+    "ELEMENT_BITS", "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH", "check_graph_structure",
+    "check_inline_tensor", "check_opsets", "check_subgraph_depth", "check_text_fields", "custom_domain_ops",
+    "describe_tensor", "iter_tensors", "load_error", "node_label", "payload_bytes", "raw_byte_count",
 ]  # fmt: skip
 
 _Labelled = tuple[TensorProto, str]
@@ -31,7 +44,7 @@ _TYPED_FIELDS = (
 )
 _PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6,
                 "FLOAT6E3M2": 6}  # fmt: skip
-_ELEMENT_BITS = {
+ELEMENT_BITS = {
     value: 0 if name == "STRING" else _PACKED_BITS.get(
         name, 8 * onnx.helper.tensor_dtype_to_np_dtype(value).itemsize
     )
@@ -44,7 +57,7 @@ _ELEMENT_BITS = {
 def payload_bytes(tensor: TensorProto) -> int:
     """Data bytes of a tensor from dtype and shape, since upb copies raw_data on every read."""
     if tensor.HasField("raw_data"):
-        bits = _ELEMENT_BITS.get(tensor.data_type)
+        bits = ELEMENT_BITS.get(tensor.data_type)
         if not bits or any(dim < 0 for dim in tensor.dims):
             return len(tensor.raw_data)
         return (math.prod(tensor.dims) * bits + 7) // 8
@@ -54,17 +67,28 @@ def payload_bytes(tensor: TensorProto) -> int:
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[_Labelled]:
-    """Every tensor in the model with a label for messages, in a deterministic order."""
-    yield from _iter_graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _iter_node_tensors(node)
-        for attribute in function.attribute_proto:
-            where = f"default attribute '{attribute.name}' of function '{function.name}'"
-            yield from _iter_attribute_tensors(attribute, where)
-    for training_info in model.training_info:
-        yield from _iter_graph_tensors(training_info.initialization)
-        yield from _iter_graph_tensors(training_info.algorithm)
+    """Every tensor in the model with a label for messages, in a deterministic order: the main
+    graph, model-local functions (with their default attributes), then training graphs, each in
+    lexical order (a node's subgraphs right after it)."""
+    yield from _event_tensors(model_events(model, functions=True, training=True))
+
+
+def _event_tensors(events: Iterator[Event]) -> Iterator[_Labelled]:
+    for event in events:
+        if isinstance(event, Enter) and event.site.kind != "function":
+            yield from _iter_graph_tensors(event.site.graph)
+        elif isinstance(event, NodeStep):
+            node = event.node
+            node_name = node.name or (node.output[0] if node.output else node.op_type)
+            for attribute in node.attribute:
+                yield from _iter_attribute_tensors(attribute, f"attribute '{attribute.name}' of node '{node_name}'")
+        elif isinstance(event, Leave) and event.site.kind == "function":
+            function = event.site.graph
+            for attribute in function.attribute_proto:
+                where = f"default attribute '{attribute.name}' of function '{function.name}'"
+                yield from _iter_attribute_tensors(attribute, where)
+                for _, graph in proto_subgraphs(onnx.NodeProto(attribute=[attribute])):
+                    yield from _event_tensors(proto_events(graph))
 
 
 def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[_Labelled]:
@@ -72,18 +96,10 @@ def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[_Labelled]:
         yield tensor, f"tensor '{tensor.name}'"
     for sparse in graph.sparse_initializer:
         yield from _iter_sparse_parts(sparse, f"sparse initializer '{sparse.values.name}'")
-    for node in graph.node:
-        yield from _iter_node_tensors(node)
-
-
-def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[_Labelled]:
-    node_name = node.name or (node.output[0] if node.output else node.op_type)
-    for attribute in node.attribute:
-        where = f"attribute '{attribute.name}' of node '{node_name}'"
-        yield from _iter_attribute_tensors(attribute, where)
 
 
 def _iter_attribute_tensors(attribute: onnx.AttributeProto, where: str) -> Iterator[_Labelled]:
+    """The tensors an attribute holds itself; the graphs it holds are walked as graphs."""
     if attribute.HasField("t"):
         yield attribute.t, _tensor_label(attribute.t, where)
     for tensor in attribute.tensors:
@@ -92,10 +108,6 @@ def _iter_attribute_tensors(attribute: onnx.AttributeProto, where: str) -> Itera
         yield from _iter_sparse_parts(attribute.sparse_tensor, where)
     for sparse in attribute.sparse_tensors:
         yield from _iter_sparse_parts(sparse, where)
-    if attribute.HasField("g"):
-        yield from _iter_graph_tensors(attribute.g)
-    for graph in attribute.graphs:
-        yield from _iter_graph_tensors(graph)
 
 
 def _iter_sparse_parts(sparse: onnx.SparseTensorProto, where: str) -> Iterator[_Labelled]:
@@ -115,7 +127,7 @@ def describe_tensor(tensor: TensorProto) -> str:
 
 
 def _dtype_bits(tensor: TensorProto, source: str, label: str) -> int:
-    bits = _ELEMENT_BITS.get(tensor.data_type)
+    bits = ELEMENT_BITS.get(tensor.data_type)
     if bits is None:
         raise load_error(source, label, f"unknown data type {tensor.data_type}")
     return bits
@@ -129,7 +141,7 @@ def _element_count(tensor: TensorProto, source: str, label: str) -> int:
     dims = list(tensor.dims)
     if any(dim < 0 for dim in dims):
         raise load_error(source, label, f"negative dimension in shape {dims}")
-    element_bits = max(_ELEMENT_BITS.get(tensor.data_type) or 64, 8)
+    element_bits = max(ELEMENT_BITS.get(tensor.data_type) or 64, 8)
     if 0 in dims and math.prod(dim for dim in dims if dim) * element_bits // 8 > _MAX_ARRAY_BYTES:
         reason = f"shape {dims} overflows 64-bit sizes (numpy refuses it even when a dimension is 0)"
         raise load_error(source, label, reason)
@@ -148,7 +160,7 @@ def _typed_value_count(tensor: TensorProto, element_count: int) -> int:
     data_type = tensor.data_type
     if data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
         return 2 * element_count
-    bits = _ELEMENT_BITS.get(data_type, 8)
+    bits = ELEMENT_BITS.get(data_type, 8)
     per_entry = 8 // bits if 0 < bits < 8 and 8 % bits == 0 else 1  # strings (bits 0): one per entry
     return -(-element_count // per_entry)
 
@@ -254,29 +266,14 @@ def node_label(node: onnx.NodeProto) -> str:
     return f"node '{name}' ({node.op_type})"
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs = []
-    for attribute in node.attribute:
-        if attribute.HasField("g"):
-            graphs.append(attribute.g)
-        graphs.extend(attribute.graphs)
-    return graphs
-
-
 def check_subgraph_depth(model: onnx.ModelProto, source: str) -> None:
     """Without recursion, so a hostile nesting depth cannot exhaust the stack first."""
-    roots = [model.graph] + [training.algorithm for training in model.training_info]
-    stack: list[tuple[onnx.GraphProto, int]] = [(graph, 0) for graph in roots]
-    for function in model.functions:
-        stack.append((onnx.GraphProto(node=function.node), 0))
-    while stack:
-        graph, depth = stack.pop()
-        for node in graph.node:
-            for subgraph in _subgraphs(node):
-                if depth + 1 > MAX_SUBGRAPH_DEPTH:
-                    reason = f"subgraphs nested over the limit of {MAX_SUBGRAPH_DEPTH} levels"
-                    raise load_error(source, node_label(node), reason)
-                stack.append((subgraph, depth + 1))
+    def too_deep(node: onnx.NodeProto) -> NoReturn:
+        reason = f"subgraphs nested over the limit of {MAX_SUBGRAPH_DEPTH} levels"
+        raise load_error(source, node_label(node), reason)
+
+    for _ in walk_model(model, functions=True, training=True, max_depth=MAX_SUBGRAPH_DEPTH, too_deep=too_deep):
+        pass
 
 
 def _max_opset_versions() -> dict[str, int]:
@@ -306,9 +303,16 @@ def check_opsets(model: onnx.ModelProto, source: str) -> None:
 def check_graph_structure(model: onnx.ModelProto, source: str) -> None:
     """Dangling inputs, cycles and huge static ConstantOfShape, each named by its node.
 
-    Runs after ``check_subgraph_depth``, so recursing into subgraphs is bounded.
+    Runs after ``check_subgraph_depth``, so the walk is bounded. A subgraph sees the names and
+    constants of every enclosing graph.
     """
-    _check_graph(model.graph, frozenset(), {}, source)
+    scopes: dict[int, tuple[frozenset[str], dict[str, TensorProto]]] = {}
+    for site in walk_model(model, functions=False):
+        outer, outer_constants = scopes[id(site.parent)] if site.parent is not None else (frozenset(), {})
+        defined = defined_names(site.graph)
+        constants = {**outer_constants, **_graph_constants(site.graph)}
+        _check_graph(site.graph, outer | defined, constants, source)
+        scopes[id(site)] = (outer | defined, constants)
 
 
 def _graph_constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
@@ -324,28 +328,17 @@ def _graph_constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     return constants
 
 
-def _check_graph(
-    graph: onnx.GraphProto, outer: frozenset[str], outer_constants: dict[str, TensorProto],
-    source: str,
-) -> None:  # fmt: skip
-    defined = {value.name for value in graph.input}
-    defined.update(tensor.name for tensor in graph.initializer)
-    defined.update(sparse.values.name for sparse in graph.sparse_initializer)
-    defined.update(name for node in graph.node for name in node.output)
-    constants = {**outer_constants, **_graph_constants(graph)}
+def _check_graph(graph: onnx.GraphProto, visible: frozenset[str], constants: dict[str, TensorProto],
+                 source: str) -> None:  # fmt: skip
     for node in graph.node:
         for name in node.input:
-            if name and name not in defined and name not in outer:
+            if name and name not in visible:
                 reason = f"input '{name}' is produced by no node, initializer or graph input"
                 raise load_error(source, node_label(node), reason)
         if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") and node.input:
             _check_constant_of_shape(node, constants.get(node.input[0]), source)
         _check_control_scalars(node, constants, source)
     _check_acyclic(graph, source)
-    inner_outer = outer | defined
-    for node in graph.node:
-        for subgraph in _subgraphs(node):
-            _check_graph(subgraph, inner_outer, constants, source)
 
 
 def _check_constant_of_shape(
@@ -358,7 +351,7 @@ def _check_constant_of_shape(
     for attribute in node.attribute:
         if attribute.name == "value" and attribute.HasField("t"):
             value_type = attribute.t.data_type
-    bits = _ELEMENT_BITS.get(value_type) or 8
+    bits = ELEMENT_BITS.get(value_type) or 8
     size_bytes = (math.prod(max(dim, 0) for dim in shape) * bits + 7) // 8
     if size_bytes > MAX_CONSTANT_OF_SHAPE_BYTES:
         reason = (f"constant shape {shape} would materialize {size_bytes} bytes, over the limit "
@@ -373,25 +366,12 @@ _CONTROL_SCALARS = {"Loop": ("M", "cond"), "If": ("cond",)}
 def _check_control_scalars(node: onnx.NodeProto, constants: dict[str, TensorProto], source: str) -> None:
     if node.domain not in ("", "ai.onnx"):
         return
-    for role, name in zip(_CONTROL_SCALARS.get(node.op_type, ()), node.input):
+    for role, name in zip(_CONTROL_SCALARS.get(node.op_type, ()), node.input, strict=False):  # roles: a prefix
         constant = constants.get(name) if name else None
         if constant is not None and math.prod(constant.dims) != 1:
             reason = (f"{node.op_type} input '{role}' must hold one value, but the constant '{name}' has "
                       f"{describe_tensor(constant)} (onnxruntime crashes on it)")
             raise load_error(source, node_label(node), reason)
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Names a graph (and its subgraphs) reads but does not define: its implicit inputs."""
-    defined = {value.name for value in graph.input}
-    defined.update(tensor.name for tensor in graph.initializer)
-    defined.update(name for node in graph.node for name in node.output)
-    read: set[str] = set()
-    for node in graph.node:
-        read.update(name for name in node.input if name)
-        for subgraph in _subgraphs(node):
-            read.update(_names_read(subgraph))
-    return read - defined
 
 
 def _check_acyclic(graph: onnx.GraphProto, source: str) -> None:
@@ -401,8 +381,8 @@ def _check_acyclic(graph: onnx.GraphProto, source: str) -> None:
     successors: list[list[int]] = [[] for _ in graph.node]
     for index, node in enumerate(graph.node):
         names = {name for name in node.input if name}
-        for subgraph in _subgraphs(node):
-            names |= _names_read(subgraph)
+        for _, subgraph in proto_subgraphs(node):
+            names |= names_read(subgraph, implicit_only=True)
         predecessors.append({producer[name] for name in names if name in producer})
         for other in sorted(predecessors[-1]):
             successors[other].append(index)
@@ -422,8 +402,8 @@ def _check_acyclic(graph: onnx.GraphProto, source: str) -> None:
         path.append(current)
         current = min(predecessors[current] & remaining)
     cycle = path[path.index(current) :][::-1]
-    names = " -> ".join(node_label(graph.node[index]) for index in [*cycle, cycle[0]])
-    raise load_error(source, node_label(graph.node[cycle[0]]), f"nodes form a cycle: {names}")
+    shown = " -> ".join(node_label(graph.node[index]) for index in [*cycle, cycle[0]])
+    raise load_error(source, node_label(graph.node[cycle[0]]), f"nodes form a cycle: {shown}")
 
 
 _RUNTIME_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training",
@@ -431,16 +411,14 @@ _RUNTIME_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.pre
 
 
 def custom_domain_ops(model: onnx.ModelProto) -> list[str]:
-    """Sorted ``domain:op`` of every node neither onnx nor onnxruntime defines (model-local
-    functions excepted): passes leave them alone, and nothing can validate them."""
+    """Sorted ``domain:op`` of every node neither onnx nor onnxruntime defines, in every graph and
+    function body (a call of a model-local function is not one): passes leave them alone, and
+    nothing can validate them."""
     local = {(function.domain, function.name) for function in model.functions}
     found: set[str] = set()
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
+    for site in walk_model(model, functions=True):
+        for node in site.graph.node:
             is_runtime = node.domain in _RUNTIME_DOMAINS or node.domain.startswith("com.microsoft.")
             if not is_runtime and (node.domain, node.op_type) not in local:
                 found.add(f"{node.domain}:{node.op_type}")
-            graphs.extend(_subgraphs(node))
     return sorted(found)

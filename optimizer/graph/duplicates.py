@@ -1,179 +1,308 @@
-"""Find weights that could share one stored copy: exact, transposed, reshaped and cast copies.
+"""The one duplicate finder: weights that could share one stored copy, as exact copies (hash, then
+bytes), near copies, and copies that equal another weight transposed, reshaped or cast to a narrower
+float type.
 
-Candidates are compared by (dtype, shape, sha256) and then byte for byte, so a hash collision
-can never merge two different tensors. Output is deterministic: groups are sorted.
+The share pass merges what it finds (its ``Weight`` is a ``Candidate``); inspect reports it through
+``duplicate_groups`` over ``StoredTensor`` candidates, replaying share's order of merging so the
+bytes it reports are the bytes share saves (what inspect cannot see: share's scope accounting for
+copies in sibling subgraphs and protected tensors, which share leaves alone).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+CASTABLE = {  # wide dtype -> narrower float dtypes an exact Cast can produce
+    np.dtype(np.float64): (np.dtype(np.float32), np.dtype(np.float16)),
+    np.dtype(np.float32): (np.dtype(np.float16),),
+}
+MAX_TRANSPOSE_RANK = 6
+SAMPLE_VALUES = 1024
+
+
+class Candidate(Protocol):
+    """What the finder needs of a weight: its values, its position in the caller's walk (results
+    come in that order) and a hash of its bytes (cached by the caller across rounds)."""
+
+    @property
+    def values(self) -> np.ndarray: ...
+
+    @property
+    def order(self) -> int: ...
+
+    def digest(self) -> bytes: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+@dataclass(eq=False)
+class StoredTensor:
+    """A stored weight read from a model proto (inspect's candidate): display name, dense values,
+    walk position and the bytes it takes in the file."""
+
+    name: str
+    values: np.ndarray
+    order: int
+    stored_bytes: int
+    _digest: bytes | None = field(default=None, repr=False)
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = hashlib.blake2b(_raw(self.values).data, digest_size=16).digest()
+        return self._digest
+
+
+@dataclass(frozen=True)
+class Relation(Generic[C]):
+    """``derived`` equals ``source`` after one cheap op: Transpose(perm), Reshape(shape) or Cast(dtype)."""
+
+    kind: str
+    source: C
+    derived: C
+    perm: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    """Weights that could share one stored copy; each tensor is in at most one group."""
+    """Weights that could share one stored copy (inspect's summary): the kind of the first transform
+    that joins them ("exact" when none), their names, and the bytes merging them saves."""
 
     kind: str
     tensors: tuple[str, ...]
     wasted_bytes: int
 
 
-@dataclass(frozen=True, eq=False)
-class DuplicateCandidate:
-    """A stored weight as the caller names and sizes it (``size_bytes`` as saved)."""
+def exact_classes(weights: Sequence[C]) -> list[list[C]]:
+    """Cs grouped by dtype, shape and bytes (hash first, bytes confirmed), in walk order.
 
-    name: str
-    tensor: onnx.TensorProto | onnx.SparseTensorProto
-    size_bytes: int
-
-
-_Class = list[DuplicateCandidate]
-
-_NARROWER_FLOATS = {
-    onnx.TensorProto.DOUBLE: (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16),
-    onnx.TensorProto.FLOAT: (onnx.TensorProto.FLOAT16,),
-}
-
-
-def _payload(tensor: onnx.TensorProto) -> tuple[bytes, np.ndarray | None]:
-    """Comparable bytes of a tensor, independent of raw_data vs typed-field storage."""
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data), None
-    try:
-        array = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError, KeyError, NotImplementedError, OSError):
-        return tensor.raw_data, None
-    return np.ascontiguousarray(array).tobytes(), array
-
-
-def _transposed_bytes(array: np.ndarray | None) -> bytes | None:
-    if array is None or array.ndim != 2 or array.dtype == object:
-        return None
-    return np.ascontiguousarray(array.T).tobytes()
-
-
-def _exact_classes(candidates: list[DuplicateCandidate]) -> dict[tuple, list[_Class]]:
-    """Group by (dtype, shape, sha256), then split each bucket by a byte comparison."""
-    buckets: dict[tuple, list[DuplicateCandidate]] = {}
-    for candidate in candidates:
-        data, _ = _payload(candidate.tensor)
-        tensor = candidate.tensor
-        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).digest())
-        buckets.setdefault(key, []).append(candidate)
-    classes: dict[tuple, list[_Class]] = {}
-    for key, members in buckets.items():
-        confirmed: list[tuple[bytes, _Class]] = []
-        for candidate in members:
-            data = _payload(candidate.tensor)[0] if len(members) > 1 else b""
-            match = next((group for ref, group in confirmed if ref == data), None)
-            if match is None:
-                confirmed.append((data, [candidate]))
-            else:
-                match.append(candidate)
-        classes[key] = [group for _, group in confirmed]
-    return classes
-
-
-def _transposed_pairs(classes: dict[tuple, list[_Class]]) -> list[tuple[_Class, _Class]]:
-    """Pairs of classes where one is the other's transpose: one transpose per 2-D class."""
-    pairs: dict[tuple[int, int], tuple[_Class, _Class]] = {}
-    order = {id(group): n for n, group in enumerate(g for gs in classes.values() for g in gs)}
-    for (dtype, shape, _), groups in classes.items():
-        if len(shape) != 2:
-            continue
-        for group in groups:
-            data_t = _transposed_bytes(_payload(group[0].tensor)[1])
-            if data_t is None:
-                continue
-            key_t = (dtype, shape[::-1], hashlib.sha256(data_t).digest())
-            for other in classes.get(key_t, []):
-                if other is group or _payload(other[0].tensor)[0] != data_t:
-                    continue
-                pair_key = tuple(sorted((order[id(group)], order[id(other)])))
-                pairs.setdefault(pair_key, (group, other))
-    return [pairs[key] for key in sorted(pairs)]
-
-
-def _reshaped_sets(classes: dict[tuple, list[_Class]], paired: set[int]) -> list[list[_Class]]:
-    """Classes with the same dtype and bytes but different shapes (one is a reshape of the other)."""
-    buckets: dict[tuple, list[_Class]] = {}
-    for (dtype, shape, digest), groups in classes.items():
-        if math.prod(shape) > 1:
-            buckets.setdefault((dtype, digest), []).extend(g for g in groups if id(g) not in paired)
-    sets = []
-    for groups in buckets.values():
-        if len({tuple(g[0].tensor.dims) for g in groups}) < 2:
-            continue
-        reference = _payload(groups[0][0].tensor)[0]
-        same = [g for g in groups if _payload(g[0].tensor)[0] == reference]
-        if len({tuple(g[0].tensor.dims) for g in same}) > 1:
-            sets.append(same)
-    return sets
-
-
-def _cast_pairs(
-    classes: dict[tuple, list[_Class]], paired: set[int]
-) -> list[tuple[_Class, _Class]]:
-    """(wide, narrow) classes of one shape where narrow == wide cast to the narrower float type."""
-    narrow = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    narrow_keys = {(dtype, shape) for dtype, shape, _ in classes if dtype in narrow}
-    pairs = []
-    for (dtype, shape, _), groups in classes.items():
-        targets = [t for t in _NARROWER_FLOATS.get(dtype, ()) if (t, shape) in narrow_keys]
-        for group in (g for g in groups if targets and id(g) not in paired):
-            array = _payload(group[0].tensor)[1]
-            for target in targets if array is not None else ():
-                with np.errstate(over="ignore", invalid="ignore"):
-                    data = array.astype(helper.tensor_dtype_to_np_dtype(target)).tobytes()
-                for other in classes.get((target, shape, hashlib.sha256(data).digest()), []):
-                    if id(other) not in paired and _payload(other[0].tensor)[0] == data:
-                        pairs.append((group, other))
-                        paired.update((id(group), id(other)))
-    return pairs
-
-
-def find_duplicates(
-    candidates: list[DuplicateCandidate], min_duplicate_bytes: int
-) -> list[DuplicateGroup]:
-    """Exact, transposed (2-D), reshaped and cast (narrower float) copies; a transformed group
-    also holds the exact copies of each side. Wasted bytes: everything but one widest copy.
-
-    Sparse tensors and external data not loaded into memory are not compared.
+    Only weights that share dtype and shape with another are hashed: a tensor alone in its
+    shape (an embedding table, most often the largest) has no copy to find.
     """
-    compared = [
-        c for c in candidates
-        if isinstance(c.tensor, onnx.TensorProto)
-        and not (c.tensor.data_location == onnx.TensorProto.EXTERNAL and not c.tensor.raw_data)
-        and c.size_bytes >= min_duplicate_bytes
-    ]
-    classes = _exact_classes(compared)
-    groups: list[DuplicateGroup] = []
-    paired: set[int] = set()
-    for first, second in _transposed_pairs(classes):
-        if id(first) in paired or id(second) in paired:
+    by_shape: dict[tuple, list[C]] = {}
+    for weight in weights:
+        by_shape.setdefault((weight.values.dtype.str, weight.values.shape), []).append(weight)
+    buckets: dict[tuple, list[C]] = {}
+    for key, members in by_shape.items():
+        if len(members) == 1:
+            buckets[key] = members
             continue
-        paired.update((id(first), id(second)))
-        groups.append(_group("transposed", first + second))
-    for sets in _reshaped_sets(classes, paired):
-        paired.update(id(g) for g in sets)
-        groups.append(_group("reshaped", [c for g in sets for c in g]))
-    for wide, narrow in _cast_pairs(classes, paired):
-        members = wide + narrow
-        names = tuple(sorted(c.name for c in members))
-        wasted = sum(c.size_bytes for c in members) - wide[0].size_bytes
-        groups.append(DuplicateGroup("cast", names, wasted))
-    for members in (g for gs in classes.values() for g in gs):
-        if len(members) > 1 and id(members) not in paired:
-            groups.append(_group("exact", members))
+        sampled: dict[bytes, list[C]] = {}
+        for weight in members:  # a strided sample splits most same-shape tensors before hashing
+            sampled.setdefault(_sample_bytes(weight.values), []).append(weight)
+        for sample, group in sampled.items():
+            for weight in group:
+                buckets.setdefault((*key, sample, weight.digest() if len(group) > 1 else b""), []).append(weight)
+    classes: list[list[C]] = []
+    for members in buckets.values():
+        confirmed: list[list[C]] = []
+        for weight in members:
+            match = next((group for group in confirmed if _same_bytes(group[0], weight)), None)
+            if match is None:
+                confirmed.append([weight])
+            else:
+                match.append(weight)
+        classes.extend(confirmed)
+    return sorted(classes, key=lambda group: group[0].order)
+
+
+def near_pairs(weights: Sequence[C], rtol: float) -> list[tuple[C, C, float, float]]:
+    """(kept, merged, max abs error, max error relative to the kept's largest magnitude).
+
+    Same dtype (float) and shape; each weight is merged into the first earlier weight within
+    ``rtol`` and never serves as a kept copy afterwards.
+    """
+    groups: dict[tuple, list[C]] = {}
+    for weight in weights:
+        if weight.values.dtype.kind == "f" and weight.values.size > 0:
+            groups.setdefault((weight.values.dtype.str, weight.values.shape), []).append(weight)
+    pairs = []
+    for members in groups.values():
+        merged: set[int] = set()
+        for index, kept in enumerate(members):
+            if id(kept) in merged:
+                continue
+            reference = kept.values.astype(np.float64)
+            scale = float(np.abs(reference).max()) or 1.0
+            for other in members[index + 1:]:
+                if id(other) in merged:
+                    continue
+                error = float(np.abs(other.values.astype(np.float64) - reference).max())
+                if error / scale <= rtol:
+                    merged.add(id(other))
+                    pairs.append((kept, other, error, error / scale))
+    return sorted(pairs, key=lambda pair: (pair[1].order, pair[0].order))
+
+
+def transform_relations(weights: Sequence[C]) -> list[Relation[C]]:
+    """Reshaped, transposed and cast copies among weights that are no exact copies of each other."""
+    relations = _reshaped(weights)
+    related = {(id(r.source), id(r.derived)) for r in relations}
+    for relation in _transposed(weights) + _cast(weights):
+        pair = (id(relation.source), id(relation.derived))
+        if pair not in related and pair[::-1] not in related:
+            related.add(pair)
+            relations.append(relation)
+    return relations
+
+
+def duplicate_groups(candidates: Sequence[StoredTensor], *, min_bytes: int = 0) -> list[DuplicateGroup]:
+    """inspect's view of what share would merge: exact classes, then the transformed copies among
+    one copy per class, applied in share's order (a copy already replaced serves no further relation).
+
+    Each group is one set of tensors joined by those merges; ``wasted_bytes`` sums the stored bytes of
+    every copy but the kept ones. Candidates under ``min_bytes`` are left out.
+    """
+    classes = exact_classes([c for c in candidates if c.stored_bytes >= min_bytes])
+    parent = {id(group[0]): id(group[0]) for group in classes}
+    members = {id(group[0]): list(group) for group in classes}
+    wasted = {id(group[0]): (len(group) - 1) * group[0].stored_bytes for group in classes}
+    kinds: dict[int, str] = {}
+    replaced: set[int] = set()
+
+    def root(key: int) -> int:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    relations = transform_relations([group[0] for group in classes])
+    for relation in sorted(relations, key=lambda r: (r.derived.order, r.source.order)):
+        source, derived = id(relation.source), id(relation.derived)
+        if source in replaced or derived in replaced:
+            continue
+        replaced.add(derived)
+        kept, joined = root(source), root(derived)
+        kinds[kept] = kinds.get(kept) or kinds.get(joined) or relation.kind
+        wasted[kept] += relation.derived.stored_bytes
+        if joined != kept:
+            parent[joined] = kept
+            members[kept] += members.pop(joined)
+            wasted[kept] += wasted.pop(joined)
+    groups = [
+        DuplicateGroup(kinds.get(key, "exact"), tuple(sorted(c.name for c in group)), wasted[key])
+        for key, group in members.items() if len(group) > 1
+    ]
     return sorted(groups, key=lambda g: (-g.wasted_bytes, g.tensors, g.kind))
 
 
-def _group(kind: str, members: _Class) -> DuplicateGroup:
-    names = tuple(sorted(c.name for c in members))
-    return DuplicateGroup(kind, names, (len(members) - 1) * members[0].size_bytes)
+def _reshaped(weights: Sequence[C]) -> list[Relation[C]]:
+    by_size: dict[tuple, list[C]] = {}
+    for weight in weights:
+        if weight.values.size > 1:
+            by_size.setdefault((weight.values.dtype.str, weight.values.size), []).append(weight)
+    buckets: dict[tuple, list[C]] = {}
+    for key, members in by_size.items():
+        shapes = {weight.values.shape for weight in members}
+        if len(shapes) < 2:
+            continue  # same-shape copies are exact copies, found before
+        sampled: dict[bytes, list[C]] = {}
+        for weight in members:
+            sampled.setdefault(_sample_bytes(weight.values), []).append(weight)
+        for group in sampled.values():
+            for weight in group if len(group) > 1 else ():
+                buckets.setdefault((*key, weight.digest()), []).append(weight)
+    relations: list[Relation[C]] = []
+    for members in buckets.values():
+        first = members[0]
+        for other in members[1:]:
+            same = _byte_view(first).tobytes() == _byte_view(other).tobytes()
+            if other.values.shape != first.values.shape and same:
+                relations.append(Relation("reshaped", first, other))
+    return relations
+
+
+def _transposed(weights: Sequence[C]) -> list[Relation[C]]:
+    groups: dict[tuple, list[C]] = {}
+    for weight in weights:
+        shape = weight.values.shape
+        if 2 <= len(shape) <= MAX_TRANSPOSE_RANK and weight.values.size > 1:
+            groups.setdefault((weight.values.dtype.str, tuple(sorted(shape))), []).append(weight)
+    relations: list[Relation[C]] = []
+    for members in groups.values():
+        extremes = {id(w): _extremes(w.values) for w in members}
+        stats: dict[int, np.ndarray] = {}
+        for first, second in itertools.combinations(members, 2):
+            if extremes[id(first)] != extremes[id(second)]:  # a permutation keeps min and max exactly
+                continue
+            for weight in (first, second):
+                if id(weight) not in stats:
+                    stats[id(weight)] = _stats(weight.values)
+            if not np.allclose(stats[id(first)], stats[id(second)], rtol=1e-6, atol=1e-30):
+                continue
+            perm = _find_permutation(first.values, second.values)
+            if perm is not None:
+                relations.append(Relation("transposed", first, second, perm))
+    return relations
+
+
+def _find_permutation(source: np.ndarray, derived: np.ndarray) -> tuple[int, ...] | None:
+    """A non-identity ``perm`` with ``source.transpose(perm)`` bit-identical to ``derived``."""
+    target = _raw(derived).tobytes()
+    for perm in itertools.permutations(range(source.ndim)):
+        if perm == tuple(range(source.ndim)):
+            continue
+        if tuple(source.shape[axis] for axis in perm) != derived.shape:
+            continue
+        if _raw(np.ascontiguousarray(source.transpose(perm))).tobytes() == target:
+            return perm
+    return None
+
+
+def _cast(weights: Sequence[C]) -> list[Relation[C]]:
+    groups: dict[tuple, list[C]] = {}
+    for weight in weights:
+        if weight.values.dtype.kind == "f" and weight.values.size > 0:
+            groups.setdefault(weight.values.shape, []).append(weight)
+    relations: list[Relation[C]] = []
+    for members in groups.values():
+        for wide, narrow in itertools.permutations(members, 2):
+            if narrow.values.dtype not in CASTABLE.get(wide.values.dtype, ()):
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = wide.values.astype(narrow.values.dtype)
+            if _raw(cast).tobytes() == _raw(narrow.values).tobytes():
+                relations.append(Relation("cast", wide, narrow))
+    return sorted(relations, key=lambda r: (r.derived.order, r.source.order))
+
+
+
+def _sample_bytes(values: np.ndarray) -> bytes:
+    """Up to ``SAMPLE_VALUES`` evenly strided values (bit patterns): equal tensors have equal samples."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    step = max(1, flat.size // SAMPLE_VALUES)
+    return np.ascontiguousarray(flat[::step]).tobytes()
+
+
+def _stats(values: np.ndarray) -> np.ndarray:
+    """Permutation-invariant fingerprint (sum, sum of squares, min, max) used as a pre-filter."""
+    data = values.astype(np.float64).reshape(-1)
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return np.zeros(4)
+    return np.array([finite.sum(), (finite * finite).sum(), finite.min(), finite.max()])
+
+
+def _extremes(values: np.ndarray) -> bytes:
+    """min and max as bit patterns (NaN-safe: a NaN anywhere shows in both)."""
+    flat = values.reshape(-1)
+    return np.array([flat.min(), flat.max()], dtype=values.dtype).tobytes()
+
+
+def _raw(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+
+
+def _byte_view(weight: C) -> np.ndarray:
+    return _raw(weight.values)
+
+
+def _same_bytes(first: Candidate, second: Candidate) -> bool:
+    if first.values.dtype != second.values.dtype or first.values.shape != second.values.shape:
+        return False
+    return _raw(first.values).tobytes() == _raw(second.values).tobytes()

@@ -8,29 +8,20 @@ custom op, and ``model.functions``. Output is deterministic: every mapping is so
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from optimizer.graph.duplicates import DuplicateCandidate, DuplicateGroup, find_duplicates
+from optimizer.graph.bytes import stored_bytes
+from optimizer.graph.duplicates import DuplicateGroup, StoredTensor, duplicate_groups
 from optimizer.graph.inspect_values import NonFiniteTensor, non_finite_tensors
+from optimizer.graph.walk import MAIN_GRAPH, Enter, GraphSite, Leave, NodeStep, model_events
 
-MAIN_GRAPH = "main"
 UNUSED_OP = "(unused)"
 _STANDARD_DOMAINS = ("", "ai.onnx")
-_SUB_BYTE_NAMES = {
-    "INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6
-}
-_SUB_BYTE_BITS = {
-    int(getattr(onnx.TensorProto, name)): bits
-    for name, bits in sorted(_SUB_BYTE_NAMES.items())
-    if hasattr(onnx.TensorProto, name)
-}
 _STRING = onnx.TensorProto.STRING
 _SCALAR_ATTRS = {
     "value_float": (onnx.TensorProto.FLOAT, "f"), "value_int": (onnx.TensorProto.INT64, "i"),
@@ -117,7 +108,6 @@ class _Walk:
     weights: list[_Weight] = field(default_factory=list)
     nodes_by_op: Counter = field(default_factory=Counter)
     subgraphs: list[str] = field(default_factory=list)
-    graph_paths: set[str] = field(default_factory=set)
 
 
 def human_bytes(n: int) -> str:
@@ -140,30 +130,6 @@ def dtype_name(data_type: int) -> str:
         return f"UNKNOWN({data_type})"
 
 
-def _element_bits(data_type: int) -> int:
-    if data_type in _SUB_BYTE_BITS:
-        return _SUB_BYTE_BITS[data_type]
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize * 8
-    except (KeyError, TypeError, ValueError):
-        return 0
-
-
-def _dense_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes from dims and dtype, so raw_data and typed fields give the same answer."""
-    if tensor.data_type == _STRING:
-        return sum(len(s) for s in tensor.string_data)
-    count = math.prod(int(d) for d in tensor.dims)
-    return (count * _element_bits(tensor.data_type) + 7) // 8
-
-
-def stored_bytes(tensor: _ANY_TENSOR) -> int:
-    """Bytes a tensor occupies when saved: a sparse tensor stores its values and indices."""
-    if isinstance(tensor, onnx.SparseTensorProto):
-        return _dense_bytes(tensor.values) + _dense_bytes(tensor.indices)
-    return _dense_bytes(tensor)
-
-
 def _op_key(node: onnx.NodeProto) -> str:
     if node.domain in _STANDARD_DOMAINS:
         return node.op_type
@@ -176,12 +142,6 @@ def _display_name(graph: str, name: str) -> str:
 
 def _graph_label(path: str, node_count: int) -> str:
     return f"{path} ({node_count} node{'' if node_count == 1 else 's'})"
-
-
-def _function_path(function: onnx.FunctionProto) -> str:
-    overload = getattr(function, "overload", "")
-    suffix = f":{overload}" if overload else ""
-    return f"function:{function.domain}.{function.name}{suffix}"
 
 
 def _constant_tensor(node: onnx.NodeProto) -> _ANY_TENSOR | None:
@@ -214,35 +174,44 @@ def _resolve(scopes: list[dict[str, _Weight | None]], name: str) -> _Weight | No
     return None
 
 
-def _subgraph_path(walk: _Walk, parent: str, node: onnx.NodeProto, index: int, attr: str) -> str:
-    label = node.name or f"{node.op_type}_{index}"
-    path = f"{parent}/{label}.{attr}"
-    if path in walk.graph_paths:
-        path = f"{parent}/{label}#{index}.{attr}"
-    walk.graph_paths.add(path)
-    return path
+def _walk_model(model: onnx.ModelProto) -> _Walk:
+    """One lexical walk over every graph and function, resolving each read to the innermost
+    definition in scope (a function body sees only its own inputs)."""
+    walk = _Walk()
+    chains: dict[int, list[dict[str, _Weight | None]]] = {}
+    for event in model_events(model, functions=True):
+        site = event.site
+        if isinstance(event, Enter):
+            if site.kind != "main":
+                walk.subgraphs.append(_graph_label(site.path, len(site.graph.node)))
+            outer = chains[id(site.parent)] if site.parent is not None else []
+            chains[id(site)] = [*outer, _define(site, walk)]
+        elif isinstance(event, NodeStep):
+            op = _op_key(event.node)
+            walk.nodes_by_op[op] += 1
+            for name in event.node.input:
+                weight = _resolve(chains[id(site)], name) if name else None
+                if weight is not None:
+                    weight.consumers += 1
+                    weight.first_consumer_op = weight.first_consumer_op or op
+        elif isinstance(event, Leave):
+            del chains[id(site)]
+    return walk
 
 
-def _node_subgraphs(
-    walk: _Walk, parent: str, node: onnx.NodeProto, index: int
-) -> list[tuple[str, onnx.GraphProto]]:
-    found = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            found.append((_subgraph_path(walk, parent, node, index, attr.name), attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for position, graph in enumerate(attr.graphs):
-                label = f"{attr.name}[{position}]"
-                found.append((_subgraph_path(walk, parent, node, index, label), graph))
-    return found
-
-
-def _walk_nodes(
-    nodes, path: str, scopes: list[dict[str, _Weight | None]], walk: _Walk
-) -> None:
-    """Define every node output in the current scope, then count reads and recurse."""
-    scope = scopes[-1]
-    for node in nodes:
+def _define(site: GraphSite, walk: _Walk) -> dict[str, _Weight | None]:
+    """The names a graph defines: inputs, stored weights, then every node output."""
+    graph, path = site.graph, site.path
+    scope: dict[str, _Weight | None] = dict.fromkeys(graph.input if site.kind == "function"
+                                                     else [value.name for value in graph.input])
+    if site.kind != "function":
+        stored = [(t.name, "initializer", t) for t in graph.initializer]
+        stored += [(s.values.name, "sparse-initializer", s) for s in graph.sparse_initializer]
+        for name, source, tensor in stored:
+            found = _Weight(path, name, source, tensor)
+            scope[name] = found
+            walk.weights.append(found)
+    for node in graph.node:
         constant = _constant_tensor(node)
         for position, output in enumerate(node.output):
             if not output:
@@ -252,41 +221,7 @@ def _walk_nodes(
                 weight = _Weight(path, output, "constant-node", constant)
                 walk.weights.append(weight)
             scope[output] = weight
-    for index, node in enumerate(nodes):
-        op = _op_key(node)
-        walk.nodes_by_op[op] += 1
-        for name in node.input:
-            weight = _resolve(scopes, name) if name else None
-            if weight is not None:
-                weight.consumers += 1
-                weight.first_consumer_op = weight.first_consumer_op or op
-        for sub_path, graph in _node_subgraphs(walk, path, node, index):
-            walk.subgraphs.append(_graph_label(sub_path, len(graph.node)))
-            _walk_graph(graph, sub_path, scopes, walk)
-
-
-def _walk_graph(
-    graph: onnx.GraphProto, path: str, outer: list[dict[str, _Weight | None]], walk: _Walk
-) -> None:
-    scope: dict[str, _Weight | None] = {value.name: None for value in graph.input}
-    for tensor in graph.initializer:
-        scope[tensor.name] = _Weight(path, tensor.name, "initializer", tensor)
-        walk.weights.append(scope[tensor.name])
-    for sparse in graph.sparse_initializer:
-        scope[sparse.values.name] = _Weight(path, sparse.values.name, "sparse-initializer", sparse)
-        walk.weights.append(scope[sparse.values.name])
-    _walk_nodes(graph.node, path, [*outer, scope], walk)
-
-
-def _walk_model(model: onnx.ModelProto) -> _Walk:
-    walk = _Walk(graph_paths={MAIN_GRAPH})
-    _walk_graph(model.graph, MAIN_GRAPH, [], walk)
-    for function in model.functions:
-        path = _function_path(function)
-        walk.graph_paths.add(path)
-        walk.subgraphs.append(_graph_label(path, len(function.node)))
-        _walk_nodes(function.node, path, [dict.fromkeys(function.input)], walk)
-    return walk
+    return scope
 
 
 def weight_tensors(model: onnx.ModelProto) -> list[TensorInfo]:
@@ -306,11 +241,24 @@ def _sum_by(infos: list[TensorInfo], key) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
-def _duplicate_candidates(weights: list[_Weight]) -> list[DuplicateCandidate]:
-    return [
-        DuplicateCandidate(_display_name(w.graph, w.name), w.tensor, stored_bytes(w.tensor))
-        for w in weights
-    ]
+def _duplicate_candidates(weights: list[_Weight]) -> list[StoredTensor]:
+    """The weights share's finder can compare, as share collects them: dense numeric tensors held in
+    memory (sparse ones, external data not loaded and string/float8 tensors are not compared)."""
+    candidates = []
+    for order, weight in enumerate(weights):
+        tensor = weight.tensor
+        if not isinstance(tensor, onnx.TensorProto) or (
+            tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data
+        ):
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError, KeyError, NotImplementedError, OSError):
+            continue
+        if values.dtype.kind in "biuf":
+            name = _display_name(weight.graph, weight.name)
+            candidates.append(StoredTensor(name, values, order, stored_bytes(tensor)))
+    return candidates
 
 
 def _external_locations(weights: list[_Weight]) -> list[str]:
@@ -419,7 +367,7 @@ def inspect_model(
         constant_node_weight_bytes=sum(info.size_bytes for info in constants),
         subgraphs=list(walk.subgraphs),
         largest_tensors=sorted(infos, key=lambda i: (-i.size_bytes, i.graph, i.name))[:top],
-        duplicates=find_duplicates(_duplicate_candidates(walk.weights), min_duplicate_bytes),
+        duplicates=duplicate_groups(_duplicate_candidates(walk.weights), min_bytes=min_duplicate_bytes),
         inputs=[_format_value(v) for v in model.graph.input if v.name not in initializer_names],
         outputs=[_format_value(v) for v in model.graph.output],
         metadata_keys=sorted(prop.key for prop in model.metadata_props),

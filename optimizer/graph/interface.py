@@ -23,6 +23,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from optimizer.graph.walk import iter_graphs, walk, walk_proto
+
 
 def restore_initializer_inputs(proto: onnx.GraphProto, graph: gs.Graph) -> None:
     """Put overridable inputs back into ``graph.inputs`` (and every subgraph's) after import."""
@@ -60,8 +62,6 @@ def keep_input_declarations(graph: gs.Graph, proto: onnx.GraphProto) -> None:
 
 def overridable_input_ids(root: gs.Graph) -> frozenset[int]:
     """ids of the constants that are also inputs of some graph: callers may feed them."""
-    from optimizer.graph.core import iter_graphs  # graph imports this module
-
     return frozenset(id(t) for g in iter_graphs(root) for t in g.inputs if isinstance(t, gs.Constant))
 
 
@@ -70,19 +70,19 @@ def _same_elem_type(original: onnx.ValueInfoProto, exported: onnx.ValueInfoProto
 
 
 def _paired_graphs(proto: onnx.GraphProto, graph: gs.Graph) -> Iterator[tuple[onnx.GraphProto, gs.Graph]]:
-    """The proto graph and the gs graph, then their subgraphs pairwise (same node order)."""
-    yield proto, graph
-    if len(proto.node) != len(graph.nodes):
-        return
-    for proto_node, gs_node in zip(proto.node, graph.nodes):
-        for attribute in proto_node.attribute:
-            value = gs_node.attrs.get(attribute.name)
-            if attribute.type == onnx.AttributeProto.GRAPH and isinstance(value, gs.Graph):
-                yield from _paired_graphs(attribute.g, value)
-            elif attribute.type == onnx.AttributeProto.GRAPHS and isinstance(value, (list, tuple)):
-                for sub_proto, sub_graph in zip(attribute.graphs, value):
-                    if isinstance(sub_graph, gs.Graph):
-                        yield from _paired_graphs(sub_proto, sub_graph)
+    """The proto graph and the gs graph, then their subgraphs pairwise: same path label, under a
+    paired parent with as many nodes on both sides (otherwise the node lists do not correspond)."""
+    gs_sites = {site.path: site for site in walk(graph)}
+    paired: set[str] = set()
+    for site in walk_proto(proto):
+        other = gs_sites.get(site.path)
+        if other is None:
+            continue
+        if site.parent is not None and other.parent is not None and (
+                site.parent.path not in paired or len(site.parent.graph.node) != len(other.parent.graph.nodes)):
+            continue
+        paired.add(site.path)
+        yield site.graph, other.graph
 
 
 def record_training_bindings(model: onnx.ModelProto, graph: gs.Graph) -> None:

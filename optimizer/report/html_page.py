@@ -202,6 +202,7 @@ class _Plots:
 
     def __init__(self) -> None:
         self.notes: list[str] = []
+        self._pyplot: Any = None
         try:
             import matplotlib
             matplotlib.use("Agg")

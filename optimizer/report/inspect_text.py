@@ -46,7 +46,7 @@ def _header_lines(report: ModelInspection) -> list[str]:
 
 
 def _tensor_rows(report: ModelInspection) -> list[tuple[str, ...]]:
-    rows = [("name", "dtype", "shape", "size", "source", "graph", "consumers")]
+    rows: list[tuple[str, ...]] = [("name", "dtype", "shape", "size", "source", "graph", "consumers")]
     for info in report.largest_tensors:
         shape = "[" + ",".join(str(d) for d in info.shape) + "]"
         rows.append((

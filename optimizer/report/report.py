@@ -34,12 +34,8 @@ class ModelSummary:
         return sum(self.weight_bytes_by_dtype.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "size_bytes": self.size_bytes,
-            "weight_bytes": self.weight_bytes,
-            "weight_bytes_by_dtype": dict(sorted(self.weight_bytes_by_dtype.items())),
-        }
+        return {"path": self.path, "size_bytes": self.size_bytes, "weight_bytes": self.weight_bytes,
+                "weight_bytes_by_dtype": dict(sorted(self.weight_bytes_by_dtype.items()))}
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 import onnx
 
+from optimizer.graph.walk import walk_model
 from optimizer.verify.runtime import ModelSource, ProviderChoice, as_provider_choice, create_session, model_label
 
 INTEGER_KERNELS = frozenset({
@@ -92,8 +93,8 @@ def check_fusion(model: ModelSource, provider: str | ProviderChoice = "cpu") -> 
 
 def analyse(written: onnx.ModelProto, run: onnx.ModelProto, label: str, provider_used: str) -> FusionReport:
     """Compare the written graph with the one onnxruntime runs (pure: no session)."""
-    written_ops = op_counts(written.graph)
-    run_ops = op_counts(run.graph)
+    written_ops = op_counts(written)
+    run_ops = op_counts(run)
     report = FusionReport(
         model=label,
         provider_used=provider_used,
@@ -109,7 +110,8 @@ def analyse(written: onnx.ModelProto, run: onnx.ModelProto, label: str, provider
 
 
 def _warnings(report: FusionReport) -> list[str]:
-    warnings = [f"{reason} ({report.run_ops[op]} node(s))" for op, reason in SLOW_KERNELS.items() if op in report.run_ops]
+    warnings = [f"{reason} ({report.run_ops[op]} node(s))"
+                for op, reason in SLOW_KERNELS.items() if op in report.run_ops]
     by_op = Counter(entry["op"] for entry in report.float_after_dequantize)
     activation_dq = sum(1 for entry in report.float_after_dequantize if entry["operand"] == "activation")
     if activation_dq:
@@ -144,15 +146,12 @@ def _dequantized_compute(graph: onnx.GraphProto) -> list[dict[str, str]]:
     return found
 
 
-def op_counts(graph: onnx.GraphProto) -> dict[str, int]:
-    """Node count by op type over the graph and every subgraph."""
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count by op type over every graph: main graph, subgraphs and model-local functions
+    (a quantized node inside a function runs at each call)."""
     counts: Counter[str] = Counter()
-    for node in graph.node:
-        counts[node.op_type] += 1
-        for attribute in node.attribute:
-            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for subgraph in subgraphs:
-                counts.update(op_counts(subgraph))
+    for site in walk_model(model, functions=True):
+        counts.update(node.op_type for node in site.graph.node)
     return dict(counts)
 
 

@@ -24,7 +24,7 @@ from optimizer.calibration.feeds import Feed
 from optimizer.errors import OnnxCompressError, PassError
 from optimizer.fileio.model import load_model
 from optimizer.fileio.save import save_model
-from optimizer.graph.core import export_model, import_graph
+from optimizer.graph.convert import export_model, import_graph
 from optimizer.pass_base import Pass, PassContext
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, run_isolated
 from optimizer.verify.runtime import ProviderChoice
@@ -106,12 +106,12 @@ def bisect_passes(
         reference = str(save_model(load_model(model), Path(folder) / "reference.onnx"))
 
         def check(path: str) -> str | None:
-            options = {"tolerance": tolerance, "provider": provider, "timeout_s": timeout_s}
             if not isolate:
-                return check_candidate(reference, path, feed_list, **options)
+                return check_candidate(reference, path, feed_list, tolerance=tolerance, provider=provider,
+                                       timeout_s=timeout_s)
             try:
-                return run_isolated(check_candidate, reference, path, feed_list, **options,
-                                    label=f"checking {Path(path).name}")
+                return run_isolated(check_candidate, reference, path, feed_list, tolerance=tolerance,
+                                    provider=provider, timeout_s=timeout_s, label=f"checking {Path(path).name}")
             except OnnxCompressError as error:
                 return str(error)
 

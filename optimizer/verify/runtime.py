@@ -20,6 +20,7 @@ import onnx
 import onnxruntime
 
 from optimizer.errors import OptionError, RuntimeSessionError
+from optimizer.fileio.tensor_checks import iter_tensors
 from optimizer.verify.run_limit import DEFAULT_TIMEOUT_S, RunTimeoutError, arm, checked_timeout, disarm, timeout_error
 
 __all__ = [
@@ -248,32 +249,13 @@ def run_session(
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
     """Sorted, unique ``location`` entries of every tensor stored outside the model file."""
     locations = set()
-    for tensor in _all_tensors(model.graph):
+    for tensor, _ in iter_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         for entry in tensor.external_data:
             if entry.key == "location":
                 locations.add(entry.value)
     return sorted(locations)
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("sparse_tensor"):
-                yield attribute.sparse_tensor.values
-                yield attribute.sparse_tensor.indices
-            if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
 
 
 def _one_line(exc: BaseException) -> str:

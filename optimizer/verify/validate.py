@@ -98,7 +98,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become the strings "inf", "-inf" and "nan"."""
-        return _json_ready(asdict(self))
+        return {key: _json_ready(value) for key, value in asdict(self).items()}
 
     def summary(self) -> str:
         """A table per output, then "PASS" or "FAIL: worst output ..." on the last line."""
@@ -268,7 +268,7 @@ def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[s
             text = f"{acc.exact_mismatches} of {acc.elements} elements differ ({acc.reference_dtype} compared exactly)"
             misses.append((text, math.inf))
         return misses
-    checks = [
+    checks: list[tuple[str, float | None, float | None, bool]] = [
         ("max_abs", acc.max_abs, tolerance.max_abs, False),
         ("max_rel", acc.max_rel, tolerance.max_rel, False),
         ("cosine", acc.cosine(), tolerance.min_cosine, True),
@@ -277,7 +277,7 @@ def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[s
     if acc.class_like:
         checks.append(("top-1 agreement", _top1(acc), tolerance.min_top1, True))
     for label, value, limit, is_minimum in checks:
-        if limit is None or (value >= limit if is_minimum else value <= limit):
+        if limit is None or value is None or (value >= limit if is_minimum else value <= limit):
             continue
         sign = "<" if is_minimum else ">"
         misses.append(

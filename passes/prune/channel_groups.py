@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.core import TensorUse
-from passes.prune.weights import WeightRef, as_weight, is_default_domain
+from optimizer.graph.walk import TensorUse
+from optimizer.graph.weights import Weight, constant_weight
+from passes.prune.weights import is_default_domain
 
 UNARY_OPS = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Erf", "Gelu", "Elu", "Selu",
@@ -52,11 +53,11 @@ class Layout:
 class ChannelGroup:
     producer: gs.Node
     channels: int
-    score: tuple[WeightRef, int]
-    slices: dict[str, tuple[WeightRef, int]] = field(default_factory=dict)
+    score: tuple[Weight, int]
+    slices: dict[str, tuple[Weight, int]] = field(default_factory=dict)
     variables: list[tuple[gs.Tensor, int]] = field(default_factory=list)
     depthwise: list[gs.Node] = field(default_factory=list)
-    reshapes: list[tuple[WeightRef, int]] = field(default_factory=list)
+    reshapes: list[tuple[Weight, int]] = field(default_factory=list)
     node_ids: set[int] = field(default_factory=set)
     pending: list[tuple[gs.Node, str]] = field(default_factory=list)
 
@@ -169,7 +170,7 @@ def _binary(use: TensorUse, layout: Layout, group: ChannelGroup, uses) -> list[t
     return [(node.outputs[0], layout)]
 
 
-def _broadcast(node: gs.Node, constant: WeightRef, group: ChannelGroup, layout: Layout) -> None:
+def _broadcast(node: gs.Node, constant: Weight, group: ChannelGroup, layout: Layout) -> None:
     shape = constant.values.shape
     if len(shape) < -layout.axis or shape[layout.axis] == 1:
         return
@@ -216,7 +217,8 @@ def _flatten(node: gs.Node, layout: Layout, group: ChannelGroup, uses) -> list[t
     if node.op == "Squeeze":
         axes = _constant(node, 1, uses) if len(node.inputs) > 1 else None
         wanted = axes.values.tolist() if axes is not None else node.attrs.get("axes")
-        if sorted(int(a) % layout.rank for a in (wanted or [])) != list(range(2, layout.rank)):
+        rank = layout.rank
+        if rank is None or sorted(int(a) % rank for a in (wanted or [])) != list(range(2, rank)):
             raise Illegal(f"Squeeze '{node.name}' does not remove exactly the spatial axes")
     if node.op == "Reshape":
         shape = _required(node, 1, uses)
@@ -245,12 +247,12 @@ def _single_output(node: gs.Node, layout: Layout) -> list[tuple[gs.Tensor, Layou
     return [(node.outputs[0], layout)]
 
 
-def _constant(node: gs.Node, index: int, uses) -> WeightRef | None:
+def _constant(node: gs.Node, index: int, uses) -> Weight | None:
     tensor = node.inputs[index]
-    return as_weight(tensor, uses.get(tensor.name, []))
+    return constant_weight(tensor, uses.get(tensor.name, []))
 
 
-def _required(node: gs.Node, index: int, uses) -> WeightRef:
+def _required(node: gs.Node, index: int, uses) -> Weight:
     if index >= len(node.inputs) or not node.inputs[index].name:
         raise Illegal(f"{node.op} '{node.name}' has no input {index}")
     weight = _constant(node, index, uses)
@@ -259,7 +261,7 @@ def _required(node: gs.Node, index: int, uses) -> WeightRef:
     return weight
 
 
-def _add_slice(group: ChannelGroup, weight: WeightRef, axis: int) -> None:
+def _add_slice(group: ChannelGroup, weight: Weight, axis: int) -> None:
     existing = group.slices.get(weight.name)
     if existing is not None and existing[1] != axis:
         raise Illegal(f"weight '{weight.name}' would be cut along two axes")

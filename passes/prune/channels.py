@@ -14,25 +14,25 @@ finds nothing more to remove.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
-from optimizer.graph.core import graph_output_names, iter_nodes, tensor_uses
+from optimizer.graph.patterns import NamePatterns
+from optimizer.graph.walk import graph_output_names, iter_nodes, tensor_uses
+from optimizer.graph.weights import constant_weight
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.prune.channel_groups import ChannelGroup, Illegal, channel_scores, find_group
-from passes.prune.weights import as_weight, check_patterns, is_default_domain, name_matches, zero_count
+from passes.prune.weights import check_selection, is_default_domain, zero_count
 from passes.weight_guard import NON_FINITE_OPTION_HELP, WeightGuard
 
 PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class PruneChannelsPass(Pass):
     name = "prune-channels"
     summary = "remove the lowest-norm output channels / hidden units and shrink every dependent tensor"
@@ -54,15 +54,9 @@ class PruneChannelsPass(Pass):
         for key in ("ratio", "min_norm_ratio"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise OptionError(f"pass 'prune-channels' option '{key}' must be in [0, 1), got {getattr(self, key)}")
-        unknown = sorted(set(self.op_types) - set(PRODUCER_OPS))
-        if unknown or not self.op_types:
-            raise OptionError(f"pass 'prune-channels' option 'op_types' has {unknown or 'no ops'}; "
-                              f"valid op types: {', '.join(PRODUCER_OPS)}")
+        check_selection(self.name, self.op_types, PRODUCER_OPS, self.include + self.exclude)
         if self.min_channels < 1 or self.channel_multiple < 1:
             raise OptionError("pass 'prune-channels' options 'min_channels' and 'channel_multiple' must be >= 1")
-        bad = check_patterns(self.include + self.exclude)
-        if bad:
-            raise OptionError(f"pass 'prune-channels' option 'include'/'exclude' has an invalid regex {bad}")
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
@@ -97,12 +91,12 @@ class PruneChannelsPass(Pass):
     def _is_candidate(self, node: gs.Node, uses) -> bool:
         if node.op not in self.op_types or not is_default_domain(node) or len(node.inputs) < 2:
             return False
-        if as_weight(node.inputs[1], uses.get(node.inputs[1].name, [])) is None:
+        if constant_weight(node.inputs[1], uses.get(node.inputs[1].name, [])) is None:
             return False
         names = [node.name, node.inputs[1].name]
-        if self.include and not name_matches(self.include, names):
+        if self.include and not NamePatterns(self.include).matches(*names):
             return False
-        return not (self.exclude and name_matches(self.exclude, names))
+        return not (self.exclude and NamePatterns(self.exclude).matches(*names))
 
     def _kept_channels(self, group: ChannelGroup) -> np.ndarray:
         """Indices of the channels to keep, in their original order."""

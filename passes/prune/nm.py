@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optimizer.graph.core import TensorUse
+from optimizer.graph.walk import TensorUse
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ def weight_layout(uses: list[TensorUse], shape: tuple[int, ...], m: int) -> Redu
     if len(set(layouts)) != 1:
         return "its consumers reduce over different axes"
     layout = layouts[0]
+    if isinstance(layout, str):  # unreachable: reasons returned above
+        return layout
     if layout.run_length % m:
         return f"reduction length {layout.run_length} (axis {layout.axis}) is not divisible by M={m}"
     return layout

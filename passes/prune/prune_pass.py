@@ -22,7 +22,6 @@ checker cannot infer shapes through sparse initializers.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -30,24 +29,23 @@ import onnx_graphsurgeon as gs
 
 from optimizer.calibration.sensitivity import DEFAULT_SPARSITIES, sensitivity_scan
 from optimizer.errors import OptionError, PassError
-from optimizer.graph.core import tensor_uses
+from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.sparse_storage import storage_choice
+from optimizer.graph.walk import tensor_uses
+from optimizer.graph.weights import Weight, constant_weight
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.prune.nm import follows_nm, nm_prune, weight_layout
 from passes.prune.weights import (
     WEIGHT_SLOTS,
-    WeightRef,
-    as_weight,
-    check_patterns,
+    check_selection,
     is_default_domain,
     magnitude_order,
-    name_matches,
     role_of,
     sparsity_of,
     zero_count,
     zero_flat,
-)  # fmt: skip
+)
 from passes.weight_guard import NON_FINITE_OPTION_HELP, WeightGuard
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -55,7 +53,6 @@ ALREADY_AT_TARGET_SLACK = 1e-6
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class PrunePass(Pass):
     name = "prune"
     summary = "zero the smallest-magnitude weights (uniform, global, N:M or sensitivity-allocated)"
@@ -82,15 +79,9 @@ class PrunePass(Pass):
             raise OptionError(f"pass 'prune' option 'sparsity' must be in [0, 1), got {self.sparsity}")
         if len(self.nm) != 2 or not 0 < self.nm[0] < self.nm[1]:
             raise OptionError(f"pass 'prune' option 'nm' must be two integers N,M with 0 < N < M, got {self.nm}")
-        unknown = sorted(set(self.op_types) - set(WEIGHT_SLOTS))
-        if unknown or not self.op_types:
-            raise OptionError(f"pass 'prune' option 'op_types' has {unknown or 'no ops'}; "
-                              f"valid op types: {', '.join(sorted(WEIGHT_SLOTS))}")
+        check_selection(self.name, self.op_types, WEIGHT_SLOTS, self.include + self.exclude)
         if self.min_elements < 0 or self.scan_samples < 1:
             raise OptionError("pass 'prune' options 'min_elements' must be >= 0 and 'scan_samples' >= 1")
-        bad = check_patterns(self.include + self.exclude)
-        if bad:
-            raise OptionError(f"pass 'prune' option 'include'/'exclude' has an invalid regex {bad}")
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
@@ -103,12 +94,12 @@ class PrunePass(Pass):
         modified = self._apply(weights, targets, report)
         return PassResult(graph, modified, report.to_dict())
 
-    def _eligible(self, graph: gs.Graph, report: PassReport) -> list[WeightRef]:
+    def _eligible(self, graph: gs.Graph, report: PassReport) -> list[Weight]:
         """Constant weights in a prunable slot of every consumer, after the size and name filters."""
         weights = []
         guard = WeightGuard.of(graph, allow_non_finite=self.allow_non_finite)
         for name, uses in sorted(tensor_uses(graph).items()):
-            weight = as_weight(uses[0].node.inputs[uses[0].index], uses)
+            weight = constant_weight(uses[0].node.inputs[uses[0].index], uses)
             if weight is None:
                 continue
             reason = self._ineligible_reason(weight)
@@ -120,7 +111,7 @@ class PrunePass(Pass):
                 report.skip("tensor", name, reason)
         return weights
 
-    def _ineligible_reason(self, weight: WeightRef) -> str | None:
+    def _ineligible_reason(self, weight: Weight) -> str | None:
         """None when eligible; "" when not worth a report line (small non-weight constants)."""
         values = weight.values
         slots = [use for use in weight.uses if self._is_weight_slot(use)]
@@ -135,9 +126,9 @@ class PrunePass(Pass):
         if values.size < self.min_elements:
             return f"{values.size} elements < min_elements={self.min_elements}"
         names = [weight.name] + [use.node.name for use in weight.uses]
-        if self.include and not name_matches(self.include, names):
+        if self.include and not NamePatterns(self.include).matches(*names):
             return "matches no 'include' pattern"
-        if self.exclude and name_matches(self.exclude, names):
+        if self.exclude and NamePatterns(self.exclude).matches(*names):
             return "matches an 'exclude' pattern"
         return None
 
@@ -146,7 +137,7 @@ class PrunePass(Pass):
         return (node.op in self.op_types and is_default_domain(node)
                 and WEIGHT_SLOTS[node.op] == use.index and _gather_on_rows(node))
 
-    def _sparsities(self, weights: list[WeightRef], graph: gs.Graph, context: PassContext,
+    def _sparsities(self, weights: list[Weight], graph: gs.Graph, context: PassContext,
                     report: PassReport) -> dict[str, float] | None:
         """Per-tensor sparsity (uniform, sensitivity); None means one global threshold."""
         if self.mode == "global":
@@ -155,7 +146,7 @@ class PrunePass(Pass):
             return self._allocated(weights, graph, context, report)
         return {weight.name: self.sparsity for weight in weights}
 
-    def _allocated(self, weights: list[WeightRef], graph: gs.Graph, context: PassContext,
+    def _allocated(self, weights: list[Weight], graph: gs.Graph, context: PassContext,
                    report: PassReport) -> dict[str, float]:
         current = _overall_sparsity(weights)
         if current + ALREADY_AT_TARGET_SLACK >= self.sparsity:
@@ -174,7 +165,7 @@ class PrunePass(Pass):
         report.details["allocation"] = {name: round(value, 4) for name, value in sorted(allocation.items())}
         return allocation
 
-    def _magnitude_targets(self, weights: list[WeightRef],
+    def _magnitude_targets(self, weights: list[Weight],
                            sparsities: dict[str, float] | None) -> dict[str, np.ndarray]:
         if sparsities is None:
             return _global_targets(weights, self.sparsity)
@@ -185,7 +176,7 @@ class PrunePass(Pass):
             targets[weight.name] = zero_flat(values, magnitude_order(values)[:count]) if count else values
         return targets
 
-    def _nm_targets(self, weights: list[WeightRef], report: PassReport) -> dict[str, np.ndarray]:
+    def _nm_targets(self, weights: list[Weight], report: PassReport) -> dict[str, np.ndarray]:
         n, m = self.nm
         targets, eligible = {}, []
         for weight in weights:
@@ -199,7 +190,7 @@ class PrunePass(Pass):
         report.details["nm_eligible"] = eligible
         return targets
 
-    def _apply(self, weights: list[WeightRef], targets: dict[str, np.ndarray], report: PassReport) -> bool:
+    def _apply(self, weights: list[Weight], targets: dict[str, np.ndarray], report: PassReport) -> bool:
         modified = False
         tensors, storage, total, zeros = {}, {}, 0, 0
         for weight in weights:
@@ -226,13 +217,13 @@ def _gather_on_rows(node: gs.Node) -> bool:
     return node.op != "Gather" or int(node.attrs.get("axis", 0)) == 0
 
 
-def _overall_sparsity(weights: list[WeightRef]) -> float:
+def _overall_sparsity(weights: list[Weight]) -> float:
     total = sum(w.values.size for w in weights)
     zeros = sum(w.values.size - np.count_nonzero(w.values) for w in weights)
     return zeros / total if total else 1.0
 
 
-def _global_targets(weights: list[WeightRef], sparsity: float) -> dict[str, np.ndarray]:
+def _global_targets(weights: list[Weight], sparsity: float) -> dict[str, np.ndarray]:
     """One threshold over ``|w| / rms(w)`` across all tensors (in name order, stable ties)."""
     if not weights:
         return {}

@@ -22,8 +22,12 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from optimizer.calibration.quant_math import QType, QuantizedTensor, pack_4bit
-from optimizer.graph.core import iter_graphs, tensor_proto_bytes, tensor_proto_dtype
-from passes.quantize.targets import QUANTIZED_SUFFIX, WeightTarget
+from optimizer.errors import PassError
+from optimizer.graph.bytes import stored_bytes, tensor_proto_dtype
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.walk import iter_graphs
+from optimizer.graph.weights import Weight
+from passes.quantize.targets import QUANTIZED_SUFFIX
 
 FloatForm = Literal["dq", "fold"]
 ONNX_INTEGER_TYPES = {
@@ -32,26 +36,6 @@ ONNX_INTEGER_TYPES = {
     "int4": onnx.TensorProto.INT4,
     "uint4": onnx.TensorProto.UINT4,
 }
-
-
-class Names:
-    """Fresh, deterministic tensor and node names that collide with nothing in any graph."""
-
-    def __init__(self, root: gs.Graph) -> None:
-        self.taken: set[str] = set()
-        for graph in iter_graphs(root):
-            self.taken.update(graph.tensors().keys())
-            self.taken.update(node.name for node in graph.nodes if node.name)
-            self.taken.update(t.name for t in list(graph.inputs) + list(graph.outputs))
-
-    def fresh(self, base: str, suffix: str = "") -> str:
-        candidate = f"{base}{suffix}"
-        counter = 1
-        while candidate in self.taken:
-            candidate = f"{base}_{counter}{suffix}"
-            counter += 1
-        self.taken.add(candidate)
-        return candidate
 
 
 def integer_constant(name: str, values: np.ndarray, qtype: QType) -> gs.Constant:
@@ -80,9 +64,9 @@ def is_symmetric_signed(quantized: QuantizedTensor) -> bool:
 class QuantizedWeight:
     """One weight's integer initializer, scale and zero point, and (once) its float view."""
 
-    target: WeightTarget
+    target: Weight
     quantized: QuantizedTensor
-    names: Names
+    names: NameAllocator
     integer: gs.Constant = field(init=False)
     scale: gs.Constant = field(init=False)
     zero_point: gs.Constant | None = field(init=False)
@@ -104,6 +88,8 @@ class QuantizedWeight:
             return self.float_view
         output = self._take_over_weight_tensor()
         nodes = self._dq_nodes(output) if form == "dq" else self._fold_nodes(output)
+        if self.target.owner is None:
+            raise PassError(f"weight '{self.target.name}' has no graph to hold its dequantizing nodes")
         self.target.owner.nodes.extend(nodes)
         self.float_view = output
         return output
@@ -112,8 +98,8 @@ class QuantizedWeight:
         """The weight's own tensor becomes the dequantized output: readers need no rewiring."""
         tensor = self.target.tensor
         shape = list(self.quantized.values.shape)
-        if self.target.constant_node is not None:
-            self.target.constant_node.outputs.clear()
+        if self.target.node is not None:
+            self.target.node.outputs.clear()
             tensor.dtype, tensor.shape = np.float32, shape
             return tensor
         variable = tensor.to_variable(dtype=np.float32, shape=shape)
@@ -125,7 +111,7 @@ class QuantizedWeight:
         attrs: dict[str, int] = {}
         if q.axis is not None:
             attrs["axis"] = int(q.axis)
-        if q.block_size is not None:
+        if q.block_size is not None and q.axis is not None:
             attrs["block_size"] = int(q.block_size)
         inputs = [self.integer, self.scale] + ([self.zero_point] if self.zero_point is not None else [])
         name = self.names.fresh(self.target.name, "_DequantizeLinear")
@@ -141,7 +127,7 @@ class QuantizedWeight:
         current = self._variable(base, "_cast")
         nodes.append(gs.Node("Cast", self.names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT},
                              [self.integer], [current]))
-        if q.block_size is not None:
+        if q.block_size is not None and q.axis is not None:
             blocked = self._variable(base, "_blocks")
             split = int64_constant(self.names.fresh(base, "_block_shape"), _block_split(shape, q.axis, q.block_size))
             nodes.append(gs.Node("Reshape", self.names.fresh(base, "_Reshape"), {}, [current, split], [blocked]))
@@ -167,7 +153,7 @@ class QuantizedWeight:
                                  [scale_half], [scale]))
         scaled = output if q.block_size is None else self._variable(base, "_scaled")
         nodes.append(gs.Node("Mul", self.names.fresh(base, "_Mul"), {}, [current, scale], [scaled]))
-        if q.block_size is not None:
+        if q.block_size is not None and q.axis is not None:
             full = int64_constant(self.names.fresh(base, "_shape"), shape)
             nodes.append(gs.Node("Reshape", self.names.fresh(base, "_ReshapeBack"), {}, [scaled, full], [output]))
         return nodes
@@ -218,10 +204,8 @@ def bytes_by_dtype(root: gs.Graph) -> dict[str, int]:
 def constant_dtype_and_bytes(tensor: gs.Constant) -> tuple[str, int]:
     values = tensor._values
     if isinstance(values, LazyValues):
-        proto = values.tensor
-        return dtype_name(tensor_proto_dtype(proto)), tensor_proto_bytes(proto)
-    array = np.asarray(values)
-    return str(array.dtype), int(array.nbytes)
+        return dtype_name(tensor_proto_dtype(values.tensor)), stored_bytes(tensor)
+    return str(np.asarray(values).dtype), stored_bytes(tensor)
 
 
 def dtype_name(data_type: int) -> str:

@@ -20,9 +20,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.quant_math import qtype, quantize_weight
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.patterns import NamePatterns
+from optimizer.graph.walk import TensorUse
+from optimizer.graph.weights import Weight
 from optimizer.pass_base import PassReport
-from passes.quantize.common import Names, QuantizedWeight
-from passes.quantize.targets import Consumer, WeightTarget, name_matcher
+from passes.quantize.common import QuantizedWeight
+from passes.quantize.options import QuantizeOptions
 from passes.quantize.weights import WeightSpec, quantize_weight_only, weight_only_spec
 
 OPSET_DYNAMIC = 11
@@ -35,8 +39,8 @@ RULE_WORDS = ("auto", "gelu-output", "none")
 class DynamicPlan:
     """Targets whose MatMul consumers run dynamically, and targets kept weight-only."""
 
-    dynamic: list[WeightTarget] = field(default_factory=list)
-    weight_only: list[tuple[WeightTarget, WeightSpec]] = field(default_factory=list)
+    dynamic: list[Weight] = field(default_factory=list)
+    weight_only: list[tuple[Weight, WeightSpec]] = field(default_factory=list)
     float_consumers: dict[int, str] = field(default_factory=dict)
     notes: list[dict[str, str]] = field(default_factory=list)
     opset: int = 1
@@ -47,15 +51,16 @@ class DynamicPlan:
         return max(needs)
 
 
-def plan_dynamic(graph: gs.Graph, targets: list[WeightTarget], options, *, calibrated: bool = False) -> DynamicPlan:
+def plan_dynamic(graph: gs.Graph, targets: list[Weight], options: QuantizeOptions, *,
+                 calibrated: bool = False) -> DynamicPlan:
     """Which MatMuls go dynamic; ``calibrated``: outlier channels will be measured (see
     quantize_outliers), which makes the 'auto' weight-only rule unnecessary."""
     plan = DynamicPlan(opset=graph.opset)
     eight_bit = qtype(options.weight_type).bits == 8
     for target in targets:
-        matmuls = [c for c in target.consumers if c.node.op == "MatMul"]
+        matmuls = [c for c in target.uses if c.node.op == "MatMul"]
         small = target.values.ndim == 2 and target.values.shape[0] < options.dynamic_min_k
-        if not eight_bit or small or target.values.ndim != 2 or len(matmuls) != len(target.consumers):
+        if not eight_bit or small or target.values.ndim != 2 or len(matmuls) != len(target.uses):
             plan.weight_only.append((target, weight_only_spec(target, options, graph.opset)))
             if matmuls and small and eight_bit:
                 plan.notes.append({"tensor": target.name, "reason": f"K={target.values.shape[0]} < "
@@ -69,7 +74,7 @@ def plan_dynamic(graph: gs.Graph, targets: list[WeightTarget], options, *, calib
     return plan
 
 
-def weight_only_reason(consumer: Consumer, rules: tuple[str, ...], calibrated: bool) -> str:
+def weight_only_reason(consumer: TensorUse, rules: tuple[str, ...], calibrated: bool) -> str:
     """Why this MatMul stays weight-only in dynamic mode ('' when it goes dynamic)."""
     if "none" in rules:
         return ""
@@ -77,7 +82,7 @@ def weight_only_reason(consumer: Consumer, rules: tuple[str, ...], calibrated: b
     if gelu_rule and _comes_from(consumer.node.inputs[0], GELU_OPS, GELU_SEARCH_DEPTH):
         return "input comes from a GELU (outliers) and no calibration data measured them: weight-only keeps accuracy"
     patterns = tuple(r for r in rules if r not in RULE_WORDS)
-    if patterns and name_matcher(patterns)(consumer.node.name or ""):
+    if patterns and NamePatterns(patterns).matches(consumer.node.name or ""):
         return "node name matches dynamic_weight_only"
     return ""
 
@@ -95,14 +100,14 @@ def dynamic_activations(root: gs.Graph, plan: DynamicPlan) -> list[str]:
     """Main-graph activations read by MatMuls that go dynamic (candidates for outlier splitting)."""
     names = set()
     for target in plan.dynamic:
-        for consumer in target.consumers:
+        for consumer in target.uses:
             if consumer.graph is root and id(consumer.node) not in plan.float_consumers:
                 names.add(consumer.node.inputs[0].name)
     return sorted(names)
 
 
-def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options, names: Names, report: PassReport,
-                     outliers: dict[str, np.ndarray] | None = None) -> None:
+def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options: QuantizeOptions, names: NameAllocator,
+                     report: PassReport, outliers: dict[str, np.ndarray] | None = None) -> None:
     for target, spec in plan.weight_only:
         quantize_weight_only(target, spec, names, report)
     if plan.notes:
@@ -115,7 +120,7 @@ def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options, names: Names, 
         quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
         weight = QuantizedWeight(target, quantized, names)
         report.count(f"weights_{weight_type.name}")
-        for consumer in target.consumers:
+        for consumer in target.uses:
             reason = plan.float_consumers.get(id(consumer.node))
             if reason:
                 weight.make_float_view("fold")
@@ -145,20 +150,24 @@ class ActivationPath:
     outlier_values: gs.Variable | None = None
 
     @classmethod
-    def build(cls, graph: gs.Graph, source: gs.Tensor, split: np.ndarray | None, names: Names) -> ActivationPath:
+    def build(cls, graph: gs.Graph, source: gs.Tensor, split: np.ndarray | None,
+              names: NameAllocator) -> ActivationPath:
         base = source.name
         quantize_input, outlier_values = source, None
         if split is not None and split.size > 1:
             quantize_input, outlier_values = _split_outliers(graph, source, split, names)
             split = split[:-1]
         outputs = [gs.Variable(names.fresh(base, suffix), dtype=dtype) for suffix, dtype in
-                   (("_dynamic_quantized", np.uint8), ("_dynamic_scale", np.float32), ("_dynamic_zero_point", np.uint8))]
+                   (("_dynamic_quantized", np.uint8), ("_dynamic_scale", np.float32),
+                    ("_dynamic_zero_point", np.uint8))]
         graph.nodes.append(gs.Node("DynamicQuantizeLinear", names.fresh(base, "_DynamicQuantizeLinear"),
                                    {}, [quantize_input], outputs))
-        return cls(*outputs, outlier_index=split if outlier_values is not None else None, outlier_values=outlier_values)
+        quantized, scale, zero_point = outputs
+        return cls(quantized, scale, zero_point, outlier_index=split if outlier_values is not None else None,
+                   outlier_values=outlier_values)
 
 
-def _split_outliers(graph: gs.Graph, source: gs.Tensor, split: np.ndarray, names: Names):
+def _split_outliers(graph: gs.Graph, source: gs.Tensor, split: np.ndarray, names: NameAllocator):
     """(activation with outlier channels zeroed, the outlier channels alone); the last entry of
     ``split`` is the channel count."""
     base = source.name
@@ -168,14 +177,15 @@ def _split_outliers(graph: gs.Graph, source: gs.Tensor, split: np.ndarray, names
     masked = gs.Variable(names.fresh(base, "_inliers"), dtype=np.float32)
     picked = gs.Variable(names.fresh(base, "_outliers"), dtype=np.float32)
     graph.nodes.extend([
-        gs.Node("Mul", names.fresh(base, "_InlierMask"), {}, [source, gs.Constant(names.fresh(base, "_inlier_mask"), mask)], [masked]),
+        gs.Node("Mul", names.fresh(base, "_InlierMask"), {},
+                [source, gs.Constant(names.fresh(base, "_inlier_mask"), mask)], [masked]),
         gs.Node("Gather", names.fresh(base, "_OutlierGather"), {"axis": -1},
                 [source, gs.Constant(names.fresh(base, "_outlier_index"), split.astype(np.int64))], [picked]),
     ])
     return masked, picked
 
 
-def _rewrite_matmul(consumer: Consumer, weight: QuantizedWeight, path: ActivationPath, names: Names) -> None:
+def _rewrite_matmul(consumer: TensorUse, weight: QuantizedWeight, path: ActivationPath, names: NameAllocator) -> None:
     """MatMul(x, W) -> DynamicQuantizeLinear + MatMulInteger + Cast + Mul [+ outlier MatMul], same output."""
     node, graph = consumer.node, consumer.graph
     output = node.outputs[0]
@@ -192,7 +202,7 @@ def _rewrite_matmul(consumer: Consumer, weight: QuantizedWeight, path: Activatio
         gs.Node("Cast", names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT}, [accumulated], [as_float]),
         gs.Node("Mul", names.fresh(base, "_ScaleMul"), {}, [x_scale, weight.scale], [combined_scale]),
     ])
-    if path.outlier_values is None:
+    if path.outlier_values is None or path.outlier_index is None:
         graph.nodes.append(gs.Node("Mul", names.fresh(base, "_Mul"), {}, [as_float, combined_scale], [output]))
         return
     inlier_part = gs.Variable(names.fresh(base, "_inlier_part"), dtype=np.float32)
@@ -228,7 +238,7 @@ def _bias_add(graph: gs.Graph, output: gs.Tensor) -> gs.Node | None:
     return add if isinstance(other, gs.Constant) else None
 
 
-def _outlier_rows(graph: gs.Graph, weight: QuantizedWeight, index: np.ndarray, names: Names) -> gs.Variable:
+def _outlier_rows(graph: gs.Graph, weight: QuantizedWeight, index: np.ndarray, names: NameAllocator) -> gs.Variable:
     """Dequantized weight rows for the outlier channels, read from the integer weight (no float copy):
     Gather -> Cast -> [Sub zero point] -> Mul scale; all constant, so onnxruntime folds it at load."""
     base = weight.target.name
@@ -238,7 +248,8 @@ def _outlier_rows(graph: gs.Graph, weight: QuantizedWeight, index: np.ndarray, n
     result = gs.Variable(names.fresh(base, "_outlier_rows"), dtype=np.float32)
     nodes = [
         gs.Node("Gather", names.fresh(base, "_OutlierRows"), {"axis": 0},
-                [weight.integer, gs.Constant(names.fresh(base, "_outlier_rows_index"), index.astype(np.int64))], [rows]),
+                [weight.integer, gs.Constant(names.fresh(base, "_outlier_rows_index"), index.astype(np.int64))],
+                [rows]),
         gs.Node("Cast", names.fresh(base, "_OutlierRowsCast"), {"to": onnx.TensorProto.FLOAT}, [rows], [as_float]),
     ]
     if weight.zero_point is not None:

@@ -13,14 +13,14 @@ import onnx_graphsurgeon as gs
 from optimizer.calibration.gptq import HessianAccumulator, InverseFactor, gptq_quantize
 from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
 from optimizer.errors import PassError
-from optimizer.graph.core import is_constant_derived
+from optimizer.graph.weights import Weight, is_constant_derived
 from optimizer.pass_base import PassContext, PassReport
+from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import observe_activations
-from passes.quantize.targets import WeightTarget
 from passes.quantize.weights import WeightSpec
 
 
-def wants_gptq(options, context: PassContext) -> bool:
+def wants_gptq(options: QuantizeOptions, context: PassContext) -> bool:
     """Whether this run rounds by GPTQ; an explicit request without data is an error."""
     if options.weight_rounding == "nearest" or options.mode != "weights":
         return False
@@ -32,13 +32,13 @@ def wants_gptq(options, context: PassContext) -> bool:
     return options.weight_rounding == "gptq" or options.storage_type() in ("int4", "uint4")
 
 
-def gptq_inputs(graph: gs.Graph, target: WeightTarget, spec: WeightSpec) -> list[str] | None:
+def gptq_inputs(graph: gs.Graph, target: Weight, spec: WeightSpec) -> list[str] | None:
     """Names of the activations multiplied by ``target``, or None when GPTQ does not apply."""
     if spec.block_size is None or spec.axis != 0 or target.values.ndim != 2:
         return None
     names = []
     memo: dict[int, bool | None] = {}
-    for consumer in target.consumers:
+    for consumer in target.uses:
         node = consumer.node
         if consumer.graph is not graph or node.op != "MatMul" or node.inputs[1] is not target.tensor:
             return None
@@ -53,10 +53,10 @@ HESSIAN_BUDGET_BYTES = 1 << 30
 are measured in further calibration passes, so memory stays bounded on large models."""
 
 
-def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[WeightTarget, WeightSpec]], options,
+def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[Weight, WeightSpec]], options: QuantizeOptions,
                      context: PassContext, report: PassReport) -> dict[int, QuantizedTensor]:
     """GPTQ-rounded integers for every target it applies to, keyed by ``id(target)``."""
-    inputs = {id(target): tuple(names) for target, spec in planned if (names := gptq_inputs(graph, target, spec))}
+    inputs = {id(target): tuple(found) for target, spec in planned if (found := gptq_inputs(graph, target, spec))}
     if not inputs:
         return {}
     channels = {name: target.values.shape[0] for target, _ in planned for name in inputs.get(id(target), ())}
@@ -76,13 +76,16 @@ def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[WeightTarget, WeightSp
                                       timeout_s=context.timeout_s, stage="GPTQ calibration")
         factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
         for target, spec in planned:
-            names = inputs.get(id(target))
-            if names not in chunk or any(accumulators[name].rows == 0 for name in names):
+            group = inputs.get(id(target))
+            if group is None or group not in chunk or any(accumulators[name].rows == 0 for name in group):
                 continue
-            if names not in factors:
-                hessian = sum(accumulators[name].hessian() for name in names)
-                factors[names] = (hessian, InverseFactor(hessian))
-            hessian, factor = factors[names]
+            assert spec.block_size is not None  # gptq_inputs admits blocked weights only
+            if group not in factors:
+                hessian = np.zeros((channels[group[0]],) * 2)
+                for name in group:
+                    hessian = hessian + accumulators[name].hessian()
+                factors[group] = (hessian, InverseFactor(hessian))
+            hessian, factor = factors[group]
             quantized = gptq_quantize(target.values, factor, spec.qtype, symmetric=spec.symmetric,
                                       block_size=spec.block_size)
             nearest = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=0,

@@ -13,8 +13,9 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from optimizer.errors import PassError
-from optimizer.graph.core import DEFAULT_DOMAINS, dropped_initializers, export_model, import_graph
+from optimizer.graph.convert import dropped_initializers, export_model, import_graph
 from optimizer.graph.interface import copy_interface_records
+from optimizer.graph.opsets import DEFAULT_DOMAINS
 from optimizer.graph.sparse_storage import mark_sparse_sources, to_dense_initializers
 from optimizer.pass_base import PassReport
 

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.core import export_model, toposort
+from optimizer.graph.convert import export_model
+from optimizer.graph.edit import toposort
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout, create_session, resolve_provider, run_outputs
 
 
@@ -55,7 +56,7 @@ def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Cal
     for feed in itertools.islice(feeds(), max_samples):
         values = run_outputs(session, names, {name: feed[name] for name in inputs}, label="calibration model",
                              stage=stage, timeout_s=timeout_s)
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             if value.ndim > 0 and value.dtype == np.float32:
                 visit(name, value)
         count += 1

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.core import iter_graphs, weight_values
+from optimizer.graph.walk import iter_graphs
+from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassReport
 from passes.quantize.common import bytes_by_dtype
+from passes.quantize.options import QuantizeOptions
 from passes.quantize.targets import weight_slots
 
 
@@ -24,7 +26,7 @@ def float_weights(root: gs.Graph) -> dict[str, int]:
     return dict(sorted(found.items()))
 
 
-def finish_report(report: PassReport, options, graph: gs.Graph, before: dict[str, int]) -> None:
+def finish_report(report: PassReport, options: QuantizeOptions, graph: gs.Graph, before: dict[str, int]) -> None:
     after = bytes_by_dtype(graph)
     total_before, total_after = sum(before.values()), sum(after.values())
     report.saved_bytes = max(0, total_before - total_after)

@@ -23,13 +23,15 @@ import onnx_graphsurgeon as gs
 
 from optimizer.calibration.quant_math import qtype, quantize, quantize_bias, quantize_weight, scale_zero_point
 from optimizer.calibration.ranges import collect_ranges
-from optimizer.graph.core import is_constant_derived, weight_values
+from optimizer.errors import PassError
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.weights import Weight, is_constant_derived, weight_values
 from optimizer.pass_base import PassContext, PassReport
-from passes.quantize.common import Names, QuantizedWeight, float_constant, integer_constant
+from passes.quantize.common import QuantizedWeight, float_constant, integer_constant
 from passes.quantize.dynamic import weight_only_reason
+from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import probe_model
-from passes.quantize.targets import WeightTarget
-from passes.quantize.weights import WeightSpec, channel_axis, quantize_weight_only, weight_only_spec
+from passes.quantize.weights import WeightSpec, quantize_weight_only, scale_axis, weight_only_spec
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 ALL_INPUTS = None
@@ -49,8 +51,8 @@ OPSET_QDQ = 10
 
 @dataclass
 class StaticPlan:
-    compute: list[WeightTarget] = field(default_factory=list)
-    weight_only: list[tuple[WeightTarget, WeightSpec]] = field(default_factory=list)
+    compute: list[Weight] = field(default_factory=list)
+    weight_only: list[tuple[Weight, WeightSpec]] = field(default_factory=list)
     per_channel: bool = True
     notes: list[dict[str, str]] = field(default_factory=list)
 
@@ -59,14 +61,14 @@ class StaticPlan:
         return max(needs + [spec.required_opset() for _, spec in self.weight_only])
 
 
-def plan_static(graph: gs.Graph, targets: list[WeightTarget], options) -> StaticPlan:
+def plan_static(graph: gs.Graph, targets: list[Weight], options: QuantizeOptions) -> StaticPlan:
     plan = StaticPlan(per_channel=options.per_channel)
     for target in targets:
-        in_main = all(c.graph is graph and c.node.op in COMPUTE_OPS for c in target.consumers)
+        in_main = all(c.graph is graph and c.node.op in COMPUTE_OPS for c in target.uses)
         # a GELU output's outlier channels do not survive one uint8 scale per tensor (static has no
         # outlier split): all-MiniLM-L6-v2 cosine 0.940 with its FFN-down MatMuls static, 0.993 without
         reasons = [weight_only_reason(c, options.dynamic_weight_only, calibrated=False)
-                   for c in target.consumers if c.node.op == "MatMul"]
+                   for c in target.uses if c.node.op == "MatMul"]
         if in_main and target.values.ndim >= 2 and not any(reasons):
             plan.compute.append(target)
         else:
@@ -84,13 +86,13 @@ def data_inputs(node: gs.Node) -> list[gs.Tensor]:
     return [node.inputs[i] for i in indices if node.inputs[i].name]
 
 
-def quantize_static(graph: gs.Graph, plan: StaticPlan, options, names: Names, report: PassReport,
-                    context: PassContext) -> None:
+def quantize_static(graph: gs.Graph, plan: StaticPlan, options: QuantizeOptions, names: NameAllocator,
+                    report: PassReport, context: PassContext) -> None:
     for target, spec in plan.weight_only:
         quantize_weight_only(target, spec, names, report)
     if plan.notes:
         report.details.setdefault("weight_only_matmuls", []).extend(plan.notes)
-    compute_nodes = _ordered_nodes(graph, {id(c.node) for t in plan.compute for c in t.consumers})
+    compute_nodes = _ordered_nodes(graph, {id(c.node) for t in plan.compute for c in t.uses})
     memo: dict[int, bool | None] = {}
     neighbors = [n for n in graph.nodes if n.op in NEIGHBOR_INPUTS and n.domain in ("", None, "ai.onnx")
                  and not all(is_constant_derived(t, memo) for t in data_inputs(n))]
@@ -140,7 +142,8 @@ def _leading_to_integer_ops(compute_nodes: list[gs.Node], neighbors: list[gs.Nod
     left = len(neighbors) - len(kept)
     if left:
         report.details["float_neighbors"] = {
-            "count": left, "why": "their output feeds no quantized op: quantizing them saves no time and loses accuracy"}
+            "count": left,
+            "why": "their output feeds no quantized op: quantizing them saves no time and loses accuracy"}
     return kept
 
 
@@ -168,7 +171,7 @@ def _ordered_nodes(graph: gs.Graph, wanted: set[int]) -> list[gs.Node]:
     return [node for node in graph.nodes if id(node) in wanted]
 
 
-def _calibrate(graph: gs.Graph, candidates: list[str], options, report: PassReport,
+def _calibrate(graph: gs.Graph, candidates: list[str], options: QuantizeOptions, report: PassReport,
                context: PassContext) -> dict[str, tuple[float, float]]:
     model = probe_model(graph, [])
     result = collect_ranges(model, candidates, lambda: context.calibration_feeds("quantize"),
@@ -237,8 +240,8 @@ class TensorParams:
     zero_point: int
 
 
-def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_type, options, names: Names,
-                report: PassReport) -> dict[str, TensorParams]:
+def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_type, options: QuantizeOptions,
+                names: NameAllocator, report: PassReport) -> dict[str, TensorParams]:
     """One QuantizeLinear + DequantizeLinear per activation tensor; constants get DequantizeLinear."""
     params: dict[str, TensorParams] = {}
     tensors: dict[str, gs.Tensor] = {}
@@ -249,7 +252,7 @@ def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_
     for name in sorted(tensors):
         tensor = tensors[name]
         values = weight_values(tensor)
-        low, high = ranges.get(name) or (float(np.min(values, initial=0.0)), float(np.max(values, initial=0.0)))
+        low, high = ranges.get(name) or _constant_range(name, values)
         scale, zero = scale_zero_point(np.float32(low), np.float32(high), activation_type,
                                        symmetric=options.symmetric_activations)
         params[name] = TensorParams(float(scale), int(zero))
@@ -266,7 +269,7 @@ def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_
 
 
 def _quantize_activation(graph: gs.Graph, tensor: gs.Tensor, scale: gs.Constant, zero: gs.Constant,
-                         activation_type, names: Names) -> None:
+                         activation_type, names: NameAllocator) -> None:
     """tensor -> QuantizeLinear -> DequantizeLinear -> every reader (a graph output keeps the float)."""
     quantized = gs.Variable(names.fresh(tensor.name, "_quantized"), dtype=activation_type.storage_dtype)
     restored = gs.Variable(names.fresh(tensor.name, "_dequantized"), dtype=np.float32)
@@ -280,7 +283,7 @@ def _quantize_activation(graph: gs.Graph, tensor: gs.Tensor, scale: gs.Constant,
 
 
 def _dequantized_constant(graph: gs.Graph, tensor: gs.Tensor, integers: np.ndarray, scale: gs.Constant,
-                          zero: gs.Constant, activation_type, consumers: set[int], names: Names) -> None:
+                          zero: gs.Constant, activation_type, consumers: set[int], names: NameAllocator) -> None:
     """A float constant read by quantized ops: integers + DequantizeLinear, for those ops only."""
     stored = integer_constant(names.fresh(tensor.name, "_quantized"), integers, activation_type)
     restored = gs.Variable(names.fresh(tensor.name, "_dequantized"), dtype=np.float32)
@@ -294,23 +297,23 @@ def _dequantized_constant(graph: gs.Graph, tensor: gs.Tensor, integers: np.ndarr
 
 
 def _quantize_compute_weights(plan: StaticPlan, params: dict[str, TensorParams], input_names: dict[int, str],
-                              options, names: Names, report: PassReport) -> None:
+                              options: QuantizeOptions, names: NameAllocator, report: PassReport) -> None:
     """Per-channel int8 weights behind DequantizeLinear; int32 bias where the input is quantized."""
     weight_type = qtype(options.weight_type)
     for target in plan.compute:
-        axis = channel_axis(target.consumers[0], target.values.ndim) if options.per_channel else None
+        axis = scale_axis(target.uses[0], target.values.ndim) if options.per_channel else None
         quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
         weight = QuantizedWeight(target, quantized, names)
         weight.make_float_view("dq")
         report.count(f"weights_{weight_type.name}")
-        for consumer in target.consumers:
+        for consumer in target.uses:
             found = params.get(input_names.get(id(consumer.node), ""))
             if found is not None and consumer.node.op != "MatMul":
                 _quantize_bias(consumer.graph, consumer.node, found.scale, quantized.scale, names, report)
             report.count(f"static_{consumer.node.op}")
 
 
-def _quantize_bias(graph: gs.Graph, node: gs.Node, input_scale: float, weight_scale: np.ndarray, names: Names,
+def _quantize_bias(graph: gs.Graph, node: gs.Node, input_scale: float, weight_scale: np.ndarray, names: NameAllocator,
                    report: PassReport) -> None:
     """Conv/Gemm bias as int32 with scale input_scale * weight_scale (what QLinearConv adds)."""
     if len(node.inputs) < 3 or not node.inputs[2].name:
@@ -328,3 +331,10 @@ def _quantize_bias(graph: gs.Graph, node: gs.Node, input_scale: float, weight_sc
     graph.nodes.append(dequantize)
     node.inputs[2] = restored
     report.count("bias_int32")
+
+
+def _constant_range(name: str, values: np.ndarray | None) -> tuple[float, float]:
+    """[min, max] of a constant input (activations have calibrated ranges), 0 included."""
+    if values is None:
+        raise PassError(f"tensor '{name}' has no calibrated range and is not a constant")
+    return float(np.min(values, initial=0.0)), float(np.max(values, initial=0.0))

@@ -8,15 +8,15 @@ holding every consumer, moved out of Loop/Scan bodies so they do not run each it
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.core import DEFAULT_DOMAINS, is_constant_node, iter_graphs, node_subgraphs, weight_values
+from optimizer.graph.opsets import DEFAULT_DOMAINS
+from optimizer.graph.patterns import NamePatterns
+from optimizer.graph.walk import ScopeTree, TensorUse, iter_graphs
+from optimizer.graph.weights import Weight, is_constant_node, weight_values
 from optimizer.pass_base import PassReport
 from passes.weight_guard import WeightGuard
 
@@ -30,38 +30,10 @@ WEIGHT_INPUTS = {
     "GRU": (1, 2),
     "RNN": (1, 2),
 }
-LOOPING_OPS = ("Loop", "Scan")
 QUANTIZED_MARKERS = ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
                      "QLinearMatMul", "QLinearConv", "MatMulNBits", "GatherBlockQuantized")
 INTEGER_KINDS = ("i", "u")
 QUANTIZED_SUFFIX = "_quantized"
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """One node input slot that reads a weight."""
-
-    graph: gs.Graph
-    node: gs.Node
-    index: int
-
-
-@dataclass
-class WeightTarget:
-    """A float weight and everything that reads it."""
-
-    tensor: gs.Tensor
-    values: np.ndarray
-    constant_node: gs.Node | None
-    consumers: list[Consumer] = field(default_factory=list)
-    owner: gs.Graph | None = None
-
-    @property
-    def name(self) -> str:
-        return self.tensor.name
-
-    def op_types(self) -> list[str]:
-        return sorted({c.node.op for c in self.consumers})
 
 
 @dataclass(frozen=True)
@@ -77,53 +49,11 @@ class Selection:
     allow_non_finite: bool = False
 
 
-@dataclass
-class Scopes:
-    """Parent links between graphs: ``parent[id(sub)] = (graph, node holding sub)``."""
-
-    parent: dict[int, tuple[gs.Graph, gs.Node]]
-
-    @classmethod
-    def of(cls, root: gs.Graph) -> Scopes:
-        parent: dict[int, tuple[gs.Graph, gs.Node]] = {}
-        for graph in iter_graphs(root):
-            for node in graph.nodes:
-                for sub in node_subgraphs(node):
-                    parent[id(sub)] = (graph, node)
-        return cls(parent)
-
-    def chain(self, graph: gs.Graph) -> list[gs.Graph]:
-        """``graph`` and its enclosing graphs, innermost first."""
-        chain = [graph]
-        while id(chain[-1]) in self.parent:
-            chain.append(self.parent[id(chain[-1])][0])
-        return chain
-
-    def common_owner(self, graphs: Sequence[gs.Graph]) -> gs.Graph:
-        """Innermost graph enclosing all ``graphs``, moved out of Loop/Scan bodies."""
-        chains = [self.chain(g) for g in graphs]
-        shared = [g for g in chains[0] if all(any(g is other for other in chain) for chain in chains[1:])]
-        owner = shared[0]
-        while id(owner) in self.parent and self.parent[id(owner)][1].op in LOOPING_OPS:
-            owner = self.parent[id(owner)][0]
-        return owner
-
-
 def weight_slots(node: gs.Node) -> tuple[int, ...]:
     if node.domain not in DEFAULT_DOMAINS:
         return ()
     slots = WEIGHT_INPUTS.get(node.op, ())
     return tuple(i for i in slots if i < len(node.inputs) and node.inputs[i].name)
-
-
-def name_matcher(patterns: Sequence[str]):
-    """``re:...`` is a regular expression (searched anywhere); anything else a glob on the whole name."""
-    regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
-    globs = [p for p in patterns if not p.startswith("re:")]
-
-    def matches(name: str) -> bool:
-        return any(r.search(name) for r in regexes) or any(fnmatch.fnmatchcase(name, g) for g in globs)
-    return matches
 
 
 def quantizable_nodes(root: gs.Graph, selection: Selection) -> list[tuple[gs.Graph, gs.Node]]:
@@ -139,7 +69,7 @@ def quantizable_nodes(root: gs.Graph, selection: Selection) -> list[tuple[gs.Gra
 def excluded_nodes(nodes: list[tuple[gs.Graph, gs.Node]], selection: Selection) -> dict[int, str]:
     """id(node) -> why the user's exclusions leave it alone."""
     reasons: dict[int, str] = {}
-    matches = name_matcher(selection.exclude_nodes)
+    matches = NamePatterns(selection.exclude_nodes).matches
     layers = [node for _, node in nodes if _reads_float_weight(node)]
     for position, node in enumerate(layers):
         if position < selection.exclude_first:
@@ -204,11 +134,11 @@ def _is_integer_constant(tensor: gs.Constant) -> bool:
         return True
 
 
-def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) -> list[WeightTarget]:
+def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) -> list[Weight]:
     """Every weight to quantize, once, with all its consumers; skips go into ``report``."""
     nodes = quantizable_nodes(root, selection)
     excluded = excluded_nodes(nodes, selection)
-    targets: dict[int, WeightTarget] = {}
+    targets: dict[int, Weight] = {}
     blocked: set[int] = set()
     guard = WeightGuard.of(root, allow_non_finite=selection.allow_non_finite)
     for graph, node in nodes:
@@ -231,16 +161,16 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
             if target is None:
                 producer = tensor.inputs[0] if not isinstance(tensor, gs.Constant) and tensor.inputs else None
                 constant_node = producer if producer is not None and is_constant_node(producer) else None
-                target = targets[id(tensor)] = WeightTarget(tensor, np.asarray(values), constant_node)
-            target.consumers.append(Consumer(graph, node, index))
+                target = targets[id(tensor)] = Weight(tensor, constant_node, array=np.asarray(values))
+            target.uses.append(TensorUse(graph, node, index))
     return _complete(root, targets, blocked, report)
 
 
-def _complete(root: gs.Graph, targets: dict[int, WeightTarget], blocked: set[int],
-              report: PassReport) -> list[WeightTarget]:
+def _complete(root: gs.Graph, targets: dict[int, Weight], blocked: set[int],
+              report: PassReport) -> list[Weight]:
     """Drop weights that an excluded node or another reader needs in float; set owners."""
     readers = _all_readers(root)
-    scopes = Scopes.of(root)
+    tree = ScopeTree.build(root)
     kept = []
     for key in sorted(targets, key=lambda k: targets[k].name):
         target = targets[key]
@@ -248,10 +178,10 @@ def _complete(root: gs.Graph, targets: dict[int, WeightTarget], blocked: set[int
             report.skip("tensor", target.name, "also read by an excluded node, which keeps it in float")
             continue
         target_readers = readers.get(key, [])
-        graphs = [g for g, _ in target_readers] or [c.graph for c in target.consumers]
-        if target.constant_node is not None:
-            graphs.append(_graph_of(root, target.constant_node))
-        target.owner = scopes.common_owner(graphs)
+        graphs = [g for g, _ in target_readers] or [c.graph for c in target.uses]
+        if target.node is not None:
+            graphs.append(tree.node_graph.get(id(target.node), root))
+        target.owner = tree.common_ancestor(graphs, hoist_out_of_loops=True)
         kept.append(target)
     return kept
 
@@ -263,10 +193,3 @@ def _all_readers(root: gs.Graph) -> dict[int, list[tuple[gs.Graph, gs.Node]]]:
             for tensor in node.inputs:
                 readers.setdefault(id(tensor), []).append((graph, node))
     return readers
-
-
-def _graph_of(root: gs.Graph, node: gs.Node) -> gs.Graph:
-    for graph in iter_graphs(root):
-        if any(candidate is node for candidate in graph.nodes):
-            return graph
-    return root

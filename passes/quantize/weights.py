@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from optimizer.calibration.quant_math import QType, QuantizedTensor, qtype, quantize_weight
+from optimizer.graph.axes import weight_axes
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.walk import TensorUse
+from optimizer.graph.weights import Weight
 from optimizer.pass_base import PassReport
-from passes.quantize.common import FloatForm, Names, QuantizedWeight
-from passes.quantize.targets import Consumer, WeightTarget
+from passes.quantize.common import FloatForm, QuantizedWeight
+from passes.quantize.options import QuantizeOptions
 
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
 DQ_FUSED_OPS = ("MatMul",)
@@ -49,44 +53,31 @@ class WeightSpec:
         return 1
 
 
-def channel_axis(consumer: Consumer, ndim: int) -> int:
-    """The weight axis that indexes output channels for this consumer."""
-    node = consumer.node
-    if node.op == "MatMul":
-        return ndim - 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gather":
-        return int(node.attrs.get("axis", 0)) % ndim
-    if node.op in ("LSTM", "GRU", "RNN"):
-        return 1
-    return 0
+def scale_axis(consumer: TensorUse, ndim: int) -> int:
+    """The axis per-channel scales run along: a Gather table's lookup axis (one scale per row, as
+    GatherBlockQuantized wants), else the output-channel axis."""
+    axes = weight_axes(consumer.node, consumer.index, ndim)
+    return axes.output if axes.lookup is None else axes.lookup
 
 
-def reduction_axis(consumer: Consumer, ndim: int) -> int | None:
-    """The axis a 4-bit block runs along (the dot-product axis), or None when there is none."""
-    node = consumer.node
-    if ndim != 2 or node.op not in BLOCKED_OPS:
+def block_axis(consumer: TensorUse, ndim: int) -> int | None:
+    """The axis a 4-bit block runs along (the dot-product axis; a Gather table's feature axis), or
+    None: blocks are only built for 2-D weights of ``BLOCKED_OPS``."""
+    if ndim != 2 or consumer.node.op not in BLOCKED_OPS:
         return None
-    if node.op == "MatMul":
-        return 0
-    if node.op == "Gemm":
-        return 1 if node.attrs.get("transB", 0) else 0
-    return 1 - int(node.attrs.get("axis", 0)) % 2
+    return weight_axes(consumer.node, consumer.index, ndim).reduction
 
 
-def weight_only_spec(target: WeightTarget, options, opset: int) -> WeightSpec:
+def weight_only_spec(target: Weight, options: QuantizeOptions, opset: int) -> WeightSpec:
     """Integer type, axis, block and float view for ``target`` under the pass ``options``."""
     ndim = target.values.ndim
-    first = target.consumers[0]
+    first = target.uses[0]
     wanted = qtype(options.storage_type())
     form = _form(target, options.weight_only_form, wanted.bits)
     if wanted.bits == 4:
-        axis = reduction_axis(first, ndim)
+        axis = block_axis(first, ndim)
         blocks_fit = axis is not None and (form == "dq" or target.values.shape[axis] % options.block_size == 0)
-        if blocks_fit and all(c.node.op in BLOCKED_OPS for c in target.consumers):
+        if blocks_fit and all(c.node.op in BLOCKED_OPS for c in target.uses):
             return WeightSpec(wanted, options.weights_symmetric(), axis, options.block_size, form)
         fallback = qtype("int8" if wanted.signed or options.symmetric_weights is None else "uint8")
         note = f"{options.weight_type} needs a blocked dot-product axis; stored as {fallback.name} per channel"
@@ -94,21 +85,21 @@ def weight_only_spec(target: WeightTarget, options, opset: int) -> WeightSpec:
         symmetric = True if options.symmetric_weights is None else options.symmetric_weights
     else:
         note, symmetric = "", options.weights_symmetric()
-    axis = channel_axis(first, ndim) if options.per_channel and ndim > 0 else None
+    axis = scale_axis(first, ndim) if options.per_channel and ndim > 0 else None
     if form == "dq" and axis is not None and opset < OPSET_PER_CHANNEL_DQ and options.weight_only_form == "auto":
         form = "fold"
     return WeightSpec(wanted, symmetric, axis, None, form, note)
 
 
-def _form(target: WeightTarget, choice: WeightOnlyForm, bits: int) -> FloatForm:
+def _form(target: Weight, choice: WeightOnlyForm, bits: int) -> FloatForm:
     if choice == "dequantize_linear":
         return "dq"
     if choice == "fold_at_load":
         return "fold"
-    return "dq" if bits == 4 and all(c.node.op in DQ_FUSED_OPS for c in target.consumers) else "fold"
+    return "dq" if bits == 4 and all(c.node.op in DQ_FUSED_OPS for c in target.uses) else "fold"
 
 
-def quantize_weight_only(target: WeightTarget, spec: WeightSpec, names: Names, report: PassReport,
+def quantize_weight_only(target: Weight, spec: WeightSpec, names: NameAllocator, report: PassReport,
                          quantized: QuantizedTensor | None = None) -> QuantizedWeight:
     """Store ``target`` as integers (rounded to nearest unless ``quantized`` is given, e.g. by
     GPTQ) and give every reader its dequantized value."""

@@ -14,7 +14,6 @@ next to symmetric uniform quantization at the same bit width and granularity (MS
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,7 +21,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
-from optimizer.graph.core import DEFAULT_DOMAINS, is_constant_derived, toposort
+from optimizer.graph.axes import weight_axes
+from optimizer.graph.edit import toposort
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.opsets import DEFAULT_DOMAINS
+from optimizer.graph.walk import ScopeTree
+from optimizer.graph.weights import Weight, is_constant_derived
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.share.kmeans import (
@@ -33,7 +37,7 @@ from passes.share.kmeans import (
     slots_per_byte,
     uniform_fake_quantize,
 )
-from passes.share.scope import GraphTree, Weight, collect_weights, tensor_names, unique_name
+from passes.share.scope import collect_weights
 from passes.weight_guard import WeightGuard
 
 WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
@@ -45,11 +49,9 @@ KNOWN_OPS = ("Conv", "ConvTranspose", "Gather", "Gemm", "MatMul")
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class ClusterWeightsPass(Pass):
     name = "cluster"
     summary = "k-means codebook (2^bits entries) per tensor or output channel; packed indices decoded by Gather"
-    lossless = False
 
     bits: int = option(4, "codebook size 2^bits, 2..8; 2-4 bits are packed 4 or 2 indices per byte")
     granularity: Literal["per-channel", "per-tensor"] = option(
@@ -76,7 +78,7 @@ class ClusterWeightsPass(Pass):
             report.skip("model", "opset", f"opset {graph.opset} < {DECODE_MIN_OPSET}: the decoding ops "
                                           "(BitShift, GatherElements) do not exist there")
             return PassResult(graph, False, report.to_dict())
-        tree, names = GraphTree.build(graph), tensor_names(graph)
+        tree, names = ScopeTree.build(graph), NameAllocator(graph, reserve_node_names=False)
         tensors = []
         guard = WeightGuard.of(graph)  # never allow_non_finite: a codebook cannot hold NaN or Inf
         for weight in collect_weights(graph):
@@ -88,7 +90,7 @@ class ClusterWeightsPass(Pass):
             report.details["tensors"] = tensors
         return PassResult(graph, bool(tensors), report.to_dict())
 
-    def _choose(self, weight: Weight, tree: GraphTree, report: PassReport, guard: WeightGuard) -> int | None:
+    def _choose(self, weight: Weight, tree: ScopeTree, report: PassReport, guard: WeightGuard) -> int | None:
         """The channel axis (-1 for per tensor) if ``weight`` should be clustered, else None."""
         readers = [(node, i) for node in weight.consumers for i, t in enumerate(node.inputs) if t is weight.tensor]
         weight_reads = [(n, i) for n, i in readers if n.op in self.ops and WEIGHT_SLOTS.get(n.op) == i
@@ -102,7 +104,8 @@ class ClusterWeightsPass(Pass):
         if reason:
             report.skip("tensor", label, reason)
             return None
-        axes = sorted({_channel_axis(node, weight.values.ndim) for node, _ in weight_reads})
+        ndim = weight.values.ndim  # one codebook per output column; none below 2-D
+        axes = sorted({weight_axes(node, slot, ndim).output if ndim >= 2 else -1 for node, slot in weight_reads})
         axis = axes[0]
         if self.granularity == "per-tensor" or len(axes) != 1 or axis not in (0, weight.values.ndim - 1):
             axis = -1  # readers disagree, or a middle axis (ConvTranspose): one codebook for the tensor
@@ -134,7 +137,7 @@ class ClusterWeightsPass(Pass):
             return "a lookup table read with constant indices (e.g. a codebook already)"
         return ""
 
-    def _cluster(self, weight: Weight, axis: int, tree: GraphTree, names, report: PassReport,
+    def _cluster(self, weight: Weight, axis: int, tree: ScopeTree, names, report: PassReport,
                  widen: bool) -> dict:
         values = weight.values
         rows = _rows(values, axis)
@@ -156,19 +159,6 @@ class ClusterWeightsPass(Pass):
         }
 
 
-def _channel_axis(node: gs.Node, ndim: int) -> int:
-    """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm by transB, MatMul and Gather last."""
-    if ndim < 2:
-        return -1
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return ndim - 1
-
-
 def _rows(values: np.ndarray, axis: int) -> np.ndarray:
     """The values as ``[codebooks, values per codebook]``."""
     if axis < 0:
@@ -176,17 +166,17 @@ def _rows(values: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
 
 
-def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: GraphTree, names,
+def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: ScopeTree, names,
                   widen: bool) -> int:
     """Replace ``weight`` by codebook + indices + decoding nodes; returns the bytes now stored.
 
     ``widen``: unpack in uint32, for opsets before 14 (no uint8 Sub there)."""
     where = weight.home if weight.node is not None else tree.common_ancestor(weight.reader_graphs(tree))
     values, base = weight.values, weight.name
-    output = weight.tensor if weight.node is not None else gs.Variable(base, dtype=values.dtype, shape=list(values.shape))
+    output = (weight.tensor if weight.node is not None
+              else gs.Variable(base, dtype=values.dtype, shape=list(values.shape)))
     if weight.node is not None:
-        weight.node.outputs.clear()
-        weight.home.nodes.remove(weight.node)
+        weight.detach_constant_node()
     else:
         for node in weight.consumers:
             for index, tensor in enumerate(node.inputs):
@@ -194,10 +184,10 @@ def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: 
                     node.inputs[index] = output
 
     def constant(suffix: str, array: np.ndarray) -> gs.Constant:
-        return gs.Constant(unique_name(f"{base}.{suffix}", names), np.ascontiguousarray(array))
+        return gs.Constant(names.fresh(f"{base}.{suffix}"), np.ascontiguousarray(array))
 
     def add(op: str, inputs: list, attrs: dict | None = None, out: gs.Tensor | None = None) -> gs.Tensor:
-        out = out or gs.Variable(unique_name(f"{base}.{op.lower()}", names))
+        out = out or gs.Variable(names.fresh(f"{base}.{op.lower()}"))
         tree.add_node(where, gs.Node(op, name=f"cluster/{out.name}", attrs=attrs or {}, inputs=inputs, outputs=[out]))
         return out
 

@@ -18,34 +18,28 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
-from optimizer.graph.core import toposort
+from optimizer.graph.duplicates import Relation, exact_classes, near_pairs, transform_relations
+from optimizer.graph.edit import toposort
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.walk import ScopeTree
+from optimizer.graph.weights import Weight
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
-from passes.share.find import Relation, exact_classes, near_pairs, transform_relations
-from passes.share.scope import (
-    GraphTree,
-    Weight,
-    collect_weights,
-    drop_constant_node,
-    replace_input,
-    tensor_names,
-    unique_name,
-)
+from passes.share.scope import collect_weights, drop_constant_node, replace_input
 
 
 @dataclass
 class _State:
     """What one run works on: the graph tree, the taken names, the report."""
 
-    tree: GraphTree
-    names: dict[str, set[int]]
+    tree: ScopeTree
+    names: NameAllocator
     report: PassReport
     digests: dict[int, bytes]
     modified: bool = False
 
 
 @register
-@dataclass(frozen=True, kw_only=True)
 class ShareWeightsPass(Pass):
     name = "share"
     summary = "store equal weights once; derive transposed, reshaped or cast copies with one cheap node"
@@ -63,7 +57,7 @@ class ShareWeightsPass(Pass):
                 f"pass '{self.name}' option 'near_duplicate_rtol' must be None or a number in [0, 1), got {rtol!r}")
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
-        state = _State(GraphTree.build(graph), tensor_names(graph), PassReport(), {})
+        state = _State(ScopeTree.build(graph), NameAllocator(graph, reserve_node_names=False), PassReport(), {})
         state.report.details["groups"] = []
         weights = collect_weights(graph, state.digests)
         _share_exact(weights, state)
@@ -75,7 +69,7 @@ class ShareWeightsPass(Pass):
             relations = _oriented(transform_relations(_single_copies(live)))
             applied = [_share_transformed(relation, state) for relation in relations]
             if any(applied):
-                state.tree = GraphTree.build(graph)
+                state.tree = ScopeTree.build(graph)
                 _share_exact(collect_weights(graph, state.digests), state)
         if state.modified:
             toposort(graph)
@@ -116,8 +110,8 @@ def _merge(group: list[Weight], state: _State, kind: str) -> dict | None:
     components = _scope_components(members, state.tree)
     if len(components) > 1:
         labels = ", ".join(w.label(state.tree) for w in members)
-        common = state.tree.path[id(state.tree.common_ancestor(
-            [g for w in members for g in w.storage_graphs(state.tree)]))]
+        common = state.tree.path(state.tree.common_ancestor(
+            [g for w in members for g in w.storage_graphs(state.tree)]))
         state.report.skip("tensor", labels, (
             f"copies in sibling subgraphs: no node of their common graph '{common}' reads the tensor, "
             "and the exporter stores an initializer in every graph whose nodes read it; one copy kept per subgraph"))
@@ -128,7 +122,7 @@ def _merge(group: list[Weight], state: _State, kind: str) -> dict | None:
     return detail
 
 
-def _scope_components(members: list[Weight], tree: GraphTree) -> list[list[Weight]]:
+def _scope_components(members: list[Weight], tree: ScopeTree) -> list[list[Weight]]:
     """Members grouped by the outermost storage graph they live under (siblings stay apart)."""
     storage = {id(w): w.storage_graphs(tree) for w in members}
     anchors = tree.outermost([g for graphs in storage.values() for g in graphs])
@@ -147,8 +141,9 @@ def _merge_component(component: list[Weight], state: _State, kind: str) -> dict 
     tree, report = state.tree, state.report
     labels = {id(w): w.label(tree) for w in component}
     kept = _choose_kept(component, tree)
-    if kept is None or state.names.get(kept.name, set()) - {id(kept.tensor)}:
-        reason = "no copy is visible from every reader" if kept is None else "another tensor in a subgraph has the same name"
+    if kept is None or state.names.others(kept.tensor):
+        reason = ("no copy is visible from every reader" if kept is None
+                  else "another tensor in a subgraph has the same name")
         report.skip("tensor", ", ".join(labels.values()), reason)
         return None
     before = sum(len(w.storage_graphs(tree)) * w.nbytes for w in component)
@@ -174,7 +169,7 @@ def _merge_component(component: list[Weight], state: _State, kind: str) -> dict 
     return detail
 
 
-def _choose_kept(component: list[Weight], tree: GraphTree) -> Weight | None:
+def _choose_kept(component: list[Weight], tree: ScopeTree) -> Weight | None:
     """A copy every reader can see; one read by a custom op first, then initializers, then order."""
     storage = [g for w in component for g in w.storage_graphs(tree)]
 
@@ -199,9 +194,9 @@ def _gemm_flip_slot(node: gs.Node, tensor: gs.Tensor) -> str | None:
 
 def _node_cost(relation: Relation) -> int:
     """1 when keeping ``source`` needs a new node for ``derived``'s readers, else 0 (Gemm flips)."""
-    if relation.kind == "transposed" and relation.perm == (1, 0):
-        if all(_gemm_flip_slot(n, relation.derived.tensor) for n in relation.derived.consumers):
-            return 0
+    if relation.kind == "transposed" and relation.perm == (1, 0) and all(
+            _gemm_flip_slot(n, relation.derived.tensor) for n in relation.derived.consumers):
+        return 0
     return 1
 
 
@@ -262,11 +257,11 @@ def _transform_refusal(relation: Relation, state: _State) -> str:
         return "one side was already shared in this run"
     if derived.has_custom_consumer():
         return "read by a custom-domain op; left as is"
-    if state.names.get(source.name, set()) - {id(source.tensor)}:
+    if state.names.others(source.tensor):
         return "another tensor in a subgraph has the same name as the kept one"
     readers = source.reader_graphs(tree) + [tree.common_ancestor(derived.reader_graphs(tree))]
     if source.node is not None and not all(tree.is_within(g, source.home) for g in readers):
-        return f"the kept copy is a Constant node in '{tree.path[id(source.home)]}', not visible from the copy's readers"
+        return f"the kept copy is a Constant node in '{tree.path(source.home)}', not visible from the copy's readers"
     before = len(source.storage_graphs(tree)) * source.nbytes + len(derived.storage_graphs(tree)) * derived.nbytes
     after = len(tree.outermost(readers)) * source.nbytes if source.node is None else source.nbytes
     if after >= before:
@@ -281,18 +276,18 @@ def _add_derive_node(relation: Relation, state: _State) -> None:
     values = derived.values
     if derived.node is not None:
         output = derived.tensor
-        derived.node.outputs.clear()
-        derived.home.nodes.remove(derived.node)
+        derived.detach_constant_node()
     else:
         output = gs.Variable(derived.name, dtype=values.dtype, shape=list(values.shape))
         for node in derived.consumers:
             replace_input(node, derived.tensor, output)
-    inputs, attrs, op = [relation.source.tensor], {}, ""
+    inputs: list[gs.Tensor] = [relation.source.tensor]
+    attrs: dict[str, object] = {}
     if relation.kind == "transposed":
         op, attrs = "Transpose", {"perm": list(relation.perm)}
     elif relation.kind == "reshaped":
         op = "Reshape"
-        shape_name = unique_name(f"{derived.name}.shape", state.names)
+        shape_name = state.names.fresh(f"{derived.name}.shape")
         inputs.append(gs.Constant(shape_name, np.array(values.shape, dtype=np.int64)))
     else:
         op, attrs = "Cast", {"to": int(onnx.helper.np_dtype_to_tensor_dtype(values.dtype))}

@@ -6,19 +6,18 @@ call ``register``.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer import registry
+from optimizer.graph.patterns import NamePatterns
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 
 
 def matches(name: str, patterns) -> bool:
-    return any(re.search(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
+    return NamePatterns(patterns).matches(name)
 
 
 DAMAGE = {"fc1.gemm": 0.02, "fc2.matmul": 0.5, "fc3.gemm": 0.03}

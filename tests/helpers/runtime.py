@@ -29,9 +29,19 @@ def assert_same_outputs(reference: onnx.ModelProto | Path, candidate: onnx.Model
                 np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)
 
 
-def open_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session for ``model``; opening it proves onnxruntime accepts the graph."""
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def open_session(model: onnx.ModelProto | Path, *,
+                 graph_optimization_level: ort.GraphOptimizationLevel | None = None) -> ort.InferenceSession:
+    """A CPU session for ``model``; opening it proves onnxruntime accepts the graph.
+
+    A path is opened by onnxruntime directly (external data resolves next to it). ``graph_optimization_level``
+    replaces onnxruntime's default (all optimizations), e.g. ORT_DISABLE_ALL to run each op's own arithmetic.
+    """
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    options = None
+    if graph_optimization_level is not None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = graph_optimization_level
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def ort_runs(model: onnx.ModelProto, tmp_path: Path) -> Counter:

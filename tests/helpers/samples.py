@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
+from optimizer.graph.walk import walk_proto
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = ROOT / "models"
@@ -32,13 +33,8 @@ def seeded_feeds(model: onnx.ModelProto, count: int = 3, seed: int = 0) -> list[
 
 
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """A graph and every subgraph below it, depth first."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for subgraph in subgraphs:
-                yield from all_graphs(subgraph)
+    """A graph and every subgraph below it, depth first (the library's one walker)."""
+    return (site.graph for site in walk_proto(graph))
 
 
 def all_initializer_names(graph: onnx.GraphProto) -> list[str]:

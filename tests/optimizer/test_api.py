@@ -6,14 +6,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from optimizer.api import build_passes, optimize
+from optimizer.api import FeedOptions, OptimizeOptions, ValidationOptions, build_passes, optimize
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
-from optimizer.graph.core import iter_graphs
+from optimizer.graph.walk import iter_graphs
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.report.report import write_report
 from optimizer.verify.validate import Tolerance
 from tests.helpers.samples import MODELS_DIR, digest, seeded_feeds
+
+CHECK = ValidationOptions()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,38 +51,42 @@ def test_validation_failure_writes_nothing_and_keeps_the_previous_output(tmp_pat
     output = tmp_path / "out.onnx"
     assert optimize(MODELS_DIR / "mlp.onnx", output).output_path == output
     previous = digest(output)
-    result = optimize(MODELS_DIR / "mlp.onnx", output, passes=["cleanup", ShiftWeightsPass()], validate=True)
+    result = optimize(MODELS_DIR / "mlp.onnx", output,
+                      OptimizeOptions(passes=["cleanup", ShiftWeightsPass()], validation=CHECK))
     assert not result.passed and result.comparison.worst_output == "logits"
     assert digest(output) == previous
     assert any("not written" in note for note in result.report.notes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"], "staging files left behind"
-    kept = optimize(MODELS_DIR / "mlp.onnx", output, passes=[ShiftWeightsPass()], validate=True, keep_failed=True)
+    kept = optimize(MODELS_DIR / "mlp.onnx", output, OptimizeOptions(
+        passes=[ShiftWeightsPass()], validation=ValidationOptions(keep_failed=True)))
     assert not kept.passed and kept.output_path == output and digest(output) != previous
 
 
 def test_lossy_pipeline_uses_a_loose_default_and_explicit_tolerance_wins(tmp_path):
-    result = optimize(MODELS_DIR / "mlp.onnx", passes=[ShiftWeightsPass(shift=1e-5)], validate=True)
+    result = optimize(MODELS_DIR / "mlp.onnx", None,
+                      OptimizeOptions(passes=[ShiftWeightsPass(shift=1e-5)], validation=CHECK))
     assert result.passed
     assert result.comparison.tolerance["logits"] == {"max_abs": None, "max_rel": None, "min_cosine": 0.99,
                                                      "min_sqnr_db": 20.0, "min_top1": None}
-    strict = optimize(MODELS_DIR / "mlp.onnx", passes=[ShiftWeightsPass(shift=1e-5)], validate=True,
-                      tolerance=Tolerance(max_abs=1e-9))
+    strict = optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(
+        passes=[ShiftWeightsPass(shift=1e-5)], validation=ValidationOptions(tolerance=Tolerance(max_abs=1e-9))))
     assert not strict.passed
 
 
 def test_feeds_from_iterable_and_npz_folder(tmp_path):
     model = load_model(MODELS_DIR / "if_subgraph.onnx")
     feeds = seeded_feeds(model, count=2)
-    from_list = optimize(model, validate=True, feeds=iter(feeds))
+    from_list = optimize(model, None, OptimizeOptions(validation=CHECK, feeds=FeedOptions(source=iter(feeds))))
     assert from_list.passed and from_list.comparison.samples == 2
     for index, feed in enumerate(feeds):
         np.savez(tmp_path / f"{index:03d}.npz", **feed)
-    from_folder = optimize(MODELS_DIR / "if_subgraph.onnx", validate=True, feeds=tmp_path)
+    from_folder = optimize(MODELS_DIR / "if_subgraph.onnx", None, OptimizeOptions(validation=CHECK,
+                                                                       feeds=FeedOptions(source=tmp_path)))
     assert from_folder.passed and from_folder.comparison.samples == 2
 
 
 def test_bench_times_input_and_output():
-    result = optimize(MODELS_DIR / "mlp.onnx", bench=True, bench_rounds=2)
+    result = optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(bench_rounds=2))
     assert [row.name for row in result.bench.models] == ["input", "output"]
     assert result.report.benchmark["models"][0]["ratio_p50"] == 1.0
 
@@ -93,7 +99,7 @@ def test_options_for_a_pass_outside_the_pipeline_are_an_error():
 
 
 def test_report_formats(tmp_path):
-    result = optimize(MODELS_DIR / "mlp.onnx", passes=[ShiftWeightsPass()], validate=True)
+    result = optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(passes=[ShiftWeightsPass()], validation=CHECK))
     text = result.report.to_markdown()
     assert "| logits |" in text and "FAIL" in text
     write_report(result.report, tmp_path / "r.md")
@@ -124,7 +130,8 @@ def test_calibration_reaches_passes_and_can_be_read_twice(tmp_path):
     for index, feed in enumerate(feeds):
         np.savez(tmp_path / f"{index}.npz", **feed)
     for source in (tmp_path, feeds):
-        result = optimize(model, passes=[CountCalibrationPass()], calibration=source, provider="cuda")
+        result = optimize(model, None, OptimizeOptions(passes=[CountCalibrationPass()], calibration=source,
+                                                     provider="cuda"))
         report = result.report.passes[0]["report"]
         assert report["counts"]["samples"] == 6 and report["details"]["provider"] == "cuda"
 
@@ -132,23 +139,23 @@ def test_calibration_reaches_passes_and_can_be_read_twice(tmp_path):
 def test_missing_calibration_is_a_clear_error():
     from optimizer.errors import PassError
     with pytest.raises(PassError, match="needs calibration data"):
-        optimize(MODELS_DIR / "mlp.onnx", passes=[CountCalibrationPass()])
+        optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(passes=[CountCalibrationPass()]))
 
 
 def test_calibration_feeds_are_checked_against_the_model(tmp_path):
     from optimizer.errors import FeedError
     with pytest.raises(FeedError, match="x"):
-        optimize(MODELS_DIR / "mlp.onnx", calibration=[{"x": np.zeros((1, 3), np.float32)}])
+        optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(calibration=[{"x": np.zeros((1, 3), np.float32)}]))
 
 
 def test_fusion_check_runs_by_itself_on_quantized_outputs(tmp_path):
     from tests.helpers.builders import matmul_model
-    quantized = optimize(matmul_model("weight-only"), tmp_path / "q.onnx", passes=["cleanup"])
+    quantized = optimize(matmul_model("weight-only"), tmp_path / "q.onnx", OptimizeOptions(passes=["cleanup"]))
     assert quantized.report.fusion["integer_kernels"] == {"MatMulNBits": 1}
     assert "## What onnxruntime runs" in quantized.report.to_markdown()
-    plain = optimize(MODELS_DIR / "mlp.onnx", passes=["cleanup"])
+    plain = optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(passes=["cleanup"]))
     assert plain.report.fusion is None
-    forced = optimize(MODELS_DIR / "mlp.onnx", passes=["cleanup"], fusion_check=True)
+    forced = optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(passes=["cleanup"], fusion_check=True))
     assert forced.report.fusion["quantized_groups_written"] == 0
 
 
@@ -177,8 +184,9 @@ def test_cli_cluster_shortcut_shrinks_the_transformer(tmp_path, capsys):
 
 
 def test_bisect_names_the_pass_that_broke_validation(tmp_path):
-    result = optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", validate=True, bisect=True,
-                      passes=["constants-to-initializers", "cleanup", ShiftWeightsPass(shift=0.5), "share"])
+    result = optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", OptimizeOptions(
+        validation=CHECK, bisect=True,
+        passes=["constants-to-initializers", "cleanup", ShiftWeightsPass(shift=0.5), "share"]))
     assert not result.passed
     found = result.report.bisect
     assert found["first_bad_pass"] == "shift-weights-test" and found["index"] == 2
@@ -187,8 +195,8 @@ def test_bisect_names_the_pass_that_broke_validation(tmp_path):
 
 
 def test_validation_without_isolation_gives_the_same_verdict(tmp_path):
-    isolated = optimize(MODELS_DIR / "cnn.onnx", validate=True)
-    inline = optimize(MODELS_DIR / "cnn.onnx", validate=True, isolate=False)
+    isolated = optimize(MODELS_DIR / "cnn.onnx", None, OptimizeOptions(validation=CHECK))
+    inline = optimize(MODELS_DIR / "cnn.onnx", None, OptimizeOptions(validation=ValidationOptions(isolate=False)))
     assert isolated.comparison.to_dict() == inline.comparison.to_dict()
 
 
@@ -204,7 +212,7 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     for folder in (dead, reused, alive, legacy):
         folder.mkdir()
         (folder / "model.onnx").write_bytes(b"partial")
-    optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", validate=True)
+    optimize(MODELS_DIR / "mlp.onnx", tmp_path / "o.onnx", OptimizeOptions(validation=CHECK))
     assert not dead.exists() and not reused.exists(), "owners provably dead (gone, or id reused)"
     assert alive.exists() and legacy.exists(), "a live owner, or one that cannot be proven dead"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["o.onnx"]

@@ -6,17 +6,17 @@ import importlib
 
 import pytest
 
+import passes  # noqa: F401  (registers cleanup)
 from optimizer import registry
-from optimizer.budget import BackoffRule, MetricSpec, PassSpec, backed_off_specs, search_budget
+from optimizer.budget import MetricSpec, backed_off_passes, search_budget
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
-from tests.helpers.budget_damage import matches
+from tests.helpers.budget_damage import DamagePass, matches
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 DAMAGE_MODULE = "tests.helpers.budget_damage"
 
-SPECS = [PassSpec("damage-test")]
-RULES = [BackoffRule("damage-test", "exclude_nodes")]
+PASSES = [DamagePass()]
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +30,16 @@ def data():
 
 
 def test_exclusion_patterns_are_exact_names():
-    specs = backed_off_specs(SPECS, RULES, ["fc2.gemm", "a[1]*"])
-    patterns = specs[0].options["exclude_nodes"]
+    backed_off = backed_off_passes([DamagePass(exclude_nodes=("keep*",))], ["fc2.gemm", "a[1]*"])
+    patterns = backed_off[0].exclude_nodes
+    assert isinstance(backed_off[0], DamagePass) and patterns[0] == "keep*"
     assert matches("fc2.gemm", patterns) and matches("a[1]*", patterns)
     assert not matches("fc2.gemmX", patterns) and not matches("a1", patterns)
 
 
 def test_backs_off_the_harmful_layer_first_and_meets_the_budget(data):
     model, feeds = data
-    result = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002)
+    result = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002)
     assert result.met and result.drop <= 0.002
     assert result.backed_off == ["fc2.matmul"]
     assert result.ranking[0] == "fc2.matmul" and result.ranking_method == "leave-one-out gain"
@@ -48,27 +49,27 @@ def test_backs_off_the_harmful_layer_first_and_meets_the_budget(data):
 
 def test_nothing_to_do_when_the_budget_holds(data):
     model, feeds = data
-    result = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.5)
+    result = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.5)
     assert result.met and result.backed_off == [] and result.trials == 1
 
 
 def test_unreachable_budget_backs_off_everything_and_says_not_met(data):
     model, feeds = data
-    result = search_budget(model, SPECS, RULES, MetricSpec("max_abs"), feeds, max_drop=-0.0 + 1e-12)
+    result = search_budget(model, PASSES, MetricSpec("max_abs"), feeds, max_drop=-0.0 + 1e-12)
     assert result.backed_off == sorted(result.ranking)
     assert result.met == (result.drop <= 1e-12)
 
 
 def test_small_trial_budget_ranks_by_sqnr(data):
     model, feeds = data
-    result = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002, max_trials=4)
+    result = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002, max_trials=4)
     assert result.ranking_method.startswith("per-layer output SQNR") and result.trials <= 4
 
 
 def test_workers_give_the_same_answer(data):
     model, feeds = data
-    serial = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002)
-    parallel = search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=0.002, workers=2,
+    serial = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002)
+    parallel = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002, workers=2,
                              worker_imports=("passes", DAMAGE_MODULE + ":register"))
     assert parallel.backed_off == serial.backed_off and parallel.value == pytest.approx(serial.value)
 
@@ -76,16 +77,17 @@ def test_workers_give_the_same_answer(data):
 def test_bad_arguments(data):
     model, feeds = data
     with pytest.raises(OptionError, match="back off"):
-        search_budget(model, SPECS, [], MetricSpec("cosine"), feeds, max_drop=0.01)
+        search_budget(model, [registry.create_pass("cleanup")], MetricSpec("cosine"), feeds, max_drop=0.01)
     with pytest.raises(OptionError):
-        search_budget(model, SPECS, RULES, MetricSpec("cosine"), feeds, max_drop=-1)
+        search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=-1)
 
 
 def test_optimize_with_a_budget_reports_steps_and_fallbacks(data, tmp_path):
-    from optimizer.api import optimize
+    from optimizer.api import BudgetOptions, FeedOptions, OptimizeOptions, ValidationOptions, optimize
     model, feeds = data
-    result = optimize(model, tmp_path / "out.onnx", passes=["damage-test", "cleanup"], max_drop=0.002,
-                      feeds=feeds, validate=True, tolerance=None)
+    result = optimize(model, tmp_path / "out.onnx", OptimizeOptions(
+        passes=["damage-test", "cleanup"], budget=BudgetOptions(max_drop=0.002), feeds=FeedOptions(source=feeds),
+        validation=ValidationOptions(tolerance=None)))
     budget = result.report.budget
     assert budget["met"] and budget["backed_off"] == ["fc2.matmul"]
     fell_back = [row for row in result.report.layers if row["status"].startswith("backed off")]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,20 +61,26 @@ def test_cli_text_is_converted_by_type(typed_pass):
 
 
 def test_unknown_pass_lists_the_known_ones():
-    with pytest.raises(OptionError, match="known passes: .*cleanup"):
+    with pytest.raises(OptionError, match=r"known passes: .*cleanup"):
         registry.get_pass_class("nope")
 
 
-def test_registering_a_mutable_or_duplicate_pass_is_refused():
+def test_register_makes_a_frozen_keyword_only_dataclass_and_refuses_a_taken_name():
     class Loose(Pass):
-        name = "loose"
+        name = "loose-test-pass"
         summary = ""
+        level: int = option(1, "a typed option")
 
         def run(self, graph, context):
             return PassResult(graph, False, {})
 
-    with pytest.raises(TypeError, match="frozen"):
-        registry.register(Loose)
+    registered = registry.register(Loose)
+    registry._PASSES.pop("loose-test-pass")
+    instance = registered(level=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        instance.level = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        registered(2)  # type: ignore[misc]  # keyword-only
 
     @dataclass(frozen=True, kw_only=True)
     class Impostor(TypedPass):
@@ -113,7 +120,7 @@ def small_model() -> onnx.ModelProto:
 
 def test_check_each_pass_names_the_pass_that_broke_the_model():
     cleanup = registry.create_pass("cleanup")
-    with pytest.raises(PassError, match="after pass 'breaking-test-pass': onnx.checker rejects"):
+    with pytest.raises(PassError, match=r"after pass 'breaking-test-pass': onnx\.checker rejects"):
         Pipeline([cleanup, BreakingPass(), cleanup], check_each_pass=True).run(small_model())
 
 

@@ -19,8 +19,12 @@ def run_cleanup(model: onnx.ModelProto, **options):
     return result, result.runs[0].report
 
 
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
 def parse(text: str) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(text)
+    """A checked model from its text; opset 17 unless the text names its own opsets."""
+    model = onnx.parser.parse_model(text if "opset_import" in text else HEADER + text)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -31,7 +35,6 @@ def feed(shape=(2, 4), seed=0):
 
 def test_removes_unused_nodes_and_initializers_and_counts_bytes():
     model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x) => (float[N, 4] y)
     <float[4] B = {1, 2, 3, 4}, float[8] unused = {0, 0, 0, 0, 0, 0, 0, 0}>
     {
@@ -50,7 +53,6 @@ def test_removes_unused_nodes_and_initializers_and_counts_bytes():
 
 def test_bypasses_inner_identity_and_renames_producer_of_output_identity():
     model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x) => (float[N, 4] y, float[N, 4] z)
     {
       a = Relu(x)
@@ -71,7 +73,6 @@ def test_bypasses_inner_identity_and_renames_producer_of_output_identity():
 
 def test_keeps_identity_that_copies_a_graph_input_to_an_output_and_says_why():
     model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x) => (float[N, 4] y, float[N, 4] z)
     {
       y = Identity(x)
@@ -86,11 +87,10 @@ def test_keeps_identity_that_copies_a_graph_input_to_an_output_and_says_why():
 
 def test_remove_identity_false_keeps_them():
     model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x) => (float[N, 4] y)
     { a = Identity(x)
       y = Relu(a) }""")
-    result, report = run_cleanup(model, remove_identity=False)
+    result, _report = run_cleanup(model, remove_identity=False)
     assert [n.op_type for n in result.model.graph.node] == ["Identity", "Relu"]
     assert result.modified is False
 
@@ -109,7 +109,6 @@ def test_sorts_unsorted_graph():
 
 def test_subgraph_dead_node_removed_outer_weight_kept_once():
     model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x, bool c) => (float[N, 4] y)
     <float[4, 4] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}>
     {
@@ -133,7 +132,6 @@ def test_subgraph_dead_node_removed_outer_weight_kept_once():
 
 def test_constant_node_weights_and_shared_weight_untouched():
     model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x) => (float[N, 4] y)
     {
       w = Constant <value = float[4] {1, 2, 3, 4}> ()

@@ -67,7 +67,7 @@ def test_constant_inside_branch_becomes_branch_initializer():
                                                    o1 = Add(x, k) },
         else_branch = e () => (float[N, 4] o2) { o2 = Neg(x) }>
     }""")
-    result, report = convert(model)
+    result, _report = convert(model)
     branch = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch")
     assert [t.name for t in branch.initializer] == ["k"]
     assert [n.op_type for n in branch.node] == ["Add"]

@@ -10,6 +10,7 @@ left but the inputs and, on exit 0, the outputs; no process of the group still a
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import json
@@ -27,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime  # type: ignore[import-untyped]  # imported once so children start warm; no session here
 
+from tests.helpers.runtime import open_session  # imports onnxruntime once so children start warm; no session here
 from tests.reliability.mutate import OUTSIDE_NAME
 
 EXIT_ESCAPED = 99
@@ -121,7 +122,7 @@ def _external_locations(model: onnx.ModelProto) -> list[str]:
 def _loads(name: str) -> str:
     try:
         onnx.load(name)
-        onnxruntime.InferenceSession(name, providers=["CPUExecutionProvider"])
+        open_session(Path(name))
     except Exception as error:  # any failure to load is the finding
         return f"{name}: {type(error).__name__}: {str(error)[:300]}"
     return ""
@@ -198,10 +199,8 @@ def _start(case: Case, root: Path, number: int, main: Main) -> _Running:
     pid = os.fork()
     if pid == 0:
         _child(case, folder, tmp, logs, main)
-    try:
+    with contextlib.suppress(OSError):  # the child already did it, or already exited
         os.setpgid(pid, pid)
-    except OSError:
-        pass  # the child already did it, or already exited
     return _Running(case, pid, folder, tmp, logs, hashes, time.monotonic())
 
 
@@ -263,7 +262,9 @@ def _file_findings(outcome: Outcome, run: _Running, outside: tuple[Path, str]) -
             outcome.findings.append(Finding("bad-output", f"exit 0 but {name} was not written"))
         for problem in check.get("bad", []):
             outcome.findings.append(Finding("bad-output", problem))
-    leftovers = sorted(_listing(run.folder) - allowed) + [f"$TMPDIR/{n}" for n in sorted(_listing(run.tmp) - IGNORED_IN_TMPDIR)]
+    leftovers = sorted(_listing(run.folder) - allowed) + [
+        f"$TMPDIR/{n}" for n in sorted(_listing(run.tmp) - IGNORED_IN_TMPDIR)
+    ]
     if leftovers:
         outcome.findings.append(Finding("leftover", f"files left behind: {leftovers[:8]}"))
 
@@ -302,10 +303,8 @@ def _poll(running: dict[int, _Running], deadline_s: float, outside: tuple[Path, 
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def run_cases(cases: Iterable[Case], *, main: Main | None = None, jobs: int = 2, deadline_s: float = 60.0,

@@ -399,7 +399,8 @@ def make_mutant(seed: int, index: int, samples: list[Path]) -> Mutant:
         mutation = PROTO_MUTATIONS[int(rng.integers(len(PROTO_MUTATIONS)))]
         try:
             mutations.append(mutation(model, ctx))
-        except (IndexError, ValueError, TypeError, AttributeError, onnx.onnx_cpp2py_export.checker.ValidationError, ProtobufError) as error:
+        except (IndexError, ValueError, TypeError, AttributeError, onnx.onnx_cpp2py_export.checker.ValidationError,
+                ProtobufError) as error:
             mutations.append(f"{mutation.__name__} skipped ({type(error).__name__})")
     data = model.SerializeToString()
     if ctx.bad_utf8:

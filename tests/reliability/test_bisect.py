@@ -21,53 +21,55 @@ LOSSLESS = Tolerance(max_abs=1e-6)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Noop(Pass):
-    name: ClassVar[str] = "noop"
-    summary: ClassVar[str] = "changes nothing"
+class EditPass(Pass):
+    """A test pass that applies ``edit`` to the graph; subclasses name it and give the edit."""
+
+    name: ClassVar[str] = "edit"
+    summary: ClassVar[str] = "test pass"
+    modifies: ClassVar[bool] = True
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
-        return PassResult(graph, False, {})
+        self.edit(graph)
+        return PassResult(graph, self.modifies, {})
+
+    def edit(self, graph: gs.Graph) -> None:
+        """Change nothing."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class ScaleWeights(Pass):
-    name: ClassVar[str] = "scale-weights"
-    summary: ClassVar[str] = "doubles W1: numerically wrong, structurally fine"
-
-    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
-        weight = graph.tensors()["W1"]
-        weight.values = weight.values * 2
-        return PassResult(graph, True, {})
+class Noop(EditPass):
+    name, modifies = "noop", False
 
 
-@dataclass(frozen=True, kw_only=True)
-class Dangle(Pass):
-    name: ClassVar[str] = "dangle"
-    summary: ClassVar[str] = "makes the last node read a tensor nobody produces"
+class ScaleWeights(EditPass):
+    name = "scale-weights"
 
-    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+    def edit(self, graph: gs.Graph) -> None:
+        """Double W1: numerically wrong, structurally fine."""
+        graph.tensors()["W1"].values = graph.tensors()["W1"].values * 2
+
+
+class Dangle(EditPass):
+    name = "dangle"
+
+    def edit(self, graph: gs.Graph) -> None:
+        """Make the last node read a tensor nobody produces."""
         graph.nodes[-1].inputs[0] = gs.Variable("nowhere", dtype=np.float32, shape=[2, 8])
-        return PassResult(graph, True, {})
 
 
-@dataclass(frozen=True, kw_only=True)
-class CustomRelu(Pass):
-    name: ClassVar[str] = "custom-relu"
-    summary: ClassVar[str] = "moves Relu to a domain onnxruntime does not know"
+class CustomRelu(EditPass):
+    name = "custom-relu"
 
-    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+    def edit(self, graph: gs.Graph) -> None:
+        """Move Relu to a domain onnxruntime does not know."""
         for node in graph.nodes:
             if node.op == "Relu":
                 node.domain = "custom.domain"
-        return PassResult(graph, True, {})
 
 
-@dataclass(frozen=True, kw_only=True)
-class Explode(Pass):
-    name: ClassVar[str] = "explode"
-    summary: ClassVar[str] = "raises"
+class Explode(EditPass):
+    name = "explode"
 
-    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+    def edit(self, graph: gs.Graph) -> None:
         raise PassError("explode: cannot handle this graph")
 
 

@@ -101,7 +101,9 @@ def _assert_identical_across_seeds(runs_by_seed, label: str) -> None:
     for seed in HASH_SEEDS[1:]:
         assert files[seed].keys() == files[HASH_SEEDS[0]].keys()
         for name, data in files[seed].items():
-            assert data == files[HASH_SEEDS[0]][name], f"{name} differs between PYTHONHASHSEED {HASH_SEEDS[0]} and {seed}"
+            assert data == files[HASH_SEEDS[0]][name], (
+                f"{name} differs between PYTHONHASHSEED {HASH_SEEDS[0]} and {seed}"
+            )
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

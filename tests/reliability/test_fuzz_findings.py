@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError
 from optimizer.fileio.model import load_model
+from tests.helpers.runtime import open_session
 from tests.helpers.samples import MODELS_DIR
 
 
@@ -78,7 +78,7 @@ def test_cluster_output_loads_at_opset_13(tmp_path):
     assert "Sub" in {node.op_type for node in clustered.graph.node}
     results = []
     for path in (outputs["13"], outputs["17"]):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = open_session(path)
         feed = {"x": np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)}
         results.append(session.run(None, feed)[0])
     np.testing.assert_array_equal(results[0], results[1])
@@ -101,5 +101,5 @@ def test_cluster_skips_models_older_than_its_decoding_ops(tmp_path, opset):
     source, output, report = tmp_path / "cnn.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(model, source)
     assert main(["optimize", str(source), "-o", str(output), "--cluster", "4", "--quiet", "--report", str(report)]) == 0
-    ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    open_session(output)
     assert f"opset {opset} < 11" in report.read_text()

@@ -299,7 +299,8 @@ def test_hundreds_of_external_files_load_under_a_limit_of_64_descriptors(tmp_pat
         nodes.append(helper.make_node("Add", [previous, f"W{index}"], [f"s{index}"]))
         previous = f"s{index}"
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
-                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [4, 4])], weights)  # fmt: skip
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [4, 4])],
+                              weights)  # fmt: skip
     model_path = folder / "many.onnx"
     model_path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
     run = subprocess.run([sys.executable, "-c", _MANY_FILES, str(model_path), str(tmp_path / "o.onnx"), str(count)],
@@ -318,7 +319,7 @@ def test_locations_naming_a_folder_are_refused_like_onnxruntime(tmp_path, capsys
     for name in ("w.bin", "sub/w.bin"):
         (tmp_path / name).write_bytes(WEIGHTS.tobytes())
     path = _write(tmp_path, _matmul_model(_external(location)).SerializeToString())
-    with pytest.raises(ModelLoadError, match="onnxruntime refuses|names no file|is a folder"):
+    with pytest.raises(ModelLoadError, match=r"onnxruntime refuses|names no file|is a folder"):
         load_model(path)
     assert main(["inspect", str(path)]) == 2
 
@@ -421,7 +422,8 @@ def test_allow_symlinks_under_a_named_folder(tmp_path, capsys):
         numpy_helper.to_array(load_model(path, allow_symlinks_under=[store]).graph.initializer[0]), WEIGHTS)
     assert main(["inspect", str(path), "--allow-symlinks-under", str(store)]) == 0
     (tmp_path / "out").mkdir()
-    result = api_module.optimize(path, tmp_path / "out" / "o.onnx", allow_symlinks_under=[store])
+    result = api_module.optimize(path, tmp_path / "out" / "o.onnx",
+                                 api_module.OptimizeOptions(allow_symlinks_under=[store]))
     assert result.output_path is not None
     outside = _write(folder, _matmul_model(_external("x.bin")).SerializeToString(), "outside.onnx")
     with pytest.raises(ModelLoadError, match="outside"):
@@ -448,15 +450,15 @@ def test_budget_workers_load_with_the_same_symlink_roots(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     path = _write(folder, model.SerializeToString())
     (tmp_path / "out").mkdir()
-    result = api_module.optimize(path, tmp_path / "out" / "o.onnx", allow_symlinks_under=[store],
-                                 passes=["prune"], pass_options={"prune": {"sparsity": 0.5}},
-                                 max_drop=0.0, metric="max_abs", max_trials=8, workers=2)
+    result = api_module.optimize(path, tmp_path / "out" / "o.onnx", api_module.OptimizeOptions(
+        allow_symlinks_under=[store], passes=["prune"], pass_options={"prune": {"sparsity": 0.5}},
+        budget=api_module.BudgetOptions(max_drop=0.0, metric="max_abs", max_trials=8, workers=2)))
     assert result.output_path is not None
     assert result.report.budget is not None and result.report.budget["trials"] >= 3
 
 
 def test_a_misspelled_symlink_root_is_an_error(tmp_path):
     path = _write(tmp_path, _matmul_model(numpy_helper.from_array(WEIGHTS, "W")).SerializeToString())
-    with pytest.raises(ModelLoadError, match="--allow-symlinks-under .*no such folder"):
+    with pytest.raises(ModelLoadError, match=r"--allow-symlinks-under .*no such folder"):
         load_model(path, allow_symlinks_under=[tmp_path / "no-such-store"])
     assert main(["inspect", str(path), "--allow-symlinks-under", str(tmp_path / "no-such-store")]) == 2

@@ -46,7 +46,8 @@ def test_compare_isolated_gives_the_same_comparison_as_compare(tmp_path):
 def test_onnxruntime_failing_on_the_candidate_is_quoted(tmp_path):
     reference = _linear_model(tmp_path / "a.onnx")
     candidate = _linear_model(tmp_path / "b.onnx", reshape_to=[3, 5])
-    with pytest.raises(RuntimeSessionError, match=rf"onnxruntime failed to run .*b\.onnx.*bad_reshape.*; {NOT_VALIDATED}$"):
+    with pytest.raises(RuntimeSessionError,
+                       match=rf"onnxruntime failed to run .*b\.onnx.*bad_reshape.*; {NOT_VALIDATED}$"):
         compare_isolated(reference, candidate, FEEDS, timeout_s=120)
 
 

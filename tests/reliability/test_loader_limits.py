@@ -55,6 +55,14 @@ def test_subgraph_nesting_limit_is_exact_and_names_the_node():
         load_model(_nested_if_model(40))
 
 
+def test_nesting_limit_covers_training_initialization_graphs():
+    limit = model_module.MAX_SUBGRAPH_DEPTH
+    model = _add_model(numpy_helper.from_array(WEIGHTS, "w"))
+    model.training_info.add().initialization.CopyFrom(onnx.load_from_string(_nested_if_model(limit + 1)).graph)
+    with pytest.raises(ModelLoadError, match=f"node 'if{limit}' \\(If\\): subgraphs nested over the limit"):
+        load_model(model.SerializeToString())
+
+
 def _constant_of_shape_model(shape_source: str, shape: list[int], value_type=None) -> onnx.ModelProto:
     shape_tensor = numpy_helper.from_array(np.array(shape, np.int64), "shape")
     attributes = {}
@@ -184,5 +192,6 @@ def test_custom_domain_ops_are_listed_from_every_graph_but_not_local_functions()
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     model = helper.make_model(graph)
     model.functions.append(helper.make_function("local.fn", "Local", ["a"], ["b"],
-                                                [helper.make_node("Relu", ["a"], ["b"])], [helper.make_opsetid("", 18)]))
+                                                [helper.make_node("Relu", ["a"], ["b"])],
+                                                [helper.make_opsetid("", 18)]))
     assert custom_domain_ops(model) == ["custom.domain:MyOp", "vendor.inner:Deep"]

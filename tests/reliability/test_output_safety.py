@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 import optimizer.api as api_module
-from optimizer.api import optimize
+from optimizer.api import FeedOptions, OptimizeOptions, ValidationOptions, optimize
 from optimizer.errors import ModelSaveError, OptionError, RuntimeSessionError
 from optimizer.fileio.model import load_model
 from optimizer.fileio.output_files import process_start_ticks
@@ -136,9 +136,10 @@ def test_library_refuses_reports_that_alias_inputs_outputs_or_data_folders(tmp_p
     for reports, output in [([tmp_path / "w.json"], None), ([tmp_path / "feed.json"], None),
                             ([tmp_path / "r.json", tmp_path / "r.json"], None)]:  # fmt: skip
         with pytest.raises(ModelSaveError, match="refusing to overwrite"):
-            optimize(source, output, reports=reports, validate=True, feeds=data)
+            optimize(source, output, OptimizeOptions(reports=reports, validation=ValidationOptions(),
+                                                     feeds=FeedOptions(source=data)))
     with pytest.raises(OptionError, match="unknown format"):
-        optimize(source, tmp_path / "out.onnx", reports=[tmp_path / "r.txt"])
+        optimize(source, tmp_path / "out.onnx", OptimizeOptions(reports=[tmp_path / "r.txt"]))
     assert _hashes(tmp_path) == before and not (tmp_path / "out.onnx").exists()
 
 
@@ -187,8 +188,8 @@ def test_a_failing_fusion_check_only_warns_after_the_output_is_written(tmp_path,
         raise RuntimeSessionError("onnxruntime could not load the model")
 
     monkeypatch.setattr(api_module, "check_fusion", broken_fusion_check)
-    result = optimize(_external_model(tmp_path, "w.bin"), tmp_path / "out.onnx", fusion_check=True,
-                      reports=[tmp_path / "r.json"])  # fmt: skip
+    result = optimize(_external_model(tmp_path, "w.bin"), tmp_path / "out.onnx",
+                      OptimizeOptions(fusion_check=True, reports=[tmp_path / "r.json"]))
     assert result.output_path == tmp_path / "out.onnx" and (tmp_path / "r.json").exists()
     assert any("fusion check failed" in note for note in result.report.notes)
     assert "fusion check failed" in caplog.text
@@ -213,8 +214,8 @@ def test_output_names_up_to_255_bytes_are_written(tmp_path, external, length):
     assert _weights(output) == weight_model(4096, seed=1).graph.initializer[0].raw_data
     assert all(len(os.fsencode(name)) <= 255 for name in os.listdir(tmp_path))
     assert len(os.listdir(tmp_path)) == (2 if external else 1)
-    result = optimize(output, tmp_path / ("r" * (length - 5) + ".onnx"), validate=True,
-                      reports=[tmp_path / ("p" * (length - 5) + ".json")])  # fmt: skip
+    result = optimize(output, tmp_path / ("r" * (length - 5) + ".onnx"), OptimizeOptions(
+        validation=ValidationOptions(), reports=[tmp_path / ("p" * (length - 5) + ".json")]))
     assert result.passed and _leftovers(tmp_path) == []
 
 
@@ -227,5 +228,5 @@ def test_a_validated_run_cleans_only_temporaries_of_dead_writers(tmp_path):
     live = tmp_path / f".out.onnx.tmp-{me}-{start}-abcd1234"
     for path in (dead, live):
         path.write_bytes(b"partial")
-    optimize(_external_model(tmp_path, "w.bin"), tmp_path / "out.onnx", validate=True)
+    optimize(_external_model(tmp_path, "w.bin"), tmp_path / "out.onnx", OptimizeOptions(validation=ValidationOptions()))
     assert not dead.exists() and live.read_bytes() == b"partial"

@@ -21,17 +21,17 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
 from optimizer.cli import main
 from optimizer.fileio.tensor_checks import check_inline_tensor
-from optimizer.graph.core import export_model, import_graph
+from optimizer.graph.convert import export_model, import_graph
 from optimizer.graph.inspect_values import NonFiniteTensor
 from optimizer.graph.inspection import inspect_model
 from passes.weight_guard import OVERRIDABLE_INPUT_REASON, WeightGuard, non_finite_count
+from tests.helpers.runtime import open_session
 
 RNG_SEED = 0
 LOSSY_REQUESTS = {
@@ -133,8 +133,8 @@ def test_initializer_listed_as_graph_input_stays_overridable(request_name, tmp_p
             for entry in skipped(report))
     x = random((2, 64), 5)
     override = random((64, 64), 7)
-    expected = ort.InferenceSession(source.read_bytes()).run(["y"], {"x": x, "W": override})[0]
-    actual = ort.InferenceSession(str(tmp_path / "out.onnx")).run(["y"], {"x": x, "W": override})[0]
+    expected = open_session(source).run(["y"], {"x": x, "W": override})[0]
+    actual = open_session(tmp_path / "out.onnx").run(["y"], {"x": x, "W": override})[0]
     if request_name == "default":
         np.testing.assert_array_equal(actual, expected)
     assert actual.shape == expected.shape
@@ -191,7 +191,7 @@ def test_lossy_passes_leave_non_finite_weights_as_they_are(request_name, tmp_pat
     report = optimize(save(model, tmp_path / "in.onnx"), tmp_path / "out.onnx", request_name)
     result = onnx.load(str(tmp_path / "out.onnx"))
     reasons = {entry.get("tensor") or entry.get("node"): entry["reason"] for entry in skipped(report)}
-    for name, count in (("E", 66), ("W1", 1)):
+    for name, _count in (("E", 66), ("W1", 1)):
         kept = initializer(result, name)
         assert kept is not None and kept.SerializeToString() == initializer(model, name).SerializeToString()
     mentioned = [key for key, reason in reasons.items() if reason in ("66 non-finite values", "1 non-finite values")]
@@ -262,8 +262,8 @@ def test_string_tensors_pass_through_untouched(request_name, tmp_path):
     assert strings["names"] == [b"a", b"b", b"\xff\x00c"]
     assert strings.get("labels", [b"cat", b"dog", b"bird", b""]) == [b"cat", b"dog", b"bird", b""]
     x = random((2, 64), 3)
-    expected = ort.InferenceSession(source.read_bytes()).run(["label"], {"x": x})  # names_out is not UTF-8
-    actual = ort.InferenceSession(str(tmp_path / "out.onnx")).run(["label"], {"x": x})
+    expected = open_session(source).run(["label"], {"x": x})  # names_out is not UTF-8
+    actual = open_session(tmp_path / "out.onnx").run(["label"], {"x": x})
     np.testing.assert_array_equal(actual[0], expected[0])
 
 
@@ -328,8 +328,8 @@ def test_every_request_reads_a_sparse_initializer(request_name, tmp_path):
     result = onnx.load(str(tmp_path / "out.onnx"))
     onnx.checker.check_model(result, full_check=not len(result.graph.sparse_initializer))
     x = random((1, 32), 4)
-    expected = ort.InferenceSession(source.read_bytes()).run(None, {"x": x})[0]
-    actual = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"x": x})[0]
+    expected = open_session(source).run(None, {"x": x})[0]
+    actual = open_session(tmp_path / "out.onnx").run(None, {"x": x})[0]
     assert actual.dtype == np.float32 and np.isfinite(actual).all()
     if request_name == "default":
         np.testing.assert_array_equal(actual, expected)

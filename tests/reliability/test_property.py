@@ -51,11 +51,14 @@ def cosine(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def assert_within_lossy_bound(original, candidate, feeds) -> None:
-    for sample, (expected, actual) in enumerate(zip(run_model(original, feeds), run_model(candidate, feeds))):
+    for sample, (expected, actual) in enumerate(zip(run_model(original, feeds), run_model(candidate, feeds),
+                                                    strict=True)):
         for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
             assert want.shape == got.shape and want.dtype == got.dtype
             assert np.isfinite(got).all(), f"output {index} of sample {sample} is not finite"
-            assert cosine(want, got) >= LOSSY_MIN_COSINE, f"output {index} sample {sample}: cosine {cosine(want, got):.4f}"
+            assert cosine(want, got) >= LOSSY_MIN_COSINE, (
+                f"output {index} sample {sample}: cosine {cosine(want, got):.4f}"
+            )
 
 
 def stored_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

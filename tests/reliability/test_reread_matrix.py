@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
 from optimizer.cli import main
+from tests.helpers.runtime import open_session
 from tests.helpers.samples import SAMPLE_MODELS, sample_ids
 
 REQUESTS: dict[str, list[str]] = {
@@ -58,7 +58,7 @@ def _assert_valid(path: Path) -> None:
     model = onnx.load(str(path))
     has_sparse = any(len(graph.sparse_initializer) for graph in [model.graph])
     onnx.checker.check_model(model, full_check=not has_sparse)
-    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    open_session(path)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import tracemalloc
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -20,6 +19,7 @@ from optimizer.calibration.ranges import (
 )  # fmt: skip
 from optimizer.errors import FeedError, OptionError
 from optimizer.graph.shapes import STUB_ABOVE_BYTES
+from tests.helpers.runtime import open_session
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -142,9 +142,11 @@ def _node_outputs(model):
 
 
 def _reference_minmax(model, names, feeds):
-    session = ort.InferenceSession(expose_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = open_session(expose_outputs(model, names))
     runs = [session.run(names, feed) for feed in feeds]
-    return {name: (min(run[i].min() for run in runs), max(run[i].max() for run in runs)) for i, name in enumerate(names)}
+    return {
+        name: (min(run[i].min() for run in runs), max(run[i].max() for run in runs)) for i, name in enumerate(names)
+    }
 
 
 def test_minmax_ranges_equal_numpy_through_onnxruntime():

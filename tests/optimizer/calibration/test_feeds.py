@@ -86,7 +86,7 @@ def test_generated_feeds_are_deterministic():
     second = generate_feeds([IMAGE, IDS], count=3, seed=7)
     other_seed = generate_feeds([IMAGE, IDS], count=3, seed=8)
     assert len(first) == 3
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a.keys() == b.keys()
         assert all(np.array_equal(a[name], b[name]) for name in a)
     assert not np.array_equal(first[0]["pixels"], other_seed[0]["pixels"])
@@ -182,7 +182,7 @@ def test_npz_folder_errors(tmp_path):
         load_npz_feeds(file)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FeedError, match="holds no .npz files"):
+    with pytest.raises(FeedError, match=r"holds no \.npz files"):
         load_npz_feeds(empty)
 
 
@@ -191,19 +191,19 @@ def test_bad_npz_file_is_named(tmp_path):
     (tmp_path / "1.npz").write_bytes(b"not a zip archive")
     feeds = load_npz_feeds(tmp_path)
     assert next(feeds)["x"].shape == (1,)
-    with pytest.raises(FeedError, match="1.npz"):
+    with pytest.raises(FeedError, match=r"1\.npz"):
         next(feeds)
 
 
 def test_pickled_npz_is_refused(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(FeedError, match="obj.npz"):
+    with pytest.raises(FeedError, match=r"obj\.npz"):
         list(load_npz_feeds(tmp_path))
 
 
 def test_empty_npz_is_refused(tmp_path):
     np.savez(tmp_path / "nothing.npz")
-    with pytest.raises(FeedError, match="nothing.npz' holds no arrays"):
+    with pytest.raises(FeedError, match=r"nothing\.npz' holds no arrays"):
         list(load_npz_feeds(tmp_path))
 
 

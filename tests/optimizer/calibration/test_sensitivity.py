@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -12,7 +11,7 @@ from optimizer.calibration.sensitivity import LayerSensitivity, SensitivityTable
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
 from optimizer.graph.sparse_storage import size_report, sparse_bytes, to_dense_initializers, to_sparse_initializers
-from tests.helpers.runtime import run_model
+from tests.helpers.runtime import open_session, run_model
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
@@ -83,8 +82,8 @@ def test_sparse_initializers_run_in_onnxruntime_and_convert_back_exactly():
     onnx.checker.check_model(sparse)
     assert size_report(sparse)["raw_bytes"] < size_report(model)["raw_bytes"]
     feeds = seeded_feeds(model)
-    session = ort.InferenceSession(sparse.SerializeToString(), providers=["CPUExecutionProvider"])
-    for feed, expected in zip(feeds, run_model(model, feeds)):
+    session = open_session(sparse)
+    for feed, expected in zip(feeds, run_model(model, feeds), strict=True):
         np.testing.assert_array_equal(session.run(None, feed)[0], expected[0])
     dense = to_dense_initializers(sparse)
     restored = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}

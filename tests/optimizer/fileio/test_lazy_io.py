@@ -22,7 +22,9 @@ from optimizer.fileio.model import has_lazy_tensors, load_model, load_model_with
 from optimizer.fileio.output_files import previous_data_files
 from optimizer.fileio.save import save_model
 from optimizer.fileio.tensor_checks import iter_tensors
-from optimizer.graph.core import export_model, import_graph, iter_graphs, weight_values
+from optimizer.graph.convert import export_model, import_graph
+from optimizer.graph.walk import iter_graphs
+from optimizer.graph.weights import weight_values
 from optimizer.pipeline import Pipeline, model_shell
 from optimizer.registry import create_pass
 from tests.helpers.runtime import assert_same_outputs

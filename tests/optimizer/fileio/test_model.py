@@ -66,7 +66,7 @@ def test_external_data_is_read_into_memory_once_per_file(tmp_path):
     (folder / "model.onnx").write_bytes(_add_model(first, extra=[second]).SerializeToString())
     model, files = load_model_with_files(folder / "model.onnx")
     assert files == ((folder / "model.onnx").resolve(), (folder / "sub" / "w.bin").resolve())
-    for tensor, expected in zip(model.graph.initializer, (WEIGHTS, WEIGHTS * 10)):
+    for tensor, expected in zip(model.graph.initializer, (WEIGHTS, WEIGHTS * 10), strict=True):
         assert not tensor.external_data and tensor.data_location == TensorProto.DEFAULT
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected)
 
@@ -254,7 +254,7 @@ def test_bad_sparse_initializer_is_rejected():
     values = TensorProto(name="sparse_w", data_type=TensorProto.FLOAT, dims=[2], float_data=[1])
     indices = numpy_helper.from_array(np.array([0, 3], np.int64), "sparse_w_indices")
     model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
-    with pytest.raises(ModelLoadError, match="sparse_w.*float_data has 1 values, shape needs 2"):
+    with pytest.raises(ModelLoadError, match=r"sparse_w.*float_data has 1 values, shape needs 2"):
         load_model(model)
 
 
@@ -271,7 +271,7 @@ def test_bad_tensor_inside_subgraph_is_rejected():
     model = _add_model(_float_weight(float_data=[1, 2, 3, 4]))
     model.graph.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=body,
                                              else_branch=body))
-    with pytest.raises(ModelLoadError, match="deep_const.*raw_data is 1 bytes"):
+    with pytest.raises(ModelLoadError, match=r"deep_const.*raw_data is 1 bytes"):
         load_model(model)
 
 

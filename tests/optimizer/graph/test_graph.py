@@ -5,15 +5,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.fileio.model import load_model
-from optimizer.graph.core import (
-    export_model,
-    import_graph,
-    is_constant_derived,
-    iter_graphs,
-    tensor_uses,
-    unused_initializers,
-    weight_values,
-)
+from optimizer.graph.convert import export_model, import_graph, unused_initializers
+from optimizer.graph.walk import iter_graphs, tensor_uses
+from optimizer.graph.weights import is_constant_derived, weight_values
 from tests.helpers.runtime import assert_same_outputs
 from tests.helpers.samples import MODELS_DIR, SAMPLE_MODELS, all_initializer_names, seeded_feeds
 
@@ -95,26 +89,21 @@ def test_unused_initializers_found_in_subgraphs_too():
     assert found[1]["graph"].startswith("main/")
 
 
+BRANCHES_READING_W = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x, bool c) => (float[N, 4] y)
+<float[4, 4] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,2}>
+{
+  y = If(c) <
+    then_branch = t () => (float[N, 4] o1) { o1 = MatMul(x, W) },
+    else_branch = e () => (float[N, 4] o2) { ELSE }>
+}"""
+"""W read by the then-branch; ELSE is the else-branch's body."""
+
+
 def test_constant_read_only_by_both_branches_is_stored_once_in_the_enclosing_graph():
-    model = onnx.parser.parse_model("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 4] x, bool c) => (float[N, 4] y)
-    <float[4, 4] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,2}>
-    {
-      y = If(c) <
-        then_branch = t () => (float[N, 4] o1) { o1 = MatMul(x, W) },
-        else_branch = e () => (float[N, 4] o2) { o2 = Add(x, x) }>
-    }""")
-    both = onnx.parser.parse_model("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 4] x, bool c) => (float[N, 4] y)
-    <float[4, 4] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,2}>
-    {
-      y = If(c) <
-        then_branch = t () => (float[N, 4] o1) { o1 = MatMul(x, W) },
-        else_branch = e () => (float[N, 4] o2) { m = MatMul(x, W)
-                                                   o2 = Neg(m) }>
-    }""")
+    model = onnx.parser.parse_model(BRANCHES_READING_W.replace("ELSE", "o2 = Add(x, x)"))
+    both = onnx.parser.parse_model(BRANCHES_READING_W.replace("ELSE", "m = MatMul(x, W)\n o2 = Neg(m)"))
     plain = gs.export_onnx(gs.import_onnx(both))
     assert all_initializer_names(plain.graph).count("W") == 2, "onnx-graphsurgeon stores it in each branch"
     exported = export_model(import_graph(both), both)
@@ -130,7 +119,9 @@ def test_constant_read_only_by_both_branches_is_stored_once_in_the_enclosing_gra
 def test_is_constant_derived_follows_chains_and_diamonds_but_not_inputs_or_subgraphs():
     weight = gs.Constant("w", np.ones((2, 2), np.float32))
     x = gs.Variable("x", dtype=np.float32, shape=[2, 2])
-    cast, scaled, summed, mixed = (gs.Variable(name, dtype=np.float32) for name in ("cast", "scaled", "summed", "mixed"))
+    cast, scaled, summed, mixed = (
+        gs.Variable(name, dtype=np.float32) for name in ("cast", "scaled", "summed", "mixed")
+    )
     graph = gs.Graph(nodes=[
         gs.Node("Cast", inputs=[weight], outputs=[cast], attrs={"to": 1}),
         gs.Node("Mul", inputs=[cast, weight], outputs=[scaled]),

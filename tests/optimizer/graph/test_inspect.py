@@ -323,11 +323,12 @@ def test_duplicates_reshaped_and_cast_kinds():
     assert "reshaped" in text and "cast" in text
 
 
-def test_transposed_reshaped_and_cast_do_not_double_count():
+def test_transposed_and_cast_copies_of_one_tensor_form_one_group():
+    """A_t = A transposed and A16 = A cast: share keeps A and replaces both (48 + 24 B), so does inspect."""
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
     initializers = [_init("A", w), _init("A_t", np.ascontiguousarray(w.T)), _init("A16", w.astype(np.float16))]
     nodes = [helper.make_node("Identity", [t.name], [f"o_{t.name}"]) for t in initializers]
     graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"o_{t.name}", t.data_type, None)
                                                for t in initializers], initializer=initializers)
     groups = inspect_model(helper.make_model(graph)).duplicates
-    assert groups == [DuplicateGroup("transposed", ("A", "A_t"), 48)]
+    assert groups == [DuplicateGroup("transposed", ("A", "A16", "A_t"), 48 + 24)]

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import passes  # noqa: F401  (registers every pass)
 from optimizer.fileio.model import load_model
-from optimizer.graph.core import import_graph
+from optimizer.graph.convert import import_graph
 from optimizer.graph.inspection import inspect_model
 from optimizer.registry import create_pass
 from tests.helpers.samples import SAMPLE_MODELS, sample_ids

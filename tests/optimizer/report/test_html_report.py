@@ -23,7 +23,8 @@ def full_report() -> Report:
         passes=[{"name": "quantize", "options": {}, "modified": True, "seconds": 1.2345,
                  "report": {"counts": {"weights_quantized": 7}, "saved_bytes": 742_500,
                             "skipped": [{"node": "head<&>", "reason": "excluded by --exclude 'head*'"}]}}],
-        validation={"passed": False, "samples": 4, "provider_used": "CPUExecutionProvider", "provider_requested": "cuda",
+        validation={"passed": False, "samples": 4, "provider_used": "CPUExecutionProvider",
+                    "provider_requested": "cuda",
                     "provider_note": "CUDA requested but not available; falling back to CPU",
                     "outputs": [{"name": "logits", "max_abs": 0.0312, "mean_abs": 0.00411, "max_rel": 0.052,
                                  "cosine": 0.99871, "sqnr_db": 31.27, "top1_agreement": 0.975, "passed": False,
@@ -39,14 +40,15 @@ def full_report() -> Report:
                 "steps": [{"step": 0, "action": "all int8", "value": 0.9931, "drop": 0.0069, "met": False},
                           {"step": 1, "action": "fc1 -> float", "value": 0.9962, "drop": 0.0038, "met": True}]},
         fusion={"provider_used": "CPUExecutionProvider", "quantized_groups_written": 7,
-                "integer_kernels": {"MatMulNBits": 6}, "warnings": ["1 Gather(s) dequantize the whole table on every run"]},
+                "integer_kernels": {"MatMulNBits": 6},
+                "warnings": ["1 Gather(s) dequantize the whole table on every run"]},
         notes=["a note"],
     )
     return report
 
 
 class _Collector(html.parser.HTMLParser):
-    VOID = {"meta", "br", "img", "hr", "link", "input", "path", "use", "rect", "line", "circle", "polyline"}
+    VOID = frozenset({"meta", "br", "img", "hr", "link", "input", "path", "use", "rect", "line", "circle", "polyline"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +88,9 @@ def table_cells(markdown: str) -> list[str]:
     cells = []
     for line in markdown.splitlines():
         if line.startswith("|") and not set(line) <= set("|-: "):
-            cells += [c.strip() for c in line.strip("|").split("|") if re.fullmatch(r"-?[\d,]+(\.\d+)?(e[-+]\d+)?", c.strip())]
+            cells += [
+                c.strip() for c in line.strip("|").split("|") if re.fullmatch(r"-?[\d,]+(\.\d+)?(e[-+]\d+)?", c.strip())
+            ]
     return cells
 
 

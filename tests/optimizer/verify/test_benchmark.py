@@ -87,20 +87,8 @@ def test_runs_are_interleaved_and_counted(monkeypatch):
         warmup=2,
         rounds=4,
     )
-    assert calls == [
-        ("a", 1.0),
-        ("b", 1.0),
-        ("c", 1.0),
-        ("c", 2.0),
-        ("b", 2.0),
-        ("a", 2.0),
-        ("a", 1.0),
-        ("b", 1.0),
-        ("c", 1.0),
-        ("c", 2.0),
-        ("b", 2.0),
-        ("a", 2.0),
-    ]
+    one_round = [("a", 1.0), ("b", 1.0), ("c", 1.0), ("c", 2.0), ("b", 2.0), ("a", 2.0)]
+    assert calls == one_round * 2
     assert [timing.rounds for timing in result.models] == [4, 4, 4]
 
 

@@ -22,7 +22,9 @@ def conv_model(static: bool, integer: bool = False) -> onnx.ModelProto:
     scale = (np.abs(weight).reshape(16, -1).max(1) / 127).astype(np.float32)
     quantized = np.clip(np.round(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
     inputs = [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])]
-    outputs = [helper.make_tensor_value_info("y", T.FLOAT, [1, 16, 16 if not integer else 14, 16 if not integer else 14])]
+    outputs = [
+        helper.make_tensor_value_info("y", T.FLOAT, [1, 16, 16 if not integer else 14, 16 if not integer else 14])
+    ]
     inits = [array(quantized, "Wq"), array(scale, "Ws")]
     nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], axis=0, name="dqw")]
     if integer:

@@ -22,7 +22,7 @@ def test_compressed_layers_are_found_classified_and_ranked():
     want_sqnr = 10 * math.log10((expected["weight"].astype(np.float64) ** 2).sum() / (error ** 2).sum())
     assert quantized.weight_sqnr_db == np.float64(want_sqnr) or abs(quantized.weight_sqnr_db - want_sqnr) < 1e-6
     assert quantized.weight_sqnr_db > 35
-    assert report.layers == sorted(report.layers, key=lambda l: l.output_sqnr_db)
+    assert report.layers == sorted(report.layers, key=lambda layer: layer.output_sqnr_db)
     assert report.samples == 3
     assert "worst first" in report.summary() and report.to_rows()[0]["node"] == report.layers[0].node
 

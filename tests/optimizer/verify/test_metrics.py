@@ -18,7 +18,10 @@ def outputs(*arrays, name="y"):
 
 def test_cosine_is_mean_over_samples_and_worst_over_outputs():
     ref = [{"a": np.array([1.0, 0.0]), "b": np.array([1.0, 1.0])}] * 2
-    cand = [{"a": np.array([1.0, 0.0]), "b": np.array([1.0, 0.0])}, {"a": np.array([0.0, 1.0]), "b": np.array([1.0, 1.0])}]
+    cand = [
+        {"a": np.array([1.0, 0.0]), "b": np.array([1.0, 0.0])},
+        {"a": np.array([0.0, 1.0]), "b": np.array([1.0, 1.0])},
+    ]
     assert builtin_metric("cosine", output="a")(ref, cand) == pytest.approx(0.5)
     assert builtin_metric("cosine", output="b")(ref, cand) == pytest.approx((np.sqrt(0.5) + 1) / 2)
     assert builtin_metric("cosine")(ref, cand) == pytest.approx(0.5)
@@ -43,7 +46,9 @@ def test_top1_and_topk_agreement():
 
 def test_user_metric_from_module_path_needs_a_direction(monkeypatch):
     module = types.ModuleType("user_metrics_for_test")
-    module.error_rate = lambda ref, cand: float(np.mean([np.argmax(c["y"]) != np.argmax(r["y"]) for r, c in zip(ref, cand)]))
+    module.error_rate = lambda ref, cand: float(
+        np.mean([np.argmax(c["y"]) != np.argmax(r["y"]) for r, c in zip(ref, cand, strict=True)])
+    )
     monkeypatch.setitem(sys.modules, "user_metrics_for_test", module)
     with pytest.raises(OptionError, match="higher or lower"):
         load_metric("user_metrics_for_test:error_rate")

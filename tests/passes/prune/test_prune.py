@@ -41,7 +41,7 @@ def matmul_model(weights: dict[str, np.ndarray], gemm_trans_b: np.ndarray | None
         nodes.append(helper.make_node("Gemm", [current, "gemm.weight"], ["gemm.out"], name="gemm", transB=1))
         current, width = "gemm.out", gemm_trans_b.shape[0]
     nodes.append(helper.make_node("Identity", [current], ["y"], name="out"))
-    first = list(weights.values())[0].shape[0]
+    first = next(iter(weights.values())).shape[0]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", first])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -183,7 +183,7 @@ def test_constant_node_weights_and_a_weight_shared_by_two_convs_are_pruned_once(
 
 def test_outer_scope_weight_read_in_if_branches_is_pruned_in_place():
     model = load_model(MODELS_DIR / "if_subgraph.onnx")
-    pruned, report, _ = prune(model, sparsity=0.5, min_elements=0)
+    pruned, _report, _ = prune(model, sparsity=0.5, min_elements=0)
     names = [t.name for t in pruned.graph.initializer]
     assert names.count("shared.weight") == 1
     assert (weights_of(pruned)["shared.weight"] == 0).sum() == 512
@@ -242,6 +242,8 @@ def test_weight_also_read_by_a_non_weight_slot_is_skipped_with_reason():
     model = matmul_model({"w": rng.standard_normal((32, 32)).astype(np.float32)})
     model.graph.node.insert(0, helper.make_node("Add", ["x", "w"], ["x_plus_w"], name="also_add"))
     model.graph.output.append(helper.make_tensor_value_info("x_plus_w", TensorProto.FLOAT, [32, 32]))
-    pruned, report, modified = prune(model, min_elements=0)
+    _pruned, report, modified = prune(model, min_elements=0)
     assert not modified
-    assert report["skipped"] == [{"tensor": "w", "reason": "also read by Add 'also_add' at input 1, not a prunable weight slot"}]
+    assert report["skipped"] == [
+        {"tensor": "w", "reason": "also read by Add 'also_add' at input 1, not a prunable weight slot"}
+    ]

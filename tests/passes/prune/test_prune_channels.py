@@ -75,7 +75,9 @@ def test_transformer_feed_forward_units_that_were_zero_are_removed_without_chang
     assert report["details"]["groups"] == [{"producer": "ffn.up.matmul", "channels_before": 256, "channels_after": 192}]
     assert_same_outputs(model, pruned, seeded_feeds(model), atol=1e-5)
     reasons = {entry["node"]: entry["reason"] for entry in report["skipped"]}
-    assert reasons["attn.q.matmul"] == "Reshape 'attn.q.reshape' reads the channels (input 0); its layout cannot be followed"
+    assert reasons["attn.q.matmul"] == (
+        "Reshape 'attn.q.reshape' reads the channels (input 0); its layout cannot be followed"
+    )
 
 
 def test_default_removes_only_near_dead_units_and_a_second_run_changes_nothing():
@@ -96,7 +98,9 @@ def head_model(rng: np.random.Generator) -> onnx.ModelProto:
     """Conv -> depthwise Conv -> HardSwish -> GAP -> Reshape([-1, 8]) -> MatMul, weights in
     Constant nodes, and value_info for every intermediate tensor."""
     def const(name, array):
-        return helper.make_node("Constant", [], [name], name=f"{name}.const", value=numpy_helper.from_array(array, name))
+        return helper.make_node(
+            "Constant", [], [name], name=f"{name}.const", value=numpy_helper.from_array(array, name)
+        )
     nodes = [
         const("c.w", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)),
         const("c.b", rng.standard_normal(8).astype(np.float32)),
@@ -128,7 +132,9 @@ def test_depthwise_conv_reshape_constant_and_value_info_follow_the_cut():
             node.attribute[0].t.CopyFrom(numpy_helper.from_array(values, node.output[0]))
     pruned, report, _ = prune_channels(model, ratio=0.25)
     assert report["details"]["groups"][0] == {"producer": "conv", "channels_before": 8, "channels_after": 6}
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in pruned.graph.node if n.op_type == "Constant"}
+    constants = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in pruned.graph.node if n.op_type == "Constant"
+    }
     assert constants["shape"].tolist() == [-1, 6]
     assert constants["dw.w"].shape == (6, 1, 3, 3) and constants["fc.w"].shape == (6, 5)
     depthwise = next(n for n in pruned.graph.node if n.name == "dw")
@@ -140,7 +146,7 @@ def test_depthwise_conv_reshape_constant_and_value_info_follow_the_cut():
 
 def test_include_exclude_select_producers():
     model = load_model(MODELS_DIR / "mlp.onnx")
-    _, report, modified = prune_channels(model, ratio=0.5, exclude=("fc1.*",))
+    _, report, _modified = prune_channels(model, ratio=0.5, exclude=("fc1.*",))
     assert [g["producer"] for g in report["details"]["groups"]] == ["fc2.matmul"]
     _, report, _ = prune_channels(model, ratio=0.5, include=("re:^fc1\\.",), channel_multiple=48)
     assert report["details"]["groups"] == [{"producer": "fc1.gemm", "channels_before": 128, "channels_after": 96}]

@@ -17,7 +17,7 @@ from optimizer.errors import OptionError, PassError
 from optimizer.fileio.model import load_model
 from optimizer.registry import create_pass
 from tests.helpers.quantize_checks import initializers, quantize
-from tests.helpers.runtime import max_abs_error, ort_runs, run_model
+from tests.helpers.runtime import max_abs_error, open_session, ort_runs, run_model
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 
@@ -35,9 +35,7 @@ def nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def run_unoptimized(model: onnx.ModelProto, feed: dict) -> np.ndarray:
     """First output with onnxruntime's graph optimizations off: DequantizeLinear's own arithmetic."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(model, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return session.run(None, feed)[0]
 
 
@@ -149,7 +147,7 @@ def test_int4_with_calibration_data_rounds_by_gptq_and_beats_nearest_on_held_out
 
     def error(candidate) -> float:
         got = run_model(candidate, held_out)
-        return sum(float(np.linalg.norm(a[0] - b[0])) for a, b in zip(got, reference))
+        return sum(float(np.linalg.norm(a[0] - b[0])) for a, b in zip(got, reference, strict=True))
 
     assert error(gptq.model) < 0.85 * error(nearest.model)  # norms: 0.79 here, MSE 0.63
     again, _ = quantize(gptq.model, calibration=calibration, mode="weights", weight_type="int4")
@@ -211,7 +209,8 @@ def test_shared_weight_in_main_graph_and_if_branches_is_quantized_once():
     model = load_model(MODELS_DIR / "if_subgraph.onnx")
     result, _ = quantize(model, mode="weights", weight_only_form="dequantize_linear")
     stored = initializers(result.model)
-    assert [name for name in stored if name.startswith("shared.weight")] == ["shared.weight_quantized", "shared.weight_scale"]
+    assert [name for name in stored if name.startswith("shared.weight")] == [
+        "shared.weight_quantized", "shared.weight_scale"]
     assert [t.name for t in result.model.graph.initializer if t.name == "shared.weight_quantized"]
     readers = [n for n in nodes(result.model) if "shared.weight_quantized" in n.input]
     assert [n.op_type for n in readers] == ["DequantizeLinear"]

@@ -72,7 +72,7 @@ def test_assignment_is_nearest_and_search_matches_numpy():
     rng = np.random.default_rng(1)
     rows = np.sort(rng.standard_normal((5, 100)), axis=1)
     queries = rng.standard_normal((5, 7))
-    expected = np.stack([np.searchsorted(r, q) for r, q in zip(rows, queries)])
+    expected = np.stack([np.searchsorted(r, q) for r, q in zip(rows, queries, strict=True)])
     np.testing.assert_array_equal(batched_searchsorted(rows, queries), expected)
     book = np.sort(rng.standard_normal((5, 8)), axis=1)
     values = rng.standard_normal((5, 300))
@@ -165,7 +165,8 @@ def test_skip_reasons_small_bias_custom_and_codebook_lookup():
              helper.make_node("Gather", ["table", "idx"], ["d"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [4, 64])],
                               [helper.make_tensor_value_info(n, F, [4, 4]) for n in "ad"]
-                              + [helper.make_tensor_value_info("b", F, None), helper.make_tensor_value_info("c", F, [4, 128])], initializer=[
+                              + [helper.make_tensor_value_info("b", F, None),
+                                 helper.make_tensor_value_info("c", F, [4, 128])], initializer=[
         numpy_helper.from_array(rng.standard_normal((64, 4)).astype(np.float32), "small"),
         numpy_helper.from_array(np.zeros(4, np.float32), "bias"),
         numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "custom_w"),

@@ -173,7 +173,8 @@ def test_custom_op_reader_and_graph_output_weight_are_left_alone():
              helper.make_node("Mystery", ["x", "W_custom"], ["b"], domain="custom.ops"),
              helper.make_node("Identity", ["W_out"], ["w_copy_out"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [2, 4])],
-                              [helper.make_tensor_value_info("a", F, [2, 4]), helper.make_tensor_value_info("b", F, None),
+                              [helper.make_tensor_value_info("a", F, [2, 4]),
+                               helper.make_tensor_value_info("b", F, None),
                                helper.make_tensor_value_info("W_out", F, [4, 4])],
                               initializer=[init("W", w), init("W_custom", w.copy()), init("W_out", w.copy())])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
