@@ -15,6 +15,7 @@ from optimizer.graph.bytes import stored_bytes
 from optimizer.graph.edit import cleanup
 from optimizer.graph.walk import iter_graphs
 from optimizer.graph.weights import is_constant_node
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 
@@ -44,8 +45,10 @@ class ConstantsToInitializersPass(Pass):
         for owner in iter_graphs(graph):
             outputs = {id(t) for t in owner.outputs}
             for node in list(owner.nodes):
-                if is_constant_node(node) and self._convert(node, outputs, report):
-                    converted += 1
+                if not is_constant_node(node):
+                    continue
+                with working_on("node", node.name or node.outputs[0].name):
+                    converted += self._convert(node, outputs, report)
         if converted:
             cleanup(graph)
         report.count("constants_converted", converted)

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 3 internal err
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,3 +174,44 @@ def test_a_bug_in_a_stage_of_optimize_names_that_stage(monkeypatch, tmp_path, ca
     lines = _error_lines(capsys)
     assert code == 3 and len(lines) == 1, lines
     assert lines[0].startswith(f"onnx-compress: internal error (stage: {stage}): ZeroDivisionError: in a stage")
+
+
+def _broken(*args, **kwargs):
+    raise ZeroDivisionError("injected")
+
+
+# (model, arguments, where the injected bug goes, what the message names)
+REAL_PASS_FAILURES = [
+    ("cnn", ["--quantize", "int8", "--quantize-mode", "weights"], "passes.quantize.weights.quantize_weight", "tensor"),
+    ("mlp", ["--quantize", "int8", "--quantize-mode", "dynamic", "--set", "quantize.dynamic_min_k=1"],
+     "passes.quantize.dynamic.quantize_weight", "tensor"),
+    ("cnn", ["--prune", "0.5"], "passes.prune.prune_pass.zero_flat", "tensor"),
+    ("cnn", ["--prune", "0.25", "--prune-mode", "channels"], "passes.prune.channels._apply", "node"),
+    ("cnn", ["--cluster", "4"], "passes.share.cluster.ClusterWeightsPass._cluster", "tensor"),
+    ("transformer_tied", ["--passes", "share"], "passes.share.share_pass.drop_constant_node", "tensor"),
+    ("constant_weights", ["--passes", "constants-to-initializers"],
+     "passes.constants_to_initializers.ConstantsToInitializersPass._convert", "node"),
+]
+
+
+@pytest.mark.parametrize(("model", "args", "where", "kind"), REAL_PASS_FAILURES,
+                         ids=[f"{case[0]}:{' '.join(case[1])}" for case in REAL_PASS_FAILURES])
+def test_a_bug_inside_a_real_pass_names_the_weight_or_node(model, args, where, kind, monkeypatch, tmp_path, capsys):
+    module, _, attribute = where.rpartition(".")
+    if module.rpartition(".")[2][:1].isupper():  # a method: patch it on its class
+        module, _, cls = module.rpartition(".")
+        monkeypatch.setattr(getattr(importlib.import_module(module), cls), attribute, _broken)
+    else:
+        monkeypatch.setattr(where, _broken)
+    source = MODELS_DIR / f"{model}.onnx"
+    code = main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), *args, "--quiet"])
+    lines = _error_lines(capsys)
+    assert code == 3 and len(lines) == 1, lines
+    graph = onnx.load(source).graph
+    names = {t.name for t in graph.initializer} if kind == "tensor" else {n.name for n in graph.node}
+    names |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    prefix, _, rest = lines[0].partition(f" failed on {kind} ")
+    assert prefix.startswith("onnx-compress: pass '") and rest.split(":")[0] in names, lines[0]
+    assert rest.endswith("ZeroDivisionError: injected (internal error, stage: run passes; "
+                         "run with --debug for the traceback)")
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,7 @@ from optimizer.errors import OptionError
 from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.walk import graph_output_names, iter_nodes, tensor_uses
 from optimizer.graph.weights import constant_weight
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.prune.channel_groups import ChannelGroup, Illegal, channel_scores, find_group
@@ -77,11 +78,12 @@ class PruneChannelsPass(Pass):
             if guarded is not None:
                 report.skip("tensor", *guarded)
                 continue
-            keep = self._kept_channels(group)
-            if len(keep) == group.channels:
-                report.count("groups_unchanged")
-                continue
-            report.saved_bytes += _apply(group, keep)
+            with working_on("node", label):
+                keep = self._kept_channels(group)
+                if len(keep) == group.channels:
+                    report.count("groups_unchanged")
+                    continue
+                report.saved_bytes += _apply(group, keep)
             report.count("groups_pruned")
             report.count("channels_removed", group.channels - len(keep))
             groups.append({"producer": label, "channels_before": group.channels, "channels_after": len(keep)})

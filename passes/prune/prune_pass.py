@@ -33,6 +33,7 @@ from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.sparse_storage import storage_choice
 from optimizer.graph.walk import tensor_uses
 from optimizer.graph.weights import Weight, constant_weight
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.prune.nm import follows_nm, nm_prune, weight_layout
@@ -173,7 +174,8 @@ class PrunePass(Pass):
         for weight in weights:
             values = weight.values
             count = zero_count(sparsities[weight.name], values.size)
-            targets[weight.name] = zero_flat(values, magnitude_order(values)[:count]) if count else values
+            with working_on("tensor", weight.name):
+                targets[weight.name] = zero_flat(values, magnitude_order(values)[:count]) if count else values
         return targets
 
     def _nm_targets(self, weights: list[Weight], report: PassReport) -> dict[str, np.ndarray]:
@@ -186,7 +188,8 @@ class PrunePass(Pass):
                 report.skip("tensor", weight.name, f"not N:M eligible: {layout}")
                 continue
             eligible.append(weight.name)
-            targets[weight.name] = values if follows_nm(values, layout, n, m) else nm_prune(values, layout, n, m)
+            with working_on("tensor", weight.name):
+                targets[weight.name] = values if follows_nm(values, layout, n, m) else nm_prune(values, layout, n, m)
         report.details["nm_eligible"] = eligible
         return targets
 
@@ -198,7 +201,8 @@ class PrunePass(Pass):
                 continue
             before, after = weight.values, targets[weight.name]
             if not np.array_equal(before, after):
-                weight.write(after)
+                with working_on("tensor", weight.name):
+                    weight.write(after)
                 modified = True
                 report.count("tensors_pruned")
                 report.count("weights_zeroed", int(np.count_nonzero(before)) - int(np.count_nonzero(after)))

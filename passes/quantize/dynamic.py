@@ -24,6 +24,7 @@ from optimizer.graph.names import NameAllocator
 from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.walk import TensorUse
 from optimizer.graph.weights import Weight
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import QuantizedWeight
 from passes.quantize.options import QuantizeOptions
@@ -109,7 +110,8 @@ def dynamic_activations(root: gs.Graph, plan: DynamicPlan) -> list[str]:
 def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options: QuantizeOptions, names: NameAllocator,
                      report: PassReport, outliers: dict[str, np.ndarray] | None = None) -> None:
     for target, spec in plan.weight_only:
-        quantize_weight_only(target, spec, names, report)
+        with working_on("tensor", target.name):
+            quantize_weight_only(target, spec, names, report)
     if plan.notes:
         report.details.setdefault("weight_only_matmuls", []).extend(plan.notes)
     activations: dict[tuple[int, int], ActivationPath] = {}
@@ -117,26 +119,34 @@ def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options: QuantizeOption
     weight_type = qtype(options.weight_type)
     for target in plan.dynamic:
         axis = 1 if options.per_channel else None
-        quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
-        weight = QuantizedWeight(target, quantized, names)
+        with working_on("tensor", target.name):
+            quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
+            weight = QuantizedWeight(target, quantized, names)
         report.count(f"weights_{weight_type.name}")
         for consumer in target.uses:
-            reason = plan.float_consumers.get(id(consumer.node))
-            if reason:
-                weight.make_float_view("fold")
-                report.count("matmul_weight_only")
-                report.details.setdefault("weight_only_matmuls", []).append(
-                    {"node": consumer.node.name, "reason": reason})
-                continue
-            source = consumer.node.inputs[0]
-            key = (id(consumer.graph), id(source))
-            if key not in activations:
-                split = outliers.get(source.name) if consumer.graph is graph else None
-                activations[key] = ActivationPath.build(consumer.graph, source, split, names)
-                if split is not None and split.size > 1:
-                    report.count("outlier_channels_split", int(split.size) - 1)
-            _rewrite_matmul(consumer, weight, activations[key], names)
-            report.count("matmul_dynamic")
+            with working_on("node", consumer.node.name):
+                _dynamic_consumer(graph, plan, consumer, weight, activations, outliers, names, report)
+
+
+def _dynamic_consumer(graph: gs.Graph, plan: DynamicPlan, consumer: TensorUse, weight: QuantizedWeight,
+                      activations: dict[tuple[int, int], ActivationPath], outliers: dict[str, np.ndarray],
+                      names: NameAllocator, report: PassReport) -> None:
+    """One MatMul reading a dynamic weight: keep it float (with the reason) or rewrite it to MatMulInteger."""
+    reason = plan.float_consumers.get(id(consumer.node))
+    if reason:
+        weight.make_float_view("fold")
+        report.count("matmul_weight_only")
+        report.details.setdefault("weight_only_matmuls", []).append({"node": consumer.node.name, "reason": reason})
+        return
+    source = consumer.node.inputs[0]
+    key = (id(consumer.graph), id(source))
+    if key not in activations:
+        split = outliers.get(source.name) if consumer.graph is graph else None
+        activations[key] = ActivationPath.build(consumer.graph, source, split, names)
+        if split is not None and split.size > 1:
+            report.count("outlier_channels_split", int(split.size) - 1)
+    _rewrite_matmul(consumer, weight, activations[key], names)
+    report.count("matmul_dynamic")
 
 
 @dataclass

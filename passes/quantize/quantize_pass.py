@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from optimizer.graph.edit import cleanup, toposort
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.registry import register
 from passes.quantize.common import bytes_by_dtype
@@ -68,7 +69,8 @@ class QuantizePass(QuantizeOptions, Pass):
                 gptq = wants_gptq(options, context)
                 rounded = quantize_by_gptq(graph, plan, options, context, report) if gptq else {}
                 for target, spec in plan:
-                    quantize_weight_only(target, spec, names, report, rounded.get(id(target)))
+                    with working_on("tensor", target.name):
+                        quantize_weight_only(target, spec, names, report, rounded.get(id(target)))
             elif isinstance(plan, DynamicPlan):
                 _run_dynamic(graph, plan, options, names, report, context)
             else:

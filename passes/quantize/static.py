@@ -26,6 +26,7 @@ from optimizer.calibration.ranges import collect_ranges
 from optimizer.errors import PassError
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight, is_constant_derived, weight_values
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.common import QuantizedWeight, float_constant, integer_constant
 from passes.quantize.dynamic import weight_only_reason
@@ -89,7 +90,8 @@ def data_inputs(node: gs.Node) -> list[gs.Tensor]:
 def quantize_static(graph: gs.Graph, plan: StaticPlan, options: QuantizeOptions, names: NameAllocator,
                     report: PassReport, context: PassContext) -> None:
     for target, spec in plan.weight_only:
-        quantize_weight_only(target, spec, names, report)
+        with working_on("tensor", target.name):
+            quantize_weight_only(target, spec, names, report)
     if plan.notes:
         report.details.setdefault("weight_only_matmuls", []).extend(plan.notes)
     compute_nodes = _ordered_nodes(graph, {id(c.node) for t in plan.compute for c in t.uses})
@@ -301,15 +303,17 @@ def _quantize_compute_weights(plan: StaticPlan, params: dict[str, TensorParams],
     """Per-channel int8 weights behind DequantizeLinear; int32 bias where the input is quantized."""
     weight_type = qtype(options.weight_type)
     for target in plan.compute:
-        axis = scale_axis(target.uses[0], target.values.ndim) if options.per_channel else None
-        quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
-        weight = QuantizedWeight(target, quantized, names)
-        weight.make_float_view("dq")
-        report.count(f"weights_{weight_type.name}")
+        with working_on("tensor", target.name):
+            axis = scale_axis(target.uses[0], target.values.ndim) if options.per_channel else None
+            quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
+            weight = QuantizedWeight(target, quantized, names)
+            weight.make_float_view("dq")
+            report.count(f"weights_{weight_type.name}")
         for consumer in target.uses:
-            found = params.get(input_names.get(id(consumer.node), ""))
-            if found is not None and consumer.node.op != "MatMul":
-                _quantize_bias(consumer.graph, consumer.node, found.scale, quantized.scale, names, report)
+            with working_on("node", consumer.node.name):
+                found = params.get(input_names.get(id(consumer.node), ""))
+                if found is not None and consumer.node.op != "MatMul":
+                    _quantize_bias(consumer.graph, consumer.node, found.scale, quantized.scale, names, report)
             report.count(f"static_{consumer.node.op}")
 
 

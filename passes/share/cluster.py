@@ -27,6 +27,7 @@ from optimizer.graph.names import NameAllocator
 from optimizer.graph.opsets import DEFAULT_DOMAINS
 from optimizer.graph.walk import ScopeTree
 from optimizer.graph.weights import Weight, is_constant_derived
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.share.kmeans import (
@@ -82,9 +83,10 @@ class ClusterWeightsPass(Pass):
         tensors = []
         guard = WeightGuard.of(graph)  # never allow_non_finite: a codebook cannot hold NaN or Inf
         for weight in collect_weights(graph):
-            axis = self._choose(weight, tree, report, guard)
-            if axis is not None:
-                tensors.append(self._cluster(weight, axis, tree, names, report, graph.opset < UINT8_SUB_OPSET))
+            with working_on("tensor", weight.name):
+                axis = self._choose(weight, tree, report, guard)
+                if axis is not None:
+                    tensors.append(self._cluster(weight, axis, tree, names, report, graph.opset < UINT8_SUB_OPSET))
         if tensors:
             toposort(graph)
             report.details["tensors"] = tensors

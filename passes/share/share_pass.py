@@ -23,6 +23,7 @@ from optimizer.graph.edit import toposort
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.walk import ScopeTree
 from optimizer.graph.weights import Weight
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.share.scope import collect_weights, drop_constant_node, replace_input
@@ -67,7 +68,10 @@ class ShareWeightsPass(Pass):
             live = [w for w in live if w.tensor.outputs]
         if self.transformed:
             relations = _oriented(transform_relations(_single_copies(live)))
-            applied = [_share_transformed(relation, state) for relation in relations]
+            applied = []
+            for relation in relations:
+                with working_on("tensor", relation.derived.name):
+                    applied.append(_share_transformed(relation, state))
             if any(applied):
                 state.tree = ScopeTree.build(graph)
                 _share_exact(collect_weights(graph, state.digests), state)
@@ -154,9 +158,10 @@ def _merge_component(component: list[Weight], state: _State, kind: str) -> dict 
         if other.has_custom_consumer():
             report.skip("tensor", labels[id(other)], "read by a custom-domain op; left as is")
             continue
-        for node in other.consumers:
-            replace_input(node, other.tensor, kept.tensor)
-        drop_constant_node(other)
+        with working_on("tensor", labels[id(other)]):
+            for node in other.consumers:
+                replace_input(node, other.tensor, kept.tensor)
+            drop_constant_node(other)
         replaced.append(labels[id(other)])
     after = sum(len(w.storage_graphs(tree)) * w.nbytes for w in component if w.tensor.outputs)
     if not replaced:
