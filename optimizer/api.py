@@ -6,8 +6,8 @@ This module and ``optimizer.cli`` are the only core modules that import ``passes
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,54 +15,65 @@ from typing import Any
 import onnx
 
 import passes as _passes  # noqa: F401  (registers every pass)
+from optimizer.app_inputs import (
+    calibration_factory,
+    load_input,
+    model_summary,
+    resolve_feed_options,
+    resolve_feeds,
+)
 from optimizer.budget import BudgetResult, MetricSpec, backed_off_passes, search_budget
-from optimizer.calibration.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
+from optimizer.calibration.feeds import Feed
 from optimizer.errors import OptionError, PassError, RuntimeSessionError
 from optimizer.fileio.model import (
-    LAZY_LOAD_ABOVE_BYTES,
     fits_one_message,
-    load_model,
-    load_model_with_files,
-    model_size_bytes,
 )
-from optimizer.fileio.output_files import folder_files, previous_data_files, warn
-from optimizer.fileio.publish import ExternalData, publish, save_unchanged_sources, staged_name, staging_folder
+from optimizer.fileio.output_files import folder_files, warn
+from optimizer.fileio.publish import publish, save_unchanged_sources, staged_name, staging_folder
 from optimizer.fileio.tensor_checks import custom_domain_ops
-from optimizer.graph.inspection import weight_bytes_by_dtype
 from optimizer.graph.sparse_storage import to_sparse_initializers
 from optimizer.internal_errors import stage
-from optimizer.pass_base import CalibrationFactory, Pass, PassContext
+from optimizer.optimize_options import (
+    LOSSLESS_TOLERANCE,
+    LOSSY_TOLERANCE,
+    BudgetOptions,
+    FeedOptions,
+    FeedSource,
+    ModelInput,
+    OptimizeOptions,
+    OptimizeResult,
+    ValidationOptions,
+)
+from optimizer.pass_base import Pass, PassContext
 from optimizer.pipeline import Pipeline, PipelineResult
 from optimizer.registry import create_pass, get_pass_class
-from optimizer.report.report import ModelSummary, Report, check_writes_apart, write_report
+from optimizer.report.report import Report, check_writes_apart, write_report
 from optimizer.shortcuts import calibration_request, shortcut_options
 from optimizer.verify.benchmark import BenchResult, benchmark
 from optimizer.verify.fusion import check_fusion, op_counts
-from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, NOT_VALIDATED, compare_isolated
+from optimizer.verify.isolation import NOT_VALIDATED, compare_isolated
 from optimizer.verify.pass_bisect import BisectResult, bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
 from optimizer.verify.validate import Comparison, Tolerance, compare
 
+__all__ = [  # the library's entry points; the option classes live in optimizer.optimize_options
+    "DEFAULT_PASSES",
+    "BudgetOptions",
+    "FeedOptions",
+    "FeedSource",
+    "ModelInput",
+    "OptimizeOptions",
+    "OptimizeResult",
+    "ValidationOptions",
+    "build_passes",
+    "model_summary",
+    "optimize",
+    "plan_passes",
+    "resolve_feeds",
+    "tool_version",
+]
+
 DEFAULT_PASSES: tuple[str, ...] = ("constants-to-initializers", "share", "cleanup")
-LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
-LOSSY_TOLERANCE = Tolerance(min_cosine=0.99, min_sqnr_db=20.0)
-ModelInput = str | os.PathLike | bytes | onnx.ModelProto
-FeedSource = str | os.PathLike | Iterable[Mapping[str, Any]] | None
-
-
-@dataclass
-class OptimizeResult:
-    model: onnx.ModelProto
-    output_path: Path | None
-    modified: bool
-    report: Report
-    comparison: Comparison | None
-    bench: BenchResult | None
-
-    @property
-    def passed(self) -> bool:
-        """False only when validation ran and failed."""
-        return self.comparison is None or self.comparison.passed
 
 
 def tool_version() -> str:
@@ -83,8 +94,9 @@ def build_passes(
     for name in sorted(options):
         get_pass_class(name)
         if name not in named:
-            raise OptionError(f"options given for pass '{name}', which is not in the pipeline "
-                              f"({', '.join(map(str, chosen))})")
+            raise OptionError(
+                f"options given for pass '{name}', which is not in the pipeline ({', '.join(map(str, chosen))})"
+            )
     return [item if isinstance(item, Pass) else create_pass(item, **dict(options.get(item, {}))) for item in chosen]
 
 
@@ -104,80 +116,9 @@ def plan_passes(
     return list(dict.fromkeys([*base, *added])), merged
 
 
-@dataclass(frozen=True, kw_only=True)
-class FeedOptions:
-    """The inputs validation, the benchmark, bisect and the accuracy budget run the models on: an .npz
-    folder, an iterable of {input name: array}, or (``source`` None) ``samples`` seeded random feeds."""
-
-    source: FeedSource = None
-    shapes: Mapping[str, tuple[int, ...]] | None = None
-    samples: int = 4
-    seed: int = 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class ValidationOptions:
-    """Compare the saved output with the input (default tolerance: exact for lossless passes).
-
-    ``isolate`` runs onnxruntime in a child process (limited to ``max_memory_bytes``) so a crash
-    becomes an error that says so; a failed comparison leaves the output unwritten unless ``keep_failed``.
-    """
-
-    tolerance: Tolerance | Mapping[str, Tolerance] | None = None
-    isolate: bool = True
-    max_memory_bytes: int | None = None
-    keep_failed: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
-class BudgetOptions:
-    """Back layers off, most harmful first, until ``metric`` (a built-in name or package.module:function,
-    on ``output`` only when given) drops by at most ``max_drop`` (see optimizer.budget)."""
-
-    max_drop: float
-    metric: str = "cosine"
-    higher_is_better: bool | None = None
-    output: str | None = None
-    max_trials: int = 24
-    workers: int = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimizeOptions:
-    """Everything optimize() can be asked; the defaults run DEFAULT_PASSES and save the result.
-
-    ``passes`` are names or Pass objects, ``pass_options`` options by pass name (see plan_passes).
-    ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data run
-    on, with ``provider``; ``timeout_s`` bounds every onnxruntime run (``RunTimeoutError``).
-    ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
-    ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
-    ``bisect`` searches for the first bad pass when a pass or the validation fails.
-    External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
-    ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
-    every file it reads before any work (a collision is a ``ModelSaveError``).
-    """
-
-    passes: Sequence[str | Pass] | None = None
-    pass_options: Mapping[str, Mapping[str, Any]] | None = None
-    calibration: FeedSource = None
-    provider: str = "cpu"
-    timeout_s: float | None = DEFAULT_TIMEOUT_S
-    progress: bool = False
-    check_each_pass: bool = False
-    feeds: FeedOptions = field(default_factory=FeedOptions)
-    validation: ValidationOptions | None = None
-    bench_rounds: int | None = None
-    fusion_check: bool | None = None
-    budget: BudgetOptions | None = None
-    bisect: bool = False
-    external_data: ExternalData = "auto"
-    max_input_bytes: int | None = None
-    allow_symlinks_under: Sequence[str | os.PathLike] = ()
-    reports: Sequence[str | os.PathLike] = ()
-
-
-def optimize(model: ModelInput, output: str | os.PathLike | None = None,
-             options: OptimizeOptions | None = None) -> OptimizeResult:
+def optimize(
+    model: ModelInput, output: str | os.PathLike | None = None, options: OptimizeOptions | None = None
+) -> OptimizeResult:
     """Run passes on ``model``; save to ``output`` when given; validate and benchmark on request.
 
     The stages, each named in an internal error: plan (passes built, calibration data checked before
@@ -234,25 +175,30 @@ def _plan_stage(options: OptimizeOptions) -> list[Pass]:
         for item in chosen:
             request = calibration_request(item.name, item.options())
             if request is not None:
-                raise OptionError(f"{request} needs calibration data: --calibration-data DIR "
-                                  "(calibration=... in the library)")
+                raise OptionError(
+                    f"{request} needs calibration data: --calibration-data DIR (calibration=... in the library)"
+                )
     return chosen
 
 
-def _load_stage(model: ModelInput, output: str | os.PathLike | None, options: OptimizeOptions,
-                chosen: list[Pass]) -> _Run:
+def _load_stage(
+    model: ModelInput, output: str | os.PathLike | None, options: OptimizeOptions, chosen: list[Pass]
+) -> _Run:
     """Load the input; refuse writes over anything the run reads, and validation of custom ops."""
-    source, protected, reference = _load(model, options.max_input_bytes, options.allow_symlinks_under)
+    source, protected, reference = load_input(model, options.max_input_bytes, options.allow_symlinks_under)
     protected = (*protected, *folder_files(options.feeds.source), *folder_files(options.calibration))
     check_writes_apart([*([output] if output is not None else []), *options.reports], options.reports, protected)
     custom_ops = custom_domain_ops(source)
     if custom_ops and options.validation is not None:
-        raise RuntimeSessionError(f"{reference or 'model'}: custom-domain ops {', '.join(custom_ops)} cannot run in "
-                                  f"onnxruntime; {NOT_VALIDATED}")
+        raise RuntimeSessionError(
+            f"{reference or 'model'}: custom-domain ops {', '.join(custom_ops)} cannot run in "
+            f"onnxruntime; {NOT_VALIDATED}"
+        )
     with stage("calibration"):
         factory = calibration_factory(source, options.calibration)
-    context = PassContext(calibration=factory, provider=options.provider, progress=options.progress,
-                          timeout_s=options.timeout_s)
+    context = PassContext(
+        calibration=factory, provider=options.provider, progress=options.progress, timeout_s=options.timeout_s
+    )
     return _Run(options, output, source, reference, protected, custom_ops, chosen, context)
 
 
@@ -262,12 +208,22 @@ def _budget_stage(run: _Run) -> BudgetResult:
     assert budget is not None
     factory = run.context.calibration
     return search_budget(
-        run.source, run.chosen, MetricSpec(budget.metric, budget.higher_is_better, budget.output),
-        _resolve(run.source, options.feeds), max_drop=budget.max_drop, max_trials=budget.max_trials,
-        workers=budget.workers, provider=options.provider, progress=options.progress, worker_imports=("passes",),
+        run.source,
+        run.chosen,
+        MetricSpec(budget.metric, budget.higher_is_better, budget.output),
+        resolve_feed_options(run.source, options.feeds),
+        max_drop=budget.max_drop,
+        max_trials=budget.max_trials,
+        workers=budget.workers,
+        provider=options.provider,
+        progress=options.progress,
+        worker_imports=("passes",),
         calibration=[dict(feed) for feed in factory()] if factory else None,
-        model_path=str(run.reference) if run.reference is not None else None, return_model=False,
-        timeout_s=options.timeout_s, allow_symlinks_under=tuple(str(path) for path in options.allow_symlinks_under))
+        model_path=str(run.reference) if run.reference is not None else None,
+        return_model=False,
+        timeout_s=options.timeout_s,
+        allow_symlinks_under=tuple(str(path) for path in options.allow_symlinks_under),
+    )
 
 
 def _checks(run: _Run) -> _Checks | None:
@@ -280,8 +236,16 @@ def _checks(run: _Run) -> _Checks | None:
     if tolerance is None:
         tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in run.chosen) else LOSSY_TOLERANCE
     settings = validation or ValidationOptions()
-    return _Checks(_resolve(run.source, options.feeds), tolerance, options.provider, validation is not None,
-                   options.bench_rounds, settings.isolate, options.timeout_s, settings.max_memory_bytes)
+    return _Checks(
+        resolve_feed_options(run.source, options.feeds),
+        tolerance,
+        options.provider,
+        validation is not None,
+        options.bench_rounds,
+        settings.isolate,
+        options.timeout_s,
+        settings.max_memory_bytes,
+    )
 
 
 def _run_stage(run: _Run) -> PipelineResult:
@@ -312,18 +276,28 @@ def _sparse_names(result: PipelineResult) -> list[str]:
 
 def _bisect(run: _Run) -> BisectResult:
     assert run.checks is not None
-    return bisect_passes(run.source, run.chosen, run.checks.feeds, tolerance=run.checks.tolerance,
-                         provider=run.options.provider, context=run.context, isolate=run.checks.isolate,
-                         timeout_s=run.options.timeout_s)
+    return bisect_passes(
+        run.source,
+        run.chosen,
+        run.checks.feeds,
+        tolerance=run.checks.tolerance,
+        provider=run.options.provider,
+        context=run.context,
+        isolate=run.checks.isolate,
+        timeout_s=run.options.timeout_s,
+    )
 
 
 def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) -> Report:
-    report = Report(tool_version(), _summary(run.source, run.reference),
-                    passes=[item.to_dict() for item in result.runs])
+    report = Report(
+        tool_version(), model_summary(run.source, run.reference), passes=[item.to_dict() for item in result.runs]
+    )
     sparse_names = _sparse_names(result)
     if sparse_names:
-        report.notes.append(f"{len(sparse_names)} tensor(s) stored as sparse_initializer; onnxruntime loads them, "
-                            "but onnx's full checker (1.23) rejects any sparse initializer")
+        report.notes.append(
+            f"{len(sparse_names)} tensor(s) stored as sparse_initializer; onnxruntime loads them, "
+            "but onnx's full checker (1.23) rejects any sparse initializer"
+        )
     if run.custom_ops:
         report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(run.custom_ops)}")
     if budget is not None:
@@ -332,15 +306,19 @@ def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) 
     return report
 
 
-def _publish_stage(run: _Run, model: onnx.ModelProto,
-                   report: Report) -> tuple[Path | None, Comparison | None, BenchResult | None]:
+def _publish_stage(
+    run: _Run, model: onnx.ModelProto, report: Report
+) -> tuple[Path | None, Comparison | None, BenchResult | None]:
     """Write the output: straight (atomically) when nothing checks it, else staged, checked, moved in."""
     options, checks = run.options, run.checks
     if checks is None or not (checks.validate or checks.bench_rounds is not None):
         with stage("publish"):
-            saved = (save_unchanged_sources(model, run.output, options.external_data, run.protected)
-                     if run.output is not None else None)
-        report.output = _summary(model, saved)
+            saved = (
+                save_unchanged_sources(model, run.output, options.external_data, run.protected)
+                if run.output is not None
+                else None
+            )
+        report.output = model_summary(model, saved)
         return saved, None, None
     saved, comparison, timing = _save_checked(run, model, checks, report)
     report.validation = comparison.to_dict() if comparison else None
@@ -356,8 +334,13 @@ def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
     rows = []
     for rank, layer in enumerate(budget.ranking):
         backed_off = layer in budget.backed_off
-        rows.append({"node": layer, "status": "backed off (kept uncompressed)" if backed_off else "compressed",
-                     "reason": f"rank {rank + 1} by {budget.ranking_method}" if backed_off else ""})
+        rows.append(
+            {
+                "node": layer,
+                "status": "backed off (kept uncompressed)" if backed_off else "compressed",
+                "reason": f"rank {rank + 1} by {budget.ranking_method}" if backed_off else "",
+            }
+        )
     return rows
 
 
@@ -374,15 +357,23 @@ class _Checks:
 
     def compare(self, reference: ModelInput, candidate: Path) -> Comparison:
         if self.isolate:
-            return compare_isolated(reference, candidate, self.feeds, tolerance=self.tolerance,
-                                    provider=self.provider, timeout_s=self.timeout_s,
-                                    max_memory_bytes=self.max_memory_bytes)
-        return compare(reference, candidate, self.feeds, tolerance=self.tolerance, provider=self.provider,
-                       timeout_s=self.timeout_s)
+            return compare_isolated(
+                reference,
+                candidate,
+                self.feeds,
+                tolerance=self.tolerance,
+                provider=self.provider,
+                timeout_s=self.timeout_s,
+                max_memory_bytes=self.max_memory_bytes,
+            )
+        return compare(
+            reference, candidate, self.feeds, tolerance=self.tolerance, provider=self.provider, timeout_s=self.timeout_s
+        )
 
 
-def _save_checked(run: _Run, model: onnx.ModelProto, checks: _Checks,
-                  report: Report) -> tuple[Path | None, Comparison | None, BenchResult | None]:
+def _save_checked(
+    run: _Run, model: onnx.ModelProto, checks: _Checks, report: Report
+) -> tuple[Path | None, Comparison | None, BenchResult | None]:
     """Save to a staging folder next to the output, check the staged file, then move it in."""
     output, reference = run.output, run.reference or run.source
     keep_failed = run.options.validation is not None and run.options.validation.keep_failed
@@ -390,27 +381,39 @@ def _save_checked(run: _Run, model: onnx.ModelProto, checks: _Checks,
         staging = staging_folder(output)
     with staging as folder:
         with stage("publish"):
-            staged = save_unchanged_sources(model, Path(folder) / staged_name(output), run.options.external_data,
-                                            run.protected)
+            staged = save_unchanged_sources(
+                model, Path(folder) / staged_name(output), run.options.external_data, run.protected
+            )
         with stage("validate"):
             comparison = checks.compare(reference, staged) if checks.validate else None
         with stage("benchmark"):
-            timing = benchmark([reference, staged], checks.feeds, names=["input", "output"], provider=checks.provider,
-                               rounds=checks.bench_rounds, timeout_s=checks.timeout_s) if checks.bench_rounds else None
+            timing = (
+                benchmark(
+                    [reference, staged],
+                    checks.feeds,
+                    names=["input", "output"],
+                    provider=checks.provider,
+                    rounds=checks.bench_rounds,
+                    timeout_s=checks.timeout_s,
+                )
+                if checks.bench_rounds
+                else None
+            )
         saved = None
         if output is not None and (comparison is None or comparison.passed or keep_failed):
             with stage("publish"):
                 saved = publish(staged, Path(output), run.protected)
         elif output is not None:
             report.notes.append(f"validation failed: '{output}' was not written (keep_failed=False)")
-        report.output = _summary(model, saved or staged)
+        report.output = model_summary(model, saved or staged)
         if saved is None:
             report.output.path = None
     return saved, comparison, timing
 
 
-QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                           "ConvInteger"})
+QUANTIZED_OPS = frozenset(
+    {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+)
 
 
 def has_dequantize(model: onnx.ModelProto) -> bool:
@@ -431,68 +434,3 @@ def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) ->
         return
     report.fusion = fusion.to_dict()
     report.notes.extend(f"fusion check: {warning}" for warning in fusion.warnings)
-
-
-def resolve_feeds(
-    model: onnx.ModelProto,
-    feeds: FeedSource,
-    *,
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    samples: int = 4,
-    seed: int = 0,
-) -> list[Feed]:
-    """Feeds checked against the model's inputs: from a folder, an iterable, or generated."""
-    specs = model_input_specs(model)
-    if feeds is None:
-        if samples < 1:
-            raise OptionError(f"samples must be >= 1, got {samples}")
-        return generate_feeds(specs, count=samples, seed=seed, shapes=shapes)
-    if isinstance(feeds, (str, os.PathLike)):
-        feeds = load_npz_feeds(feeds)
-    return check_feeds(specs, feeds)
-
-
-def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> CalibrationFactory | None:
-    """A factory that yields the calibration feeds anew on every call, checked against the model.
-
-    A folder is re-read on each call (memory stays bounded); an iterable is read once and kept.
-    """
-    if calibration is None:
-        return None
-    specs = model_input_specs(model)
-    if isinstance(calibration, (str, os.PathLike)):
-        folder = calibration
-        load_npz_feeds(folder)
-        return lambda: (check_feed(specs, feed, index) for index, feed in enumerate(load_npz_feeds(folder)))
-    kept = check_feeds(specs, calibration)
-    return lambda: iter(kept)
-
-
-def _resolve(model: onnx.ModelProto, feeds: FeedOptions) -> list[Feed]:
-    return resolve_feeds(model, feeds.source, shapes=feeds.shapes, samples=feeds.samples, seed=feeds.seed)
-
-
-def _load(model: ModelInput, max_input_bytes: int | None, allow_symlinks_under: Sequence[str | os.PathLike] = (),
-          ) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
-    if isinstance(model, (str, os.PathLike)):
-        loaded, files = load_model_with_files(model, max_input_bytes=max_input_bytes,
-                                              lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES,
-                                              allow_symlinks_under=allow_symlinks_under)
-        return loaded, files, Path(model)
-    return load_model(model, max_input_bytes=max_input_bytes), (), None
-
-
-def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None) -> ModelSummary:
-    """Path, size on disk (or serialized) and stored weight bytes by dtype."""
-    return _summary(model, Path(path) if path is not None else None)
-
-
-def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
-    size = _size_on_disk(path) if path is not None else model_size_bytes(model)
-    return ModelSummary(str(path) if path is not None else None, size, weight_bytes_by_dtype(model))
-
-
-def _size_on_disk(path: Path) -> int:
-    """The model file plus the data files it records (content-named, next to it)."""
-    data_files = [path.parent / name for name in previous_data_files(path)]
-    return path.stat().st_size + sum(data.stat().st_size for data in data_files if data.exists())

@@ -63,8 +63,14 @@ class BudgetStep:
     met: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "action": self.action, "backed_off": list(self.backed_off),
-                "value": self.value, "drop": self.drop, "met": self.met}
+        return {
+            "step": self.step,
+            "action": self.action,
+            "backed_off": list(self.backed_off),
+            "value": self.value,
+            "drop": self.drop,
+            "met": self.met,
+        }
 
 
 @dataclass
@@ -83,10 +89,19 @@ class BudgetResult:
     model: onnx.ModelProto | None = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "baseline": self.baseline, "max_drop": self.max_drop, "met": self.met,
-                "value": self.value, "drop": self.drop, "backed_off": list(self.backed_off),
-                "ranking": list(self.ranking), "ranking_method": self.ranking_method, "trials": self.trials,
-                "steps": [step.to_dict() for step in self.steps]}
+        return {
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "max_drop": self.max_drop,
+            "met": self.met,
+            "value": self.value,
+            "drop": self.drop,
+            "backed_off": list(self.backed_off),
+            "ranking": list(self.ranking),
+            "ranking_method": self.ranking_method,
+            "trials": self.trials,
+            "steps": [step.to_dict() for step in self.steps],
+        }
 
     @property
     def drop(self) -> float:
@@ -99,8 +114,12 @@ def backed_off_passes(passes: Sequence[Pass], layers: Sequence[str]) -> list[Pas
     patterns = tuple(exact_name_pattern(layer) for layer in sorted(layers))
     if not patterns:
         return list(passes)
-    return [dataclasses.replace(item, **{item.backoff_option: (*getattr(item, item.backoff_option), *patterns)})
-            if item.backoff_option else item for item in passes]
+    return [
+        dataclasses.replace(item, **{item.backoff_option: (*getattr(item, item.backoff_option), *patterns)})
+        if item.backoff_option
+        else item
+        for item in passes
+    ]
 
 
 def search_budget(
@@ -137,10 +156,21 @@ def search_budget(
     if not any(item.backoff_option for item in passes):
         raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
     checked_timeout(timeout_s)
-    state = _SearchState(model, list(passes), metric, list(feeds), list(calibration or []),
-                         _Runtime(provider, timeout_s), max_drop, max_trials, workers, progress,
-                         tuple(worker_imports), (model_path, tuple(allow_symlinks_under)) if model_path else None,
-                         return_model)
+    state = _SearchState(
+        model,
+        list(passes),
+        metric,
+        list(feeds),
+        list(calibration or []),
+        _Runtime(provider, timeout_s),
+        max_drop,
+        max_trials,
+        workers,
+        progress,
+        tuple(worker_imports),
+        (model_path, tuple(allow_symlinks_under)) if model_path else None,
+        return_model,
+    )
     try:
         return state.run()
     finally:
@@ -159,8 +189,22 @@ class _Runtime:
 
 
 class _SearchState:
-    def __init__(self, model, passes, metric, feeds, calibration, runtime: _Runtime, max_drop, max_trials,
-                 workers, progress, worker_imports, worker_source, return_model) -> None:
+    def __init__(
+        self,
+        model,
+        passes,
+        metric,
+        feeds,
+        calibration,
+        runtime: _Runtime,
+        max_drop,
+        max_trials,
+        workers,
+        progress,
+        worker_imports,
+        worker_source,
+        return_model,
+    ) -> None:
         self.model, self.passes, self.metric_spec = model, passes, metric
         self.feeds, self.calibration, self.runtime = feeds, calibration, runtime
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
@@ -175,10 +219,22 @@ class _SearchState:
         if workers > 1:
             context = multiprocessing.get_context("spawn")
             self.lifeline = context.Pipe(duplex=False)
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                            initargs=((self.lifeline[0], os.getpid()), worker_imports,
-                                                      worker_source or model.SerializeToString(), passes, metric,
-                                                      feeds, calibration, runtime, self.reference))
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(
+                    (self.lifeline[0], os.getpid()),
+                    worker_imports,
+                    worker_source or model.SerializeToString(),
+                    passes,
+                    metric,
+                    feeds,
+                    calibration,
+                    runtime,
+                    self.reference,
+                ),
+            )
 
     def close(self) -> None:
         self.bar.close()
@@ -207,8 +263,19 @@ class _SearchState:
             with spawn_without_main_script():
                 values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
         else:
-            values = [_trial(self.model, self.passes, self.metric, self.feeds, self.calibration,
-                             self.runtime, self.reference, sorted(c)) for c in todo]
+            values = [
+                _trial(
+                    self.model,
+                    self.passes,
+                    self.metric,
+                    self.feeds,
+                    self.calibration,
+                    self.runtime,
+                    self.reference,
+                    sorted(c),
+                )
+                for c in todo
+            ]
         for candidate, value in zip(todo, values, strict=True):
             self.results[candidate] = value
             drop = self.metric.drop(self.baseline, value)
@@ -220,15 +287,22 @@ class _SearchState:
     def rank(self) -> tuple[list[str], str]:
         """Layers worst first: leave-one-out gains when affordable, else output SQNR."""
         compressed = _compress(self.model, self.passes, [], self.calibration, self.runtime)
-        report = debug_layers(self.model, compressed, self.feeds[: max(1, min(4, len(self.feeds)))],
-                              provider=self.runtime.provider, timeout_s=self.runtime.timeout_s)
+        report = debug_layers(
+            self.model,
+            compressed,
+            self.feeds[: max(1, min(4, len(self.feeds)))],
+            provider=self.runtime.provider,
+            timeout_s=self.runtime.timeout_s,
+        )
         layers = list(dict.fromkeys(layer.reference_node for layer in report.layers))
         searches = math.ceil(math.log2(len(layers) + 1)) + 1 if layers else 0
         if len(layers) + searches > self.max_trials - len(self.results):
             return layers, "per-layer output SQNR (trial budget too small for leave-one-out)"
         values = self.evaluate([frozenset([layer]) for layer in layers], "leave-one-out")
-        gains = {layer: self.metric.drop(self.baseline, self.results[frozenset()]) - self.metric.drop(self.baseline, v)
-                 for layer, v in zip(layers, values, strict=True)}
+        gains = {
+            layer: self.metric.drop(self.baseline, self.results[frozenset()]) - self.metric.drop(self.baseline, v)
+            for layer, v in zip(layers, values, strict=True)
+        }
         order = sorted(layers, key=lambda layer: (-gains[layer], layers.index(layer)))
         return order, "leave-one-out gain"
 
@@ -258,18 +332,34 @@ class _SearchState:
             model = _compress(self.model, self.passes, sorted(chosen), self.calibration, self.runtime)
         if value is None:
             value = self.metric(self.reference, self.runtime.outputs(model, self.feeds))
-        return BudgetResult(self.metric.name, self.baseline, self.max_drop, self.met(value), value, sorted(chosen),
-                            ranking, method, len(self.results), self.steps, self.metric.higher_is_better, model)
+        return BudgetResult(
+            self.metric.name,
+            self.baseline,
+            self.max_drop,
+            self.met(value),
+            value,
+            sorted(chosen),
+            ranking,
+            method,
+            len(self.results),
+            self.steps,
+            self.metric.higher_is_better,
+            model,
+        )
 
 
 def _compress(model, passes, layers, calibration, runtime: _Runtime) -> onnx.ModelProto:
-    context = PassContext(calibration=(lambda: iter(calibration)) if calibration else None, provider=runtime.provider,
-                          timeout_s=runtime.timeout_s)
+    context = PassContext(
+        calibration=(lambda: iter(calibration)) if calibration else None,
+        provider=runtime.provider,
+        timeout_s=runtime.timeout_s,
+    )
     return Pipeline(backed_off_passes(passes, layers), context=context).run(model).model
 
 
-def _trial(model, passes, metric: Metric, feeds, calibration, runtime: _Runtime, reference: Outputs,
-           layers: list[str]) -> float:
+def _trial(
+    model, passes, metric: Metric, feeds, calibration, runtime: _Runtime, reference: Outputs, layers: list[str]
+) -> float:
     compressed = _compress(model, passes, layers, calibration, runtime)
     return metric(reference, runtime.outputs(compressed, feeds))
 
@@ -277,8 +367,17 @@ def _trial(model, passes, metric: Metric, feeds, calibration, runtime: _Runtime,
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(parent: tuple, imports, model_source: tuple[str, tuple[str, ...]] | bytes, passes,
-                 metric_spec: MetricSpec, feeds, calibration, runtime: _Runtime, reference) -> None:
+def _init_worker(
+    parent: tuple,
+    imports,
+    model_source: tuple[str, tuple[str, ...]] | bytes,
+    passes,
+    metric_spec: MetricSpec,
+    feeds,
+    calibration,
+    runtime: _Runtime,
+    reference,
+) -> None:
     die_with_parent(*parent)
     for name in imports:
         module_name, _, function = name.partition(":")
@@ -290,12 +389,19 @@ def _init_worker(parent: tuple, imports, model_source: tuple[str, tuple[str, ...
         model = load_model_with_files(path, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES, allow_symlinks_under=roots)[0]
     else:
         model = onnx.load_from_string(model_source)
-    _WORKER.update(model=model, passes=passes, metric=metric_spec.build(),
-                   feeds=feeds, calibration=calibration, runtime=runtime, reference=reference)
+    _WORKER.update(
+        model=model,
+        passes=passes,
+        metric=metric_spec.build(),
+        feeds=feeds,
+        calibration=calibration,
+        runtime=runtime,
+        reference=reference,
+    )
 
 
 def _worker_trial(layers: list[str]) -> float:
     w = _WORKER
-    return _trial(w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"],
-                  w["reference"], layers)
-
+    return _trial(
+        w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"], w["reference"], layers
+    )

@@ -35,6 +35,7 @@ def _refuse(text: str, expected: str) -> argparse.ArgumentTypeError:
 
 def int_in(low: int, high: int) -> Callable[[str], int]:
     """An integer from ``low`` to ``high`` inclusive."""
+
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
@@ -43,6 +44,7 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
         if value is None or not low <= value <= high:
             raise _refuse(text, f"an integer from {low} to {high}")
         return value
+
     parse.__name__ = "integer"
     return parse
 
@@ -61,6 +63,7 @@ def float_in(low: float, high: float, *, high_open: bool = False, low_open: bool
         if not (math.isfinite(value) and above and below):
             raise _refuse(text, expected)
         return value
+
     parse.__name__ = "number"
     return parse
 
@@ -85,13 +88,17 @@ def float_list_in(low: float, high: float, *, high_open: bool = False) -> Callab
             return tuple(item(part) for part in parts)
         except argparse.ArgumentTypeError as error:
             raise argparse.ArgumentTypeError(f"in '{printable(text)}': {error}") from None
+
     parse.__name__ = "numbers"
     return parse
 
 
 TOLERANCE_TYPES: dict[str, Callable[[str], float]] = {
-    "atol": float_in(0.0, math.inf), "rtol": float_in(0.0, math.inf), "min-cosine": float_in(-1.0, 1.0),
-    "min-sqnr": float_in(-math.inf, math.inf), "min-top1": float_in(0.0, 1.0),
+    "atol": float_in(0.0, math.inf),
+    "rtol": float_in(0.0, math.inf),
+    "min-cosine": float_in(-1.0, 1.0),
+    "min-sqnr": float_in(-math.inf, math.inf),
+    "min-top1": float_in(0.0, 1.0),
 }
 
 POSITIVE_SECONDS = float_in(0.0, MAX_TIMEOUT_S, low_open=True)
@@ -156,22 +163,38 @@ def add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
     group.add_argument("--rtol", type=TOLERANCE_TYPES["rtol"], help="maximum relative error (max |a-b| / max |a|)")
     group.add_argument("--min-cosine", type=TOLERANCE_TYPES["min-cosine"], help="minimum cosine similarity")
     group.add_argument("--min-sqnr", type=TOLERANCE_TYPES["min-sqnr"], help="minimum SQNR in dB")
-    group.add_argument("--min-top1", type=TOLERANCE_TYPES["min-top1"],
-                       help="minimum top-1 agreement for class-like outputs")
-    group.add_argument("--output-tolerance", action="append", default=[], metavar="OUTPUT:KEY=V[,KEY=V]",
-                       type=output_tolerance,
-                       help="tolerance for one output, keys atol, rtol, min-cosine, min-sqnr, min-top1, e.g. "
-                            "logits:atol=1e-3,min-cosine=0.999 (repeatable; other outputs use the flags above)")
+    group.add_argument(
+        "--min-top1", type=TOLERANCE_TYPES["min-top1"], help="minimum top-1 agreement for class-like outputs"
+    )
+    group.add_argument(
+        "--output-tolerance",
+        action="append",
+        default=[],
+        metavar="OUTPUT:KEY=V[,KEY=V]",
+        type=output_tolerance,
+        help="tolerance for one output, keys atol, rtol, min-cosine, min-sqnr, min-top1, e.g. "
+        "logits:atol=1e-3,min-cosine=0.999 (repeatable; other outputs use the flags above)",
+    )
 
 
-TOLERANCE_KEYS = {"atol": "max_abs", "rtol": "max_rel", "min-cosine": "min_cosine",
-                  "min-sqnr": "min_sqnr_db", "min-top1": "min_top1"}
+TOLERANCE_KEYS = {
+    "atol": "max_abs",
+    "rtol": "max_rel",
+    "min-cosine": "min_cosine",
+    "min-sqnr": "min_sqnr_db",
+    "min-top1": "min_top1",
+}
 
 
 def tolerance_from_args(args: argparse.Namespace) -> Tolerance | dict[str, Tolerance] | None:
     """The global flags as one Tolerance, or a per-output mapping ("*" = the global flags)."""
-    values = {"max_abs": args.atol, "max_rel": args.rtol, "min_cosine": args.min_cosine,
-              "min_sqnr_db": args.min_sqnr, "min_top1": args.min_top1}
+    values = {
+        "max_abs": args.atol,
+        "max_rel": args.rtol,
+        "min_cosine": args.min_cosine,
+        "min_sqnr_db": args.min_sqnr,
+        "min_top1": args.min_top1,
+    }
     common = None if all(value is None for value in values.values()) else Tolerance(**values)
     if not args.output_tolerance:
         return common
@@ -188,8 +211,9 @@ def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:
     for part in body.split(","):
         key, eq, text = part.partition("=")
         if not eq or key.strip() not in TOLERANCE_KEYS:
-            raise UsageError(f"--output-tolerance '{item}': '{part}' is not KEY=VALUE with KEY one of "
-                             f"{', '.join(TOLERANCE_KEYS)}")
+            raise UsageError(
+                f"--output-tolerance '{item}': '{part}' is not KEY=VALUE with KEY one of {', '.join(TOLERANCE_KEYS)}"
+            )
         try:
             values[TOLERANCE_KEYS[key.strip()]] = TOLERANCE_TYPES[key.strip()](text)
         except argparse.ArgumentTypeError as error:

@@ -92,7 +92,9 @@ def internal_error_message(error: BaseException, default_stage: str | None = Non
     stage_name, pass_name = error_stage(error, default_stage)
     text = f"{type(error).__name__}: {printable(' '.join(str(error).split()))}"
     if pass_name:
-        return (f"{_pass_failed(pass_name, error)}: {text} (internal error, stage: {stage_name}; "
-                "run with --debug for the traceback)")
+        return (
+            f"{_pass_failed(pass_name, error)}: {text} (internal error, stage: {stage_name}; "
+            "run with --debug for the traceback)"
+        )
     where = f" (stage: {stage_name})" if stage_name else ""
     return f"internal error{where}: {text} (run with --debug for the traceback)"

@@ -67,8 +67,9 @@ class Pipeline:
     ``onnx.checker.check_model(full_check=True)``, so the pass that broke it is named.
     """
 
-    def __init__(self, passes: Sequence[Pass], *, check_each_pass: bool = False,
-                 context: PassContext | None = None) -> None:
+    def __init__(
+        self, passes: Sequence[Pass], *, check_each_pass: bool = False, context: PassContext | None = None
+    ) -> None:
         for item in passes:
             if not isinstance(item, Pass):
                 raise TypeError(f"Pipeline takes Pass instances, got {type(item).__name__}")
@@ -88,8 +89,9 @@ class Pipeline:
             with internal_stage("run passes", item.name):
                 result = item(graph, self.context)
             graph = result.graph
-            runs.append(PassRun(item.name, item.options(), result.modified, result.report,
-                                time.perf_counter() - started))
+            runs.append(
+                PassRun(item.name, item.options(), result.modified, result.report, time.perf_counter() - started)
+            )
             release_mapped_values(graph)
             if self.check_each_pass:
                 self._check(export_model(graph, template), item.name)

@@ -64,8 +64,10 @@ def load_plugins() -> None:
             if isinstance(loaded, type) and issubclass(loaded, Pass):
                 register(loaded)
         except Exception as error:  # a third-party import can raise anything
-            raise OptionError(f"pass plugin '{entry.name}' ({entry.value}, entry point group "
-                              f"{ENTRY_POINT_GROUP}) failed to load: {type(error).__name__}: {error}") from None
+            raise OptionError(
+                f"pass plugin '{entry.name}' ({entry.value}, entry point group "
+                f"{ENTRY_POINT_GROUP}) failed to load: {type(error).__name__}: {error}"
+            ) from None
 
 
 def pass_names() -> list[str]:
@@ -99,9 +101,7 @@ def create_pass(name: str, **options: Any) -> Pass:
             valid = ", ".join(sorted(specs)) or "(this pass takes no options)"
             raise OptionError(f"pass '{name}' has no option '{key}'; valid options: {valid}")
         if not _matches(value, specs[key].annotation):
-            raise OptionError(
-                f"pass '{name}' option '{key}' must be {specs[key].type_name}, got {value!r}"
-            )
+            raise OptionError(f"pass '{name}' option '{key}' must be {specs[key].type_name}, got {value!r}")
     return get_pass_class(name)(**options)
 
 
@@ -132,8 +132,9 @@ def _check_number(name: str, key: str, value: Any, text: str) -> None:
         if isinstance(item, float) and not math.isfinite(item):
             raise OptionError(f"pass '{name}' option '{key}' must be a finite number, got '{text}'")
         if isinstance(item, int) and not isinstance(item, bool) and not INT_RANGE[0] <= item <= INT_RANGE[1]:
-            raise OptionError(f"pass '{name}' option '{key}' must be an integer from {INT_RANGE[0]} to "
-                              f"{INT_RANGE[1]}, got '{text}'")
+            raise OptionError(
+                f"pass '{name}' option '{key}' must be an integer from {INT_RANGE[0]} to {INT_RANGE[1]}, got '{text}'"
+            )
 
 
 def _annotation_members(annotation: Any) -> list[Any]:

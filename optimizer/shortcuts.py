@@ -67,17 +67,20 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("--quantize-mode", "quantize_mode", "quantize", "mode"),
     Shortcut("--calibration-method", "calibration_method", "quantize", "calibration_method"),
     Shortcut("--exclude", "exclude", "quantize", "exclude_nodes", metavar="PATTERNS"),
-    Shortcut("--prune", "prune", "prune", "sparsity", stage=1, bounds=(0.0, 1.0), high_open=True,
-             metavar="FRACTION"),
-    Shortcut("--prune-mode", "prune_mode", "prune", "mode", extra_choices=("channels",),
-             extra_help="; channels: structured pruning, --prune is then prune-channels.ratio"),
+    Shortcut("--prune", "prune", "prune", "sparsity", stage=1, bounds=(0.0, 1.0), high_open=True, metavar="FRACTION"),
+    Shortcut(
+        "--prune-mode",
+        "prune_mode",
+        "prune",
+        "mode",
+        extra_choices=("channels",),
+        extra_help="; channels: structured pruning, --prune is then prune-channels.ratio",
+    ),
     Shortcut("--sparse-storage", "sparse_storage", "prune", "storage"),
     Shortcut("--cluster", "cluster_bits", "cluster", "bits", stage=2, bounds=(2, 8), metavar="BITS"),
 )
 
-VARIANTS: tuple[Variant, ...] = (
-    Variant("prune", "mode", "channels", "prune-channels", (("sparsity", "ratio"),)),
-)
+VARIANTS: tuple[Variant, ...] = (Variant("prune", "mode", "channels", "prune-channels", (("sparsity", "ratio"),)),)
 
 EXCLUSIVE_PASSES: tuple[tuple[str, str, str], ...] = (
     ("quantize", "cluster", "quantize and cluster both rewrite the same weights: choose one"),

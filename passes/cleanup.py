@@ -71,8 +71,11 @@ def _bypass_identities(graph: gs.Graph, report: PassReport) -> None:
         elif id(source) in produced_here and id(source) not in own_outputs:
             _rename_producer_output(source, copy)
         else:
-            report.skip("node", node.name or copy.name,
-                        "graph output copies a graph input, a constant, an outer-scope tensor or another output")
+            report.skip(
+                "node",
+                node.name or copy.name,
+                "graph output copies a graph input, a constant, an outer-scope tensor or another output",
+            )
             continue
         node.inputs.clear()
         node.outputs.clear()

@@ -46,9 +46,7 @@ def _candidate_scales(count: int, smallest: float) -> np.ndarray:
     return np.linspace(smallest, 1.0, count)
 
 
-def mse_range(
-    view: HistogramView, low: float, high: float, levels: int, *, symmetric: bool
-) -> tuple[float, float]:
+def mse_range(view: HistogramView, low: float, high: float, levels: int, *, symmetric: bool) -> tuple[float, float]:
     """The clip range inside ``[low, high]`` minimizing clipping plus rounding error.
 
     Symmetric: one threshold ``[-t, t]``. Asymmetric: both ends on a grid, because an outlier
@@ -85,9 +83,7 @@ def mse_errors(view: HistogramView, lows: np.ndarray, highs: np.ndarray, levels:
     return np.maximum(left, 0.0) + np.maximum(right, 0.0) + inside * step**2 / 12.0
 
 
-def entropy_range(
-    view: HistogramView, low: float, high: float, levels: int, *, symmetric: bool
-) -> tuple[float, float]:
+def entropy_range(view: HistogramView, low: float, high: float, levels: int, *, symmetric: bool) -> tuple[float, float]:
     """The clip range inside ``[low, high]`` minimizing KL(P||Q), TensorRT-style.
 
     Symmetric: one threshold. Asymmetric: each end in turn with the other fixed, twice
@@ -109,9 +105,7 @@ def entropy_range(
     return best_low, best_high
 
 
-def _best_window(
-    view: HistogramView, lows: np.ndarray, highs: np.ndarray, groups: int
-) -> int | None:
+def _best_window(view: HistogramView, lows: np.ndarray, highs: np.ndarray, groups: int) -> int | None:
     """Index of the candidate with the smallest divergence; windows under ``groups`` bins
     are not tried (raise ``bins`` to let the search clip further)."""
     last = view.counts.size
@@ -124,9 +118,7 @@ def _best_window(
     return int(usable[int(np.argmin(divergence))])
 
 
-def _window_divergence(
-    counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, groups: int
-) -> np.ndarray:
+def _window_divergence(counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, groups: int) -> np.ndarray:
     """KL(P||Q) for every window ``[starts[i], ends[i])`` at once."""
     zero_prefix = np.zeros(1)
     s0 = np.concatenate([zero_prefix, np.cumsum(counts)])
@@ -136,9 +128,13 @@ def _window_divergence(
     left_out, right_out = s0[starts], total - s0[ends]
     first, last = counts[starts], counts[ends - 1]
     p_log_p = (
-        plogp_prefix[ends] - plogp_prefix[starts] - _plogp(first) - _plogp(last)
-        + _plogp(first + left_out) + _plogp(last + right_out)
-    )  # fmt: skip
+        plogp_prefix[ends]
+        - plogp_prefix[starts]
+        - _plogp(first)
+        - _plogp(last)
+        + _plogp(first + left_out)
+        + _plogp(last + right_out)
+    )
     lengths = ends - starts
     edges = starts[:, None] + (np.arange(groups + 1)[None, :] * lengths[:, None]) // groups
     group_sums = s0[edges[:, 1:]] - s0[edges[:, :-1]]

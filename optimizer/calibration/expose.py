@@ -18,9 +18,14 @@ import onnx
 from optimizer.graph.shapes import shapes_only, without_graph_body
 from optimizer.graph.walk import names_read, proto_subgraphs, walk_proto
 
-FLOAT_TYPES = frozenset({
-    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
-})  # fmt: skip
+FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+)
 UNKNOWN_TENSOR = "no such tensor in the main graph"
 SUBGRAPH_ONLY = "produced only inside a subgraph (If/Loop/Scan body), which cannot be a graph output"
 
@@ -101,12 +106,14 @@ def _static_nbytes(info: onnx.ValueInfoProto) -> int | None:
 
 def _subgraph_outputs(graph: onnx.GraphProto) -> set[str]:
     """Names produced inside a subgraph at any depth: onnxruntime cannot expose them as outputs."""
-    return {name for site in walk_proto(graph) if site.depth > 0
-            for node in site.graph.node for name in node.output if name}
+    return {
+        name for site in walk_proto(graph) if site.depth > 0 for node in site.graph.node for name in node.output if name
+    }
 
 
-def expose_outputs(model: onnx.ModelProto, names: Iterable[str], *, prune: bool = False,
-                   elem_types: Mapping[str, int] | None = None) -> onnx.ModelProto:
+def expose_outputs(
+    model: onnx.ModelProto, names: Iterable[str], *, prune: bool = False, elem_types: Mapping[str, int] | None = None
+) -> onnx.ModelProto:
     """A copy of ``model`` whose graph outputs are ``names`` (main-graph tensors).
 
     Without ``prune`` the original outputs stay and ``names`` are appended; with ``prune`` the
@@ -121,8 +128,11 @@ def expose_outputs(model: onnx.ModelProto, names: Iterable[str], *, prune: bool 
     if elem_types is None:
         infos = _typed_value_infos(model, {})
     else:
-        infos = {name: onnx.helper.make_tensor_value_info(name, elem_types[name], None)
-                 for name in wanted if elem_types.get(name)}
+        infos = {
+            name: onnx.helper.make_tensor_value_info(name, elem_types[name], None)
+            for name in wanted
+            if elem_types.get(name)
+        }
     result = onnx.ModelProto()
     if prune:
         _copy_pruned(model, wanted, result)

@@ -67,9 +67,7 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if value_info.name in initializer_names:
             continue
         if value_info.type.WhichOneof("value") != "tensor_type":
-            raise FeedError(
-                f"input {value_info.name!r} is not a tensor; only tensor inputs are fed"
-            )
+            raise FeedError(f"input {value_info.name!r} is not a tensor; only tensor inputs are fed")
         tensor_type = value_info.type.tensor_type
         dtype = _input_dtype(value_info.name, tensor_type.elem_type)
         rank_known = tensor_type.HasField("shape")
@@ -84,8 +82,9 @@ def _input_dtype(name: str, elem_type: int) -> np.dtype:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, ValueError, TypeError):
-        raise FeedError(f"input {name!r} has element type {elem_type}, which is not a data type "
-                        "numpy can feed") from None  # fmt: skip
+        raise FeedError(
+            f"input {name!r} has element type {elem_type}, which is not a data type numpy can feed"
+        ) from None
 
 
 def _dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
@@ -102,9 +101,7 @@ def session_input_specs(session) -> list[InputSpec]:
     for node_arg in session.get_inputs():
         numpy_type = _ORT_TYPE_TO_NUMPY.get(node_arg.type)
         if numpy_type is None:
-            raise FeedError(
-                f"input {node_arg.name!r} has type {node_arg.type}, which numpy cannot feed"
-            )
+            raise FeedError(f"input {node_arg.name!r} has type {node_arg.type}, which numpy cannot feed")
         shape = node_arg.shape
         rank_known = shape is not None
         specs.append(InputSpec(node_arg.name, np.dtype(numpy_type), tuple(shape or ()), rank_known))
@@ -118,9 +115,7 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
         name, sep, dims_text = str(item).rpartition("=")
         dims = [part.strip() for part in re.split(r"[x,]", dims_text.strip())]
         if not sep or not name.strip() or not all(part.isdigit() for part in dims):
-            raise FeedError(
-                f"bad shape override {item!r}: expected NAME=DIMxDIM..., e.g. input_ids=1x128"
-            )
+            raise FeedError(f"bad shape override {item!r}: expected NAME=DIMxDIM..., e.g. input_ids=1x128")
         if name.strip() in overrides:
             raise FeedError(f"bad shape override {item!r}: input {name.strip()!r} given twice")
         overrides[name.strip()] = tuple(int(part) for part in dims)
@@ -142,9 +137,7 @@ def resolve_shapes(
     names = [spec.name for spec in specs]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise FeedError(
-            f"shape override for unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(names)}"
-        )
+        raise FeedError(f"shape override for unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(names)}")
     bound: dict[str, int] = {}
     for spec in specs:
         if spec.name in overrides:
@@ -158,12 +151,8 @@ def resolve_shapes(
             resolved[spec.name] = tuple(overrides[spec.name])
             continue
         if not spec.rank_known:
-            raise FeedError(
-                f"input {spec.name!r} has no shape in the model; pass a shape override ({spec.name}=...)"
-            )
-        resolved[spec.name] = tuple(
-            _default_dim(dim, axis, bound) for axis, dim in enumerate(spec.shape)
-        )
+            raise FeedError(f"input {spec.name!r} has no shape in the model; pass a shape override ({spec.name}=...)")
+        resolved[spec.name] = tuple(_default_dim(dim, axis, bound) for axis, dim in enumerate(spec.shape))
     return resolved
 
 
@@ -219,10 +208,7 @@ def generate_feeds(
     resolved = resolve_shapes(specs, shapes)
     _check_generated_size(specs, resolved, count)
     rng = np.random.Generator(np.random.PCG64(seed))
-    return [
-        {spec.name: _random_array(spec, resolved[spec.name], rng) for spec in specs}
-        for _ in range(count)
-    ]
+    return [{spec.name: _random_array(spec, resolved[spec.name], rng) for spec in specs} for _ in range(count)]
 
 
 MAX_GENERATED_FEED_BYTES = 2**31
@@ -239,9 +225,11 @@ def _check_generated_size(specs: Sequence[InputSpec], resolved: Mapping[str, tup
         element_bytes = max(spec.dtype.itemsize, 8)  # float64/int64 intermediates while generating
         total_bytes += count * math.prod(shape) * element_bytes
         if total_bytes > MAX_GENERATED_FEED_BYTES:
-            raise FeedError(f"input {spec.name!r}: shape {list(shape)} x {count} samples needs "
-                            f"{total_bytes} bytes of generated data, over the limit of "
-                            f"{MAX_GENERATED_FEED_BYTES}; pass --shape or an .npz folder")  # fmt: skip
+            raise FeedError(
+                f"input {spec.name!r}: shape {list(shape)} x {count} samples needs "
+                f"{total_bytes} bytes of generated data, over the limit of "
+                f"{MAX_GENERATED_FEED_BYTES}; pass --shape or an .npz folder"
+            )
 
 
 def _random_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -260,8 +248,7 @@ def _random_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Genera
             return np.broadcast_to(np.arange(shape[-1], dtype=spec.dtype), shape).copy()
         return rng.integers(0, INT_HIGH_EXCLUSIVE, size=shape).astype(spec.dtype)
     raise FeedError(
-        f"cannot generate random data for input {spec.name!r} of dtype {spec.dtype}; "
-        "provide feeds from an .npz folder"
+        f"cannot generate random data for input {spec.name!r} of dtype {spec.dtype}; provide feeds from an .npz folder"
     )
 
 
@@ -290,9 +277,7 @@ def _read_npz_files(files: list[Path]) -> Iterator[Feed]:
 def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], index: int) -> Feed:
     """Check one sample against the specs; returns it with inputs in model order."""
     if not isinstance(feed, Mapping):
-        raise FeedError(
-            f"sample {index}: expected a dict of input name -> array, got {type(feed).__name__}"
-        )
+        raise FeedError(f"sample {index}: expected a dict of input name -> array, got {type(feed).__name__}")
     names = [spec.name for spec in specs]
     missing = [name for name in names if name not in feed]
     extra = sorted(set(feed) - set(names))
@@ -320,9 +305,7 @@ def _checked_array(spec: InputSpec, value: object, index: int) -> np.ndarray:
         )
     for axis, (dim, size) in enumerate(zip(spec.shape, value.shape, strict=False)):
         if isinstance(dim, int) and dim != size:
-            raise FeedError(
-                f"{where}: dim {axis} is {size}, model fixes it to {dim} {_format_shape(spec.shape)}"
-            )
+            raise FeedError(f"{where}: dim {axis} is {size}, model fixes it to {dim} {_format_shape(spec.shape)}")
     return value
 
 

@@ -70,8 +70,9 @@ class InverseFactor:
         self.upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U
 
 
-def gptq_quantize(weight: np.ndarray, factor: InverseFactor, target: QType, *, symmetric: bool,
-                  block_size: int) -> QuantizedTensor:
+def gptq_quantize(
+    weight: np.ndarray, factor: InverseFactor, target: QType, *, symmetric: bool, block_size: int
+) -> QuantizedTensor:
     """Blocked quantization of ``weight`` (``K x N``, blocks of ``block_size`` along K) by GPTQ."""
     weight = np.asarray(weight, np.float64)
     upper = factor.upper
@@ -97,8 +98,9 @@ def gptq_quantize(weight: np.ndarray, factor: InverseFactor, target: QType, *, s
                 scales[row // block_size], zeros[row // block_size] = scale, zero
                 scale64, zero64 = scale.astype(np.float64), zero.astype(np.float64)
             current = part[offset]
-            codes = np.clip(np.rint(current.astype(np.float32) / scales[row // block_size]) + zero64,
-                            target.qmin, target.qmax)
+            codes = np.clip(
+                np.rint(current.astype(np.float32) / scales[row // block_size]) + zero64, target.qmin, target.qmax
+            )
             values[row] = codes.astype(target.storage_dtype)
             error = (current - (codes - zero64) * scale64) / upper[row, row]
             part[offset + 1 :] -= np.outer(upper[row, row + 1 : stop], error)

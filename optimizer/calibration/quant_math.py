@@ -84,7 +84,9 @@ def expand_to(values: np.ndarray, shape: tuple[int, ...], axis: int | None, bloc
 
 
 def value_ranges(
-    values: np.ndarray, axis: int | None = None, block_size: int | None = None,
+    values: np.ndarray,
+    axis: int | None = None,
+    block_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) of ``values`` per tensor, per channel along ``axis``, or per block along ``axis``."""
     values = np.asarray(values, dtype=np.float32)
@@ -100,12 +102,16 @@ def value_ranges(
     pad[axis] = (0, padded_count - count)
     low_source = np.pad(values, pad, constant_values=np.inf)
     high_source = np.pad(values, pad, constant_values=-np.inf)
-    split = (*values.shape[:axis], padded_count // block_size, block_size, *values.shape[axis + 1:])
+    split = (*values.shape[:axis], padded_count // block_size, block_size, *values.shape[axis + 1 :])
     return low_source.reshape(split).min(axis=axis + 1), high_source.reshape(split).max(axis=axis + 1)
 
 
 def scale_zero_point(
-    low: np.ndarray | np.floating, high: np.ndarray | np.floating, target: QType, *, symmetric: bool,
+    low: np.ndarray | np.floating,
+    high: np.ndarray | np.floating,
+    target: QType,
+    *,
+    symmetric: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scales (float32, > 0) and integer zero points covering ``[low, high]`` with 0 inside.
 
@@ -127,8 +133,14 @@ def scale_zero_point(
     return scale, zero_point.astype(target.storage_dtype)
 
 
-def quantize(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, target: QType,
-             axis: int | None = None, block_size: int | None = None) -> np.ndarray:
+def quantize(
+    values: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    target: QType,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
     """ONNX QuantizeLinear in float32: ``saturate(rint(x / scale) + zero_point)``, half to even."""
     values = np.asarray(values, np.float32)
     full_scale = expand_to(np.asarray(scale, np.float32), values.shape, axis, block_size)
@@ -138,8 +150,13 @@ def quantize(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, targ
     return np.clip(scaled, target.qmin, target.qmax).astype(target.storage_dtype)
 
 
-def dequantize(quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None,
-               axis: int | None = None, block_size: int | None = None) -> np.ndarray:
+def dequantize(
+    quantized: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None = None,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
     """ONNX DequantizeLinear: ``(q - zero_point) * scale`` in float32."""
     quantized = np.asarray(quantized)
     full_scale = expand_to(np.asarray(scale, np.float32), quantized.shape, axis, block_size)
@@ -164,8 +181,9 @@ class QuantizedTensor:
         return dequantize(self.values, self.scale, self.zero_point, self.axis, self.block_size)
 
 
-def quantize_weight(values: np.ndarray, target: QType, *, symmetric: bool, axis: int | None = None,
-                    block_size: int | None = None) -> QuantizedTensor:
+def quantize_weight(
+    values: np.ndarray, target: QType, *, symmetric: bool, axis: int | None = None, block_size: int | None = None
+) -> QuantizedTensor:
     """Quantize a weight with its own min/max per tensor, channel or block."""
     low, high = value_ranges(values, axis, block_size)
     scale, zero_point = scale_zero_point(low, high, target, symmetric=symmetric)

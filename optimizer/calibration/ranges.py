@@ -29,7 +29,7 @@ from optimizer.calibration.expose import (
     expose_outputs,
     group_by_budget,
     is_float_array,
-)  # fmt: skip
+)
 from optimizer.calibration.histogram import RunningMinMax, StreamingHistogram
 from optimizer.errors import FeedError, OptionError
 from optimizer.fileio.model import fits_one_message
@@ -43,12 +43,17 @@ from optimizer.verify.runtime import (
     create_session,
     resolve_provider,
     run_session,
-)  # fmt: skip
+)
 
 __all__ = [
-    "CalibrationResult", "Method", "RunningMinMax", "StreamingHistogram", "TensorRange",
-    "collect_ranges", "expose_outputs",
-]  # fmt: skip
+    "CalibrationResult",
+    "Method",
+    "RunningMinMax",
+    "StreamingHistogram",
+    "TensorRange",
+    "collect_ranges",
+    "expose_outputs",
+]
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -106,8 +111,9 @@ class _Options:
         if self.max_outputs_per_run is not None and (
             not isinstance(self.max_outputs_per_run, int) or self.max_outputs_per_run < 1
         ):
-            raise OptionError("max_outputs_per_run must be a positive integer or None; "
-                              f"got {self.max_outputs_per_run!r}")
+            raise OptionError(
+                f"max_outputs_per_run must be a positive integer or None; got {self.max_outputs_per_run!r}"
+            )
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1:
             raise OptionError(f"memory_budget_bytes must be a positive integer; got {self.memory_budget_bytes!r}")
         for key in ("max_binned", "max_samples"):
@@ -156,49 +162,73 @@ def collect_ranges(
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     stage: str = "calibration",
 ) -> CalibrationResult:
-    """Range of every tensor in ``tensor_names`` over the samples of ``feeds``.
+    """Range of every tensor in ``tensor_names`` over the samples of ``feeds`` (an iterable of
+    ``{input name: array}``, read once, one sample at a time, or a callable returning one).
 
-    ``feeds`` is any iterable of ``{input name: array}`` (read once, one sample at a time) or a
-    zero-argument callable returning one. Initializers are ranged from their values, graph
-    inputs from the feeds, every other main-graph tensor by running the model. A tensor that
-    cannot be ranged is in ``skipped`` with the reason. ``bins`` is per side of zero;
-    ``max_binned`` caps the values of one array that are binned (see ``StreamingHistogram``).
-
-    At most ``max_samples`` samples are read (None: all); ``notes`` say when the limit cut
-    the feeds short. A model run longer than ``timeout_s`` raises ``RunTimeoutError`` naming
-    ``stage`` (how the caller calls this calibration, e.g. "static calibration").
+    Initializers are ranged from their values, graph inputs from the feeds, every other main-graph
+    tensor by running the model; one that cannot be ranged is in ``skipped`` with the reason.
+    ``bins`` is per side of zero; ``max_binned`` caps the values of one array that are binned. At
+    most ``max_samples`` samples are read (``notes`` say when that cut the feeds short). A run longer
+    than ``timeout_s`` raises ``RunTimeoutError`` naming ``stage`` (e.g. "static calibration").
     """
-    options = _Options(method, percentile, num_bits, symmetric, bins, max_outputs_per_run, memory_budget_bytes,
-                       max_binned, max_samples, timeout_s, stage)
+    options = _Options(
+        method,
+        percentile,
+        num_bits,
+        symmetric,
+        bins,
+        max_outputs_per_run,
+        memory_budget_bytes,
+        max_binned,
+        max_samples,
+        timeout_s,
+        stage,
+    )
     choice = resolve_provider(provider)
     started = time.perf_counter()
-    samples = _samples(feeds)
-    first = next(samples, None)
-    if first is None:
-        raise FeedError("no calibration samples: the feeds are empty")
+    samples, first = _first_sample(feeds)
     catalog = build_catalog(model, {name: np.shape(value) for name, value in first.items()})
     plan = _Plan.make(catalog, tensor_names)
     statistics = {name: options.new_statistic() for name in (*plan.run, *plan.inputs)}
     seen = dict.fromkeys(statistics, 0)
     input_bytes = sum(int(np.asarray(value).nbytes) for value in first.values())
     runner = _GroupRunner(model, plan.run, catalog, options, choice, input_bytes)
-    total = len(feeds) if isinstance(feeds, Sequence) else None
-    if total is not None and max_samples is not None:
-        total = min(total, max_samples)
     pending = [first]
     del first
-    with progress_bar(total=total, desc="calibrating", unit="sample", enabled=progress) as bar:
+    with progress_bar(total=_total(feeds, max_samples), desc="calibrating", unit="sample", enabled=progress) as bar:
         count, stopped = _observe_all(pending, samples, runner, plan, statistics, seen, max_samples, bar)
     ranges = _ordered(_finish(plan, statistics, seen, options, catalog, count), tensor_names)
-    notes = [choice.note] if choice.note else []
-    notes += [stopped] if stopped else []
+    notes = [note for note in (choice.note, stopped) if note]
     notes += [f"{runner.rebuilds} regrouping(s); final groups: {len(runner.groups)}"]
-    return CalibrationResult(ranges, _ordered(plan.skipped, tensor_names), count,
-                             time.perf_counter() - started, method, notes)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    return CalibrationResult(ranges, _ordered(plan.skipped, tensor_names), count, elapsed, method, notes)
 
 
-def _observe_all(pending: list[Feed], samples: Iterator[Feed], runner: _GroupRunner, plan: _Plan,
-                 statistics: dict, seen: dict, max_samples: int | None, bar: Any) -> tuple[int, str | None]:
+def _first_sample(feeds: FeedSource) -> tuple[Iterator[Feed], Feed]:
+    """The samples of ``feeds`` and the first of them (its shapes plan the runs); empty feeds are refused."""
+    samples = _samples(feeds)
+    first = next(samples, None)
+    if first is None:
+        raise FeedError("no calibration samples: the feeds are empty")
+    return samples, first
+
+
+def _total(feeds: FeedSource, max_samples: int | None) -> int | None:
+    """How many samples calibration will read, when the feeds know their length."""
+    total = len(feeds) if isinstance(feeds, Sequence) else None
+    return min(total, max_samples) if total is not None and max_samples is not None else total
+
+
+def _observe_all(
+    pending: list[Feed],
+    samples: Iterator[Feed],
+    runner: _GroupRunner,
+    plan: _Plan,
+    statistics: dict,
+    seen: dict,
+    max_samples: int | None,
+    bar: Any,
+) -> tuple[int, str | None]:
     """Feed every sample to the statistics, one at a time; return (samples read, why reading stopped early).
 
     ``pending`` holds the already-read first sample in a list the iterator empties, so the caller
@@ -277,8 +307,15 @@ def _add_input(name: str, feed: Feed, statistics: dict, seen: dict, skipped: dic
 class _GroupRunner:
     """Runs the sample through one pruned model per group of tensors and feeds the statistics."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], catalog: TensorCatalog,
-                 options: _Options, choice: ProviderChoice, input_bytes: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        names: list[str],
+        catalog: TensorCatalog,
+        options: _Options,
+        choice: ProviderChoice,
+        input_bytes: int,
+    ) -> None:
         self.model, self.names, self.options, self.choice = model, names, options, choice
         self.elem_types = catalog.elem_types
         # A size shape inference could not tell is guessed as the largest known one, or (none
@@ -296,8 +333,12 @@ class _GroupRunner:
         self._build(self._grouping(self.estimates))
 
     def _grouping(self, sizes: Mapping[str, int]) -> list[list[str]]:
-        return group_by_budget(self.names, sizes, budget_bytes=self.options.memory_budget_bytes,
-                               max_per_group=self.options.max_outputs_per_run)  # fmt: skip
+        return group_by_budget(
+            self.names,
+            sizes,
+            budget_bytes=self.options.memory_budget_bytes,
+            max_per_group=self.options.max_outputs_per_run,
+        )
 
     def _build(self, groups: list[list[str]]) -> None:
         self.sessions = []
@@ -307,8 +348,13 @@ class _GroupRunner:
 
     def observe(self, feed: Feed, statistics: dict, seen: dict, skipped: dict[str, str]) -> None:
         for index, session in enumerate(self.sessions):
-            outputs = run_session(session, feed, label=f"calibration model (group {index + 1} of {len(self.sessions)})",
-                                  stage=self.options.stage, timeout_s=self.options.timeout_s)
+            outputs = run_session(
+                session,
+                feed,
+                label=f"calibration model (group {index + 1} of {len(self.sessions)})",
+                stage=self.options.stage,
+                timeout_s=self.options.timeout_s,
+            )
             for name in self.groups[index]:
                 value = outputs.pop(name)
                 self.observed[name] = max(self.observed.get(name, 0), value.nbytes)
@@ -337,8 +383,9 @@ class _GroupRunner:
             self.rebuilds += 1
 
 
-def _group_session(model: onnx.ModelProto, group: list[str], choice: ProviderChoice,
-                   elem_types: Mapping[str, int]) -> Session:  # fmt: skip
+def _group_session(
+    model: onnx.ModelProto, group: list[str], choice: ProviderChoice, elem_types: Mapping[str, int]
+) -> Session:
     exposed = expose_outputs(model, group, prune=True, elem_types=elem_types)
     if fits_one_message(exposed):
         return create_session(exposed.SerializeToString(), choice, memory_arena=False)[0]
@@ -348,8 +395,9 @@ def _group_session(model: onnx.ModelProto, group: list[str], choice: ProviderCho
         return create_session(os.fspath(path), choice, memory_arena=False)[0]
 
 
-def _finish(plan: _Plan, statistics: dict, seen: dict, options: _Options,
-            catalog: TensorCatalog, count: int) -> dict[str, TensorRange]:  # fmt: skip
+def _finish(
+    plan: _Plan, statistics: dict, seen: dict, options: _Options, catalog: TensorCatalog, count: int
+) -> dict[str, TensorRange]:
     ranges: dict[str, TensorRange] = {}
     for name in plan.constants:
         statistic = options.new_statistic()

@@ -29,7 +29,7 @@ from optimizer.verify.runtime import (
     checked_timeout,
     create_session,
     run_outputs,
-)  # fmt: skip
+)
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SCANNED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -120,8 +120,12 @@ class SensitivityTable:
         header = ["layer", "elements"] + [f"cos@{s:g}" for s in self.sparsities]
         if self.allocation:
             header.append("allocated")
-        lines = [f"{self.samples} sample(s) on {self.provider_used}", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [
+            f"{self.samples} sample(s) on {self.provider_used}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for layer in self.layers:
             row = [layer.name, str(layer.elements)] + [f"{c:.4f}" for c in layer.cosine]
             if self.allocation:
@@ -173,14 +177,21 @@ def _check_sparsities(sparsities: Sequence[float]) -> None:
 class _Runner:
     """Runs the scan model with all weights fed; one weight replaced at a time."""
 
-    def __init__(self, session, samples: list[dict[str, np.ndarray]], values: dict[str, np.ndarray],
-                 timeout_s: float | None) -> None:
+    def __init__(
+        self, session, samples: list[dict[str, np.ndarray]], values: dict[str, np.ndarray], timeout_s: float | None
+    ) -> None:
         self.session, self.samples, self.values, self.timeout_s = session, samples, values, timeout_s
         self.reference = [self._run(sample, values) for sample in samples]
 
     def _run(self, sample: dict[str, np.ndarray], values: Mapping[str, np.ndarray]) -> np.ndarray:
-        outputs = run_outputs(self.session, None, {**sample, **values}, label="the scan model",
-                              stage="sensitivity scan", timeout_s=self.timeout_s)
+        outputs = run_outputs(
+            self.session,
+            None,
+            {**sample, **values},
+            label="the scan model",
+            stage="sensitivity scan",
+            timeout_s=self.timeout_s,
+        )
         floats = [np.asarray(o, np.float64).ravel() for o in outputs if np.asarray(o).dtype.kind == "f"]
         return np.concatenate(floats) if floats else np.zeros(0)
 
@@ -219,8 +230,9 @@ def default_scan_weights(model: onnx.ModelProto, min_elements: int) -> list[str]
             if name in dense:
                 ok = node.domain in ("", "ai.onnx") and SCANNED_OPS.get(node.op_type) == index
                 slots[name] = slots.get(name, True) and ok
-    return sorted(name for name, ok in slots.items()
-                  if ok and dense[name].dtype.kind == "f" and dense[name].size >= min_elements)
+    return sorted(
+        name for name, ok in slots.items() if ok and dense[name].dtype.kind == "f" and dense[name].size >= min_elements
+    )
 
 
 def _main_graph_weights(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

@@ -25,9 +25,17 @@ from optimizer.fileio.symlink_roots import resolve_allowed_symlink, symlink_root
 from optimizer.fileio.tensor_checks import describe_tensor, load_error, raw_byte_count
 
 __all__ = [
-    "MEMORY_COPIES", "READ_CHUNK_BYTES", "ExternalDataReader", "check_fits_in_memory", "file_kind",
-    "memory_headroom_bytes", "read_exactly", "read_model_file", "same_file", "stat_regular_file",
-]  # fmt: skip
+    "MEMORY_COPIES",
+    "READ_CHUNK_BYTES",
+    "ExternalDataReader",
+    "check_fits_in_memory",
+    "file_kind",
+    "memory_headroom_bytes",
+    "read_exactly",
+    "read_model_file",
+    "same_file",
+    "stat_regular_file",
+]
 
 READ_CHUNK_BYTES = 2**30
 
@@ -38,9 +46,13 @@ MEMORY_COPIES = 2
 """Bytes read are held about twice at the peak (the read buffer, then protobuf's own copy)."""
 
 _FILE_KINDS = {
-    stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink",
-}  # fmt: skip
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
 
 
 def file_kind(mode: int) -> str:
@@ -86,8 +98,10 @@ def check_fits_in_memory(size_bytes: int, shown: str) -> None:
     """Refuse before allocating: a hostile size must be a clear error, not a MemoryError."""
     headroom = memory_headroom_bytes()
     if headroom is not None and MEMORY_COPIES * size_bytes > headroom:
-        raise ModelLoadError(f"{shown}: needs about {MEMORY_COPIES * size_bytes} bytes of memory, "
-                             f"more than the {headroom} bytes this process can allocate")
+        raise ModelLoadError(
+            f"{shown}: needs about {MEMORY_COPIES * size_bytes} bytes of memory, "
+            f"more than the {headroom} bytes this process can allocate"
+        )
 
 
 def read_exactly(fd: int, length_bytes: int, offset_bytes: int) -> bytes:
@@ -187,8 +201,9 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 class ExternalDataReader:
     """Reads external tensor data from files inside one folder (or allowed symlink roots)."""
 
-    def __init__(self, folder: str, source: str, budget_bytes: int | None,
-                 allow_symlinks_under: Iterable[str | os.PathLike] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, folder: str, source: str, budget_bytes: int | None, allow_symlinks_under: Iterable[str | os.PathLike] = ()
+    ) -> None:
         self._folder = os.path.realpath(folder)
         self._roots = symlink_roots(folder, allow_symlinks_under)
         self._source = source
@@ -210,8 +225,9 @@ class ExternalDataReader:
     def check_unchanged(self) -> None:
         """Every file read is still the file it was when first opened; remembered for later."""
         for identity in self._files.values():
-            check_identity(identity, f"{self._source}: external file {identity.path}",
-                           "while the model was being loaded")
+            check_identity(
+                identity, f"{self._source}: external file {identity.path}", "while the model was being loaded"
+            )
             remember_source(identity)
 
     def read(self, tensor: TensorProto, label: str) -> bytes:
@@ -246,11 +262,14 @@ class ExternalDataReader:
         if length_bytes is None:
             length_bytes = max(size_bytes - offset_bytes, 0)
         if offset_bytes + length_bytes > size_bytes or offset_bytes > size_bytes:
-            raise ModelLoadError(f"{shown}: offset {offset_bytes} + length {length_bytes} is "
-                                 f"beyond its {size_bytes} bytes")  # fmt: skip
+            raise ModelLoadError(
+                f"{shown}: offset {offset_bytes} + length {length_bytes} is beyond its {size_bytes} bytes"
+            )
         if length_bytes != expected_bytes:
-            raise ModelLoadError(f"{shown}: length {length_bytes} bytes does not match "
-                                 f"{describe_tensor(tensor)} ({expected_bytes} bytes)")  # fmt: skip
+            raise ModelLoadError(
+                f"{shown}: length {length_bytes} bytes does not match "
+                f"{describe_tensor(tensor)} ({expected_bytes} bytes)"
+            )
         check_fits_in_memory(length_bytes, shown)
         return tuple(parts), shown, offset_bytes, length_bytes
 
@@ -321,9 +340,7 @@ def _inside(path: str, folder: str) -> bool:
     return path != folder and os.path.commonpath([path, folder]) == folder
 
 
-def _open_regular(
-    path: str, in_folder: tuple[os.stat_result, str, int] | None
-) -> tuple[int, FileIdentity]:
+def _open_regular(path: str, in_folder: tuple[os.stat_result, str, int] | None) -> tuple[int, FileIdentity]:
     """Open a regular, singly linked file without following a link; (fd, identity)."""
     before = os.stat(path, follow_symlinks=False) if in_folder is None else in_folder[0]
     if not stat.S_ISREG(before.st_mode):

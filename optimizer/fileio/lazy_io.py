@@ -41,11 +41,26 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from optimizer.errors import ModelLoadError
 
 __all__ = [
-    "LAZY_DTYPES", "LAZY_TENSOR_MIN_BYTES", "SPILL_MIN_BYTES", "FileIdentity", "LazyRef",
-    "MappedValues", "SpillFile", "check_sources_unchanged", "copy_range", "is_lazy", "lazy_ref",
-    "make_lazy", "map_array", "mapped_tensor", "read_range", "remember_source", "spillable",
-    "trust_file", "trust_identity",
-]  # fmt: skip
+    "LAZY_DTYPES",
+    "LAZY_TENSOR_MIN_BYTES",
+    "SPILL_MIN_BYTES",
+    "FileIdentity",
+    "LazyRef",
+    "MappedValues",
+    "SpillFile",
+    "check_sources_unchanged",
+    "copy_range",
+    "is_lazy",
+    "lazy_ref",
+    "make_lazy",
+    "map_array",
+    "mapped_tensor",
+    "read_range",
+    "remember_source",
+    "spillable",
+    "trust_file",
+    "trust_identity",
+]
 
 LAZY_TENSOR_MIN_BYTES = 4096
 """Smaller external tensors are read at load: shapes and scalars are cheap, and checks read them."""
@@ -61,11 +76,19 @@ _OPEN_FILES_KEPT = 16
 _SPILL_PREFIX = "onnx-compress-spill-"
 
 LAZY_DTYPES: dict[int, type] = {
-    TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
-    TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-    TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32, TensorProto.UINT32: np.uint32,
-    TensorProto.INT64: np.int64, TensorProto.UINT64: np.uint64, TensorProto.BOOL: np.bool_,
-}  # fmt: skip
+    TensorProto.FLOAT: np.float32,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.INT16: np.int16,
+    TensorProto.UINT16: np.uint16,
+    TensorProto.INT32: np.int32,
+    TensorProto.UINT32: np.uint32,
+    TensorProto.INT64: np.int64,
+    TensorProto.UINT64: np.uint64,
+    TensorProto.BOOL: np.bool_,
+}
 """Dtypes whose stored bytes are exactly a numpy array; others (packed, bfloat16, float8) load eagerly."""
 
 _NUMPY_TO_ONNX = {np.dtype(value): key for key, value in LAZY_DTYPES.items()}
@@ -85,8 +108,7 @@ class FileIdentity:
     @classmethod
     def of(cls, fd: int, path: str) -> FileIdentity:
         info = os.fstat(fd)
-        return cls(os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
-                   info.st_ctime_ns)  # fmt: skip
+        return cls(os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
     def matches(self, info: os.stat_result) -> bool:
         found = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
@@ -95,8 +117,10 @@ class FileIdentity:
     def check(self, fd: int, when: str) -> None:
         """Raise unless ``fd`` is still exactly this file: same inode, size, mtime and ctime."""
         if not self.matches(os.fstat(fd)):
-            raise ModelLoadError(f"{self.path}: external data changed {when} (size, time or inode "
-                                 "differ); refusing to use a file that is being rewritten")  # fmt: skip
+            raise ModelLoadError(
+                f"{self.path}: external data changed {when} (size, time or inode "
+                "differ); refusing to use a file that is being rewritten"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +160,11 @@ def check_sources_unchanged(paths: object) -> None:
     for path in map(os.fspath, paths):  # type: ignore[call-overload]
         identity = _SOURCES.get(os.path.abspath(path)) or _SOURCES.get(os.path.realpath(path))
         if identity is not None:
-            check_identity(identity, f"{identity.path}: input file",
-                           "while onnx-compress was running (size, time or inode differ from the load); "
-                           "nothing was written")
+            check_identity(
+                identity,
+                f"{identity.path}: input file",
+                "while onnx-compress was running (size, time or inode differ from the load); nothing was written",
+            )
 
 
 def check_identity(identity: FileIdentity, what: str, when: str) -> None:
@@ -156,8 +182,10 @@ def make_lazy(tensor: TensorProto, identity: FileIdentity, offset_bytes: int, le
     tensor.ClearField("raw_data")
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
-    where = (f"{_MARKER}{identity.device}:{identity.inode}:{identity.size_bytes}:"
-             f"{identity.mtime_ns}:{identity.ctime_ns}:{identity.path}")  # fmt: skip
+    where = (
+        f"{_MARKER}{identity.device}:{identity.inode}:{identity.size_bytes}:"
+        f"{identity.mtime_ns}:{identity.ctime_ns}:{identity.path}"
+    )
     for key, value in (("location", where), ("offset", offset_bytes), ("length", length_bytes)):
         tensor.external_data.add(key=key, value=str(value))
 
@@ -178,8 +206,10 @@ def lazy_ref(tensor: TensorProto) -> LazyRef:
     device, inode, size_bytes, mtime_ns, ctime_ns = (int(group) for group in match.groups()[:5])
     identity = FileIdentity(match.group(6), device, inode, size_bytes, mtime_ns, ctime_ns)
     if identity not in _TRUSTED:
-        raise ModelLoadError(f"tensor '{tensor.name}': lazy external data in {identity.path} was not "
-                             "loaded by this process; load the model from its path")  # fmt: skip
+        raise ModelLoadError(
+            f"tensor '{tensor.name}': lazy external data in {identity.path} was not "
+            "loaded by this process; load the model from its path"
+        )
     offset_bytes, length_bytes = (int(text) for text in numbers)
     if offset_bytes + length_bytes > identity.size_bytes:
         raise ModelLoadError(f"tensor '{tensor.name}': lazy reference beyond {identity.path}")

@@ -28,7 +28,7 @@ from optimizer.fileio.lazy_io import (
     is_lazy,
     lazy_ref,
     make_lazy,
-)  # fmt: skip
+)
 from optimizer.fileio.tensor_checks import (
     MAX_CONSTANT_OF_SHAPE_BYTES,
     MAX_SUBGRAPH_DEPTH,
@@ -40,7 +40,7 @@ from optimizer.fileio.tensor_checks import (
     iter_tensors,
     load_error,
     payload_bytes,
-)  # fmt: skip
+)
 
 __all__ = [
     "LAZY_LOAD_ABOVE_BYTES",
@@ -54,7 +54,7 @@ __all__ = [
     "load_model_with_files",
     "model_size_bytes",
     "serialized_size_bytes",
-]  # fmt: skip
+]
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 """protobuf refuses to serialize or parse a message larger than this."""
@@ -65,8 +65,10 @@ PROTOBUF_MARGIN_BYTES = 64 * 2**20
 LAZY_LOAD_ABOVE_BYTES = 256 * 2**20
 """optimize() keeps a model's external tensors on disk when they add up to more than this."""
 
-_NO_FOLDER_REASON = ("references external data, but a model given as bytes or a proto has no "
-                     "folder to read it from; load it from its .onnx path instead")  # fmt: skip
+_NO_FOLDER_REASON = (
+    "references external data, but a model given as bytes or a proto has no "
+    "folder to read it from; load it from its .onnx path instead"
+)
 _PROTO_SOURCE = "<ModelProto>"
 _BYTES_SOURCE = "<bytes>"
 
@@ -108,8 +110,10 @@ def _parse_model(data: bytes, shown: str) -> onnx.ModelProto:
     except (DecodeError, RuntimeError, ValueError) as error:
         reason = str(error)
         if "MaxDepth" in reason:
-            reason = ("messages nested deeper than protobuf parses (100 levels; about 30 levels "
-                      f"of subgraphs, where the limit is {MAX_SUBGRAPH_DEPTH})")  # fmt: skip
+            reason = (
+                "messages nested deeper than protobuf parses (100 levels; about 30 levels "
+                f"of subgraphs, where the limit is {MAX_SUBGRAPH_DEPTH})"
+            )
         raise ModelLoadError(f"{shown}: not an ONNX model: {reason}") from error
     except MemoryError:
         raise ModelLoadError(f"{shown}: out of memory parsing {len(data)} bytes") from None
@@ -119,8 +123,11 @@ def _parse_model(data: bytes, shown: str) -> onnx.ModelProto:
 
 def _require_model_fields(model: onnx.ModelProto, shown: str) -> None:
     """Also the limits that must hold before anything walks the graph recursively."""
-    present = {"graph": model.HasField("graph"), "ir_version": model.ir_version > 0,
-               "opset_import": len(model.opset_import) > 0}  # fmt: skip
+    present = {
+        "graph": model.HasField("graph"),
+        "ir_version": model.ir_version > 0,
+        "opset_import": len(model.opset_import) > 0,
+    }
     missing = [field for field, is_present in present.items() if not is_present]
     if missing:
         raise ModelLoadError(f"{shown}: not an ONNX model: no {', '.join(missing)}")
@@ -192,8 +199,13 @@ def _check_lazy_tensor(tensor: TensorProto, shown: str, label: str) -> None:
 
 
 def _lazy_payload_bytes(model: onnx.ModelProto) -> int:
-    return sum(int(entry.value) for tensor, _ in iter_tensors(model) if is_lazy(tensor)
-               for entry in tensor.external_data if entry.key == "length")  # fmt: skip
+    return sum(
+        int(entry.value)
+        for tensor, _ in iter_tensors(model)
+        if is_lazy(tensor)
+        for entry in tensor.external_data
+        if entry.key == "length"
+    )
 
 
 def has_lazy_tensors(model: onnx.ModelProto) -> bool:
@@ -240,7 +252,9 @@ def _check_input_size(size_bytes: int, max_input_bytes: int | None, shown: str) 
 
 
 def load_model(
-    source: str | os.PathLike | bytes | onnx.ModelProto, *, max_input_bytes: int | None = None,
+    source: str | os.PathLike | bytes | onnx.ModelProto,
+    *,
+    max_input_bytes: int | None = None,
     allow_symlinks_under: Iterable[str | os.PathLike] = (),
 ) -> onnx.ModelProto:
     """A new, self-contained, checked ModelProto from a path, serialized bytes or a proto.
@@ -249,8 +263,9 @@ def load_model(
     by its layout, the ``blobs`` folder of a Hugging Face cache (``optimizer.fileio.symlink_roots``).
     """
     if isinstance(source, (str, os.PathLike)):
-        return load_model_with_files(source, max_input_bytes=max_input_bytes,
-                                     allow_symlinks_under=allow_symlinks_under)[0]
+        return load_model_with_files(
+            source, max_input_bytes=max_input_bytes, allow_symlinks_under=allow_symlinks_under
+        )[0]
     if isinstance(source, onnx.ModelProto):
         shown = _PROTO_SOURCE
         _check_input_size(serialized_size_bytes(source), max_input_bytes, shown)
@@ -271,8 +286,11 @@ def load_model(
 
 
 def load_model_with_files(
-    path: str | os.PathLike, *, max_input_bytes: int | None = None,
-    lazy_above_bytes: int | None = None, allow_symlinks_under: Iterable[str | os.PathLike] = (),
+    path: str | os.PathLike,
+    *,
+    max_input_bytes: int | None = None,
+    lazy_above_bytes: int | None = None,
+    allow_symlinks_under: Iterable[str | os.PathLike] = (),
 ) -> tuple[onnx.ModelProto, tuple[pathlib.Path, ...]]:
     """The model plus every file it was read from (real paths), so callers can refuse to
     overwrite them and, with ``optimizer.fileio.lazy_io.check_sources_unchanged``, notice that one

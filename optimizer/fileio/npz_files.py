@@ -46,8 +46,15 @@ def read_npz_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             with zipfile.ZipFile(stream) as archive:
                 members = _checked_members(archive, shown)
                 return {key: _read_member(archive, member, shown, key) for key, member in members}
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
-                NotImplementedError, RuntimeError) as error:  # fmt: skip
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            EOFError,
+            OSError,
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+        ) as error:
             raise FeedError(f"cannot read feeds file {shown!r}: {error}") from error
 
 
@@ -85,12 +92,15 @@ def _checked_members(archive: zipfile.ZipFile, shown: str) -> list[tuple[str, zi
         if any(key == seen for seen, _ in members):
             raise FeedError(f"{where}: key given twice")
         if member.compress_type == zipfile.ZIP_STORED and member.file_size != member.compress_size:
-            raise FeedError(f"{where}: stored member declares {member.file_size} bytes but holds "
-                            f"{member.compress_size}")  # fmt: skip
+            raise FeedError(
+                f"{where}: stored member declares {member.file_size} bytes but holds {member.compress_size}"
+            )
         ratio = member.file_size / max(member.compress_size, 1)
         if member.compress_type == zipfile.ZIP_DEFLATED and ratio > MAX_DEFLATE_RATIO:
-            raise FeedError(f"{where}: declares {member.file_size} bytes from {member.compress_size} "
-                            f"compressed, more than deflate can produce (a zip bomb?)")  # fmt: skip
+            raise FeedError(
+                f"{where}: declares {member.file_size} bytes from {member.compress_size} "
+                f"compressed, more than deflate can produce (a zip bomb?)"
+            )
         total_bytes += member.file_size
         _check_budget(total_bytes, where)
         members.append((key, member))
@@ -101,12 +111,15 @@ def _checked_members(archive: zipfile.ZipFile, shown: str) -> list[tuple[str, zi
 
 def _check_budget(size_bytes: int, where: str) -> None:
     if size_bytes > MAX_NPZ_FILE_BYTES:
-        raise FeedError(f"{where}: arrays add up to {size_bytes} bytes, over the limit of "
-                        f"{MAX_NPZ_FILE_BYTES} per .npz file")  # fmt: skip
+        raise FeedError(
+            f"{where}: arrays add up to {size_bytes} bytes, over the limit of {MAX_NPZ_FILE_BYTES} per .npz file"
+        )
     headroom = memory_headroom_bytes()
     if headroom is not None and MEMORY_COPIES * size_bytes > headroom:
-        raise FeedError(f"{where}: needs about {MEMORY_COPIES * size_bytes} bytes of memory, more "
-                        f"than the {headroom} bytes this process can allocate")  # fmt: skip
+        raise FeedError(
+            f"{where}: needs about {MEMORY_COPIES * size_bytes} bytes of memory, more "
+            f"than the {headroom} bytes this process can allocate"
+        )
 
 
 def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, shown: str, key: str) -> np.ndarray:
@@ -121,8 +134,10 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, shown: str, 
             raise FeedError(f"{where}: holds Python objects (pickles are never loaded)")
         data_bytes = math.prod(shape) * dtype.itemsize
         if header_bytes + data_bytes != member.file_size:
-            raise FeedError(f"{where}: header declares shape {list(shape)} of {dtype} ({data_bytes} "
-                            f"bytes) but the member holds {member.file_size - header_bytes}")  # fmt: skip
+            raise FeedError(
+                f"{where}: header declares shape {list(shape)} of {dtype} ({data_bytes} "
+                f"bytes) but the member holds {member.file_size - header_bytes}"
+            )
         _check_budget(data_bytes, where)
         array = np.empty(shape, dtype, order="F" if fortran_order else "C")
         view = memoryview(array.reshape(-1, order="A").view(np.uint8).data) if data_bytes else memoryview(b"")

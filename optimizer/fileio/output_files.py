@@ -197,8 +197,13 @@ def folder_files(source: object) -> list[Path]:
     return [Path(source), *(Path(source) / name for name in sorted(os.listdir(source)))]
 
 
-def commit(target: Path, model_source: str | os.PathLike, data_source: str | os.PathLike | None,
-           data_name: str | None, protected: Iterable[str | os.PathLike]) -> None:
+def commit(
+    target: Path,
+    model_source: str | os.PathLike,
+    data_source: str | os.PathLike | None,
+    data_name: str | None,
+    protected: Iterable[str | os.PathLike],
+) -> None:
     """Move the data file (if any) in, then replace the model: one commit point, under the lock."""
     folder = target.parent
     kept = list(protected)

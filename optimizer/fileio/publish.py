@@ -32,8 +32,9 @@ ExternalData = Literal["auto", "always", "never"]
 EXTERNAL_DATA_CHOICES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
 
 
-def save_unchanged_sources(model: onnx.ModelProto, path: str | os.PathLike, external_data: ExternalData,
-                           protected: Sequence[Path]) -> Path:
+def save_unchanged_sources(
+    model: onnx.ModelProto, path: str | os.PathLike, external_data: ExternalData, protected: Sequence[Path]
+) -> Path:
     """Save ``model`` to ``path`` once the files the run read are checked unchanged."""
     check_sources_unchanged(protected)
     if external_data not in EXTERNAL_DATA_CHOICES:

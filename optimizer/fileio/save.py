@@ -25,13 +25,13 @@ from optimizer.fileio.lazy_io import (
     is_lazy,
     lazy_ref,
     read_range,
-)  # fmt: skip
+)
 from optimizer.fileio.model import (
     PROTOBUF_LIMIT_BYTES,
     PROTOBUF_MARGIN_BYTES,
     has_lazy_tensors,
     model_size_bytes,
-)  # fmt: skip
+)
 from optimizer.fileio.output_files import check_apart, commit, data_file_name, file_digest, remove_dead_temps, temp_file
 from optimizer.fileio.tensor_checks import iter_tensors
 
@@ -64,9 +64,7 @@ def check_output_file(path: pathlib.Path) -> None:
         raise ModelSaveError(f"{path}: output exists and is {file_kind(info.st_mode)}")
 
 
-def _needs_external_data(
-    model: onnx.ModelProto, external_data: bool | None, target: pathlib.Path
-) -> bool:
+def _needs_external_data(model: onnx.ModelProto, external_data: bool | None, target: pathlib.Path) -> bool:
     """Automatic: above the limit, or when tensors are lazy (they stay out of memory)."""
     size_bytes = model_size_bytes(model)
     if external_data is None:
@@ -135,8 +133,11 @@ def _write_temp(folder: pathlib.Path, final_name: str, write: Callable[[int], No
 
 
 def _commit_atomically(
-    target: pathlib.Path, model_bytes: bytes, protected: list[str],
-    data_temp: str | None = None, data_name: str | None = None,
+    target: pathlib.Path,
+    model_bytes: bytes,
+    protected: list[str],
+    data_temp: str | None = None,
+    data_name: str | None = None,
 ) -> None:
     """Write the model to a temp, then move the data file in and os.replace the model.
 
@@ -151,9 +152,7 @@ def _commit_atomically(
             os.unlink(model_temp)
 
 
-def _move_tensors_to_file(
-    model: onnx.ModelProto, fd: int, location: str, threshold_bytes: int
-) -> None:
+def _move_tensors_to_file(model: onnx.ModelProto, fd: int, location: str, threshold_bytes: int) -> None:
     """Write big tensors to fd, page-aligned, and point the tensors at it.
 
     raw_data is written from memory and lazy tensors are copied from their files, in one
@@ -200,8 +199,9 @@ def _write_with_external_data(
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     folder = target.parent
-    data_temp = _write_temp(folder, f"{target.name}.data",
-                            lambda fd: _move_tensors_to_file(model_copy, fd, "", threshold_bytes))
+    data_temp = _write_temp(
+        folder, f"{target.name}.data", lambda fd: _move_tensors_to_file(model_copy, fd, "", threshold_bytes)
+    )
     try:
         data_name = data_file_name(target.name, file_digest(data_temp))
         for tensor, _ in iter_tensors(model_copy):

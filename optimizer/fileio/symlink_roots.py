@@ -62,8 +62,9 @@ def _inside(path: str, root: str) -> bool:
 def resolve_allowed_symlink(path: str, roots: tuple[str, ...]) -> str:
     """The real path ``path`` (a symlink) leads to; ValueError unless every hop stays in a root."""
     if not roots:
-        raise ValueError("is a symlink (allowed only into --allow-symlinks-under DIR or a Hugging "
-                         "Face cache's blobs folder)")  # fmt: skip
+        raise ValueError(
+            "is a symlink (allowed only into --allow-symlinks-under DIR or a Hugging Face cache's blobs folder)"
+        )
     current = path
     for _ in range(MAX_SYMLINK_HOPS):
         target = os.readlink(current)
@@ -73,8 +74,7 @@ def resolve_allowed_symlink(path: str, roots: tuple[str, ...]) -> str:
             raise ValueError(f"is a symlink to {target!r}, which names no file")
         current = os.path.join(os.path.realpath(os.path.dirname(joined)), name)
         if not any(_inside(current, root) for root in roots):
-            raise ValueError(f"is a symlink to {current}, outside the allowed folders "
-                             f"{', '.join(roots)}")  # fmt: skip
+            raise ValueError(f"is a symlink to {current}, outside the allowed folders {', '.join(roots)}")
         if not stat.S_ISLNK(os.lstat(current).st_mode):
             return current
     raise ValueError(f"is a chain of more than {MAX_SYMLINK_HOPS} symlinks")

@@ -32,22 +32,29 @@ from optimizer.graph.walk import (
 )
 
 __all__ = [
-    "ELEMENT_BITS", "MAX_CONSTANT_OF_SHAPE_BYTES", "MAX_SUBGRAPH_DEPTH", "check_graph_structure",
-    "check_inline_tensor", "check_opsets", "check_subgraph_depth", "check_text_fields", "custom_domain_ops",
-    "describe_tensor", "iter_tensors", "load_error", "node_label", "payload_bytes", "raw_byte_count",
-]  # fmt: skip
+    "ELEMENT_BITS",
+    "MAX_CONSTANT_OF_SHAPE_BYTES",
+    "MAX_SUBGRAPH_DEPTH",
+    "check_graph_structure",
+    "check_inline_tensor",
+    "check_opsets",
+    "check_subgraph_depth",
+    "check_text_fields",
+    "custom_domain_ops",
+    "describe_tensor",
+    "iter_tensors",
+    "load_error",
+    "node_label",
+    "payload_bytes",
+    "raw_byte_count",
+]
 
 _Labelled = tuple[TensorProto, str]
 
-_TYPED_FIELDS = (
-    "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"
-)
-_PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6,
-                "FLOAT6E3M2": 6}  # fmt: skip
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6}
 ELEMENT_BITS = {
-    value: 0 if name == "STRING" else _PACKED_BITS.get(
-        name, 8 * onnx.helper.tensor_dtype_to_np_dtype(value).itemsize
-    )
+    value: 0 if name == "STRING" else _PACKED_BITS.get(name, 8 * onnx.helper.tensor_dtype_to_np_dtype(value).itemsize)
     for name, value in TensorProto.DataType.items()
     if value != TensorProto.UNDEFINED
 }
@@ -165,9 +172,7 @@ def _typed_value_count(tensor: TensorProto, element_count: int) -> int:
     return -(-element_count // per_entry)
 
 
-def check_inline_tensor(
-    tensor: TensorProto, source: str, label: str, raw_bytes: int | None = None
-) -> None:
+def check_inline_tensor(tensor: TensorProto, source: str, label: str, raw_bytes: int | None = None) -> None:
     """The stored values must be exactly what dtype and shape say, in exactly one field.
 
     ``raw_bytes`` spares a copy when the caller knows it: upb copies raw_data on every read.
@@ -220,8 +225,9 @@ def check_text_fields(model: onnx.ModelProto, source: str) -> None:
         if isinstance(message, TensorProto):
             _check_text(message.name, f"{path}.name", source)
             _check_text(message.doc_string, f"{path}.doc_string", source)
-            fields = [(message.DESCRIPTOR.fields_by_name[name], getattr(message, name))
-                      for name in _TENSOR_MESSAGE_FIELDS]
+            fields = [
+                (message.DESCRIPTOR.fields_by_name[name], getattr(message, name)) for name in _TENSOR_MESSAGE_FIELDS
+            ]
         else:
             fields = message.ListFields()
         for field, value in fields:
@@ -268,6 +274,7 @@ def node_label(node: onnx.NodeProto) -> str:
 
 def check_subgraph_depth(model: onnx.ModelProto, source: str) -> None:
     """Without recursion, so a hostile nesting depth cannot exhaust the stack first."""
+
     def too_deep(node: onnx.NodeProto) -> NoReturn:
         reason = f"subgraphs nested over the limit of {MAX_SUBGRAPH_DEPTH} levels"
         raise load_error(source, node_label(node), reason)
@@ -324,12 +331,14 @@ def _graph_constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
                     constants[node.output[0]] = attribute.t
                 elif attribute.name == "value_ints":
                     constants[node.output[0]] = onnx.helper.make_tensor(
-                        "", TensorProto.INT64, [len(attribute.ints)], list(attribute.ints))
+                        "", TensorProto.INT64, [len(attribute.ints)], list(attribute.ints)
+                    )
     return constants
 
 
-def _check_graph(graph: onnx.GraphProto, visible: frozenset[str], constants: dict[str, TensorProto],
-                 source: str) -> None:  # fmt: skip
+def _check_graph(
+    graph: onnx.GraphProto, visible: frozenset[str], constants: dict[str, TensorProto], source: str
+) -> None:
     for node in graph.node:
         for name in node.input:
             if name and name not in visible:
@@ -341,9 +350,7 @@ def _check_graph(graph: onnx.GraphProto, visible: frozenset[str], constants: dic
     _check_acyclic(graph, source)
 
 
-def _check_constant_of_shape(
-    node: onnx.NodeProto, shape_tensor: TensorProto | None, source: str
-) -> None:
+def _check_constant_of_shape(node: onnx.NodeProto, shape_tensor: TensorProto | None, source: str) -> None:
     if shape_tensor is None or math.prod(shape_tensor.dims) > _SHAPE_VALUES_LIMIT:
         return
     shape = [int(value) for value in onnx.numpy_helper.to_array(shape_tensor).ravel()]
@@ -354,8 +361,10 @@ def _check_constant_of_shape(
     bits = ELEMENT_BITS.get(value_type) or 8
     size_bytes = (math.prod(max(dim, 0) for dim in shape) * bits + 7) // 8
     if size_bytes > MAX_CONSTANT_OF_SHAPE_BYTES:
-        reason = (f"constant shape {shape} would materialize {size_bytes} bytes, over the limit "
-                  f"of {MAX_CONSTANT_OF_SHAPE_BYTES}")  # fmt: skip
+        reason = (
+            f"constant shape {shape} would materialize {size_bytes} bytes, over the limit "
+            f"of {MAX_CONSTANT_OF_SHAPE_BYTES}"
+        )
         raise load_error(source, node_label(node), reason)
 
 
@@ -369,8 +378,10 @@ def _check_control_scalars(node: onnx.NodeProto, constants: dict[str, TensorProt
     for role, name in zip(_CONTROL_SCALARS.get(node.op_type, ()), node.input, strict=False):  # roles: a prefix
         constant = constants.get(name) if name else None
         if constant is not None and math.prod(constant.dims) != 1:
-            reason = (f"{node.op_type} input '{role}' must hold one value, but the constant '{name}' has "
-                      f"{describe_tensor(constant)} (onnxruntime crashes on it)")
+            reason = (
+                f"{node.op_type} input '{role}' must hold one value, but the constant '{name}' has "
+                f"{describe_tensor(constant)} (onnxruntime crashes on it)"
+            )
             raise load_error(source, node_label(node), reason)
 
 
@@ -406,8 +417,15 @@ def _check_acyclic(graph: onnx.GraphProto, source: str) -> None:
     raise load_error(source, node_label(graph.node[cycle[0]]), f"nodes form a cycle: {shown}")
 
 
-_RUNTIME_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training",
-                    "ai.onnx.training", "com.microsoft")  # fmt: skip
+_RUNTIME_DOMAINS = (
+    "",
+    "ai.onnx",
+    "ai.onnx.ml",
+    "ai.onnx.preview",
+    "ai.onnx.preview.training",
+    "ai.onnx.training",
+    "com.microsoft",
+)
 
 
 def custom_domain_ops(model: onnx.ModelProto) -> list[str]:

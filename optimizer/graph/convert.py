@@ -49,8 +49,9 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     restore_initializer_inputs(model.graph, graph)
     record_training_bindings(model, graph)
     bound = graph.training_bound_names
-    graph.dropped_initializers = [entry for entry in unused_initializers(model.graph)
-                                  if entry["graph"] != "main" or entry["tensor"] not in bound]
+    graph.dropped_initializers = [
+        entry for entry in unused_initializers(model.graph) if entry["graph"] != "main" or entry["tensor"] not in bound
+    ]
     graph.lazy_tensors = _map_lazy_constants(graph)
     constants = all_constants(graph)
     wrap_sparse_constants(constants)
@@ -73,8 +74,11 @@ class StringValues(LazyValues):
 def _wrap_string_constants(constants: list[gs.Constant]) -> None:
     for constant in constants:
         values = constant._values
-        if (type(values) is LazyValues and isinstance(values.tensor, onnx.TensorProto)
-                and values.tensor.data_type == onnx.TensorProto.STRING):
+        if (
+            type(values) is LazyValues
+            and isinstance(values.tensor, onnx.TensorProto)
+            and values.tensor.data_type == onnx.TensorProto.STRING
+        ):
             constant._values = StringValues(values.tensor)
 
 
@@ -98,8 +102,12 @@ def _map_lazy_constants(root: gs.Graph) -> bool:
     found = False
     for constant in all_constants(root):
         values = constant._values
-        if (isinstance(values, LazyValues) and not isinstance(values, MappedValues)
-                and isinstance(values.tensor, onnx.TensorProto) and is_lazy(values.tensor)):
+        if (
+            isinstance(values, LazyValues)
+            and not isinstance(values, MappedValues)
+            and isinstance(values.tensor, onnx.TensorProto)
+            and is_lazy(values.tensor)
+        ):
             constant._values = MappedValues(values.tensor)
             constant.data_location = None
             found = True
@@ -151,8 +159,11 @@ def unused_initializers(graph: onnx.GraphProto) -> list[DroppedInitializer]:
     unused: list[DroppedInitializer] = []
     for site in walk_proto(graph):
         read = names_read(site.graph, include_interface=True)
-        unused.extend({"tensor": tensor.name, "graph": site.path, "bytes": stored_bytes(tensor)}
-                      for tensor in site.graph.initializer if tensor.name not in read)
+        unused.extend(
+            {"tensor": tensor.name, "graph": site.path, "bytes": stored_bytes(tensor)}
+            for tensor in site.graph.initializer
+            if tensor.name not in read
+        )
     return unused
 
 

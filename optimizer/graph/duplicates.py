@@ -130,7 +130,7 @@ def near_pairs(weights: Sequence[C], rtol: float) -> list[tuple[C, C, float, flo
                 continue
             reference = kept.values.astype(np.float64)
             scale = float(np.abs(reference).max()) or 1.0
-            for other in members[index + 1:]:
+            for other in members[index + 1 :]:
                 if id(other) in merged:
                     continue
                 error = float(np.abs(other.values.astype(np.float64) - reference).max())
@@ -186,7 +186,8 @@ def duplicate_groups(candidates: Sequence[StoredTensor], *, min_bytes: int = 0) 
             wasted[kept] += wasted.pop(joined)
     groups = [
         DuplicateGroup(kinds.get(key, "exact"), tuple(sorted(c.name for c in group)), wasted[key])
-        for key, group in members.items() if len(group) > 1
+        for key, group in members.items()
+        if len(group) > 1
     ]
     return sorted(groups, key=lambda g: (-g.wasted_bytes, g.tensors, g.kind))
 
@@ -269,7 +270,6 @@ def _cast(weights: Sequence[C]) -> list[Relation[C]]:
             if _raw(cast).tobytes() == _raw(narrow.values).tobytes():
                 relations.append(Relation("cast", wide, narrow))
     return sorted(relations, key=lambda r: (r.derived.order, r.source.order))
-
 
 
 def _sample_bytes(values: np.ndarray) -> bytes:

@@ -18,8 +18,19 @@ from optimizer.fileio.lazy_io import is_lazy, map_array
 
 _T = onnx.TensorProto
 FLOAT_TYPES = frozenset(
-    getattr(_T, name) for name in ("FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
-                                   "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT4E2M1") if hasattr(_T, name)
+    getattr(_T, name)
+    for name in (
+        "FLOAT",
+        "DOUBLE",
+        "FLOAT16",
+        "BFLOAT16",
+        "FLOAT8E4M3FN",
+        "FLOAT8E4M3FNUZ",
+        "FLOAT8E5M2",
+        "FLOAT8E5M2FNUZ",
+        "FLOAT4E2M1",
+    )
+    if hasattr(_T, name)
 )
 
 

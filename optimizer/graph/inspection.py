@@ -24,12 +24,14 @@ UNUSED_OP = "(unused)"
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _STRING = onnx.TensorProto.STRING
 _SCALAR_ATTRS = {
-    "value_float": (onnx.TensorProto.FLOAT, "f"), "value_int": (onnx.TensorProto.INT64, "i"),
+    "value_float": (onnx.TensorProto.FLOAT, "f"),
+    "value_int": (onnx.TensorProto.INT64, "i"),
     "value_string": (_STRING, "s"),
 }
 _LIST_ATTRS = {
     "value_floats": (onnx.TensorProto.FLOAT, "floats"),
-    "value_ints": (onnx.TensorProto.INT64, "ints"), "value_strings": (_STRING, "strings"),
+    "value_ints": (onnx.TensorProto.INT64, "ints"),
+    "value_strings": (_STRING, "strings"),
 }
 _ANY_TENSOR = onnx.TensorProto | onnx.SparseTensorProto
 
@@ -95,8 +97,12 @@ class _Weight:
         sparse = isinstance(self.tensor, onnx.SparseTensorProto)
         dtype = self.tensor.values.data_type if sparse else self.tensor.data_type
         return TensorInfo(
-            name=self.name, dtype=dtype_name(dtype), shape=tuple(int(d) for d in self.tensor.dims),
-            size_bytes=stored_bytes(self.tensor), source=self.source, graph=self.graph,
+            name=self.name,
+            dtype=dtype_name(dtype),
+            shape=tuple(int(d) for d in self.tensor.dims),
+            size_bytes=stored_bytes(self.tensor),
+            source=self.source,
+            graph=self.graph,
             consumers=self.consumers,
         )
 
@@ -202,8 +208,9 @@ def _walk_model(model: onnx.ModelProto) -> _Walk:
 def _define(site: GraphSite, walk: _Walk) -> dict[str, _Weight | None]:
     """The names a graph defines: inputs, stored weights, then every node output."""
     graph, path = site.graph, site.path
-    scope: dict[str, _Weight | None] = dict.fromkeys(graph.input if site.kind == "function"
-                                                     else [value.name for value in graph.input])
+    scope: dict[str, _Weight | None] = dict.fromkeys(
+        graph.input if site.kind == "function" else [value.name for value in graph.input]
+    )
     if site.kind != "function":
         stored = [(t.name, "initializer", t) for t in graph.initializer]
         stored += [(s.values.name, "sparse-initializer", s) for s in graph.sparse_initializer]
@@ -272,9 +279,7 @@ def _external_locations(weights: list[_Weight]) -> list[str]:
     return sorted(locations)
 
 
-def _file_size_bytes(
-    path: str, model: onnx.ModelProto, weights: list[_Weight], weight_bytes: int
-) -> int | None:
+def _file_size_bytes(path: str, model: onnx.ModelProto, weights: list[_Weight], weight_bytes: int) -> int | None:
     """Model file plus referenced external data files (stat only; missing files ignored).
 
     Loading external data erases the locations from the in-memory model, so when the file is
@@ -302,7 +307,7 @@ def _file_size_bytes(
 
 
 def format_type(value_type: onnx.TypeProto) -> str:
-    """"FLOAT[batch,3,224,224]"; symbolic dims by name, unknown dims as "?"."""
+    """ "FLOAT[batch,3,224,224]"; symbolic dims by name, unknown dims as "?"."""
     kind = value_type.WhichOneof("value")
     if kind in ("tensor_type", "sparse_tensor_type"):
         tensor_type = getattr(value_type, kind)
@@ -310,10 +315,7 @@ def format_type(value_type: onnx.TypeProto) -> str:
         dtype = prefix + dtype_name(tensor_type.elem_type)
         if not tensor_type.HasField("shape"):
             return dtype
-        dims = [
-            str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in tensor_type.shape.dim
-        ]
+        dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
         return f"{dtype}[{','.join(dims)}]"
     if kind == "sequence_type":
         return f"seq({format_type(value_type.sequence_type.elem_type)})"
@@ -353,9 +355,7 @@ def inspect_model(
     path_text = os.fspath(path) if path is not None else None
     return ModelInspection(
         path=path_text,
-        file_size_bytes=(
-            _file_size_bytes(path_text, model, walk.weights, total_bytes) if path_text else None
-        ),
+        file_size_bytes=(_file_size_bytes(path_text, model, walk.weights, total_bytes) if path_text else None),
         ir_version=int(model.ir_version),
         opsets=dict(sorted((o.domain or "ai.onnx", int(o.version)) for o in model.opset_import)),
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),

@@ -78,8 +78,11 @@ def _paired_graphs(proto: onnx.GraphProto, graph: gs.Graph) -> Iterator[tuple[on
         other = gs_sites.get(site.path)
         if other is None:
             continue
-        if site.parent is not None and other.parent is not None and (
-                site.parent.path not in paired or len(site.parent.graph.node) != len(other.parent.graph.nodes)):
+        if (
+            site.parent is not None
+            and other.parent is not None
+            and (site.parent.path not in paired or len(site.parent.graph.node) != len(other.parent.graph.nodes))
+        ):
             continue
         paired.add(site.path)
         yield site.graph, other.graph
@@ -87,8 +90,11 @@ def _paired_graphs(proto: onnx.GraphProto, graph: gs.Graph) -> Iterator[tuple[on
 
 def record_training_bindings(model: onnx.ModelProto, graph: gs.Graph) -> None:
     """Remember the initializers ``model.training_info`` binds, and those no node reads."""
-    bound = frozenset(binding.key for info in model.training_info
-                      for binding in list(info.initialization_binding) + list(info.update_binding))
+    bound = frozenset(
+        binding.key
+        for info in model.training_info
+        for binding in list(info.initialization_binding) + list(info.update_binding)
+    )
     graph.training_bound_names = bound
     present = graph.tensors()
     graph.training_only_initializers = [t for t in model.graph.initializer if t.name in bound and t.name not in present]

@@ -19,7 +19,7 @@ class NamePatterns:
 
     def __init__(self, patterns: Iterable[str]) -> None:
         patterns = tuple(patterns)
-        self.regexes = [re.compile(p[len(REGEX_PREFIX):]) for p in patterns if p.startswith(REGEX_PREFIX)]
+        self.regexes = [re.compile(p[len(REGEX_PREFIX) :]) for p in patterns if p.startswith(REGEX_PREFIX)]
         self.globs = [p for p in patterns if not p.startswith(REGEX_PREFIX)]
 
     def matches(self, *names: str) -> bool:
@@ -35,7 +35,7 @@ def invalid_pattern(patterns: Iterable[str]) -> str | None:
     for pattern in patterns:
         if pattern.startswith(REGEX_PREFIX):
             try:
-                re.compile(pattern[len(REGEX_PREFIX):])
+                re.compile(pattern[len(REGEX_PREFIX) :])
             except re.error as error:
                 return f"{pattern!r}: {error}"
     return None

@@ -36,14 +36,15 @@ def shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
 def without_graph_body(model: onnx.ModelProto) -> onnx.ModelProto:
     """Model fields that are not the graph (opsets, local functions, metadata) without copying weights."""
     shell = onnx.ModelProto(
-        ir_version=model.ir_version, producer_name=model.producer_name,
-        producer_version=model.producer_version, domain=model.domain,
-        model_version=model.model_version, doc_string=model.doc_string,
-    )  # fmt: skip
+        ir_version=model.ir_version,
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=model.model_version,
+        doc_string=model.doc_string,
+    )
     shell.opset_import.extend(model.opset_import)
     shell.metadata_props.extend(model.metadata_props)
     shell.functions.extend(model.functions)
     shell.graph.name = model.graph.name
     return shell
-
-

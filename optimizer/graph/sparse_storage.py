@@ -147,8 +147,11 @@ def restore_unchanged_sparse(constants: Sequence[gs.Constant]) -> None:
         if source is None or not isinstance(values, np.ndarray):
             continue
         original = sparse_to_dense(source)
-        if values.dtype == original.dtype and values.shape == original.shape and np.array_equal(
-                values, original, equal_nan=values.dtype.kind == "f"):  # fmt: skip
+        if (
+            values.dtype == original.dtype
+            and values.shape == original.shape
+            and np.array_equal(values, original, equal_nan=values.dtype.kind == "f")
+        ):
             constant._values = SparseWeightValues(source)
 
 

@@ -114,8 +114,11 @@ class _Shape:
                 if self.too_deep is not None:
                     self.too_deep(node)
                 raise RecursionError(f"subgraphs nested over {self.max_depth} levels")
-            found.append(GraphSite(graph, "subgraph", self._path(site, node, index, attribute),
-                                   site.depth + 1, site, node, attribute))
+            found.append(
+                GraphSite(
+                    graph, "subgraph", self._path(site, node, index, attribute), site.depth + 1, site, node, attribute
+                )
+            )
         return found
 
     def _path(self, site: GraphSite, node: Any, index: int, attribute: str) -> str:
@@ -179,9 +182,14 @@ def _model_roots(model: onnx.ModelProto, functions: bool, training: bool) -> lis
     return roots
 
 
-def model_events(model: onnx.ModelProto, *, functions: bool = True, training: bool = False,
-                 max_depth: int | None = None, too_deep: Callable[[Any], NoReturn] | None = None,
-                 ) -> Iterator[Event]:  # fmt: skip
+def model_events(
+    model: onnx.ModelProto,
+    *,
+    functions: bool = True,
+    training: bool = False,
+    max_depth: int | None = None,
+    too_deep: Callable[[Any], NoReturn] | None = None,
+) -> Iterator[Event]:
     """Enter/NodeStep/Leave over every graph of ``model`` in lexical order.
 
     Roots in this order: the main graph, then model-local functions, then training graphs.
@@ -190,9 +198,15 @@ def model_events(model: onnx.ModelProto, *, functions: bool = True, training: bo
     return _events(_model_roots(model, functions, training), _proto_shape(max_depth, too_deep))
 
 
-def walk_model(model: onnx.ModelProto, *, functions: bool = True, training: bool = False, order: Order = "pre",
-               max_depth: int | None = None, too_deep: Callable[[Any], NoReturn] | None = None,
-               ) -> Iterator[GraphSite]:  # fmt: skip
+def walk_model(
+    model: onnx.ModelProto,
+    *,
+    functions: bool = True,
+    training: bool = False,
+    order: Order = "pre",
+    max_depth: int | None = None,
+    too_deep: Callable[[Any], NoReturn] | None = None,
+) -> Iterator[GraphSite]:
     """Every graph of ``model`` (see ``model_events`` for the roots), pre-order or post-order."""
     events = model_events(model, functions=functions, training=training, max_depth=max_depth, too_deep=too_deep)
     return _sites(events, order)
@@ -249,8 +263,10 @@ def _gs_shape() -> _Shape:
 def _gs_roots(root: gs.Graph, functions: bool) -> list[GraphSite]:
     roots = [GraphSite(root, "main", MAIN_GRAPH)]
     if functions:
-        roots.extend(GraphSite(function, "function", f"function:{function.domain}.{function.name}")
-                     for function in getattr(root, "functions", []))
+        roots.extend(
+            GraphSite(function, "function", f"function:{function.domain}.{function.name}")
+            for function in getattr(root, "functions", [])
+        )
     return roots
 
 

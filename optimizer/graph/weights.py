@@ -184,7 +184,10 @@ def constant_weight(tensor: gs.Tensor, uses: list[TensorUse] | None = None) -> W
     if isinstance(tensor, gs.Constant):
         return Weight(tensor, uses=uses if uses is not None else [])
     producers = tensor.inputs
-    if len(producers) == 1 and is_constant_node(producers[0]) and isinstance(producers[0].attrs.get("value"),
-                                                                             gs.Constant):
+    if (
+        len(producers) == 1
+        and is_constant_node(producers[0])
+        and isinstance(producers[0].attrs.get("value"), gs.Constant)
+    ):
         return Weight(tensor, producers[0], uses=uses if uses is not None else [])
     return None

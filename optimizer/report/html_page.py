@@ -26,8 +26,18 @@ th{background:#f3f3f3}td:first-child,th:first-child,td.t{text-align:left}
 """
 
 
-LAYER_COLUMNS = ("node", "op", "kind", "bits", "sparsity", "weight_sqnr_db", "output_sqnr_db", "output_cosine",
-                 "status", "reason")
+LAYER_COLUMNS = (
+    "node",
+    "op",
+    "kind",
+    "bits",
+    "sparsity",
+    "weight_sqnr_db",
+    "output_sqnr_db",
+    "output_cosine",
+    "status",
+    "reason",
+)
 
 
 def render_html(data: dict[str, Any]) -> str:
@@ -48,31 +58,55 @@ def render_html(data: dict[str, Any]) -> str:
         parts += _benchmark_section(data["benchmark"], plots)
     if data.get("bisect"):
         found = data["bisect"]
-        parts += ["<h2>Bisect</h2>", f"<p>first bad pass: {_e(found.get('first_bad_pass'))} "
-                  f"(#{_e(found.get('index'))}): {_e(found.get('reason'))}</p>"]
+        parts += [
+            "<h2>Bisect</h2>",
+            f"<p>first bad pass: {_e(found.get('first_bad_pass'))} "
+            f"(#{_e(found.get('index'))}): {_e(found.get('reason'))}</p>",
+        ]
     notes = list(data.get("notes", [])) + plots.notes
     if notes:
         parts += ["<h2>Notes</h2>", "<ul>"] + [f"<li>{_e(note)}</li>" for note in notes] + ["</ul>"]
     body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>onnx-compress report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>onnx-compress report</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def _size_section(data: dict[str, Any], plots: _Plots) -> list[str]:
     before, after = data["input"], data.get("output")
-    rows = [["file (bytes)", before["size_bytes"], after["size_bytes"] if after else None],
-            ["weights (bytes)", before["weight_bytes"], after["weight_bytes"] if after else None]]
+    rows = [
+        ["file (bytes)", before["size_bytes"], after["size_bytes"] if after else None],
+        ["weights (bytes)", before["weight_bytes"], after["weight_bytes"] if after else None],
+    ]
     dtypes = sorted(set(before["weight_bytes_by_dtype"]) | set((after or {}).get("weight_bytes_by_dtype", {})))
     for dtype in dtypes:
-        rows.append([f"{dtype} weights", before["weight_bytes_by_dtype"].get(dtype, 0),
-                     (after or {}).get("weight_bytes_by_dtype", {}).get(dtype, 0) if after else None])
-    out = ["<h2>Size</h2>", f"<p>input: <code>{_e(before['path'])}</code>"
-           + (f"<br>output: <code>{_e(after['path'])}</code>" if after else "") + "</p>",
-           _table(["", "before", "after"], rows)]
+        rows.append(
+            [
+                f"{dtype} weights",
+                before["weight_bytes_by_dtype"].get(dtype, 0),
+                (after or {}).get("weight_bytes_by_dtype", {}).get(dtype, 0) if after else None,
+            ]
+        )
+    out = [
+        "<h2>Size</h2>",
+        f"<p>input: <code>{_e(before['path'])}</code>"
+        + (f"<br>output: <code>{_e(after['path'])}</code>" if after else "")
+        + "</p>",
+        _table(["", "before", "after"], rows),
+    ]
     if after and dtypes:
-        out.append(plots.bars("Weight bytes by dtype", dtypes,
-                              {"before": [before["weight_bytes_by_dtype"].get(d, 0) for d in dtypes],
-                               "after": [after["weight_bytes_by_dtype"].get(d, 0) for d in dtypes]}, "bytes"))
+        out.append(
+            plots.bars(
+                "Weight bytes by dtype",
+                dtypes,
+                {
+                    "before": [before["weight_bytes_by_dtype"].get(d, 0) for d in dtypes],
+                    "after": [after["weight_bytes_by_dtype"].get(d, 0) for d in dtypes],
+                },
+                "bytes",
+            )
+        )
     return out
 
 
@@ -84,8 +118,16 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
     for run in passes:
         report = run["report"]
         counts = ", ".join(f"{k}={v}" for k, v in report.get("counts", {}).items()) or "-"
-        rows.append([run["name"], "yes" if run["modified"] else "no", counts, report.get("saved_bytes", 0),
-                     len(report.get("skipped", [])), run["seconds"]])
+        rows.append(
+            [
+                run["name"],
+                "yes" if run["modified"] else "no",
+                counts,
+                report.get("saved_bytes", 0),
+                len(report.get("skipped", [])),
+                run["seconds"],
+            ]
+        )
     out.append(_table(["pass", "modified", "counts", "saved bytes", "skipped", "seconds"], rows))
     skips = [(run["name"], skip) for run in passes for skip in run["report"].get("skipped", [])]
     if skips:
@@ -100,11 +142,21 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 def _layers_section(layers: list[dict[str, Any]], plots: _Plots) -> list[str]:
     keys = layer_columns(layers)
     out = ["<h2>Per layer</h2>", _table(keys, [[layer.get(k) for k in keys] for layer in layers])]
-    sqnr = [(layer["node"], layer["output_sqnr_db"]) for layer in layers
-            if isinstance(layer.get("output_sqnr_db"), (int, float))]
+    sqnr = [
+        (layer["node"], layer["output_sqnr_db"])
+        for layer in layers
+        if isinstance(layer.get("output_sqnr_db"), (int, float))
+    ]
     if sqnr:
-        out.append(plots.bars("Output SQNR per layer (dB, worst first)", [n for n, _ in sqnr],
-                              {"SQNR dB": [v for _, v in sqnr]}, "dB", horizontal=True))
+        out.append(
+            plots.bars(
+                "Output SQNR per layer (dB, worst first)",
+                [n for n, _ in sqnr],
+                {"SQNR dB": [v for _, v in sqnr]},
+                "dB",
+                horizontal=True,
+            )
+        )
     return out
 
 
@@ -115,11 +167,13 @@ def layer_columns(layers: list[dict[str, Any]]) -> list[str]:
 
 def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:
     steps = budget.get("steps", [])
-    out = ["<h2>Accuracy budget</h2>",
-           f"<p>metric <b>{_e(budget.get('metric'))}</b>, baseline {_num(budget.get('baseline'))}, "
-           f"allowed drop {_num(budget.get('max_drop'))}: "
-           + ("<span class='pass'>met</span>" if budget.get("met") else "<span class='fail'>not met</span>")
-           + "</p>"]
+    out = [
+        "<h2>Accuracy budget</h2>",
+        f"<p>metric <b>{_e(budget.get('metric'))}</b>, baseline {_num(budget.get('baseline'))}, "
+        f"allowed drop {_num(budget.get('max_drop'))}: "
+        + ("<span class='pass'>met</span>" if budget.get("met") else "<span class='fail'>not met</span>")
+        + "</p>",
+    ]
     if steps:
         keys = [k for k in ("step", "action", "value", "drop", "met") if any(k in s for s in steps)]
         out.append(_table(keys, [[s.get(k) for k in keys] for s in steps]))
@@ -131,37 +185,58 @@ def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:
 
 def _validation_section(validation: dict[str, Any]) -> list[str]:
     verdict = "<span class='pass'>PASS</span>" if validation.get("passed") else "<span class='fail'>FAIL</span>"
-    out = ["<h2>Validation</h2>",
-           f"<p>{verdict} on {_e(validation.get('samples'))} samples, provider {_e(validation.get('provider_used'))} "
-           f"(requested {_e(validation.get('provider_requested'))}).</p>"]
+    out = [
+        "<h2>Validation</h2>",
+        f"<p>{verdict} on {_e(validation.get('samples'))} samples, provider {_e(validation.get('provider_used'))} "
+        f"(requested {_e(validation.get('provider_requested'))}).</p>",
+    ]
     if validation.get("provider_note"):
         out.append(f"<p class='note'>{_e(validation['provider_note'])}</p>")
-    rows = [[o["name"], o.get("max_abs"), o.get("mean_abs"), o.get("max_rel"), o.get("cosine"), o.get("sqnr_db"),
-             o.get("top1_agreement"), "pass" if o.get("passed") else "FAIL: " + "; ".join(o.get("failures", []))]
-            for o in validation.get("outputs", [])]
+    rows = [
+        [
+            o["name"],
+            o.get("max_abs"),
+            o.get("mean_abs"),
+            o.get("max_rel"),
+            o.get("cosine"),
+            o.get("sqnr_db"),
+            o.get("top1_agreement"),
+            "pass" if o.get("passed") else "FAIL: " + "; ".join(o.get("failures", [])),
+        ]
+        for o in validation.get("outputs", [])
+    ]
     out.append(_table(["output", "max abs", "mean abs", "max rel", "cosine", "SQNR dB", "top-1", "verdict"], rows))
     return out
 
 
 def _fusion_section(fusion: dict[str, Any]) -> list[str]:
     kernels = ", ".join(f"{op} x{n}" for op, n in fusion.get("integer_kernels", {}).items()) or "none"
-    out = ["<h2>What onnxruntime runs</h2>",
-           f"<p>{_e(fusion.get('quantized_groups_written'))} quantized group(s) written; integer kernels: "
-           f"{_e(kernels)} ({_e(fusion.get('provider_used'))}).</p>"]
+    out = [
+        "<h2>What onnxruntime runs</h2>",
+        f"<p>{_e(fusion.get('quantized_groups_written'))} quantized group(s) written; integer kernels: "
+        f"{_e(kernels)} ({_e(fusion.get('provider_used'))}).</p>",
+    ]
     out += [f"<p class='fail'>warning: {_e(w)}</p>" for w in fusion.get("warnings", [])]
     return out
 
 
 def _benchmark_section(benchmark: dict[str, Any], plots: _Plots) -> list[str]:
-    rows = [[m["name"], m["size_bytes"], m["session_create_ms"], m["p50_ms"], m["p90_ms"], m["ratio_p50"]]
-            for m in benchmark.get("models", [])]
-    out = ["<h2>Latency</h2>",
-           f"<p>provider {_e(benchmark.get('provider_requested'))}, warm-up {_e(benchmark.get('warmup'))}, "
-           f"{_e(benchmark.get('rounds'))} interleaved rounds.</p>",
-           _table(["model", "size bytes", "session ms", "p50 ms", "p90 ms", "ratio p50"], rows)]
+    rows = [
+        [m["name"], m["size_bytes"], m["session_create_ms"], m["p50_ms"], m["p90_ms"], m["ratio_p50"]]
+        for m in benchmark.get("models", [])
+    ]
+    out = [
+        "<h2>Latency</h2>",
+        f"<p>provider {_e(benchmark.get('provider_requested'))}, warm-up {_e(benchmark.get('warmup'))}, "
+        f"{_e(benchmark.get('rounds'))} interleaved rounds.</p>",
+        _table(["model", "size bytes", "session ms", "p50 ms", "p90 ms", "ratio p50"], rows),
+    ]
     if rows:
-        out.append(plots.bars("Latency (ms)", [r[0] for r in rows],
-                              {"p50": [r[3] for r in rows], "p90": [r[4] for r in rows]}, "ms"))
+        out.append(
+            plots.bars(
+                "Latency (ms)", [r[0] for r in rows], {"p50": [r[3] for r in rows], "p90": [r[4] for r in rows]}, "ms"
+            )
+        )
     return out
 
 
@@ -205,8 +280,10 @@ class _Plots:
         self._pyplot: Any = None
         try:
             import matplotlib
+
             matplotlib.use("Agg")
             import matplotlib.pyplot as pyplot
+
             pyplot.rcParams["svg.fonttype"] = "none"
             pyplot.rcParams["svg.hashsalt"] = "onnx-compress"
             self._pyplot = pyplot
@@ -214,8 +291,9 @@ class _Plots:
             self._pyplot = None
             self.notes.append("plots left out: matplotlib is not installed (pip install 'onnx-compress[report]')")
 
-    def bars(self, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], unit: str,
-             horizontal: bool = False) -> str:
+    def bars(
+        self, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], unit: str, horizontal: bool = False
+    ) -> str:
         if self._pyplot is None:
             return ""
         figure, axes = self._pyplot.subplots(figsize=(8, max(2.5, 0.28 * len(labels)) if horizontal else 3.2))
@@ -252,4 +330,4 @@ class _Plots:
         figure.savefig(buffer, format="svg", metadata={"Date": None})
         self._pyplot.close(figure)
         svg = buffer.getvalue()
-        return f"<figure role='img' aria-label='{_e(title)}'>{svg[svg.index('<svg'):]}</figure>"
+        return f"<figure role='img' aria-label='{_e(title)}'>{svg[svg.index('<svg') :]}</figure>"

@@ -18,20 +18,14 @@ def _table(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [
-            cell.rjust(widths[col]) if col in right else cell.ljust(widths[col])
-            for col, cell in enumerate(row)
-        ]
+        cells = [cell.rjust(widths[col]) if col in right else cell.ljust(widths[col]) for col, cell in enumerate(row)]
         lines.append(("  " + "  ".join(cells)).rstrip())
     return lines
 
 
 def _share_rows(totals: dict[str, int], whole: int) -> list[tuple[str, ...]]:
     ordered = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
-    return [
-        (name, human_bytes(size), f"{100.0 * size / whole:.1f}%" if whole else "-")
-        for name, size in ordered
-    ]
+    return [(name, human_bytes(size), f"{100.0 * size / whole:.1f}%" if whole else "-") for name, size in ordered]
 
 
 def _header_lines(report: ModelInspection) -> list[str]:
@@ -49,10 +43,17 @@ def _tensor_rows(report: ModelInspection) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = [("name", "dtype", "shape", "size", "source", "graph", "consumers")]
     for info in report.largest_tensors:
         shape = "[" + ",".join(str(d) for d in info.shape) + "]"
-        rows.append((
-            info.name, info.dtype, shape, human_bytes(info.size_bytes), info.source,
-            info.graph, str(info.consumers),
-        ))
+        rows.append(
+            (
+                info.name,
+                info.dtype,
+                shape,
+                human_bytes(info.size_bytes),
+                info.source,
+                info.graph,
+                str(info.consumers),
+            )
+        )
     return rows
 
 

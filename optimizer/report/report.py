@@ -34,8 +34,12 @@ class ModelSummary:
         return sum(self.weight_bytes_by_dtype.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size_bytes": self.size_bytes, "weight_bytes": self.weight_bytes,
-                "weight_bytes_by_dtype": dict(sorted(self.weight_bytes_by_dtype.items()))}
+        return {
+            "path": self.path,
+            "size_bytes": self.size_bytes,
+            "weight_bytes": self.weight_bytes,
+            "weight_bytes_by_dtype": dict(sorted(self.weight_bytes_by_dtype.items())),
+        }
 
 
 @dataclass
@@ -95,8 +99,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += _benchmark_section(data["benchmark"])
     if data.get("bisect"):
         found = data["bisect"]
-        lines += ["## Bisect", "", f"first bad pass: {found.get('first_bad_pass')} (#{found.get('index')}): "
-                  f"{found.get('reason')}", ""]
+        lines += [
+            "## Bisect",
+            "",
+            f"first bad pass: {found.get('first_bad_pass')} (#{found.get('index')}): {found.get('reason')}",
+            "",
+        ]
     if data["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in data["notes"]] + [""]
     return escape_control("\n".join(lines), keep_layout=True)
@@ -107,12 +115,19 @@ def _size_section(before: dict[str, Any], after: dict[str, Any] | None) -> list[
     if after:
         lines.append(f"- output: `{after['path']}`")
     lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
-    rows = [("file (bytes)", before["size_bytes"], after["size_bytes"] if after else None),
-            ("weights (bytes)", before["weight_bytes"], after["weight_bytes"] if after else None)]
+    rows = [
+        ("file (bytes)", before["size_bytes"], after["size_bytes"] if after else None),
+        ("weights (bytes)", before["weight_bytes"], after["weight_bytes"] if after else None),
+    ]
     dtypes = sorted(set(before["weight_bytes_by_dtype"]) | set((after or {}).get("weight_bytes_by_dtype", {})))
     for dtype in dtypes:
-        rows.append((f"{dtype} weights", before["weight_bytes_by_dtype"].get(dtype, 0),
-                     after["weight_bytes_by_dtype"].get(dtype, 0) if after else None))
+        rows.append(
+            (
+                f"{dtype} weights",
+                before["weight_bytes_by_dtype"].get(dtype, 0),
+                after["weight_bytes_by_dtype"].get(dtype, 0) if after else None,
+            )
+        )
     for label, old, new in rows:
         lines.append(f"| {label} | {old:,} | {_num(new)} | {_ratio(old, new)} |")
     return [*lines, ""]
@@ -126,8 +141,10 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
     for run in passes:
         report = run["report"]
         counts = ", ".join(f"{k}={v}" for k, v in report.get("counts", {}).items()) or "-"
-        lines.append(f"| {run['name']} | {'yes' if run['modified'] else 'no'} | {counts} | "
-                     f"{report.get('saved_bytes', 0):,} | {len(report.get('skipped', []))} | {_num(run['seconds'])} |")
+        lines.append(
+            f"| {run['name']} | {'yes' if run['modified'] else 'no'} | {counts} | "
+            f"{report.get('saved_bytes', 0):,} | {len(report.get('skipped', []))} | {_num(run['seconds'])} |"
+        )
     skips = [(run["name"], skip) for run in passes for skip in run["report"].get("skipped", [])]
     if skips:
         lines += ["", "Skipped:", ""]
@@ -139,62 +156,88 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 
 def _layers_section(layers: list[dict[str, Any]]) -> list[str]:
     keys = layer_columns(layers)
-    lines = ["## Per layer", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_num(layer.get(k)) for k in keys) + " |" for layer in layers]
-    return [*lines, ""]
+    return ["## Per layer", "", *_table(keys, layers), ""]
 
 
 def _budget_section(budget: dict[str, Any]) -> list[str]:
-    lines = ["## Accuracy budget", "",
-             f"metric **{budget.get('metric')}**, baseline {_num(budget.get('baseline'))}, allowed drop "
-             f"{_num(budget.get('max_drop'))}: {'met' if budget.get('met') else 'not met'}", ""]
+    lines = [
+        *_heading(
+            "Accuracy budget",
+            f"metric **{budget.get('metric')}**, baseline {_num(budget.get('baseline'))}, "
+            f"allowed drop {_num(budget.get('max_drop'))}: {'met' if budget.get('met') else 'not met'}",
+        ),
+        "",
+    ]
     steps = budget.get("steps", [])
     keys = [k for k in ("step", "action", "value", "drop", "met") if any(k in s for s in steps)]
     if steps:
-        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(_num(step.get(k)) for k in keys) + " |" for step in steps]
+        lines += _table(keys, steps)
     return [*lines, ""]
 
 
 def _fusion_section(fusion: dict[str, Any]) -> list[str]:
     kernels = ", ".join(f"{op} x{n}" for op, n in fusion.get("integer_kernels", {}).items()) or "none"
-    lines = ["## What onnxruntime runs", "",
-             f"{fusion.get('quantized_groups_written')} quantized group(s) written; integer kernels: {kernels} "
-             f"({fusion.get('provider_used')})."]
+    lines = _heading(
+        "What onnxruntime runs",
+        f"{fusion.get('quantized_groups_written')} quantized group(s) written; integer kernels: {kernels} "
+        f"({fusion.get('provider_used')}).",
+    )
     lines += [f"- warning: {w}" for w in fusion.get("warnings", [])]
     return [*lines, ""]
 
 
 def _validation_section(validation: dict[str, Any]) -> list[str]:
     verdict = "PASS" if validation.get("passed") else "FAIL"
-    lines = ["## Validation", "",
-             f"{verdict} on {validation.get('samples')} samples, provider "
-             f"{validation.get('provider_used')} (requested {validation.get('provider_requested')})."]
+    lines = _heading(
+        "Validation",
+        f"{verdict} on {validation.get('samples')} samples, provider "
+        f"{validation.get('provider_used')} (requested {validation.get('provider_requested')}).",
+    )
     if validation.get("provider_note"):
         lines.append(f"Note: {validation['provider_note']}")
-    lines += ["", "| output | max abs | mean abs | max rel | cosine | SQNR dB | top-1 | verdict |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "| output | max abs | mean abs | max rel | cosine | SQNR dB | top-1 | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for out in validation.get("outputs", []):
         verdict = "pass" if out.get("passed") else "FAIL: " + "; ".join(out.get("failures", []))
-        lines.append(f"| {out['name']} | {_num(out.get('max_abs'))} | {_num(out.get('mean_abs'))} | "
-                     f"{_num(out.get('max_rel'))} | {_num(out.get('cosine'))} | {_num(out.get('sqnr_db'))} | "
-                     f"{_num(out.get('top1_agreement'))} | {verdict} |")
+        lines.append(
+            f"| {out['name']} | {_num(out.get('max_abs'))} | {_num(out.get('mean_abs'))} | "
+            f"{_num(out.get('max_rel'))} | {_num(out.get('cosine'))} | {_num(out.get('sqnr_db'))} | "
+            f"{_num(out.get('top1_agreement'))} | {verdict} |"
+        )
     return [*lines, ""]
 
 
 def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
-    lines = ["## Latency", "", f"Provider {benchmark.get('provider_requested')}, warm-up "
-             f"{benchmark.get('warmup')}, {benchmark.get('rounds')} interleaved rounds.", "",
-             "| model | size bytes | session ms | p50 ms | p90 ms | ratio p50 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = _heading(
+        "Latency",
+        f"Provider {benchmark.get('provider_requested')}, warm-up "
+        f"{benchmark.get('warmup')}, {benchmark.get('rounds')} interleaved rounds.",
+    )
+    lines += ["", "| model | size bytes | session ms | p50 ms | p90 ms | ratio p50 |", "|---|---:|---:|---:|---:|---:|"]
     for row in benchmark.get("models", []):
-        lines.append(f"| {row['name']} | {row['size_bytes']:,} | {_num(row['session_create_ms'])} | "
-                     f"{_num(row['p50_ms'])} | {_num(row['p90_ms'])} | {_num(row['ratio_p50'])} |")
+        lines.append(
+            f"| {row['name']} | {row['size_bytes']:,} | {_num(row['session_create_ms'])} | "
+            f"{_num(row['p50_ms'])} | {_num(row['p90_ms'])} | {_num(row['ratio_p50'])} |"
+        )
     return [*lines, ""]
+
+
+def _heading(title: str, text: str) -> list[str]:
+    """A section's first lines: its title and one line of text."""
+    return [f"## {title}", "", text]
+
+
+def _table(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table: one column per key, one line per row (missing values as '-')."""
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(_num(row.get(k)) for k in keys) + " |" for row in rows]
 
 
 def _num(value: Any) -> str:
     return format_number(value)
-
 
 
 def _ratio(old: int, new: int | None) -> str:
@@ -219,8 +262,12 @@ def check_report_path(path: str | os.PathLike, formats: Mapping[str, str] = REPO
     return target
 
 
-def check_writes_apart(written: Sequence[str | os.PathLike], reports: Sequence[str | os.PathLike],
-                       read: Sequence[str | os.PathLike], formats: Mapping[str, str] = REPORT_FORMATS) -> None:
+def check_writes_apart(
+    written: Sequence[str | os.PathLike],
+    reports: Sequence[str | os.PathLike],
+    read: Sequence[str | os.PathLike],
+    formats: Mapping[str, str] = REPORT_FORMATS,
+) -> None:
     """Before any work: report formats and folders, and no file written (``written``, which
     includes ``reports``) aliasing a file read or another file written (optimizer.fileio.output_files)."""
     for path in reports:
@@ -230,8 +277,12 @@ def check_writes_apart(written: Sequence[str | os.PathLike], reports: Sequence[s
         check_apart([path], written[index + 1 :], "another file this run writes")
 
 
-def check_reports_apart(reports: Sequence[str | os.PathLike], model_files: Sequence[str | os.PathLike],
-                        data: str | os.PathLike | None, formats: Mapping[str, str] = REPORT_FORMATS) -> None:
+def check_reports_apart(
+    reports: Sequence[str | os.PathLike],
+    model_files: Sequence[str | os.PathLike],
+    data: str | os.PathLike | None,
+    formats: Mapping[str, str] = REPORT_FORMATS,
+) -> None:
     """``debug``/``sensitivity``: their reports must not alias the models or data they read."""
     check_writes_apart(reports, reports, [*model_files, *folder_files(data)], formats)
 

@@ -73,8 +73,7 @@ class BenchResult:
         """A Markdown table, one row per model, with the settings above it."""
         threads = "onnxruntime default" if self.threads is None else str(self.threads)
         lines = [
-            f"provider: {self.provider_requested}; warm-up: {self.warmup}; rounds: {self.rounds}; "
-            f"threads: {threads}",
+            f"provider: {self.provider_requested}; warm-up: {self.warmup}; rounds: {self.rounds}; threads: {threads}",
         ]
         if self.provider_note:
             lines.append(f"note: {self.provider_note}")
@@ -112,22 +111,13 @@ def model_size_bytes(model: ModelSource) -> int:
     except Exception as exc:  # protobuf and onnx raise several unrelated types
         raise ModelLoadError(f"cannot read model {path!r} to measure its size: {exc}") from exc
     folder = os.path.dirname(os.path.abspath(path))
-    data_files = {
-        os.path.normpath(os.path.join(folder, location))
-        for location in external_data_locations(header)
-    }
-    return os.path.getsize(path) + sum(
-        os.path.getsize(file) for file in sorted(data_files) if os.path.isfile(file)
-    )
+    data_files = {os.path.normpath(os.path.join(folder, location)) for location in external_data_locations(header)}
+    return os.path.getsize(path) + sum(os.path.getsize(file) for file in sorted(data_files) if os.path.isfile(file))
 
 
 def _default_names(models: Sequence[ModelSource]) -> list[str]:
     names = [
-        (
-            f"model{index}"
-            if isinstance(model, (bytes, onnx.ModelProto))
-            else os.path.basename(os.fspath(model))
-        )
+        (f"model{index}" if isinstance(model, (bytes, onnx.ModelProto)) else os.path.basename(os.fspath(model)))
         for index, model in enumerate(models)
     ]
     if len(set(names)) == len(names):
@@ -229,9 +219,7 @@ def _timed_rounds(
         feed_index = round_index % len(feeds)
         for model_index in round_order(len(sessions), round_index):
             session_inputs = prepared[model_index][feed_index]
-            times_ms[model_index].append(
-                _run_timed_ms(bounded[model_index], session_inputs, names[model_index])
-            )
+            times_ms[model_index].append(_run_timed_ms(bounded[model_index], session_inputs, names[model_index]))
             bar.update(1)
     return times_ms
 
@@ -253,9 +241,7 @@ def _run_timed_ms(bounded: _BoundedSession, session_inputs: dict[str, np.ndarray
     return elapsed_ns / NANOSECONDS_PER_MS
 
 
-def _timing(
-    name: str, model: ModelSource, times_ms: list[float], create_ms: float, provider_used: str
-) -> ModelTiming:
+def _timing(name: str, model: ModelSource, times_ms: list[float], create_ms: float, provider_used: str) -> ModelTiming:
     samples = np.asarray(times_ms, dtype=np.float64)
     return ModelTiming(
         name=name,

@@ -21,18 +21,51 @@ import onnx
 from optimizer.graph.walk import walk_model
 from optimizer.verify.runtime import ModelSource, ProviderChoice, as_provider_choice, create_session, model_label
 
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-    "QGemm", "QLinearAdd", "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool",
-    "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean",
-    "QLinearWhere", "QAttention", "DynamicQuantizeLSTM", "GatherBlockQuantized", "ConvInteger",
-    "MatMulInteger", "NhwcQLinearConv", "QEmbedLayerNormalization", "QOrderedMatMul",
-})
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulNBits",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearConcat",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QLinearReduceMean",
+        "QLinearWhere",
+        "QAttention",
+        "DynamicQuantizeLSTM",
+        "GatherBlockQuantized",
+        "ConvInteger",
+        "MatMulInteger",
+        "NhwcQLinearConv",
+        "QEmbedLayerNormalization",
+        "QOrderedMatMul",
+    }
+)
 SLOW_KERNELS = {"ConvInteger": "ConvInteger runs 2-8x slower than a float Conv on onnxruntime's CPU provider"}
-COMPUTE_OPS = frozenset({
-    "Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv",
-    "Gather", "LSTM", "GRU", "Attention",
-})
+COMPUTE_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MatMul",
+        "Gemm",
+        "FusedConv",
+        "FusedMatMul",
+        "FusedGemm",
+        "NchwcConv",
+        "Gather",
+        "LSTM",
+        "GRU",
+        "Attention",
+    }
+)
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
 INTEGER_OPS_WRITTEN = ("MatMulInteger", "ConvInteger")
 """ONNX-standard integer ops a quantizer writes directly (the dynamic pattern), each one group."""
@@ -70,12 +103,16 @@ class FusionReport:
 
     def summary(self) -> str:
         kernels = ", ".join(f"{op} x{count}" for op, count in sorted(self.integer_kernels.items())) or "none"
-        lines = [f"{self.quantized_groups_written} quantized group(s) written; onnxruntime ({self.provider_used}) "
-                 f"runs integer kernels: {kernels}"]
+        lines = [
+            f"{self.quantized_groups_written} quantized group(s) written; onnxruntime ({self.provider_used}) "
+            f"runs integer kernels: {kernels}"
+        ]
         if self.float_after_dequantize:
             by_op = Counter(entry["op"] for entry in self.float_after_dequantize)
-            lines.append("stayed DequantizeLinear + float op: "
-                         + ", ".join(f"{op} x{count}" for op, count in sorted(by_op.items())))
+            lines.append(
+                "stayed DequantizeLinear + float op: "
+                + ", ".join(f"{op} x{count}" for op, count in sorted(by_op.items()))
+            )
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
@@ -110,19 +147,24 @@ def analyse(written: onnx.ModelProto, run: onnx.ModelProto, label: str, provider
 
 
 def _warnings(report: FusionReport) -> list[str]:
-    warnings = [f"{reason} ({report.run_ops[op]} node(s))"
-                for op, reason in SLOW_KERNELS.items() if op in report.run_ops]
+    warnings = [
+        f"{reason} ({report.run_ops[op]} node(s))" for op, reason in SLOW_KERNELS.items() if op in report.run_ops
+    ]
     by_op = Counter(entry["op"] for entry in report.float_after_dequantize)
     activation_dq = sum(1 for entry in report.float_after_dequantize if entry["operand"] == "activation")
     if activation_dq:
-        warnings.append(f"{activation_dq} op(s) dequantize their activations and run in float: the Q/DQ pairs "
-                        "cost time without an integer kernel")
+        warnings.append(
+            f"{activation_dq} op(s) dequantize their activations and run in float: the Q/DQ pairs "
+            "cost time without an integer kernel"
+        )
     if by_op.get("Gather"):
         warnings.append(f"{by_op['Gather']} Gather(s) dequantize the whole table on every run")
     added_transposes = report.run_ops.get("Transpose", 0) - report.written_ops.get("Transpose", 0)
     if added_transposes > 2 * max(1, sum(report.integer_kernels.values())) and report.integer_kernels:
-        warnings.append(f"onnxruntime added {added_transposes} layout Transpose node(s) around integer kernels: "
-                        "quantize the ops between them too")
+        warnings.append(
+            f"onnxruntime added {added_transposes} layout Transpose node(s) around integer kernels: "
+            "quantize the ops between them too"
+        )
     return warnings
 
 

@@ -83,18 +83,31 @@ def compare_isolated(
     label = f"comparing {model_label(candidate_path)} with {model_label(reference_path)}"
     try:
         return run_isolated(
-            _compare_in_child, reference_path, candidate_path, list(feeds), tolerance, provider, timeout_s,
-            timeout_s=timeout_s, label=label, max_memory_bytes=max_memory_bytes,
-        )  # fmt: skip
+            _compare_in_child,
+            reference_path,
+            candidate_path,
+            list(feeds),
+            tolerance,
+            provider,
+            timeout_s,
+            timeout_s=timeout_s,
+            label=label,
+            max_memory_bytes=max_memory_bytes,
+        )
     except RuntimeSessionError as error:
         if str(error).endswith(NOT_VALIDATED):
             raise
         raise type(error)(f"{error}; {NOT_VALIDATED}") from error
 
 
-def _compare_in_child(reference_path: ModelSource, candidate_path: ModelSource, feeds: list[Feed],
-                      tolerance: Tolerance | Mapping[str, Tolerance], provider: str | ProviderChoice,
-                      timeout_s: float | None) -> Comparison:
+def _compare_in_child(
+    reference_path: ModelSource,
+    candidate_path: ModelSource,
+    feeds: list[Feed],
+    tolerance: Tolerance | Mapping[str, Tolerance],
+    provider: str | ProviderChoice,
+    timeout_s: float | None,
+) -> Comparison:
     """``compare`` with its own per-run limit, so that ``timeout_s=None`` means no limit at all."""
     return compare(reference_path, candidate_path, feeds, tolerance=tolerance, provider=provider, timeout_s=timeout_s)
 
@@ -123,9 +136,11 @@ def run_isolated(
         receiver, sender = context.Pipe(duplex=False)
         lifeline, lifeline_end = context.Pipe(duplex=False)
         child = context.Process(
-            target=_child_main, name="onnx-compress-isolated", daemon=True,
+            target=_child_main,
+            name="onnx-compress-isolated",
+            daemon=True,
             args=(sender, (lifeline, os.getpid()), log.name, max_memory_bytes, function, args, kwargs),
-        )  # fmt: skip
+        )
         try:
             with spawn_without_main_script():
                 child.start()
@@ -150,8 +165,7 @@ def die_with_parent(lifeline, parent_pid: int) -> None:
     _set_parent_death_signal()
     if os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_GONE)
-    threading.Thread(target=_exit_at_end_of_file, args=(lifeline,), name="onnx-compress-lifeline",
-                     daemon=True).start()  # fmt: skip
+    threading.Thread(target=_exit_at_end_of_file, args=(lifeline,), name="onnx-compress-lifeline", daemon=True).start()
 
 
 def _set_parent_death_signal() -> None:
@@ -180,14 +194,13 @@ def _wait(receiver, child, timeout_s: float | None, label: str, log_path: str) -
         raise RuntimeSessionError(
             f"onnxruntime did not finish {label} within {timeout_s:g} s and was stopped"
             f"{_quote_tail(log_path)}; {NOT_VALIDATED}"
-        )  # fmt: skip
+        )
     try:
         return receiver.recv()
     except (EOFError, OSError):
         child.join(_STOP_GRACE_S)
     raise RuntimeSessionError(
-        f"onnxruntime {_describe_exit(child.exitcode)} while {label}{_quote_tail(log_path)}; "
-        f"{NOT_VALIDATED}"
+        f"onnxruntime {_describe_exit(child.exitcode)} while {label}{_quote_tail(log_path)}; {NOT_VALIDATED}"
     )
 
 
@@ -237,8 +250,7 @@ def _stop(child) -> None:
         child.join()
 
 
-def _child_main(sender, parent: tuple, log_path: str, max_memory_bytes: int | None, function, args,
-                kwargs) -> None:
+def _child_main(sender, parent: tuple, log_path: str, max_memory_bytes: int | None, function, args, kwargs) -> None:
     """Runs in the child: tie its life to the parent's, route output to the log, cap memory, run,
     send one message back."""
     die_with_parent(*parent)

@@ -56,21 +56,30 @@ class LayerDebugReport:
 
     def summary(self, top: int | None = None) -> str:
         rows = self.layers if top is None else self.layers[:top]
-        header = (f"{'node':32s} {'op':10s} {'kind':10s} {'bits':>4s} {'sparsity':>8s} {'w SQNR':>8s} "
-                  f"{'out SQNR':>9s} {'cosine':>9s}")
+        header = (
+            f"{'node':32s} {'op':10s} {'kind':10s} {'bits':>4s} {'sparsity':>8s} {'w SQNR':>8s} "
+            f"{'out SQNR':>9s} {'cosine':>9s}"
+        )
         lines = [f"{len(self.layers)} compressed layer(s), {self.samples} sample(s); worst first", header]
         for layer in rows:
-            lines.append(f"{layer.node[:32]:32s} {layer.op[:10]:10s} {layer.kind:10s} {_fmt(layer.bits, 'd'):>4s} "
-                         f"{_fmt(layer.sparsity, '.3f'):>8s} {_fmt(layer.weight_sqnr_db, '.1f'):>8s} "
-                         f"{_fmt(layer.output_sqnr_db, '.1f'):>9s} {_fmt(layer.output_cosine, '.5f'):>9s}")
+            lines.append(
+                f"{layer.node[:32]:32s} {layer.op[:10]:10s} {layer.kind:10s} {_fmt(layer.bits, 'd'):>4s} "
+                f"{_fmt(layer.sparsity, '.3f'):>8s} {_fmt(layer.weight_sqnr_db, '.1f'):>8s} "
+                f"{_fmt(layer.output_sqnr_db, '.1f'):>9s} {_fmt(layer.output_cosine, '.5f'):>9s}"
+            )
         if self.unmatched:
             lines.append(f"not matched by output name: {', '.join(self.unmatched)}")
         return "\n".join(lines)
 
 
-def debug_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto,
-                 feeds: Iterable[Mapping[str, np.ndarray]], *, provider: str = "cpu",
-                 timeout_s: float | None = DEFAULT_TIMEOUT_S) -> LayerDebugReport:
+def debug_layers(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    provider: str = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> LayerDebugReport:
     """Compare every compressed node's weight and output with the original's, worst first.
 
     A model run longer than ``timeout_s`` raises ``RunTimeoutError``."""
@@ -88,10 +97,12 @@ def debug_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     stats = {name: _Accumulator() for name in outputs}
     samples = 0
     for feed in feeds:
-        want = run_session(reference_session, dict(feed), label="the reference", stage="layer debug",
-                           timeout_s=timeout_s)
-        got = run_session(candidate_session, dict(feed), label="the candidate", stage="layer debug",
-                          timeout_s=timeout_s)
+        want = run_session(
+            reference_session, dict(feed), label="the reference", stage="layer debug", timeout_s=timeout_s
+        )
+        got = run_session(
+            candidate_session, dict(feed), label="the candidate", stage="layer debug", timeout_s=timeout_s
+        )
         if samples == 0:
             _weight_errors(reference, [layer for layer, _ in layers], weight_names, {**candidate_constants, **got})
         for name in outputs:
@@ -104,7 +115,8 @@ def debug_layers(reference: onnx.ModelProto, candidate: onnx.ModelProto,
 
 
 def _match_layers(
-    reference: onnx.ModelProto, candidate: onnx.ModelProto,
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
 ) -> tuple[list[tuple[LayerError, str | None]], list[str]]:
     """Candidate nodes whose output name is a reference compute node's output, and that changed."""
     ref_nodes = {out: node for node in reference.graph.node if node.op_type in COMPUTE_OPS for out in node.output[:1]}
@@ -123,8 +135,9 @@ def _match_layers(
         kind, bits, source = _classify(node, ref_node, cand_weight_name, producers, cand_constants, ref_weight)
         if kind is None:
             continue
-        layer = LayerError(node.name or output, node.op_type, output, kind, bits=bits,
-                           reference_node=ref_node.name or output)
+        layer = LayerError(
+            node.name or output, node.op_type, output, kind, bits=bits, reference_node=ref_node.name or output
+        )
         if kind == "pruned" and source is not None:
             layer.sparsity = float(np.mean(source == 0))
         matched.append((layer, cand_weight_name if ref_weight is not None else None))
@@ -151,8 +164,12 @@ def _classify(node, ref_node, weight_name, producers, constants, ref_weight):
     return ("pruned" if pruned else "changed"), None, values
 
 
-def _weight_errors(reference: onnx.ModelProto, layers: list[LayerError], weight_names: dict[str, str],
-                   candidate_values: Mapping[str, np.ndarray]) -> None:
+def _weight_errors(
+    reference: onnx.ModelProto,
+    layers: list[LayerError],
+    weight_names: dict[str, str],
+    candidate_values: Mapping[str, np.ndarray],
+) -> None:
     ref_constants = _constants(reference.graph)
     ref_nodes = {node.output[0]: node for node in reference.graph.node if node.output}
     for layer in layers:
@@ -164,7 +181,7 @@ def _weight_errors(reference: onnx.ModelProto, layers: list[LayerError], weight_
         if effective.shape != ref_weight.shape:
             continue
         error = effective - ref_weight.astype(np.float64)
-        noise = float((error ** 2).sum())
+        noise = float((error**2).sum())
         signal = max(float((ref_weight.astype(np.float64) ** 2).sum()), 1e-300)
         layer.weight_sqnr_db = math.inf if noise == 0 else 10 * math.log10(signal / noise)
         layer.weight_max_abs = float(np.abs(error).max(initial=0.0))

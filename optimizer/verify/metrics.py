@@ -23,7 +23,7 @@ from optimizer.verify.runtime import (
     create_session,
     model_label,
     run_session,
-)  # fmt: skip
+)
 
 Outputs = list[dict[str, np.ndarray]]
 MetricFunction = Callable[[Outputs, Outputs], float]
@@ -57,8 +57,9 @@ def builtin_metric(name: str, *, output: str | None = None, k: int = 5) -> Metri
         "topk": (lambda r, c: _topk_agreement(r, c, k), True),
     }
     if name not in makers:
-        raise OptionError(f"unknown metric '{name}'; built-in metrics: {', '.join(BUILTIN_METRICS)}, "
-                          "or package.module:function")
+        raise OptionError(
+            f"unknown metric '{name}'; built-in metrics: {', '.join(BUILTIN_METRICS)}, or package.module:function"
+        )
     per_output, higher = makers[name]
     label = name if output is None else f"{name}[{output}]"
     return Metric(label, _over_outputs(per_output, output, higher), higher)
@@ -99,28 +100,38 @@ def resolve_user_metric(spec: str) -> MetricFunction:
     except (ImportError, AttributeError, ValueError) as error:
         raise OptionError(f"metric '{spec}': cannot import: {error}") from error
     if not inspect.isfunction(function):
-        raise OptionError(f"metric '{spec}' is a {type(function).__name__}, not a Python function "
-                          "(reference_outputs, candidate_outputs)")
+        raise OptionError(
+            f"metric '{spec}' is a {type(function).__name__}, not a Python function "
+            "(reference_outputs, candidate_outputs)"
+        )
     parameters = inspect.signature(function).parameters.values()
     required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     positional = [p for p in required if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) != 2 or len(required) != 2:
-        raise OptionError(f"metric '{spec}' must take exactly two positional arguments (reference_outputs, "
-                          f"candidate_outputs), its signature is {inspect.signature(function)}")
+        raise OptionError(
+            f"metric '{spec}' must take exactly two positional arguments (reference_outputs, "
+            f"candidate_outputs), its signature is {inspect.signature(function)}"
+        )
     return function
 
 
-def collect_outputs(model: ModelSource, feeds: Iterable[Mapping[str, np.ndarray]], *,
-                    provider: str = "cpu", timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                    stage: str = "metric") -> Outputs:
+def collect_outputs(
+    model: ModelSource,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    provider: str = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    stage: str = "metric",
+) -> Outputs:
     """Every output of every sample, by output name, in feed order; runs bounded by ``timeout_s``."""
     session, _ = create_session(model, as_provider_choice(provider))
     label = model_label(model)
     return [run_session(session, dict(feed), label=label, stage=stage, timeout_s=timeout_s) for feed in feeds]
 
 
-def _over_outputs(per_output: Callable[[list[np.ndarray], list[np.ndarray]], float], output: str | None,
-                  higher_is_better: bool) -> MetricFunction:
+def _over_outputs(
+    per_output: Callable[[list[np.ndarray], list[np.ndarray]], float], output: str | None, higher_is_better: bool
+) -> MetricFunction:
     def metric(reference: Outputs, candidate: Outputs) -> float:
         if not reference:
             raise OptionError("metric needs at least one sample")
@@ -130,6 +141,7 @@ def _over_outputs(per_output: Callable[[list[np.ndarray], list[np.ndarray]], flo
             raise OptionError(f"metric output '{missing[0]}' not found; outputs: {', '.join(sorted(reference[0]))}")
         values = [per_output([s[name] for s in reference], [s[name] for s in candidate]) for name in names]
         return min(values) if higher_is_better else max(values)
+
     return metric
 
 

@@ -61,10 +61,14 @@ class BisectResult:
 
 
 def check_candidate(
-    reference_path: str, candidate_path: str, feeds: list[Feed], *,
-    tolerance: Tolerance | Mapping[str, Tolerance], provider: str | ProviderChoice,
+    reference_path: str,
+    candidate_path: str,
+    feeds: list[Feed],
+    *,
+    tolerance: Tolerance | Mapping[str, Tolerance],
+    provider: str | ProviderChoice,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
-) -> str | None:  # fmt: skip
+) -> str | None:
     """Why the candidate is broken (checker, onnxruntime or tolerance), or None if it is fine."""
     try:
         onnx.checker.check_model(candidate_path, full_check=True)
@@ -72,8 +76,9 @@ def check_candidate(
         lines = str(error).strip().splitlines()
         return f"onnx.checker rejects it: {lines[0] if lines else type(error).__name__}"
     try:
-        comparison = compare(reference_path, candidate_path, feeds, tolerance=tolerance,
-                             provider=provider, timeout_s=timeout_s)  # fmt: skip
+        comparison = compare(
+            reference_path, candidate_path, feeds, tolerance=tolerance, provider=provider, timeout_s=timeout_s
+        )
     except OnnxCompressError as error:
         return str(error)
     if comparison.passed:
@@ -107,11 +112,20 @@ def bisect_passes(
 
         def check(path: str) -> str | None:
             if not isolate:
-                return check_candidate(reference, path, feed_list, tolerance=tolerance, provider=provider,
-                                       timeout_s=timeout_s)
+                return check_candidate(
+                    reference, path, feed_list, tolerance=tolerance, provider=provider, timeout_s=timeout_s
+                )
             try:
-                return run_isolated(check_candidate, reference, path, feed_list, tolerance=tolerance,
-                                    provider=provider, timeout_s=timeout_s, label=f"checking {Path(path).name}")
+                return run_isolated(
+                    check_candidate,
+                    reference,
+                    path,
+                    feed_list,
+                    tolerance=tolerance,
+                    provider=provider,
+                    timeout_s=timeout_s,
+                    label=f"checking {Path(path).name}",
+                )
             except OnnxCompressError as error:
                 return str(error)
 
@@ -123,9 +137,12 @@ def bisect_passes(
 
 
 def _apply_cumulatively(
-    model: onnx.ModelProto, passes: Sequence[Pass], context: PassContext, folder: Path,
+    model: onnx.ModelProto,
+    passes: Sequence[Pass],
+    context: PassContext,
+    folder: Path,
     steps: list[BisectStep],
-) -> tuple[list[str], str | None]:  # fmt: skip
+) -> tuple[list[str], str | None]:
     """Snapshot paths after each pass, and why the pass after the last snapshot failed, if so."""
     template = onnx.ModelProto()
     template.CopyFrom(model)

@@ -39,8 +39,9 @@ class RunTimeoutError(RuntimeSessionError):
 
 
 def timeout_error(stage: str, timeout_s: float, label: str) -> RunTimeoutError:
-    return RunTimeoutError(f"{stage} did not finish within {timeout_s:g} s "
-                           f"(onnxruntime run of {label} timed out; raise --timeout)")
+    return RunTimeoutError(
+        f"{stage} did not finish within {timeout_s:g} s (onnxruntime run of {label} timed out; raise --timeout)"
+    )
 
 
 def checked_timeout(timeout_s: float | None) -> float | None:

@@ -24,11 +24,25 @@ from optimizer.fileio.tensor_checks import iter_tensors
 from optimizer.verify.run_limit import DEFAULT_TIMEOUT_S, RunTimeoutError, arm, checked_timeout, disarm, timeout_error
 
 __all__ = [
-    "CPU_PROVIDER", "CUDA_PROVIDER", "DEFAULT_TIMEOUT_S", "IN_MEMORY_MODEL", "ModelSource", "ProviderChoice",
-    "RunTimeoutError", "as_provider_choice", "bounded_run", "checked_timeout", "create_session",
-    "external_data_locations", "fallback_note", "model_label", "resolve_provider", "run_outputs", "run_session",
+    "CPU_PROVIDER",
+    "CUDA_PROVIDER",
+    "DEFAULT_TIMEOUT_S",
+    "IN_MEMORY_MODEL",
+    "ModelSource",
+    "ProviderChoice",
+    "RunTimeoutError",
+    "as_provider_choice",
+    "bounded_run",
+    "checked_timeout",
+    "create_session",
+    "external_data_locations",
+    "fallback_note",
+    "model_label",
+    "resolve_provider",
+    "run_outputs",
+    "run_session",
     "session_feed",
-]  # fmt: skip
+]
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
@@ -83,10 +97,7 @@ def resolve_provider(name: str) -> ProviderChoice:
 
 
 def _installed_onnxruntime_packages() -> list[str]:
-    names = {
-        (dist.metadata["Name"] or "").lower().replace("_", "-")
-        for dist in importlib.metadata.distributions()
-    }
+    names = {(dist.metadata["Name"] or "").lower().replace("_", "-") for dist in importlib.metadata.distributions()}
     return sorted(name for name in names if name.startswith("onnxruntime"))
 
 
@@ -117,8 +128,13 @@ def model_label(model: ModelSource) -> str:
 
 
 def create_session(
-    model: ModelSource, provider: ProviderChoice, *, threads: int | None = None, memory_arena: bool = True,
-    spinning: bool = True, optimized_model_path: str | os.PathLike | None = None,
+    model: ModelSource,
+    provider: ProviderChoice,
+    *,
+    threads: int | None = None,
+    memory_arena: bool = True,
+    spinning: bool = True,
+    optimized_model_path: str | os.PathLike | None = None,
     config: Mapping[str, str] | None = None,
 ) -> tuple[onnxruntime.InferenceSession, str]:
     """Open a quiet, deterministic session and report the provider that actually runs it.
@@ -151,9 +167,7 @@ def create_session(
         options.add_session_config_entry(key, value)
     source = _session_source(model)
     try:
-        session = onnxruntime.InferenceSession(
-            source, sess_options=options, providers=list(provider.providers)
-        )
+        session = onnxruntime.InferenceSession(source, sess_options=options, providers=list(provider.providers))
     except Exception as exc:  # onnxruntime's exceptions share no base class but Exception
         raise RuntimeSessionError(f"onnxruntime cannot load {label}: {_one_line(exc)}") from exc
     return session, session.get_providers()[0]
@@ -193,9 +207,7 @@ def session_feed(
     input_names = [node_arg.name for node_arg in session.get_inputs()]
     missing = [name for name in input_names if name not in feed]
     if missing:
-        raise RuntimeSessionError(
-            f"{label} needs input(s) {', '.join(missing)} that the feed does not provide"
-        )
+        raise RuntimeSessionError(f"{label} needs input(s) {', '.join(missing)} that the feed does not provide")
     return {name: feed[name] for name in input_names}
 
 
@@ -203,8 +215,9 @@ DEFAULT_STAGE = "onnxruntime run"
 
 
 @contextmanager
-def bounded_run(label: str, *, stage: str = DEFAULT_STAGE,
-                timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Iterator[onnxruntime.RunOptions]:
+def bounded_run(
+    label: str, *, stage: str = DEFAULT_STAGE, timeout_s: float | None = DEFAULT_TIMEOUT_S
+) -> Iterator[onnxruntime.RunOptions]:
     """RunOptions for one ``session.run`` in the block, which the watchdog stops after ``timeout_s``.
 
     A stopped run raises ``RunTimeoutError`` naming ``stage`` and ``label``; any other failure of
@@ -227,8 +240,13 @@ def bounded_run(label: str, *, stage: str = DEFAULT_STAGE,
 
 
 def run_outputs(
-    session: onnxruntime.InferenceSession, output_names: Sequence[str] | None, inputs: Mapping[str, np.ndarray],
-    *, label: str, stage: str = DEFAULT_STAGE, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    session: onnxruntime.InferenceSession,
+    output_names: Sequence[str] | None,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    label: str,
+    stage: str = DEFAULT_STAGE,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> list[np.ndarray]:
     """``session.run(output_names, inputs)`` within ``timeout_s`` (see ``bounded_run``)."""
     with bounded_run(label, stage=stage, timeout_s=timeout_s) as options:
@@ -236,13 +254,18 @@ def run_outputs(
 
 
 def run_session(
-    session: onnxruntime.InferenceSession, feed: Mapping[str, np.ndarray], *, label: str,
-    stage: str = DEFAULT_STAGE, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    session: onnxruntime.InferenceSession,
+    feed: Mapping[str, np.ndarray],
+    *,
+    label: str,
+    stage: str = DEFAULT_STAGE,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> dict[str, np.ndarray]:
     """Run one sample (see ``session_feed``) within ``timeout_s``; outputs keyed by name."""
     output_names = [node_arg.name for node_arg in session.get_outputs()]
-    values = run_outputs(session, output_names, session_feed(session, feed, label=label), label=label,
-                         stage=stage, timeout_s=timeout_s)
+    values = run_outputs(
+        session, output_names, session_feed(session, feed, label=label), label=label, stage=stage, timeout_s=timeout_s
+    )
     return dict(zip(output_names, values, strict=True))
 
 

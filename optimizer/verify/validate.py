@@ -106,8 +106,7 @@ class Comparison:
         rows = [header] + [_summary_row(metrics) for metrics in self.outputs]
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
         lines = [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip()
-            for row in rows
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in rows
         ]
         lines.insert(0, f"{self.samples} sample(s) on {self.provider_used}")
         if self.provider_note:
@@ -192,9 +191,7 @@ class _OutputAccumulator:
             return
         if self.compared_exactly:
             self.exact_mismatches += int(np.count_nonzero(reference != candidate))
-        self._add_numeric(
-            reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
-        )
+        self._add_numeric(reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel())
         if self.class_like and reference.ndim >= 2:
             matches = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
             self.top1_matches += int(np.count_nonzero(matches))
@@ -203,9 +200,7 @@ class _OutputAccumulator:
     def _track_shape(self, shape: tuple[int, ...]) -> None:
         if self.shape is None:
             self.shape = list(shape)
-            self.class_like = (
-                self.reference_dtype.kind == "f" and len(shape) >= 2 and shape[-1] >= 2
-            )
+            self.class_like = self.reference_dtype.kind == "f" and len(shape) >= 2 and shape[-1] >= 2
         elif len(self.shape) == len(shape):
             self.shape = [old if old == new else None for old, new in zip(self.shape, shape, strict=False)]
 
@@ -280,9 +275,7 @@ def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[s
         if limit is None or value is None or (value >= limit if is_minimum else value <= limit):
             continue
         sign = "<" if is_minimum else ">"
-        misses.append(
-            (f"{label} {_fmt(value)} {sign} {_fmt(limit)}", _violation(label, value, limit))
-        )
+        misses.append((f"{label} {_fmt(value)} {sign} {_fmt(limit)}", _violation(label, value, limit)))
     return misses
 
 
@@ -336,26 +329,18 @@ def resolve_tolerances(
     if isinstance(tolerance, Tolerance):
         return dict.fromkeys(output_names, tolerance)
     if not isinstance(tolerance, Mapping):
-        raise OptionError(
-            f"tolerance must be a Tolerance or a mapping, got {type(tolerance).__name__}"
-        )
+        raise OptionError(f"tolerance must be a Tolerance or a mapping, got {type(tolerance).__name__}")
     unknown = sorted(set(tolerance) - set(output_names) - {DEFAULT_TOLERANCE_KEY})
     if unknown:
-        raise OptionError(
-            f"tolerance for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(output_names)}"
-        )
+        raise OptionError(f"tolerance for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(output_names)}")
     for key, value in tolerance.items():
         if not isinstance(value, Tolerance):
-            raise OptionError(
-                f"tolerance for {key!r} must be a Tolerance, got {type(value).__name__}"
-            )
+            raise OptionError(f"tolerance for {key!r} must be a Tolerance, got {type(value).__name__}")
     default = tolerance.get(DEFAULT_TOLERANCE_KEY, Tolerance(max_abs=1e-6))
     return {name: tolerance.get(name, default) for name in output_names}
 
 
-def _check_same_outputs(
-    reference_names: list[str], candidate_names: list[str], labels: tuple[str, str]
-) -> None:
+def _check_same_outputs(reference_names: list[str], candidate_names: list[str], labels: tuple[str, str]) -> None:
     only_reference = [name for name in reference_names if name not in candidate_names]
     only_candidate = [name for name in candidate_names if name not in reference_names]
     if only_reference or only_candidate:

@@ -21,11 +21,41 @@ from optimizer.graph.walk import TensorUse
 from optimizer.graph.weights import Weight, constant_weight
 from passes.prune.weights import is_default_domain
 
-UNARY_OPS = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Erf", "Gelu", "Elu", "Selu",
-    "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Identity",
-    "Dropout", "Clip", "Floor", "Ceil", "Round", "Sin", "Cos", "Cast", "ThresholdedRelu", "Sign",
-})  # fmt: skip
+UNARY_OPS = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+        "Erf",
+        "Gelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Exp",
+        "Log",
+        "Abs",
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Identity",
+        "Dropout",
+        "Clip",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sin",
+        "Cos",
+        "Cast",
+        "ThresholdedRelu",
+        "Sign",
+    }
+)
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "Sum", "Mean"})
 POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
@@ -66,8 +96,9 @@ class Illegal(Exception):
     """The group cannot be pruned; the message is the reason for the report."""
 
 
-def find_group(node: gs.Node, owner: gs.Graph, uses: dict[str, list[TensorUse]],
-               outputs: frozenset[str]) -> ChannelGroup:
+def find_group(
+    node: gs.Node, owner: gs.Graph, uses: dict[str, list[TensorUse]], outputs: frozenset[str]
+) -> ChannelGroup:
     """The channel group of producer ``node``; raises Illegal with the reason."""
     group, layout = _producer(node, uses)
     frontier = [(node.outputs[0], layout)]
@@ -88,8 +119,10 @@ def find_group(node: gs.Node, owner: gs.Graph, uses: dict[str, list[TensorUse]],
                 frontier.extend(_visit(use, layout, group, uses))
     for user, name in group.pending:
         if name not in seen:
-            raise Illegal(f"{user.op} '{user.name}' combines the channels with another branch ('{name}'),"
-                          " e.g. a residual connection")
+            raise Illegal(
+                f"{user.op} '{user.name}' combines the channels with another branch ('{name}'),"
+                " e.g. a residual connection"
+            )
     _check_exclusive(group, uses)
     return group
 
@@ -101,8 +134,9 @@ def _producer(node: gs.Node, uses) -> tuple[ChannelGroup, Layout]:
     shape = weight.values.shape
     if node.op in ("Conv", "ConvTranspose"):
         if int(node.attrs.get("group", 1)) != 1:
-            raise Illegal(f"grouped {node.op} (group={node.attrs['group']}): "
-                          "its output channels follow its input channels")
+            raise Illegal(
+                f"grouped {node.op} (group={node.attrs['group']}): its output channels follow its input channels"
+            )
         out_axis = 0 if node.op == "Conv" else 1
         layout = Layout(1 - len(shape), len(shape))
     elif node.op == "Gemm":

@@ -40,9 +40,11 @@ class PruneChannelsPass(Pass):
     backoff_option = "exclude"
 
     ratio: float = option(
-        0.0, "fraction of each group's channels to remove, lowest norm first (0: only near-dead ones)")
+        0.0, "fraction of each group's channels to remove, lowest norm first (0: only near-dead ones)"
+    )
     min_norm_ratio: float = option(
-        0.01, "also remove channels whose norm is below this fraction of the group's largest")
+        0.01, "also remove channels whose norm is below this fraction of the group's largest"
+    )
     criterion: Literal["l1", "l2"] = option("l2", "channel norm used for ranking")
     op_types: tuple[str, ...] = option(PRODUCER_OPS, "producer ops whose output channels may be removed")
     include: tuple[str, ...] = option((), "only producers whose node or weight name matches (glob, or re:REGEX)")

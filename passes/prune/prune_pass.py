@@ -61,17 +61,21 @@ class PrunePass(Pass):
 
     mode: Literal["uniform", "global", "nm", "sensitivity"] = option(
         "uniform",
-        "uniform per tensor, one global normalized threshold, N:M pattern, or allocated by a sensitivity scan")
+        "uniform per tensor, one global normalized threshold, N:M pattern, or allocated by a sensitivity scan",
+    )
     sparsity: float = option(
-        0.3, "fraction of weights to zero, in [0, 1) (not used by mode nm); the default 0.3 keeps even tiny "
-             "random models within cosine 0.93 of the original")
+        0.3,
+        "fraction of weights to zero, in [0, 1) (not used by mode nm); the default 0.3 keeps even tiny "
+        "random models within cosine 0.93 of the original",
+    )
     nm: tuple[int, ...] = option((2, 4), "N,M for mode nm: keep N of every M weights along the reduction axis")
     op_types: tuple[str, ...] = option(DEFAULT_OP_TYPES, "ops whose weights are pruned; add Gather for embeddings")
     min_elements: int = option(1024, "leave weights with fewer elements alone")
     include: tuple[str, ...] = option((), "only tensors whose name or consumer node name matches (glob, or re:REGEX)")
     exclude: tuple[str, ...] = option((), "leave tensors whose name or consumer node name matches (glob, or re:REGEX)")
     storage: Literal["dense", "sparse", "auto"] = option(
-        "dense", "how pruned tensors should be saved: dense, sparse_initializer, or whichever is smaller")
+        "dense", "how pruned tensors should be saved: dense, sparse_initializer, or whichever is smaller"
+    )
     scan_samples: int = option(16, "calibration samples the sensitivity scan runs (mode sensitivity)")
     allow_non_finite: bool = option(False, NON_FINITE_OPTION_HELP)
 
@@ -135,11 +139,16 @@ class PrunePass(Pass):
 
     def _is_weight_slot(self, use) -> bool:
         node = use.node
-        return (node.op in self.op_types and is_default_domain(node)
-                and WEIGHT_SLOTS[node.op] == use.index and _gather_on_rows(node))
+        return (
+            node.op in self.op_types
+            and is_default_domain(node)
+            and WEIGHT_SLOTS[node.op] == use.index
+            and _gather_on_rows(node)
+        )
 
-    def _sparsities(self, weights: list[Weight], graph: gs.Graph, context: PassContext,
-                    report: PassReport) -> dict[str, float] | None:
+    def _sparsities(
+        self, weights: list[Weight], graph: gs.Graph, context: PassContext, report: PassReport
+    ) -> dict[str, float] | None:
         """Per-tensor sparsity (uniform, sensitivity); None means one global threshold."""
         if self.mode == "global":
             return None
@@ -147,8 +156,9 @@ class PrunePass(Pass):
             return self._allocated(weights, graph, context, report)
         return {weight.name: self.sparsity for weight in weights}
 
-    def _allocated(self, weights: list[Weight], graph: gs.Graph, context: PassContext,
-                   report: PassReport) -> dict[str, float]:
+    def _allocated(
+        self, weights: list[Weight], graph: gs.Graph, context: PassContext, report: PassReport
+    ) -> dict[str, float]:
         current = _overall_sparsity(weights)
         if current + ALREADY_AT_TARGET_SLACK >= self.sparsity:
             report.details["allocation"] = f"already at {current:.4f} >= target {self.sparsity}; nothing to do"
@@ -158,16 +168,22 @@ class PrunePass(Pass):
             raise PassError("pass 'prune' mode 'sensitivity' got no calibration samples")
         main = [w.name for w in weights if all(use.graph is graph for use in w.uses)]
         model = gs.export_onnx(graph.copy(), do_type_check=False)
-        table = sensitivity_scan(model, feeds, weights=main, sparsities=DEFAULT_SPARSITIES,
-                                 provider=context.provider, progress=context.progress, timeout_s=context.timeout_s)
+        table = sensitivity_scan(
+            model,
+            feeds,
+            weights=main,
+            sparsities=DEFAULT_SPARSITIES,
+            provider=context.provider,
+            progress=context.progress,
+            timeout_s=context.timeout_s,
+        )
         allocation = table.allocate(self.sparsity)
         for weight in weights:
             allocation.setdefault(weight.name, self.sparsity)
         report.details["allocation"] = {name: round(value, 4) for name, value in sorted(allocation.items())}
         return allocation
 
-    def _magnitude_targets(self, weights: list[Weight],
-                           sparsities: dict[str, float] | None) -> dict[str, np.ndarray]:
+    def _magnitude_targets(self, weights: list[Weight], sparsities: dict[str, float] | None) -> dict[str, np.ndarray]:
         if sparsities is None:
             return _global_targets(weights, self.sparsity)
         targets = {}
@@ -206,13 +222,22 @@ class PrunePass(Pass):
                 modified = True
                 report.count("tensors_pruned")
                 report.count("weights_zeroed", int(np.count_nonzero(before)) - int(np.count_nonzero(after)))
-            tensors[weight.name] = {"elements": int(after.size), "sparsity_before": round(sparsity_of(before), 6),
-                                    "sparsity_after": round(sparsity_of(after), 6)}
+            tensors[weight.name] = {
+                "elements": int(after.size),
+                "sparsity_before": round(sparsity_of(before), 6),
+                "sparsity_after": round(sparsity_of(after), 6),
+            }
             storage[weight.name] = storage_choice(after, self.storage)
             total, zeros = total + after.size, zeros + int(after.size - np.count_nonzero(after))
         report.count("tensors_eligible", len(tensors))
-        report.details.update({"mode": self.mode, "tensors": tensors, "storage": storage,
-                               "achieved_sparsity": round(zeros / total, 6) if total else 0.0})
+        report.details.update(
+            {
+                "mode": self.mode,
+                "tensors": tensors,
+                "storage": storage,
+                "achieved_sparsity": round(zeros / total, 6) if total else 0.0,
+            }
+        )
         report.details["sparse_tensors"] = sorted(n for n, s in storage.items() if s["stored_as"] == "sparse")
         return modified
 
@@ -243,7 +268,7 @@ def _global_targets(weights: list[Weight], sparsity: float) -> dict[str, np.ndar
     targets, start = {}, 0
     for weight in weights:
         values = weight.values
-        mask = chosen[start:start + values.size]
+        mask = chosen[start : start + values.size]
         start += values.size
         targets[weight.name] = zero_flat(values, np.flatnonzero(mask)) if mask.any() else values
     return targets

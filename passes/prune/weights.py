@@ -22,8 +22,15 @@ WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather":
 """Input index that holds the weight, per prunable op type."""
 
 NORMALIZATION_OPS = frozenset(
-    {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
-     "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization"}
+    {
+        "BatchNormalization",
+        "LayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "RMSNormalization",
+    }
 )
 BIAS_SLOTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
@@ -36,8 +43,10 @@ def check_selection(pass_name: str, op_types: tuple[str, ...], valid: Iterable[s
     """The op types and name patterns a pruning pass selects by: known ops, valid regexes."""
     unknown = sorted(set(op_types) - set(valid))
     if unknown or not op_types:
-        raise OptionError(f"pass '{pass_name}' option 'op_types' has {unknown or 'no ops'}; "
-                          f"valid op types: {', '.join(sorted(valid))}")
+        raise OptionError(
+            f"pass '{pass_name}' option 'op_types' has {unknown or 'no ops'}; "
+            f"valid op types: {', '.join(sorted(valid))}"
+        )
     bad = invalid_pattern(patterns)
     if bad:
         raise OptionError(f"pass '{pass_name}' option 'include'/'exclude' has an invalid regex {bad}")

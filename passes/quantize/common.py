@@ -41,8 +41,9 @@ ONNX_INTEGER_TYPES = {
 def integer_constant(name: str, values: np.ndarray, qtype: QType) -> gs.Constant:
     """An integer initializer stored as its real type (4-bit values packed two per byte)."""
     if qtype.bits == 4:
-        proto = onnx.helper.make_tensor(name, ONNX_INTEGER_TYPES[qtype.name], list(values.shape),
-                                        pack_4bit(values), raw=True)
+        proto = onnx.helper.make_tensor(
+            name, ONNX_INTEGER_TYPES[qtype.name], list(values.shape), pack_4bit(values), raw=True
+        )
     else:
         proto = onnx.numpy_helper.from_array(np.array(values, dtype=qtype.storage_dtype, order="C"), name)
     return gs.Constant(name, LazyValues(proto))
@@ -74,13 +75,15 @@ class QuantizedWeight:
 
     def __post_init__(self) -> None:
         base = self.target.name
-        self.integer = integer_constant(self.names.fresh(base, QUANTIZED_SUFFIX), self.quantized.values,
-                                        self.quantized.qtype)
+        self.integer = integer_constant(
+            self.names.fresh(base, QUANTIZED_SUFFIX), self.quantized.values, self.quantized.qtype
+        )
         self.scale = float_constant(self.names.fresh(base, "_scale"), self.quantized.scale)
         self.zero_point = None
         if not is_symmetric_signed(self.quantized):
-            self.zero_point = integer_constant(self.names.fresh(base, "_zero_point"),
-                                               np.asarray(self.quantized.zero_point), self.quantized.qtype)
+            self.zero_point = integer_constant(
+                self.names.fresh(base, "_zero_point"), np.asarray(self.quantized.zero_point), self.quantized.qtype
+            )
 
     def make_float_view(self, form: FloatForm) -> gs.Tensor:
         """Replace the float weight, for every reader, by its dequantized value (done once)."""
@@ -125,20 +128,25 @@ class QuantizedWeight:
         broadcast = _broadcast_shape(shape, q.axis, q.block_size)
         nodes: list[gs.Node] = []
         current = self._variable(base, "_cast")
-        nodes.append(gs.Node("Cast", self.names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT},
-                             [self.integer], [current]))
+        nodes.append(
+            gs.Node("Cast", self.names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT}, [self.integer], [current])
+        )
         if q.block_size is not None and q.axis is not None:
             blocked = self._variable(base, "_blocks")
             split = int64_constant(self.names.fresh(base, "_block_shape"), _block_split(shape, q.axis, q.block_size))
             nodes.append(gs.Node("Reshape", self.names.fresh(base, "_Reshape"), {}, [current, split], [blocked]))
             current = blocked
         if self.zero_point is not None:
-            zero_int = integer_constant(self.names.fresh(base, "_zero_point_broadcast"),
-                                        np.asarray(q.zero_point).reshape(broadcast), q.qtype)
+            zero_int = integer_constant(
+                self.names.fresh(base, "_zero_point_broadcast"), np.asarray(q.zero_point).reshape(broadcast), q.qtype
+            )
             zero = self._variable(base, "_zero_point_float")
             centered = self._variable(base, "_centered")
-            nodes.append(gs.Node("Cast", self.names.fresh(base, "_ZeroPointCast"), {"to": onnx.TensorProto.FLOAT},
-                                 [zero_int], [zero]))
+            nodes.append(
+                gs.Node(
+                    "Cast", self.names.fresh(base, "_ZeroPointCast"), {"to": onnx.TensorProto.FLOAT}, [zero_int], [zero]
+                )
+            )
             nodes.append(gs.Node("Sub", self.names.fresh(base, "_Sub"), {}, [current, zero], [centered]))
             current = centered
         scale_values = np.asarray(q.scale, np.float32).reshape(broadcast)
@@ -149,8 +157,11 @@ class QuantizedWeight:
             # relative error (2^-11) is a hundredth of a 4-bit step, and the Cast folds at load
             scale_half = gs.Constant(self.names.fresh(base, "_scale_float16"), scale_values.astype(np.float16))
             scale = self._variable(base, "_scale_float")
-            nodes.append(gs.Node("Cast", self.names.fresh(base, "_ScaleCast"), {"to": onnx.TensorProto.FLOAT},
-                                 [scale_half], [scale]))
+            nodes.append(
+                gs.Node(
+                    "Cast", self.names.fresh(base, "_ScaleCast"), {"to": onnx.TensorProto.FLOAT}, [scale_half], [scale]
+                )
+            )
         scaled = output if q.block_size is None else self._variable(base, "_scaled")
         nodes.append(gs.Node("Mul", self.names.fresh(base, "_Mul"), {}, [current, scale], [scaled]))
         if q.block_size is not None and q.axis is not None:
@@ -165,8 +176,9 @@ class QuantizedWeight:
 def _fits_float16(values: np.ndarray) -> bool:
     """Every value is a normal float16 (so rounding to float16 keeps 11 significant bits)."""
     magnitude = np.abs(values)
-    return bool(values.size) and bool(np.all((magnitude >= np.finfo(np.float16).tiny)
-                                             & (magnitude <= np.finfo(np.float16).max)))
+    return bool(values.size) and bool(
+        np.all((magnitude >= np.finfo(np.float16).tiny) & (magnitude <= np.finfo(np.float16).max))
+    )
 
 
 def _broadcast_shape(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...]:
@@ -176,11 +188,11 @@ def _broadcast_shape(shape: tuple[int, ...], axis: int | None, block_size: int |
         view = [1] * len(shape)
         view[axis] = shape[axis]
         return tuple(view)
-    return shape[:axis] + (shape[axis] // block_size, 1) + shape[axis + 1:]
+    return shape[:axis] + (shape[axis] // block_size, 1) + shape[axis + 1 :]
 
 
 def _block_split(shape: tuple[int, ...], axis: int, block_size: int) -> tuple[int, ...]:
-    return shape[:axis] + (shape[axis] // block_size, block_size) + shape[axis + 1:]
+    return shape[:axis] + (shape[axis] // block_size, block_size) + shape[axis + 1 :]
 
 
 def bytes_by_dtype(root: gs.Graph) -> dict[str, int]:

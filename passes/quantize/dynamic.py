@@ -28,7 +28,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import QuantizedWeight
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.weights import WeightSpec, quantize_weight_only, weight_only_spec
+from passes.quantize.weights import WeightSpec, quantize_weight_only_all, weight_only_spec
 
 OPSET_DYNAMIC = 11
 GELU_OPS = ("Erf", "Gelu", "FastGelu", "BiasGelu", "QuickGelu")
@@ -52,8 +52,9 @@ class DynamicPlan:
         return max(needs)
 
 
-def plan_dynamic(graph: gs.Graph, targets: list[Weight], options: QuantizeOptions, *,
-                 calibrated: bool = False) -> DynamicPlan:
+def plan_dynamic(
+    graph: gs.Graph, targets: list[Weight], options: QuantizeOptions, *, calibrated: bool = False
+) -> DynamicPlan:
     """Which MatMuls go dynamic; ``calibrated``: outlier channels will be measured (see
     quantize_outliers), which makes the 'auto' weight-only rule unnecessary."""
     plan = DynamicPlan(opset=graph.opset)
@@ -64,8 +65,13 @@ def plan_dynamic(graph: gs.Graph, targets: list[Weight], options: QuantizeOption
         if not eight_bit or small or target.values.ndim != 2 or len(matmuls) != len(target.uses):
             plan.weight_only.append((target, weight_only_spec(target, options, graph.opset)))
             if matmuls and small and eight_bit:
-                plan.notes.append({"tensor": target.name, "reason": f"K={target.values.shape[0]} < "
-                                   f"dynamic_min_k={options.dynamic_min_k}: weight-only is faster"})
+                plan.notes.append(
+                    {
+                        "tensor": target.name,
+                        "reason": f"K={target.values.shape[0]} < "
+                        f"dynamic_min_k={options.dynamic_min_k}: weight-only is faster",
+                    }
+                )
             continue
         for consumer in matmuls:
             reason = weight_only_reason(consumer, options.dynamic_weight_only, calibrated)
@@ -107,13 +113,15 @@ def dynamic_activations(root: gs.Graph, plan: DynamicPlan) -> list[str]:
     return sorted(names)
 
 
-def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options: QuantizeOptions, names: NameAllocator,
-                     report: PassReport, outliers: dict[str, np.ndarray] | None = None) -> None:
-    for target, spec in plan.weight_only:
-        with working_on("tensor", target.name):
-            quantize_weight_only(target, spec, names, report)
-    if plan.notes:
-        report.details.setdefault("weight_only_matmuls", []).extend(plan.notes)
+def quantize_dynamic(
+    graph: gs.Graph,
+    plan: DynamicPlan,
+    options: QuantizeOptions,
+    names: NameAllocator,
+    report: PassReport,
+    outliers: dict[str, np.ndarray] | None = None,
+) -> None:
+    quantize_weight_only_all(plan.weight_only, names, report, plan.notes)
     activations: dict[tuple[int, int], ActivationPath] = {}
     outliers = outliers or {}
     weight_type = qtype(options.weight_type)
@@ -128,9 +136,16 @@ def quantize_dynamic(graph: gs.Graph, plan: DynamicPlan, options: QuantizeOption
                 _dynamic_consumer(graph, plan, consumer, weight, activations, outliers, names, report)
 
 
-def _dynamic_consumer(graph: gs.Graph, plan: DynamicPlan, consumer: TensorUse, weight: QuantizedWeight,
-                      activations: dict[tuple[int, int], ActivationPath], outliers: dict[str, np.ndarray],
-                      names: NameAllocator, report: PassReport) -> None:
+def _dynamic_consumer(
+    graph: gs.Graph,
+    plan: DynamicPlan,
+    consumer: TensorUse,
+    weight: QuantizedWeight,
+    activations: dict[tuple[int, int], ActivationPath],
+    outliers: dict[str, np.ndarray],
+    names: NameAllocator,
+    report: PassReport,
+) -> None:
     """One MatMul reading a dynamic weight: keep it float (with the reason) or rewrite it to MatMulInteger."""
     reason = plan.float_consumers.get(id(consumer.node))
     if reason:
@@ -160,21 +175,33 @@ class ActivationPath:
     outlier_values: gs.Variable | None = None
 
     @classmethod
-    def build(cls, graph: gs.Graph, source: gs.Tensor, split: np.ndarray | None,
-              names: NameAllocator) -> ActivationPath:
+    def build(
+        cls, graph: gs.Graph, source: gs.Tensor, split: np.ndarray | None, names: NameAllocator
+    ) -> ActivationPath:
         base = source.name
         quantize_input, outlier_values = source, None
         if split is not None and split.size > 1:
             quantize_input, outlier_values = _split_outliers(graph, source, split, names)
             split = split[:-1]
-        outputs = [gs.Variable(names.fresh(base, suffix), dtype=dtype) for suffix, dtype in
-                   (("_dynamic_quantized", np.uint8), ("_dynamic_scale", np.float32),
-                    ("_dynamic_zero_point", np.uint8))]
-        graph.nodes.append(gs.Node("DynamicQuantizeLinear", names.fresh(base, "_DynamicQuantizeLinear"),
-                                   {}, [quantize_input], outputs))
+        outputs = [
+            gs.Variable(names.fresh(base, suffix), dtype=dtype)
+            for suffix, dtype in (
+                ("_dynamic_quantized", np.uint8),
+                ("_dynamic_scale", np.float32),
+                ("_dynamic_zero_point", np.uint8),
+            )
+        ]
+        graph.nodes.append(
+            gs.Node("DynamicQuantizeLinear", names.fresh(base, "_DynamicQuantizeLinear"), {}, [quantize_input], outputs)
+        )
         quantized, scale, zero_point = outputs
-        return cls(quantized, scale, zero_point, outlier_index=split if outlier_values is not None else None,
-                   outlier_values=outlier_values)
+        return cls(
+            quantized,
+            scale,
+            zero_point,
+            outlier_index=split if outlier_values is not None else None,
+            outlier_values=outlier_values,
+        )
 
 
 def _split_outliers(graph: gs.Graph, source: gs.Tensor, split: np.ndarray, names: NameAllocator):
@@ -186,12 +213,24 @@ def _split_outliers(graph: gs.Graph, source: gs.Tensor, split: np.ndarray, names
     mask[split] = 0.0
     masked = gs.Variable(names.fresh(base, "_inliers"), dtype=np.float32)
     picked = gs.Variable(names.fresh(base, "_outliers"), dtype=np.float32)
-    graph.nodes.extend([
-        gs.Node("Mul", names.fresh(base, "_InlierMask"), {},
-                [source, gs.Constant(names.fresh(base, "_inlier_mask"), mask)], [masked]),
-        gs.Node("Gather", names.fresh(base, "_OutlierGather"), {"axis": -1},
-                [source, gs.Constant(names.fresh(base, "_outlier_index"), split.astype(np.int64))], [picked]),
-    ])
+    graph.nodes.extend(
+        [
+            gs.Node(
+                "Mul",
+                names.fresh(base, "_InlierMask"),
+                {},
+                [source, gs.Constant(names.fresh(base, "_inlier_mask"), mask)],
+                [masked],
+            ),
+            gs.Node(
+                "Gather",
+                names.fresh(base, "_OutlierGather"),
+                {"axis": -1},
+                [source, gs.Constant(names.fresh(base, "_outlier_index"), split.astype(np.int64))],
+                [picked],
+            ),
+        ]
+    )
     return masked, picked
 
 
@@ -207,11 +246,13 @@ def _rewrite_matmul(consumer: TensorUse, weight: QuantizedWeight, path: Activati
     combined_scale = gs.Variable(names.fresh(base, "_output_scale"), dtype=np.float32)
     node.inputs.clear()
     node.outputs.clear()
-    graph.nodes.extend([
-        gs.Node("MatMulInteger", names.fresh(base, "_MatMulInteger"), {}, integer_inputs, [accumulated]),
-        gs.Node("Cast", names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT}, [accumulated], [as_float]),
-        gs.Node("Mul", names.fresh(base, "_ScaleMul"), {}, [x_scale, weight.scale], [combined_scale]),
-    ])
+    graph.nodes.extend(
+        [
+            gs.Node("MatMulInteger", names.fresh(base, "_MatMulInteger"), {}, integer_inputs, [accumulated]),
+            gs.Node("Cast", names.fresh(base, "_Cast"), {"to": onnx.TensorProto.FLOAT}, [accumulated], [as_float]),
+            gs.Node("Mul", names.fresh(base, "_ScaleMul"), {}, [x_scale, weight.scale], [combined_scale]),
+        ]
+    )
     if path.outlier_values is None or path.outlier_index is None:
         graph.nodes.append(gs.Node("Mul", names.fresh(base, "_Mul"), {}, [as_float, combined_scale], [output]))
         return
@@ -220,10 +261,14 @@ def _rewrite_matmul(consumer: TensorUse, weight: QuantizedWeight, path: Activati
     outlier_rows = _outlier_rows(graph, weight, path.outlier_index, names)
     # one channel: an outer product, which a broadcast Mul computes faster than a K=1 MatMul
     outer = "Mul" if path.outlier_index.size == 1 else "MatMul"
-    graph.nodes.extend([
-        gs.Node("Mul", names.fresh(base, "_Mul"), {}, [as_float, combined_scale], [inlier_part]),
-        gs.Node(outer, names.fresh(base, "_Outlier" + outer), {}, [path.outlier_values, outlier_rows], [outlier_part]),
-    ])
+    graph.nodes.extend(
+        [
+            gs.Node("Mul", names.fresh(base, "_Mul"), {}, [as_float, combined_scale], [inlier_part]),
+            gs.Node(
+                outer, names.fresh(base, "_Outlier" + outer), {}, [path.outlier_values, outlier_rows], [outlier_part]
+            ),
+        ]
+    )
     bias_add = _bias_add(graph, output)
     if bias_add is None:
         graph.nodes.append(gs.Node("Add", names.fresh(base, "_OutlierAdd"), {}, [inlier_part, outlier_part], [output]))
@@ -257,17 +302,28 @@ def _outlier_rows(graph: gs.Graph, weight: QuantizedWeight, index: np.ndarray, n
     as_float = gs.Variable(names.fresh(base, "_outlier_rows_cast"), dtype=np.float32)
     result = gs.Variable(names.fresh(base, "_outlier_rows"), dtype=np.float32)
     nodes = [
-        gs.Node("Gather", names.fresh(base, "_OutlierRows"), {"axis": 0},
-                [weight.integer, gs.Constant(names.fresh(base, "_outlier_rows_index"), index.astype(np.int64))],
-                [rows]),
+        gs.Node(
+            "Gather",
+            names.fresh(base, "_OutlierRows"),
+            {"axis": 0},
+            [weight.integer, gs.Constant(names.fresh(base, "_outlier_rows_index"), index.astype(np.int64))],
+            [rows],
+        ),
         gs.Node("Cast", names.fresh(base, "_OutlierRowsCast"), {"to": onnx.TensorProto.FLOAT}, [rows], [as_float]),
     ]
     if weight.zero_point is not None:
         zero = gs.Variable(names.fresh(base, "_outlier_rows_zero"), dtype=np.float32)
         centered = gs.Variable(names.fresh(base, "_outlier_rows_centered"), dtype=np.float32)
-        nodes += [gs.Node("Cast", names.fresh(base, "_OutlierZeroCast"), {"to": onnx.TensorProto.FLOAT},
-                          [weight.zero_point], [zero]),
-                  gs.Node("Sub", names.fresh(base, "_OutlierRowsSub"), {}, [as_float, zero], [centered])]
+        nodes += [
+            gs.Node(
+                "Cast",
+                names.fresh(base, "_OutlierZeroCast"),
+                {"to": onnx.TensorProto.FLOAT},
+                [weight.zero_point],
+                [zero],
+            ),
+            gs.Node("Sub", names.fresh(base, "_OutlierRowsSub"), {}, [as_float, zero], [centered]),
+        ]
         as_float = centered
     nodes.append(gs.Node("Mul", names.fresh(base, "_OutlierRowsMul"), {}, [as_float, weight.scale], [result]))
     graph.nodes.extend(nodes)

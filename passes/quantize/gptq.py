@@ -14,6 +14,7 @@ from optimizer.calibration.gptq import HessianAccumulator, InverseFactor, gptq_q
 from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
 from optimizer.errors import PassError
 from optimizer.graph.weights import Weight, is_constant_derived
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import observe_activations
@@ -26,8 +27,10 @@ def wants_gptq(options: QuantizeOptions, context: PassContext) -> bool:
         return False
     if context.calibration is None:
         if options.weight_rounding == "gptq":
-            raise PassError("pass 'quantize' option weight_rounding='gptq' needs calibration data "
-                            "(--calibration-data DIR or calibration=...)")
+            raise PassError(
+                "pass 'quantize' option weight_rounding='gptq' needs calibration data "
+                "(--calibration-data DIR or calibration=...)"
+            )
         return False
     return options.weight_rounding == "gptq" or options.storage_type() in ("int4", "uint4")
 
@@ -53,8 +56,13 @@ HESSIAN_BUDGET_BYTES = 1 << 30
 are measured in further calibration passes, so memory stays bounded on large models."""
 
 
-def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[Weight, WeightSpec]], options: QuantizeOptions,
-                     context: PassContext, report: PassReport) -> dict[int, QuantizedTensor]:
+def quantize_by_gptq(
+    graph: gs.Graph,
+    planned: list[tuple[Weight, WeightSpec]],
+    options: QuantizeOptions,
+    context: PassContext,
+    report: PassReport,
+) -> dict[int, QuantizedTensor]:
     """GPTQ-rounded integers for every target it applies to, keyed by ``id(target)``."""
     inputs = {id(target): tuple(found) for target, spec in planned if (found := gptq_inputs(graph, target, spec))}
     if not inputs:
@@ -71,34 +79,63 @@ def quantize_by_gptq(graph: gs.Graph, planned: list[tuple[Weight, WeightSpec]], 
             if value.shape[-1] == channels[name]:
                 accumulators[name].add(value)
 
-        samples = observe_activations(graph, sorted(accumulators), lambda: context.calibration_feeds("quantize"),
-                                      visit, max_samples=options.calibration_samples or None, provider=context.provider,
-                                      timeout_s=context.timeout_s, stage="GPTQ calibration")
-        factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
-        for target, spec in planned:
-            group = inputs.get(id(target))
-            if group is None or group not in chunk or any(accumulators[name].rows == 0 for name in group):
-                continue
-            assert spec.block_size is not None  # gptq_inputs admits blocked weights only
-            if group not in factors:
-                hessian = np.zeros((channels[group[0]],) * 2)
-                for name in group:
-                    hessian = hessian + accumulators[name].hessian()
-                factors[group] = (hessian, InverseFactor(hessian))
-            hessian, factor = factors[group]
-            quantized = gptq_quantize(target.values, factor, spec.qtype, symmetric=spec.symmetric,
-                                      block_size=spec.block_size)
-            nearest = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=0,
-                                      block_size=spec.block_size)
-            gains.append(_output_error(target.values, quantized, hessian)
-                         / max(_output_error(target.values, nearest, hessian), 1e-30))
-            results[id(target)] = quantized
-            report.count("weights_gptq")
+        samples = observe_activations(
+            graph,
+            sorted(accumulators),
+            lambda: context.calibration_feeds("quantize"),
+            visit,
+            max_samples=options.calibration_samples or None,
+            provider=context.provider,
+            timeout_s=context.timeout_s,
+            stage="GPTQ calibration",
+        )
+        _round_chunk(planned, inputs, chunk, accumulators, channels, results, gains)
+    if results:
+        report.count("weights_gptq", len(results))
     report.details["gptq"] = {
-        "samples": samples, "weights": len(results), "calibration_passes": len(chunks),
+        "samples": samples,
+        "weights": len(results),
+        "calibration_passes": len(chunks),
         "output_error_vs_nearest_median": round(float(np.median(gains)), 4) if gains else None,
-    }  # fmt: skip
+    }
     return results
+
+
+def _round_chunk(
+    planned: list[tuple[Weight, WeightSpec]],
+    inputs: dict[int, tuple[str, ...]],
+    chunk: list[tuple[str, ...]],
+    accumulators: dict[str, HessianAccumulator],
+    channels: dict[str, int],
+    results: dict[int, QuantizedTensor],
+    gains: list[float],
+) -> None:
+    """GPTQ-round every target whose input group is in ``chunk`` (one Hessian per shared input group);
+    ``gains`` gets each weight's output error relative to round-to-nearest."""
+    factors: dict[tuple[str, ...], tuple[np.ndarray, InverseFactor]] = {}
+    for target, spec in planned:
+        group = inputs.get(id(target))
+        if group is None or group not in chunk or any(accumulators[name].rows == 0 for name in group):
+            continue
+        assert spec.block_size is not None  # gptq_inputs admits blocked weights only
+        if group not in factors:
+            hessian = np.zeros((channels[group[0]],) * 2)
+            for name in group:
+                hessian = hessian + accumulators[name].hessian()
+            factors[group] = (hessian, InverseFactor(hessian))
+        hessian, factor = factors[group]
+        with working_on("tensor", target.name):
+            quantized = gptq_quantize(
+                target.values, factor, spec.qtype, symmetric=spec.symmetric, block_size=spec.block_size
+            )
+        nearest = quantize_weight(
+            target.values, spec.qtype, symmetric=spec.symmetric, axis=0, block_size=spec.block_size
+        )
+        gains.append(
+            _output_error(target.values, quantized, hessian)
+            / max(_output_error(target.values, nearest, hessian), 1e-30)
+        )
+        results[id(target)] = quantized
 
 
 def _chunks(groups: list[tuple[str, ...]], channels: dict[str, int]) -> list[list[tuple[str, ...]]]:

@@ -33,15 +33,20 @@ def ensure_opset(graph: gs.Graph, required: int, report: PassReport) -> gs.Graph
     try:
         converted = version_converter.convert_version(to_dense_initializers(model) if sparse else model, required)
     except Exception as error:  # the converter raises bare RuntimeErrors naming the op
-        raise PassError(f"quantize needs opset {required} (model has {current}) and onnx's version "
-                        f"converter failed: {' '.join(str(error).split())[:300]}") from error
+        raise PassError(
+            f"quantize needs opset {required} (model has {current}) and onnx's version "
+            f"converter failed: {' '.join(str(error).split())[:300]}"
+        ) from error
     _keep_custom_domains(model, converted)
     new_graph = import_graph(converted)
     mark_sparse_sources(list(new_graph.tensors().values()), sparse)
     new_graph.dropped_initializers = dropped_initializers(graph)
     copy_interface_records(graph, new_graph)
-    report.details["opset"] = {"before": current, "after": required,
-                               "why": "per-channel DequantizeLinear needs 13, 4-bit and blocked need 21"}
+    report.details["opset"] = {
+        "before": current,
+        "after": required,
+        "why": "per-channel DequantizeLinear needs 13, 4-bit and blocked need 21",
+    }
     return new_graph
 
 

@@ -21,45 +21,65 @@ class QuantizeOptions:
     """Every option of the quantize pass, with its checks and the values derived from it."""
 
     mode: Literal["weights", "dynamic", "static"] = option(
-        "dynamic", "weights: weight-only; dynamic: MatMul quantized at run time, the rest weight-only "
-        "(never slower on CPU); static: QDQ with calibrated activation ranges (needs calibration data)")
+        "dynamic",
+        "weights: weight-only; dynamic: MatMul quantized at run time, the rest weight-only "
+        "(never slower on CPU); static: QDQ with calibrated activation ranges (needs calibration data)",
+    )
     weight_type: Literal["int8", "uint8", "int4", "uint4"] = option(
-        "int8", "integer type of weights; 4-bit is blocked (block_size) on MatMul/Gemm/Gather, int8 elsewhere")
+        "int8", "integer type of weights; 4-bit is blocked (block_size) on MatMul/Gemm/Gather, int8 elsewhere"
+    )
     activation_type: Literal["uint8", "int8"] = option("uint8", "integer type of activations in static mode")
     per_channel: bool = option(True, "one scale per output channel (False: one per tensor)")
     symmetric_weights: bool | None = option(
-        None, "zero point 0 for weights; False: min/max with an integer zero point; None (auto): symmetric "
-        "for 8-bit, asymmetric for 4-bit (16 levels are too few to waste one side)")
+        None,
+        "zero point 0 for weights; False: min/max with an integer zero point; None (auto): symmetric "
+        "for 8-bit, asymmetric for 4-bit (16 levels are too few to waste one side)",
+    )
     symmetric_activations: bool = option(False, "zero point 0 for activations in static mode")
     block_size: int = option(32, "4-bit block length along the dot-product axis (a power of two >= 16)")
     weight_only_form: Literal["auto", "dequantize_linear", "fold_at_load"] = option(
-        "auto", "float view of weight-only weights: DequantizeLinear (MatMul -> MatMulNBits, less memory at "
+        "auto",
+        "float view of weight-only weights: DequantizeLinear (MatMul -> MatMulNBits, less memory at "
         "run time) or a Cast/Mul chain onnxruntime folds at load (fp32 speed); auto: DequantizeLinear for 4-bit "
-        "MatMul only (8-bit MatMulNBits measured 1.28x fp32 on all-MiniLM-L6-v2, 4-bit 0.94x)")
+        "MatMul only (8-bit MatMulNBits measured 1.28x fp32 on all-MiniLM-L6-v2, 4-bit 0.94x)",
+    )
     dynamic_weight_only: tuple[str, ...] = option(
-        ("auto",), "MatMuls kept weight-only in dynamic and static modes: 'gelu-output' (input comes from a GELU, "
+        ("auto",),
+        "MatMuls kept weight-only in dynamic and static modes: 'gelu-output' (input comes from a GELU, "
         "whose outliers per-tensor uint8 handles badly), 'auto' (gelu-output, except in dynamic mode when "
-        "calibration data measures the outlier channels to split off), 'none', or node-name globs / re:")
+        "calibration data measures the outlier channels to split off), 'none', or node-name globs / re:",
+    )
     dynamic_min_k: int = option(
-        256, "dynamic mode: MatMuls whose reduction dimension K is smaller stay weight-only (there the run-time "
-        "quantization costs more than int8 saves: PP-OCRv4 rec's K=120/240 MatMuls ran 1.1-1.25x slower)")
+        256,
+        "dynamic mode: MatMuls whose reduction dimension K is smaller stay weight-only (there the run-time "
+        "quantization costs more than int8 saves: PP-OCRv4 rec's K=120/240 MatMuls ran 1.1-1.25x slower)",
+    )
     outlier_channels: int = option(
-        8, "dynamic mode with calibration data: at most this many outlier input channels per activation "
-        "computed in float beside the int8 MatMul (0: off)")
+        8,
+        "dynamic mode with calibration data: at most this many outlier input channels per activation "
+        "computed in float beside the int8 MatMul (0: off)",
+    )
     outlier_ratio: float = option(
-        12.0, "a channel is an outlier when its |max| exceeds this many times the median channel's")
+        12.0, "a channel is an outlier when its |max| exceeds this many times the median channel's"
+    )
     weight_rounding: Literal["auto", "nearest", "gptq"] = option(
-        "auto", "weights mode: 'nearest' rounds each weight alone; 'gptq' (needs calibration data) rounds the rows "
+        "auto",
+        "weights mode: 'nearest' rounds each weight alone; 'gptq' (needs calibration data) rounds the rows "
         "of a blocked MatMul weight in turn and moves each rounding error onto the rows left, weighted by the "
-        "input's X^T X, so the error of X @ W is what shrinks (GPTQ); auto: gptq for 4-bit with calibration data")
+        "input's X^T X, so the error of X @ W is what shrinks (GPTQ); auto: gptq for 4-bit with calibration data",
+    )
     calibration_samples: int = option(
-        32, "calibration samples read (0: all): dynamic mode finds outlier channels on them, static mode its "
+        32,
+        "calibration samples read (0: all): dynamic mode finds outlier channels on them, static mode its "
         "activation ranges, 4-bit GPTQ its X^T X. MiniLM and PP-OCRv4 det static: the same accuracy from 32 as "
-        "from 100 samples; PP-OCRv4 rec: CER 0.019 from 32, 0.036 from 100 (benchmarks/results/quantize.md)")
+        "from 100 samples; PP-OCRv4 rec: CER 0.019 from 32, 0.036 from 100 (benchmarks/results/quantize.md)",
+    )
     calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = option(
-        "percentile", "how static mode turns calibration statistics into activation ranges; entropy (KL) clips long "
+        "percentile",
+        "how static mode turns calibration statistics into activation ranges; entropy (KL) clips long "
         "tails hard and is for post-ReLU activations: on PP-OCRv4 det (Conv outputs before BatchNorm) it gave "
-        "IoU 0.0 where percentile gave 0.949, mse 0.945, minmax 0.945")
+        "IoU 0.0 where percentile gave 0.949, mse 0.945, minmax 0.945",
+    )
     percentile: float = option(99.999, "percentile of |activation| kept by calibration_method=percentile")
     op_types: tuple[str, ...] = option(DEFAULT_OP_TYPES, "op types whose weights are quantized")
     exclude_nodes: tuple[str, ...] = option((), "node names left in float: globs, or regular expressions after 're:'")
@@ -87,8 +107,10 @@ class QuantizeOptions:
         if self.weight_rounding == "gptq" and self.mode != "weights":
             _fail(f": weight_rounding 'gptq' applies to mode 'weights', not {self.mode!r}")
         if self.mode == "static" and self.weight_type not in ("int8", "uint8"):
-            _fail(f": mode 'static' takes weight_type 'int8' or 'uint8' (QLinear kernels are 8-bit), "
-                  f"got {self.weight_type!r}")
+            _fail(
+                f": mode 'static' takes weight_type 'int8' or 'uint8' (QLinear kernels are 8-bit), "
+                f"got {self.weight_type!r}"
+            )
         if not 0.0 < self.percentile <= 100.0:
             _fail(f"option 'percentile' must be in (0, 100], got {self.percentile}")
 
@@ -105,8 +127,15 @@ class QuantizeOptions:
         return self.weight_type
 
     def selection(self) -> Selection:
-        return Selection(self.op_types, self.exclude_nodes, self.exclude_op_types, self.exclude_first,
-                         self.exclude_last, self.min_weight_elements, self.allow_non_finite)
+        return Selection(
+            self.op_types,
+            self.exclude_nodes,
+            self.exclude_op_types,
+            self.exclude_first,
+            self.exclude_last,
+            self.min_weight_elements,
+            self.allow_non_finite,
+        )
 
 
 def _fail(detail: str) -> NoReturn:

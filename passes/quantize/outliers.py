@@ -37,10 +37,17 @@ def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto
     return model
 
 
-def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
-                        visit: Callable[[str, np.ndarray], None], *, max_samples: int | None,
-                        provider: str = "cpu", timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                        stage: str = "activation calibration") -> int:
+def observe_activations(
+    graph: gs.Graph,
+    tensor_names: Sequence[str],
+    feeds: Callable[[], Iterable],
+    visit: Callable[[str, np.ndarray], None],
+    *,
+    max_samples: int | None,
+    provider: str = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    stage: str = "activation calibration",
+) -> int:
     """Run up to ``max_samples`` feeds with ``tensor_names`` exposed and hand every float32 value
     to ``visit(name, value)``, one sample at a time; returns the number of samples run. A run
     longer than ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``."""
@@ -54,8 +61,14 @@ def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Cal
     names = list(tensor_names)
     count = 0
     for feed in itertools.islice(feeds(), max_samples):
-        values = run_outputs(session, names, {name: feed[name] for name in inputs}, label="calibration model",
-                             stage=stage, timeout_s=timeout_s)
+        values = run_outputs(
+            session,
+            names,
+            {name: feed[name] for name in inputs},
+            label="calibration model",
+            stage=stage,
+            timeout_s=timeout_s,
+        )
         for name, value in zip(names, values, strict=True):
             if value.ndim > 0 and value.dtype == np.float32:
                 visit(name, value)
@@ -63,9 +76,15 @@ def observe_activations(graph: gs.Graph, tensor_names: Sequence[str], feeds: Cal
     return count
 
 
-def channel_absmax(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable[[], Iterable],
-                   *, max_samples: int | None, provider: str = "cpu",
-                   timeout_s: float | None = DEFAULT_TIMEOUT_S) -> dict[str, np.ndarray]:
+def channel_absmax(
+    graph: gs.Graph,
+    tensor_names: Sequence[str],
+    feeds: Callable[[], Iterable],
+    *,
+    max_samples: int | None,
+    provider: str = "cpu",
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over up to ``max_samples`` feeds."""
     absmax: dict[str, np.ndarray] = {}
 
@@ -74,8 +93,16 @@ def channel_absmax(graph: gs.Graph, tensor_names: Sequence[str], feeds: Callable
         previous = absmax.get(name)
         absmax[name] = current if previous is None or previous.shape != current.shape else np.maximum(previous, current)
 
-    observe_activations(graph, tensor_names, feeds, visit, max_samples=max_samples, provider=provider,
-                        timeout_s=timeout_s, stage="outlier calibration")
+    observe_activations(
+        graph,
+        tensor_names,
+        feeds,
+        visit,
+        max_samples=max_samples,
+        provider=provider,
+        timeout_s=timeout_s,
+        stage="outlier calibration",
+    )
     return absmax
 
 

@@ -25,7 +25,6 @@ import onnx_graphsurgeon as gs
 from optimizer.graph.edit import cleanup, toposort
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
-from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.registry import register
 from passes.quantize.common import bytes_by_dtype
@@ -37,7 +36,7 @@ from passes.quantize.outliers import channel_absmax, outlier_channels
 from passes.quantize.report import finish_report
 from passes.quantize.static import StaticPlan, plan_static, quantize_static
 from passes.quantize.targets import collect_targets
-from passes.quantize.weights import WeightSpec, quantize_weight_only, weight_only_spec
+from passes.quantize.weights import WeightSpec, quantize_weight_only_all, weight_only_spec
 
 
 @register
@@ -68,9 +67,7 @@ class QuantizePass(QuantizeOptions, Pass):
             if isinstance(plan, list):
                 gptq = wants_gptq(options, context)
                 rounded = quantize_by_gptq(graph, plan, options, context, report) if gptq else {}
-                for target, spec in plan:
-                    with working_on("tensor", target.name):
-                        quantize_weight_only(target, spec, names, report, rounded.get(id(target)))
+                quantize_weight_only_all(plan, names, report, rounded=rounded)
             elif isinstance(plan, DynamicPlan):
                 _run_dynamic(graph, plan, options, names, report, context)
             else:
@@ -81,14 +78,25 @@ class QuantizePass(QuantizeOptions, Pass):
         return PassResult(graph, bool(targets), report.to_dict())
 
 
-def _run_dynamic(graph: gs.Graph, plan: DynamicPlan, options: QuantizeOptions, names: NameAllocator,
-                 report: PassReport, context: PassContext) -> None:  # fmt: skip
+def _run_dynamic(
+    graph: gs.Graph,
+    plan: DynamicPlan,
+    options: QuantizeOptions,
+    names: NameAllocator,
+    report: PassReport,
+    context: PassContext,
+) -> None:
     calibration = context.calibration if options.outlier_channels > 0 else None
     outliers = {}
     if calibration is not None:
-        absmax = channel_absmax(graph, dynamic_activations(graph, plan), calibration,
-                                max_samples=options.calibration_samples or None, provider=context.provider,
-                                timeout_s=context.timeout_s)
+        absmax = channel_absmax(
+            graph,
+            dynamic_activations(graph, plan),
+            calibration,
+            max_samples=options.calibration_samples or None,
+            provider=context.provider,
+            timeout_s=context.timeout_s,
+        )
         for name, values in absmax.items():
             split = outlier_channels(values, ratio=options.outlier_ratio, limit=options.outlier_channels)
             if split.size:

@@ -30,14 +30,16 @@ def finish_report(report: PassReport, options: QuantizeOptions, graph: gs.Graph,
     after = bytes_by_dtype(graph)
     total_before, total_after = sum(before.values()), sum(after.values())
     report.saved_bytes = max(0, total_before - total_after)
-    report.details.update({
-        "mode": options.mode,
-        "weight_type": options.weight_type,
-        "bytes_by_dtype_before": before,
-        "bytes_by_dtype_after": after,
-        "bytes_before": total_before,
-        "bytes_after": total_after,
-    })
+    report.details.update(
+        {
+            "mode": options.mode,
+            "weight_type": options.weight_type,
+            "bytes_by_dtype_before": before,
+            "bytes_by_dtype_after": after,
+            "bytes_before": total_before,
+            "bytes_after": total_after,
+        }
+    )
     remaining = float_weights(graph)
     if remaining:
         size = sum(remaining.values())
@@ -45,4 +47,5 @@ def finish_report(report: PassReport, options: QuantizeOptions, graph: gs.Graph,
         largest = sorted(remaining, key=lambda name: (-remaining[name], name))[:3]
         report.details.setdefault("warnings", []).append(
             f"{len(remaining)} weight(s), {size} bytes ({share:.1f}% of the stored bytes), are still stored as "
-            f"float (largest: {', '.join(largest)}); 'skipped' says why")
+            f"float (largest: {', '.join(largest)}); 'skipped' says why"
+        )

@@ -32,18 +32,46 @@ from passes.quantize.common import QuantizedWeight, float_constant, integer_cons
 from passes.quantize.dynamic import weight_only_reason
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import probe_model
-from passes.quantize.weights import WeightSpec, quantize_weight_only, scale_axis, weight_only_spec
+from passes.quantize.weights import WeightSpec, quantize_weight_only_all, scale_axis, weight_only_spec
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 ALL_INPUTS = None
 NEIGHBOR_INPUTS: dict[str, tuple[int, ...] | None] = {
-    "Add": (0, 1), "Mul": (0, 1), "Concat": ALL_INPUTS, "Relu": (0,), "Clip": (0,), "MaxPool": (0,),
-    "AveragePool": (0,), "GlobalAveragePool": (0,), "Resize": (0,), "Transpose": (0,), "Reshape": (0,),
-    "Flatten": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Sigmoid": (0,), "LeakyRelu": (0,),
-    "Split": (0,), "Slice": (0,), "Pad": (0,), "DepthToSpace": (0,), "SpaceToDepth": (0,),
-}  # fmt: skip
-SAME_RANGE_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Slice", "Pad",
-                  "DepthToSpace", "SpaceToDepth", "Resize")
+    "Add": (0, 1),
+    "Mul": (0, 1),
+    "Concat": ALL_INPUTS,
+    "Relu": (0,),
+    "Clip": (0,),
+    "MaxPool": (0,),
+    "AveragePool": (0,),
+    "GlobalAveragePool": (0,),
+    "Resize": (0,),
+    "Transpose": (0,),
+    "Reshape": (0,),
+    "Flatten": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "Sigmoid": (0,),
+    "LeakyRelu": (0,),
+    "Split": (0,),
+    "Slice": (0,),
+    "Pad": (0,),
+    "DepthToSpace": (0,),
+    "SpaceToDepth": (0,),
+}
+SAME_RANGE_OPS = (
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "MaxPool",
+    "Slice",
+    "Pad",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Resize",
+)
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 MAX_ACTIVATION_ABS = 1e4
 OPSET_PER_CHANNEL = 13
@@ -68,8 +96,11 @@ def plan_static(graph: gs.Graph, targets: list[Weight], options: QuantizeOptions
         in_main = all(c.graph is graph and c.node.op in COMPUTE_OPS for c in target.uses)
         # a GELU output's outlier channels do not survive one uint8 scale per tensor (static has no
         # outlier split): all-MiniLM-L6-v2 cosine 0.940 with its FFN-down MatMuls static, 0.993 without
-        reasons = [weight_only_reason(c, options.dynamic_weight_only, calibrated=False)
-                   for c in target.uses if c.node.op == "MatMul"]
+        reasons = [
+            weight_only_reason(c, options.dynamic_weight_only, calibrated=False)
+            for c in target.uses
+            if c.node.op == "MatMul"
+        ]
         if in_main and target.values.ndim >= 2 and not any(reasons):
             plan.compute.append(target)
         else:
@@ -87,22 +118,30 @@ def data_inputs(node: gs.Node) -> list[gs.Tensor]:
     return [node.inputs[i] for i in indices if node.inputs[i].name]
 
 
-def quantize_static(graph: gs.Graph, plan: StaticPlan, options: QuantizeOptions, names: NameAllocator,
-                    report: PassReport, context: PassContext) -> None:
-    for target, spec in plan.weight_only:
-        with working_on("tensor", target.name):
-            quantize_weight_only(target, spec, names, report)
-    if plan.notes:
-        report.details.setdefault("weight_only_matmuls", []).extend(plan.notes)
+def quantize_static(
+    graph: gs.Graph,
+    plan: StaticPlan,
+    options: QuantizeOptions,
+    names: NameAllocator,
+    report: PassReport,
+    context: PassContext,
+) -> None:
+    quantize_weight_only_all(plan.weight_only, names, report, plan.notes)
     compute_nodes = _ordered_nodes(graph, {id(c.node) for t in plan.compute for c in t.uses})
     memo: dict[int, bool | None] = {}
-    neighbors = [n for n in graph.nodes if n.op in NEIGHBOR_INPUTS and n.domain in ("", None, "ai.onnx")
-                 and not all(is_constant_derived(t, memo) for t in data_inputs(n))]
+    neighbors = [
+        n
+        for n in graph.nodes
+        if n.op in NEIGHBOR_INPUTS
+        and n.domain in ("", None, "ai.onnx")
+        and not all(is_constant_derived(t, memo) for t in data_inputs(n))
+    ]
     compute_nodes = [n for n in compute_nodes if not is_constant_derived(n.inputs[0], memo)]
     neighbors = _leading_to_integer_ops(compute_nodes, neighbors, report)
     inherited = _inherited_ranges(neighbors)
-    candidates = sorted({t.name for n in compute_nodes + neighbors for t in data_inputs(n) + [n.outputs[0]]
-                         if t.name} - set(inherited))
+    candidates = sorted(
+        {t.name for n in compute_nodes + neighbors for t in data_inputs(n) + [n.outputs[0]] if t.name} - set(inherited)
+    )
     ranges = _calibrate(graph, candidates, options, report, context)
     for output, source in inherited.items():
         if source in ranges:
@@ -118,8 +157,9 @@ def quantize_static(graph: gs.Graph, plan: StaticPlan, options: QuantizeOptions,
     _quantize_compute_weights(plan, tensor_params, input_names, options, names, report)
 
 
-def _leading_to_integer_ops(compute_nodes: list[gs.Node], neighbors: list[gs.Node],
-                            report: PassReport) -> list[gs.Node]:
+def _leading_to_integer_ops(
+    compute_nodes: list[gs.Node], neighbors: list[gs.Node], report: PassReport
+) -> list[gs.Node]:
     """The neighbours worth quantizing: those whose output some quantized op reads, so the
     integer chain goes on (plus Relu/Clip right after a quantized op, folded into its Quantize).
 
@@ -145,7 +185,8 @@ def _leading_to_integer_ops(compute_nodes: list[gs.Node], neighbors: list[gs.Nod
     if left:
         report.details["float_neighbors"] = {
             "count": left,
-            "why": "their output feeds no quantized op: quantizing them saves no time and loses accuracy"}
+            "why": "their output feeds no quantized op: quantizing them saves no time and loses accuracy",
+        }
     return kept
 
 
@@ -173,17 +214,30 @@ def _ordered_nodes(graph: gs.Graph, wanted: set[int]) -> list[gs.Node]:
     return [node for node in graph.nodes if id(node) in wanted]
 
 
-def _calibrate(graph: gs.Graph, candidates: list[str], options: QuantizeOptions, report: PassReport,
-               context: PassContext) -> dict[str, tuple[float, float]]:
+def _calibrate(
+    graph: gs.Graph, candidates: list[str], options: QuantizeOptions, report: PassReport, context: PassContext
+) -> dict[str, tuple[float, float]]:
     model = probe_model(graph, [])
-    result = collect_ranges(model, candidates, lambda: context.calibration_feeds("quantize"),
-                            method=options.calibration_method, percentile=options.percentile,
-                            symmetric=options.symmetric_activations, provider=context.provider,
-                            progress=context.progress, max_samples=options.calibration_samples or None,
-                            timeout_s=context.timeout_s, stage="static calibration")
-    report.details["calibration"] = {"method": result.method, "samples": result.samples,
-                                     "seconds": round(result.seconds, 3), "tensors": len(result.ranges),
-                                     "notes": result.notes}
+    result = collect_ranges(
+        model,
+        candidates,
+        lambda: context.calibration_feeds("quantize"),
+        method=options.calibration_method,
+        percentile=options.percentile,
+        symmetric=options.symmetric_activations,
+        provider=context.provider,
+        progress=context.progress,
+        max_samples=options.calibration_samples or None,
+        timeout_s=context.timeout_s,
+        stage="static calibration",
+    )
+    report.details["calibration"] = {
+        "method": result.method,
+        "samples": result.samples,
+        "seconds": round(result.seconds, 3),
+        "tensors": len(result.ranges),
+        "notes": result.notes,
+    }
     usable = {}
     for name, found in result.ranges.items():
         low, high = float(found.low), float(found.high)
@@ -199,8 +253,9 @@ def _neighbor_ready(node: gs.Node, ranges: dict) -> bool:
     return len(node.outputs) == 1 and all(t.name in ranges or weight_values(t) is not None for t in tensors)
 
 
-def _remove_activations(graph: gs.Graph, nodes: list[gs.Node], quantized_ids: set[int], ranges: dict,
-                        report: PassReport) -> set[int]:
+def _remove_activations(
+    graph: gs.Graph, nodes: list[gs.Node], quantized_ids: set[int], ranges: dict, report: PassReport
+) -> set[int]:
     """Drop Relu/Clip whose input comes only from a quantized op: the output's QDQ range does it."""
     removed: set[int] = set()
     outputs = {id(t) for t in graph.outputs}
@@ -242,8 +297,15 @@ class TensorParams:
     zero_point: int
 
 
-def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_type, options: QuantizeOptions,
-                names: NameAllocator, report: PassReport) -> dict[str, TensorParams]:
+def _insert_qdq(
+    graph: gs.Graph,
+    nodes: list[gs.Node],
+    ranges: dict,
+    activation_type,
+    options: QuantizeOptions,
+    names: NameAllocator,
+    report: PassReport,
+) -> dict[str, TensorParams]:
     """One QuantizeLinear + DequantizeLinear per activation tensor; constants get DequantizeLinear."""
     params: dict[str, TensorParams] = {}
     tensors: dict[str, gs.Tensor] = {}
@@ -255,8 +317,9 @@ def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_
         tensor = tensors[name]
         values = weight_values(tensor)
         low, high = ranges.get(name) or _constant_range(name, values)
-        scale, zero = scale_zero_point(np.float32(low), np.float32(high), activation_type,
-                                       symmetric=options.symmetric_activations)
+        scale, zero = scale_zero_point(
+            np.float32(low), np.float32(high), activation_type, symmetric=options.symmetric_activations
+        )
         params[name] = TensorParams(float(scale), int(zero))
         scale_c = float_constant(names.fresh(name, "_scale"), np.asarray(scale, np.float32))
         zero_c = integer_constant(names.fresh(name, "_zero_point"), np.asarray(zero), activation_type)
@@ -270,27 +333,43 @@ def _insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict, activation_
     return params
 
 
-def _quantize_activation(graph: gs.Graph, tensor: gs.Tensor, scale: gs.Constant, zero: gs.Constant,
-                         activation_type, names: NameAllocator) -> None:
+def _quantize_activation(
+    graph: gs.Graph, tensor: gs.Tensor, scale: gs.Constant, zero: gs.Constant, activation_type, names: NameAllocator
+) -> None:
     """tensor -> QuantizeLinear -> DequantizeLinear -> every reader (a graph output keeps the float)."""
     quantized = gs.Variable(names.fresh(tensor.name, "_quantized"), dtype=activation_type.storage_dtype)
     restored = gs.Variable(names.fresh(tensor.name, "_dequantized"), dtype=np.float32)
     readers = [(node, i) for node in list(tensor.outputs) for i, t in enumerate(node.inputs) if t is tensor]
-    graph.nodes.append(gs.Node("QuantizeLinear", names.fresh(tensor.name, "_QuantizeLinear"), {},
-                               [tensor, scale, zero], [quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", names.fresh(tensor.name, "_DequantizeLinear"), {},
-                               [quantized, scale, zero], [restored]))
+    graph.nodes.append(
+        gs.Node("QuantizeLinear", names.fresh(tensor.name, "_QuantizeLinear"), {}, [tensor, scale, zero], [quantized])
+    )
+    graph.nodes.append(
+        gs.Node(
+            "DequantizeLinear", names.fresh(tensor.name, "_DequantizeLinear"), {}, [quantized, scale, zero], [restored]
+        )
+    )
     for node, index in readers:
         node.inputs[index] = restored
 
 
-def _dequantized_constant(graph: gs.Graph, tensor: gs.Tensor, integers: np.ndarray, scale: gs.Constant,
-                          zero: gs.Constant, activation_type, consumers: set[int], names: NameAllocator) -> None:
+def _dequantized_constant(
+    graph: gs.Graph,
+    tensor: gs.Tensor,
+    integers: np.ndarray,
+    scale: gs.Constant,
+    zero: gs.Constant,
+    activation_type,
+    consumers: set[int],
+    names: NameAllocator,
+) -> None:
     """A float constant read by quantized ops: integers + DequantizeLinear, for those ops only."""
     stored = integer_constant(names.fresh(tensor.name, "_quantized"), integers, activation_type)
     restored = gs.Variable(names.fresh(tensor.name, "_dequantized"), dtype=np.float32)
-    graph.nodes.append(gs.Node("DequantizeLinear", names.fresh(tensor.name, "_DequantizeLinear"), {},
-                               [stored, scale, zero], [restored]))
+    graph.nodes.append(
+        gs.Node(
+            "DequantizeLinear", names.fresh(tensor.name, "_DequantizeLinear"), {}, [stored, scale, zero], [restored]
+        )
+    )
     for node in list(tensor.outputs):
         if id(node) in consumers:
             for index, current in enumerate(node.inputs):
@@ -298,8 +377,14 @@ def _dequantized_constant(graph: gs.Graph, tensor: gs.Tensor, integers: np.ndarr
                     node.inputs[index] = restored
 
 
-def _quantize_compute_weights(plan: StaticPlan, params: dict[str, TensorParams], input_names: dict[int, str],
-                              options: QuantizeOptions, names: NameAllocator, report: PassReport) -> None:
+def _quantize_compute_weights(
+    plan: StaticPlan,
+    params: dict[str, TensorParams],
+    input_names: dict[int, str],
+    options: QuantizeOptions,
+    names: NameAllocator,
+    report: PassReport,
+) -> None:
     """Per-channel int8 weights behind DequantizeLinear; int32 bias where the input is quantized."""
     weight_type = qtype(options.weight_type)
     for target in plan.compute:
@@ -317,8 +402,14 @@ def _quantize_compute_weights(plan: StaticPlan, params: dict[str, TensorParams],
             report.count(f"static_{consumer.node.op}")
 
 
-def _quantize_bias(graph: gs.Graph, node: gs.Node, input_scale: float, weight_scale: np.ndarray, names: NameAllocator,
-                   report: PassReport) -> None:
+def _quantize_bias(
+    graph: gs.Graph,
+    node: gs.Node,
+    input_scale: float,
+    weight_scale: np.ndarray,
+    names: NameAllocator,
+    report: PassReport,
+) -> None:
     """Conv/Gemm bias as int32 with scale input_scale * weight_scale (what QLinearConv adds)."""
     if len(node.inputs) < 3 or not node.inputs[2].name:
         return
@@ -330,8 +421,13 @@ def _quantize_bias(graph: gs.Graph, node: gs.Node, input_scale: float, weight_sc
     stored = gs.Constant(names.fresh(base, "_quantized"), integers)
     restored = gs.Variable(names.fresh(base, "_dequantized"), dtype=np.float32)
     attrs = {"axis": 0} if np.ndim(scale) == 1 else {}
-    dequantize = gs.Node("DequantizeLinear", names.fresh(base, "_DequantizeLinear"), attrs,
-                         [stored, float_constant(names.fresh(base, "_scale"), scale)], [restored])
+    dequantize = gs.Node(
+        "DequantizeLinear",
+        names.fresh(base, "_DequantizeLinear"),
+        attrs,
+        [stored, float_constant(names.fresh(base, "_scale"), scale)],
+        [restored],
+    )
     graph.nodes.append(dequantize)
     node.inputs[2] = restored
     report.count("bias_int32")

@@ -30,8 +30,16 @@ WEIGHT_INPUTS = {
     "GRU": (1, 2),
     "RNN": (1, 2),
 }
-QUANTIZED_MARKERS = ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                     "QLinearMatMul", "QLinearConv", "MatMulNBits", "GatherBlockQuantized")
+QUANTIZED_MARKERS = (
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+)
 INTEGER_KINDS = ("i", "u")
 QUANTIZED_SUFFIX = "_quantized"
 
@@ -166,8 +174,7 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
     return _complete(root, targets, blocked, report)
 
 
-def _complete(root: gs.Graph, targets: dict[int, Weight], blocked: set[int],
-              report: PassReport) -> list[Weight]:
+def _complete(root: gs.Graph, targets: dict[int, Weight], blocked: set[int], report: PassReport) -> list[Weight]:
     """Drop weights that an excluded node or another reader needs in float; set owners."""
     readers = _all_readers(root)
     tree = ScopeTree.build(root)

@@ -22,6 +22,7 @@ from optimizer.graph.axes import weight_axes
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.walk import TensorUse
 from optimizer.graph.weights import Weight
+from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import FloatForm, QuantizedWeight
 from passes.quantize.options import QuantizeOptions
@@ -99,13 +100,31 @@ def _form(target: Weight, choice: WeightOnlyForm, bits: int) -> FloatForm:
     return "dq" if bits == 4 and all(c.node.op in DQ_FUSED_OPS for c in target.uses) else "fold"
 
 
-def quantize_weight_only(target: Weight, spec: WeightSpec, names: NameAllocator, report: PassReport,
-                         quantized: QuantizedTensor | None = None) -> QuantizedWeight:
+def quantize_weight_only_all(
+    planned: list[tuple[Weight, WeightSpec]],
+    names: NameAllocator,
+    report: PassReport,
+    notes: list[dict[str, str]] | None = None,
+    rounded: dict[int, QuantizedTensor] | None = None,
+) -> None:
+    """Every weight-only target (a failure names its tensor), then ``notes``: why MatMuls stayed
+    weight-only. ``rounded``: integers already chosen (GPTQ), by ``id(target)``."""
+    for target, spec in planned:
+        with working_on("tensor", target.name):
+            quantize_weight_only(target, spec, names, report, (rounded or {}).get(id(target)))
+    if notes:
+        report.details.setdefault("weight_only_matmuls", []).extend(notes)
+
+
+def quantize_weight_only(
+    target: Weight, spec: WeightSpec, names: NameAllocator, report: PassReport, quantized: QuantizedTensor | None = None
+) -> QuantizedWeight:
     """Store ``target`` as integers (rounded to nearest unless ``quantized`` is given, e.g. by
     GPTQ) and give every reader its dequantized value."""
     if quantized is None:
-        quantized = quantize_weight(target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis,
-                                    block_size=spec.block_size)
+        quantized = quantize_weight(
+            target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis, block_size=spec.block_size
+        )
     weight = QuantizedWeight(target, quantized, names)
     weight.make_float_view(spec.form)
     report.count(f"weights_{spec.qtype.name}")

@@ -56,7 +56,8 @@ class ClusterWeightsPass(Pass):
 
     bits: int = option(4, "codebook size 2^bits, 2..8; 2-4 bits are packed 4 or 2 indices per byte")
     granularity: Literal["per-channel", "per-tensor"] = option(
-        "per-channel", "one codebook per output channel (Gather embeddings: per feature column) or per tensor")
+        "per-channel", "one codebook per output channel (Gather embeddings: per feature column) or per tensor"
+    )
     min_elements: int = option(4096, "leave weights with fewer elements in float")
     ops: tuple[str, ...] = option(KNOWN_OPS, "weights read by these ops are clustered: " + ", ".join(KNOWN_OPS))
     iterations: int = option(50, "maximum Lloyd iterations per codebook")
@@ -66,18 +67,26 @@ class ClusterWeightsPass(Pass):
         if not 2 <= self.bits <= 8:
             raise OptionError(f"pass '{self.name}' option 'bits' must be in 2..8, got {self.bits}")
         if self.min_elements < 1 or self.iterations < 1:
-            raise OptionError(f"pass '{self.name}' options 'min_elements' and 'iterations' must be >= 1, "
-                              f"got {self.min_elements} and {self.iterations}")
+            raise OptionError(
+                f"pass '{self.name}' options 'min_elements' and 'iterations' must be >= 1, "
+                f"got {self.min_elements} and {self.iterations}"
+            )
         unknown = sorted(set(self.ops) - set(KNOWN_OPS))
         if unknown or not self.ops:
-            raise OptionError(f"pass '{self.name}' option 'ops' must be a non-empty list of "
-                              f"{', '.join(KNOWN_OPS)}; got {', '.join(unknown) or '(empty)'}")
+            raise OptionError(
+                f"pass '{self.name}' option 'ops' must be a non-empty list of "
+                f"{', '.join(KNOWN_OPS)}; got {', '.join(unknown) or '(empty)'}"
+            )
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         if graph.opset < DECODE_MIN_OPSET:
-            report.skip("model", "opset", f"opset {graph.opset} < {DECODE_MIN_OPSET}: the decoding ops "
-                                          "(BitShift, GatherElements) do not exist there")
+            report.skip(
+                "model",
+                "opset",
+                f"opset {graph.opset} < {DECODE_MIN_OPSET}: the decoding ops "
+                "(BitShift, GatherElements) do not exist there",
+            )
             return PassResult(graph, False, report.to_dict())
         tree, names = ScopeTree.build(graph), NameAllocator(graph, reserve_node_names=False)
         tensors = []
@@ -95,8 +104,11 @@ class ClusterWeightsPass(Pass):
     def _choose(self, weight: Weight, tree: ScopeTree, report: PassReport, guard: WeightGuard) -> int | None:
         """The channel axis (-1 for per tensor) if ``weight`` should be clustered, else None."""
         readers = [(node, i) for node in weight.consumers for i, t in enumerate(node.inputs) if t is weight.tensor]
-        weight_reads = [(n, i) for n, i in readers if n.op in self.ops and WEIGHT_SLOTS.get(n.op) == i
-                        and n.domain in DEFAULT_DOMAINS]
+        weight_reads = [
+            (n, i)
+            for n, i in readers
+            if n.op in self.ops and WEIGHT_SLOTS.get(n.op) == i and n.domain in DEFAULT_DOMAINS
+        ]
         label = weight.label(tree)
         if not weight_reads:
             if weight.values.dtype.kind == "f" and any(BIAS_SLOTS.get(n.op) == i for n, i in readers):
@@ -113,15 +125,18 @@ class ClusterWeightsPass(Pass):
             axis = -1  # readers disagree, or a middle axis (ConvTranspose): one codebook for the tensor
         stored = self._stored_bytes(weight.values, axis)
         if stored >= weight.nbytes:
-            report.skip("tensor", label, f"codebooks and indices ({stored} B) would not be smaller than the weight "
-                                         f"({weight.nbytes} B)")
+            report.skip(
+                "tensor",
+                label,
+                f"codebooks and indices ({stored} B) would not be smaller than the weight ({weight.nbytes} B)",
+            )
             return None
         return axis
 
     def _stored_bytes(self, values: np.ndarray, axis: int) -> int:
         books = 1 if axis < 0 else values.shape[axis]
         slots = slots_per_byte(self.bits, values.size) if self.pack_indices else 1
-        return books * 2 ** self.bits * values.itemsize + -(-values.size // slots)
+        return books * 2**self.bits * values.itemsize + -(-values.size // slots)
 
     def _refusal(self, weight: Weight, readers, guard: WeightGuard) -> str:
         if weight.values.dtype.kind != "f":
@@ -139,11 +154,10 @@ class ClusterWeightsPass(Pass):
             return "a lookup table read with constant indices (e.g. a codebook already)"
         return ""
 
-    def _cluster(self, weight: Weight, axis: int, tree: ScopeTree, names, report: PassReport,
-                 widen: bool) -> dict:
+    def _cluster(self, weight: Weight, axis: int, tree: ScopeTree, names, report: PassReport, widen: bool) -> dict:
         values = weight.values
         rows = _rows(values, axis)
-        k = 2 ** self.bits
+        k = 2**self.bits
         codebook = kmeans_rows(rows, k, iterations=self.iterations).astype(values.dtype)
         codes = assign(rows, codebook)
         decoded = np.take_along_axis(codebook, codes.astype(np.int64), axis=1)
@@ -154,10 +168,17 @@ class ClusterWeightsPass(Pass):
         report.count("tensors_clustered")
         report.saved_bytes += weight.nbytes - stored
         return {
-            "tensor": weight.label(tree), "shape": list(values.shape), "bits": self.bits,
+            "tensor": weight.label(tree),
+            "shape": list(values.shape),
+            "bits": self.bits,
             "granularity": "per-tensor" if axis < 0 else f"per-channel (axis {axis})",
-            "kmeans_mse": mse, "kmeans_sqnr_db": sqnr, "uniform_mse": uniform_mse, "uniform_sqnr_db": uniform_sqnr,
-            "indices_per_byte": slots, "bytes_before": weight.nbytes, "bytes_after": stored,
+            "kmeans_mse": mse,
+            "kmeans_sqnr_db": sqnr,
+            "uniform_mse": uniform_mse,
+            "uniform_sqnr_db": uniform_sqnr,
+            "indices_per_byte": slots,
+            "bytes_before": weight.nbytes,
+            "bytes_after": stored,
         }
 
 
@@ -168,15 +189,15 @@ def _rows(values: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
 
 
-def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: ScopeTree, names,
-                  widen: bool) -> int:
+def _decode_graph(weight: Weight, axis: int, codebook, codes, slots: int, tree: ScopeTree, names, widen: bool) -> int:
     """Replace ``weight`` by codebook + indices + decoding nodes; returns the bytes now stored.
 
     ``widen``: unpack in uint32, for opsets before 14 (no uint8 Sub there)."""
     where = weight.home if weight.node is not None else tree.common_ancestor(weight.reader_graphs(tree))
     values, base = weight.values, weight.name
-    output = (weight.tensor if weight.node is not None
-              else gs.Variable(base, dtype=values.dtype, shape=list(values.shape)))
+    output = (
+        weight.tensor if weight.node is not None else gs.Variable(base, dtype=values.dtype, shape=list(values.shape))
+    )
     if weight.node is not None:
         weight.detach_constant_node()
     else:

@@ -44,8 +44,17 @@ def collect_weights(root: gs.Graph, digests: dict[int, bytes] | None = None) -> 
                 if values is None:
                     continue
                 reason = protected.get(id(tensor), "")
-                weights.append(Weight(tensor, producer, graph if producer is not None else None, array=values,
-                                      order=len(weights), protected=reason, digests=digests))
+                weights.append(
+                    Weight(
+                        tensor,
+                        producer,
+                        graph if producer is not None else None,
+                        array=values,
+                        order=len(weights),
+                        protected=reason,
+                        digests=digests,
+                    )
+                )
     return weights
 
 

@@ -47,15 +47,18 @@ class ShareWeightsPass(Pass):
     lossless = True  # near_duplicate_rtol (off by default) makes the pass lossy
 
     transformed: bool = option(
-        True, "also share copies equal to another weight transposed, reshaped or cast (adds a folded node)")
+        True, "also share copies equal to another weight transposed, reshaped or cast (adds a folded node)"
+    )
     near_duplicate_rtol: float | None = option(
-        None, "LOSSY when set: merge same-shape float weights whose max |a-b| <= rtol * max |kept|")
+        None, "LOSSY when set: merge same-shape float weights whose max |a-b| <= rtol * max |kept|"
+    )
 
     def __post_init__(self) -> None:
         rtol = self.near_duplicate_rtol
         if rtol is not None and not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
             raise OptionError(
-                f"pass '{self.name}' option 'near_duplicate_rtol' must be None or a number in [0, 1), got {rtol!r}")
+                f"pass '{self.name}' option 'near_duplicate_rtol' must be None or a number in [0, 1), got {rtol!r}"
+            )
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         state = _State(ScopeTree.build(graph), NameAllocator(graph, reserve_node_names=False), PassReport(), {})
@@ -114,11 +117,15 @@ def _merge(group: list[Weight], state: _State, kind: str) -> dict | None:
     components = _scope_components(members, state.tree)
     if len(components) > 1:
         labels = ", ".join(w.label(state.tree) for w in members)
-        common = state.tree.path(state.tree.common_ancestor(
-            [g for w in members for g in w.storage_graphs(state.tree)]))
-        state.report.skip("tensor", labels, (
-            f"copies in sibling subgraphs: no node of their common graph '{common}' reads the tensor, "
-            "and the exporter stores an initializer in every graph whose nodes read it; one copy kept per subgraph"))
+        common = state.tree.path(state.tree.common_ancestor([g for w in members for g in w.storage_graphs(state.tree)]))
+        state.report.skip(
+            "tensor",
+            labels,
+            (
+                f"copies in sibling subgraphs: no node of their common graph '{common}' reads the tensor, "
+                "and the exporter stores an initializer in every graph whose nodes read it; one copy kept per subgraph"
+            ),
+        )
     detail = None
     for component in components:
         if len(component) > 1:
@@ -146,8 +153,9 @@ def _merge_component(component: list[Weight], state: _State, kind: str) -> dict 
     labels = {id(w): w.label(tree) for w in component}
     kept = _choose_kept(component, tree)
     if kept is None or state.names.others(kept.tensor):
-        reason = ("no copy is visible from every reader" if kept is None
-                  else "another tensor in a subgraph has the same name")
+        reason = (
+            "no copy is visible from every reader" if kept is None else "another tensor in a subgraph has the same name"
+        )
         report.skip("tensor", ", ".join(labels.values()), reason)
         return None
     before = sum(len(w.storage_graphs(tree)) * w.nbytes for w in component)
@@ -199,8 +207,11 @@ def _gemm_flip_slot(node: gs.Node, tensor: gs.Tensor) -> str | None:
 
 def _node_cost(relation: Relation) -> int:
     """1 when keeping ``source`` needs a new node for ``derived``'s readers, else 0 (Gemm flips)."""
-    if relation.kind == "transposed" and relation.perm == (1, 0) and all(
-            _gemm_flip_slot(n, relation.derived.tensor) for n in relation.derived.consumers):
+    if (
+        relation.kind == "transposed"
+        and relation.perm == (1, 0)
+        and all(_gemm_flip_slot(n, relation.derived.tensor) for n in relation.derived.consumers)
+    ):
         return 0
     return 1
 

@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import optimizer.api as api_module
+import optimizer.app_inputs as app_inputs
 import optimizer.fileio.model as model_module
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError, ModelSaveError
@@ -54,7 +55,7 @@ def _external(location: str, name: str = "W", **entries: object) -> TensorProto:
 @pytest.fixture
 def lazy_everything(monkeypatch):
     """optimize() loads every external tensor lazily, as it would a > 256 MB model."""
-    monkeypatch.setattr(api_module, "LAZY_LOAD_ABOVE_BYTES", 0)
+    monkeypatch.setattr(app_inputs, "LAZY_LOAD_ABOVE_BYTES", 0)
     monkeypatch.setattr(model_module, "LAZY_TENSOR_MIN_BYTES", 0)
 
 
@@ -112,10 +113,10 @@ def test_input_changed_after_load_fails_with_exit_2_and_writes_nothing(
 
 _TRUNCATE_WHILE_MAPPED = r"""
 import os, sys
-import optimizer.api as api, optimizer.fileio.model as model
+import optimizer.app_inputs as app_inputs, optimizer.fileio.model as model
 from optimizer.fileio import lazy_io
 from optimizer.cli import main
-api.LAZY_LOAD_ABOVE_BYTES = 0
+app_inputs.LAZY_LOAD_ABOVE_BYTES = 0
 model.LAZY_TENSOR_MIN_BYTES = 0
 original = lazy_io.map_array
 def map_then_truncate(tensor):

@@ -1,0 +1,90 @@
+"""What optimize() and the commands read: the model (with the files it consists of), the feeds
+checked against its inputs, the calibration data, and a summary of its size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+
+from optimizer.calibration.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
+from optimizer.errors import OptionError
+from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model, load_model_with_files, model_size_bytes
+from optimizer.fileio.output_files import previous_data_files
+from optimizer.graph.inspection import weight_bytes_by_dtype
+from optimizer.optimize_options import FeedOptions, FeedSource, ModelInput
+from optimizer.pass_base import CalibrationFactory
+from optimizer.report.report import ModelSummary
+
+
+def resolve_feeds(
+    model: onnx.ModelProto,
+    feeds: FeedSource,
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+) -> list[Feed]:
+    """Feeds checked against the model's inputs: from a folder, an iterable, or generated."""
+    specs = model_input_specs(model)
+    if feeds is None:
+        if samples < 1:
+            raise OptionError(f"samples must be >= 1, got {samples}")
+        return generate_feeds(specs, count=samples, seed=seed, shapes=shapes)
+    if isinstance(feeds, (str, os.PathLike)):
+        feeds = load_npz_feeds(feeds)
+    return check_feeds(specs, feeds)
+
+
+def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> CalibrationFactory | None:
+    """A factory that yields the calibration feeds anew on every call, checked against the model.
+
+    A folder is re-read on each call (memory stays bounded); an iterable is read once and kept.
+    """
+    if calibration is None:
+        return None
+    specs = model_input_specs(model)
+    if isinstance(calibration, (str, os.PathLike)):
+        folder = calibration
+        load_npz_feeds(folder)
+        return lambda: (check_feed(specs, feed, index) for index, feed in enumerate(load_npz_feeds(folder)))
+    kept = check_feeds(specs, calibration)
+    return lambda: iter(kept)
+
+
+def resolve_feed_options(model: onnx.ModelProto, feeds: FeedOptions) -> list[Feed]:
+    return resolve_feeds(model, feeds.source, shapes=feeds.shapes, samples=feeds.samples, seed=feeds.seed)
+
+
+def load_input(
+    model: ModelInput,
+    max_input_bytes: int | None,
+    allow_symlinks_under: Sequence[str | os.PathLike] = (),
+) -> tuple[onnx.ModelProto, tuple[Path, ...], Path | None]:
+    if isinstance(model, (str, os.PathLike)):
+        loaded, files = load_model_with_files(
+            model,
+            max_input_bytes=max_input_bytes,
+            lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES,
+            allow_symlinks_under=allow_symlinks_under,
+        )
+        return loaded, files, Path(model)
+    return load_model(model, max_input_bytes=max_input_bytes), (), None
+
+
+def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None) -> ModelSummary:
+    """Path, size on disk (or serialized) and stored weight bytes by dtype."""
+    return _summary(model, Path(path) if path is not None else None)
+
+
+def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
+    size = _size_on_disk(path) if path is not None else model_size_bytes(model)
+    return ModelSummary(str(path) if path is not None else None, size, weight_bytes_by_dtype(model))
+
+
+def _size_on_disk(path: Path) -> int:
+    """The model file plus the data files it records (content-named, next to it)."""
+    data_files = [path.parent / name for name in previous_data_files(path)]
+    return path.stat().st_size + sum(data.stat().st_size for data in data_files if data.exists())

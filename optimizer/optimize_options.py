@@ -1,0 +1,111 @@
+"""The typed options of optimize() and what it returns: the plan, the feeds, validation, the
+accuracy budget, and the files it reads and writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from optimizer.fileio.publish import ExternalData
+from optimizer.pass_base import Pass
+from optimizer.report.report import Report
+from optimizer.verify.benchmark import BenchResult
+from optimizer.verify.isolation import DEFAULT_TIMEOUT_S
+from optimizer.verify.validate import Comparison, Tolerance
+
+LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
+LOSSY_TOLERANCE = Tolerance(min_cosine=0.99, min_sqnr_db=20.0)
+ModelInput = str | os.PathLike | bytes | onnx.ModelProto
+FeedSource = str | os.PathLike | Iterable[Mapping[str, Any]] | None
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    output_path: Path | None
+    modified: bool
+    report: Report
+    comparison: Comparison | None
+    bench: BenchResult | None
+
+    @property
+    def passed(self) -> bool:
+        """False only when validation ran and failed."""
+        return self.comparison is None or self.comparison.passed
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeedOptions:
+    """The inputs validation, the benchmark, bisect and the accuracy budget run the models on: an .npz
+    folder, an iterable of {input name: array}, or (``source`` None) ``samples`` seeded random feeds."""
+
+    source: FeedSource = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    samples: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationOptions:
+    """Compare the saved output with the input (default tolerance: exact for lossless passes).
+
+    ``isolate`` runs onnxruntime in a child process (limited to ``max_memory_bytes``) so a crash
+    becomes an error that says so; a failed comparison leaves the output unwritten unless ``keep_failed``.
+    """
+
+    tolerance: Tolerance | Mapping[str, Tolerance] | None = None
+    isolate: bool = True
+    max_memory_bytes: int | None = None
+    keep_failed: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetOptions:
+    """Back layers off, most harmful first, until ``metric`` (a built-in name or package.module:function,
+    on ``output`` only when given) drops by at most ``max_drop`` (see optimizer.budget)."""
+
+    max_drop: float
+    metric: str = "cosine"
+    higher_is_better: bool | None = None
+    output: str | None = None
+    max_trials: int = 24
+    workers: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizeOptions:
+    """Everything optimize() can be asked; the defaults run DEFAULT_PASSES and save the result.
+
+    ``passes`` are names or Pass objects, ``pass_options`` options by pass name (see plan_passes).
+    ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data run
+    on, with ``provider``; ``timeout_s`` bounds every onnxruntime run (``RunTimeoutError``).
+    ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
+    ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
+    ``bisect`` searches for the first bad pass when a pass or the validation fails.
+    External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
+    ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
+    every file it reads before any work (a collision is a ``ModelSaveError``).
+    """
+
+    passes: Sequence[str | Pass] | None = None
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None
+    calibration: FeedSource = None
+    provider: str = "cpu"
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    progress: bool = False
+    check_each_pass: bool = False
+    feeds: FeedOptions = field(default_factory=FeedOptions)
+    validation: ValidationOptions | None = None
+    bench_rounds: int | None = None
+    fusion_check: bool | None = None
+    budget: BudgetOptions | None = None
+    bisect: bool = False
+    external_data: ExternalData = "auto"
+    max_input_bytes: int | None = None
+    allow_symlinks_under: Sequence[str | os.PathLike] = ()
+    reports: Sequence[str | os.PathLike] = ()
