@@ -6,6 +6,7 @@ This module and ``optimizer.cli`` are the only core modules that import ``passes
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -17,6 +18,7 @@ import onnx
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.app_inputs import (
     calibration_factory,
+    generated_feeds_hint,
     load_input,
     model_summary,
     resolve_feed_options,
@@ -54,7 +56,7 @@ from optimizer.verify.fusion import check_fusion, op_counts
 from optimizer.verify.isolation import NOT_VALIDATED, compare_isolated
 from optimizer.verify.pass_bisect import BisectResult, bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
-from optimizer.verify.validate import Comparison, Tolerance, compare
+from optimizer.verify.validate import Comparison, Tolerance, compare, with_default_tolerance
 
 __all__ = [  # the library's entry points; the option classes live in optimizer.optimize_options
     "DEFAULT_PASSES",
@@ -166,6 +168,7 @@ class _Run:
     chosen: list[Pass]
     context: PassContext
     checks: _Checks | None = None
+    model_files: tuple[Path, ...] = ()
 
 
 def _plan_stage(options: OptimizeOptions) -> list[Pass]:
@@ -185,8 +188,8 @@ def _load_stage(
     model: ModelInput, output: str | os.PathLike | None, options: OptimizeOptions, chosen: list[Pass]
 ) -> _Run:
     """Load the input; refuse writes over anything the run reads, and validation of custom ops."""
-    source, protected, reference = load_input(model, options.max_input_bytes, options.allow_symlinks_under)
-    protected = (*protected, *folder_files(options.feeds.source), *folder_files(options.calibration))
+    source, model_files, reference = load_input(model, options.max_input_bytes, options.allow_symlinks_under)
+    protected = (*model_files, *folder_files(options.feeds.source), *folder_files(options.calibration))
     check_writes_apart([*([output] if output is not None else []), *options.reports], options.reports, protected)
     custom_ops = custom_domain_ops(source)
     if custom_ops and options.validation is not None:
@@ -199,7 +202,7 @@ def _load_stage(
     context = PassContext(
         calibration=factory, provider=options.provider, progress=options.progress, timeout_s=options.timeout_s
     )
-    return _Run(options, output, source, reference, protected, custom_ops, chosen, context)
+    return _Run(options, output, source, reference, protected, custom_ops, chosen, context, model_files=model_files)
 
 
 def _budget_stage(run: _Run) -> BudgetResult:
@@ -233,8 +236,8 @@ def _checks(run: _Run) -> _Checks | None:
     if validation is None and options.bench_rounds is None and not options.bisect:
         return None
     tolerance = validation.tolerance if validation is not None else None
-    if tolerance is None:
-        tolerance = LOSSLESS_TOLERANCE if all(p.lossless for p in run.chosen) else LOSSY_TOLERANCE
+    default = LOSSLESS_TOLERANCE if all(p.lossless for p in run.chosen) else LOSSY_TOLERANCE
+    tolerance = with_default_tolerance(tolerance, default)
     settings = validation or ValidationOptions()
     return _Checks(
         resolve_feed_options(run.source, options.feeds),
@@ -245,6 +248,7 @@ def _checks(run: _Run) -> _Checks | None:
         settings.isolate,
         options.timeout_s,
         settings.max_memory_bytes,
+        options.feeds.source is None,
     )
 
 
@@ -311,7 +315,8 @@ def _publish_stage(
 ) -> tuple[Path | None, Comparison | None, BenchResult | None]:
     """Write the output: straight (atomically) when nothing checks it, else staged, checked, moved in."""
     options, checks = run.options, run.checks
-    if checks is None or not (checks.validate or checks.bench_rounds is not None):
+    checked = checks is not None and (checks.validate or checks.bench_rounds is not None)
+    if not checked and (run.output is None or not _may_keep_input_bytes(run)):
         with stage("publish"):
             saved = (
                 save_unchanged_sources(model, run.output, options.external_data, run.protected)
@@ -319,8 +324,13 @@ def _publish_stage(
                 else None
             )
         report.output = model_summary(model, saved)
+        _size_notes(run, report)
         return saved, None, None
     saved, comparison, timing = _save_checked(run, model, checks, report)
+    _size_notes(run, report)
+    for note in timing.slower_notes() if timing is not None else []:
+        warn(note)
+        report.notes.append(note)
     report.validation = comparison.to_dict() if comparison else None
     report.benchmark = timing.to_dict() if timing else None
     if comparison is not None and not comparison.passed and options.bisect:
@@ -354,8 +364,15 @@ class _Checks:
     isolate: bool
     timeout_s: float | None
     max_memory_bytes: int | None
+    random_feeds: bool
 
     def compare(self, reference: ModelInput, candidate: Path) -> Comparison:
+        with generated_feeds_hint(self.feeds, self.random_feeds):
+            comparison = self._compare(reference, candidate)
+        comparison.random_feeds = self.random_feeds
+        return comparison
+
+    def _compare(self, reference: ModelInput, candidate: Path) -> Comparison:
         if self.isolate:
             return compare_isolated(
                 reference,
@@ -372,7 +389,7 @@ class _Checks:
 
 
 def _save_checked(
-    run: _Run, model: onnx.ModelProto, checks: _Checks, report: Report
+    run: _Run, model: onnx.ModelProto, checks: _Checks | None, report: Report
 ) -> tuple[Path | None, Comparison | None, BenchResult | None]:
     """Save to a staging folder next to the output, check the staged file, then move it in."""
     output, reference = run.output, run.reference or run.source
@@ -384,8 +401,14 @@ def _save_checked(
             staged = save_unchanged_sources(
                 model, Path(folder) / staged_name(output), run.options.external_data, run.protected
             )
+            if _keep_input_bytes(run, staged):
+                report.notes.append("lossless passes did not make the file smaller: the output keeps the input's bytes")
         with stage("validate"):
-            comparison = checks.compare(reference, staged) if checks.validate else None
+            comparison = checks.compare(reference, staged) if checks is not None and checks.validate else None
+        if comparison is not None and comparison.random_feeds and not all(p.lossless for p in run.chosen):
+            note = f"lossy passes validated on {comparison.samples} random samples only: give real inputs (--data DIR)"
+            warn(note)
+            report.notes.append(note)
         with stage("benchmark"):
             timing = (
                 benchmark(
@@ -396,7 +419,7 @@ def _save_checked(
                     rounds=checks.bench_rounds,
                     timeout_s=checks.timeout_s,
                 )
-                if checks.bench_rounds
+                if checks is not None and checks.bench_rounds
                 else None
             )
         saved = None
@@ -409,6 +432,34 @@ def _save_checked(
         if saved is None:
             report.output.path = None
     return saved, comparison, timing
+
+
+def _size_notes(run: _Run, report: Report) -> None:
+    """Say so when unstructured pruning left the file about as large as it was (dense zeros)."""
+    pruned = [p for p in run.chosen if p.name == "prune" and getattr(p, "storage", "dense") != "sparse"]
+    before, after = report.input, report.output
+    if not pruned or before is None or after is None or after.size_bytes < 0.95 * before.size_bytes:
+        return
+    report.notes.append(
+        f"pruning zeroed weights but the file is {after.size_bytes:,} bytes (input {before.size_bytes:,}): "
+        "zeros in dense tensors take as many bytes; use --sparse-storage auto, or compress the file (gzip)"
+    )
+
+
+def _may_keep_input_bytes(run: _Run) -> bool:
+    """Lossless passes on a single-file input: the output is staged so it can keep the input's bytes."""
+    return run.reference is not None and len(run.model_files) == 1 and all(p.lossless for p in run.chosen)
+
+
+def _keep_input_bytes(run: _Run, staged: Path) -> bool:
+    """A lossless run never grows a file: when the staged output of lossless passes is larger than
+    a single-file input, the input's own bytes replace it (the same model, as the user stored it)."""
+    if run.reference is None or not _may_keep_input_bytes(run):
+        return False
+    if any(staged.parent.glob(f"{staged.name}.*.data")) or staged.stat().st_size <= run.reference.stat().st_size:
+        return False
+    shutil.copyfile(run.reference, staged)
+    return True
 
 
 QUANTIZED_OPS = frozenset(

@@ -4,19 +4,30 @@ checked against its inputs, the calibration data, and a summary of its size."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from optimizer.calibration.feeds import Feed, check_feed, check_feeds, generate_feeds, load_npz_feeds, model_input_specs
-from optimizer.errors import OptionError
+from optimizer.calibration.feeds import (
+    Feed,
+    check_feeds,
+    check_npz_feeds,
+    generate_feeds,
+    metadata_shapes,
+    model_input_specs,
+    npz_feed_files,
+)
+from optimizer.errors import OptionError, RuntimeSessionError
 from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model, load_model_with_files, model_size_bytes
 from optimizer.fileio.output_files import previous_data_files
 from optimizer.graph.inspection import weight_bytes_by_dtype
 from optimizer.optimize_options import FeedOptions, FeedSource, ModelInput
 from optimizer.pass_base import CalibrationFactory
 from optimizer.report.report import ModelSummary
+from optimizer.verify.run_limit import RunTimeoutError
 
 
 def resolve_feeds(
@@ -32,9 +43,10 @@ def resolve_feeds(
     if feeds is None:
         if samples < 1:
             raise OptionError(f"samples must be >= 1, got {samples}")
+        shapes = {**metadata_shapes(model, specs), **(shapes or {})}
         return generate_feeds(specs, count=samples, seed=seed, shapes=shapes)
     if isinstance(feeds, (str, os.PathLike)):
-        feeds = load_npz_feeds(feeds)
+        return list(check_npz_feeds(specs, feeds))
     return check_feeds(specs, feeds)
 
 
@@ -48,8 +60,8 @@ def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> Cali
     specs = model_input_specs(model)
     if isinstance(calibration, (str, os.PathLike)):
         folder = calibration
-        load_npz_feeds(folder)
-        return lambda: (check_feed(specs, feed, index) for index, feed in enumerate(load_npz_feeds(folder)))
+        npz_feed_files(folder)
+        return lambda: check_npz_feeds(specs, folder)
     kept = check_feeds(specs, calibration)
     return lambda: iter(kept)
 
@@ -88,3 +100,22 @@ def _size_on_disk(path: Path) -> int:
     """The model file plus the data files it records (content-named, next to it)."""
     data_files = [path.parent / name for name in previous_data_files(path)]
     return path.stat().st_size + sum(data.stat().st_size for data in data_files if data.exists())
+
+
+@contextmanager
+def generated_feeds_hint(feeds: Sequence[Feed], generated: bool) -> Iterator[None]:
+    """A model that fails on generated inputs is often one that needs other sizes (YOLO and OCR
+    models divide by 32): name the shapes that were generated and the flags that fix it."""
+    try:
+        yield
+    except RunTimeoutError:
+        raise
+    except RuntimeSessionError as error:
+        if not generated or not feeds:
+            raise
+        shapes = ", ".join(f"{name}={'x'.join(map(str, np.shape(value)))}" for name, value in feeds[0].items())
+        first = next(iter(feeds[0]))
+        raise RuntimeSessionError(
+            f"{error}; the inputs were generated ({shapes}): give real inputs (--data DIR) or the sizes "
+            f"the model needs (--shape {first}=DxDx..)"
+        ) from error

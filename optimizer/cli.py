@@ -27,6 +27,7 @@ from optimizer.api import (
     resolve_feeds,
     tool_version,
 )
+from optimizer.app_inputs import generated_feeds_hint
 from optimizer.calibration.feeds import parse_shape_overrides
 from optimizer.calibration.sensitivity import sensitivity_scan
 from optimizer.cli_options import UsageError, tolerance_from_args
@@ -35,6 +36,7 @@ from optimizer.errors import OnnxCompressError
 from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
 from optimizer.internal_errors import bad_input_message, internal_error_message
+from optimizer.optimize_options import LOSSLESS_TOLERANCE, LOSSY_TOLERANCE
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
 from optimizer.report.inspect_text import inspection_text
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
@@ -43,7 +45,7 @@ from optimizer.text import ControlEscapingWriter, escape_control, printable
 from optimizer.verify.benchmark import benchmark
 from optimizer.verify.isolation import compare_isolated
 from optimizer.verify.layer_debug import debug_layers
-from optimizer.verify.validate import Tolerance, compare
+from optimizer.verify.validate import compare, with_default_tolerance
 
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -171,21 +173,28 @@ def _run_validate(args: argparse.Namespace) -> int:
     feeds = resolve_feeds(
         reference, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
     )
-    tolerance = tolerance_from_args(args) or Tolerance(max_abs=1e-6)
-    if args.isolate:
-        comparison = compare_isolated(
-            args.reference,
-            args.candidate,
-            feeds,
-            tolerance=tolerance,
-            provider=args.provider,
-            timeout_s=args.timeout,
-            max_memory_bytes=args.validate_max_memory,
-        )
-    else:
-        comparison = compare(
-            args.reference, args.candidate, feeds, tolerance=tolerance, provider=args.provider, timeout_s=args.timeout
-        )
+    tolerance = with_default_tolerance(tolerance_from_args(args), LOSSLESS_TOLERANCE if args.exact else LOSSY_TOLERANCE)
+    with generated_feeds_hint(feeds, args.data is None):
+        if args.isolate:
+            comparison = compare_isolated(
+                args.reference,
+                args.candidate,
+                feeds,
+                tolerance=tolerance,
+                provider=args.provider,
+                timeout_s=args.timeout,
+                max_memory_bytes=args.validate_max_memory,
+            )
+        else:
+            comparison = compare(
+                args.reference,
+                args.candidate,
+                feeds,
+                tolerance=tolerance,
+                provider=args.provider,
+                timeout_s=args.timeout,
+            )
+    comparison.random_feeds = args.data is None
     print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison.summary())
     return EXIT_OK if comparison.passed else EXIT_VALIDATION_FAILED
 
@@ -208,6 +217,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
+    for note in [] if args.json else result.slower_notes():
+        print(note)
     return EXIT_OK
 
 

@@ -187,7 +187,8 @@ TOLERANCE_KEYS = {
 
 
 def tolerance_from_args(args: argparse.Namespace) -> Tolerance | dict[str, Tolerance] | None:
-    """The global flags as one Tolerance, or a per-output mapping ("*" = the global flags)."""
+    """The global flags as one Tolerance, or a per-output mapping ("*" = the global flags; without
+    them the caller's default applies to the outputs not named, see ``with_default_tolerance``)."""
     values = {
         "max_abs": args.atol,
         "max_rel": args.rtol,
@@ -199,7 +200,7 @@ def tolerance_from_args(args: argparse.Namespace) -> Tolerance | dict[str, Toler
     if not args.output_tolerance:
         return common
     per_output = dict(parse_output_tolerance(item) for item in args.output_tolerance)
-    return {"*": common or Tolerance(max_abs=1e-6), **per_output}
+    return {"*": common, **per_output} if common is not None else per_output
 
 
 def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:

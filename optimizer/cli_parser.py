@@ -311,6 +311,11 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
 def _add_validate(commands) -> None:
     sub = _command(commands, "validate", "compare a candidate model with a reference in onnxruntime")
     _add_model_pair(sub, "reference", "candidate")
+    sub.add_argument(
+        "--exact",
+        action="store_true",
+        help="default tolerance max abs 1e-6 (for lossless changes) instead of cosine >= 0.99 and SQNR >= 20 dB",
+    )
     _add_json(sub, "the comparison")
     _add_symlink_argument(sub)
     _add_feed_arguments(sub)

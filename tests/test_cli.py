@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer.calibration.feeds import generate_feeds, model_input_specs
 from optimizer.cli import main
+from optimizer.verify.benchmark import BenchResult, ModelTiming
 from tests.helpers.runtime import assert_same_outputs
 from tests.helpers.samples import ROOT, SAMPLE_MODELS, folder_state, sample_ids, seeded_feeds
 
@@ -74,7 +79,7 @@ def test_markdown_and_json_reports_show_the_same_numbers(sample_copy, tmp_path, 
     assert f"| file (bytes) | {data['input']['size_bytes']:,} | {data['output']['size_bytes']:,} |" in text
     converted = data["passes"][0]["report"]["counts"]["constants_converted"]
     assert converted > 0 and f"constants_converted={converted}" in text
-    assert "PASS on 4 samples" in text
+    assert "PASS on 4 random samples (not evidence of accuracy" in text
     assert capsys.readouterr().out == ""
 
 
@@ -252,7 +257,7 @@ def test_validate_command_passes_identical_and_fails_perturbed(sample_copy, tmp_
     weight.CopyFrom(numpy_helper.from_array(array, weight.name))
     perturbed = tmp_path / "perturbed.onnx"
     onnx.save(model, perturbed)
-    assert main(["validate", str(source), str(perturbed), "--json"]) == 1
+    assert main(["validate", str(source), str(perturbed), "--json", "--exact"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] is False and data["worst_output"] == "logits"
     assert main(["validate", str(source), str(perturbed), "--atol", "10"]) == 0
@@ -265,6 +270,24 @@ def test_validate_command_passes_identical_and_fails_perturbed(sample_copy, tmp_
     assert_one_line_error(capsys, "speed=1", "atol")
     assert main(["validate", str(source), str(perturbed), "--output-tolerance", "nope:atol=1"]) == 2
     assert_one_line_error(capsys, "nope")
+
+
+def test_validate_uses_the_lossy_default_unless_exact(sample_copy, tmp_path, capsys):
+    """A candidate at cosine 1.000000 must not FAIL on the lossless 1e-6 limit unless --exact asks for it."""
+    source = sample_copy("mlp")
+    model = onnx.load(source)
+    for weight in model.graph.initializer:
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.0001), weight.name))
+    candidate = tmp_path / "close.onnx"
+    onnx.save(model, candidate)
+    assert main(["validate", str(source), str(candidate), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] and data["tolerance"]["logits"]["min_cosine"] == 0.99
+    assert main(["validate", str(source), str(candidate), "--exact"]) == 1
+    assert "max_abs" in capsys.readouterr().out
+    assert main(["validate", str(source), str(candidate), "--output-tolerance", "logits:min-cosine=0.5"]) == 0
+    loose_logits = ["--output-tolerance", "logits:min-cosine=0.5"]
+    assert main(["validate", str(source), str(candidate), "--exact", *loose_logits]) == 0
 
 
 def test_bench_and_inspect_and_passes_commands(sample_copy, capsys):
@@ -333,3 +356,129 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["optimize"])
     assert exit_info.value.code == 2
+
+
+def test_a_verdict_on_generated_feeds_says_it_is_not_evidence(sample_copy, tmp_path, capsys, caplog):
+    """Without --data the samples are random: the verdict line, the reports and a warning say so."""
+    source = sample_copy("mlp")
+    report = tmp_path / "r.json"
+    args = ["optimize", str(source), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8", "--validate"]
+    assert main([*args, "--report", str(report), "--report", str(tmp_path / "r.md")]) == 0
+    verdict = capsys.readouterr().out.splitlines()
+    caveat = "PASS on 4 random samples: not evidence of accuracy; give --data DIR"
+    assert any(line.startswith(caveat) for line in verdict)
+    assert "random samples only" in caplog.text
+    assert json.loads(report.read_text())["validation"]["random_feeds"] is True
+    assert "random samples (not evidence of accuracy" in (tmp_path / "r.md").read_text()
+    data = tmp_path / "feeds"
+    data.mkdir()
+    np.savez(data / "0.npz", **generate_feeds(model_input_specs(onnx.load(source)), count=1, seed=3)[0])
+    caplog.clear()
+    assert main([*args, "--data", str(data), "--report", str(report)]) == 0
+    assert "PASS" in capsys.readouterr().out.splitlines() and "random" not in caplog.text
+    assert json.loads(report.read_text())["validation"]["random_feeds"] is False
+    assert main(["validate", str(source), str(source)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("PASS on 4 random samples")
+
+
+def test_reports_of_a_failed_validation_say_the_output_was_not_written(sample_copy, tmp_path):
+    source = sample_copy("mlp")
+    reports = [tmp_path / "r.md", tmp_path / "r.html"]
+    args = ["optimize", str(source), "-o", str(tmp_path / "q.onnx"), "--quantize", "int4", "--quantize-mode", "weights"]
+    assert main([*args, "--validate", "--atol", "1e-9", "--quiet", *(f"--report={r}" for r in reports)]) == 1
+    for report in reports:
+        text = report.read_text()
+        assert "output: not written (see the notes)" in text and "None" not in text, report.name
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_and_reports_get_the_mode_the_umask_gives(sample_copy, tmp_path, umask):
+    """Reports were written 0600 while .onnx files were 0644: every file written follows the umask."""
+    source = sample_copy("mlp")
+    written = [tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.html"]
+    previous = os.umask(umask)
+    try:
+        assert main(["optimize", str(source), "-o", str(written[0]), "--quiet",
+                     *(f"--report={path}" for path in written[1:])]) == 0
+    finally:
+        os.umask(previous)
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in written} == dict.fromkeys(
+        [path.name for path in written], 0o666 & ~umask)
+
+
+def test_progress_in_a_log_is_one_line_per_stage_not_a_bar(tmp_path):
+    """stderr redirected to a file: no carriage returns, one line when each stage ends."""
+    source = tmp_path / "mlp.onnx"
+    shutil.copy(ROOT / "models" / "mlp.onnx", source)
+    log = tmp_path / "log.txt"
+    command = [sys.executable, "-m", "optimizer.cli", "bench", str(source), "--rounds", "3", "--warmup", "0"]
+    with log.open("w") as stderr:
+        finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, check=False, timeout=120)
+    assert finished.returncode == 0
+    text = log.read_text()
+    assert "\r" not in text and re.search(r"^benchmark: [0-9]+ run\(s\) in [0-9.]+ s$", text, re.M), text
+
+
+def _unnamed_two_node_model(path: Path) -> bytes:
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path.read_bytes()
+
+
+def test_a_lossless_run_never_grows_a_file(tmp_path, monkeypatch):
+    """Unset model fields stay unset (they cost 10 bytes); and should an export still come out larger,
+    the output keeps the input's bytes."""
+    source, output, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    original = _unnamed_two_node_model(source)
+    assert main(["optimize", str(source), "-o", str(output), "--quiet"]) == 0
+    assert output.read_bytes() == original
+    import optimizer.graph.convert as convert
+
+    def padded(template, model):
+        model.doc_string = "x" * 64
+
+    monkeypatch.setattr(convert, "_copy_model_fields", padded)
+    for checks in ([], ["--validate"]):
+        output.unlink()
+        assert main(["optimize", str(source), "-o", str(output), "--quiet", *checks, "--report", str(report)]) == 0
+        assert output.read_bytes() == original
+        assert any("keeps the input's bytes" in note for note in json.loads(report.read_text())["notes"])
+    assert main(["optimize", str(source), "-o", str(output), "--quiet", "--prune", "0.5"]) == 0
+    assert len(output.read_bytes()) > len(original)  # a lossy pipeline is not replaced by its input
+
+
+def test_pruning_that_leaves_the_file_as_large_says_so(sample_copy, tmp_path, capsys):
+    source = sample_copy("mlp")
+    assert main(["optimize", str(source), "-o", str(tmp_path / "p.onnx"), "--prune", "0.3"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: pruning zeroed")]
+    assert len(notes) == 1 and "--sparse-storage auto" in notes[0]
+    channels = ["--prune", "0.3", "--prune-mode", "channels"]
+    assert main(["optimize", str(source), "-o", str(tmp_path / "c.onnx"), *channels]) == 0
+    assert "note: pruning zeroed" not in capsys.readouterr().out
+
+
+def _timing(name: str, ratio: float) -> ModelTiming:
+    return ModelTiming(name=name, size_bytes=1, session_create_ms=1.0, p50_ms=ratio, p90_ms=ratio, mean_ms=ratio,
+                       min_ms=ratio, rounds=20, ratio_p50=ratio, provider_used="CPUExecutionProvider",
+                       ratio_paired=ratio)
+
+
+@pytest.mark.parametrize(("ratio", "slower"), [(1.85, True), (1.02, False), (0.6, False)])
+def test_an_output_slower_than_its_input_is_said_in_the_summary_and_report(
+        sample_copy, tmp_path, capsys, monkeypatch, ratio, slower):
+    """Static int8 ran 1.85x fp32 on a real classifier and the report said only "integer kernels"."""
+    def timed(models, feeds, names, **kwargs):
+        return BenchResult([_timing("input", 1.0), _timing("output", ratio)], "cpu", None, 0, 20, None)
+
+    monkeypatch.setattr("optimizer.api.benchmark", timed)
+    source, report = sample_copy("mlp"), tmp_path / "r.json"
+    assert main(["optimize", str(source), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8", "--bench",
+                 "--report", str(report)]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "SLOWER: 'output' takes 1.85x" in line]
+    notes = [note for note in json.loads(report.read_text())["notes"] if note.startswith("SLOWER")]
+    assert (len(said), len(notes)) == ((1, 1) if slower else (0, 0))

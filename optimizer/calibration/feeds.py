@@ -25,6 +25,10 @@ Feed = dict[str, np.ndarray]
 BATCH_DIM_DEFAULT = 1
 SEQUENCE_DIM_DEFAULT = 16
 OTHER_DIM_DEFAULT = 8
+IMAGE_DIM_DEFAULT = 64
+"""Height and width of an image-like input ([N, 1|3|4, H, W] with H, W dynamic): a multiple of 32,
+the largest stride common detectors and OCR models divide by (8x8 breaks YOLOv8 and PP-OCR det)."""
+IMAGE_CHANNELS = (1, 3, 4)
 INT_HIGH_EXCLUSIVE = 100
 
 _SEQUENCE_WORDS = ("seq", "length", "token", "time", "step")
@@ -131,7 +135,9 @@ def resolve_shapes(
     2. a named dim already bound (by an override or an earlier input) keeps that value, so
        ``input_ids`` and ``attention_mask`` sharing ``sequence`` stay consistent;
     3. a name containing "batch" -> 1; containing seq/length/token/time/step -> 16;
-    4. otherwise the first dim -> 1 (batch-like), any other dim -> 8.
+    4. height and width of an image-like input ([N, 1|3|4, H, W]) -> 64;
+    5. otherwise the first dim -> 1 (batch-like), any other dim -> 8.
+    (``metadata_shapes`` reads sizes the exporter recorded; callers pass them as overrides.)
     """
     overrides = dict(shapes or {})
     names = [spec.name for spec in specs]
@@ -152,8 +158,39 @@ def resolve_shapes(
             continue
         if not spec.rank_known:
             raise FeedError(f"input {spec.name!r} has no shape in the model; pass a shape override ({spec.name}=...)")
-        resolved[spec.name] = tuple(_default_dim(dim, axis, bound) for axis, dim in enumerate(spec.shape))
+        image = _is_image_like(spec)
+        resolved[spec.name] = tuple(
+            IMAGE_DIM_DEFAULT if image and axis >= 2 and dim is None else _default_dim(dim, axis, bound, image)
+            for axis, dim in enumerate(spec.shape)
+        )
     return resolved
+
+
+def _is_image_like(spec: InputSpec) -> bool:
+    """[N, C, H, W] floats with C fixed to 1, 3 or 4 and a dynamic height or width."""
+    shape = spec.shape
+    return (
+        spec.dtype.kind == "f"
+        and len(shape) == 4
+        and shape[1] in IMAGE_CHANNELS
+        and any(not isinstance(dim, int) for dim in shape[2:])
+    )
+
+
+def metadata_shapes(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """Input shapes the model's own metadata gives: Ultralytics exports write ``imgsz`` ("[320, 320]"
+    or "640"), the size its image input was trained and exported for."""
+    text = next((entry.value for entry in model.metadata_props if entry.key == "imgsz"), None)
+    sizes = [int(number) for number in re.findall(r"\d+", text or "")][:2]
+    if not sizes or any(size < 1 or size > 16384 for size in sizes):
+        return {}
+    height, width = sizes if len(sizes) == 2 else sizes * 2
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        if _is_image_like(spec):
+            batch = spec.shape[0] if isinstance(spec.shape[0], int) else BATCH_DIM_DEFAULT
+            shapes[spec.name] = (batch, int(spec.shape[1] or 0), height, width)
+    return shapes
 
 
 def _check_override(spec: InputSpec, shape: tuple[int, ...]) -> None:
@@ -172,19 +209,21 @@ def _check_override(spec: InputSpec, shape: tuple[int, ...]) -> None:
             )
 
 
-def _default_dim(dim: int | str | None, axis: int, bound: dict[str, int]) -> int:
+def _default_dim(dim: int | str | None, axis: int, bound: dict[str, int], image: bool = False) -> int:
     if isinstance(dim, int):
         return dim
     if isinstance(dim, str):
         if dim not in bound:
-            bound[dim] = _default_for_name(dim.lower(), axis)
+            bound[dim] = _default_for_name(dim.lower(), axis, image)
         return bound[dim]
     return BATCH_DIM_DEFAULT if axis == 0 else OTHER_DIM_DEFAULT
 
 
-def _default_for_name(name: str, axis: int) -> int:
+def _default_for_name(name: str, axis: int, image: bool = False) -> int:
     if "batch" in name:
         return BATCH_DIM_DEFAULT
+    if image and axis >= 2:
+        return IMAGE_DIM_DEFAULT
     if any(word in name for word in _SEQUENCE_WORDS):
         return SEQUENCE_DIM_DEFAULT
     return BATCH_DIM_DEFAULT if axis == 0 else OTHER_DIM_DEFAULT
@@ -257,6 +296,11 @@ def load_npz_feeds(folder: str | os.PathLike) -> Iterator[Feed]:
 
     The folder is checked now; files are read lazily, so large calibration sets stream.
     """
+    return _read_npz_files(npz_feed_files(folder))
+
+
+def npz_feed_files(folder: str | os.PathLike) -> list[Path]:
+    """The ``*.npz`` files of a feeds folder in file-name order, each checked to be a regular file."""
     path = Path(folder)
     if not path.is_dir():
         raise FeedError(f"feeds folder {os.fspath(folder)!r} does not exist or is not a folder")
@@ -265,7 +309,13 @@ def load_npz_feeds(folder: str | os.PathLike) -> Iterator[Feed]:
         raise FeedError(f"feeds folder {os.fspath(folder)!r} holds no .npz files")
     for file in files:
         check_regular_file(file)
-    return _read_npz_files(files)
+    return files
+
+
+def check_npz_feeds(specs: Sequence[InputSpec], folder: str | os.PathLike) -> Iterator[Feed]:
+    """Each file's sample checked against the specs, read one at a time; an error names the file."""
+    for index, file in enumerate(npz_feed_files(folder)):
+        yield check_feed(specs, read_npz_file(file), index, label=f"feed file {os.fspath(file)!r}")
 
 
 def _read_npz_files(files: list[Path]) -> Iterator[Feed]:
@@ -274,22 +324,24 @@ def _read_npz_files(files: list[Path]) -> Iterator[Feed]:
         yield read_npz_file(file)
 
 
-def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], index: int) -> Feed:
-    """Check one sample against the specs; returns it with inputs in model order."""
+def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], index: int, label: str | None = None) -> Feed:
+    """Check one sample against the specs; returns it with inputs in model order. Errors name the
+    sample by ``label`` (e.g. its file) or else by ``index``."""
+    label = label or f"sample {index}"
     if not isinstance(feed, Mapping):
-        raise FeedError(f"sample {index}: expected a dict of input name -> array, got {type(feed).__name__}")
+        raise FeedError(f"{label}: expected a dict of input name -> array, got {type(feed).__name__}")
     names = [spec.name for spec in specs]
     missing = [name for name in names if name not in feed]
     extra = sorted(set(feed) - set(names))
     if missing or extra:
         parts = [f"missing input(s) {', '.join(missing)}"] if missing else []
         parts += [f"unknown input(s) {', '.join(extra)}"] if extra else []
-        raise FeedError(f"sample {index}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
-    return {spec.name: _checked_array(spec, feed[spec.name], index) for spec in specs}
+        raise FeedError(f"{label}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
+    return {spec.name: _checked_array(spec, feed[spec.name], label) for spec in specs}
 
 
-def _checked_array(spec: InputSpec, value: object, index: int) -> np.ndarray:
-    where = f"sample {index}, input {spec.name!r}"
+def _checked_array(spec: InputSpec, value: object, label: str) -> np.ndarray:
+    where = f"{label}, input {spec.name!r}"
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if not isinstance(value, np.ndarray):

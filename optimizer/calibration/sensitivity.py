@@ -116,12 +116,12 @@ class SensitivityTable:
         return data
 
     def to_markdown(self) -> str:
-        """One row per layer: cosine at each scanned sparsity, and the allocation if any."""
+        """One row per layer, most sensitive first: cosine at each scanned sparsity, and the allocation."""
         header = ["layer", "elements"] + [f"cos@{s:g}" for s in self.sparsities]
         if self.allocation:
             header.append("allocated")
         lines = [
-            f"{self.samples} sample(s) on {self.provider_used}",
+            f"{self.samples} sample(s) on {self.provider_used}; most sensitive layer first",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
@@ -166,7 +166,14 @@ def sensitivity_scan(
     with progress_bar(total=len(names) * len(sparsities), desc="sensitivity", unit="run", enabled=progress) as bar:
         for name in names:
             layers.append(runner.layer(name, tuple(sparsities), bar))
+    layers.sort(key=_most_sensitive_first)
     return SensitivityTable(tuple(sparsities), layers, len(samples), provider_used)
+
+
+def _most_sensitive_first(layer: LayerSensitivity) -> tuple[float, str]:
+    """Layers whose pruning adds the most output noise (at the highest scanned sparsity) first."""
+    noise = layer.noise()
+    return (-(noise[-1] if noise else 0.0), layer.name)
 
 
 def _check_sparsities(sparsities: Sequence[float]) -> None:

@@ -84,9 +84,26 @@ def _cut(name: str, max_bytes: int) -> str:
 
 
 def temp_file(folder: Path, final_name: str) -> tuple[int, str]:
-    """A new temporary file for ``final_name`` in ``folder``; its name fits in 255 bytes."""
+    """A new temporary file for ``final_name`` in ``folder``; its name fits in 255 bytes.
+
+    mkstemp creates it 0600; it gets the mode ``open()`` would give (0666 less the umask), so every
+    file renamed into place (models, data files, reports) has the permissions the user expects."""
     prefix = f".{_cut(final_name, TEMP_STEM_MAX_BYTES)}.tmp-{owner_tag()}-"
-    return tempfile.mkstemp(dir=folder, prefix=prefix)
+    descriptor, path = tempfile.mkstemp(dir=folder, prefix=prefix)
+    try:
+        os.fchmod(descriptor, new_file_mode())
+    except OSError:
+        os.close(descriptor)
+        os.unlink(path)
+        raise
+    return descriptor, path
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def staging_prefix() -> str:

@@ -108,20 +108,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _new_file_mode() -> int:
-    """Temp files are created 0o600; give the final file the mode open() would have."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _write_temp(folder: pathlib.Path, final_name: str, write: Callable[[int], None]) -> str:
     """A complete, fsynced temporary file in ``folder`` (removed again if writing fails)."""
     fd, temp_path = temp_file(folder, final_name)
     try:
         try:
             write(fd)
-            os.fchmod(fd, _new_file_mode())
             os.fsync(fd)
         finally:
             os.close(fd)

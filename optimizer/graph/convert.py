@@ -219,12 +219,17 @@ def _onnx_dtype(dtype: np.dtype) -> int | None:
         return None
 
 
+MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+"""Scalar ModelProto fields copied as the template has them: set, or absent (an empty value that
+was never set costs bytes and is not what the input said)."""
+
+
 def _copy_model_fields(template: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    model.producer_name = template.producer_name
-    model.producer_version = template.producer_version
-    model.domain = template.domain
-    model.model_version = template.model_version
-    model.doc_string = template.doc_string
+    for name in MODEL_FIELDS:
+        if template.HasField(name):
+            setattr(model, name, getattr(template, name))
+        else:
+            model.ClearField(name)
     if template.graph.doc_string:
         model.graph.doc_string = template.graph.doc_string
     else:

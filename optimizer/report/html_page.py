@@ -73,6 +73,11 @@ def render_html(data: dict[str, Any]) -> str:
     )
 
 
+def output_label(after: dict[str, Any]) -> str:
+    """The output's path, or why there is none (a failed validation keeps the file unwritten)."""
+    return str(after["path"]) if after.get("path") else "not written (see the notes)"
+
+
 def _size_section(data: dict[str, Any], plots: _Plots) -> list[str]:
     before, after = data["input"], data.get("output")
     rows = [
@@ -91,7 +96,8 @@ def _size_section(data: dict[str, Any], plots: _Plots) -> list[str]:
     out = [
         "<h2>Size</h2>",
         f"<p>input: <code>{_e(before['path'])}</code>"
-        + (f"<br>output: <code>{_e(after['path'])}</code>" if after else "")
+        + (f"<br>output: {_e(output_label(after))}" if after and not after["path"] else "")
+        + (f"<br>output: <code>{_e(after['path'])}</code>" if after and after["path"] else "")
         + "</p>",
         _table(["", "before", "after"], rows),
     ]
@@ -179,16 +185,25 @@ def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:
         out.append(_table(keys, [[s.get(k) for k in keys] for s in steps]))
         values = [s.get("value") for s in steps if isinstance(s.get("value"), (int, float))]
         if values:
-            out.append(plots.line("Metric after each step", list(range(len(values))), values, "step", "metric"))
+            out.append(
+                plots.line("Metric after each step", list(range(len(values))), values, "step", "metric", integer_x=True)
+            )
     return out
+
+
+def sample_kind(validation: dict[str, Any]) -> str:
+    """'samples', or what generated samples are worth as evidence."""
+    if validation.get("random_feeds"):
+        return "random samples (not evidence of accuracy; give real inputs with --data DIR)"
+    return "samples"
 
 
 def _validation_section(validation: dict[str, Any]) -> list[str]:
     verdict = "<span class='pass'>PASS</span>" if validation.get("passed") else "<span class='fail'>FAIL</span>"
     out = [
         "<h2>Validation</h2>",
-        f"<p>{verdict} on {_e(validation.get('samples'))} samples, provider {_e(validation.get('provider_used'))} "
-        f"(requested {_e(validation.get('provider_requested'))}).</p>",
+        f"<p>{verdict} on {_e(validation.get('samples'))} {_e(sample_kind(validation))}, "
+        f"provider {_e(validation.get('provider_used'))} (requested {_e(validation.get('provider_requested'))}).</p>",
     ]
     if validation.get("provider_note"):
         out.append(f"<p class='note'>{_e(validation['provider_note'])}</p>")
@@ -314,11 +329,16 @@ class _Plots:
             axes.legend()
         return self._finish(figure, axes, title)
 
-    def line(self, title: str, xs: Sequence[float], ys: Sequence[float], x_label: str, y_label: str) -> str:
+    def line(
+        self, title: str, xs: Sequence[float], ys: Sequence[float], x_label: str, y_label: str, integer_x: bool = False
+    ) -> str:
+        """A line plot; ``integer_x``: ticks only at whole numbers (steps, counts)."""
         if self._pyplot is None:
             return ""
         figure, axes = self._pyplot.subplots(figsize=(7, 3))
         axes.plot(xs, ys, marker="o")
+        if integer_x:
+            axes.xaxis.set_major_locator(self._pyplot.MaxNLocator(integer=True))
         axes.set_xlabel(plot_text(x_label))
         axes.set_ylabel(plot_text(y_label))
         return self._finish(figure, axes, title)

@@ -15,7 +15,7 @@ from typing import Any
 
 from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.fileio.output_files import check_apart, folder_files, temp_file
-from optimizer.report.html_page import format_number, layer_columns, render_html
+from optimizer.report.html_page import format_number, layer_columns, output_label, render_html, sample_kind
 from optimizer.text import escape_control
 
 REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
@@ -113,7 +113,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 def _size_section(before: dict[str, Any], after: dict[str, Any] | None) -> list[str]:
     lines = ["## Size", "", f"- input: `{before['path']}`"]
     if after:
-        lines.append(f"- output: `{after['path']}`")
+        lines.append(f"- output: `{after['path']}`" if after["path"] else f"- output: {output_label(after)}")
     lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
     rows = [
         ("file (bytes)", before["size_bytes"], after["size_bytes"] if after else None),
@@ -190,7 +190,7 @@ def _validation_section(validation: dict[str, Any]) -> list[str]:
     verdict = "PASS" if validation.get("passed") else "FAIL"
     lines = _heading(
         "Validation",
-        f"{verdict} on {validation.get('samples')} samples, provider "
+        f"{verdict} on {validation.get('samples')} {sample_kind(validation)}, provider "
         f"{validation.get('provider_used')} (requested {validation.get('provider_requested')}).",
     )
     if validation.get("provider_note"):

@@ -17,7 +17,7 @@ import onnx
 from tqdm import tqdm
 
 from optimizer.errors import FeedError, ModelLoadError, OptionError
-from optimizer.progress import progress_bar
+from optimizer.progress import StageLine, progress_bar
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
     ModelSource,
@@ -55,6 +55,10 @@ class ModelTiming:
     spell of the machine hits both sides of a pair, so this moves less than ``ratio_p50``."""
 
 
+SLOWER_MARGIN = 0.05
+"""A model counts as slower only past 5% over the first, paired round by round (noise is smaller)."""
+
+
 @dataclass
 class BenchResult:
     """All timings of one ``benchmark`` call, plus the settings needed to reproduce it."""
@@ -68,6 +72,16 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def slower_notes(self, margin: float = SLOWER_MARGIN) -> list[str]:
+        """One line for each model slower than the first by more than ``margin`` (paired ratio)."""
+        first = self.models[0].name if self.models else ""
+        return [
+            f"SLOWER: '{timing.name}' takes {timing.ratio_paired:.2f}x the time of '{first}' "
+            f"(median paired ratio over {self.rounds} rounds; p50 {timing.p50_ms:.3f} ms)"
+            for timing in self.models[1:]
+            if timing.ratio_paired > 1.0 + margin
+        ]
 
     def to_markdown(self) -> str:
         """A Markdown table, one row per model, with the settings above it."""
@@ -206,7 +220,7 @@ def benchmark(
 
 
 def _timed_rounds(
-    sessions: list, names: list[str], feeds: Sequence, rounds: int, bar: tqdm, timeout_s: float | None
+    sessions: list, names: list[str], feeds: Sequence, rounds: int, bar: tqdm | StageLine, timeout_s: float | None
 ) -> list[list[float]]:
     """Per model, the latency of each round; feeds are sliced per session before timing."""
     prepared = [

@@ -60,8 +60,9 @@ class Tolerance:
 class OutputMetrics:
     """Metrics of one output over all samples.
 
-    ``max_rel`` is the largest element-wise ``|ref - cand| / max(|ref|, 1e-12)``, so it blows up
-    where the reference is near zero; prefer cosine or SQNR there. Numeric metrics cover only
+    ``max_rel`` is ``max |ref - cand| / max |ref|`` over all samples (the error relative to the
+    output's scale, what ``--rtol`` limits); an element-wise ratio would blow up wherever the
+    reference is near zero. Numeric metrics cover only
     positions where both values are finite; NaN/Inf in one model but not the other are counted
     in ``nonfinite_mismatches`` and always fail. ``violation_ratio`` > 1 means failed; it ranks
     outputs by how badly they miss their tolerance.
@@ -95,6 +96,8 @@ class Comparison:
     provider_used: str
     provider_note: str | None
     tolerance: dict
+    random_feeds: bool = False
+    """The samples were generated (no real data): a PASS then says little about accuracy."""
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become the strings "inf", "-inf" and "nan"."""
@@ -116,9 +119,17 @@ class Comparison:
 
     def _verdict(self) -> str:
         if self.passed:
-            return "PASS"
-        worst = next(metrics for metrics in self.outputs if metrics.name == self.worst_output)
-        return f"FAIL: worst output {worst.name!r} ({'; '.join(worst.failures)})"
+            verdict = "PASS"
+        else:
+            worst = next(metrics for metrics in self.outputs if metrics.name == self.worst_output)
+            verdict = f"FAIL: worst output {worst.name!r} ({'; '.join(worst.failures)})"
+        return verdict + self.feeds_caveat()
+
+    def feeds_caveat(self) -> str:
+        """What the verdict rests on, when that is only generated data (empty for real data)."""
+        if not self.random_feeds:
+            return ""
+        return f" on {self.samples} random samples: not evidence of accuracy; give --data DIR"
 
 
 def _summary_row(metrics: OutputMetrics) -> tuple[str, ...]:
@@ -169,7 +180,7 @@ class _OutputAccumulator:
     nonfinite_mismatches: int = 0
     max_abs: float = 0.0
     sum_abs: float = 0.0
-    max_rel: float = 0.0
+    max_ref_abs: float = 0.0
     sum_ref_sq: float = 0.0
     sum_cand_sq: float = 0.0
     sum_dot: float = 0.0
@@ -215,12 +226,18 @@ class _OutputAccumulator:
         abs_diff = np.abs(reference - candidate)
         self.max_abs = max(self.max_abs, float(abs_diff.max(initial=0.0)))
         self.sum_abs += float(abs_diff.sum())
-        relative = abs_diff / np.maximum(np.abs(reference), RELATIVE_ERROR_EPS)
-        self.max_rel = max(self.max_rel, float(relative.max(initial=0.0)))
+        self.max_ref_abs = max(self.max_ref_abs, float(np.abs(reference).max(initial=0.0)))
         self.sum_ref_sq += float(np.dot(reference, reference))
         self.sum_cand_sq += float(np.dot(candidate, candidate))
         self.sum_dot += float(np.dot(reference, candidate))
         self.sum_err_sq += float(np.dot(abs_diff, abs_diff))
+
+    @property
+    def max_rel(self) -> float:
+        """max |ref - cand| / max |ref|; 0 when both are all zero, inf for a zero reference."""
+        if self.max_abs == 0.0:
+            return 0.0
+        return self.max_abs / self.max_ref_abs if self.max_ref_abs > RELATIVE_ERROR_EPS else math.inf
 
     def cosine(self) -> float:
         """Cosine over all samples concatenated; two all-zero outputs count as identical (1.0)."""
@@ -319,6 +336,18 @@ def _finish(acc: _OutputAccumulator, tolerance: Tolerance) -> OutputMetrics:
         nonfinite_mismatches=acc.nonfinite_mismatches,
         violation_ratio=max((ratio for _, ratio in misses), default=0.0),
     )
+
+
+def with_default_tolerance(
+    tolerance: Tolerance | Mapping[str, Tolerance] | None, default: Tolerance
+) -> Tolerance | Mapping[str, Tolerance]:
+    """``tolerance`` with ``default`` wherever it says nothing: for every output when None, for the
+    outputs a mapping does not name when it has no "*" (the caller's default, e.g. lossy)."""
+    if tolerance is None:
+        return default
+    if isinstance(tolerance, Mapping) and DEFAULT_TOLERANCE_KEY not in tolerance:
+        return {DEFAULT_TOLERANCE_KEY: default, **tolerance}
+    return tolerance
 
 
 def resolve_tolerances(

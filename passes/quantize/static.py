@@ -399,7 +399,8 @@ def _quantize_compute_weights(
                 found = params.get(input_names.get(id(consumer.node), ""))
                 if found is not None and consumer.node.op != "MatMul":
                     _quantize_bias(consumer.graph, consumer.node, found.scale, quantized.scale, names, report)
-            report.count(f"static_{consumer.node.op}")
+            # static only when the activation became integer too; else the int8 weight runs in float
+            report.count(f"static_{consumer.node.op}" if found is not None else f"weight_only_{consumer.node.op}")
 
 
 def _quantize_bias(

@@ -6,13 +6,16 @@ from onnx import TensorProto, helper, numpy_helper
 from optimizer.calibration.feeds import (
     InputSpec,
     check_feeds,
+    check_npz_feeds,
     generate_feeds,
     load_npz_feeds,
+    metadata_shapes,
     model_input_specs,
     parse_shape_overrides,
     resolve_shapes,
     session_input_specs,
 )
+from optimizer.cli import main
 from optimizer.errors import FeedError
 from optimizer.verify.runtime import create_session, resolve_provider
 
@@ -102,7 +105,7 @@ def test_default_dims_follow_the_documented_rule():
     ]
     shapes = resolve_shapes(specs)
     assert shapes == {
-        "pixels": (1, 3, 8, 8),
+        "pixels": (1, 3, 64, 64),  # image-like: a size detectors (stride 32) can run
         "input_ids": (1, 16),
         "attention_mask": (1, 16),
         "state": (16, 1, 8, 5),
@@ -273,3 +276,52 @@ def test_generated_feeds_run_through_onnxruntime():
     feeds = check_feeds(model_input_specs(model), generate_feeds(model_input_specs(model), count=2))
     (out,) = session.run(None, feeds[0])
     np.testing.assert_array_equal(out, feeds[0]["input_ids"] + 2)
+
+
+def test_errors_in_feed_files_name_the_file(tmp_path, capsys):
+    """They said "sample 0"; with a folder of files the user needs the file's name."""
+    good = {"input_ids": np.ones((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64),
+            "token_type_ids": np.zeros((1, 4), np.int64)}
+    np.savez(tmp_path / "000.npz", **good)
+    np.savez(tmp_path / "001.npz", **{**good, "attention_mask": np.ones((1, 4), np.float32)})
+    specs = model_input_specs(bert_like_model())
+    with pytest.raises(FeedError, match=r"feed file '.*001\.npz', input 'attention_mask': dtype float32"):
+        list(check_npz_feeds(specs, tmp_path))
+    model = tmp_path / "bert.onnx"
+    onnx.save(bert_like_model(), model)
+    assert main(["validate", str(model), str(model), "--data", str(tmp_path)]) == 2
+    assert "001.npz" in capsys.readouterr().err
+
+
+def stride_32_model(imgsz: str | None = None) -> onnx.ModelProto:
+    """A detector-like body: five stride-2 pools, then 32x upsampling added back to the input; it
+    runs only when height and width are multiples of 32 (8x8 fails, like YOLOv8 and PP-OCR det)."""
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [helper.make_node("MaxPool", [f"p{i}"], [f"p{i + 1}"], **pool) for i in range(5)]
+    nodes[0].input[0] = "images"
+    scales = numpy_helper.from_array(np.array([1, 1, 32, 32], np.float32), "scales")
+    nodes += [helper.make_node("Resize", ["p5", "", "scales"], ["up"], mode="nearest"),
+              helper.make_node("Add", ["images", "up"], ["y"])]
+    image = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    model = helper.make_model(helper.make_graph(nodes, "g", [image], [out], [scales]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    if imgsz is not None:
+        onnx.helper.set_model_props(model, {"imgsz": imgsz})
+    return model
+
+
+def test_generated_images_have_sizes_a_detector_can_run(tmp_path, capsys):
+    """An [N, 3, H, W] input with dynamic H, W was fed 8x8; 64x64 by default, the metadata's imgsz when
+    the exporter wrote one, and a failure on generated sizes names them and the --shape flag."""
+    model = tmp_path / "det.onnx"
+    onnx.save(stride_32_model(), model)
+    assert main(["validate", str(model), str(model), "--samples", "1"]) == 0
+    onnx.save(stride_32_model(imgsz="[96, 160]"), model)
+    specs = model_input_specs(onnx.load(model))
+    assert metadata_shapes(onnx.load(model), specs) == {"images": (1, 3, 96, 160)}
+    assert main(["validate", str(model), str(model), "--samples", "1", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(model), str(model), "--shape", "images=1x3x8x8"]) == 2
+    error = capsys.readouterr().err
+    assert "the inputs were generated (images=1x3x8x8)" in error and "--shape images=" in error

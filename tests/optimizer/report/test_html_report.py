@@ -149,3 +149,11 @@ def test_html_renders_in_headless_chromium(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_budget_plot_steps_are_whole_numbers():
+    pytest.importorskip("matplotlib")
+    figures = full_report().to_html().split("<svg")
+    budget = next(figure for figure in figures if "Metric after each step" in figure)
+    ticks = re.findall(r'<g id="xtick_\d+">.*?>([^<>]*)</text>', budget, re.S)
+    assert ticks and all(re.fullmatch(r"-?\d+", tick) for tick in ticks), ticks

@@ -241,7 +241,7 @@ def test_streaming_metrics_equal_metrics_on_the_concatenation():
     logits = result.outputs[0]
     assert logits.max_abs == diff.max()
     assert logits.mean_abs == pytest.approx(diff.mean(), rel=1e-12)
-    assert logits.max_rel == (diff / np.maximum(np.abs(ref), 1e-12)).max()
+    assert logits.max_rel == diff.max() / np.abs(ref).max()
     cosine = ref @ cand / (np.linalg.norm(ref) * np.linalg.norm(cand))
     assert logits.cosine == pytest.approx(cosine, rel=1e-12)
     assert logits.sqnr_db == pytest.approx(
@@ -349,3 +349,19 @@ def test_float16_candidate_is_compared_in_float64():
     (y,) = result.outputs
     assert result.passed and not y.exact and 0 < y.max_abs < 1e-2
     assert y.dtype == "float32 vs float16"
+
+
+def test_max_rel_is_the_error_relative_to_the_output_scale_as_rtol_says():
+    """--rtol's help says max|a-b| / max|a|: an output crossing zero must not report 9e+05."""
+    reference = unary_model("Identity")
+    shifted = make_model(
+        [helper.make_node("Add", ["x", "eps"], ["y"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        {"eps": np.full((1,), 1e-3, np.float32)},
+    )
+    feeds = [{"x": np.array([[100.0, -50.0, 1e-9, 0.0]], np.float32)}]
+    result = compare(reference, shifted, feeds, tolerance=Tolerance(max_rel=1e-4))
+    (y,) = result.outputs
+    assert y.max_rel == pytest.approx(1e-3 / 100.0, rel=1e-3)
+    assert result.passed
+    assert not compare(reference, shifted, feeds, tolerance=Tolerance(max_rel=1e-6)).passed

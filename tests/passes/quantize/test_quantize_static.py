@@ -220,3 +220,20 @@ def test_static_keeps_ops_that_feed_only_float_ops_and_gelu_fed_matmuls_out_of_i
     ran = ort_runs(result.model, tmp_path)
     assert "QLinearAdd" not in ran and ran["QLinearMatMul"] + ran["MatMulIntegerToFloat"] == 2
     assert max_abs_error(model, result.model, feeds) <= 0.05 * max(np.abs(r[0]).max() for r in run_model(model, feeds))
+
+
+def test_a_conv_whose_activation_stays_float_is_not_counted_as_static():
+    """A power spectrum (x*x, values to ~1e12) feeds the Conv: its activation stays float, so the
+    report must say weight-only, not static_Conv (it claimed static_Conv=2 on a real model)."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "x"], ["power"]),
+             helper.make_node("Conv", ["power", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": (rng.standard_normal((1, 8, 8, 8)) * 1e6).astype(np.float32)} for _ in range(3)]
+    _, report = quantize(model, calibration=feeds, mode="static")
+    assert any(s.get("tensor") == "power" and "too wide" in s["reason"] for s in report["skipped"])
+    assert "static_Conv" not in report["counts"] and report["counts"]["weight_only_Conv"] == 1
