@@ -24,7 +24,14 @@ from optimizer.app_inputs import (
     resolve_feed_options,
     resolve_feeds,
 )
-from optimizer.budget import BudgetResult, MetricSpec, backed_off_passes, search_budget
+from optimizer.budget import (
+    BudgetResult,
+    MetricSpec,
+    backed_off_passes,
+    budget_layers,
+    final_budget_check,
+    search_budget,
+)
 from optimizer.calibration.feeds import Feed
 from optimizer.errors import OptionError, PassError, RuntimeSessionError
 from optimizer.fileio.model import (
@@ -36,8 +43,6 @@ from optimizer.fileio.tensor_checks import custom_domain_ops
 from optimizer.graph.sparse_storage import to_sparse_initializers
 from optimizer.internal_errors import stage
 from optimizer.optimize_options import (
-    LOSSLESS_TOLERANCE,
-    LOSSY_TOLERANCE,
     BudgetOptions,
     FeedOptions,
     FeedSource,
@@ -52,11 +57,12 @@ from optimizer.registry import create_pass, get_pass_class
 from optimizer.report.report import Report, check_writes_apart, write_report
 from optimizer.shortcuts import calibration_request, shortcut_options
 from optimizer.verify.benchmark import BenchResult, benchmark
-from optimizer.verify.fusion import check_fusion, op_counts
-from optimizer.verify.isolation import NOT_VALIDATED, compare_isolated
+from optimizer.verify.fusion import check_fusion, has_dequantize
+from optimizer.verify.isolation import NOT_VALIDATED, run_comparison
 from optimizer.verify.pass_bisect import BisectResult, bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
-from optimizer.verify.validate import Comparison, Tolerance, compare, with_default_tolerance
+from optimizer.verify.tolerances import LOSSLESS_TOLERANCE, LOSSY_TOLERANCE, with_default_tolerance
+from optimizer.verify.validate import Comparison, Tolerance
 
 __all__ = [  # the library's entry points; the option classes live in optimizer.optimize_options
     "DEFAULT_PASSES",
@@ -137,7 +143,7 @@ def optimize(
         run = _load_stage(model, output, options, chosen)
     if options.budget is not None:
         with stage("accuracy budget"):
-            budget = _budget_stage(run)
+            budget = run.budget = _budget_stage(run)
             run.chosen = backed_off_passes(run.chosen, budget.backed_off)
     else:
         budget = None
@@ -169,6 +175,7 @@ class _Run:
     context: PassContext
     checks: _Checks | None = None
     model_files: tuple[Path, ...] = ()
+    budget: BudgetResult | None = None
 
 
 def _plan_stage(options: OptimizeOptions) -> list[Pass]:
@@ -249,6 +256,7 @@ def _checks(run: _Run) -> _Checks | None:
         options.timeout_s,
         settings.max_memory_bytes,
         options.feeds.source is None,
+        settings.output_kinds,
     )
 
 
@@ -306,7 +314,11 @@ def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) 
         report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(run.custom_ops)}")
     if budget is not None:
         report.budget = budget.to_dict()
-        report.layers = _budget_layers(budget)
+        report.layers = budget_layers(budget)
+        if budget.mostly_undone():
+            note = budget.mostly_undone_text()
+            warn(note)
+            report.notes.append(note)
     return report
 
 
@@ -339,21 +351,6 @@ def _publish_stage(
     return saved, comparison, timing
 
 
-def _budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
-    """The final per-layer choice: every ranked layer, compressed or backed off, and why."""
-    rows = []
-    for rank, layer in enumerate(budget.ranking):
-        backed_off = layer in budget.backed_off
-        rows.append(
-            {
-                "node": layer,
-                "status": "backed off (kept uncompressed)" if backed_off else "compressed",
-                "reason": f"rank {rank + 1} by {budget.ranking_method}" if backed_off else "",
-            }
-        )
-    return rows
-
-
 @dataclass(frozen=True)
 class _Checks:
     feeds: list[Feed]
@@ -365,27 +362,23 @@ class _Checks:
     timeout_s: float | None
     max_memory_bytes: int | None
     random_feeds: bool
+    output_kinds: Mapping[str, str]
 
     def compare(self, reference: ModelInput, candidate: Path) -> Comparison:
+        settings: dict[str, Any] = {
+            "tolerance": self.tolerance,
+            "provider": self.provider,
+            "output_kinds": self.output_kinds,
+        }
         with generated_feeds_hint(self.feeds, self.random_feeds):
-            comparison = self._compare(reference, candidate)
+            limits: dict[str, Any] = {
+                "isolate": self.isolate,
+                "max_memory_bytes": self.max_memory_bytes,
+                "timeout_s": self.timeout_s,
+            }
+            comparison = run_comparison(reference, candidate, self.feeds, **limits, **settings)
         comparison.random_feeds = self.random_feeds
         return comparison
-
-    def _compare(self, reference: ModelInput, candidate: Path) -> Comparison:
-        if self.isolate:
-            return compare_isolated(
-                reference,
-                candidate,
-                self.feeds,
-                tolerance=self.tolerance,
-                provider=self.provider,
-                timeout_s=self.timeout_s,
-                max_memory_bytes=self.max_memory_bytes,
-            )
-        return compare(
-            reference, candidate, self.feeds, tolerance=self.tolerance, provider=self.provider, timeout_s=self.timeout_s
-        )
 
 
 def _save_checked(
@@ -405,6 +398,8 @@ def _save_checked(
                 report.notes.append("lossless passes did not make the file smaller: the output keeps the input's bytes")
         with stage("validate"):
             comparison = checks.compare(reference, staged) if checks is not None and checks.validate else None
+            if comparison is not None and checks is not None:
+                _budget_decides(run, checks, reference, staged, comparison)
         if comparison is not None and comparison.random_feeds and not all(p.lossless for p in run.chosen):
             note = f"lossy passes validated on {comparison.samples} random samples only: give real inputs (--data DIR)"
             warn(note)
@@ -446,6 +441,20 @@ def _size_notes(run: _Run, report: Report) -> None:
     )
 
 
+def _budget_decides(run: _Run, checks: _Checks, reference: ModelInput, staged: Path, comparison: Comparison) -> None:
+    """With --max-drop and no explicit tolerance, the budget's metric on the same data is the
+    verdict: a budget met is a PASS (the per-output metrics stay in the report as information)."""
+    budget, options = run.budget, run.options
+    explicit = options.validation is not None and options.validation.tolerance is not None
+    if budget is None or options.budget is None or explicit:
+        return
+    spec = MetricSpec(options.budget.metric, options.budget.higher_is_better, options.budget.output)
+    met, text = final_budget_check(
+        reference, staged, checks.feeds, budget, spec, provider=checks.provider, timeout_s=checks.timeout_s
+    )
+    comparison.passed, comparison.decided_by = met, text
+
+
 def _may_keep_input_bytes(run: _Run) -> bool:
     """Lossless passes on a single-file input: the output is staged so it can keep the input's bytes."""
     return run.reference is not None and len(run.model_files) == 1 and all(p.lossless for p in run.chosen)
@@ -460,16 +469,6 @@ def _keep_input_bytes(run: _Run, staged: Path) -> bool:
         return False
     shutil.copyfile(run.reference, staged)
     return True
-
-
-QUANTIZED_OPS = frozenset(
-    {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
-)
-
-
-def has_dequantize(model: onnx.ModelProto) -> bool:
-    """True when any graph of the model holds a quantized group (QDQ or the dynamic pattern)."""
-    return bool(QUANTIZED_OPS & set(op_counts(model)))
 
 
 def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> None:

@@ -41,6 +41,10 @@ Feed = dict[str, np.ndarray]
 STAGE = "accuracy budget"
 
 
+MOSTLY_UNDONE = 0.9
+"""Backing off this share of the compressed layers or more leaves little compression: say so."""
+
+
 @dataclass(frozen=True)
 class MetricSpec:
     """A metric that can be rebuilt in a worker process: a built-in name or package.module:function."""
@@ -103,9 +107,40 @@ class BudgetResult:
             "steps": [step.to_dict() for step in self.steps],
         }
 
+    def mostly_undone(self, share: float = MOSTLY_UNDONE) -> bool:
+        """True when the budget held only with most compressed layers backed off to float."""
+        return bool(self.ranking) and len(self.backed_off) >= share * len(self.ranking)
+
+    def mostly_undone_text(self) -> str:
+        return (
+            f"accuracy budget: {len(self.backed_off)} of {len(self.ranking)} compressed layers had to be backed off "
+            f"({'met' if self.met else 'not met'}): little compression is left; loosen --max-drop, or try another "
+            "mode (e.g. --quantize-mode weights)"
+        )
+
     @property
     def drop(self) -> float:
         return self.baseline - self.value if self.higher_is_better else self.value - self.baseline
+
+
+def final_budget_check(
+    reference: Any,
+    candidate: Any,
+    feeds: Sequence[Feed],
+    budget: BudgetResult,
+    spec: MetricSpec,
+    *,
+    provider: str,
+    timeout_s: float | None,
+) -> tuple[bool, str]:
+    """The budget's own metric, on the same feeds, for the file that will be written: the final
+    verdict of a run with --max-drop (the search and the final check can then never disagree)."""
+    metric, runtime = spec.build(), _Runtime(provider, timeout_s)
+    value = metric(runtime.outputs(reference, feeds), runtime.outputs(candidate, feeds))
+    drop = metric.drop(budget.baseline, value)
+    met = drop <= budget.max_drop
+    text = f"accuracy budget: {budget.metric} {value:.6g}, drop {drop:.3g} {'<=' if met else '>'} {budget.max_drop:g}"
+    return met, text
 
 
 def backed_off_passes(passes: Sequence[Pass], layers: Sequence[str]) -> list[Pass]:
@@ -405,3 +440,18 @@ def _worker_trial(layers: list[str]) -> float:
     return _trial(
         w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"], w["reference"], layers
     )
+
+
+def budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
+    """The final per-layer choice: every ranked layer, compressed or backed off, and why."""
+    rows = []
+    for rank, layer in enumerate(budget.ranking):
+        backed_off = layer in budget.backed_off
+        rows.append(
+            {
+                "node": layer,
+                "status": "backed off (kept uncompressed)" if backed_off else "compressed",
+                "reason": f"rank {rank + 1} by {budget.ranking_method}" if backed_off else "",
+            }
+        )
+    return rows

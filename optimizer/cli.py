@@ -30,22 +30,21 @@ from optimizer.api import (
 from optimizer.app_inputs import generated_feeds_hint
 from optimizer.calibration.feeds import parse_shape_overrides
 from optimizer.calibration.sensitivity import sensitivity_scan
-from optimizer.cli_options import UsageError, tolerance_from_args
+from optimizer.cli_options import UsageError, output_kinds_from_args, tolerance_from_args
 from optimizer.cli_parser import build_parser
 from optimizer.errors import OnnxCompressError
 from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
 from optimizer.internal_errors import bad_input_message, internal_error_message
-from optimizer.optimize_options import LOSSLESS_TOLERANCE, LOSSY_TOLERANCE
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
 from optimizer.report.inspect_text import inspection_text
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
 from optimizer.shortcuts import SHORTCUTS
 from optimizer.text import ControlEscapingWriter, escape_control, printable
 from optimizer.verify.benchmark import benchmark
-from optimizer.verify.isolation import compare_isolated
+from optimizer.verify.isolation import run_comparison
 from optimizer.verify.layer_debug import debug_layers
-from optimizer.verify.validate import compare, with_default_tolerance
+from optimizer.verify.tolerances import LOSSLESS_TOLERANCE, LOSSY_TOLERANCE, with_default_tolerance
 
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -101,6 +100,7 @@ def _optimize_options(
         isolate=args.isolate,
         max_memory_bytes=args.validate_max_memory,
         keep_failed=args.keep_failed,
+        output_kinds=output_kinds_from_args(args),
     )
     budget = (
         None
@@ -174,26 +174,19 @@ def _run_validate(args: argparse.Namespace) -> int:
         reference, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
     )
     tolerance = with_default_tolerance(tolerance_from_args(args), LOSSLESS_TOLERANCE if args.exact else LOSSY_TOLERANCE)
+    kinds = output_kinds_from_args(args)
     with generated_feeds_hint(feeds, args.data is None):
-        if args.isolate:
-            comparison = compare_isolated(
-                args.reference,
-                args.candidate,
-                feeds,
-                tolerance=tolerance,
-                provider=args.provider,
-                timeout_s=args.timeout,
-                max_memory_bytes=args.validate_max_memory,
-            )
-        else:
-            comparison = compare(
-                args.reference,
-                args.candidate,
-                feeds,
-                tolerance=tolerance,
-                provider=args.provider,
-                timeout_s=args.timeout,
-            )
+        comparison = run_comparison(
+            args.reference,
+            args.candidate,
+            feeds,
+            isolate=args.isolate,
+            max_memory_bytes=args.validate_max_memory,
+            tolerance=tolerance,
+            provider=args.provider,
+            timeout_s=args.timeout,
+            output_kinds=kinds,
+        )
     comparison.random_feeds = args.data is None
     print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison.summary())
     return EXIT_OK if comparison.passed else EXIT_VALIDATION_FAILED

@@ -10,10 +10,12 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 from optimizer.errors import OnnxCompressError
 from optimizer.text import printable
 from optimizer.verify.metrics import check_metric_spec
+from optimizer.verify.output_kinds import KINDS
 from optimizer.verify.validate import Tolerance
 
 MAX_SAMPLES = 10_000
@@ -175,6 +177,27 @@ def add_tolerance_arguments(sub: argparse.ArgumentParser) -> None:
         help="tolerance for one output, keys atol, rtol, min-cosine, min-sqnr, min-top1, e.g. "
         "logits:atol=1e-3,min-cosine=0.999 (repeatable; other outputs use the flags above)",
     )
+    group.add_argument(
+        "--output-kind",
+        action="append",
+        default=[],
+        metavar="OUTPUT=KIND",
+        type=output_kind,
+        help=f"what an output is, when the inferred kind is wrong: {'|'.join(KINDS)} (repeatable; the "
+        "default verdict applies that kind's metrics, see the README's 'What the verdict means')",
+    )
+
+
+def output_kind(text: str) -> str:
+    """``OUTPUT=KIND`` with a known kind (the output name is checked once the model is loaded)."""
+    name, sep, kind = text.rpartition("=")
+    if not sep or not name or kind not in KINDS:
+        raise _refuse(text, f"OUTPUT=KIND with KIND one of {', '.join(KINDS)}")
+    return text
+
+
+def output_kinds_from_args(args: argparse.Namespace) -> dict[str, str]:
+    return dict(item.rpartition("=")[::2] for item in args.output_kind)
 
 
 TOLERANCE_KEYS = {
@@ -208,7 +231,7 @@ def parse_output_tolerance(item: str) -> tuple[str, Tolerance]:
     name, sep, body = item.rpartition(":")
     if not sep or not name or not body:
         raise UsageError(f"--output-tolerance '{item}': expected OUTPUT:KEY=VALUE[,KEY=VALUE]")
-    values = {}
+    values: dict[str, Any] = {}
     for part in body.split(","):
         key, eq, text = part.partition("=")
         if not eq or key.strip() not in TOLERANCE_KEYS:

@@ -18,8 +18,6 @@ from optimizer.verify.benchmark import BenchResult
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S
 from optimizer.verify.validate import Comparison, Tolerance
 
-LOSSLESS_TOLERANCE = Tolerance(max_abs=1e-6)
-LOSSY_TOLERANCE = Tolerance(min_cosine=0.99, min_sqnr_db=20.0)
 ModelInput = str | os.PathLike | bytes | onnx.ModelProto
 FeedSource = str | os.PathLike | Iterable[Mapping[str, Any]] | None
 
@@ -56,12 +54,15 @@ class ValidationOptions:
 
     ``isolate`` runs onnxruntime in a child process (limited to ``max_memory_bytes``) so a crash
     becomes an error that says so; a failed comparison leaves the output unwritten unless ``keep_failed``.
+    ``output_kinds`` sets an output's kind (classes, sequence, detector, embedding, dense) where the
+    inferred one is wrong (see ``optimizer.verify.output_kinds``).
     """
 
     tolerance: Tolerance | Mapping[str, Tolerance] | None = None
     isolate: bool = True
     max_memory_bytes: int | None = None
     keep_failed: bool = False
+    output_kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

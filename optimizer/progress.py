@@ -36,7 +36,9 @@ class StageLine:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.close()
+        if error is None:  # a failed stage ends in its one-line error only
+            self.close()
+        self._closed = True
 
 
 def progress_bar(*, total: int | None, desc: str, unit: str, enabled: bool) -> tqdm | StageLine:

@@ -160,7 +160,7 @@ def test_a_bug_in_the_automatic_fusion_check_is_only_a_warning(monkeypatch, tmp_
 
 
 @pytest.mark.parametrize(("target", "flags", "stage"), [
-    ("optimizer.api.compare_isolated", ["--validate"], "validate"),
+    ("optimizer.api.run_comparison", ["--validate"], "validate"),
     ("optimizer.api.benchmark", ["--bench", "--rounds", "1"], "benchmark"),
     ("optimizer.api.write_report", ["--report", "r.json"], "report"),
 ])

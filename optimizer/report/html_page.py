@@ -191,6 +191,18 @@ def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:
     return out
 
 
+def kind_text(output: dict[str, Any]) -> str:
+    """The output's kind metrics, each with its worst sample: "f1 0.92 (worst 0.57), ..."."""
+    values = output.get("kind_metrics") or {}
+    parts = []
+    for metric, value in values.items():
+        if metric.endswith("_worst_sample") or not isinstance(value, (int, float)):
+            continue
+        worst = values.get(f"{metric}_worst_sample")
+        parts.append(f"{metric} {value:.4g}" + (f" (worst {worst:.4g})" if isinstance(worst, (int, float)) else ""))
+    return ", ".join(parts) or "-"
+
+
 def sample_kind(validation: dict[str, Any]) -> str:
     """'samples', or what generated samples are worth as evidence."""
     if validation.get("random_feeds"):
@@ -210,17 +222,31 @@ def _validation_section(validation: dict[str, Any]) -> list[str]:
     rows = [
         [
             o["name"],
+            o.get("kind", "-"),
             o.get("max_abs"),
             o.get("mean_abs"),
             o.get("max_rel"),
             o.get("cosine"),
             o.get("sqnr_db"),
             o.get("top1_agreement"),
+            kind_text(o),
             "pass" if o.get("passed") else "FAIL: " + "; ".join(o.get("failures", [])),
         ]
         for o in validation.get("outputs", [])
     ]
-    out.append(_table(["output", "max abs", "mean abs", "max rel", "cosine", "SQNR dB", "top-1", "verdict"], rows))
+    header = [
+        "output",
+        "kind",
+        "max abs",
+        "mean abs",
+        "max rel",
+        "cosine",
+        "SQNR dB",
+        "top-1",
+        "kind metrics",
+        "verdict",
+    ]
+    out.append(_table(header, rows))
     return out
 
 

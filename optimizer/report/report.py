@@ -15,7 +15,7 @@ from typing import Any
 
 from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.fileio.output_files import check_apart, folder_files, temp_file
-from optimizer.report.html_page import format_number, layer_columns, output_label, render_html, sample_kind
+from optimizer.report.html_page import format_number, kind_text, layer_columns, output_label, render_html, sample_kind
 from optimizer.text import escape_control
 
 REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
@@ -197,15 +197,15 @@ def _validation_section(validation: dict[str, Any]) -> list[str]:
         lines.append(f"Note: {validation['provider_note']}")
     lines += [
         "",
-        "| output | max abs | mean abs | max rel | cosine | SQNR dB | top-1 | verdict |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| output | kind | max abs | mean abs | max rel | cosine | SQNR dB | top-1 | kind metrics | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for out in validation.get("outputs", []):
         verdict = "pass" if out.get("passed") else "FAIL: " + "; ".join(out.get("failures", []))
         lines.append(
-            f"| {out['name']} | {_num(out.get('max_abs'))} | {_num(out.get('mean_abs'))} | "
+            f"| {out['name']} | {out.get('kind', '-')} | {_num(out.get('max_abs'))} | {_num(out.get('mean_abs'))} | "
             f"{_num(out.get('max_rel'))} | {_num(out.get('cosine'))} | {_num(out.get('sqnr_db'))} | "
-            f"{_num(out.get('top1_agreement'))} | {verdict} |"
+            f"{_num(out.get('top1_agreement'))} | {kind_text(out)} | {verdict} |"
         )
     return [*lines, ""]
 

@@ -213,3 +213,13 @@ OPTIMIZED_MODEL_CONFIG = {
 
 def _optimize(model: ModelSource, choice: ProviderChoice, optimized_path: Path) -> str:
     return create_session(model, choice, optimized_model_path=optimized_path, config=OPTIMIZED_MODEL_CONFIG)[1]
+
+
+QUANTIZED_OPS = frozenset(
+    {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+)
+
+
+def has_dequantize(model: onnx.ModelProto) -> bool:
+    """True when any graph of the model holds a quantized group (QDQ or the dynamic pattern)."""
+    return bool(QUANTIZED_OPS & set(op_counts(model)))

@@ -20,15 +20,22 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from optimizer.calibration.feeds import Feed
 from optimizer.errors import OnnxCompressError, RuntimeSessionError
-from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, ModelSource, ProviderChoice, model_label
-from optimizer.verify.validate import Comparison, Tolerance, compare
+from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, ModelSource, model_label
+from optimizer.verify.validate import Comparison, compare
 
-__all__ = ["DEFAULT_TIMEOUT_S", "NOT_VALIDATED", "compare_isolated", "die_with_parent", "run_isolated"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "NOT_VALIDATED",
+    "compare_isolated",
+    "die_with_parent",
+    "run_comparison",
+    "run_isolated",
+]
 
 NOT_VALIDATED = "not validated"
 """Every isolation failure says so, so that a user never mistakes it for a passing check."""
@@ -36,7 +43,6 @@ NOT_VALIDATED = "not validated"
 _STOP_GRACE_S = 5.0
 _OUTPUT_TAIL_BYTES = 4096
 _PR_SET_PDEATHSIG = 1
-_DEFAULT_TOLERANCE = Tolerance(max_abs=1e-6)
 EXIT_PARENT_GONE = 75
 """Exit code of a child that ended because its parent went away."""
 
@@ -68,12 +74,12 @@ def compare_isolated(
     candidate_path: ModelSource,
     feeds: Iterable[Feed],
     *,
-    tolerance: Tolerance | Mapping[str, Tolerance] = _DEFAULT_TOLERANCE,
-    provider: str | ProviderChoice = "cpu",
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     max_memory_bytes: int | None = None,
+    **settings: Any,
 ) -> Comparison:
-    """``optimizer.verify.validate.compare`` in a child process; same arguments, same result.
+    """``optimizer.verify.validate.compare`` in a child process; same arguments (``settings``:
+    tolerance, provider, output_kinds), same result.
 
     A crash, a timeout or ``max_memory_bytes`` (RLIMIT_AS of the child) exceeded raise
     ``RuntimeSessionError``, and so does onnxruntime refusing a model, with "not validated"
@@ -87,9 +93,7 @@ def compare_isolated(
             reference_path,
             candidate_path,
             list(feeds),
-            tolerance,
-            provider,
-            timeout_s,
+            {**settings, "timeout_s": timeout_s},
             timeout_s=timeout_s,
             label=label,
             max_memory_bytes=max_memory_bytes,
@@ -100,16 +104,27 @@ def compare_isolated(
         raise type(error)(f"{error}; {NOT_VALIDATED}") from error
 
 
+def run_comparison(
+    reference: ModelSource,
+    candidate: ModelSource,
+    feeds: Iterable[Feed],
+    *,
+    isolate: bool,
+    max_memory_bytes: int | None = None,
+    **settings: Any,
+) -> Comparison:
+    """``compare`` in a child process (``isolate``, see ``compare_isolated``) or in this one;
+    ``settings`` are compare's keyword arguments (tolerance, provider, timeout_s, output_kinds)."""
+    if isolate:
+        return compare_isolated(reference, candidate, feeds, max_memory_bytes=max_memory_bytes, **settings)
+    return compare(reference, candidate, feeds, **settings)
+
+
 def _compare_in_child(
-    reference_path: ModelSource,
-    candidate_path: ModelSource,
-    feeds: list[Feed],
-    tolerance: Tolerance | Mapping[str, Tolerance],
-    provider: str | ProviderChoice,
-    timeout_s: float | None,
+    reference_path: ModelSource, candidate_path: ModelSource, feeds: list[Feed], settings: dict[str, Any]
 ) -> Comparison:
     """``compare`` with its own per-run limit, so that ``timeout_s=None`` means no limit at all."""
-    return compare(reference_path, candidate_path, feeds, tolerance=tolerance, provider=provider, timeout_s=timeout_s)
+    return compare(reference_path, candidate_path, feeds, **settings)
 
 
 def run_isolated(

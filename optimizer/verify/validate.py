@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from optimizer.calibration.feeds import Feed, check_feed, session_input_specs
 from optimizer.errors import FeedError, OptionError, RuntimeSessionError
+from optimizer.verify.output_kinds import KIND_LIMITS, KindStats, checked_output_kinds, detector_layout, infer_kind
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
     ModelSource,
@@ -27,33 +28,10 @@ from optimizer.verify.runtime import (
     model_label,
     run_session,
 )
+from optimizer.verify.tolerances import LOSSLESS_TOLERANCE, Tolerance, resolve_tolerances
 
-DEFAULT_TOLERANCE_KEY = "*"
 STAGE = "validation"
 RELATIVE_ERROR_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Limits for one output; None means not checked. Non-float outputs are always exact."""
-
-    max_abs: float | None = None
-    max_rel: float | None = None
-    min_cosine: float | None = None
-    min_sqnr_db: float | None = None
-    min_top1: float | None = None
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
-                raise OptionError(f"tolerance {name} must be a number or None, got {value!r}")
-        for name in ("max_abs", "max_rel"):
-            if (getattr(self, name) or 0.0) < 0:
-                raise OptionError(f"tolerance {name} must be >= 0, got {getattr(self, name)}")
-        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
-            raise OptionError(f"tolerance min_cosine must be in [-1, 1], got {self.min_cosine}")
-        if self.min_top1 is not None and not 0.0 <= self.min_top1 <= 1.0:
-            raise OptionError(f"tolerance min_top1 must be in [0, 1], got {self.min_top1}")
 
 
 @dataclass
@@ -82,6 +60,11 @@ class OutputMetrics:
     failures: list[str]
     nonfinite_mismatches: int = 0
     violation_ratio: float = 0.0
+    kind: str = "dense"
+    kind_reason: str = ""
+    kind_metrics: dict[str, float | None] = field(default_factory=dict)
+    """The metrics of the output's kind (``optimizer.verify.output_kinds``), each also on its worst sample."""
+    worst_sample_cosine: float = 1.0
 
 
 @dataclass
@@ -98,6 +81,8 @@ class Comparison:
     tolerance: dict
     random_feeds: bool = False
     """The samples were generated (no real data): a PASS then says little about accuracy."""
+    decided_by: str | None = None
+    """Set when something other than the per-output limits decides ``passed`` (the accuracy budget)."""
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become the strings "inf", "-inf" and "nan"."""
@@ -105,7 +90,7 @@ class Comparison:
 
     def summary(self) -> str:
         """A table per output, then "PASS" or "FAIL: worst output ..." on the last line."""
-        header = ("output", "max_abs", "mean_abs", "cosine", "SQNR dB", "top1", "verdict")
+        header = ("output", "kind", "max_abs", "cosine", "worst", "SQNR dB", "top1", "kind metric", "verdict")
         rows = [header] + [_summary_row(metrics) for metrics in self.outputs]
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
         lines = [
@@ -118,7 +103,9 @@ class Comparison:
         return "\n".join(lines)
 
     def _verdict(self) -> str:
-        if self.passed:
+        if self.decided_by is not None:
+            verdict = f"{'PASS' if self.passed else 'FAIL'} ({self.decided_by})"
+        elif self.passed:
             verdict = "PASS"
         else:
             worst = next(metrics for metrics in self.outputs if metrics.name == self.worst_output)
@@ -137,13 +124,25 @@ def _summary_row(metrics: OutputMetrics) -> tuple[str, ...]:
     verdict = "exact" if metrics.exact else ("ok" if metrics.passed else "FAIL")
     return (
         metrics.name,
+        metrics.kind,
         _fmt(metrics.max_abs),
-        _fmt(metrics.mean_abs),
         f"{metrics.cosine:.6f}",
+        f"{metrics.worst_sample_cosine:.4f}",
         f"{metrics.sqnr_db:.1f}",
         top1,
+        _kind_cell(metrics.kind_metrics),
         verdict,
     )
+
+
+def _kind_cell(values: dict[str, float | None]) -> str:
+    """The deciding kind metric and its worst sample, e.g. "f1 0.92 (worst 0.57)"."""
+    for metric in ("f1", "row_cosine", "map_iou", "top1"):
+        value = values.get(metric)
+        if value is not None:
+            worst = values.get(f"{metric}_worst_sample")
+            return f"{metric} {value:.4g}" + (f" (worst {worst:.4g})" if worst is not None else "")
+    return "-"
 
 
 def _fmt(value: float) -> str:
@@ -188,6 +187,10 @@ class _OutputAccumulator:
     top1_matches: int = 0
     top1_rows: int = 0
     exact: bool = True
+    kind: str | None = None
+    """Set by the caller (``--output-kind``), else inferred from the first sample."""
+    stats: KindStats | None = None
+    sample_cosines: list[float] = field(default_factory=list)
 
     @property
     def compared_exactly(self) -> bool:
@@ -203,10 +206,22 @@ class _OutputAccumulator:
         if self.compared_exactly:
             self.exact_mismatches += int(np.count_nonzero(reference != candidate))
         self._add_numeric(reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel())
+        if not self.compared_exactly:
+            self._add_kind(reference, candidate)
         if self.class_like and reference.ndim >= 2:
             matches = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
             self.top1_matches += int(np.count_nonzero(matches))
             self.top1_rows += matches.size
+
+    def _add_kind(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if self.stats is None:
+            inferred, why = infer_kind(self.name, reference)
+            kind = self.kind or inferred
+            layout = why if kind == "detector" and inferred == "detector" else ""
+            if kind == "detector" and not layout:
+                layout = detector_layout(reference) or "score map [1, A, C]"
+            self.stats = KindStats(kind, why if kind == inferred else "set by --output-kind", layout)
+        self.stats.add(reference, candidate)
 
     def _track_shape(self, shape: tuple[int, ...]) -> None:
         if self.shape is None:
@@ -229,7 +244,9 @@ class _OutputAccumulator:
         self.max_ref_abs = max(self.max_ref_abs, float(np.abs(reference).max(initial=0.0)))
         self.sum_ref_sq += float(np.dot(reference, reference))
         self.sum_cand_sq += float(np.dot(candidate, candidate))
-        self.sum_dot += float(np.dot(reference, candidate))
+        dot, norms = float(np.dot(reference, candidate)), float(np.linalg.norm(reference) * np.linalg.norm(candidate))
+        self.sample_cosines.append(dot / norms if norms > 0 else float(not reference.any() and not candidate.any()))
+        self.sum_dot += dot
         self.sum_err_sq += float(np.dot(abs_diff, abs_diff))
 
     @property
@@ -283,9 +300,13 @@ def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[s
     checks: list[tuple[str, float | None, float | None, bool]] = [
         ("max_abs", acc.max_abs, tolerance.max_abs, False),
         ("max_rel", acc.max_rel, tolerance.max_rel, False),
-        ("cosine", acc.cosine(), tolerance.min_cosine, True),
-        ("SQNR dB", acc.sqnr_db(), tolerance.min_sqnr_db, True),
     ]
+    own_limits = tolerance.by_kind and acc.stats is not None and acc.stats.kind != "dense"
+    if not own_limits:  # a recognised kind is judged by its own metrics, not a whole-tensor proxy
+        checks += [
+            ("cosine", acc.cosine(), tolerance.min_cosine, True),
+            ("SQNR dB", acc.sqnr_db(), tolerance.min_sqnr_db, True),
+        ]
     if acc.class_like:
         checks.append(("top-1 agreement", _top1(acc), tolerance.min_top1, True))
     for label, value, limit, is_minimum in checks:
@@ -293,6 +314,8 @@ def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[s
             continue
         sign = "<" if is_minimum else ">"
         misses.append((f"{label} {_fmt(value)} {sign} {_fmt(limit)}", _violation(label, value, limit)))
+    if tolerance.by_kind and acc.stats is not None:
+        misses += acc.stats.failures(KIND_LIMITS[acc.stats.kind])
     return misses
 
 
@@ -308,7 +331,10 @@ def _violation(label: str, value: float, limit: float) -> float:
 
 
 def _top1(acc: _OutputAccumulator) -> float | None:
+    """Argmax agreement along the last axis; shown only where it means something (class scores)."""
     if not acc.class_like or acc.top1_rows == 0:
+        return None
+    if acc.stats is not None and acc.stats.kind not in ("classes", "sequence"):
         return None
     return acc.top1_matches / acc.top1_rows
 
@@ -335,38 +361,11 @@ def _finish(acc: _OutputAccumulator, tolerance: Tolerance) -> OutputMetrics:
         failures=[text for text, _ in misses],
         nonfinite_mismatches=acc.nonfinite_mismatches,
         violation_ratio=max((ratio for _, ratio in misses), default=0.0),
+        kind=acc.stats.kind if acc.stats is not None else "exact",
+        kind_reason=acc.stats.why if acc.stats is not None else f"{acc.reference_dtype} compared exactly",
+        kind_metrics=acc.stats.values() if acc.stats is not None else {},
+        worst_sample_cosine=min(acc.sample_cosines, default=1.0) if numeric else math.nan,
     )
-
-
-def with_default_tolerance(
-    tolerance: Tolerance | Mapping[str, Tolerance] | None, default: Tolerance
-) -> Tolerance | Mapping[str, Tolerance]:
-    """``tolerance`` with ``default`` wherever it says nothing: for every output when None, for the
-    outputs a mapping does not name when it has no "*" (the caller's default, e.g. lossy)."""
-    if tolerance is None:
-        return default
-    if isinstance(tolerance, Mapping) and DEFAULT_TOLERANCE_KEY not in tolerance:
-        return {DEFAULT_TOLERANCE_KEY: default, **tolerance}
-    return tolerance
-
-
-def resolve_tolerances(
-    tolerance: Tolerance | Mapping[str, Tolerance], output_names: Sequence[str]
-) -> dict[str, Tolerance]:
-    """One tolerance per output. In a mapping, "*" is the default for outputs not named;
-    without "*", unnamed outputs keep the strict ``Tolerance(max_abs=1e-6)``."""
-    if isinstance(tolerance, Tolerance):
-        return dict.fromkeys(output_names, tolerance)
-    if not isinstance(tolerance, Mapping):
-        raise OptionError(f"tolerance must be a Tolerance or a mapping, got {type(tolerance).__name__}")
-    unknown = sorted(set(tolerance) - set(output_names) - {DEFAULT_TOLERANCE_KEY})
-    if unknown:
-        raise OptionError(f"tolerance for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(output_names)}")
-    for key, value in tolerance.items():
-        if not isinstance(value, Tolerance):
-            raise OptionError(f"tolerance for {key!r} must be a Tolerance, got {type(value).__name__}")
-    default = tolerance.get(DEFAULT_TOLERANCE_KEY, Tolerance(max_abs=1e-6))
-    return {name: tolerance.get(name, default) for name in output_names}
 
 
 def _check_same_outputs(reference_names: list[str], candidate_names: list[str], labels: tuple[str, str]) -> None:
@@ -423,11 +422,15 @@ def compare(
     candidate: ModelSource,
     feeds: Iterable[Feed],
     *,
-    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(max_abs=1e-6),
+    tolerance: Tolerance | Mapping[str, Tolerance] = LOSSLESS_TOLERANCE,
     provider: str | ProviderChoice = "cpu",
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    output_kinds: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Run both models one sample at a time on the same feeds and check every output.
+
+    Each output's kind (``optimizer.verify.output_kinds``) is inferred from its first sample unless
+    ``output_kinds`` names it; the lossy default tolerance also applies that kind's limits.
 
     Feeds are checked against the reference's inputs; the candidate receives only the inputs it
     declares. Differing output names or shapes raise ``RuntimeSessionError``; a run longer than
@@ -441,6 +444,7 @@ def compare(
     output_names = [node_arg.name for node_arg in reference_session.get_outputs()]
     _check_same_outputs(output_names, [arg.name for arg in candidate_session.get_outputs()], labels)
     tolerances = resolve_tolerances(tolerance, output_names)
+    kinds = checked_output_kinds(output_kinds, output_names)
     specs = session_input_specs(reference_session)
     accumulators: dict[str, _OutputAccumulator] = {}
     samples = 0
@@ -452,7 +456,7 @@ def compare(
             ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
             _check_same_layout(name, ref_value, cand_value, index)
             if name not in accumulators:
-                accumulators[name] = _OutputAccumulator(name, ref_value.dtype, cand_value.dtype)
+                accumulators[name] = _OutputAccumulator(name, ref_value.dtype, cand_value.dtype, kind=kinds.get(name))
             accumulators[name].add(ref_value, cand_value)
         samples += 1
     if samples == 0:

@@ -17,6 +17,7 @@ the report gives bytes by dtype before and after, with a warning when float weig
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
 import numpy as np
@@ -34,7 +35,7 @@ from passes.quantize.opset import ensure_opset
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import channel_absmax, outlier_channels
 from passes.quantize.report import finish_report
-from passes.quantize.static import StaticPlan, plan_static, quantize_static
+from passes.quantize.static import MAX_ACTIVATION_ABS, StaticPlan, plan_static, quantize_static
 from passes.quantize.targets import collect_targets
 from passes.quantize.weights import WeightSpec, quantize_weight_only_all, weight_only_spec
 
@@ -86,7 +87,7 @@ def _run_dynamic(
     report: PassReport,
     context: PassContext,
 ) -> None:
-    calibration = context.calibration if options.outlier_channels > 0 else None
+    calibration = context.calibration
     outliers = {}
     if calibration is not None:
         absmax = channel_absmax(
@@ -97,12 +98,35 @@ def _run_dynamic(
             provider=context.provider,
             timeout_s=context.timeout_s,
         )
-        for name, values in absmax.items():
+        absmax = _keep_wide_activations_float(graph, plan, absmax, report)
+        for name, values in absmax.items() if options.outlier_channels > 0 else ():
             split = outlier_channels(values, ratio=options.outlier_ratio, limit=options.outlier_channels)
             if split.size:
                 outliers[name] = np.append(split, values.size)
-        report.details["outlier_channels"] = {name: split[:-1].tolist() for name, split in sorted(outliers.items())}
+        if options.outlier_channels > 0:
+            report.details["outlier_channels"] = {name: s[:-1].tolist() for name, s in sorted(outliers.items())}
     quantize_dynamic(graph, plan, options, names, report, outliers)
+
+
+def _keep_wide_activations_float(
+    graph: gs.Graph, plan: DynamicPlan, absmax: dict[str, np.ndarray], report: PassReport
+) -> dict[str, np.ndarray]:
+    """The rule static mode applies (MAX_ACTIVATION_ABS), in dynamic mode: a MatMul whose calibrated
+    activation is too wide for 8 bits (a power spectrum up to 1e12) keeps a float activation and an
+    int8 weight-only weight. Returns the activations that stay dynamic."""
+    wide = {}
+    for name, values in absmax.items():
+        peak = float(values.max(initial=0.0)) if np.isfinite(values).all() else math.inf
+        if peak > MAX_ACTIVATION_ABS:
+            wide[name] = peak
+            report.skip(
+                "tensor", name, f"calibrated range up to {peak:.3g} is too wide for 8 bits; MatMul kept weight-only"
+            )
+    for target in plan.dynamic:
+        for use in target.uses:
+            if use.graph is graph and use.node.inputs[0].name in wide:
+                plan.float_consumers[id(use.node)] = f"activation range up to {wide[use.node.inputs[0].name]:.3g}"
+    return {name: values for name, values in absmax.items() if name not in wide}
 
 
 Plan = list[tuple[Weight, WeightSpec]] | DynamicPlan | StaticPlan

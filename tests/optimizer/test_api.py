@@ -67,7 +67,7 @@ def test_lossy_pipeline_uses_a_loose_default_and_explicit_tolerance_wins(tmp_pat
                       OptimizeOptions(passes=[ShiftWeightsPass(shift=1e-5)], validation=CHECK))
     assert result.passed
     assert result.comparison.tolerance["logits"] == {"max_abs": None, "max_rel": None, "min_cosine": 0.99,
-                                                     "min_sqnr_db": 20.0, "min_top1": None}
+                                                     "min_sqnr_db": 20.0, "min_top1": None, "by_kind": True}
     strict = optimize(MODELS_DIR / "mlp.onnx", None, OptimizeOptions(
         passes=[ShiftWeightsPass(shift=1e-5)], validation=ValidationOptions(tolerance=Tolerance(max_abs=1e-9))))
     assert not strict.passed

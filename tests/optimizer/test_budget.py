@@ -9,6 +9,7 @@ import pytest
 import passes  # noqa: F401  (registers cleanup)
 from optimizer import registry
 from optimizer.budget import MetricSpec, backed_off_passes, search_budget
+from optimizer.cli import main
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
 from tests.helpers.budget_damage import DamagePass, matches
@@ -115,3 +116,17 @@ def test_cli_budget_flags(data, tmp_path, capsys):
     assert main(["optimize", str(source), "-o", str(tmp_path / "o2.onnx"), "--passes", "damage-test",
                  "--max-drop", "0.01", "--metric", "nope.module:fn", "--data", str(tmp_path)]) == 2
     assert "higher or lower" in capsys.readouterr().err
+
+
+def test_a_met_budget_is_the_verdict_of_the_final_check(tmp_path, capsys):
+    """The search said "budget met" and the final check FAILed on SQNR: now the final check uses the
+    budget's metric on the same data, unless the user gave explicit limits."""
+    source, output = MODELS_DIR / "mlp.onnx", tmp_path / "p.onnx"
+    args = ["optimize", str(source), "-o", str(output), "--prune", "0.9", "--validate", "--max-drop", "1.0",
+            "--metric", "top1", "--max-trials", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "PASS (accuracy budget: top1" in out and "<= 1" in out and output.exists()
+    output.unlink()
+    assert main([*args, "--min-sqnr", "20"]) == 1
+    assert "FAIL: worst output 'logits' (SQNR dB" in capsys.readouterr().out and not output.exists()

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError
 from optimizer.fileio.model import load_model
+from optimizer.progress import progress_bar
 from tests.helpers.runtime import open_session
 from tests.helpers.samples import MODELS_DIR
 
@@ -84,12 +85,17 @@ def test_cluster_output_loads_at_opset_13(tmp_path):
     np.testing.assert_array_equal(results[0], results[1])
 
 
-def test_progress_bars_stay_off_a_pipe(tmp_path):
-    """A bar on a stderr that is not a terminal turned a one-line error into three (fuzz seed 0, mutant 181)."""
+def test_progress_bars_stay_off_a_pipe(capsys):
+    """A bar on a stderr that is not a terminal turned a one-line error into three (fuzz seed 0, mutant 181):
+    off a terminal a stage writes one line when it ends, and nothing when it fails."""
     result = subprocess.run([sys.executable, "-m", "optimizer.cli", "bench", str(MODELS_DIR / "mlp.onnx"),
                              "--rounds", "2", "--warmup", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "benchmark:" not in result.stderr and "\r" not in result.stderr
+    assert "\r" not in result.stderr and [line[:11] for line in result.stderr.splitlines()] == ["benchmark: "]
+    with pytest.raises(ZeroDivisionError), progress_bar(total=None, desc="stage", unit="run", enabled=True) as bar:
+        bar.update()
+        raise ZeroDivisionError
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("opset", [7, 9])

@@ -276,6 +276,7 @@ def test_to_dict_is_strict_json():
         "min_cosine": None,
         "min_sqnr_db": None,
         "min_top1": None,
+        "by_kind": False,
     }
 
 

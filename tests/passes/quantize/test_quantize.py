@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -13,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import passes
 import passes.quantize.gptq as gptq_module
 import passes.quantize.quantize_pass  # noqa: F401  (registers the pass until passes/__init__ lists it)
+from optimizer.cli import main
 from optimizer.errors import OptionError, PassError
 from optimizer.fileio.model import load_model
 from optimizer.registry import create_pass
@@ -372,3 +375,39 @@ def test_dynamic_leaves_small_matmuls_weight_only_because_they_would_run_slower(
 def test_bad_options_name_the_option(options, message):
     with pytest.raises(OptionError, match=message):
         create_pass("quantize", **options)
+
+
+def _power_spectrum_model(path, rng) -> None:
+    """|x|^2 -> MatMul (K=256) -> log(1 + .): the MatMul's input spans many orders of magnitude, like
+    the power spectrum of a log-mel front end (~[0, 2.6e12]); the log makes the small values count."""
+    weight = np.abs(rng.standard_normal((256, 64)) * 0.1).astype(np.float32)  # a filterbank: non-negative
+    nodes = [helper.make_node("Mul", ["x", "x"], ["power"]),
+             helper.make_node("MatMul", ["power", "W"], ["mel"], name="mel"),
+             helper.make_node("Add", ["mel", "one"], ["shifted"]), helper.make_node("Log", ["shifted"], ["logmel"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 256])],
+                              [helper.make_tensor_value_info("logmel", TensorProto.FLOAT, [1, 16, 64])],
+                              [numpy_helper.from_array(weight, "W"),
+                               numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_default_int8_keeps_a_matmul_float_when_calibration_sees_a_hopeless_range(tmp_path, monkeypatch, capsys):
+    """The default mode ignored the calibration ranges and broke the mel model (cosine 0.956);
+    static mode kept that MatMul float. Both now apply the same rule."""
+    rng = np.random.default_rng(0)
+    source = tmp_path / "mel.onnx"
+    _power_spectrum_model(source, rng)
+    for folder in ("cal", "data"):
+        (tmp_path / folder).mkdir()
+        for index in range(4):
+            spectrum = np.exp(rng.normal(0.0, 3.0, (1, 16, 256))).astype(np.float32) * 1e3
+            np.savez(tmp_path / folder / f"{index}.npz", x=spectrum)
+    args = ["optimize", str(source), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8", "--validate", "--quiet",
+            "--calibration-data", str(tmp_path / "cal"), "--data", str(tmp_path / "data"),
+            "--report", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    skipped = report["passes"][-1]["report"]["skipped"]
+    assert any(s.get("tensor") == "power" and "too wide for 8 bits" in s["reason"] for s in skipped)
+    monkeypatch.setattr("passes.quantize.quantize_pass.MAX_ACTIVATION_ABS", math.inf)  # the rule off: as before
+    assert main(args) == 1

@@ -1,0 +1,243 @@
+"""What each model output is, and the metrics that judge it.
+
+A cosine over a whole output tensor hides what users care about: a detector output joins box
+coordinates (hundreds of pixels) and class scores (0 to 1), so scores can round away while the
+cosine stays at 0.998. Each output therefore gets a kind, recognised from its shape and the
+reference's values on the first sample (or set by the user), and the metrics of its kind:
+
+- ``classes``: class scores or logits, [N, C]: top-1 agreement and per-row cosine;
+- ``sequence``: per-step class scores, [N, T, C] rows that are probabilities: per-step argmax
+  agreement and per-row cosine;
+- ``detector``: a YOLO-style head [1, 4+C, A] or [1, A, 4+C] (boxes in pixels, then scores in
+  [0, 1]): box-set F1 at IoU 0.5 (same class, score >= 0.25) and the class-score cosine over the
+  candidate anchors; a score map [1, A, C] in [0, 1] without boxes: the F1 of the (anchor, class)
+  pairs over 0.25 and the same candidate cosine;
+- ``embedding``: per-row cosine (rows of the last axis);
+- ``dense``: anything else (whole-tensor cosine and SQNR); a map of values in [0, 1] also gets
+  the IoU of its 0.5-thresholded masks.
+
+Every kind metric is computed per sample; the worst sample is reported next to the total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optimizer.errors import OptionError
+
+KINDS = ("classes", "sequence", "detector", "embedding", "dense")
+SCORE_THRESHOLD = 0.25
+IOU_THRESHOLD = 0.5
+MAP_THRESHOLD = 0.5
+_EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
+_CLASS_WORDS = ("logit", "prob", "class", "score", "label", "softmax")
+
+
+KIND_LIMITS: dict[str, dict[str, float]] = {
+    "classes": {"top1": 0.9, "row_cosine": 0.99},
+    "sequence": {"top1": 0.95, "row_cosine": 0.99},
+    "detector": {"f1": 0.9, "candidate_cosine": 0.95},
+    "embedding": {"row_cosine": 0.99},
+    "dense": {"map_iou": 0.9},
+}
+"""The default verdict of each kind: metric -> minimum (README: "What the verdict means")."""
+METRIC_LABELS = {
+    "top1": "top-1 agreement",
+    "row_cosine": "row cosine",
+    "f1": "F1",
+    "candidate_cosine": "candidate score cosine",
+    "map_iou": "mask IoU",
+}
+
+
+def checked_output_kinds(kinds: Mapping[str, str] | None, output_names: Sequence[str]) -> dict[str, str]:
+    """The user's kinds by output name, refused with the valid names when an output or kind is unknown."""
+    kinds = dict(kinds or {})
+    for name, kind in kinds.items():
+        if name not in output_names:
+            raise OptionError(f"output kind for unknown output {name!r}; outputs: {', '.join(output_names)}")
+        if kind not in KINDS:
+            raise OptionError(f"output kind {kind!r} for {name!r}: use one of {', '.join(KINDS)}")
+    return kinds
+
+
+def infer_kind(name: str, reference: np.ndarray) -> tuple[str, str]:
+    """(kind, why) from the output's name, shape and the reference's values on one sample."""
+    if reference.dtype.kind != "f" or reference.ndim == 0 or reference.size == 0:
+        return "dense", "not a float tensor"
+    lowered = name.lower()
+    finite = reference[np.isfinite(reference)]
+    unit = finite.size > 0 and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0
+    if reference.ndim == 3 and reference.shape[0] == 1:
+        layout = detector_layout(reference)
+        if layout is not None:
+            return "detector", layout
+    if any(word in lowered for word in _EMBEDDING_WORDS):
+        return "embedding", f"name '{name}' reads like an embedding"
+    rows_sum_to_one = unit and reference.shape[-1] >= 2 and np.allclose(reference.sum(axis=-1), 1.0, atol=1e-3)
+    class_name = any(word in lowered for word in _CLASS_WORDS)
+    if reference.ndim == 3 and reference.shape[-1] >= 2 and reference.shape[1] > 1 and (rows_sum_to_one or class_name):
+        return "sequence", "[N, T, C] rows of probabilities" if rows_sum_to_one else f"[N, T, C] '{name}'"
+    if reference.ndim == 3 and unit and reference.shape[-1] >= 2 and reference.shape[1] >= 8 * reference.shape[-1]:
+        return "detector", "score map [1, A, C] in [0, 1]"
+    if reference.ndim == 2 and reference.shape[-1] >= 2:
+        if rows_sum_to_one or class_name:
+            return "classes", "[N, C] class scores"
+        return "embedding", "[N, D] rows, not probabilities"
+    if unit and reference.ndim >= 3:
+        return "dense", "map of values in [0, 1]"
+    return "dense", f"shape {list(reference.shape)}"
+
+
+def detector_layout(reference: np.ndarray) -> str | None:
+    """'[1, 4+C, A]' or '[1, A, 4+C]' when the values look like boxes (some > 1) then scores in [0, 1]."""
+    for channels_first in (True, False):
+        table = reference[0].T if channels_first else reference[0]  # [A, 4+C]
+        anchors, width = table.shape
+        if width < 5 or anchors < 8 * width:
+            continue
+        boxes, scores = table[:, :4], table[:, 4:]
+        if np.isfinite(table).all() and scores.min() >= 0.0 and scores.max() <= 1.0 and boxes.max() > 1.0:
+            return "[1, 4+C, A] boxes + scores" if channels_first else "[1, A, 4+C] boxes + scores"
+    return None
+
+
+@dataclass
+class KindStats:
+    """Kind metrics of one output, accumulated sample by sample."""
+
+    kind: str
+    why: str
+    layout: str = ""
+    matches: dict[str, list[float]] = field(default_factory=dict)
+    """metric -> per-sample values (rates) or [hits, total] pairs for pooled metrics."""
+    pooled: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+        if self.kind in ("classes", "sequence", "embedding") and reference.ndim >= 2:
+            self._rows(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
+        elif self.kind == "detector" and reference.ndim == 3:
+            self._detections(reference, candidate)
+        elif self.kind == "dense" and _unit(reference):
+            self._pool("map_iou", *_mask_overlap(reference >= MAP_THRESHOLD, candidate >= MAP_THRESHOLD))
+
+    def _rows(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        cosines = _row_cosines(reference, candidate)
+        self.matches.setdefault("row_cosine", []).append(float(cosines.mean()))
+        if self.kind != "embedding":
+            agree = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
+            self._pool("top1", float(agree.sum()), float(agree.size))
+
+    def _detections(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if self.layout.startswith("[1, 4+C, A]"):
+            reference, candidate = reference[0].T, candidate[0].T
+        else:
+            reference, candidate = reference[0], candidate[0]
+        boxes = self.layout.endswith("boxes + scores")
+        ref_scores, cand_scores = (reference[:, 4:], candidate[:, 4:]) if boxes else (reference, candidate)
+        anchors = ref_scores.max(axis=1) >= SCORE_THRESHOLD
+        if anchors.any():
+            cosine = _row_cosines(ref_scores[anchors].reshape(1, -1), cand_scores[anchors].reshape(1, -1))
+            self.matches.setdefault("candidate_cosine", []).append(float(cosine[0]))
+        if boxes:
+            self._pool("f1", *_box_matches(reference, candidate))
+        else:
+            self._pool("f1", *_pair_matches(ref_scores >= SCORE_THRESHOLD, cand_scores >= SCORE_THRESHOLD))
+
+    def _pool(self, metric: str, hits: float, total: float) -> None:
+        """Pooled metrics keep (hits, total) per sample: the total is sum(hits) / sum(total)."""
+        self.pooled.setdefault(metric, []).extend([hits, total])
+
+    def values(self) -> dict[str, float | None]:
+        """Each metric over all samples and, as ``<metric>_worst_sample``, on the worst sample."""
+        found: dict[str, float | None] = {}
+        for metric, per_sample in self.matches.items():
+            found[metric] = float(np.mean(per_sample))
+            found[f"{metric}_worst_sample"] = float(min(per_sample))
+        for metric, pairs in self.pooled.items():
+            hits, totals = np.array(pairs[0::2]), np.array(pairs[1::2])
+            found[metric] = float(hits.sum() / totals.sum()) if totals.sum() > 0 else None
+            rates = [h / t for h, t in zip(hits, totals, strict=True) if t > 0]
+            found[f"{metric}_worst_sample"] = float(min(rates)) if rates else None
+        return found
+
+    def failures(self, limits: dict[str, float]) -> list[tuple[str, float]]:
+        """(failure text, violation ratio) for every kind limit (metric -> minimum) the output misses."""
+        values = self.values()
+        misses = []
+        for metric, limit in limits.items():
+            value = values.get(metric)
+            if value is None or value >= limit:
+                continue
+            allowed = 1.0 - limit
+            ratio = (1.0 - value) / allowed if allowed > 0 else np.inf
+            misses.append((f"{METRIC_LABELS[metric]} {value:.3g} < {limit:g}", ratio))
+        return misses
+
+
+def _unit(values: np.ndarray) -> bool:
+    return values.ndim >= 3 and bool(np.isfinite(values).all()) and values.min() >= 0.0 and values.max() <= 1.0
+
+
+def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine of each row; two all-zero rows agree (1.0), one all-zero row does not (0.0)."""
+    dot = (reference * candidate).sum(axis=-1)
+    norms = np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1)
+    both_zero = (np.abs(reference).sum(axis=-1) == 0) & (np.abs(candidate).sum(axis=-1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.clip(np.where(both_zero, 1.0, cosine), -1.0, 1.0)
+
+
+def _mask_overlap(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(intersection, union) of two masks; two empty masks count as one agreeing element."""
+    union = float(np.logical_or(reference, candidate).sum())
+    return (float(np.logical_and(reference, candidate).sum()), union) if union else (1.0, 1.0)
+
+
+def _pair_matches(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(2 * common, |ref| + |cand|) of two sets of (anchor, class) pairs: F1 once pooled."""
+    common = float(np.logical_and(reference, candidate).sum())
+    total = float(reference.sum() + candidate.sum())
+    return (2 * common, total) if total else (1.0, 1.0)
+
+
+def _box_matches(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(2 * matched boxes, |ref| + |cand|): boxes over the score threshold, matched one to one by
+    class and IoU >= 0.5, best IoU first (F1 once pooled over the samples)."""
+    ref, cand = _candidates(reference), _candidates(candidate)
+    total = float(len(ref[0]) + len(cand[0]))
+    if not len(ref[0]) or not len(cand[0]):
+        return (0.0, total) if total else (1.0, 1.0)
+    iou = _iou(ref[0], cand[0]) * (ref[1][:, None] == cand[1][None, :])
+    used_rows, used_columns = set(), set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        row, column = divmod(int(flat), iou.shape[1])
+        if iou[row, column] < IOU_THRESHOLD:
+            break
+        if row not in used_rows and column not in used_columns:
+            used_rows.add(row)
+            used_columns.add(column)
+    return 2.0 * len(used_rows), total
+
+
+def _candidates(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x1y1x2y2 boxes, classes) of the anchors whose best class score is over the threshold."""
+    scores = table[:, 4:]
+    keep = scores.max(axis=1) >= SCORE_THRESHOLD
+    centre, size = table[keep, :2], table[keep, 2:4]
+    return np.concatenate([centre - size / 2, centre + size / 2], axis=1), scores[keep].argmax(axis=1)
+
+
+def _iou(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    top_left = np.maximum(first[:, None, :2], second[None, :, :2])
+    bottom_right = np.minimum(first[:, None, 2:], second[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    area = lambda boxes: np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(axis=1)  # noqa: E731
+    union = area(first)[:, None] + area(second)[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)

@@ -1,0 +1,102 @@
+"""Output kinds: a detector output must be judged by its boxes and class scores, not by a cosine
+over the whole tensor (YOLOv8n pruned 30% PASSed at whole-tensor cosine 0.99 with class-score
+cosine 0.71); top-1 is shown only for class scores; the user can set a kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optimizer.cli import main
+from optimizer.errors import OptionError
+from optimizer.verify.output_kinds import KIND_LIMITS, KindStats, infer_kind
+from optimizer.verify.tolerances import LOSSY_TOLERANCE, Tolerance
+from optimizer.verify.validate import compare
+
+CLASSES, ANCHORS = 18, 2100
+
+
+def yolo_output(seed: int = 0) -> np.ndarray:
+    """[1, 4+C, A]: boxes in pixels (cx, cy, w, h), then sigmoid class scores; 12 confident anchors."""
+    rng = np.random.default_rng(seed)
+    boxes = np.concatenate([rng.uniform(20, 300, (2, ANCHORS)), rng.uniform(10, 80, (2, ANCHORS))])
+    scores = rng.uniform(0.0, 0.05, (CLASSES, ANCHORS))
+    hits = rng.choice(ANCHORS, 12, replace=False)
+    scores[rng.integers(0, CLASSES, 12), hits] = rng.uniform(0.5, 0.95, 12)
+    return np.concatenate([boxes, scores])[None].astype(np.float32)
+
+
+def weakened_scores(output: np.ndarray) -> np.ndarray:
+    """What damaged class scores look like: confident scores cut to a fifth, boxes untouched."""
+    weakened = output.copy()
+    weakened[0, 4:] = np.where(weakened[0, 4:] > 0.25, weakened[0, 4:] * 0.2, weakened[0, 4:])
+    return weakened
+
+
+def test_a_yolo_head_is_recognised_and_judged_by_boxes_and_scores():
+    reference = yolo_output()
+    kind, why = infer_kind("output0", reference)
+    assert kind == "detector" and why.startswith("[1, 4+C, A]")
+    stats = KindStats(kind, why, why)
+    stats.add(reference, weakened_scores(reference))
+    values = stats.values()
+    assert values["f1"] == 0.0 and values["candidate_cosine"] < 0.98
+    assert [text.split()[0] for text, _ in stats.failures(KIND_LIMITS["detector"])] == ["F1", "candidate"]
+    same = KindStats(kind, why, why)
+    same.add(reference, reference)
+    assert same.values()["f1"] == 1.0 and same.failures(KIND_LIMITS["detector"]) == []
+
+
+def _identity_model(shape: list[int], name: str = "output0") -> bytes:
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], [name])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _scaled_scores_model(shape: list[int]) -> bytes:
+    """Multiplies rows 4: (the class scores) by a mask: confident ones shrink, as a bad prune would."""
+    scale = np.ones(shape, np.float32)
+    scale[0, 4:] = 0.2
+    nodes = [helper.make_node("Mul", ["x", "s"], ["scaled"]), helper.make_node("Less", ["x", "t"], ["low"]),
+             helper.make_node("Where", ["low", "x", "scaled"], ["output0"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, shape)],
+                              [numpy_helper.from_array(scale, "s"),
+                               numpy_helper.from_array(np.full(shape, 0.25, np.float32), "t")])
+    threshold = np.full(shape, 0.25, np.float32)
+    threshold[0, :4] = np.inf  # boxes always kept
+    graph.initializer[1].CopyFrom(numpy_helper.from_array(threshold, "t"))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_lossy_verdict_fails_a_detector_whose_whole_tensor_cosine_passes():
+    shape = [1, 4 + CLASSES, ANCHORS]
+    reference, candidate = _identity_model(shape), _scaled_scores_model(shape)
+    feeds = [{"x": yolo_output(seed)} for seed in range(3)]
+    whole_only = compare(reference, candidate, feeds, tolerance=Tolerance(min_cosine=0.99, min_sqnr_db=20.0))
+    assert whole_only.passed and whole_only.outputs[0].cosine > 0.99
+    result = compare(reference, candidate, feeds, tolerance=LOSSY_TOLERANCE)
+    (output,) = result.outputs
+    assert not result.passed and output.kind == "detector" and output.top1_agreement is None
+    assert output.kind_metrics["f1"] == 0.0 and output.kind_metrics["f1_worst_sample"] == 0.0
+    assert any(failure.startswith("F1 0 < 0.9") for failure in output.failures)
+
+
+def test_top1_only_for_class_scores_and_the_kind_can_be_set(tmp_path, capsys):
+    mel = _identity_model([1, 80, 100], name="mel")
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 80, 100)).astype(np.float32)}]
+    (output,) = compare(mel, mel, feeds, tolerance=LOSSY_TOLERANCE).outputs
+    assert output.kind == "dense" and output.top1_agreement is None
+    (forced,) = compare(mel, mel, feeds, tolerance=LOSSY_TOLERANCE, output_kinds={"mel": "sequence"}).outputs
+    assert forced.kind == "sequence" and forced.kind_reason == "set by --output-kind" and forced.top1_agreement == 1
+    with pytest.raises(OptionError, match="output kind 'boxes' for 'mel'"):
+        compare(mel, mel, feeds, output_kinds={"mel": "boxes"})
+    path = tmp_path / "mel.onnx"
+    path.write_bytes(mel.SerializeToString())
+    assert main(["validate", str(path), str(path), "--output-kind", "mel=embedding", "--json"]) == 0
+    assert '"kind": "embedding"' in capsys.readouterr().out
+    assert main(["validate", str(path), str(path), "--output-kind", "mel=boxes"]) == 2
+    assert main(["validate", str(path), str(path), "--output-kind", "nope=dense"]) == 2
+    assert "unknown output 'nope'" in capsys.readouterr().err
