@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from optimizer.app_inputs import (
     model_summary,
     resolve_feed_options,
     resolve_feeds,
+    runnable_reference,
 )
 from optimizer.budget import (
     BudgetResult,
@@ -137,6 +138,8 @@ def optimize(
     ``ModelLoadError`` and nothing is written. The fusion check never fails a run: at worst a note.
     """
     options = options or OptimizeOptions()
+    if options.budget is not None and options.validation is None:  # a budget's verdict is measured
+        options = replace(options, validation=ValidationOptions())
     with stage("plan"):
         chosen = _plan_stage(options)
     with stage("load"):
@@ -144,7 +147,7 @@ def optimize(
     if options.budget is not None:
         with stage("accuracy budget"):
             budget = run.budget = _budget_stage(run)
-            run.chosen = backed_off_passes(run.chosen, budget.backed_off)
+            run.chosen = backed_off_passes(run.chosen, budget.backed_off, budget.weight_only)
     else:
         budget = None
     with stage("feeds"):
@@ -385,7 +388,7 @@ def _save_checked(
     run: _Run, model: onnx.ModelProto, checks: _Checks | None, report: Report
 ) -> tuple[Path | None, Comparison | None, BenchResult | None]:
     """Save to a staging folder next to the output, check the staged file, then move it in."""
-    output, reference = run.output, run.reference or run.source
+    output, reference = run.output, runnable_reference(run.source, run.reference, run.model_files)
     keep_failed = run.options.validation is not None and run.options.validation.keep_failed
     with stage("publish"):
         staging = staging_folder(output)

@@ -21,13 +21,20 @@ from optimizer.calibration.feeds import (
     npz_feed_files,
 )
 from optimizer.errors import OptionError, RuntimeSessionError
-from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model, load_model_with_files, model_size_bytes
+from optimizer.fileio.model import (
+    LAZY_LOAD_ABOVE_BYTES,
+    fits_one_message,
+    load_model,
+    load_model_with_files,
+    model_size_bytes,
+)
 from optimizer.fileio.output_files import previous_data_files
 from optimizer.graph.inspection import weight_bytes_by_dtype
 from optimizer.optimize_options import FeedOptions, FeedSource, ModelInput
 from optimizer.pass_base import CalibrationFactory
 from optimizer.report.report import ModelSummary
 from optimizer.verify.run_limit import RunTimeoutError
+from optimizer.verify.runtime import external_data_locations
 
 
 def resolve_feeds(
@@ -84,6 +91,20 @@ def load_input(
         )
         return loaded, files, Path(model)
     return load_model(model, max_input_bytes=max_input_bytes), (), None
+
+
+def runnable_reference(source: onnx.ModelProto, path: Path | None, files: Sequence[Path]) -> ModelInput:
+    """What validation and the benchmark run as the input model: its file, unless an external data
+    file lies outside the model's folder (a symlink allowed by allow_symlinks_under), which
+    onnxruntime refuses ("path escapes model directory"); then the loaded model, when its data is
+    all in memory. ``files``: the model file then its data files, real paths (load_input)."""
+    if path is None:
+        return source
+    folder = path.parent.resolve()
+    outside = any(not data.is_relative_to(folder) for data in files[1:])
+    if outside and not external_data_locations(source) and fits_one_message(source):
+        return source
+    return path
 
 
 def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None) -> ModelSummary:

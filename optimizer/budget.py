@@ -1,76 +1,85 @@
 """Accuracy budget: the most compression whose task metric stays within ``max_drop``.
 
 Start from the requested compression. If the metric misses the budget, rank the compressed
-layers by harm and back off the most harmful first (a backed-off layer is excluded from the
-passes that compress it), re-measuring until the budget holds or nothing is left to back off.
+layers by harm and back the most harmful off first, one format at a time: first to the pass's
+next-best format (``Pass.soften_option``; quantize: weight-only int8, float activations), and only
+when that cannot meet the budget even for every layer, to no compression (``Pass.backoff_option``)
+with the remaining layers kept in the next-best format. Re-measure until the budget holds.
 
-Ranking: every layer's own gain when it alone is backed off (leave-one-out), measured when the
-trial budget allows; otherwise the per-layer output SQNR of the first trial. Then a k-ary search
-finds the fewest top-ranked layers to back off; each round evaluates ``workers`` candidates in
-parallel processes, which die with the process that started them. Trials are bounded by
-``max_trials``, and every onnxruntime run in them by ``timeout_s``.
+Ranking: every layer's own gain when it alone is backed off to float (leave-one-out), measured
+when the trial budget allows; otherwise the per-layer output SQNR of the first trial. Then a k-ary
+search finds the fewest top-ranked layers to back off; each round evaluates ``workers`` candidates
+in parallel processes, which die with the process that started them. When even MOSTLY_UNDONE of
+the layers left uncompressed miss the budget, the search stops there (nothing worth writing is
+left: the budget is not met). Trials are bounded by ``max_trials``, and every onnxruntime run in
+them by ``timeout_s``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 
+from optimizer.budget_trials import (
+    Backoff,
+    Feed,
+    MetricSpec,
+    Runtime,
+    backed_off_passes,
+    compress,
+    init_worker,
+    trial,
+    worker_trial,
+)
 from optimizer.errors import OptionError
-from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
-from optimizer.graph.patterns import exact_name_pattern
-from optimizer.pass_base import Pass, PassContext
-from optimizer.pipeline import Pipeline
+from optimizer.pass_base import Pass
 from optimizer.progress import progress_bar
-from optimizer.verify.isolation import die_with_parent, spawn_without_main_script
+from optimizer.verify.isolation import spawn_without_main_script
 from optimizer.verify.layer_debug import debug_layers
-from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout
 
-Feed = dict[str, np.ndarray]
-STAGE = "accuracy budget"
-
+__all__ = [
+    "Backoff",
+    "BudgetResult",
+    "BudgetStep",
+    "MetricSpec",
+    "backed_off_passes",
+    "budget_layers",
+    "final_budget_check",
+    "search_budget",
+]
 
 MOSTLY_UNDONE = 0.9
 """Backing off this share of the compressed layers or more leaves little compression: say so."""
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    """A metric that can be rebuilt in a worker process: a built-in name or package.module:function."""
-
-    spec: str
-    higher_is_better: bool | None = None
-    output: str | None = None
-
-    def build(self) -> Metric:
-        return load_metric(self.spec, higher_is_better=self.higher_is_better, output=self.output)
-
-
 @dataclass
 class BudgetStep:
+    """One trial: ``backed_off`` layers uncompressed, ``weight_only`` ones in the next-best format."""
+
     step: int
     action: str
     backed_off: list[str]
     value: float
     drop: float
     met: bool
+    weight_only: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "action": self.action,
+            "float_layers": len(self.backed_off),
+            "weight_only_layers": len(self.weight_only),
             "backed_off": list(self.backed_off),
+            "weight_only": list(self.weight_only),
             "value": self.value,
             "drop": self.drop,
             "met": self.met,
@@ -79,6 +88,9 @@ class BudgetStep:
 
 @dataclass
 class BudgetResult:
+    """The search's answer: ``backed_off`` layers left uncompressed, ``weight_only`` layers in their
+    pass's next-best format (quantize: weight-only int8), the rest as requested."""
+
     metric: str
     baseline: float
     max_drop: float
@@ -91,6 +103,8 @@ class BudgetResult:
     steps: list[BudgetStep]
     higher_is_better: bool
     model: onnx.ModelProto | None = field(repr=False)
+    weight_only: list[str] = field(default_factory=list)
+    stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +115,8 @@ class BudgetResult:
             "value": self.value,
             "drop": self.drop,
             "backed_off": list(self.backed_off),
+            "weight_only": list(self.weight_only),
+            "stopped_early": self.stopped_early,
             "ranking": list(self.ranking),
             "ranking_method": self.ranking_method,
             "trials": self.trials,
@@ -108,14 +124,21 @@ class BudgetResult:
         }
 
     def mostly_undone(self, share: float = MOSTLY_UNDONE) -> bool:
-        """True when the budget held only with most compressed layers backed off to float."""
-        return bool(self.ranking) and len(self.backed_off) >= share * len(self.ranking)
+        """True when the budget needed most compressed layers left uncompressed (or the search
+        stopped because even that share missed it)."""
+        return self.stopped_early or (bool(self.ranking) and len(self.backed_off) >= share * len(self.ranking))
 
     def mostly_undone_text(self) -> str:
+        if self.stopped_early:
+            return (
+                f"accuracy budget not met: even {len(self.backed_off)} of {len(self.ranking)} compressed layers "
+                f"uncompressed miss it (drop {self.drop:.3g} > {self.max_drop:g}), so the search stopped there; "
+                "loosen --max-drop, or try another mode (e.g. --quantize-mode weights)"
+            )
         return (
-            f"accuracy budget: {len(self.backed_off)} of {len(self.ranking)} compressed layers had to be backed off "
-            f"({'met' if self.met else 'not met'}): little compression is left; loosen --max-drop, or try another "
-            "mode (e.g. --quantize-mode weights)"
+            f"accuracy budget: {len(self.backed_off)} of {len(self.ranking)} compressed layers had to be left "
+            f"uncompressed ({'met' if self.met else 'not met'}): little compression is left; loosen --max-drop, "
+            "or try another mode (e.g. --quantize-mode weights)"
         )
 
     @property
@@ -135,26 +158,12 @@ def final_budget_check(
 ) -> tuple[bool, str]:
     """The budget's own metric, on the same feeds, for the file that will be written: the final
     verdict of a run with --max-drop (the search and the final check can then never disagree)."""
-    metric, runtime = spec.build(), _Runtime(provider, timeout_s)
+    metric, runtime = spec.build(), Runtime(provider, timeout_s)
     value = metric(runtime.outputs(reference, feeds), runtime.outputs(candidate, feeds))
     drop = metric.drop(budget.baseline, value)
     met = drop <= budget.max_drop
     text = f"accuracy budget: {budget.metric} {value:.6g}, drop {drop:.3g} {'<=' if met else '>'} {budget.max_drop:g}"
     return met, text
-
-
-def backed_off_passes(passes: Sequence[Pass], layers: Sequence[str]) -> list[Pass]:
-    """``passes`` with an exact-name pattern for every layer in ``layers`` added to the exclusion
-    option (``Pass.backoff_option``) of each pass that has one; the Pass objects are kept, not rebuilt."""
-    patterns = tuple(exact_name_pattern(layer) for layer in sorted(layers))
-    if not patterns:
-        return list(passes)
-    return [
-        dataclasses.replace(item, **{item.backoff_option: (*getattr(item, item.backoff_option), *patterns)})
-        if item.backoff_option
-        else item
-        for item in passes
-    ]
 
 
 def search_budget(
@@ -197,7 +206,7 @@ def search_budget(
         metric,
         list(feeds),
         list(calibration or []),
-        _Runtime(provider, timeout_s),
+        Runtime(provider, timeout_s),
         max_drop,
         max_trials,
         workers,
@@ -212,17 +221,6 @@ def search_budget(
         state.close()
 
 
-@dataclass(frozen=True)
-class _Runtime:
-    """Where trials run the model, and how long one onnxruntime run may take."""
-
-    provider: str
-    timeout_s: float | None
-
-    def outputs(self, model, feeds) -> Outputs:
-        return collect_outputs(model, feeds, provider=self.provider, timeout_s=self.timeout_s, stage=STAGE)
-
-
 class _SearchState:
     def __init__(
         self,
@@ -231,7 +229,7 @@ class _SearchState:
         metric,
         feeds,
         calibration,
-        runtime: _Runtime,
+        runtime: Runtime,
         max_drop,
         max_trials,
         workers,
@@ -244,10 +242,12 @@ class _SearchState:
         self.feeds, self.calibration, self.runtime = feeds, calibration, runtime
         self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
         self.return_model = return_model
+        self.softens = any(item.soften_option for item in passes)
+        self.stopped_early = False
         self.metric = metric.build()
         self.reference = runtime.outputs(model, feeds)
         self.baseline = self.metric(self.reference, self.reference)
-        self.results: dict[frozenset[str], float] = {}
+        self.results: dict[Backoff, float] = {}
         self.steps: list[BudgetStep] = []
         self.bar = progress_bar(total=max_trials, desc="budget trials", unit="trial", enabled=progress)
         self.pool = self.lifeline = None
@@ -257,7 +257,7 @@ class _SearchState:
             self.pool = ProcessPoolExecutor(
                 workers,
                 mp_context=context,
-                initializer=_init_worker,
+                initializer=init_worker,
                 initargs=(
                     (self.lifeline[0], os.getpid()),
                     worker_imports,
@@ -279,49 +279,53 @@ class _SearchState:
             end.close()
 
     def run(self) -> BudgetResult:
-        first = self.evaluate([frozenset()], "requested compression")[0]
+        first = self.evaluate([Backoff()], "requested compression")[0]
         if self.met(first):
-            return self.finish(frozenset(), [], "none needed")
+            return self.finish(Backoff(), [], "none needed")
         layers, method = self.rank()
         if not layers:
-            return self.finish(frozenset(), [], "no compressed layer found")
-        chosen = self.search_count(layers)
+            return self.finish(Backoff(), [], "no compressed layer found")
+        if self.softens:
+            softened = self.search_count(layers, lambda k: Backoff(weight_only=frozenset(layers[:k])), "weight-only")
+            if softened is not None:
+                return self.finish(softened, layers, method)
+        rest = (lambda k: frozenset(layers[k:])) if self.softens else (lambda k: frozenset())
+        chosen = self.search_count(
+            layers, lambda k: Backoff(rest(k), frozenset(layers[:k])), "uncompressed", stop_at=MOSTLY_UNDONE
+        )
+        assert chosen is not None  # the float level always answers (stopped early at worst)
         return self.finish(chosen, layers, method)
 
     def met(self, value: float) -> bool:
         return self.metric.drop(self.baseline, value) <= self.max_drop
 
-    def evaluate(self, candidates: Sequence[frozenset[str]], action: str) -> list[float]:
+    def evaluate(self, candidates: Sequence[Backoff], action: str) -> list[float]:
         todo = [c for c in dict.fromkeys(candidates) if c not in self.results]
         todo = todo[: max(0, self.max_trials - len(self.results))]
         if self.pool is not None and len(todo) > 1:
             with spawn_without_main_script():
-                values = list(self.pool.map(_worker_trial, [sorted(c) for c in todo]))
+                values = list(self.pool.map(worker_trial, todo))
         else:
-            values = [
-                _trial(
-                    self.model,
-                    self.passes,
-                    self.metric,
-                    self.feeds,
-                    self.calibration,
-                    self.runtime,
-                    self.reference,
-                    sorted(c),
-                )
-                for c in todo
-            ]
+            values = [self.trial(candidate) for candidate in todo]
         for candidate, value in zip(todo, values, strict=True):
             self.results[candidate] = value
             drop = self.metric.drop(self.baseline, value)
-            met = drop <= self.max_drop
-            self.steps.append(BudgetStep(len(self.steps), action, sorted(candidate), value, drop, met))
+            weight_only = sorted(candidate.weight_only - candidate.uncompressed)
+            step = BudgetStep(
+                len(self.steps), action, sorted(candidate.uncompressed), value, drop, drop <= self.max_drop, weight_only
+            )
+            self.steps.append(step)
             self.bar.update(1)
         return [self.results.get(c, math.nan) for c in candidates]
 
+    def trial(self, backoff: Backoff) -> float:
+        return trial(
+            self.model, self.passes, self.metric, self.feeds, self.calibration, self.runtime, self.reference, backoff
+        )
+
     def rank(self) -> tuple[list[str], str]:
         """Layers worst first: leave-one-out gains when affordable, else output SQNR."""
-        compressed = _compress(self.model, self.passes, [], self.calibration, self.runtime)
+        compressed = compress(self.model, self.passes, Backoff(), self.calibration, self.runtime)
         report = debug_layers(
             self.model,
             compressed,
@@ -330,41 +334,48 @@ class _SearchState:
             timeout_s=self.runtime.timeout_s,
         )
         layers = list(dict.fromkeys(layer.reference_node for layer in report.layers))
-        searches = math.ceil(math.log2(len(layers) + 1)) + 1 if layers else 0
+        levels = 2 if self.softens else 1
+        searches = levels * (math.ceil(math.log2(len(layers) + 1)) + 1) if layers else 0
         if len(layers) + searches > self.max_trials - len(self.results):
             return layers, "per-layer output SQNR (trial budget too small for leave-one-out)"
-        values = self.evaluate([frozenset([layer]) for layer in layers], "leave-one-out")
-        gains = {
-            layer: self.metric.drop(self.baseline, self.results[frozenset()]) - self.metric.drop(self.baseline, v)
-            for layer, v in zip(layers, values, strict=True)
-        }
+        values = self.evaluate([Backoff(uncompressed=frozenset([layer])) for layer in layers], "leave-one-out")
+        first = self.metric.drop(self.baseline, self.results[Backoff()])
+        gains = {layer: first - self.metric.drop(self.baseline, v) for layer, v in zip(layers, values, strict=True)}
         order = sorted(layers, key=lambda layer: (-gains[layer], layers.index(layer)))
         return order, "leave-one-out gain"
 
-    def search_count(self, layers: list[str]) -> frozenset[str]:
-        """Fewest top-ranked layers whose back-off meets the budget (k-ary search)."""
-        low, high = 0, len(layers)
-        everything = frozenset(layers)
-        if not self.met(self.evaluate([everything], "back off all ranked layers")[0]):
-            return everything
+    def search_count(
+        self, layers: list[str], choice: Callable[[int], Backoff], level: str, stop_at: float = 1.0
+    ) -> Backoff | None:
+        """The fewest top-ranked layers whose back-off (``choice(count)``) meets the budget, by a
+        k-ary search; None when ``choice`` of every layer misses it. With ``stop_at`` < 1, the first
+        trial backs off that share of the layers; when it misses, the search stops (stopped_early)."""
+        low, high = 0, max(1, math.ceil(stop_at * len(layers) - 1e-9))
+        widest = choice(high)
+        value = self.evaluate([widest], f"{level}: top {high} of {len(layers)} layers")[0]
+        if math.isnan(value):  # no trial left: finish() measures it
+            return widest
+        if not self.met(value):
+            self.stopped_early = high < len(layers)
+            return widest if stop_at < 1.0 else None
         while high - low > 1 and len(self.results) < self.max_trials:
             count = min(self.workers, high - low - 1)
             points = sorted({low + max(1, round((high - low) * (i + 1) / (count + 1))) for i in range(count)})
             points = [p for p in points if low < p < high]
-            values = self.evaluate([frozenset(layers[:p]) for p in points], "back off the top-ranked layers")
+            values = self.evaluate([choice(p) for p in points], f"{level}: the top-ranked layers")
             passing = [p for p, v in zip(points, values, strict=True) if not math.isnan(v) and self.met(v)]
             failing = [p for p, v in zip(points, values, strict=True) if not math.isnan(v) and not self.met(v)]
             if not passing and not failing:
                 break
             high = min(passing, default=high)
             low = max([p for p in failing if p < high], default=low)
-        return frozenset(layers[:high])
+        return choice(high)
 
-    def finish(self, chosen: frozenset[str], ranking: list[str], method: str) -> BudgetResult:
+    def finish(self, chosen: Backoff, ranking: list[str], method: str) -> BudgetResult:
         value = self.results.get(chosen)
         model = None
         if self.return_model or value is None:
-            model = _compress(self.model, self.passes, sorted(chosen), self.calibration, self.runtime)
+            model = compress(self.model, self.passes, chosen, self.calibration, self.runtime)
         if value is None:
             value = self.metric(self.reference, self.runtime.outputs(model, self.feeds))
         return BudgetResult(
@@ -373,85 +384,29 @@ class _SearchState:
             self.max_drop,
             self.met(value),
             value,
-            sorted(chosen),
+            sorted(chosen.uncompressed),
             ranking,
             method,
             len(self.results),
             self.steps,
             self.metric.higher_is_better,
             model,
+            weight_only=sorted(chosen.weight_only - chosen.uncompressed),
+            stopped_early=self.stopped_early and not self.met(value),
         )
-
-
-def _compress(model, passes, layers, calibration, runtime: _Runtime) -> onnx.ModelProto:
-    context = PassContext(
-        calibration=(lambda: iter(calibration)) if calibration else None,
-        provider=runtime.provider,
-        timeout_s=runtime.timeout_s,
-    )
-    return Pipeline(backed_off_passes(passes, layers), context=context).run(model).model
-
-
-def _trial(
-    model, passes, metric: Metric, feeds, calibration, runtime: _Runtime, reference: Outputs, layers: list[str]
-) -> float:
-    compressed = _compress(model, passes, layers, calibration, runtime)
-    return metric(reference, runtime.outputs(compressed, feeds))
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(
-    parent: tuple,
-    imports,
-    model_source: tuple[str, tuple[str, ...]] | bytes,
-    passes,
-    metric_spec: MetricSpec,
-    feeds,
-    calibration,
-    runtime: _Runtime,
-    reference,
-) -> None:
-    die_with_parent(*parent)
-    for name in imports:
-        module_name, _, function = name.partition(":")
-        module = importlib.import_module(module_name)
-        if function:
-            getattr(module, function)()
-    if isinstance(model_source, tuple):
-        path, roots = model_source
-        model = load_model_with_files(path, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES, allow_symlinks_under=roots)[0]
-    else:
-        model = onnx.load_from_string(model_source)
-    _WORKER.update(
-        model=model,
-        passes=passes,
-        metric=metric_spec.build(),
-        feeds=feeds,
-        calibration=calibration,
-        runtime=runtime,
-        reference=reference,
-    )
-
-
-def _worker_trial(layers: list[str]) -> float:
-    w = _WORKER
-    return _trial(
-        w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"], w["reference"], layers
-    )
 
 
 def budget_layers(budget: BudgetResult) -> list[dict[str, Any]]:
-    """The final per-layer choice: every ranked layer, compressed or backed off, and why."""
+    """The final per-layer choice: every ranked layer, compressed, in the next-best format or left
+    uncompressed, and why."""
     rows = []
     for rank, layer in enumerate(budget.ranking):
-        backed_off = layer in budget.backed_off
-        rows.append(
-            {
-                "node": layer,
-                "status": "backed off (kept uncompressed)" if backed_off else "compressed",
-                "reason": f"rank {rank + 1} by {budget.ranking_method}" if backed_off else "",
-            }
-        )
+        if layer in budget.backed_off:
+            status = "backed off (kept uncompressed)"
+        elif layer in budget.weight_only:
+            status = "backed off to the next-best format (quantize: weight-only int8)"
+        else:
+            status = "compressed"
+        reason = f"rank {rank + 1} by {budget.ranking_method}" if status != "compressed" else ""
+        rows.append({"node": layer, "status": status, "reason": reason})
     return rows

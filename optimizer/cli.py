@@ -15,6 +15,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.api import (
     BudgetOptions,
@@ -28,7 +30,7 @@ from optimizer.api import (
     tool_version,
 )
 from optimizer.app_inputs import generated_feeds_hint
-from optimizer.calibration.feeds import parse_shape_overrides
+from optimizer.calibration.feeds import Feed, parse_shape_overrides
 from optimizer.calibration.sensitivity import sensitivity_scan
 from optimizer.cli_options import UsageError, output_kinds_from_args, tolerance_from_args
 from optimizer.cli_parser import build_parser
@@ -41,7 +43,7 @@ from optimizer.report.inspect_text import inspection_text
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
 from optimizer.shortcuts import SHORTCUTS
 from optimizer.text import ControlEscapingWriter, escape_control, printable
-from optimizer.verify.benchmark import benchmark
+from optimizer.verify.benchmark import BenchResult, benchmark
 from optimizer.verify.isolation import run_comparison
 from optimizer.verify.layer_debug import debug_layers
 from optimizer.verify.tolerances import LOSSLESS_TOLERANCE, LOSSY_TOLERANCE, with_default_tolerance
@@ -155,7 +157,8 @@ def _print_optimize_summary(result) -> None:
         print(
             f"accuracy budget {'met' if budget['met'] else 'NOT met'}: {budget['metric']} {budget['value']:.6g} "
             f"(baseline {budget['baseline']:.6g}, drop {budget['drop']:.3g} <= {budget['max_drop']}?) after "
-            f"{budget['trials']} trial(s); backed off: {', '.join(budget['backed_off']) or 'nothing'}"
+            f"{budget['trials']} trial(s); left uncompressed: {_layer_list(budget['backed_off'])}"
+            + (f"; weight-only int8: {_layer_list(budget['weight_only'])}" if budget.get("weight_only") else "")
         )
     if data["fusion"]:
         kernels = ", ".join(f"{op} x{n}" for op, n in data["fusion"]["integer_kernels"].items()) or "none"
@@ -167,12 +170,26 @@ def _print_optimize_summary(result) -> None:
         print(f"note: {note}")
 
 
+def _layer_list(names: list[str], shown: int = 6) -> str:
+    """Up to ``shown`` layer names, else their count (the report lists them all)."""
+    if not names:
+        return "nothing"
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{len(names)} layers ({', '.join(names[:3])}, ...; see --report)"
+
+
+def _feeds(args: argparse.Namespace, model: onnx.ModelProto) -> list[Feed]:
+    """The inputs a command runs on: --data, else generated (--shape, --samples, --seed)."""
+    return resolve_feeds(
+        model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
+    )
+
+
 def _run_validate(args: argparse.Namespace) -> int:
     reference = load_model(args.reference, allow_symlinks_under=args.allow_symlinks_under)
     load_model(args.candidate, allow_symlinks_under=args.allow_symlinks_under)
-    feeds = resolve_feeds(
-        reference, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
-    )
+    feeds = _feeds(args, reference)
     tolerance = with_default_tolerance(tolerance_from_args(args), LOSSLESS_TOLERANCE if args.exact else LOSSY_TOLERANCE)
     kinds = output_kinds_from_args(args)
     with generated_feeds_hint(feeds, args.data is None):
@@ -196,10 +213,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     first = load_model(args.models[0], allow_symlinks_under=args.allow_symlinks_under)
     for path in args.models[1:]:
         load_model(path, allow_symlinks_under=args.allow_symlinks_under)
-    feeds = resolve_feeds(
-        first, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
-    )
-    result = benchmark(
+    feeds = _feeds(args, first)
+    with generated_feeds_hint(feeds, args.data is None):
+        result = _bench(args, feeds)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
+    for note in [] if args.json else result.slower_notes():
+        print(note)
+    return EXIT_OK
+
+
+def _bench(args: argparse.Namespace, feeds: list[Feed]) -> BenchResult:
+    return benchmark(
         args.models,
         feeds,
         provider=args.provider,
@@ -209,10 +233,6 @@ def _run_bench(args: argparse.Namespace) -> int:
         progress=not args.json,
         timeout_s=args.timeout,
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
-    for note in [] if args.json else result.slower_notes():
-        print(note)
-    return EXIT_OK
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -227,10 +247,9 @@ def _run_debug(args: argparse.Namespace) -> int:
     reference, reference_files = load_model_with_files(args.reference, allow_symlinks_under=args.allow_symlinks_under)
     candidate, candidate_files = load_model_with_files(args.candidate, allow_symlinks_under=args.allow_symlinks_under)
     check_reports_apart(args.report, [*reference_files, *candidate_files], args.data)
-    feeds = resolve_feeds(
-        reference, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
-    )
-    layers = debug_layers(reference, candidate, feeds, provider=args.provider, timeout_s=args.timeout)
+    feeds = _feeds(args, reference)
+    with generated_feeds_hint(feeds, args.data is None):
+        layers = debug_layers(reference, candidate, feeds, provider=args.provider, timeout_s=args.timeout)
     report = Report(
         tool_version(),
         model_summary(reference, args.reference),
@@ -247,18 +266,17 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     sparsities = list(args.sparsities)
     model, model_files = load_model_with_files(args.model, allow_symlinks_under=args.allow_symlinks_under)
     check_reports_apart(args.report, model_files, args.data, {".md": "markdown", ".json": "json"})
-    feeds = resolve_feeds(
-        model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
-    )
-    table = sensitivity_scan(
-        model,
-        feeds,
-        sparsities=sparsities,
-        provider=args.provider,
-        progress=not args.json,
-        min_elements=args.min_elements,
-        timeout_s=args.timeout,
-    )
+    feeds = _feeds(args, model)
+    with generated_feeds_hint(feeds, args.data is None):
+        table = sensitivity_scan(
+            model,
+            feeds,
+            sparsities=sparsities,
+            provider=args.provider,
+            progress=not args.json,
+            min_elements=args.min_elements,
+            timeout_s=args.timeout,
+        )
     if args.target is not None:
         table.allocate(args.target)
     for path in args.report:

@@ -287,7 +287,8 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
         "--max-drop",
         type=float_in(0.0, math.inf),
         metavar="X",
-        help="back off the most harmful layers until --metric drops by at most X",
+        help="back off the most harmful layers (first to weight-only int8, then to float) until --metric "
+        "drops by at most X; implies --validate: the metric re-measured on the written file is the verdict",
     )
     budget.add_argument(
         "--metric",

@@ -68,7 +68,10 @@ class ValidationOptions:
 @dataclass(frozen=True, kw_only=True)
 class BudgetOptions:
     """Back layers off, most harmful first, until ``metric`` (a built-in name or package.module:function,
-    on ``output`` only when given) drops by at most ``max_drop`` (see optimizer.budget)."""
+    on ``output`` only when given) drops by at most ``max_drop`` (see optimizer.budget): first to the
+    next-best format (quantize: weight-only int8), then uncompressed. A budget implies validation
+    (default ``ValidationOptions()`` when none is given): the metric re-measured on the staged
+    output is the verdict, so a budget not met writes nothing (unless ``keep_failed``)."""
 
     max_drop: float
     metric: str = "cosine"

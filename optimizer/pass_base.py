@@ -97,6 +97,9 @@ class Pass(abc.ABC):
     backoff_option: ClassVar[str | None] = None
     """A tuple-of-patterns option that leaves matching node names uncompressed (``re:`` regex or
     glob), so the accuracy budget search can back a layer off; None if the pass has none."""
+    soften_option: ClassVar[str | None] = None
+    """A tuple-of-patterns option that compresses matching node names less, in the pass's next-best
+    format (quantize: weight-only int8): the budget's first back-off step before ``backoff_option``."""
 
     def __call__(self, graph: gs.Graph, context: PassContext | None = None) -> PassResult:
         if not isinstance(graph, gs.Graph):

@@ -76,8 +76,6 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = _input_dtype(value_info.name, tensor_type.elem_type)
         rank_known = tensor_type.HasField("shape")
         shape = tuple(_dim_value(dim) for dim in tensor_type.shape.dim)
-        if any(isinstance(dim, int) and dim < 0 for dim in shape):
-            raise FeedError(f"input {value_info.name!r} has a negative dimension in shape {_format_shape(shape)}")
         specs.append(InputSpec(value_info.name, dtype, shape, rank_known))
     return specs
 
@@ -92,8 +90,10 @@ def _input_dtype(name: str, elem_type: int) -> np.dtype:
 
 
 def _dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A fixed size, a named dynamic one, or None. A negative size (paddle2onnx writes -1, e.g.
+    PP-OCR's cls input [-1, 3, ?, ?]) is dynamic: onnxruntime reads it so."""
     if dim.HasField("dim_value"):
-        return dim.dim_value
+        return dim.dim_value if dim.dim_value >= 0 else None
     if dim.HasField("dim_param") and dim.dim_param:
         return dim.dim_param
     return None

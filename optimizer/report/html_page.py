@@ -181,7 +181,11 @@ def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:
         + "</p>",
     ]
     if steps:
-        keys = [k for k in ("step", "action", "value", "drop", "met") if any(k in s for s in steps)]
+        keys = [
+            k
+            for k in ("step", "action", "float_layers", "weight_only_layers", "value", "drop", "met")
+            if any(k in s for s in steps)
+        ]
         out.append(_table(keys, [[s.get(k) for k in keys] for s in steps]))
         values = [s.get("value") for s in steps if isinstance(s.get("value"), (int, float))]
         if values:

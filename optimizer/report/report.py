@@ -169,7 +169,11 @@ def _budget_section(budget: dict[str, Any]) -> list[str]:
         "",
     ]
     steps = budget.get("steps", [])
-    keys = [k for k in ("step", "action", "value", "drop", "met") if any(k in s for s in steps)]
+    keys = [
+        k
+        for k in ("step", "action", "float_layers", "weight_only_layers", "value", "drop", "met")
+        if any(k in s for s in steps)
+    ]
     if steps:
         lines += _table(keys, steps)
     return [*lines, ""]

@@ -40,6 +40,10 @@ class LayerError:
     output_sqnr_db: float | None = None
     output_cosine: float | None = None
     reference_node: str = ""
+    candidate_output: str = ""
+    """The candidate's tensor compared with ``output`` (the reference's), when the names differ: a
+    node that absorbed its activation (static int8 drops a Relu its range clips) writes the
+    activation's tensor, and its own value is compared with the reference node's output."""
 
     def to_dict(self) -> dict[str, Any]:
         return {key: _jsonable(value) for key, value in self.__dict__.items()}
@@ -91,9 +95,11 @@ def debug_layers(
     candidate_constants = _constants(candidate.graph)
     computed_weights = sorted({name for name in weight_names.values() if name not in candidate_constants})
     outputs = [layer.output for layer, _ in layers]
+    renamed = {layer.output: layer.candidate_output or layer.output for layer, _ in layers}
     choice = as_provider_choice(provider)
     reference_session, _ = create_session(expose_outputs(reference, outputs, prune=True), choice)
-    candidate_session, _ = create_session(expose_outputs(candidate, outputs + computed_weights, prune=True), choice)
+    exposed = list(dict.fromkeys([*renamed.values(), *computed_weights]))
+    candidate_session, _ = create_session(expose_outputs(candidate, exposed, prune=True), choice)
     stats = {name: _Accumulator() for name in outputs}
     samples = 0
     for feed in feeds:
@@ -106,7 +112,7 @@ def debug_layers(
         if samples == 0:
             _weight_errors(reference, [layer for layer, _ in layers], weight_names, {**candidate_constants, **got})
         for name in outputs:
-            stats[name].add(want[name], got[name])
+            stats[name].add(want[name], got[renamed[name]])
         samples += 1
     for layer, _ in layers:
         layer.output_sqnr_db, layer.output_cosine = stats[layer.output].result()
@@ -123,9 +129,10 @@ def _match_layers(
     ref_weights = _constants(reference.graph)
     cand_constants = _constants(candidate.graph)
     producers = {out: node for node in candidate.graph.node for out in node.output}
+    fused = _fused_nodes(reference, candidate)
     matched, unmatched = [], []
     for output, ref_node in ref_nodes.items():
-        node = producers.get(output)
+        node = producers.get(output) or fused.get(ref_node.name)
         if node is None:
             unmatched.append(ref_node.name or output)
             continue
@@ -138,10 +145,23 @@ def _match_layers(
         layer = LayerError(
             node.name or output, node.op_type, output, kind, bits=bits, reference_node=ref_node.name or output
         )
+        layer.candidate_output = node.output[0] if node.output[0] != output else ""
         if kind == "pruned" and source is not None:
             layer.sparsity = float(np.mean(source == 0))
         matched.append((layer, cand_weight_name if ref_weight is not None else None))
     return matched, unmatched
+
+
+def _fused_nodes(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Candidate compute nodes by name, for reference nodes whose output tensor is gone: the node
+    absorbed its activation (static int8 removes a Relu its output range already clips) and writes
+    the activation's tensor instead; its own value is still the reference node's output."""
+    names = {node.name for node in reference.graph.node if node.name}
+    return {
+        node.name: node
+        for node in candidate.graph.node
+        if node.name in names and node.op_type in COMPUTE_OPS and node.output
+    }
 
 
 def _classify(node, ref_node, weight_name, producers, constants, ref_weight):

@@ -7,14 +7,18 @@ reference's values on the first sample (or set by the user), and the metrics of 
 
 - ``classes``: class scores or logits, [N, C]: top-1 agreement and per-row cosine;
 - ``sequence``: per-step class scores, [N, T, C] rows that are probabilities: per-step argmax
-  agreement and per-row cosine;
+  agreement decides (greedy and CTC decoding read only the argmax; the per-row cosine of peaky
+  probability rows drops while the decoded text stays: PP-OCRv4 rec static int8, row cosine 0.975,
+  CER unchanged); the per-row cosine is reported;
 - ``detector``: a YOLO-style head [1, 4+C, A] or [1, A, 4+C] (boxes in pixels, then scores in
   [0, 1]): box-set F1 at IoU 0.5 (same class, score >= 0.25) and the class-score cosine over the
   candidate anchors; a score map [1, A, C] in [0, 1] without boxes: the F1 of the (anchor, class)
   pairs over 0.25 and the same candidate cosine;
 - ``embedding``: per-row cosine (rows of the last axis);
-- ``dense``: anything else (whole-tensor cosine and SQNR); a map of values in [0, 1] also gets
-  the IoU of its 0.5-thresholded masks.
+- ``map``: a map of values in [0, 1] with 3 or more axes (text or segmentation probabilities): the
+  IoU of its masks thresholded at 0.3 and at 0.5 (what post-processing reads; PP-OCRv4 det static
+  int8 has whole-map SQNR 13.7 dB and a 0.3-mask IoU of 0.95);
+- ``dense``: anything else (whole-tensor cosine and SQNR).
 
 Every kind metric is computed per sample; the worst sample is reported next to the total.
 """
@@ -28,28 +32,33 @@ import numpy as np
 
 from optimizer.errors import OptionError
 
-KINDS = ("classes", "sequence", "detector", "embedding", "dense")
+KINDS = ("classes", "sequence", "detector", "embedding", "map", "dense")
 SCORE_THRESHOLD = 0.25
 IOU_THRESHOLD = 0.5
-MAP_THRESHOLD = 0.5
+MAP_THRESHOLDS = (0.3, 0.5)
+"""A ``map`` is thresholded at each (DB text detection binarises at 0.3, masks commonly at 0.5)."""
 _EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
 _CLASS_WORDS = ("logit", "prob", "class", "score", "label", "softmax")
 
 
 KIND_LIMITS: dict[str, dict[str, float]] = {
-    "classes": {"top1": 0.9, "row_cosine": 0.99},
-    "sequence": {"top1": 0.95, "row_cosine": 0.99},
+    "classes": {"top1": 0.98, "row_cosine": 0.99},
+    "sequence": {"top1": 0.95},
     "detector": {"f1": 0.9, "candidate_cosine": 0.95},
     "embedding": {"row_cosine": 0.99},
-    "dense": {"map_iou": 0.9},
+    "map": {"map_iou_0.3": 0.9, "map_iou_0.5": 0.9},
+    "dense": {},
 }
-"""The default verdict of each kind: metric -> minimum (README: "What the verdict means")."""
+"""The default verdict of each kind: metric -> minimum (README: "What the verdict means"). Classes:
+top-1 agreement 0.98 bounds the accuracy drop by 2 points (the PP-OCR direction classifier clustered
+to 4 bits agreed on 0.975 of lines and lost 2.5 points; 0.9 passed it)."""
 METRIC_LABELS = {
     "top1": "top-1 agreement",
     "row_cosine": "row cosine",
     "f1": "F1",
     "candidate_cosine": "candidate score cosine",
-    "map_iou": "mask IoU",
+    "map_iou_0.3": "mask IoU at 0.3",
+    "map_iou_0.5": "mask IoU at 0.5",
 }
 
 
@@ -88,7 +97,7 @@ def infer_kind(name: str, reference: np.ndarray) -> tuple[str, str]:
             return "classes", "[N, C] class scores"
         return "embedding", "[N, D] rows, not probabilities"
     if unit and reference.ndim >= 3:
-        return "dense", "map of values in [0, 1]"
+        return "map", "map of values in [0, 1]"
     return "dense", f"shape {list(reference.shape)}"
 
 
@@ -122,8 +131,9 @@ class KindStats:
             self._rows(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
         elif self.kind == "detector" and reference.ndim == 3:
             self._detections(reference, candidate)
-        elif self.kind == "dense" and _unit(reference):
-            self._pool("map_iou", *_mask_overlap(reference >= MAP_THRESHOLD, candidate >= MAP_THRESHOLD))
+        elif self.kind == "map":
+            for threshold in MAP_THRESHOLDS:
+                self._pool(f"map_iou_{threshold:g}", *_mask_overlap(reference >= threshold, candidate >= threshold))
 
     def _rows(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         cosines = _row_cosines(reference, candidate)
@@ -177,10 +187,6 @@ class KindStats:
             ratio = (1.0 - value) / allowed if allowed > 0 else np.inf
             misses.append((f"{METRIC_LABELS[metric]} {value:.3g} < {limit:g}", ratio))
         return misses
-
-
-def _unit(values: np.ndarray) -> bool:
-    return values.ndim >= 3 and bool(np.isfinite(values).all()) and values.min() >= 0.0 and values.max() <= 1.0
 
 
 def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:

@@ -130,14 +130,14 @@ def _summary_row(metrics: OutputMetrics) -> tuple[str, ...]:
         f"{metrics.worst_sample_cosine:.4f}",
         f"{metrics.sqnr_db:.1f}",
         top1,
-        _kind_cell(metrics.kind_metrics),
+        _kind_cell(metrics.kind, metrics.kind_metrics),
         verdict,
     )
 
 
-def _kind_cell(values: dict[str, float | None]) -> str:
-    """The deciding kind metric and its worst sample, e.g. "f1 0.92 (worst 0.57)"."""
-    for metric in ("f1", "row_cosine", "map_iou", "top1"):
+def _kind_cell(kind: str, values: dict[str, float | None]) -> str:
+    """The first deciding metric of the output's kind and its worst sample, e.g. "f1 0.92 (worst 0.57)"."""
+    for metric in (*KIND_LIMITS.get(kind, {}), "row_cosine"):
         value = values.get(metric)
         if value is not None:
             worst = values.get(f"{metric}_worst_sample")

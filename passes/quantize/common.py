@@ -29,6 +29,17 @@ from optimizer.graph.walk import iter_graphs
 from optimizer.graph.weights import Weight
 from passes.quantize.targets import QUANTIZED_SUFFIX
 
+MAX_ACTIVATION_ABS = 1e4
+"""An activation whose calibrated range reaches past this stays float in every mode: 8 bits cannot
+hold it without collapsing everything near zero (an attention mask of -1e9; a power spectrum up to
+2.6e12 broke the default int8 of a mel-spectrogram model, cosine 0.956)."""
+
+
+def too_wide_for_8_bits(low: float, high: float) -> bool:
+    """True when a calibrated range [low, high] is not finite or reaches past MAX_ACTIVATION_ABS."""
+    return not (np.isfinite(low) and np.isfinite(high)) or max(-low, high) > MAX_ACTIVATION_ABS
+
+
 FloatForm = Literal["dq", "fold"]
 ONNX_INTEGER_TYPES = {
     "int8": onnx.TensorProto.INT8,

@@ -28,7 +28,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import QuantizedWeight
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.weights import WeightSpec, quantize_weight_only_all, weight_only_spec
+from passes.quantize.weights import NAMED_REASON, WeightSpec, eight_bit_only, quantize_weight_only_all, weight_only_spec
 
 OPSET_DYNAMIC = 11
 GELU_OPS = ("Erf", "Gelu", "FastGelu", "BiasGelu", "QuickGelu")
@@ -62,8 +62,11 @@ def plan_dynamic(
     for target in targets:
         matmuls = [c for c in target.uses if c.node.op == "MatMul"]
         small = target.values.ndim == 2 and target.values.shape[0] < options.dynamic_min_k
-        if not eight_bit or small or target.values.ndim != 2 or len(matmuls) != len(target.uses):
+        named = eight_bit_only(target, options)
+        if named or not eight_bit or small or target.values.ndim != 2 or len(matmuls) != len(target.uses):
             plan.weight_only.append((target, weight_only_spec(target, options, graph.opset)))
+            if matmuls and named:
+                plan.notes.append({"tensor": target.name, "reason": NAMED_REASON})
             if matmuls and small and eight_bit:
                 plan.notes.append(
                     {

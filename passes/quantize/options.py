@@ -3,7 +3,7 @@ this (never the pass object or a dict), so mypy checks every option they read.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NoReturn
 
 from optimizer.errors import OptionError
@@ -83,6 +83,11 @@ class QuantizeOptions:
     percentile: float = option(99.999, "percentile of |activation| kept by calibration_method=percentile")
     op_types: tuple[str, ...] = option(DEFAULT_OP_TYPES, "op types whose weights are quantized")
     exclude_nodes: tuple[str, ...] = option((), "node names left in float: globs, or regular expressions after 're:'")
+    int8_weight_only_nodes: tuple[str, ...] = option(
+        (),
+        "node names whose weights are stored int8 weight-only (float activations) whatever the mode and "
+        "weight_type: the next-best format, the accuracy budget's first back-off step before float",
+    )
     exclude_op_types: tuple[str, ...] = option((), "op types left in float")
     exclude_first: int = option(0, "leave the first N quantizable layers in float")
     exclude_last: int = option(0, "leave the last N quantizable layers in float")
@@ -100,7 +105,7 @@ class QuantizeOptions:
                 _fail(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         if self.outlier_channels < 0 or self.outlier_ratio <= 1.0:
             _fail("options 'outlier_channels' >= 0 and 'outlier_ratio' > 1 are required")
-        for key in ("exclude_nodes", "dynamic_weight_only"):
+        for key in ("exclude_nodes", "int8_weight_only_nodes", "dynamic_weight_only"):
             bad = invalid_pattern(getattr(self, key))
             if bad:
                 _fail(f"option '{key}': bad regular expression {bad}")
@@ -125,6 +130,12 @@ class QuantizeOptions:
         if self.weight_type == "int4" and self.symmetric_weights is None:
             return "uint4"
         return self.weight_type
+
+    def eight_bit(self) -> QuantizeOptions:
+        """These options with 8-bit weights (the weight-only int8 of ``int8_weight_only_nodes``)."""
+        if self.weight_type in ("int8", "uint8"):
+            return self
+        return replace(self, weight_type="int8", symmetric_weights=None, weight_rounding="nearest")
 
     def selection(self) -> Selection:
         return Selection(

@@ -28,14 +28,14 @@ from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.registry import register
-from passes.quantize.common import bytes_by_dtype
+from passes.quantize.common import bytes_by_dtype, too_wide_for_8_bits
 from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynamic, quantize_dynamic
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
 from passes.quantize.opset import ensure_opset
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import channel_absmax, outlier_channels
 from passes.quantize.report import finish_report
-from passes.quantize.static import MAX_ACTIVATION_ABS, StaticPlan, plan_static, quantize_static
+from passes.quantize.static import StaticPlan, plan_static, quantize_static
 from passes.quantize.targets import collect_targets
 from passes.quantize.weights import WeightSpec, quantize_weight_only_all, weight_only_spec
 
@@ -45,6 +45,7 @@ class QuantizePass(QuantizeOptions, Pass):
     name = "quantize"
     summary = "integer weights (weights), plus integer MatMuls at run time (dynamic) or QDQ (static)"
     backoff_option = "exclude_nodes"
+    soften_option = "int8_weight_only_nodes"
 
     @property
     def config(self) -> QuantizeOptions:
@@ -111,13 +112,13 @@ def _run_dynamic(
 def _keep_wide_activations_float(
     graph: gs.Graph, plan: DynamicPlan, absmax: dict[str, np.ndarray], report: PassReport
 ) -> dict[str, np.ndarray]:
-    """The rule static mode applies (MAX_ACTIVATION_ABS), in dynamic mode: a MatMul whose calibrated
+    """The rule static mode applies (too_wide_for_8_bits), in dynamic mode: a MatMul whose calibrated
     activation is too wide for 8 bits (a power spectrum up to 1e12) keeps a float activation and an
     int8 weight-only weight. Returns the activations that stay dynamic."""
     wide = {}
     for name, values in absmax.items():
         peak = float(values.max(initial=0.0)) if np.isfinite(values).all() else math.inf
-        if peak > MAX_ACTIVATION_ABS:
+        if too_wide_for_8_bits(-peak, peak):
             wide[name] = peak
             report.skip(
                 "tensor", name, f"calibrated range up to {peak:.3g} is too wide for 8 bits; MatMul kept weight-only"

@@ -9,7 +9,7 @@ ranges from calibration data, placed the way onnxruntime's QDQ fusions expect.
   a layout Transpose and a float round trip at every boundary (FIELD-NOTES).
 - Relu and Clip right after a quantized op are removed: the QuantizeLinear of their output range
   (zero point at 0, or the clip bounds) saturates exactly as they would.
-- A tensor whose calibrated range is wider than ``MAX_ACTIVATION_ABS`` (an attention mask filled
+- A tensor whose calibrated range is wider than ``common.MAX_ACTIVATION_ABS`` (an attention mask filled
   with -1e9, say) stays float: 8 bits cannot hold it and everything near zero would collapse.
 Every tensor is quantized once, whatever number of nodes read it. Subgraph bodies stay weight-only.
 """
@@ -28,11 +28,18 @@ from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight, is_constant_derived, weight_values
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
-from passes.quantize.common import QuantizedWeight, float_constant, integer_constant
+from passes.quantize.common import QuantizedWeight, float_constant, integer_constant, too_wide_for_8_bits
 from passes.quantize.dynamic import weight_only_reason
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import probe_model
-from passes.quantize.weights import WeightSpec, quantize_weight_only_all, scale_axis, weight_only_spec
+from passes.quantize.weights import (
+    NAMED_REASON,
+    WeightSpec,
+    eight_bit_only,
+    quantize_weight_only_all,
+    scale_axis,
+    weight_only_spec,
+)
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 ALL_INPUTS = None
@@ -73,7 +80,6 @@ SAME_RANGE_OPS = (
     "Resize",
 )
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
-MAX_ACTIVATION_ABS = 1e4
 OPSET_PER_CHANNEL = 13
 OPSET_QDQ = 10
 
@@ -101,6 +107,8 @@ def plan_static(graph: gs.Graph, targets: list[Weight], options: QuantizeOptions
             for c in target.uses
             if c.node.op == "MatMul"
         ]
+        if eight_bit_only(target, options):
+            reasons.append(NAMED_REASON)
         if in_main and target.values.ndim >= 2 and not any(reasons):
             plan.compute.append(target)
         else:
@@ -241,7 +249,7 @@ def _calibrate(
     usable = {}
     for name, found in result.ranges.items():
         low, high = float(found.low), float(found.high)
-        if not (np.isfinite(low) and np.isfinite(high)) or max(-low, high) > MAX_ACTIVATION_ABS:
+        if too_wide_for_8_bits(low, high):
             report.skip("tensor", name, f"calibrated range [{low:.3g}, {high:.3g}] is too wide for 8 bits; kept float")
             continue
         usable[name] = (low, high)

@@ -20,6 +20,7 @@ from typing import Literal
 from optimizer.calibration.quant_math import QType, QuantizedTensor, qtype, quantize_weight
 from optimizer.graph.axes import weight_axes
 from optimizer.graph.names import NameAllocator
+from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.walk import TensorUse
 from optimizer.graph.weights import Weight
 from optimizer.internal_errors import working_on
@@ -69,8 +70,20 @@ def block_axis(consumer: TensorUse, ndim: int) -> int | None:
     return weight_axes(consumer.node, consumer.index, ndim).reduction
 
 
+NAMED_REASON = "a reader is named in int8_weight_only_nodes (e.g. backed off by the accuracy budget)"
+
+
+def eight_bit_only(target: Weight, options: QuantizeOptions) -> bool:
+    """True when a reader of ``target`` is named in ``int8_weight_only_nodes``: the weight is stored
+    int8 weight-only and its readers keep float activations."""
+    patterns = options.int8_weight_only_nodes
+    return bool(patterns) and any(NamePatterns(patterns).matches(use.node.name or "") for use in target.uses)
+
+
 def weight_only_spec(target: Weight, options: QuantizeOptions, opset: int) -> WeightSpec:
     """Integer type, axis, block and float view for ``target`` under the pass ``options``."""
+    if eight_bit_only(target, options):
+        options = options.eight_bit()
     ndim = target.values.ndim
     first = target.uses[0]
     wanted = qtype(options.storage_type())

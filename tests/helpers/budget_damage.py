@@ -32,6 +32,9 @@ class DamagePass(Pass):
     backoff_option = "exclude_nodes"
     exclude_nodes: tuple[str, ...] = option((), "nodes left alone")
 
+    def damage(self, name: str) -> float:
+        return DAMAGE.get(name, 0.05)
+
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         for node in graph.nodes:
@@ -41,13 +44,25 @@ class DamagePass(Pass):
                 continue
             rng = np.random.default_rng(len(node.name))
             values = weight.values
-            noise = rng.standard_normal(values.shape).astype(np.float32) * values.std() * DAMAGE.get(node.name, 0.05)
+            noise = rng.standard_normal(values.shape).astype(np.float32) * values.std() * self.damage(node.name)
             weight.values = (values + noise).astype(np.float32)
             report.count("damaged")
         return PassResult(graph, report.counts.get("damaged", 0) > 0, report.to_dict())
 
 
 
+@dataclass(frozen=True, kw_only=True)
+class SoftDamagePass(DamagePass):
+    """DamagePass with a next-best format: nodes named in ``soft_nodes`` get a tenth of the damage."""
+
+    name = "soft-damage-test"
+    soften_option = "soft_nodes"
+    soft_nodes: tuple[str, ...] = option((), "nodes damaged a tenth as much")
+
+    def damage(self, name: str) -> float:
+        return super().damage(name) / (10 if matches(name, self.soft_nodes) else 1)
+
 
 def register() -> None:
     registry.register(DamagePass)
+    registry.register(SoftDamagePass)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 import passes  # noqa: F401  (registers cleanup)
 from optimizer import registry
-from optimizer.budget import MetricSpec, backed_off_passes, search_budget
+from optimizer.budget import MetricSpec, backed_off_passes, budget_layers, search_budget
+from optimizer.budget_trials import Backoff, Runtime, compress
 from optimizer.cli import main
 from optimizer.errors import OptionError
 from optimizer.fileio.model import load_model
-from tests.helpers.budget_damage import DamagePass, matches
+from tests.helpers.budget_damage import DamagePass, SoftDamagePass, matches
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 DAMAGE_MODULE = "tests.helpers.budget_damage"
@@ -24,10 +28,11 @@ PASSES = [DamagePass()]
 def data():
     """The damage pass is registered only while these tests run (and in their worker processes)."""
     module = importlib.import_module(DAMAGE_MODULE)
-    registry.register(module.DamagePass)
+    module.register()
     model = load_model(MODELS_DIR / "mlp.onnx")
     yield model, seeded_feeds(model, count=4)
-    registry._PASSES.pop(module.DamagePass.name, None)
+    for name in (module.DamagePass.name, module.SoftDamagePass.name):
+        registry._PASSES.pop(name, None)
 
 
 def test_exclusion_patterns_are_exact_names():
@@ -130,3 +135,102 @@ def test_a_met_budget_is_the_verdict_of_the_final_check(tmp_path, capsys):
     output.unlink()
     assert main([*args, "--min-sqnr", "20"]) == 1
     assert "FAIL: worst output 'logits' (SQNR dB" in capsys.readouterr().out and not output.exists()
+
+
+def test_backs_off_to_the_next_best_format_before_float(data):
+    """Issue 13: backing a layer off goes to the pass's next-best format (quantize: weight-only int8)
+    first; float only when that format cannot meet the budget even for every layer."""
+    model, feeds = data
+    loose = search_budget(model, [SoftDamagePass()], MetricSpec("cosine"), feeds, max_drop=0.002)
+    assert loose.met and loose.backed_off == [] and loose.weight_only == ["fc2.matmul"]
+    assert all(step.backed_off == [] for step in loose.steps[4:])  # no trial went to float
+    tight = search_budget(model, [SoftDamagePass()], MetricSpec("cosine"), feeds, max_drop=0.0001)
+    assert tight.met and tight.backed_off == ["fc2.matmul"] and tight.weight_only == ["fc1.gemm", "fc3.gemm"]
+    all_soft = [s for s in tight.steps if s.weight_only == sorted(tight.ranking) and not s.backed_off]
+    assert len(all_soft) == 1 and not all_soft[0].met
+    layers = {row["node"]: row["status"] for row in budget_layers(tight)}
+    assert layers["fc2.matmul"].startswith("backed off (kept") and "weight-only int8" in layers["fc1.gemm"]
+    chosen = backed_off_passes([SoftDamagePass()], tight.backed_off, ["fc2.matmul", "fc1.gemm"])[0]
+    assert isinstance(chosen, SoftDamagePass) and matches("fc2.matmul", chosen.exclude_nodes)
+    assert matches("fc1.gemm", chosen.soft_nodes) and not matches("fc2.matmul", chosen.soft_nodes)
+
+
+def _chain(layers: int = 12) -> onnx.ModelProto:
+    """x @ W0 @ W1 ... : ``layers`` MatMuls named mm0.. with seeded 8x8 weights."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32) * 0.4, f"w{i}") for i in range(layers)
+    ]
+    nodes = [
+        helper.make_node(
+            "MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}" if i < layers - 1 else "y"], name=f"mm{i}"
+        )
+        for i in range(layers)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_stops_early_when_only_undoing_nearly_everything_could_meet_it(data):
+    """Issue 13: when even 90% of the layers uncompressed miss the budget, say so and stop there."""
+    model = _chain(12)
+    feeds = seeded_feeds(model, count=2)
+    result = search_budget(model, [DamagePass()], MetricSpec("max_abs"), feeds, max_drop=1e-9)
+    assert result.stopped_early and not result.met and result.mostly_undone()
+    assert len(result.backed_off) == 11 and result.trials == 1 + 12 + 1  # first, leave-one-out, the 90% trial
+    assert "stopped there" in result.mostly_undone_text() and result.to_dict()["stopped_early"]
+    enough = search_budget(model, [DamagePass()], MetricSpec("max_abs"), feeds, max_drop=1e6)
+    assert enough.met and not enough.stopped_early and not enough.mostly_undone()
+
+
+def test_a_budget_not_met_writes_nothing_even_without_validate(data, tmp_path):
+    """A budget implies validation: the verdict is the budget's metric on the staged file."""
+    from optimizer.api import BudgetOptions, FeedOptions, OptimizeOptions, optimize
+
+    model = _chain(12)
+    result = optimize(
+        model,
+        tmp_path / "out.onnx",
+        OptimizeOptions(
+            passes=["damage-test"],
+            budget=BudgetOptions(max_drop=1e-9, metric="max_abs"),
+            feeds=FeedOptions(source=seeded_feeds(model, count=2)),
+        ),
+    )
+    assert result.comparison is not None and not result.passed and not (tmp_path / "out.onnx").exists()
+    assert any("stopped there" in note for note in result.report.notes)
+
+
+def test_quantize_budget_keeps_int8_weights_where_static_activations_hurt(tmp_path):
+    """The real quantize pass: between the static drop and the weight-only drop, the budget keeps
+    every weight int8 (some weight-only) and leaves nothing float."""
+    from passes.quantize.quantize_pass import QuantizePass
+
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    feeds, calibration = seeded_feeds(model, count=4), seeded_feeds(model, count=8, seed=1)
+    static, soft = QuantizePass(mode="static"), QuantizePass(mode="static", int8_weight_only_nodes=("*",))
+    runtime = Runtime("cpu", None)
+    reference = runtime.outputs(model, feeds)
+    metric = MetricSpec("cosine").build()
+    drops = [
+        1.0 - metric(reference, runtime.outputs(compress(model, [p], Backoff(), calibration, runtime), feeds))
+        for p in (static, soft)
+    ]
+    assert drops[1] < drops[0], drops
+    result = search_budget(
+        model, [static], MetricSpec("cosine"), feeds, calibration=calibration, max_drop=(drops[0] + drops[1]) / 2
+    )
+    assert result.met and result.backed_off == [] and result.weight_only
+    float_weights = [
+        t.name
+        for t in result.model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 256
+    ]
+    assert float_weights == [] and set(result.weight_only) <= set(result.ranking)
+    assert "fc1.gemm" in result.ranking  # static int8 folded its Relu: still ranked (by node name)

@@ -325,3 +325,17 @@ def test_generated_images_have_sizes_a_detector_can_run(tmp_path, capsys):
     assert main(["validate", str(model), str(model), "--shape", "images=1x3x8x8"]) == 2
     error = capsys.readouterr().err
     assert "the inputs were generated (images=1x3x8x8)" in error and "--shape images=" in error
+
+
+def test_a_negative_dimension_is_dynamic_as_onnxruntime_reads_it(tmp_path):
+    """paddle2onnx writes -1 for a dynamic size (PP-OCR's direction classifier takes [-1, 3, ?, ?]);
+    it was refused as bad input. It is dynamic: generated feeds get the default size, and runs pass."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, 8])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert model_input_specs(model)[0].shape == (None, 3, 8)
+    assert generate_feeds(model_input_specs(model), count=1)[0]["x"].shape == (1, 3, 8)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert main(["validate", str(path), str(path), "--samples", "1", "--exact"]) == 0

@@ -31,3 +31,24 @@ def test_identical_models_have_no_compressed_layers():
     reference = load_model(MODELS_DIR / "cnn.onnx")
     report = debug_layers(reference, reference, seeded_feeds(reference, count=1))
     assert report.layers == [] and report.unmatched == []
+
+
+def test_a_node_that_absorbed_its_relu_is_compared_by_its_own_output():
+    """Static int8 drops a Relu whose range the uint8 output already clips: the Gemm then writes the
+    Relu's tensor. It is still found (by name), and its output is compared with the reference Gemm's
+    own output (before the Relu), not with the Relu's."""
+    from optimizer.pass_base import PassContext
+    from optimizer.pipeline import Pipeline
+    from passes.quantize.quantize_pass import QuantizePass
+
+    reference = load_model(MODELS_DIR / "mlp.onnx")
+    feeds = seeded_feeds(reference, count=3)
+    context = PassContext(calibration=lambda: iter(feeds))
+    candidate = Pipeline([QuantizePass(mode="static")], context=context).run(reference).model
+    assert "relu1" not in {node.name for node in candidate.graph.node}
+    report = debug_layers(reference, candidate, feeds)
+    by_node = {layer.node: layer for layer in report.layers}
+    assert sorted(by_node) == ["fc1.gemm", "fc2.matmul", "fc3.gemm"] and report.unmatched == []
+    fc1 = by_node["fc1.gemm"]
+    assert fc1.output == "fc1.out" and fc1.candidate_output == "relu1.out"
+    assert fc1.output_cosine > 0.99 and fc1.output_sqnr_db > 25

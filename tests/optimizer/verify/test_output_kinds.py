@@ -100,3 +100,38 @@ def test_top1_only_for_class_scores_and_the_kind_can_be_set(tmp_path, capsys):
     assert main(["validate", str(path), str(path), "--output-kind", "mel=boxes"]) == 2
     assert main(["validate", str(path), str(path), "--output-kind", "nope=dense"]) == 2
     assert "unknown output 'nope'" in capsys.readouterr().err
+
+
+def _judge(reference: np.ndarray, candidate: np.ndarray) -> tuple[str, list[str]]:
+    kind, why = infer_kind("out", reference)
+    stats = KindStats(kind, why)
+    stats.add(reference, candidate)
+    return kind, [text for text, _ in stats.failures(KIND_LIMITS[kind])]
+
+
+def test_a_probability_map_is_judged_by_its_masks_not_its_whole_tensor_sqnr():
+    """PP-OCRv4 det static int8: whole-map SQNR 13.7 dB FAILed while the text mask at 0.3 kept
+    IoU 0.95. A map in [0, 1] is judged by its masks at 0.3 and 0.5; cosine and SQNR are reported."""
+    rng = np.random.default_rng(0)
+    reference = np.zeros((1, 1, 64, 64), np.float32)
+    reference[0, 0, 10:30, 5:60] = 0.9
+    softened = np.clip(reference * 0.7 + rng.uniform(0, 0.12, reference.shape), 0, 1).astype(np.float32)
+    assert _judge(reference, softened) == ("map", [])
+    eroded = reference.copy()
+    eroded[0, 0, 10:20] = 0.4  # half the text mask drops under 0.5, stays over 0.3
+    kind, failures = _judge(reference, eroded)
+    assert kind == "map" and failures == ["mask IoU at 0.5 0.5 < 0.9"]
+
+
+def test_a_sequence_is_judged_by_its_per_step_argmax():
+    """PP-OCRv4 rec static int8: per-row cosine 0.975 of peaky CTC rows FAILed while the decoded text
+    kept its CER. Per-step argmax agreement decides; a changed argmax still fails."""
+    reference = np.full((1, 40, 30), 0.05 / 29, np.float32)
+    reference[0, np.arange(40), np.arange(40) % 30] = 0.95
+    flatter = np.full_like(reference, 0.45 / 29)
+    flatter[0, np.arange(40), np.arange(40) % 30] = 0.55
+    kind, failures = _judge(reference, flatter)
+    assert kind == "sequence" and failures == []
+    changed = reference.copy()
+    changed[0, :4] = reference[0, 4:8]
+    assert _judge(reference, changed)[1] == ["top-1 agreement 0.9 < 0.95"]

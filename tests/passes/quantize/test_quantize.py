@@ -409,5 +409,30 @@ def test_default_int8_keeps_a_matmul_float_when_calibration_sees_a_hopeless_rang
     report = json.loads((tmp_path / "r.json").read_text())
     skipped = report["passes"][-1]["report"]["skipped"]
     assert any(s.get("tensor") == "power" and "too wide for 8 bits" in s["reason"] for s in skipped)
-    monkeypatch.setattr("passes.quantize.quantize_pass.MAX_ACTIVATION_ABS", math.inf)  # the rule off: as before
+    monkeypatch.setattr("passes.quantize.common.MAX_ACTIVATION_ABS", math.inf)  # the rule off: as before
     assert main(args) == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "weights", "weight_type": "int4"},
+        {"mode": "dynamic", "dynamic_min_k": 0},
+        {"mode": "static"},
+    ],
+)
+def test_int8_weight_only_nodes_is_the_next_best_format_in_every_mode(options):
+    """The accuracy budget's first back-off step: named nodes keep an int8 weight-only weight and a
+    float activation (no 4-bit blocks, no run-time or static activation quantization)."""
+    model = matmul_model(weight((128, 96)))
+    calibration = [{"x": np.random.default_rng(i).standard_normal((4, 128)).astype(np.float32)} for i in range(4)]
+    plain, _ = quantize(model, calibration=calibration, **options)
+    named, report = quantize(model, calibration=calibration, int8_weight_only_nodes=("fc",), **options)
+    ops = Counter(n.op_type for n in named.model.graph.node)
+    assert ops["DynamicQuantizeLinear"] == ops["QuantizeLinear"] == ops["MatMulInteger"] == 0
+    assert initializers(named.model)["W_quantized"].data_type == TensorProto.INT8
+    assert report["counts"]["weights_int8"] == 1 and named.model.SerializeToString() != plain.model.SerializeToString()
+    reference = np.concatenate([r[0] for r in run_model(model, calibration)])
+    assert max_abs_error(model, named.model, calibration) <= 0.02 * np.abs(reference).max()
+    other, _ = quantize(model, calibration=calibration, int8_weight_only_nodes=("fc2",), **options)
+    assert other.model.SerializeToString() == plain.model.SerializeToString()

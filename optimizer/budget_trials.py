@@ -1,0 +1,133 @@
+"""One accuracy-budget trial: compress with some layers backed off, run, measure; in this process
+or in worker processes that die with the process that started them (see optimizer.budget)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
+from optimizer.graph.patterns import exact_name_pattern
+from optimizer.pass_base import Pass, PassContext
+from optimizer.pipeline import Pipeline
+from optimizer.verify.isolation import die_with_parent
+from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
+
+Feed = dict[str, np.ndarray]
+STAGE = "accuracy budget"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric that can be rebuilt in a worker process: a built-in name or package.module:function."""
+
+    spec: str
+    higher_is_better: bool | None = None
+    output: str | None = None
+
+    def build(self) -> Metric:
+        return load_metric(self.spec, higher_is_better=self.higher_is_better, output=self.output)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """One trial's choice: layers compressed in their pass's next-best format (``Pass.soften_option``:
+    quantize's weight-only int8) and layers left uncompressed (``Pass.backoff_option``)."""
+
+    weight_only: frozenset[str] = field(default_factory=frozenset)
+    uncompressed: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where trials run the model, and how long one onnxruntime run may take."""
+
+    provider: str
+    timeout_s: float | None
+
+    def outputs(self, model, feeds) -> Outputs:
+        return collect_outputs(model, feeds, provider=self.provider, timeout_s=self.timeout_s, stage=STAGE)
+
+
+def backed_off_passes(passes: Sequence[Pass], layers: Sequence[str], weight_only: Sequence[str] = ()) -> list[Pass]:
+    """``passes`` with an exact-name pattern for every layer in ``layers`` added to the exclusion
+    option (``Pass.backoff_option``) of each pass that has one, and for every other layer in
+    ``weight_only`` to the option of its next-best format (``Pass.soften_option``), where a pass has
+    one (elsewhere those layers stay as requested). The Pass objects are kept, not rebuilt."""
+    excluded = tuple(exact_name_pattern(layer) for layer in sorted(layers))
+    softened = tuple(exact_name_pattern(layer) for layer in sorted(set(weight_only) - set(layers)))
+    chosen = []
+    for item in passes:
+        added = {}
+        if item.backoff_option and excluded:
+            added[item.backoff_option] = (*getattr(item, item.backoff_option), *excluded)
+        if item.soften_option and softened:
+            added[item.soften_option] = (*getattr(item, item.soften_option), *softened)
+        chosen.append(dataclasses.replace(item, **added) if added else item)
+    return chosen
+
+
+def compress(model, passes, backoff: Backoff, calibration, runtime: Runtime) -> onnx.ModelProto:
+    context = PassContext(
+        calibration=(lambda: iter(calibration)) if calibration else None,
+        provider=runtime.provider,
+        timeout_s=runtime.timeout_s,
+    )
+    chosen = backed_off_passes(passes, sorted(backoff.uncompressed), sorted(backoff.weight_only))
+    return Pipeline(chosen, context=context).run(model).model
+
+
+def trial(
+    model, passes, metric: Metric, feeds, calibration, runtime: Runtime, reference: Outputs, backoff: Backoff
+) -> float:
+    compressed = compress(model, passes, backoff, calibration, runtime)
+    return metric(reference, runtime.outputs(compressed, feeds))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(
+    parent: tuple,
+    imports,
+    model_source: tuple[str, tuple[str, ...]] | bytes,
+    passes,
+    metric_spec: MetricSpec,
+    feeds,
+    calibration,
+    runtime: Runtime,
+    reference,
+) -> None:
+    die_with_parent(*parent)
+    for name in imports:
+        module_name, _, function = name.partition(":")
+        module = importlib.import_module(module_name)
+        if function:
+            getattr(module, function)()
+    if isinstance(model_source, tuple):
+        path, roots = model_source
+        model = load_model_with_files(path, lazy_above_bytes=LAZY_LOAD_ABOVE_BYTES, allow_symlinks_under=roots)[0]
+    else:
+        model = onnx.load_from_string(model_source)
+    _WORKER.update(
+        model=model,
+        passes=passes,
+        metric=metric_spec.build(),
+        feeds=feeds,
+        calibration=calibration,
+        runtime=runtime,
+        reference=reference,
+    )
+
+
+def worker_trial(backoff: Backoff) -> float:
+    w = _WORKER
+    return trial(
+        w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"], w["reference"], backoff
+    )
