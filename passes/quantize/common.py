@@ -12,6 +12,7 @@ Two float views exist because onnxruntime treats them differently (FIELD-NOTES):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,6 +39,25 @@ hold it without collapsing everything near zero (an attention mask of -1e9; a po
 def too_wide_for_8_bits(low: float, high: float) -> bool:
     """True when a calibrated range [low, high] is not finite or reaches past MAX_ACTIVATION_ABS."""
     return not (np.isfinite(low) and np.isfinite(high)) or max(-low, high) > MAX_ACTIVATION_ABS
+
+
+MAX_CHANNEL_SPREAD = 255.0
+"""Per-tensor 8 bits split the widest channel's range into 255 steps: when the median channel's
+|max| is this many times smaller, most channels round to one step or zero."""
+
+
+def hopeless_activation(absmax: np.ndarray, split: np.ndarray) -> str:
+    """Why an activation with per-channel ``absmax`` cannot be quantized to 8 bits per tensor ('' if
+    it can): its range is too wide, or, without the ``split`` channels computed apart, the median
+    channel falls within one step of the widest."""
+    peak = float(absmax.max(initial=0.0)) if np.isfinite(absmax).all() else math.inf
+    if too_wide_for_8_bits(-peak, peak):
+        return f"activation range up to {peak:.3g}"
+    rest = np.delete(absmax, split)
+    median = float(np.median(rest)) if rest.size else 0.0
+    if median > 0 and float(rest.max()) > MAX_CHANNEL_SPREAD * median:
+        return f"channel ranges spread {float(rest.max()) / median:.3g}x (the median channel within one 8-bit step)"
+    return ""
 
 
 FloatForm = Literal["dq", "fold"]

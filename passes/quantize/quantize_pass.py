@@ -17,7 +17,6 @@ the report gives bytes by dtype before and after, with a warning when float weig
 
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 
 import numpy as np
@@ -28,7 +27,7 @@ from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.registry import register
-from passes.quantize.common import bytes_by_dtype, too_wide_for_8_bits
+from passes.quantize.common import bytes_by_dtype, hopeless_activation
 from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynamic, quantize_dynamic
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
 from passes.quantize.opset import ensure_opset
@@ -99,35 +98,40 @@ def _run_dynamic(
             provider=context.provider,
             timeout_s=context.timeout_s,
         )
-        absmax = _keep_wide_activations_float(graph, plan, absmax, report)
-        for name, values in absmax.items() if options.outlier_channels > 0 else ():
-            split = outlier_channels(values, ratio=options.outlier_ratio, limit=options.outlier_channels)
-            if split.size:
-                outliers[name] = np.append(split, values.size)
-        if options.outlier_channels > 0:
+        limit, ratio = options.outlier_channels, options.outlier_ratio
+        split = {name: outlier_channels(values, ratio=ratio, limit=limit) for name, values in absmax.items()}
+        kept = _keep_hopeless_activations_float(graph, plan, absmax, split, report)
+        for name in kept if limit > 0 else ():
+            if split[name].size:
+                outliers[name] = np.append(split[name], absmax[name].size)
+        if limit > 0:
             report.details["outlier_channels"] = {name: s[:-1].tolist() for name, s in sorted(outliers.items())}
     quantize_dynamic(graph, plan, options, names, report, outliers)
 
 
-def _keep_wide_activations_float(
-    graph: gs.Graph, plan: DynamicPlan, absmax: dict[str, np.ndarray], report: PassReport
-) -> dict[str, np.ndarray]:
-    """The rule static mode applies (too_wide_for_8_bits), in dynamic mode: a MatMul whose calibrated
-    activation is too wide for 8 bits (a power spectrum up to 1e12) keeps a float activation and an
-    int8 weight-only weight. Returns the activations that stay dynamic."""
-    wide = {}
+def _keep_hopeless_activations_float(
+    graph: gs.Graph,
+    plan: DynamicPlan,
+    absmax: dict[str, np.ndarray],
+    split: dict[str, np.ndarray],
+    report: PassReport,
+) -> list[str]:
+    """The rule static mode applies (too_wide_for_8_bits), in dynamic mode, plus the dynamic range:
+    a MatMul whose calibrated activation is too wide for 8 bits (a power spectrum up to 1e12), or
+    whose channels left after the outlier split (``split``) spread so far that the median channel
+    falls within one 8-bit step, keeps a float activation and an int8 weight-only weight. Returns
+    the activations that stay dynamic."""
+    hopeless = {}
     for name, values in absmax.items():
-        peak = float(values.max(initial=0.0)) if np.isfinite(values).all() else math.inf
-        if too_wide_for_8_bits(-peak, peak):
-            wide[name] = peak
-            report.skip(
-                "tensor", name, f"calibrated range up to {peak:.3g} is too wide for 8 bits; MatMul kept weight-only"
-            )
+        reason = hopeless_activation(values, split.get(name, np.zeros(0, np.int64)))
+        if reason:
+            hopeless[name] = reason
+            report.skip("tensor", name, f"{reason}: 8 bits cannot hold it; MatMul kept weight-only")
     for target in plan.dynamic:
         for use in target.uses:
-            if use.graph is graph and use.node.inputs[0].name in wide:
-                plan.float_consumers[id(use.node)] = f"activation range up to {wide[use.node.inputs[0].name]:.3g}"
-    return {name: values for name, values in absmax.items() if name not in wide}
+            if use.graph is graph and use.node.inputs[0].name in hopeless:
+                plan.float_consumers[id(use.node)] = hopeless[use.node.inputs[0].name]
+    return [name for name in absmax if name not in hopeless]
 
 
 Plan = list[tuple[Weight, WeightSpec]] | DynamicPlan | StaticPlan
