@@ -10,13 +10,14 @@ round-to-nearest), each run through the CLI. Per output: file size, the task's r
 the tool's wall time and peak RSS (fresh child process), and whether onnx's full checker passes
 and onnxruntime loads it.
 
-Run: bash benchmarks/run.sh quantize [--tasks minilm,ocr-rec,ocr-det] [--quick]
+Run: bash benchmarks/run.sh quantize [--tasks minilm,ocr-rec,ocr-det,yolov8n,layout] [--quick]
 Writes benchmarks/results/quantize.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -39,8 +40,8 @@ from optimizer.pipeline import Pipeline  # noqa: E402
 from optimizer.registry import create_pass  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize.md"
-CALIBRATION_SAMPLES = {"minilm": 100, "ocr-rec": 100, "ocr-det": 100}
-ROUNDS = {"minilm": 100, "ocr-rec": 100, "ocr-det": 60}
+CALIBRATION_SAMPLES = {"minilm": 100, "ocr-rec": 100, "ocr-det": 9, "yolov8n": 32, "layout": 24}  # all the recipes have
+ROUNDS = {"minilm": 100, "ocr-rec": 100, "ocr-det": 60, "yolov8n": 60, "layout": 60}
 CLI = "import sys, passes.quantize.quantize_pass; from optimizer.cli import main; sys.exit(main(sys.argv[1:]))"
 
 ORT_SCRIPT = '''
@@ -86,12 +87,19 @@ class Variant:
 
 def our_variant(name: str, source: Path, folder: Path, calibration: Path, arguments: list[str]) -> Variant:
     target = folder / f"{name.replace(' ', '_')}.onnx"
+    report = target.with_suffix(".json")
     command = [sys.executable, "-c", CLI, "optimize", str(source), "-o", str(target), *arguments,
-               "--calibration-data", str(calibration)]
+               "--calibration-data", str(calibration), "--report", str(report)]
     run = run_measured(command)
     variant = Variant(name, target if run.returncode == 0 else None, run.seconds, run.peak_rss_mb)
     if run.returncode:
         variant.note = run.stderr.strip().splitlines()[-1][:160] if run.stderr.strip() else f"exit {run.returncode}"
+    elif report.exists():
+        auto = json.loads(report.read_text()).get("auto") or {}
+        if auto.get("candidates"):
+            tried = ", ".join(f"{c['value']} {c['latency_ratio']}x {'pass' if c['passed'] else 'fail'}"
+                              for c in auto["candidates"] if c.get("latency_ratio") is not None)
+            variant.note = f"auto chose {auto['chosen']} (tried: {tried}; noise floor {auto['noise_floor']})"
     return variant
 
 
@@ -156,7 +164,8 @@ def run_task(key: str, quick: bool) -> tuple[list[Variant], dict]:
             shipped = ort_variant(f"ORT quantize_{kind} (on constants-to-initializers copy)", kind, normalized,
                                   folder, calibration)
         variants.append(shipped)
-    ours = [("onnx-compress default (dynamic)", ["--quantize", "int8"]),
+    ours = [("onnx-compress default (auto)", ["--quantize", "int8"]),
+            ("onnx-compress dynamic int8", ["--quantize", "int8", "--quantize-mode", "dynamic"]),
             ("onnx-compress weights int8", ["--quantize", "int8", "--quantize-mode", "weights"]),
             ("onnx-compress static int8", ["--quantize", "int8", "--quantize-mode", "static"]),
             ("onnx-compress static int8, every sample (percentile)",
@@ -215,7 +224,7 @@ def table(variants: list[Variant], info: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="minilm,ocr-rec,ocr-det")
+    parser.add_argument("--tasks", default="minilm,ocr-rec,ocr-det,yolov8n,layout")
     parser.add_argument("--quick", action="store_true", help="16 calibration samples, 4 latency rounds")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
@@ -231,7 +240,9 @@ def main() -> None:
         "onnx-compress runs with its default pipeline (constants-to-initializers, share, cleanup, quantize) and is "
         "given the same calibration folder as onnxruntime: static mode reads its first 32 samples by default "
         "(`quantize.calibration_samples`; the 'every sample' row reads all of them), 4-bit weight-only rounds "
-        "by GPTQ on them (the 'nearest rounding' row without). "
+        "by GPTQ on them (the 'nearest rounding' row without); the default with calibration data (auto) builds "
+        "weights, dynamic and static, checks each on calibration samples past the first 32 and keeps the fastest "
+        "that passes (its note lists what it measured). "
         "2 cores shared with other jobs: latency ratios move by a few percent between runs.",
         "",
     ]

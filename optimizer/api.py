@@ -25,6 +25,7 @@ from optimizer.app_inputs import (
     resolve_feeds,
     runnable_reference,
 )
+from optimizer.auto_mode import AutoChoice, auto_pass_index, auto_stage, with_value
 from optimizer.budget import (
     BudgetResult,
     MetricSpec,
@@ -35,9 +36,6 @@ from optimizer.budget import (
 )
 from optimizer.calibration.feeds import Feed
 from optimizer.errors import OptionError, PassError, RuntimeSessionError
-from optimizer.fileio.model import (
-    fits_one_message,
-)
 from optimizer.fileio.output_files import folder_files, warn
 from optimizer.fileio.publish import publish, save_unchanged_sources, staged_name, staging_folder
 from optimizer.fileio.tensor_checks import custom_domain_ops
@@ -56,9 +54,10 @@ from optimizer.pass_base import Pass, PassContext
 from optimizer.pipeline import Pipeline, PipelineResult
 from optimizer.registry import create_pass, get_pass_class
 from optimizer.report.report import Report, check_writes_apart, write_report
+from optimizer.report_notes import add_fusion, size_notes
 from optimizer.shortcuts import calibration_request, shortcut_options
 from optimizer.verify.benchmark import BenchResult, benchmark
-from optimizer.verify.fusion import check_fusion, has_dequantize
+from optimizer.verify.fusion import has_dequantize
 from optimizer.verify.isolation import NOT_VALIDATED, run_comparison
 from optimizer.verify.pass_bisect import BisectResult, bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
@@ -144,6 +143,12 @@ def optimize(
         chosen = _plan_stage(options)
     with stage("load"):
         run = _load_stage(model, output, options, chosen)
+    index = auto_pass_index(run.chosen)
+    if index is not None:
+        with stage("auto mode"):
+            reference = runnable_reference(run.source, run.reference, run.model_files)
+            run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options)
+            run.chosen = with_value(run.chosen, index, run.auto.chosen)
     if options.budget is not None:
         with stage("accuracy budget"):
             budget = run.budget = _budget_stage(run)
@@ -157,7 +162,7 @@ def optimize(
     saved, comparison, timing = _publish_stage(run, result.model, report)
     if options.fusion_check or (options.fusion_check is None and has_dequantize(result.model)):
         with stage("fusion check"):
-            _add_fusion(report, saved if saved is not None else result.model, options.provider)
+            add_fusion(report, saved if saved is not None else result.model, options.provider)
     with stage("report"):
         for path in options.reports:
             write_report(report, path)
@@ -179,6 +184,7 @@ class _Run:
     checks: _Checks | None = None
     model_files: tuple[Path, ...] = ()
     budget: BudgetResult | None = None
+    auto: AutoChoice | None = None
 
 
 def _plan_stage(options: OptimizeOptions) -> list[Pass]:
@@ -266,9 +272,10 @@ def _checks(run: _Run) -> _Checks | None:
 def _run_stage(run: _Run) -> PipelineResult:
     """The passes in order; a failing pass is bisected on request; sparse storage is applied last."""
     pipeline = Pipeline(run.chosen, check_each_pass=run.options.check_each_pass, context=run.context)
+    built = run.auto.result if run.auto is not None and run.budget is None else None
     try:
         with stage("run passes"):
-            result = pipeline.run(run.source)
+            result = built if built is not None and not run.options.check_each_pass else pipeline.run(run.source)
     except RunTimeoutError as error:
         raise error.naming(run.reference) from error
     except PassError as error:
@@ -313,6 +320,9 @@ def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) 
             f"{len(sparse_names)} tensor(s) stored as sparse_initializer; onnxruntime loads them, "
             "but onnx's full checker (1.23) rejects any sparse initializer"
         )
+    if run.auto is not None:
+        report.auto = run.auto.to_dict()
+        report.notes.append(f"{run.auto.pass_name} {run.auto.option} auto: {run.auto.why}")
     if run.custom_ops:
         report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(run.custom_ops)}")
     if budget is not None:
@@ -339,10 +349,10 @@ def _publish_stage(
                 else None
             )
         report.output = model_summary(model, saved)
-        _size_notes(run, report)
+        size_notes(run.chosen, report)
         return saved, None, None
     saved, comparison, timing = _save_checked(run, model, checks, report)
-    _size_notes(run, report)
+    size_notes(run.chosen, report)
     for note in timing.slower_notes() if timing is not None else []:
         warn(note)
         report.notes.append(note)
@@ -432,18 +442,6 @@ def _save_checked(
     return saved, comparison, timing
 
 
-def _size_notes(run: _Run, report: Report) -> None:
-    """Say so when unstructured pruning left the file about as large as it was (dense zeros)."""
-    pruned = [p for p in run.chosen if p.name == "prune" and getattr(p, "storage", "dense") != "sparse"]
-    before, after = report.input, report.output
-    if not pruned or before is None or after is None or after.size_bytes < 0.95 * before.size_bytes:
-        return
-    report.notes.append(
-        f"pruning zeroed weights but the file is {after.size_bytes:,} bytes (input {before.size_bytes:,}): "
-        "zeros in dense tensors take as many bytes; use --sparse-storage auto, or compress the file (gzip)"
-    )
-
-
 def _budget_decides(run: _Run, checks: _Checks, reference: ModelInput, staged: Path, comparison: Comparison) -> None:
     """With --max-drop and no explicit tolerance, the budget's metric on the same data is the
     verdict: a budget met is a PASS (the per-output metrics stay in the report as information)."""
@@ -472,18 +470,3 @@ def _keep_input_bytes(run: _Run, staged: Path) -> bool:
         return False
     shutil.copyfile(run.reference, staged)
     return True
-
-
-def _add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> None:
-    if isinstance(model, onnx.ModelProto) and not fits_one_message(model):
-        report.notes.append("fusion check skipped: the model exceeds 2 GB and was not written")
-        return
-    try:
-        fusion = check_fusion(model, provider)
-    except Exception as error:  # the output is written and validated: any failure here is a warning only
-        message = f"fusion check failed (the output is written and valid): {type(error).__name__}: {error}"
-        report.notes.append(message)
-        warn(message)
-        return
-    report.fusion = fusion.to_dict()
-    report.notes.extend(f"fusion check: {warning}" for warning in fusion.warnings)

@@ -100,6 +100,12 @@ class Pass(abc.ABC):
     soften_option: ClassVar[str | None] = None
     """A tuple-of-patterns option that compresses matching node names less, in the pass's next-best
     format (quantize: weight-only int8): the budget's first back-off step before ``backoff_option``."""
+    measured_option: ClassVar[str | None] = None
+    """An option whose value 'auto' optimize() resolves by measurement (``optimizer.auto_mode``):
+    each of ``measured_choices`` (most accurate first) is built, checked and timed."""
+    measured_choices: ClassVar[tuple[str, ...]] = ()
+    unmeasured_choice: ClassVar[str | None] = None
+    """The value 'auto' takes when nothing can be measured (no calibration data, or the pass alone)."""
 
     def __call__(self, graph: gs.Graph, context: PassContext | None = None) -> PassResult:
         if not isinstance(graph, gs.Graph):

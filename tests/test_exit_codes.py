@@ -149,7 +149,7 @@ def test_a_pass_refusing_a_graph_names_the_pass_and_node_exit_2(failing_pass, tm
 def test_a_bug_in_the_automatic_fusion_check_is_only_a_warning(monkeypatch, tmp_path, capsys):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("in the fusion check")
-    monkeypatch.setattr("optimizer.api.check_fusion", broken)
+    monkeypatch.setattr("optimizer.report_notes.check_fusion", broken)
     output = tmp_path / "o.onnx"
     code = main(["optimize", str(MLP), "-o", str(output), "--quantize", "int8", "--quantize-mode", "weights",
                  "--validate", "--fusion-check"])

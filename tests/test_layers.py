@@ -11,7 +11,8 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 APPLICATION = (
     "optimizer.api", "optimizer.app_inputs", "optimizer.budget", "optimizer.cli", "optimizer.cli_options",
-    "optimizer.cli_parser", "optimizer.optimize_options", "optimizer.shortcuts",
+    "optimizer.cli_parser", "optimizer.optimize_options", "optimizer.shortcuts", "optimizer.auto_mode",
+    "optimizer.report_notes",
 )
 LEAF = "optimizer.graph.walk"
 """The one walker imports only onnx and onnx-graphsurgeon, so every layer may use it."""

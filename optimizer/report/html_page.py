@@ -46,6 +46,8 @@ def render_html(data: dict[str, Any]) -> str:
     parts = [f"<h1>onnx-compress report <small>version {_e(data['tool_version'])}</small></h1>"]
     parts += _size_section(data, plots)
     parts += _passes_section(data.get("passes", []))
+    if data.get("auto"):
+        parts += _auto_section(data["auto"])
     if data.get("layers"):
         parts += _layers_section(data["layers"], plots)
     if data.get("budget"):
@@ -169,6 +171,21 @@ def _layers_section(layers: list[dict[str, Any]], plots: _Plots) -> list[str]:
 def layer_columns(layers: list[dict[str, Any]]) -> list[str]:
     """The per-layer columns that some row fills, in a fixed order (Markdown and HTML alike)."""
     return [key for key in LAYER_COLUMNS if any(key in layer for layer in layers)]
+
+
+AUTO_COLUMNS = ("value", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "error")
+
+
+def _auto_section(auto: dict[str, Any]) -> list[str]:
+    candidates = auto.get("candidates") or []
+    out = [
+        f"<h2>{_e(auto.get('pass_name'))} {_e(auto.get('option'))} auto: {_e(auto.get('chosen'))}</h2>",
+        f"<p>{_e(auto.get('why'))}. Checked on {_e(auto.get('evaluated_on') or '-')}; latency_ratio is the "
+        f"median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.</p>",
+    ]
+    if candidates:
+        out.append(_table(AUTO_COLUMNS, [[c.get(k) for k in AUTO_COLUMNS] for c in candidates]))
+    return out
 
 
 def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:

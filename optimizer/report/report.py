@@ -15,7 +15,15 @@ from typing import Any
 
 from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.fileio.output_files import check_apart, folder_files, temp_file
-from optimizer.report.html_page import format_number, kind_text, layer_columns, output_label, render_html, sample_kind
+from optimizer.report.html_page import (
+    AUTO_COLUMNS,
+    format_number,
+    kind_text,
+    layer_columns,
+    output_label,
+    render_html,
+    sample_kind,
+)
 from optimizer.text import escape_control
 
 REPORT_FORMATS = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
@@ -54,6 +62,7 @@ class Report:
     budget: dict[str, Any] | None = None
     fusion: dict[str, Any] | None = None
     bisect: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +78,7 @@ class Report:
             "budget": self.budget,
             "fusion": self.fusion,
             "bisect": self.bisect,
+            "auto": self.auto,
             "notes": list(self.notes),
         }
 
@@ -87,6 +97,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines = [f"# onnx-compress report (version {data['tool_version']})", ""]
     lines += _size_section(data["input"], data["output"])
     lines += _passes_section(data["passes"])
+    if data.get("auto"):
+        lines += _auto_section(data["auto"])
     if data.get("layers"):
         lines += _layers_section(data["layers"])
     if data.get("budget"):
@@ -152,6 +164,17 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
             what = ", ".join(f"{k} `{v}`" for k, v in skip.items() if k != "reason")
             lines.append(f"- {name}: {what}: {skip['reason']}")
     return [*lines, ""]
+
+
+def _auto_section(auto: dict[str, Any]) -> list[str]:
+    """The candidates an 'auto' option was chosen from: size, latency against the input, verdict."""
+    lines = _heading(
+        f"{auto.get('pass_name')} {auto.get('option')} auto: {auto.get('chosen')}",
+        f"{auto.get('why')}. Checked on {auto.get('evaluated_on') or '-'}; latency_ratio is the median paired "
+        f"ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
+    )
+    candidates = auto.get("candidates") or []
+    return [*lines, "", *(_table(list(AUTO_COLUMNS), candidates) if candidates else []), ""]
 
 
 def _layers_section(layers: list[dict[str, Any]]) -> list[str]:

@@ -426,6 +426,7 @@ def compare(
     provider: str | ProviderChoice = "cpu",
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     output_kinds: Mapping[str, str] | None = None,
+    stage: str = STAGE,
 ) -> Comparison:
     """Run both models one sample at a time on the same feeds and check every output.
 
@@ -434,7 +435,7 @@ def compare(
 
     Feeds are checked against the reference's inputs; the candidate receives only the inputs it
     declares. Differing output names or shapes raise ``RuntimeSessionError``; a run longer than
-    ``timeout_s`` raises ``RunTimeoutError``.
+    ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``.
     """
     checked_timeout(timeout_s)
     choice = as_provider_choice(provider)
@@ -450,8 +451,8 @@ def compare(
     samples = 0
     for index, feed in enumerate(feeds):
         checked = check_feed(specs, feed, index)
-        reference_outputs = run_session(reference_session, checked, label=labels[0], stage=STAGE, timeout_s=timeout_s)
-        candidate_outputs = run_session(candidate_session, checked, label=labels[1], stage=STAGE, timeout_s=timeout_s)
+        reference_outputs = run_session(reference_session, checked, label=labels[0], stage=stage, timeout_s=timeout_s)
+        candidate_outputs = run_session(candidate_session, checked, label=labels[1], stage=stage, timeout_s=timeout_s)
         for name in output_names:
             ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
             _check_same_layout(name, ref_value, cand_value, index)

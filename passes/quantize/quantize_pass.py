@@ -17,7 +17,7 @@ the report gives bytes by dtype before and after, with a warning when float weig
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -30,6 +30,7 @@ from optimizer.registry import register
 from passes.quantize.common import bytes_by_dtype, hopeless_activation
 from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynamic, quantize_dynamic
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
+from passes.quantize.integer_forms import prepare_integer_forms
 from passes.quantize.opset import ensure_opset
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import channel_absmax, outlier_channels
@@ -45,6 +46,9 @@ class QuantizePass(QuantizeOptions, Pass):
     summary = "integer weights (weights), plus integer MatMuls at run time (dynamic) or QDQ (static)"
     backoff_option = "exclude_nodes"
     soften_option = "int8_weight_only_nodes"
+    measured_option = "mode"
+    measured_choices = ("weights", "dynamic", "static")
+    unmeasured_choice = "dynamic"
 
     @property
     def config(self) -> QuantizeOptions:
@@ -53,8 +57,14 @@ class QuantizePass(QuantizeOptions, Pass):
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         options = self.config
+        if options.mode == "auto":  # optimize() measures; the pass alone takes the form never slower than fp32
+            options = replace(options, mode="dynamic")  # unmeasured_choice
         report = PassReport()
         before = bytes_by_dtype(graph)
+        if options.mode == "static" and options.integer_forms:
+            prepare_integer_forms(graph, report)
+            cleanup(graph)
+            toposort(graph)
         targets = collect_targets(graph, options.selection(), report)
         plan = _plan(graph, targets, options, context)
         required = _required_opset(plan)

@@ -30,6 +30,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.common import QuantizedWeight, float_constant, integer_constant, too_wide_for_8_bits
 from passes.quantize.dynamic import weight_only_reason
+from passes.quantize.integer_forms import RESCALE_OPS, fold_rescales, plan_rescales, rescale_factor, rescaled_input
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import probe_model
 from passes.quantize.weights import (
@@ -65,6 +66,7 @@ NEIGHBOR_INPUTS: dict[str, tuple[int, ...] | None] = {
     "Pad": (0,),
     "DepthToSpace": (0,),
     "SpaceToDepth": (0,),
+    "Div": (0,),
 }
 SAME_RANGE_OPS = (
     "Transpose",
@@ -143,17 +145,18 @@ def quantize_static(
         if n.op in NEIGHBOR_INPUTS
         and n.domain in ("", None, "ai.onnx")
         and not all(is_constant_derived(t, memo) for t in data_inputs(n))
+        and (n.op != "Div" or (options.integer_forms and rescale_factor(n) is not None))
     ]
     compute_nodes = [n for n in compute_nodes if not is_constant_derived(n.inputs[0], memo)]
     neighbors = _leading_to_integer_ops(compute_nodes, neighbors, report)
-    inherited = _inherited_ranges(neighbors)
+    inherited = _inherited_ranges(neighbors, options.integer_forms)
     candidates = sorted(
         {t.name for n in compute_nodes + neighbors for t in data_inputs(n) + [n.outputs[0]] if t.name} - set(inherited)
     )
     ranges = _calibrate(graph, candidates, options, report, context)
-    for output, source in inherited.items():
+    for output, (source, factor) in inherited.items():
         if source in ranges:
-            ranges[output] = ranges[source]
+            ranges[output] = (ranges[source][0] * factor, ranges[source][1] * factor)
     quantized_nodes = [n for n in compute_nodes if n.inputs[0].name in ranges and n.outputs[0].name in ranges]
     quantized_nodes += [n for n in neighbors if _neighbor_ready(n, ranges)]
     quantized_ids = {id(n) for n in quantized_nodes}
@@ -161,7 +164,9 @@ def quantize_static(
     quantized_nodes = [n for n in quantized_nodes if id(n) not in removed]
     activation_type = qtype(options.activation_type)
     input_names = {id(n): n.inputs[0].name for n in quantized_nodes if n.op in COMPUTE_OPS}
+    rescales = plan_rescales([n for n in quantized_nodes if n.op in RESCALE_OPS and options.integer_forms])
     tensor_params = _insert_qdq(graph, quantized_nodes, ranges, activation_type, options, names, report)
+    fold_rescales(graph, rescales, names, report)
     _quantize_compute_weights(plan, tensor_params, input_names, options, names, report)
 
 
@@ -198,12 +203,17 @@ def _leading_to_integer_ops(
     return kept
 
 
-def _inherited_ranges(neighbors: list[gs.Node]) -> dict[str, str]:
-    """Outputs that take their input's range, in graph order: ops that only move, select or
-    interpolate values. onnxruntime drops DequantizeLinear -> op -> QuantizeLinear only when both
-    sides have the same scale and zero point, and calibrating the same values twice costs time."""
-    inherited: dict[str, str] = {}
+def _inherited_ranges(neighbors: list[gs.Node], rescales: bool) -> dict[str, tuple[str, float]]:
+    """Outputs that take their input's range (times a factor), in graph order: ops that only move,
+    select or interpolate values (factor 1), and positive scalar Mul/Div (folded into the scale
+    later). onnxruntime drops DequantizeLinear -> op -> QuantizeLinear only when both sides have
+    the same scale and zero point, and calibrating the same values twice costs time."""
+    inherited: dict[str, tuple[str, float]] = {}
     for node in neighbors:
+        factor = rescale_factor(node) if rescales else None
+        if factor is not None and node.outputs[0].name:
+            inherited[node.outputs[0].name] = (rescaled_input(node).name, factor)
+            continue
         if node.op not in SAME_RANGE_OPS or len(node.outputs) != 1 or not node.outputs[0].name:
             continue
         if node.op == "Resize" and node.attrs.get("mode", "nearest") == "cubic":
@@ -214,7 +224,7 @@ def _inherited_ranges(neighbors: list[gs.Node]) -> dict[str, str]:
                 continue
         if node.op == "Pad" and float(node.attrs.get("value", 0.0)) != 0.0:
             continue
-        inherited[node.outputs[0].name] = node.inputs[0].name
+        inherited[node.outputs[0].name] = (node.inputs[0].name, 1.0)
     return inherited
 
 

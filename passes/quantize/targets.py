@@ -55,6 +55,7 @@ class Selection:
     exclude_last: int = 0
     min_weight_elements: int = 0
     allow_non_finite: bool = False
+    small_weight_ops: tuple[str, ...] = ()
 
 
 def weight_slots(node: gs.Node) -> tuple[int, ...]:
@@ -159,7 +160,8 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
         for index in weight_slots(node):
             tensor = node.inputs[index]
             values = weight_values(tensor)
-            reason = skip_reason_for_input(node, index, values, selection.min_weight_elements)
+            minimum = 0 if node.op in selection.small_weight_ops else selection.min_weight_elements
+            reason = skip_reason_for_input(node, index, values, minimum)
             if reason is None:
                 reason = guard.reason(tensor, values) or None
             if reason is not None:

@@ -37,7 +37,9 @@ print(json.dumps(codes))
 
 def _runs(workspace: Path) -> list[tuple[str, list[str]]]:
     """(label, CLI arguments) for every model: the default pipeline in both layouts, and each
-    registered pass alone with calibration data. Outputs are relative to the child's cwd."""
+    registered pass alone with calibration data (a pass whose option 'auto' is chosen by measured
+    latency runs once per value it chooses from: the measurement itself is not reproducible, each
+    choice is). Outputs are relative to the child's cwd."""
     runs = []
     for model in MODELS:
         source = str(workspace / "in" / f"{model}.onnx")
@@ -45,10 +47,19 @@ def _runs(workspace: Path) -> list[tuple[str, list[str]]]:
             runs.append((f"{model}-default-{layout}", ["optimize", source, "-o",
                          f"out/{model}-default-{layout}.onnx", "--quiet", *extra]))  # fmt: skip
         for name in pass_names():
-            runs.append((f"{model}-{name}", ["optimize", source, "-o", f"out/{model}-{name}.onnx",
-                         "--quiet", "--passes", name, "--calibration-data",
-                         str(workspace / "calibration" / model)]))  # fmt: skip
+            for label, pinned in _pass_runs(model, name):
+                runs.append((label, ["optimize", source, "-o", f"out/{label}.onnx", "--quiet", "--passes", name,
+                             *pinned, "--calibration-data", str(workspace / "calibration" / model)]))  # fmt: skip
     return runs
+
+
+def _pass_runs(model: str, name: str) -> list[tuple[str, list[str]]]:
+    """(label, option arguments) of pass ``name`` alone on ``model``: once per measured choice."""
+    measured = get_pass_class(name).measured_option
+    if not measured:
+        return [(f"{model}-{name}", [])]
+    values = get_pass_class(name).measured_choices
+    return [(f"{model}-{name}-{value}", ["--set", f"{name}.{measured}={value}"]) for value in values]
 
 
 def _pass_modules() -> list[str]:
@@ -119,9 +130,10 @@ def test_default_pipeline_is_byte_identical_across_hash_seeds_and_cwds(runs_by_s
 @pytest.mark.parametrize("name", pass_names())
 def test_every_pass_is_byte_identical_across_hash_seeds(runs_by_seed, name):
     codes = runs_by_seed[2][HASH_SEEDS[0]]
-    assert any(codes[f"{model}-{name}"] == 0 for model in MODELS), f"'{name}' ran on no sample model"
-    for model in MODELS:
-        _assert_identical_across_seeds(runs_by_seed, f"{model}-{name}")
+    labels = [label for model in MODELS for label, _ in _pass_runs(model, name)]
+    assert any(codes[label] == 0 for label in labels), f"'{name}' ran on no sample model"
+    for label in labels:
+        _assert_identical_across_seeds(runs_by_seed, label)
 
 
 @pytest.mark.parametrize("extra", [[], ["--validate"]], ids=["plain", "validate"])

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-import optimizer.api as api_module
+import optimizer.report_notes as report_notes
 from optimizer.api import FeedOptions, OptimizeOptions, ValidationOptions, optimize
 from optimizer.errors import ModelSaveError, OptionError, RuntimeSessionError
 from optimizer.fileio.model import load_model
@@ -187,7 +187,7 @@ def test_a_failing_fusion_check_only_warns_after_the_output_is_written(tmp_path,
     def broken_fusion_check(model, provider):
         raise RuntimeSessionError("onnxruntime could not load the model")
 
-    monkeypatch.setattr(api_module, "check_fusion", broken_fusion_check)
+    monkeypatch.setattr(report_notes, "check_fusion", broken_fusion_check)
     result = optimize(_external_model(tmp_path, "w.bin"), tmp_path / "out.onnx",
                       OptimizeOptions(fusion_check=True, reports=[tmp_path / "r.json"]))
     assert result.output_path == tmp_path / "out.onnx" and (tmp_path / "r.json").exists()

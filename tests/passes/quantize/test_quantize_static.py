@@ -39,7 +39,8 @@ def test_static_folds_relu_into_the_quantize_of_its_output():
     assert any(n.op_type == "Relu" for n in model.graph.node)
     result, report = quantize(model, calibration=seeded_feeds(model, count=4), mode="static")
     folded = report["counts"]["activations_folded_into_quantize"]
-    assert folded == 2  # the Relus after the Conv + Add and after the depthwise Conv; the others follow a float BN
+    assert folded == 4  # every Relu: the BatchNorms before two of them are folded into their Convs first
+    assert report["counts"]["batchnorms_folded"] == 2
     relus = [sum(n.op_type == "Relu" for n in m.graph.node) for m in (model, result.model)]
     assert relus[1] == relus[0] - folded
 

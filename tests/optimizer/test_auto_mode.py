@@ -1,0 +1,119 @@
+"""--quantize-mode auto: every candidate built, checked like --validate and timed against the input;
+the fastest that passes is kept (the most accurate among those within the noise floor)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from optimizer.api import optimize
+from optimizer.auto_mode import Candidate, _choose
+from optimizer.cli import main
+from optimizer.fileio.model import load_model
+from optimizer.optimize_options import OptimizeOptions, ValidationOptions
+from optimizer.verify.tolerances import Tolerance
+from tests.helpers.samples import MODELS_DIR, seeded_feeds
+
+PREFERENCE = ["weights", "dynamic", "static"]
+
+
+def _candidate(value: str, ratio: float | None, passed: bool = True, error: str | None = None) -> Candidate:
+    return Candidate(value, passed=passed if error is None else None, latency_ratio=ratio, error=error)
+
+
+def test_the_fastest_passing_candidate_wins():
+    candidates = [_candidate("weights", 1.0), _candidate("dynamic", 0.98), _candidate("static", 0.5)]
+    chosen, why = _choose(candidates, 0.02, PREFERENCE)
+    assert chosen == "static" and "0.50x" in why
+
+
+def test_a_failing_candidate_is_never_chosen_however_fast():
+    candidates = [_candidate("weights", 1.0), _candidate("dynamic", 0.6), _candidate("static", 0.3, passed=False)]
+    assert _choose(candidates, 0.02, PREFERENCE)[0] == "dynamic"
+
+
+def test_within_the_noise_floor_the_more_accurate_form_wins():
+    candidates = [_candidate("weights", 1.0), _candidate("dynamic", 0.99), _candidate("static", 0.97)]
+    assert _choose(candidates, 0.04, PREFERENCE)[0] == "weights"
+    assert _choose(candidates, 0.01, PREFERENCE)[0] == "static"
+
+
+def test_nothing_passing_keeps_the_most_accurate_built_form():
+    candidates = [
+        _candidate("weights", None, error="option refused"),
+        _candidate("dynamic", 0.9, passed=False),
+        _candidate("static", 0.5, passed=False),
+    ]
+    chosen, why = _choose(candidates, 0.01, PREFERENCE)
+    assert chosen == "dynamic" and "no candidate passed" in why
+
+
+def test_slower_than_the_input_is_said():
+    _, why = _choose([_candidate("weights", 1.2), _candidate("dynamic", 1.3)], 0.02, PREFERENCE)
+    assert "slower than the input" in why
+
+
+def _cnn_and_calibration() -> tuple[onnx.ModelProto, list]:
+    model = load_model(MODELS_DIR / "cnn.onnx")
+    return model, seeded_feeds(model, count=40, seed=3)
+
+
+def test_auto_measures_every_mode_and_keeps_the_chosen_build(tmp_path):
+    model, calibration = _cnn_and_calibration()
+    options = OptimizeOptions(pass_options={"quantize": {}}, calibration=calibration, passes=["quantize"])
+    result = optimize(model, tmp_path / "out.onnx", options)
+    auto = result.report.auto
+    assert auto is not None and [c["value"] for c in auto["candidates"]] == PREFERENCE
+    assert "calibration samples the pass did not calibrate on" in auto["evaluated_on"]  # 40 > 32 calibrated on
+    built = [c for c in auto["candidates"] if c["error"] is None]
+    assert all(c["latency_ratio"] > 0 and c["size_bytes"] > 0 and c["passed"] is not None for c in built)
+    chosen = next(c for c in auto["candidates"] if c["value"] == auto["chosen"])
+    assert chosen["passed"]
+    fastest = min(c["latency_ratio"] for c in built if c["passed"])
+    assert chosen["latency_ratio"] <= fastest + auto["noise_floor"] + 1e-9
+    quantize_report = result.report.passes[-1]["report"]
+    assert quantize_report["details"]["mode"] == auto["chosen"]
+    ops = {n.op_type for n in result.model.graph.node}
+    assert ("QuantizeLinear" in ops) == (auto["chosen"] == "static")
+    assert any("quantize mode auto:" in note for note in result.report.notes)
+
+
+def test_auto_refuses_every_lossy_form_under_an_exact_tolerance(tmp_path):
+    model, calibration = _cnn_and_calibration()
+    exact = ValidationOptions(tolerance=Tolerance(max_abs=0.0), keep_failed=True)
+    options = OptimizeOptions(passes=["quantize"], calibration=calibration, validation=exact)
+    result = optimize(model, tmp_path / "out.onnx", options)
+    auto = result.report.auto
+    assert auto is not None and not any(c["passed"] for c in auto["candidates"])
+    assert auto["chosen"] == "weights" and "no candidate passed" in auto["why"]
+
+
+def test_auto_without_calibration_data_measures_nothing(tmp_path):
+    model = load_model(MODELS_DIR / "cnn.onnx")
+    result = optimize(model, tmp_path / "out.onnx", OptimizeOptions(passes=["quantize"]))
+    assert result.report.auto is not None
+    assert result.report.auto["chosen"] == "dynamic" and result.report.auto["candidates"] == []
+    assert result.report.passes[-1]["report"]["details"]["mode"] == "dynamic"
+
+
+@pytest.mark.parametrize("suffix", ["md", "html"])
+def test_cli_auto_report_lists_the_candidates(tmp_path, suffix):
+    model, calibration = _cnn_and_calibration()
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    for index, feed in enumerate(calibration[:36]):
+        np.savez(folder / f"{index:03d}.npz", **feed)
+    source = tmp_path / "cnn.onnx"
+    onnx.save(model, source)
+    report = tmp_path / f"r.{suffix}"
+    args = ["optimize", str(source), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8", "--quantize-mode", "auto"]
+    args += ["--calibration-data", str(folder), "--report", str(report), "--report", str(tmp_path / "r.json")]
+    assert main([*args, "--quiet"]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    text = report.read_text()
+    assert f"quantize mode auto: {data['auto']['chosen']}" in text
+    for candidate in data["auto"]["candidates"]:
+        assert candidate["value"] in text
