@@ -12,6 +12,7 @@ Without calibration data nothing is measured: the option takes ``Pass.unmeasured
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,9 @@ class Candidate:
     verdict: str = ""
     latency_ratio: float | None = None
     error: str | None = None
+    same_as: str | None = None
+    """Another candidate whose file came out byte-identical (a CNN has no MatMul for dynamic mode
+    to change): its check and timing stand for this one, measured once."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,17 +122,27 @@ def choose_by_measurement(
     assert item.measured_option is not None
     candidates, results = [], {}
     with tempfile.TemporaryDirectory(prefix="onnx-compress-auto-") as folder:
-        paths = {}
+        paths: dict[str, Path] = {}
+        digests: dict[str, Candidate] = {}
         for value in item.measured_choices:
             candidate, built = _build(source, passes, index, value, context)
             candidates.append(candidate)
             if built is None:
                 continue
-            paths[value] = save_model(built.model, Path(folder) / f"{value}.onnx")
-            candidate.size_bytes = paths[value].stat().st_size
-            _check(candidate, reference, paths[value], settings)
+            path = save_model(built.model, Path(folder) / f"{value}.onnx")
+            candidate.size_bytes = path.stat().st_size
             results[value] = built
+            twin = digests.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), candidate)
+            if twin is not candidate:
+                candidate.same_as, candidate.passed, candidate.verdict = twin.value, twin.passed, twin.verdict
+                continue
+            paths[value] = path
+            _check(candidate, reference, path, settings)
         noise = _time(candidates, reference, paths, settings)
+        by_value = {c.value: c for c in candidates}
+        for candidate in candidates:
+            if candidate.same_as is not None:
+                candidate.latency_ratio = by_value[candidate.same_as].latency_ratio
     chosen, why = _choose(candidates, noise, list(item.measured_choices))
     return AutoChoice(
         item.name,

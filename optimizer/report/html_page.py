@@ -173,7 +173,7 @@ def layer_columns(layers: list[dict[str, Any]]) -> list[str]:
     return [key for key in LAYER_COLUMNS if any(key in layer for layer in layers)]
 
 
-AUTO_COLUMNS = ("value", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "error")
+AUTO_COLUMNS = ("value", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "same_as", "error")
 
 
 def _auto_section(auto: dict[str, Any]) -> list[str]:

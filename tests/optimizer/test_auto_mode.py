@@ -16,6 +16,7 @@ from optimizer.fileio.model import load_model
 from optimizer.optimize_options import OptimizeOptions, ValidationOptions
 from optimizer.verify.tolerances import Tolerance
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
+from tests.passes.quantize.test_integer_forms import mobile_block
 
 PREFERENCE = ["weights", "dynamic", "static"]
 
@@ -117,3 +118,16 @@ def test_cli_auto_report_lists_the_candidates(tmp_path, suffix):
     assert f"quantize mode auto: {data['auto']['chosen']}" in text
     for candidate in data["auto"]["candidates"]:
         assert candidate["value"] in text
+
+
+def test_a_candidate_identical_to_another_is_measured_once(tmp_path):
+    """A model with no MatMul: dynamic mode writes weight-only's file byte for byte."""
+    model = mobile_block()
+    calibration = seeded_feeds(model, count=40, seed=3)
+    result = optimize(model, tmp_path / "out.onnx", OptimizeOptions(passes=["quantize"], calibration=calibration))
+    auto = result.report.auto
+    assert auto is not None
+    by_value = {c["value"]: c for c in auto["candidates"]}
+    assert by_value["dynamic"]["same_as"] == "weights" and by_value["weights"]["same_as"] is None
+    assert by_value["dynamic"]["latency_ratio"] == by_value["weights"]["latency_ratio"]
+    assert by_value["dynamic"]["passed"] == by_value["weights"]["passed"]

@@ -75,7 +75,8 @@ def mobile_block(opset: int = 13, hardswish_op: bool = False) -> onnx.ModelProto
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return gs.export_onnx(gs.import_onnx(model).toposort())
 
 
 def test_rewrites_before_quantization_keep_the_float_function():
