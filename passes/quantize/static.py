@@ -331,6 +331,7 @@ def _insert_qdq(
         for tensor in data_inputs(node) + [node.outputs[0]]:
             tensors.setdefault(tensor.name, tensor)
     consumers = {id(n) for n in nodes}
+    shared: dict[tuple[str, bytes], gs.Constant] = {}  # equal scales and zero points stored once
     for name in sorted(tensors):
         tensor = tensors[name]
         values = weight_values(tensor)
@@ -339,8 +340,16 @@ def _insert_qdq(
             np.float32(low), np.float32(high), activation_type, symmetric=options.symmetric_activations
         )
         params[name] = TensorParams(float(scale), int(zero))
-        scale_c = float_constant(names.fresh(name, "_scale"), np.asarray(scale, np.float32))
-        zero_c = integer_constant(names.fresh(name, "_zero_point"), np.asarray(zero), activation_type)
+        scale_value = np.asarray(scale, np.float32)
+        scale_c = shared.setdefault(
+            ("scale", scale_value.tobytes()), float_constant(names.fresh(name, "_scale"), scale_value)
+        )
+        zero_c = shared.get(("zero", np.asarray(zero).tobytes()))
+        if zero_c is None:
+            zero_name = names.fresh(f"{activation_type.name}_zero_point_{int(zero)}", "")
+            zero_c = shared[("zero", np.asarray(zero).tobytes())] = integer_constant(
+                zero_name, np.asarray(zero), activation_type
+            )
         if values is not None:
             integers = quantize(np.asarray(values, np.float32), scale, zero, activation_type)
             _dequantized_constant(graph, tensor, integers, scale_c, zero_c, activation_type, consumers, names)
