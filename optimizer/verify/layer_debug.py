@@ -190,6 +190,8 @@ def _weight_errors(
     weight_names: dict[str, str],
     candidate_values: Mapping[str, np.ndarray],
 ) -> None:
+    """Weight SQNR against the reference weight, or against it with the BatchNormalization after it
+    folded in (static int8 folds it), whichever explains the candidate's weight."""
     ref_constants = _constants(reference.graph)
     ref_nodes = {node.output[0]: node for node in reference.graph.node if node.output}
     for layer in layers:
@@ -200,11 +202,31 @@ def _weight_errors(
         effective = np.asarray(candidate_values[name], np.float64)
         if effective.shape != ref_weight.shape:
             continue
-        error = effective - ref_weight.astype(np.float64)
-        noise = float((error**2).sum())
-        signal = max(float((ref_weight.astype(np.float64) ** 2).sum()), 1e-300)
+        choices = [
+            ref_weight.astype(np.float64),
+            *_batchnorm_folded(reference.graph, layer.output, ref_weight, ref_constants),
+        ]
+        errors = [effective - choice for choice in choices]
+        best = min(range(len(choices)), key=lambda i: float((errors[i] ** 2).sum()))
+        noise = float((errors[best] ** 2).sum())
+        signal = max(float((choices[best] ** 2).sum()), 1e-300)
         layer.weight_sqnr_db = math.inf if noise == 0 else 10 * math.log10(signal / noise)
-        layer.weight_max_abs = float(np.abs(error).max(initial=0.0))
+        layer.weight_max_abs = float(np.abs(errors[best]).max(initial=0.0))
+
+
+def _batchnorm_folded(
+    graph: onnx.GraphProto, output: str, weight: np.ndarray, constants: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """The weight with the BatchNormalization that alone reads ``output`` folded in (none: [])."""
+    readers = [node for node in graph.node if output in node.input]
+    if len(readers) != 1 or readers[0].op_type != "BatchNormalization" or len(readers[0].input) < 5:
+        return []
+    gamma, _, _, var = (constants.get(name) for name in readers[0].input[1:5])
+    epsilon = next((a.f for a in readers[0].attribute if a.name == "epsilon"), 1e-5)
+    if gamma is None or var is None or gamma.size != weight.shape[0]:
+        return []
+    factor = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + epsilon)
+    return [weight.astype(np.float64) * factor.reshape(-1, *([1] * (weight.ndim - 1)))]
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

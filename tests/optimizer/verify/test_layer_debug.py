@@ -52,3 +52,23 @@ def test_a_node_that_absorbed_its_relu_is_compared_by_its_own_output():
     fc1 = by_node["fc1.gemm"]
     assert fc1.output == "fc1.out" and fc1.candidate_output == "relu1.out"
     assert fc1.output_cosine > 0.99 and fc1.output_sqnr_db > 25
+
+
+def test_a_conv_with_its_batchnorm_folded_in_is_judged_against_the_folded_weight():
+    """Static int8 folds a BatchNormalization into the Conv before it: the candidate's int8 weight is
+    the folded one, so comparing it with the bare reference weight gave 0-5 dB on PP-OCRv4 det."""
+    from optimizer.pass_base import PassContext
+    from optimizer.pipeline import Pipeline
+    from passes.quantize.quantize_pass import QuantizePass
+
+    reference = load_model(MODELS_DIR / "cnn.onnx")
+    feeds = seeded_feeds(reference, count=3)
+    context = PassContext(calibration=lambda: iter(feeds))
+    candidate = Pipeline([QuantizePass(mode="static")], context=context).run(reference).model
+    assert not any(node.op_type == "BatchNormalization" for node in candidate.graph.node)
+    folded = {n.input[0] for n in reference.graph.node if n.op_type == "BatchNormalization"}
+    report = debug_layers(reference, candidate, feeds)
+    convs = [layer for layer in report.layers if layer.output in folded]
+    assert convs and all(layer.weight_sqnr_db is not None and layer.weight_sqnr_db > 30 for layer in convs), [
+        (layer.node, layer.weight_sqnr_db) for layer in convs
+    ]
