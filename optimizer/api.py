@@ -130,7 +130,8 @@ def optimize(
     """Run passes on ``model``; save to ``output`` when given; validate and benchmark on request.
 
     The stages, each named in an internal error: plan (passes built, calibration data checked before
-    any work) -> load -> accuracy budget (with ``options.budget``) -> run passes -> publish (staged
+    any work) -> load -> feeds -> auto mode (an 'auto' option, see ``optimizer.auto_mode``) -> accuracy
+    budget (with ``options.budget``) -> run passes -> publish (staged
     next to the output, validated and benchmarked there, then moved in atomically) -> fusion check ->
     report. ``OptimizeOptions`` documents every option. The input is never changed; when validation
     fails the output is not written unless ``keep_failed``. An input that changes during the run is a
@@ -143,11 +144,14 @@ def optimize(
         chosen = _plan_stage(options)
     with stage("load"):
         run = _load_stage(model, output, options, chosen)
+    with stage("feeds"):
+        run.checks = _checks(run)
     index = auto_pass_index(run.chosen)
     if index is not None:
         with stage("auto mode"):
             reference = runnable_reference(run.source, run.reference, run.model_files)
-            run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options)
+            data = run.checks.feeds if run.checks is not None and options.feeds.source is not None else None
+            run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options, data)
             run.chosen = with_value(run.chosen, index, run.auto.chosen)
     if options.budget is not None:
         with stage("accuracy budget"):
@@ -155,8 +159,6 @@ def optimize(
             run.chosen = backed_off_passes(run.chosen, budget.backed_off, budget.weight_only)
     else:
         budget = None
-    with stage("feeds"):
-        run.checks = _checks(run)
     result = _run_stage(run)
     report = _new_report(run, result, budget)
     saved, comparison, timing = _publish_stage(run, result.model, report)
@@ -224,13 +226,13 @@ def _load_stage(
 def _budget_stage(run: _Run) -> BudgetResult:
     """The accuracy budget search over the Pass objects themselves (backed off by dataclasses.replace)."""
     options, budget = run.options, run.options.budget
-    assert budget is not None
+    assert budget is not None and run.checks is not None  # a budget implies validation
     factory = run.context.calibration
     return search_budget(
         run.source,
         run.chosen,
         MetricSpec(budget.metric, budget.higher_is_better, budget.output),
-        resolve_feed_options(run.source, options.feeds),
+        run.checks.feeds,
         max_drop=budget.max_drop,
         max_trials=budget.max_trials,
         workers=budget.workers,

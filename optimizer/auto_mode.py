@@ -13,6 +13,7 @@ Without calibration data nothing is measured: the option takes ``Pass.unmeasured
 from __future__ import annotations
 
 import hashlib
+import itertools
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -244,12 +245,14 @@ def auto_stage(
     index: int,
     context: PassContext,
     options: OptimizeOptions,
+    data: list[dict[str, Any]] | None = None,
 ) -> AutoChoice:
-    """optimize()'s auto stage: measure when there is calibration data, else the unmeasured value."""
+    """optimize()'s auto stage: measure when there is calibration data, else the unmeasured value.
+    ``data``: the user's --data feeds, already resolved (None: resolved here when given)."""
     if context.calibration is None:
         return unmeasured(passes, index)
     validation = options.validation or ValidationOptions()
-    feeds, label = _check_feeds(source, passes[index], context, options)
+    feeds, label = _check_feeds(source, passes[index], context, options, data)
     settings = AutoSettings(
         feeds,
         label,
@@ -263,15 +266,19 @@ def auto_stage(
 
 
 def _check_feeds(
-    source: onnx.ModelProto, item: Pass, context: PassContext, options: OptimizeOptions
+    source: onnx.ModelProto,
+    item: Pass,
+    context: PassContext,
+    options: OptimizeOptions,
+    data: list[dict[str, Any]] | None,
 ) -> tuple[list[dict[str, Any]], str]:
     """The user's --data when given; else calibration samples the pass does not read (those past its
     ``calibration_samples``), or, when there are none, the calibration samples themselves."""
     if options.feeds.source is not None:
-        return resolve_feed_options(source, options.feeds), "the validation data (--data)"
+        return data if data is not None else resolve_feed_options(source, options.feeds), "the validation data (--data)"
     assert context.calibration is not None
     used = int(getattr(item, "calibration_samples", 0) or 0)
-    samples = [dict(feed) for feed in context.calibration()]
+    samples = [dict(feed) for feed in itertools.islice(context.calibration(), used + CHECK_SAMPLES)]
     held_out = samples[used : used + CHECK_SAMPLES] if used else []
     if held_out:
         return held_out, f"{len(held_out)} calibration samples the pass did not calibrate on"

@@ -194,6 +194,10 @@ def _weight_errors(
     folded in (static int8 folds it), whichever explains the candidate's weight."""
     ref_constants = _constants(reference.graph)
     ref_nodes = {node.output[0]: node for node in reference.graph.node if node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in reference.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     for layer in layers:
         name = weight_names.get(layer.output)
         ref_weight = ref_constants.get(_weight_input(ref_nodes[layer.output])) if layer.output in ref_nodes else None
@@ -204,7 +208,7 @@ def _weight_errors(
             continue
         choices = [
             ref_weight.astype(np.float64),
-            *_batchnorm_folded(reference.graph, layer.output, ref_weight, ref_constants),
+            *_batchnorm_folded(readers.get(layer.output, []), ref_weight, ref_constants),
         ]
         errors = [effective - choice for choice in choices]
         best = min(range(len(choices)), key=lambda i: float((errors[i] ** 2).sum()))
@@ -215,10 +219,9 @@ def _weight_errors(
 
 
 def _batchnorm_folded(
-    graph: onnx.GraphProto, output: str, weight: np.ndarray, constants: Mapping[str, np.ndarray]
+    readers: list[onnx.NodeProto], weight: np.ndarray, constants: Mapping[str, np.ndarray]
 ) -> list[np.ndarray]:
-    """The weight with the BatchNormalization that alone reads ``output`` folded in (none: [])."""
-    readers = [node for node in graph.node if output in node.input]
+    """The weight with the BatchNormalization folded in when that is the output's only reader (else [])."""
     if len(readers) != 1 or readers[0].op_type != "BatchNormalization" or len(readers[0].input) < 5:
         return []
     gamma, _, _, var = (constants.get(name) for name in readers[0].input[1:5])

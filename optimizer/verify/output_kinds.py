@@ -282,12 +282,11 @@ def _nms(boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray) -> np.ndarr
     order = np.argsort(-scores, kind="stable")
     kept: list[int] = []
     suppressed = np.zeros(len(order), bool)
-    overlaps = _iou(boxes, boxes) if len(boxes) else np.zeros((0, 0))
-    for index in order:
+    for index in order:  # one row of IoUs per kept box: memory stays O(boxes) however many pass 0.25
         if suppressed[index]:
             continue
         kept.append(int(index))
-        suppressed |= (overlaps[index] > NMS_IOU) & (classes == classes[index])
+        suppressed |= (_iou(boxes[index : index + 1], boxes)[0] > NMS_IOU) & (classes == classes[index])
     return np.array(sorted(kept), np.int64)
 
 

@@ -18,6 +18,7 @@ the report gives bytes by dtype before and after, with a warning when float weig
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from typing import Final
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -39,6 +40,9 @@ from passes.quantize.static import StaticPlan, plan_static, quantize_static
 from passes.quantize.targets import collect_targets
 from passes.quantize.weights import WeightSpec, quantize_weight_only_all, weight_only_spec
 
+UNMEASURED_MODE: Final = "dynamic"
+"""What mode 'auto' means when nothing is measured: never slower than fp32 on CPU."""
+
 
 @register
 class QuantizePass(QuantizeOptions, Pass):
@@ -48,7 +52,7 @@ class QuantizePass(QuantizeOptions, Pass):
     soften_option = "int8_weight_only_nodes"
     measured_option = "mode"
     measured_choices = ("weights", "dynamic", "static")
-    unmeasured_choice = "dynamic"
+    unmeasured_choice = UNMEASURED_MODE
 
     @property
     def config(self) -> QuantizeOptions:
@@ -58,7 +62,7 @@ class QuantizePass(QuantizeOptions, Pass):
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         options = self.config
         if options.mode == "auto":  # optimize() measures; the pass alone takes the form never slower than fp32
-            options = replace(options, mode="dynamic")  # unmeasured_choice
+            options = replace(options, mode=UNMEASURED_MODE)
         report = PassReport()
         before = bytes_by_dtype(graph)
         if options.mode == "static" and options.integer_forms:

@@ -341,15 +341,13 @@ def _insert_qdq(
         )
         params[name] = TensorParams(float(scale), int(zero))
         scale_value = np.asarray(scale, np.float32)
-        scale_c = shared.setdefault(
-            ("scale", scale_value.tobytes()), float_constant(names.fresh(name, "_scale"), scale_value)
-        )
-        zero_c = shared.get(("zero", np.asarray(zero).tobytes()))
-        if zero_c is None:
+        scale_key, zero_key = ("scale", scale_value.tobytes()), ("zero", np.asarray(zero).tobytes())
+        if scale_key not in shared:
+            shared[scale_key] = float_constant(names.fresh(name, "_scale"), scale_value)
+        if zero_key not in shared:
             zero_name = names.fresh(f"{activation_type.name}_zero_point_{int(zero)}", "")
-            zero_c = shared[("zero", np.asarray(zero).tobytes())] = integer_constant(
-                zero_name, np.asarray(zero), activation_type
-            )
+            shared[zero_key] = integer_constant(zero_name, np.asarray(zero), activation_type)
+        scale_c, zero_c = shared[scale_key], shared[zero_key]
         if values is not None:
             integers = quantize(np.asarray(values, np.float32), scale, zero, activation_type)
             _dequantized_constant(graph, tensor, integers, scale_c, zero_c, activation_type, consumers, names)
