@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from optimizer.api import BudgetOptions, FeedOptions, OptimizeOptions, optimize, plan_passes  # noqa: E402
+from optimizer.executor import ExecutorOptions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "budget.md"
 _REC: dict[str, object] = {}
@@ -72,7 +73,8 @@ def minilm(folder: Path, max_drop: float = 0.005, max_trials: int = 24) -> list[
     started = time.perf_counter()
     result = optimize(task.model, folder / "minilm.int8.onnx", OptimizeOptions(
         passes=names, pass_options=options, calibration=task.calibration(100), feeds=FeedOptions(source=feeds),
-        budget=BudgetOptions(max_drop=max_drop, metric="cosine", max_trials=max_trials, workers=2)))
+        budget=BudgetOptions(max_drop=max_drop, metric="cosine", max_trials=max_trials),
+        executor=ExecutorOptions(workers=2)))
     seconds = time.perf_counter() - started
     check = harness.session(result.output_path), harness.session(task.model)
     got, want = recipe.embed(check[0], tokenizer, check_texts), recipe.embed(check[1], tokenizer, check_texts)
@@ -101,7 +103,7 @@ def rec(folder: Path) -> list[str]:
         passes=names, pass_options=options, calibration=task.calibration(100),
         feeds=FeedOptions(source=setup["feeds"]),
         budget=BudgetOptions(max_drop=0.005, metric="bench_budget:rec_cer", higher_is_better=False,
-                             max_trials=16, workers=1)))
+                             max_trials=16)))
     seconds = time.perf_counter() - started
     fp32 = task.evaluate(task.model, task.model)
     got = task.evaluate(result.output_path, task.model)

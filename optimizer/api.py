@@ -152,7 +152,7 @@ def optimize(
             reference = runnable_reference(run.source, run.reference, run.model_files)
             data = run.checks.feeds if run.checks is not None and options.feeds.source is not None else None
             run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options, data)
-            run.chosen = with_value(run.chosen, index, run.auto.chosen)
+            run.chosen = run.auto.passes or with_value(run.chosen, index, run.auto.chosen)
     if options.budget is not None:
         with stage("accuracy budget"):
             budget = run.budget = _budget_stage(run)
@@ -235,7 +235,7 @@ def _budget_stage(run: _Run) -> BudgetResult:
         run.checks.feeds,
         max_drop=budget.max_drop,
         max_trials=budget.max_trials,
-        workers=budget.workers,
+        executor=options.executor,
         provider=options.provider,
         progress=options.progress,
         worker_imports=("passes",),

@@ -8,20 +8,17 @@ with the remaining layers kept in the next-best format. Re-measure until the bud
 
 Ranking: every layer's own gain when it alone is backed off to float (leave-one-out), measured
 when the trial budget allows; otherwise the per-layer output SQNR of the first trial. Then a k-ary
-search finds the fewest top-ranked layers to back off; each round evaluates ``workers`` candidates
-in parallel processes, which die with the process that started them. When even MOSTLY_UNDONE of
-the layers left uncompressed miss the budget, the search stops there (nothing worth writing is
-left: the budget is not met). Trials are bounded by ``max_trials``, and every onnxruntime run in
-them by ``timeout_s``.
+search finds the fewest top-ranked layers to back off; each round evaluates as many candidates as
+``executor`` has workers, in parallel (``optimizer.executor``: local processes or Ray actors).
+When even MOSTLY_UNDONE of the layers left uncompressed miss the budget, the search stops there
+(nothing worth writing is left: the budget is not met). Trials are bounded by ``max_trials``, and
+every onnxruntime run in them by ``timeout_s``.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +36,9 @@ from optimizer.budget_trials import (
     worker_trial,
 )
 from optimizer.errors import OptionError
+from optimizer.executor import ExecutorOptions, TrialPool, open_pool
 from optimizer.pass_base import Pass
 from optimizer.progress import progress_bar
-from optimizer.verify.isolation import spawn_without_main_script
 from optimizer.verify.layer_debug import debug_layers
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout
 
@@ -174,7 +171,7 @@ def search_budget(
     *,
     max_drop: float,
     max_trials: int = 24,
-    workers: int = 1,
+    executor: ExecutorOptions | None = None,
     provider: str = "cpu",
     calibration: Sequence[Feed] | None = None,
     progress: bool = False,
@@ -195,8 +192,8 @@ def search_budget(
     themselves (BudgetResult.model is then None). Every onnxruntime run (trials, ranking) is bounded
     by ``timeout_s`` (``RunTimeoutError``).
     """
-    if max_drop < 0 or max_trials < 1 or workers < 1:
-        raise OptionError("max_drop must be >= 0, max_trials >= 1 and workers >= 1")
+    if max_drop < 0 or max_trials < 1:
+        raise OptionError("max_drop must be >= 0 and max_trials >= 1")
     if not any(item.backoff_option for item in passes):
         raise OptionError("no pass in the pipeline can back off a layer (quantize or prune)")
     checked_timeout(timeout_s)
@@ -209,7 +206,7 @@ def search_budget(
         Runtime(provider, timeout_s),
         max_drop,
         max_trials,
-        workers,
+        executor or ExecutorOptions(),
         progress,
         tuple(worker_imports),
         (model_path, tuple(allow_symlinks_under)) if model_path else None,
@@ -232,7 +229,7 @@ class _SearchState:
         runtime: Runtime,
         max_drop,
         max_trials,
-        workers,
+        executor: ExecutorOptions,
         progress,
         worker_imports,
         worker_source,
@@ -240,7 +237,7 @@ class _SearchState:
     ) -> None:
         self.model, self.passes, self.metric_spec = model, passes, metric
         self.feeds, self.calibration, self.runtime = feeds, calibration, runtime
-        self.max_drop, self.max_trials, self.workers = max_drop, max_trials, workers
+        self.max_drop, self.max_trials, self.workers = max_drop, max_trials, executor.workers
         self.return_model = return_model
         self.softens = any(item.soften_option for item in passes)
         self.stopped_early = False
@@ -250,33 +247,16 @@ class _SearchState:
         self.results: dict[Backoff, float] = {}
         self.steps: list[BudgetStep] = []
         self.bar = progress_bar(total=max_trials, desc="budget trials", unit="trial", enabled=progress)
-        self.pool = self.lifeline = None
-        if workers > 1:
-            context = multiprocessing.get_context("spawn")
-            self.lifeline = context.Pipe(duplex=False)
-            self.pool = ProcessPoolExecutor(
-                workers,
-                mp_context=context,
-                initializer=init_worker,
-                initargs=(
-                    (self.lifeline[0], os.getpid()),
-                    worker_imports,
-                    worker_source or model.SerializeToString(),
-                    passes,
-                    metric,
-                    feeds,
-                    calibration,
-                    runtime,
-                    self.reference,
-                ),
-            )
+        self.pool: TrialPool | None = None
+        if executor.parallel:
+            source = worker_source or model.SerializeToString()
+            initargs = (worker_imports, source, passes, metric, feeds, calibration, runtime, self.reference)
+            self.pool = open_pool(executor, init_worker, initargs)
 
     def close(self) -> None:
         self.bar.close()
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-        for end in self.lifeline or ():
-            end.close()
+            self.pool.close()
 
     def run(self) -> BudgetResult:
         first = self.evaluate([Backoff()], "requested compression")[0]
@@ -303,8 +283,7 @@ class _SearchState:
         todo = [c for c in dict.fromkeys(candidates) if c not in self.results]
         todo = todo[: max(0, self.max_trials - len(self.results))]
         if self.pool is not None and len(todo) > 1:
-            with spawn_without_main_script():
-                values = list(self.pool.map(worker_trial, todo))
+            values = self.pool.map(worker_trial, todo)
         else:
             values = [self.trial(candidate) for candidate in todo]
         for candidate, value in zip(todo, values, strict=True):

@@ -1,5 +1,5 @@
 """One accuracy-budget trial: compress with some layers backed off, run, measure; in this process
-or in worker processes that die with the process that started them (see optimizer.budget)."""
+or in the workers of ``optimizer.executor`` (see optimizer.budget)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
 from optimizer.graph.patterns import exact_name_pattern
 from optimizer.pass_base import Pass, PassContext
 from optimizer.pipeline import Pipeline
-from optimizer.verify.isolation import die_with_parent
 from optimizer.verify.metrics import Metric, Outputs, collect_outputs, load_metric
 
 Feed = dict[str, np.ndarray]
@@ -94,7 +93,6 @@ _WORKER: dict[str, Any] = {}
 
 
 def init_worker(
-    parent: tuple,
     imports,
     model_source: tuple[str, tuple[str, ...]] | bytes,
     passes,
@@ -104,7 +102,6 @@ def init_worker(
     runtime: Runtime,
     reference,
 ) -> None:
-    die_with_parent(*parent)
     for name in imports:
         module_name, _, function = name.partition(":")
         module = importlib.import_module(module_name)

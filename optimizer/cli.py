@@ -35,6 +35,7 @@ from optimizer.calibration.sensitivity import sensitivity_scan
 from optimizer.cli_options import UsageError, output_kinds_from_args, tolerance_from_args
 from optimizer.cli_parser import build_parser
 from optimizer.errors import OnnxCompressError
+from optimizer.executor import ExecutorOptions
 from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
 from optimizer.internal_errors import bad_input_message, internal_error_message
@@ -112,11 +113,11 @@ def _optimize_options(
             metric=args.metric,
             output=args.metric_output,
             max_trials=args.max_trials,
-            workers=args.workers,
             higher_is_better=None if args.metric_direction is None else args.metric_direction == "higher",
         )
     )
     return OptimizeOptions(
+        executor=ExecutorOptions(kind=args.executor, workers=args.workers, ray_address=args.ray_address),
         passes=names,
         pass_options=options,
         calibration=args.calibration_data,

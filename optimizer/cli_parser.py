@@ -23,6 +23,7 @@ from optimizer.cli_options import (
     metric_spec,
     shape_override,
 )
+from optimizer.executor import EXECUTORS
 from optimizer.registry import parse_option_text
 from optimizer.shortcuts import SHORTCUTS, Shortcut
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S
@@ -306,7 +307,18 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--max-trials", type=int_in(1, MAX_COUNT), default=24, help="compression trials at most (default 24)"
     )
-    budget.add_argument("--workers", type=int_in(1, 256), default=1, help="trials in parallel processes (default 1)")
+    trials = sub.add_argument_group("trials (accuracy budget): where they run")
+    trials.add_argument(
+        "--workers", type=int_in(1, 256), default=1, help="trials at a time: worker processes or Ray actors (default 1)"
+    )
+    trials.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: worker processes on this machine; ray: Ray actors (the ray extra), on --ray-address or a "
+        "local Ray instance (default local)",
+    )
+    trials.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (ray://host:10001 or host:port)")
 
 
 def _add_validate(commands) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx
 
+from optimizer.executor import ExecutorOptions
 from optimizer.fileio.publish import ExternalData
 from optimizer.pass_base import Pass
 from optimizer.report.report import Report
@@ -78,7 +79,6 @@ class BudgetOptions:
     higher_is_better: bool | None = None
     output: str | None = None
     max_trials: int = 24
-    workers: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +90,8 @@ class OptimizeOptions:
     on, with ``provider``; ``timeout_s`` bounds every onnxruntime run (``RunTimeoutError``).
     ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
     ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
-    ``bisect`` searches for the first bad pass when a pass or the validation fails.
+    ``bisect`` searches for the first bad pass when a pass or the validation fails. ``executor`` says
+    where the budget's trials run (local processes or Ray, ``optimizer.executor``).
     External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
     ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
     every file it reads before any work (a collision is a ``ModelSaveError``).
@@ -108,6 +109,7 @@ class OptimizeOptions:
     bench_rounds: int | None = None
     fusion_check: bool | None = None
     budget: BudgetOptions | None = None
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     bisect: bool = False
     external_data: ExternalData = "auto"
     max_input_bytes: int | None = None

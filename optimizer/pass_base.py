@@ -63,12 +63,16 @@ class PassContext:
     ``calibration`` is a factory: each call yields the calibration feeds anew (a pass may need
     several passes over the data, e.g. ranges first, then histograms). ``timeout_s`` bounds each
     onnxruntime run a pass makes (None: no limit); a run past it raises ``RunTimeoutError``.
+    ``memo`` holds what a pass measured on this context's data, for a later run of a pass on the
+    same context to reuse (auto mode builds static int8 several times on one model and data:
+    calibration ranges are measured once); keys name the pass and what the value depends on.
     """
 
     calibration: CalibrationFactory | None = None
     provider: str = "cpu"
     progress: bool = False
     timeout_s: float | None = DEFAULT_TIMEOUT_S
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         checked_timeout(self.timeout_s)
@@ -104,6 +108,10 @@ class Pass(abc.ABC):
     """An option whose value 'auto' optimize() resolves by measurement (``optimizer.auto_mode``):
     each of ``measured_choices`` (most accurate first) is built, checked and timed."""
     measured_choices: ClassVar[tuple[str, ...]] = ()
+    softened_choices: ClassVar[tuple[str, ...]] = ()
+    """Values of ``measured_option`` that auto mode, when one fails its check, tries again with the
+    groups it rounds worst backed off to ``soften_option`` (quantize: static, whose 8-bit activations
+    can be backed off one group at a time to weight-only int8)."""
     unmeasured_choice: ClassVar[str | None] = None
     """The value 'auto' takes when nothing can be measured (no calibration data, or the pass alone)."""
 

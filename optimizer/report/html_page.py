@@ -173,7 +173,12 @@ def layer_columns(layers: list[dict[str, Any]]) -> list[str]:
     return [key for key in LAYER_COLUMNS if any(key in layer for layer in layers)]
 
 
-AUTO_COLUMNS = ("value", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "same_as", "error")
+RANKING_COLUMNS = ("node", "rounding_sqnr_db")
+RANKING_TEXT = (
+    "Groups the failing candidate rounds worst (the SQNR of the 8-bit activations each group produces), "
+    "in the order they were backed off to weight-only int8"
+)
+AUTO_COLUMNS = ("name", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "same_as", "error")
 
 
 def _auto_section(auto: dict[str, Any]) -> list[str]:
@@ -185,6 +190,10 @@ def _auto_section(auto: dict[str, Any]) -> list[str]:
     ]
     if candidates:
         out.append(_table(AUTO_COLUMNS, [[c.get(k) for k in AUTO_COLUMNS] for c in candidates]))
+    ranking = auto.get("ranking") or []
+    if ranking:
+        out.append(f"<p>{_e(RANKING_TEXT)}</p>")
+        out.append(_table(RANKING_COLUMNS, [[row.get(k) for k in RANKING_COLUMNS] for row in ranking]))
     return out
 
 

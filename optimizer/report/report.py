@@ -17,6 +17,8 @@ from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.fileio.output_files import check_apart, folder_files, temp_file
 from optimizer.report.html_page import (
     AUTO_COLUMNS,
+    RANKING_COLUMNS,
+    RANKING_TEXT,
     format_number,
     kind_text,
     layer_columns,
@@ -174,7 +176,11 @@ def _auto_section(auto: dict[str, Any]) -> list[str]:
         f"ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
     )
     candidates = auto.get("candidates") or []
-    return [*lines, "", *(_table(list(AUTO_COLUMNS), candidates) if candidates else []), ""]
+    lines += ["", *(_table(list(AUTO_COLUMNS), candidates) if candidates else [])]
+    ranking = auto.get("ranking") or []
+    if ranking:
+        lines += ["", f"{RANKING_TEXT}:", "", *_table(list(RANKING_COLUMNS), ranking)]
+    return [*lines, ""]
 
 
 def _layers_section(layers: list[dict[str, Any]]) -> list[str]:

@@ -9,8 +9,9 @@ number of samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -417,6 +418,23 @@ def _worst_output(outputs: Sequence[OutputMetrics]) -> str | None:
     return min(outputs, key=lambda m: math.inf if math.isnan(m.sqnr_db) else m.sqnr_db).name
 
 
+def _reference_runner(
+    session: Any, cache: list[dict[str, np.ndarray]] | None, label: str, stage: str, timeout_s: float | None
+) -> Callable[[int, Feed], dict[str, np.ndarray]]:
+    """Feed ``index``'s reference outputs: from ``cache`` when filled before, else run (and cached)."""
+    cached = list(cache) if cache else None
+
+    def outputs(index: int, feed: Feed) -> dict[str, np.ndarray]:
+        if cached is not None and index < len(cached):
+            return cached[index]
+        found = run_session(session, feed, label=label, stage=stage, timeout_s=timeout_s)
+        if cache is not None and cached is None:
+            cache.append(found)
+        return found
+
+    return outputs
+
+
 def compare(
     reference: ModelSource,
     candidate: ModelSource,
@@ -427,8 +445,10 @@ def compare(
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     output_kinds: Mapping[str, str] | None = None,
     stage: str = STAGE,
+    reference_cache: list[dict[str, np.ndarray]] | None = None,
 ) -> Comparison:
     """Run both models one sample at a time on the same feeds and check every output.
+    ``reference_cache``: filled with the reference's outputs when empty, read when not (auto mode).
 
     Each output's kind (``optimizer.verify.output_kinds``) is inferred from its first sample unless
     ``output_kinds`` names it; the lossy default tolerance also applies that kind's limits.
@@ -438,8 +458,7 @@ def compare(
     ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``.
     """
     checked_timeout(timeout_s)
-    choice = as_provider_choice(provider)
-    labels = (model_label(reference), model_label(candidate))
+    choice, labels = as_provider_choice(provider), (model_label(reference), model_label(candidate))
     reference_session, reference_provider = create_session(reference, choice)
     candidate_session, candidate_provider = create_session(candidate, choice)
     output_names = [node_arg.name for node_arg in reference_session.get_outputs()]
@@ -448,10 +467,10 @@ def compare(
     kinds = checked_output_kinds(output_kinds, output_names)
     specs = session_input_specs(reference_session)
     accumulators: dict[str, _OutputAccumulator] = {}
-    samples = 0
+    samples, run_reference = 0, _reference_runner(reference_session, reference_cache, labels[0], stage, timeout_s)
     for index, feed in enumerate(feeds):
         checked = check_feed(specs, feed, index)
-        reference_outputs = run_session(reference_session, checked, label=labels[0], stage=stage, timeout_s=timeout_s)
+        reference_outputs = run_reference(index, checked)
         candidate_outputs = run_session(candidate_session, checked, label=labels[1], stage=stage, timeout_s=timeout_s)
         for name in output_names:
             ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
@@ -464,9 +483,8 @@ def compare(
         raise FeedError("no feeds given: need at least one sample to compare")
     _explicit_top1_misuse(tolerance, list(accumulators.values()))
     outputs = [_finish(accumulators[name], tolerances[name]) for name in output_names]
-    provider_used = reference_provider
-    if candidate_provider != reference_provider:
-        provider_used = f"{reference_provider} (reference), {candidate_provider} (candidate)"
+    both = f"{reference_provider} (reference), {candidate_provider} (candidate)"
+    provider_used = reference_provider if candidate_provider == reference_provider else both
     return Comparison(
         outputs=outputs,
         passed=all(metrics.passed for metrics in outputs),

@@ -52,6 +52,7 @@ class QuantizePass(QuantizeOptions, Pass):
     soften_option = "int8_weight_only_nodes"
     measured_option = "mode"
     measured_choices = ("weights", "dynamic", "static")
+    softened_choices = ("static",)
     unmeasured_choice = UNMEASURED_MODE
 
     @property

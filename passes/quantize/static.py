@@ -22,17 +22,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.quant_math import qtype, quantize, quantize_bias, quantize_weight, scale_zero_point
-from optimizer.calibration.ranges import collect_ranges
 from optimizer.errors import PassError
 from optimizer.graph.names import NameAllocator
+from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.weights import Weight, is_constant_derived, weight_values
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
-from passes.quantize.common import QuantizedWeight, float_constant, integer_constant, too_wide_for_8_bits
+from passes.quantize.activation_ranges import calibrate_activations, inherited_ranges
+from passes.quantize.common import QuantizedWeight, float_constant, integer_constant
 from passes.quantize.dynamic import weight_only_reason
-from passes.quantize.integer_forms import RESCALE_OPS, fold_rescales, plan_rescales, rescale_factor, rescaled_input
+from passes.quantize.integer_forms import RESCALE_OPS, fold_rescales, plan_rescales, rescale_factor
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.outliers import probe_model
 from passes.quantize.weights import (
     NAMED_REASON,
     WeightSpec,
@@ -68,19 +68,6 @@ NEIGHBOR_INPUTS: dict[str, tuple[int, ...] | None] = {
     "SpaceToDepth": (0,),
     "Div": (0,),
 }
-SAME_RANGE_OPS = (
-    "Transpose",
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "MaxPool",
-    "Slice",
-    "Pad",
-    "DepthToSpace",
-    "SpaceToDepth",
-    "Resize",
-)
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 OPSET_PER_CHANNEL = 13
 OPSET_QDQ = 10
@@ -136,7 +123,6 @@ def quantize_static(
     report: PassReport,
     context: PassContext,
 ) -> None:
-    quantize_weight_only_all(plan.weight_only, names, report, plan.notes)
     compute_nodes = _ordered_nodes(graph, {id(c.node) for t in plan.compute for c in t.uses})
     memo: dict[int, bool | None] = {}
     neighbors = [
@@ -148,12 +134,14 @@ def quantize_static(
         and (n.op != "Div" or (options.integer_forms and rescale_factor(n) is not None))
     ]
     compute_nodes = [n for n in compute_nodes if not is_constant_derived(n.inputs[0], memo)]
+    neighbors = _after_softened(graph, neighbors, options)
     neighbors = _leading_to_integer_ops(compute_nodes, neighbors, report)
-    inherited = _inherited_ranges(neighbors, options.integer_forms)
+    inherited = inherited_ranges(neighbors, options.integer_forms)
     candidates = sorted(
         {t.name for n in compute_nodes + neighbors for t in data_inputs(n) + [n.outputs[0]] if t.name} - set(inherited)
     )
-    ranges = _calibrate(graph, candidates, options, report, context)
+    ranges = calibrate_activations(graph, candidates, options, report, context)
+    quantize_weight_only_all(plan.weight_only, names, report, plan.notes)
     for output, (source, factor) in inherited.items():
         if source in ranges:
             ranges[output] = (ranges[source][0] * factor, ranges[source][1] * factor)
@@ -203,67 +191,30 @@ def _leading_to_integer_ops(
     return kept
 
 
-def _inherited_ranges(neighbors: list[gs.Node], rescales: bool) -> dict[str, tuple[str, float]]:
-    """Outputs that take their input's range (times a factor), in graph order: ops that only move,
-    select or interpolate values (factor 1), and positive scalar Mul/Div (folded into the scale
-    later). onnxruntime drops DequantizeLinear -> op -> QuantizeLinear only when both sides have
-    the same scale and zero point, and calibrating the same values twice costs time."""
-    inherited: dict[str, tuple[str, float]] = {}
-    for node in neighbors:
-        factor = rescale_factor(node) if rescales else None
-        if factor is not None and node.outputs[0].name:
-            inherited[node.outputs[0].name] = (rescaled_input(node).name, factor)
-            continue
-        if node.op not in SAME_RANGE_OPS or len(node.outputs) != 1 or not node.outputs[0].name:
-            continue
-        if node.op == "Resize" and node.attrs.get("mode", "nearest") == "cubic":
-            continue  # cubic interpolation overshoots
-        if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant" and len(node.inputs) > 2:
-            fill = weight_values(node.inputs[2]) if node.inputs[2].name else None
-            if fill is None or np.any(np.asarray(fill) != 0):
-                continue
-        if node.op == "Pad" and float(node.attrs.get("value", 0.0)) != 0.0:
-            continue
-        inherited[node.outputs[0].name] = (node.inputs[0].name, 1.0)
-    return inherited
+def _after_softened(graph: gs.Graph, neighbors: list[gs.Node], options: QuantizeOptions) -> list[gs.Node]:
+    """The neighbours not fed by an op named in ``int8_weight_only_nodes``: backing a layer off
+    leaves its whole group float (its activation chain too, e.g. a SiLU's Sigmoid and Mul), so the
+    tensors whose 8-bit rounding hurt are no longer rounded; the next quantized op's input is."""
+    if not options.int8_weight_only_nodes:
+        return neighbors
+    matches = NamePatterns(options.int8_weight_only_nodes).matches
+    floating = {id(t) for n in graph.nodes if n.op in COMPUTE_OPS and matches(n.name or "") for t in n.outputs}
+    if not floating:
+        return neighbors
+    dropped: set[int] = set()
+    changed = True
+    while changed:  # one sweep in graph order, more only where the graph is not sorted
+        changed = False
+        for node in neighbors:
+            if id(node) not in dropped and any(id(t) in floating for t in data_inputs(node)):
+                floating.update(id(t) for t in node.outputs)
+                dropped.add(id(node))
+                changed = True
+    return [node for node in neighbors if id(node) not in dropped]
 
 
 def _ordered_nodes(graph: gs.Graph, wanted: set[int]) -> list[gs.Node]:
     return [node for node in graph.nodes if id(node) in wanted]
-
-
-def _calibrate(
-    graph: gs.Graph, candidates: list[str], options: QuantizeOptions, report: PassReport, context: PassContext
-) -> dict[str, tuple[float, float]]:
-    model = probe_model(graph, [])
-    result = collect_ranges(
-        model,
-        candidates,
-        lambda: context.calibration_feeds("quantize"),
-        method=options.calibration_method,
-        percentile=options.percentile,
-        symmetric=options.symmetric_activations,
-        provider=context.provider,
-        progress=context.progress,
-        max_samples=options.calibration_samples or None,
-        timeout_s=context.timeout_s,
-        stage="static calibration",
-    )
-    report.details["calibration"] = {
-        "method": result.method,
-        "samples": result.samples,
-        "seconds": round(result.seconds, 3),
-        "tensors": len(result.ranges),
-        "notes": result.notes,
-    }
-    usable = {}
-    for name, found in result.ranges.items():
-        low, high = float(found.low), float(found.high)
-        if too_wide_for_8_bits(low, high):
-            report.skip("tensor", name, f"calibrated range [{low:.3g}, {high:.3g}] is too wide for 8 bits; kept float")
-            continue
-        usable[name] = (low, high)
-    return usable
 
 
 def _neighbor_ready(node: gs.Node, ranges: dict) -> bool:

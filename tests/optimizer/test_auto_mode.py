@@ -10,11 +10,12 @@ import onnx
 import pytest
 
 from optimizer.api import optimize
-from optimizer.auto_mode import Candidate, _choose
+from optimizer.auto_mode import Candidate, _choose, _why
 from optimizer.cli import main
 from optimizer.fileio.model import load_model
 from optimizer.optimize_options import OptimizeOptions, ValidationOptions
 from optimizer.verify.tolerances import Tolerance
+from tests.helpers.quantize_checks import heavy_tail_model
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 from tests.passes.quantize.test_integer_forms import mobile_block
 
@@ -27,19 +28,19 @@ def _candidate(value: str, ratio: float | None, passed: bool = True, error: str 
 
 def test_the_fastest_passing_candidate_wins():
     candidates = [_candidate("weights", 1.0), _candidate("dynamic", 0.98), _candidate("static", 0.5)]
-    chosen, why = _choose(candidates, 0.02, PREFERENCE)
-    assert chosen == "static" and "0.50x" in why
+    chosen = _choose(candidates, 0.02, PREFERENCE)
+    assert chosen.value == "static" and "0.50x" in _why(chosen, candidates, 0.02)
 
 
 def test_a_failing_candidate_is_never_chosen_however_fast():
     candidates = [_candidate("weights", 1.0), _candidate("dynamic", 0.6), _candidate("static", 0.3, passed=False)]
-    assert _choose(candidates, 0.02, PREFERENCE)[0] == "dynamic"
+    assert _choose(candidates, 0.02, PREFERENCE).value == "dynamic"
 
 
 def test_within_the_noise_floor_the_more_accurate_form_wins():
     candidates = [_candidate("weights", 1.0), _candidate("dynamic", 0.99), _candidate("static", 0.97)]
-    assert _choose(candidates, 0.04, PREFERENCE)[0] == "weights"
-    assert _choose(candidates, 0.01, PREFERENCE)[0] == "static"
+    assert _choose(candidates, 0.04, PREFERENCE).value == "weights"
+    assert _choose(candidates, 0.01, PREFERENCE).value == "static"
 
 
 def test_nothing_passing_keeps_the_most_accurate_built_form():
@@ -48,13 +49,21 @@ def test_nothing_passing_keeps_the_most_accurate_built_form():
         _candidate("dynamic", 0.9, passed=False),
         _candidate("static", 0.5, passed=False),
     ]
-    chosen, why = _choose(candidates, 0.01, PREFERENCE)
-    assert chosen == "dynamic" and "no candidate passed" in why
+    chosen = _choose(candidates, 0.01, PREFERENCE)
+    assert chosen.value == "dynamic" and "no candidate passed" in _why(chosen, candidates, 0.01)
 
 
 def test_slower_than_the_input_is_said():
-    _, why = _choose([_candidate("weights", 1.2), _candidate("dynamic", 1.3)], 0.02, PREFERENCE)
-    assert "slower than the input" in why
+    candidates = [_candidate("weights", 1.2), _candidate("dynamic", 1.3)]
+    assert "slower than the input" in _why(_choose(candidates, 0.02, PREFERENCE), candidates, 0.02)
+
+
+def test_among_passing_static_builds_within_the_noise_the_fewest_backed_off_groups_win():
+    fewer = Candidate("static", passed=True, latency_ratio=0.61, softened=["a"])
+    more = Candidate("static", passed=True, latency_ratio=0.60, softened=["a", "b"])
+    chosen = _choose([_candidate("weights", 1.0), more, fewer], 0.02, PREFERENCE)
+    assert chosen is fewer and chosen.name == "static, 1 group weight-only"
+    assert "backed off to weight-only int8: a" in _why(chosen, [more, fewer], 0.02)
 
 
 def _cnn_and_calibration() -> tuple[onnx.ModelProto, list]:
@@ -131,3 +140,43 @@ def test_a_candidate_identical_to_another_is_measured_once(tmp_path):
     assert by_value["dynamic"]["same_as"] == "weights" and by_value["weights"]["same_as"] is None
     assert by_value["dynamic"]["latency_ratio"] == by_value["weights"]["latency_ratio"]
     assert by_value["dynamic"]["passed"] == by_value["weights"]["passed"]
+
+
+def test_a_failing_static_build_is_retried_with_its_worst_rounded_groups_backed_off(tmp_path):
+    """conv1's c^4 rounds its small values away: static fails; the ranking puts conv1's group first
+    and the first retry, conv1 weight-only with its Muls and Sigmoid float, passes."""
+    model = heavy_tail_model()
+    options = OptimizeOptions(passes=["quantize"], calibration=seeded_feeds(model, count=40, seed=3))
+    result = optimize(model, tmp_path / "out.onnx", options)
+    auto = result.report.auto
+    assert auto is not None
+    by_name = {c["name"]: c for c in auto["candidates"]}
+    assert by_name["static"]["passed"] is False
+    passing = by_name["static, 1 group weight-only"]
+    assert passing["passed"] is True and passing["softened"] == ["conv1"]
+    assert passing["latency_ratio"] is not None and passing["tool_seconds"] is not None
+    assert len(auto["candidates"]) == 4  # the search stops at the first build that passes
+    assert [row["node"] for row in auto["ranking"]] == ["conv1"] and auto["ranking"][0]["rounding_sqnr_db"] < 35
+    if auto["chosen"] == "static":  # chosen when fastest: the written file is the passing build
+        assert "re:^conv1$" in result.report.passes[-1]["options"]["int8_weight_only_nodes"]
+
+
+def test_the_chosen_backed_off_build_is_the_file_written(tmp_path, monkeypatch):
+    """Timing on a tiny model is noise: make the backed-off build the fastest and check what is kept."""
+    import optimizer.auto_mode as auto_mode
+
+    def timed(candidates, reference, paths, settings):
+        for candidate in candidates:
+            candidate.latency_ratio = 0.5 if candidate.softened else 1.0
+        return 0.01
+
+    monkeypatch.setattr(auto_mode, "_time", timed)
+    model = heavy_tail_model()
+    options = OptimizeOptions(passes=["quantize"], calibration=seeded_feeds(model, count=40, seed=3))
+    result = optimize(model, tmp_path / "out.onnx", options)
+    assert result.report.auto is not None and result.report.auto["chosen"] == "static"
+    assert "backed off to weight-only int8: conv1" in result.report.auto["why"]
+    assert "re:^conv1$" in result.report.passes[-1]["options"]["int8_weight_only_nodes"]
+    written = onnx.load(tmp_path / "out.onnx")
+    quantized_inputs = {n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"}
+    assert "s1" in quantized_inputs and not {"c1", "p1", "q1"} & quantized_inputs

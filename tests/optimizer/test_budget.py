@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 import numpy as np
 import onnx
@@ -15,6 +17,7 @@ from optimizer.budget import MetricSpec, backed_off_passes, budget_layers, searc
 from optimizer.budget_trials import Backoff, Runtime, compress
 from optimizer.cli import main
 from optimizer.errors import OptionError
+from optimizer.executor import ExecutorOptions
 from optimizer.fileio.model import load_model
 from tests.helpers.budget_damage import DamagePass, SoftDamagePass, matches
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
@@ -75,9 +78,57 @@ def test_small_trial_budget_ranks_by_sqnr(data):
 def test_workers_give_the_same_answer(data):
     model, feeds = data
     serial = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002)
-    parallel = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002, workers=2,
+    parallel = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002,
+                             executor=ExecutorOptions(workers=2),
                              worker_imports=("passes", DAMAGE_MODULE + ":register"))
     assert parallel.backed_off == serial.backed_off and parallel.value == pytest.approx(serial.value)
+    assert [step.backed_off for step in parallel.steps[:1]] == [step.backed_off for step in serial.steps[:1]]
+
+
+def test_a_local_ray_instance_gives_the_same_answer_as_local_processes(data):
+    """The same search through Ray actors (a local instance started and stopped by the search).
+    Skipped without the ray extra, except where ONNX_COMPRESS_REQUIRE_RAY=1 (CI installs it)."""
+    if importlib.util.find_spec("ray") is None:
+        if os.environ.get("ONNX_COMPRESS_REQUIRE_RAY") == "1":
+            pytest.fail("Ray is required here (ONNX_COMPRESS_REQUIRE_RAY=1) but not installed")
+        pytest.skip("the ray extra is not installed (pip install -e '.[dev,ray]')")
+    import ray
+
+    model, feeds = data
+    imports = ("passes", DAMAGE_MODULE + ":register")
+    local = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002,
+                          executor=ExecutorOptions(workers=2), worker_imports=imports)
+    on_ray = search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002,
+                           executor=ExecutorOptions(kind="ray", workers=2), worker_imports=imports)
+    assert on_ray.backed_off == local.backed_off and on_ray.weight_only == local.weight_only
+    assert on_ray.value == pytest.approx(local.value) and on_ray.trials == local.trials
+    assert not ray.is_initialized()  # the instance it started is stopped
+
+
+def test_ray_without_the_extra_is_a_clear_error(data, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    model, feeds = data
+    with pytest.raises(OptionError, match=r"pip install 'onnx-compress\[ray\]'"):
+        search_budget(model, PASSES, MetricSpec("cosine"), feeds, max_drop=0.002, executor=ExecutorOptions(kind="ray"))
+
+
+def test_executor_options_are_checked():
+    with pytest.raises(OptionError, match="executor must be one of local, ray"):
+        ExecutorOptions(kind="dask")
+    with pytest.raises(OptionError, match="workers"):
+        ExecutorOptions(workers=0)
+    with pytest.raises(OptionError, match="needs --executor ray"):
+        ExecutorOptions(ray_address="10.0.0.1:6379")
+    assert ExecutorOptions(kind="ray", workers=3).describe() == "3 Ray actor(s) on a local Ray instance"
 
 
 def test_bad_arguments(data):

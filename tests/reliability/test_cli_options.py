@@ -65,8 +65,15 @@ OPTIMIZE_BAD_VALUES = [
     ("--rtol", "inf"), ("--min-cosine", "2"), ("--min-sqnr", "inf"), ("--min-top1", "1.5"),
     ("--output-tolerance", "y:atol=inf"), ("--output-tolerance", "y:min-cosine=nan"),
     ("--shape", "x=99999999999x2"), ("--shape", "x=65536x65536x2"), ("--shape", "x=-4"),
-    ("--metric", "nonsense"), ("--metric", "a b:c"), ("--metric", "os:"),
+    ("--metric", "nonsense"), ("--metric", "a b:c"), ("--metric", "os:"), ("--executor", "dask"),
 ]
+
+
+def test_a_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
+    output = tmp_path / "out.onnx"
+    code = main(["optimize", str(MLP), "-o", str(output), "--ray-address", "10.0.0.1:6379", "--json"])
+    line = one_error_line(capsys)
+    assert code == 2 and "needs --executor ray" in line and not output.exists()
 
 
 @pytest.mark.parametrize(("flag", "value"), OPTIMIZE_BAD_VALUES, ids=[f"{f}={v}" for f, v in OPTIMIZE_BAD_VALUES])

@@ -20,6 +20,7 @@ import optimizer.app_inputs as app_inputs
 import optimizer.fileio.model as model_module
 from optimizer.cli import main
 from optimizer.errors import ModelLoadError, ModelSaveError
+from optimizer.executor import ExecutorOptions
 from optimizer.fileio import lazy_io
 from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.fileio.save import save_model
@@ -457,7 +458,8 @@ def test_budget_workers_load_with_the_same_symlink_roots(tmp_path):
     (tmp_path / "out").mkdir()
     result = api_module.optimize(path, tmp_path / "out" / "o.onnx", api_module.OptimizeOptions(
         allow_symlinks_under=[store], passes=["prune"], pass_options={"prune": {"sparsity": 0.5}},
-        budget=api_module.BudgetOptions(max_drop=0.0, metric="max_abs", max_trials=8, workers=2)))
+        budget=api_module.BudgetOptions(max_drop=0.0, metric="max_abs", max_trials=8),
+        executor=ExecutorOptions(workers=2)))
     assert result.output_path is not None
     assert result.report.budget is not None and result.report.budget["trials"] >= 3
     # a budget implies validation: onnxruntime refuses data outside the model's folder, so the

@@ -240,13 +240,14 @@ def test_killing_the_cli_during_validation_leaves_no_child(hanging, how, tmp_pat
 
 BUDGET_SCRIPT = """
 from optimizer.budget import MetricSpec, search_budget
+from optimizer.executor import ExecutorOptions
 from optimizer.fileio.model import load_model
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 from tests.helpers.budget_damage import DamagePass, register
 register()
 model = load_model(MODELS_DIR / "mlp.onnx")
 search_budget(model, [DamagePass()], MetricSpec("cosine"),
-              seeded_feeds(model, count=4), max_drop=0.002, workers=2,
+              seeded_feeds(model, count=4), max_drop=0.002, executor=ExecutorOptions(workers=2),
               worker_imports=("tests.helpers.budget_damage:register", "signal:pause"))
 """
 """A budget search whose workers never finish starting (``signal.pause()`` in their initializer), so

@@ -12,7 +12,7 @@ from optimizer.fileio.model import load_model
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
-from tests.helpers.quantize_checks import initializers, quantize
+from tests.helpers.quantize_checks import heavy_tail_model, initializers, quantize
 from tests.helpers.runtime import max_abs_error, ort_runs, run_model
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
@@ -253,3 +253,38 @@ def test_equal_activation_scales_and_zero_points_are_stored_once():
     assert len(values) == len(set(values)) >= 1
     scales = [numpy_helper.to_array(t).tobytes() for t in scalars if t.data_type == TensorProto.FLOAT]
     assert len(scales) == len(set(scales))
+
+
+def test_a_backed_off_layer_keeps_its_activation_chain_float(tmp_path):
+    """int8_weight_only_nodes=conv1: conv1 weight-only, its Muls and Sigmoid float; the Sigmoid's
+    output, which conv2 reads, is the first tensor rounded again."""
+    model = heavy_tail_model()
+    calibration = seeded_feeds(model, count=16, seed=3)
+    result, report = quantize(model, calibration=calibration, mode="static", int8_weight_only_nodes=("conv1",))
+    quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert "s1" in quantized and not {"c1", "p1", "q1"} & quantized
+    ran = ort_runs(result.model, tmp_path)
+    assert ran["Sigmoid"] == 1 and ran["Mul"] == 2 and "QLinearMul" not in ran  # float, no DQ/Q churn
+    assert report["counts"]["static_Conv"] == 1
+    feeds = seeded_feeds(model, count=4, seed=2)
+    reference = np.concatenate([r[0] for r in run_model(model, feeds)])
+    assert max_abs_error(model, result.model, feeds) <= 0.05 * np.abs(reference).max()
+    whole, _ = quantize(model, calibration=calibration, mode="static")
+    assert max_abs_error(model, whole.model, feeds) > max_abs_error(model, result.model, feeds)
+
+
+def test_a_second_static_build_on_one_context_reuses_its_ranges_and_writes_the_same_bytes():
+    model = heavy_tail_model()
+    calibration = seeded_feeds(model, count=16, seed=3)
+    shared = PassContext(calibration=lambda: iter(calibration))
+    softened = create_pass("quantize", mode="static", int8_weight_only_nodes=("conv1",))
+    Pipeline([create_pass("quantize", mode="static")], context=shared).run(model)
+    reused = Pipeline([softened], context=shared).run(model)
+    fresh = Pipeline([softened], context=PassContext(calibration=lambda: iter(calibration))).run(model)
+    details = reused.runs[-1].report["details"]["calibration"]
+    assert details["reused"] == details["tensors"] > 0 and "samples" not in details
+    assert "samples" in fresh.runs[-1].report["details"]["calibration"]
+    assert reused.model.SerializeToString() == fresh.model.SerializeToString()
+    other = create_pass("quantize", mode="static", calibration_method="minmax")
+    minmax = Pipeline([other], context=shared).run(model).runs[-1].report["details"]["calibration"]
+    assert minmax["reused"] == 0  # other settings, other ranges
