@@ -4,20 +4,25 @@ Each value of ``Pass.measured_choices`` is built on the input (a value that need
 is tried only with it), checked by the same verdict as ``--validate`` (output-kind metrics, the
 lossy tolerance unless the user set one) and timed with onnxruntime against the input, every
 candidate in the same interleaved rounds, next to a second session of the input whose paired
-ratio is the noise floor. The choice: the fastest candidate that passes; among candidates within
-the noise floor of it, the first in ``measured_choices`` (the most accurate); never one slower than
-the input by more than the noise floor when a candidate that runs the input's own ops passes.
+ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
+check is built again with the groups it rounds worst (``optimizer.verify.quant_noise``) backed off
+to the pass's next-best format (weight-only int8), 1, 2, 4, 8, 16 of them, until a build passes.
+The choice: the fastest candidate that passes; among candidates within the noise floor of it, the
+first in ``measured_choices`` (the most accurate), then the one with the fewest groups backed off.
 Without calibration data nothing is measured: the option takes ``Pass.unmeasured_choice``.
+Builds and checks run through ``optimizer.executor`` (``--workers``, ``--executor ray``); the
+timing runs in this process after them, alone (trials sharing cores would be noise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
+import os
 import tempfile
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,60 +30,20 @@ from typing import Any
 import onnx
 
 from optimizer.app_inputs import resolve_feed_options
+from optimizer.auto_trials import AutoSettings, Candidate, build, check, init_worker, worker_trial
 from optimizer.budget_trials import backed_off_passes
-from optimizer.errors import OptionError, PassError
+from optimizer.executor import ExecutorOptions, TrialPool, open_pool
 from optimizer.fileio.save import save_model
 from optimizer.optimize_options import ModelInput, OptimizeOptions, ValidationOptions
 from optimizer.pass_base import Pass, PassContext
-from optimizer.pipeline import Pipeline, PipelineResult
+from optimizer.pipeline import PipelineResult
 from optimizer.shortcuts import calibration_request
 from optimizer.verify.benchmark import benchmark
-from optimizer.verify.isolation import run_comparison
-from optimizer.verify.quant_noise import activation_noise, rank_groups
-from optimizer.verify.tolerances import LOSSY_TOLERANCE, Tolerance, with_default_tolerance
+from optimizer.verify.runtime import external_data_locations
+from optimizer.verify.static_groups import static_groups
+from optimizer.verify.tolerances import LOSSY_TOLERANCE, with_default_tolerance
 
 AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class AutoSettings:
-    """What the candidates are checked on: feeds (``feeds_label`` says which), the verdict's
-    tolerance and output kinds, where onnxruntime runs, and how many latency rounds."""
-
-    feeds: list[dict[str, Any]]
-    feeds_label: str
-    tolerance: Tolerance | Mapping[str, Tolerance]
-    output_kinds: Mapping[str, str]
-    provider: str
-    timeout_s: float | None
-    rounds: int = 20
-    reference_outputs: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
-    """The input's outputs on ``feeds``, filled by the first check and read by the others."""
-
-
-@dataclass
-class Candidate:
-    value: str
-    size_bytes: int | None = None
-    tool_seconds: float | None = None
-    passed: bool | None = None
-    verdict: str = ""
-    latency_ratio: float | None = None
-    error: str | None = None
-    same_as: str | None = None
-    """Another candidate whose file came out byte-identical (a CNN has no MatMul for dynamic mode
-    to change): its check and timing stand for this one, measured once."""
-    softened: list[str] = field(default_factory=list)
-    """The groups (compute nodes) backed off to the pass's next-best format, worst-rounded first."""
-
-    @property
-    def name(self) -> str:
-        if not self.softened:
-            return self.value
-        return f"{self.value}, {len(self.softened)} group{'s' if len(self.softened) > 1 else ''} weight-only"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
 
 
 @dataclass
@@ -131,35 +96,62 @@ def unmeasured(passes: Sequence[Pass], index: int) -> AutoChoice:
 
 @dataclass
 class _Trials:
-    """Every candidate built so far, its file, its pipeline result and its passes."""
+    """Every candidate built so far, its file, its pipeline result and its passes; built and checked
+    here, or in ``pool``'s workers (``optimizer.executor``), ``workers`` at a time."""
 
     source: onnx.ModelProto
     reference: ModelInput
     context: PassContext
     settings: AutoSettings
     folder: Path
+    pool: TrialPool | None = None
+    workers: int = 1
     candidates: list[Candidate] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
     results: dict[str, PipelineResult] = field(default_factory=dict)
     passes: dict[str, list[Pass]] = field(default_factory=dict)
     digests: dict[str, Candidate] = field(default_factory=dict)
 
-    def add(self, candidate: Candidate, chosen: list[Pass]) -> PipelineResult | None:
-        """Build ``candidate`` with ``chosen`` passes, save it and check it (once per distinct file)."""
+    def run(self, batch: list[tuple[Candidate, list[Pass]]]) -> list[tuple[Candidate, PipelineResult | None]]:
+        """Build and check every candidate of ``batch``; a file byte-identical to an earlier one is
+        checked once (here) and timed once. Returns the candidates as measured (a worker's copies)."""
+        if self.pool is None or len(batch) < 2:
+            return [(candidate, self._here(candidate, chosen)) for candidate, chosen in batch]
+        done = self.pool.map(worker_trial, batch)
+        pairs = zip(done, batch, strict=True)
+        return [(candidate, self._keep(candidate, chosen, built)) for (candidate, built), (_, chosen) in pairs]
+
+    def _here(self, candidate: Candidate, chosen: list[Pass]) -> PipelineResult | None:
         self.candidates.append(candidate)
-        built = _build(candidate, self.source, chosen, self.context)
+        built = build(candidate, self.source, chosen, self.context)
         if built is None:
             return None
+        path, twin = self._save(candidate, chosen, built)
+        if twin is not candidate:
+            candidate.same_as, candidate.passed, candidate.verdict = twin.name, twin.passed, twin.verdict
+            candidate.violation = twin.violation
+            return built
+        self.paths[candidate.name] = path
+        check(candidate, self.reference, path, self.settings)
+        return built
+
+    def _keep(self, candidate: Candidate, chosen: list[Pass], built: PipelineResult | None) -> PipelineResult | None:
+        """A candidate a worker built and checked: saved here for timing."""
+        self.candidates.append(candidate)
+        if built is None:
+            return None
+        path, twin = self._save(candidate, chosen, built)
+        if twin is not candidate:
+            candidate.same_as = twin.name
+        else:
+            self.paths[candidate.name] = path
+        return built
+
+    def _save(self, candidate: Candidate, chosen: list[Pass], built: PipelineResult) -> tuple[Path, Candidate]:
         path = save_model(built.model, self.folder / f"candidate-{len(self.candidates)}.onnx")
         candidate.size_bytes = path.stat().st_size
         self.results[candidate.name], self.passes[candidate.name] = built, chosen
-        twin = self.digests.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), candidate)
-        if twin is not candidate:
-            candidate.same_as, candidate.passed, candidate.verdict = twin.name, twin.passed, twin.verdict
-            return built
-        self.paths[candidate.name] = path
-        _check(candidate, self.reference, path, self.settings)
-        return built
+        return path, self.digests.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), candidate)
 
 
 def choose_by_measurement(
@@ -169,109 +161,135 @@ def choose_by_measurement(
     index: int,
     context: PassContext,
     settings: AutoSettings,
+    executor: ExecutorOptions | None = None,
 ) -> AutoChoice:
     """Build, check and time every candidate value of ``passes[index]``'s measured option; a
-    softenable value that fails is tried again with its worst-rounded groups backed off."""
+    softenable value that fails is tried again with its worst-rounded groups backed off. Builds and
+    checks run through ``executor`` (default: here); timing runs here, after them, alone."""
     item = passes[index]
     assert item.measured_option is not None
     ranking: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="onnx-compress-auto-") as folder:
-        trials = _Trials(source, reference, context, settings, Path(folder))
+    with (
+        tempfile.TemporaryDirectory(prefix="onnx-compress-auto-") as folder,
+        _pool(executor, source, reference, context, settings) as pool,
+    ):
+        workers = executor.workers if executor is not None and pool is not None else 1
+        trials = _Trials(source, reference, context, settings, Path(folder), pool, workers)
+        batch = []
         for value in item.measured_choices:
             candidate = Candidate(value)
             if context.calibration is None and calibration_request(item.name, {item.measured_option: value}):
                 candidate.error = "needs calibration data"
                 trials.candidates.append(candidate)
                 continue
-            built = trials.add(candidate, with_value(passes, index, value))
-            if built is not None and candidate.passed is False and value in item.softened_choices:
-                ranking = soften_search(trials, with_value(passes, index, value), value, built.model)
+            batch.append((candidate, with_value(passes, index, value)))
+        for (candidate, built), (_, chosen) in zip(trials.run(batch), batch, strict=True):
+            if built is not None and candidate.passed is False and candidate.value in item.softened_choices:
+                ranking = retry_failed(trials, chosen, index, candidate, built.model)
         noise = _time(trials.candidates, reference, trials.paths, settings)
-        by_name = {c.name: c for c in trials.candidates}
-        for candidate in trials.candidates:
-            if candidate.same_as is not None:
-                candidate.latency_ratio = by_name[candidate.same_as].latency_ratio
-    chosen = _choose(trials.candidates, noise, list(item.measured_choices))
+    _copy_twin_timings(trials.candidates)
+    chosen_candidate = _choose(trials.candidates, noise, list(item.measured_choices))
     return AutoChoice(
         item.name,
         item.measured_option,
-        chosen.value,
-        _why(chosen, trials.candidates, noise),
+        chosen_candidate.value,
+        _why(chosen_candidate, trials.candidates, noise),
         settings.feeds_label,
         noise,
         trials.candidates,
-        trials.results.get(chosen.name),
-        trials.passes.get(chosen.name) or with_value(passes, index, chosen.value),
+        trials.results.get(chosen_candidate.name),
+        trials.passes.get(chosen_candidate.name) or with_value(passes, index, chosen_candidate.value),
         ranking,
     )
 
 
-RANK_SAMPLES = 4
-"""Check samples the rounding-noise ranking runs the failing candidate on."""
+def _copy_twin_timings(candidates: list[Candidate]) -> None:
+    by_name = {c.name: c for c in candidates}
+    for candidate in candidates:
+        if candidate.same_as is not None:
+            candidate.latency_ratio = by_name[candidate.same_as].latency_ratio
+
+
+@contextlib.contextmanager
+def _pool(
+    executor: ExecutorOptions | None,
+    source: onnx.ModelProto,
+    reference: ModelInput,
+    context: PassContext,
+    settings: AutoSettings,
+) -> Iterator[TrialPool | None]:
+    """Workers for the builds and checks when ``executor`` asks for them (a model too big for one
+    protobuf message, or with lazily loaded weights, is built here)."""
+    if executor is None or not executor.parallel or context.calibration is None:
+        yield None
+        return
+    if source.ByteSize() >= 2**31 or external_data_locations(source):
+        yield None
+        return
+    shared_reference = reference.SerializeToString() if isinstance(reference, onnx.ModelProto) else reference
+    if not isinstance(shared_reference, bytes):
+        shared_reference = os.fspath(shared_reference)
+    calibration = [dict(feed) for feed in context.calibration()]
+    initargs = (
+        ("passes",),
+        source.SerializeToString(),
+        calibration,
+        context.provider,
+        context.timeout_s,
+        shared_reference,
+        settings,
+    )
+    pool = open_pool(executor, init_worker, initargs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 MAX_SOFTENED_TRIALS = 5
 """Builds with 1, 2, 4, 8, 16 groups backed off, at most: past that, static int8 has little left."""
 
 
-def soften_search(trials: _Trials, chosen: list[Pass], value: str, failed: onnx.ModelProto) -> list[dict[str, Any]]:
-    """Back off the groups the failing ``value`` candidate rounds worst (``quant_noise``) to the
-    pass's next-best format, 1, 2, 4, ... of them, until a build passes the check. Returns the
-    ranking of the groups tried (node, rounding SQNR in dB), worst first."""
-    settings = trials.settings
-    feeds = settings.feeds[:RANK_SAMPLES]
-    ranked = rank_groups(
-        failed, activation_noise(failed, feeds, provider=settings.provider, timeout_s=settings.timeout_s)
-    )
-    names = [name for name, _ in ranked]
+def retry_failed(
+    trials: _Trials, chosen: list[Pass], index: int, failed: Candidate, model: onnx.ModelProto
+) -> list[dict[str, Any]]:
+    """A failing softenable candidate, built again: first with ``Pass.unclipped_options`` (wider
+    ranges); then, from whichever of the two missed by less, with its first 1, 2, 4, 8, 16 quantized
+    groups (``static_groups``, graph order) backed off to the pass's next-best format, until a build
+    passes. Returns the groups backed off in the last build (node, position), first first."""
+    wider = chosen[index].unclipped_options()
+    if wider:
+        variant = ", ".join(f"{key} {value:g}" for key, value in wider.items())
+        widened = [*chosen[:index], replace(chosen[index], **wider), *chosen[index + 1 :]]
+        [(measured, built)] = trials.run([(Candidate(failed.value, variant=variant), widened)])
+        if measured.passed:
+            return []
+        if built is not None and (measured.violation or math.inf) < (failed.violation or math.inf):
+            failed, chosen, model = measured, widened, built.model
+    names = static_groups(model)
     counts = sorted({min(2**step, len(names)) for step in range(MAX_SOFTENED_TRIALS)} - {0})
-    tried = 0
-    for count in counts:
-        candidate = Candidate(value, softened=names[:count])
-        trials.add(candidate, backed_off_passes(chosen, [], names[:count]))
-        tried = count
-        if candidate.passed or candidate.error is not None:
+    tried: list[str] = []
+    for start in range(0, len(counts), trials.workers):
+        batch = [
+            (
+                Candidate(failed.value, variant=failed.variant, softened=names[:count]),
+                backed_off_passes(chosen, [], names[:count]),
+            )
+            for count in counts[start : start + trials.workers]
+        ]
+        measured_batch = [candidate for candidate, _ in trials.run(batch)]
+        tried = measured_batch[-1].softened
+        if any(candidate.passed or candidate.error is not None for candidate in measured_batch):
             break
-    return [{"node": name, "rounding_sqnr_db": _decibels(score)} for name, score in ranked[:tried]]
-
-
-def _decibels(noise_ratio: float) -> float | None:
-    return round(-10.0 * math.log10(noise_ratio), 1) if 0 < noise_ratio < math.inf else None
-
-
-def _build(
-    candidate: Candidate, source: onnx.ModelProto, chosen: list[Pass], context: PassContext
-) -> PipelineResult | None:
-    try:
-        start = time.perf_counter()
-        built = Pipeline(chosen, context=context).run(source)
-        candidate.tool_seconds = round(time.perf_counter() - start, 3)
-    except (OptionError, PassError) as error:
-        candidate.error = str(error)
-        return None
-    return built
-
-
-def _check(candidate: Candidate, reference: ModelInput, path: Path, settings: AutoSettings) -> None:
-    comparison = run_comparison(
-        reference,
-        path,
-        settings.feeds,
-        isolate=False,
-        tolerance=settings.tolerance,
-        provider=settings.provider,
-        output_kinds=settings.output_kinds,
-        timeout_s=settings.timeout_s,
-        stage=f"auto mode, checking the {candidate.name} candidate,",
-        reference_cache=settings.reference_outputs,
-    )
-    candidate.passed = comparison.passed
-    candidate.verdict = comparison.summary().splitlines()[-1]
+    return [{"node": name, "position": names.index(name)} for name in tried]
 
 
 def _time(
     candidates: list[Candidate], reference: ModelInput, paths: dict[str, Path], settings: AutoSettings
 ) -> float | None:
-    """Paired latency ratios against the input; returns the noise floor (a second input session)."""
-    timed = [c for c in candidates if c.name in paths]
+    """Paired latency ratios against the input; returns the noise floor (a second input session).
+    A retry that failed (wider ranges, groups backed off) is not timed: it cannot be chosen."""
+    timed = [c for c in candidates if c.name in paths and (c.passed or not (c.variant or c.softened))]
     if not timed:
         return None
     models = [reference, reference, *(paths[c.name] for c in timed)]
@@ -344,7 +362,7 @@ def auto_stage(
         options.timeout_s,
         options.bench_rounds or 20,
     )
-    return choose_by_measurement(source, reference, passes, index, context, settings)
+    return choose_by_measurement(source, reference, passes, index, context, settings, options.executor)
 
 
 def _check_feeds(

@@ -307,7 +307,7 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--max-trials", type=int_in(1, MAX_COUNT), default=24, help="compression trials at most (default 24)"
     )
-    trials = sub.add_argument_group("trials (accuracy budget): where they run")
+    trials = sub.add_argument_group("trials (auto mode builds and checks, accuracy budget): where they run")
     trials.add_argument(
         "--workers", type=int_in(1, 256), default=1, help="trials at a time: worker processes or Ray actors (default 1)"
     )

@@ -91,7 +91,7 @@ class OptimizeOptions:
     ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
     ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
     ``bisect`` searches for the first bad pass when a pass or the validation fails. ``executor`` says
-    where the budget's trials run (local processes or Ray, ``optimizer.executor``).
+    where auto mode's builds and checks and the budget's trials run (``optimizer.executor``).
     External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
     ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
     every file it reads before any work (a collision is a ``ModelSaveError``).

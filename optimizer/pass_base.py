@@ -113,6 +113,13 @@ class Pass(abc.ABC):
     groups it rounds worst backed off to ``soften_option`` (quantize: static, whose 8-bit activations
     can be backed off one group at a time to weight-only int8)."""
     unmeasured_choice: ClassVar[str | None] = None
+
+    def unclipped_options(self) -> dict[str, Any]:
+        """Option changes that make a value of ``softened_choices`` keep more of each calibrated
+        range (quantize static: percentile 100 instead of 99.999), tried by auto mode when that
+        value fails its check, before groups are backed off; {} when there are none."""
+        return {}
+
     """The value 'auto' takes when nothing can be measured (no calibration data, or the pass alone)."""
 
     def __call__(self, graph: gs.Graph, context: PassContext | None = None) -> PassResult:

@@ -53,6 +53,8 @@ __all__ = [
     "TensorRange",
     "collect_ranges",
     "expose_outputs",
+    "statistic_family",
+    "statistic_range",
 ]
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
@@ -74,6 +76,9 @@ class TensorRange:
     samples: int
 
 
+Statistic = RunningMinMax | StreamingHistogram
+
+
 @dataclass
 class CalibrationResult:
     ranges: dict[str, TensorRange]
@@ -82,6 +87,22 @@ class CalibrationResult:
     seconds: float
     method: str
     notes: list[str] = field(default_factory=list)
+    statistics: dict[str, tuple[Statistic, int]] = field(default_factory=dict)
+    """With ``keep_statistics``: each ranged tensor's statistic and sample count, from which
+    ``statistic_range`` gives the range of another method of the same family (any percentile)."""
+
+
+def statistic_family(method: str) -> str:
+    """Methods whose statistics are interchangeable: ranges of one can be read off another's."""
+    return "minmax" if method == "minmax" else f"histogram, zeros {'counted' if method == 'mse' else 'skipped'}"
+
+
+def statistic_range(
+    statistic: Statistic, *, method: Method, percentile: float = 99.999, num_bits: int = 8, symmetric: bool = False
+) -> tuple[float, float]:
+    """The range ``method`` reads off ``statistic`` (collected for a method of the same family)."""
+    options = _Options(method, percentile, num_bits, symmetric, 2048, None, 1)
+    return options.range_of(statistic)
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,7 @@ def collect_ranges(
     max_samples: int | None = None,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     stage: str = "calibration",
+    keep_statistics: bool = False,
 ) -> CalibrationResult:
     """Range of every tensor in ``tensor_names`` over the samples of ``feeds`` (an iterable of
     ``{input name: array}``, read once, one sample at a time, or a callable returning one).
@@ -201,7 +223,8 @@ def collect_ranges(
     notes = [note for note in (choice.note, stopped) if note]
     notes += [f"{runner.rebuilds} regrouping(s); final groups: {len(runner.groups)}"]
     elapsed = time.perf_counter() - started
-    return CalibrationResult(ranges, _ordered(plan.skipped, tensor_names), count, elapsed, method, notes)
+    kept = {name: (statistics[name], seen[name]) for name in ranges} if keep_statistics else {}
+    return CalibrationResult(ranges, _ordered(plan.skipped, tensor_names), count, elapsed, method, notes, kept)
 
 
 def _first_sample(feeds: FeedSource) -> tuple[Iterator[Feed], Feed]:

@@ -173,10 +173,10 @@ def layer_columns(layers: list[dict[str, Any]]) -> list[str]:
     return [key for key in LAYER_COLUMNS if any(key in layer for layer in layers)]
 
 
-RANKING_COLUMNS = ("node", "rounding_sqnr_db")
+RANKING_COLUMNS = ("node", "position")
 RANKING_TEXT = (
-    "Groups the failing candidate rounds worst (the SQNR of the 8-bit activations each group produces), "
-    "in the order they were backed off to weight-only int8"
+    "Groups backed off to weight-only int8 in the last static build tried, first layers first "
+    "(position among the static groups)"
 )
 AUTO_COLUMNS = ("name", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "same_as", "error")
 

@@ -1,9 +1,10 @@
 """Activation ranges for static mode: calibrated once per tensor, inherited where an op only moves
 values (one scale and zero point on both sides, which onnxruntime needs to drop the DQ/Q pair).
 
-Calibration ranges are kept in the pass context's memo, keyed by the float graph and the
-calibration settings: a second static build on the same context (auto mode backing a few groups
-off to weight-only int8) measures only the tensors it has not seen.
+Calibration statistics (histograms, or min/max) are kept in the pass context's memo, keyed by the
+float graph, the statistic's family and the samples: a second static build on the same context
+(auto mode trying percentile 100, or backing a few groups off to weight-only int8) runs the model
+only for tensors it has not seen, and reads any percentile off the same histograms.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.calibration.ranges import TensorRange, collect_ranges
+from optimizer.calibration.ranges import Statistic, collect_ranges, statistic_family, statistic_range
 from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.common import too_wide_for_8_bits
@@ -67,7 +68,9 @@ def calibrate_activations(
     graph: gs.Graph, candidates: list[str], options: QuantizeOptions, report: PassReport, context: PassContext
 ) -> dict[str, tuple[float, float]]:
     model = probe_model(graph, [])
-    known: dict[str, TensorRange | None] = context.memo.setdefault(calibration_key(model, options, context), {})
+    known: dict[str, tuple[Statistic, int] | None] = context.memo.setdefault(
+        calibration_key(model, options, context), {}
+    )
     missing = [name for name in candidates if name not in known]
     details: dict[str, Any] = {"method": options.calibration_method, "reused": len(candidates) - len(missing)}
     if missing:
@@ -83,16 +86,22 @@ def calibrate_activations(
             max_samples=options.calibration_samples or None,
             timeout_s=context.timeout_s,
             stage="static calibration",
+            keep_statistics=True,
         )
         known.update(dict.fromkeys(missing))
-        known.update(result.ranges)
+        known.update(result.statistics)
         details.update(samples=result.samples, seconds=round(result.seconds, 3), notes=result.notes)
     found = {name: known[name] for name in candidates if known[name] is not None}
     report.details["calibration"] = {**details, "tensors": len(found)}
     usable = {}
-    for name, tensor_range in found.items():
-        assert tensor_range is not None
-        low, high = float(tensor_range.low), float(tensor_range.high)
+    for name, kept in found.items():
+        assert kept is not None
+        low, high = statistic_range(
+            kept[0],
+            method=options.calibration_method,
+            percentile=options.percentile,
+            symmetric=options.symmetric_activations,
+        )
         if too_wide_for_8_bits(low, high):
             report.skip("tensor", name, f"calibrated range [{low:.3g}, {high:.3g}] is too wide for 8 bits; kept float")
             continue
@@ -101,15 +110,10 @@ def calibrate_activations(
 
 
 def calibration_key(model: onnx.ModelProto, options: QuantizeOptions, context: PassContext) -> str:
-    """What ranges depend on: the float graph, the method and its settings, the samples read."""
+    """What the statistics depend on: the float graph, the statistic's family (any percentile reads
+    off one histogram), the samples read and where they ran."""
     digest = hashlib.sha256(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 else b"")
     if model.ByteSize() >= 2**31:
         digest.update(str(id(model)).encode())  # too big to hash cheaply: reused by nothing
-    settings = (
-        options.calibration_method,
-        options.percentile,
-        options.symmetric_activations,
-        options.calibration_samples,
-        context.provider,
-    )
-    return f"quantize.static.ranges:{digest.hexdigest()}:{settings!r}"
+    settings = (statistic_family(options.calibration_method), options.calibration_samples, context.provider)
+    return f"quantize.static.statistics:{digest.hexdigest()}:{settings!r}"

@@ -18,7 +18,7 @@ the report gives bytes by dtype before and after, with a warning when float weig
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -54,6 +54,13 @@ class QuantizePass(QuantizeOptions, Pass):
     measured_choices = ("weights", "dynamic", "static")
     softened_choices = ("static",)
     unmeasured_choice = UNMEASURED_MODE
+
+    def unclipped_options(self) -> dict[str, Any]:
+        """Percentile 100 when static ranges are percentiles: PP-OCRv4 det's mask IoU goes from 0.618 to
+        0.874 on its check images (YOLOv8n's box F1 from 0.812 to 0.829)."""
+        if self.calibration_method == "percentile" and self.percentile < 100.0:
+            return {"percentile": 100.0}
+        return {}
 
     @property
     def config(self) -> QuantizeOptions:

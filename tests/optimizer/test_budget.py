@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import numpy as np
 import onnx
@@ -20,6 +18,7 @@ from optimizer.errors import OptionError
 from optimizer.executor import ExecutorOptions
 from optimizer.fileio.model import load_model
 from tests.helpers.budget_damage import DamagePass, SoftDamagePass, matches
+from tests.helpers.ray_check import ray_or_skip
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 
 DAMAGE_MODULE = "tests.helpers.budget_damage"
@@ -86,12 +85,8 @@ def test_workers_give_the_same_answer(data):
 
 
 def test_a_local_ray_instance_gives_the_same_answer_as_local_processes(data):
-    """The same search through Ray actors (a local instance started and stopped by the search).
-    Skipped without the ray extra, except where ONNX_COMPRESS_REQUIRE_RAY=1 (CI installs it)."""
-    if importlib.util.find_spec("ray") is None:
-        if os.environ.get("ONNX_COMPRESS_REQUIRE_RAY") == "1":
-            pytest.fail("Ray is required here (ONNX_COMPRESS_REQUIRE_RAY=1) but not installed")
-        pytest.skip("the ray extra is not installed (pip install -e '.[dev,ray]')")
+    """The same search through Ray actors (a local instance started and stopped by the search)."""
+    ray_or_skip()
     import ray
 
     model, feeds = data

@@ -287,4 +287,11 @@ def test_a_second_static_build_on_one_context_reuses_its_ranges_and_writes_the_s
     assert reused.model.SerializeToString() == fresh.model.SerializeToString()
     other = create_pass("quantize", mode="static", calibration_method="minmax")
     minmax = Pipeline([other], context=shared).run(model).runs[-1].report["details"]["calibration"]
-    assert minmax["reused"] == 0  # other settings, other ranges
+    assert minmax["reused"] == 0  # min/max is another statistic than a histogram
+    wider = create_pass("quantize", mode="static", percentile=100.0)
+    from_memo = Pipeline([wider], context=shared).run(model)
+    wider_details = from_memo.runs[-1].report["details"]["calibration"]
+    assert wider_details["reused"] == wider_details["tensors"] > 0 and "samples" not in wider_details  # same histograms
+    measured = Pipeline([wider], context=PassContext(calibration=lambda: iter(calibration))).run(model)
+    assert from_memo.model.SerializeToString() == measured.model.SerializeToString()
+    assert from_memo.model.SerializeToString() != reused.model.SerializeToString()
