@@ -85,6 +85,11 @@ class Variant:
     note: str = ""
 
 
+def _ratio_text(candidate: dict) -> str:
+    ratio = candidate.get("latency_ratio")
+    return f"{ratio}x " if ratio is not None else "(not timed) "
+
+
 def our_variant(name: str, source: Path, folder: Path, calibration: Path, arguments: list[str]) -> Variant:
     target = folder / f"{name.replace(' ', '_')}.onnx"
     report = target.with_suffix(".json")
@@ -97,9 +102,10 @@ def our_variant(name: str, source: Path, folder: Path, calibration: Path, argume
     elif report.exists():
         auto = json.loads(report.read_text()).get("auto") or {}
         if auto.get("candidates"):
-            tried = ", ".join(f"{c['value']} {c['latency_ratio']}x {'pass' if c['passed'] else 'fail'}"
-                              for c in auto["candidates"] if c.get("latency_ratio") is not None)
-            variant.note = f"auto chose {auto['chosen']} (tried: {tried}; noise floor {auto['noise_floor']})"
+            tried = ", ".join(f"{c.get('name', c['value'])} {_ratio_text(c)}{'pass' if c['passed'] else 'fail'}"
+                              for c in auto["candidates"] if c.get("error") is None and c.get("same_as") is None)
+            chosen = auto.get("chosen_name") or auto["chosen"]
+            variant.note = f"auto chose {chosen} (tried: {tried}; noise floor {auto['noise_floor']})"
     return variant
 
 

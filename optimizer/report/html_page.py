@@ -183,8 +183,9 @@ AUTO_COLUMNS = ("name", "size_bytes", "latency_ratio", "passed", "verdict", "too
 
 def _auto_section(auto: dict[str, Any]) -> list[str]:
     candidates = auto.get("candidates") or []
+    chosen = auto.get("chosen_name") or auto.get("chosen")
     out = [
-        f"<h2>{_e(auto.get('pass_name'))} {_e(auto.get('option'))} auto: {_e(auto.get('chosen'))}</h2>",
+        f"<h2>{_e(auto.get('pass_name'))} {_e(auto.get('option'))} auto: {_e(chosen)}</h2>",
         f"<p>{_e(auto.get('why'))}. Checked on {_e(auto.get('evaluated_on') or '-')}; latency_ratio is the "
         f"median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.</p>",
     ]

@@ -171,7 +171,7 @@ def _passes_section(passes: list[dict[str, Any]]) -> list[str]:
 def _auto_section(auto: dict[str, Any]) -> list[str]:
     """The candidates an 'auto' option was chosen from: size, latency against the input, verdict."""
     lines = _heading(
-        f"{auto.get('pass_name')} {auto.get('option')} auto: {auto.get('chosen')}",
+        f"{auto.get('pass_name')} {auto.get('option')} auto: {auto.get('chosen_name') or auto.get('chosen')}",
         f"{auto.get('why')}. Checked on {auto.get('evaluated_on') or '-'}; latency_ratio is the median paired "
         f"ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
     )

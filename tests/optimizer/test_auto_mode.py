@@ -171,7 +171,9 @@ def test_the_chosen_backed_off_build_is_the_file_written(tmp_path, monkeypatch):
     options = OptimizeOptions(passes=["quantize"], calibration=seeded_feeds(model, count=40, seed=3))
     result = optimize(model, tmp_path / "out.onnx", options)
     assert result.report.auto is not None and result.report.auto["chosen"] == "static"
+    assert result.report.auto["chosen_name"] == "static, 1 group weight-only"
     assert "backed off to weight-only int8: conv1" in result.report.auto["why"]
+    assert "auto: static, 1 group weight-only" in result.report.to_markdown()
     assert "re:^conv1$" in result.report.passes[-1]["options"]["int8_weight_only_nodes"]
     written = onnx.load(tmp_path / "out.onnx")
     quantized_inputs = {n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"}
