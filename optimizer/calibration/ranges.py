@@ -193,19 +193,8 @@ def collect_ranges(
     most ``max_samples`` samples are read (``notes`` say when that cut the feeds short). A run longer
     than ``timeout_s`` raises ``RunTimeoutError`` naming ``stage`` (e.g. "static calibration").
     """
-    options = _Options(
-        method,
-        percentile,
-        num_bits,
-        symmetric,
-        bins,
-        max_outputs_per_run,
-        memory_budget_bytes,
-        max_binned,
-        max_samples,
-        timeout_s,
-        stage,
-    )
+    settings = (bins, max_outputs_per_run, memory_budget_bytes, max_binned, max_samples, timeout_s, stage)
+    options = _Options(method, percentile, num_bits, symmetric, *settings)
     choice = resolve_provider(provider)
     started = time.perf_counter()
     samples, first = _first_sample(feeds)

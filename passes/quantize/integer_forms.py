@@ -28,15 +28,24 @@ RESCALE_OPS = ("Mul", "Div")
 OPSET_CLIP_INPUTS = 11
 
 
-def prepare_integer_forms(graph: gs.Graph, report: PassReport) -> None:
-    """The rewrites above, in the main graph (subgraph bodies stay weight-only in static mode)."""
+def fold_batch_norms(graph: gs.Graph, report: PassReport) -> None:
+    """Every BatchNormalization right after a Conv of the main graph, folded into it. In every mode:
+    onnxruntime folds it at load anyway, and its four parameter vectors are float bytes the file need
+    not carry (the layout detector: 94 of them, 204 KB, 0.290 -> 0.27 of fp32 weight-only); the
+    per-channel int8 rounding of the folded weight has the same relative error as the unfolded one's."""
     names = NameAllocator(graph, reserve_node_names=True)
     readers = _reader_counts(graph)
     for node in list(graph.nodes):
         if node.op == "BatchNormalization" and _fold_batchnorm(graph, node, readers, names):
             report.count("batchnorms_folded")
+
+
+def prepare_integer_forms(graph: gs.Graph, report: PassReport) -> None:
+    """The activation rewrites above, in the main graph (subgraph bodies stay weight-only in static
+    mode); BatchNorm is folded before, in every mode (``fold_batch_norms``)."""
     if int(graph.opset) < OPSET_CLIP_INPUTS:
         return
+    names = NameAllocator(graph, reserve_node_names=True)
     for node in list(graph.nodes):
         if (
             node.op in ("HardSigmoid", "HardSwish")

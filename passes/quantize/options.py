@@ -85,9 +85,10 @@ class QuantizeOptions:
     )
     integer_forms: bool = option(
         True,
-        "static mode: fold BatchNorm into Conv, rewrite HardSigmoid/HardSwish as Add/Clip/Mul and fold positive "
-        "scalar Mul/Div into scales, so those blocks run as integer kernels (False: float islands between "
-        "DequantizeLinear and QuantizeLinear; PP-OCRv4 det 0.98x -> 0.5x fp32 time with them)",
+        "fold BatchNorm into the Conv before it (every mode: fewer float bytes); static mode also rewrites "
+        "HardSigmoid/HardSwish as Add/Clip/Mul and folds positive scalar Mul/Div into scales, so those blocks "
+        "run as integer kernels (False: float islands between DequantizeLinear and QuantizeLinear; PP-OCRv4 det "
+        "0.98x -> 0.5x fp32 time with them)",
     )
     percentile: float = option(99.999, "percentile of |activation| kept by calibration_method=percentile")
     op_types: tuple[str, ...] = option(DEFAULT_OP_TYPES, "op types whose weights are quantized")

@@ -31,7 +31,7 @@ from optimizer.registry import register
 from passes.quantize.common import bytes_by_dtype, hopeless_activation
 from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynamic, quantize_dynamic
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
-from passes.quantize.integer_forms import prepare_integer_forms
+from passes.quantize.integer_forms import fold_batch_norms, prepare_integer_forms
 from passes.quantize.opset import ensure_opset
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.outliers import channel_absmax, outlier_channels
@@ -73,8 +73,10 @@ class QuantizePass(QuantizeOptions, Pass):
             options = replace(options, mode=UNMEASURED_MODE)
         report = PassReport()
         before = bytes_by_dtype(graph)
-        if options.mode == "static" and options.integer_forms:
-            prepare_integer_forms(graph, report)
+        if options.integer_forms:
+            fold_batch_norms(graph, report)
+            if options.mode == "static":
+                prepare_integer_forms(graph, report)
             cleanup(graph)
             toposort(graph)
         targets = collect_targets(graph, options.selection(), report)
@@ -98,7 +100,7 @@ class QuantizePass(QuantizeOptions, Pass):
             cleanup(graph)
             toposort(graph)
         finish_report(report, options, graph, before)
-        return PassResult(graph, bool(targets), report.to_dict())
+        return PassResult(graph, bool(targets) or "batchnorms_folded" in report.counts, report.to_dict())
 
 
 def _run_dynamic(

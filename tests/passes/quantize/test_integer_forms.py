@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.graph.convert import export_model, import_graph
 from optimizer.pass_base import PassReport
-from passes.quantize.integer_forms import prepare_integer_forms, rescale_factor
+from passes.quantize.integer_forms import fold_batch_norms, prepare_integer_forms, rescale_factor
 from tests.helpers.quantize_checks import quantize
 from tests.helpers.runtime import max_abs_error, ort_runs, run_model
 from tests.helpers.samples import seeded_feeds
@@ -83,6 +83,7 @@ def test_rewrites_before_quantization_keep_the_float_function():
     for model in (mobile_block(), mobile_block(opset=14, hardswish_op=True)):
         graph = import_graph(model)
         report = PassReport()
+        fold_batch_norms(graph, report)
         prepare_integer_forms(graph, report)
         graph.cleanup().toposort()
         rewritten = export_model(graph, model)
@@ -158,3 +159,22 @@ def test_integer_forms_off_leaves_the_float_islands(tmp_path):
     ran = ort_runs(result.model, tmp_path)
     assert ran["BatchNormalization"] + ran["Div"] + ran["HardSigmoid"] >= 3, ran
     assert "rescales_folded_into_scale" not in report["counts"] and "batchnorms_folded" not in report["counts"]
+
+
+@pytest.mark.parametrize("mode", ["weights", "dynamic"])
+def test_every_mode_folds_batchnorm_into_the_conv_before_it(mode):
+    """Its four float vectors leave the file; onnxruntime folded it at load anyway."""
+    model = mobile_block()
+    folded, report = quantize(model, mode=mode, min_weight_elements=16)
+    assert report["counts"]["batchnorms_folded"] == 1
+    assert not any(n.op_type == "BatchNormalization" for n in folded.model.graph.node)
+    kept, kept_report = quantize(model, mode=mode, min_weight_elements=16, integer_forms=False)
+    assert "batchnorms_folded" not in kept_report["counts"]
+    assert any(n.op_type == "BatchNormalization" for n in kept.model.graph.node)
+    assert folded.model.ByteSize() < kept.model.ByteSize()
+    feeds = seeded_feeds(model, count=3)
+    reference = np.concatenate([r[0] for r in run_model(model, feeds)])
+    scale = float(np.abs(reference).max())
+    assert max_abs_error(model, folded.model, feeds) <= max_abs_error(model, kept.model, feeds) + 1e-3 * scale
+    again, _ = quantize(folded.model, mode=mode, min_weight_elements=16)
+    assert again.modified is False
