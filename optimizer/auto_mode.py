@@ -64,6 +64,9 @@ class AutoChoice:
     chosen_name: str = ""
     """The chosen candidate's name (its variant and the groups backed off, e.g. "static, 2 groups
     weight-only")."""
+    trials_on: str = "this process"
+    """Where the builds and checks ran (``ExecutorOptions.describe``); timing always runs in this
+    process after them, with no trial running: trials sharing cores would make it noise."""
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("result", "candidates", "passes")
@@ -204,6 +207,7 @@ def choose_by_measurement(
         trials.passes.get(chosen_candidate.name) or with_value(passes, index, chosen_candidate.value),
         ranking,
         chosen_candidate.name,
+        executor.describe() if executor is not None and executor.parallel else "this process",
     )
 
 

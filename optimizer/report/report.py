@@ -172,8 +172,9 @@ def _auto_section(auto: dict[str, Any]) -> list[str]:
     """The candidates an 'auto' option was chosen from: size, latency against the input, verdict."""
     lines = _heading(
         f"{auto.get('pass_name')} {auto.get('option')} auto: {auto.get('chosen_name') or auto.get('chosen')}",
-        f"{auto.get('why')}. Checked on {auto.get('evaluated_on') or '-'}; latency_ratio is the median paired "
-        f"ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
+        f"{auto.get('why')}. Checked on {auto.get('evaluated_on') or '-'}; built and checked in "
+        f"{auto.get('trials_on') or 'this process'}, then timed here alone (no trial running); latency_ratio is "
+        f"the median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
     )
     candidates = auto.get("candidates") or []
     lines += ["", *(_table(list(AUTO_COLUMNS), candidates) if candidates else [])]

@@ -210,4 +210,7 @@ def test_builds_and_checks_in_workers_choose_what_this_process_chooses(tmp_path,
     in_workers = {c["name"]: c["passed"] for c in there.report.auto["candidates"]}
     assert {name: in_workers[name] for name in verdicts} == verdicts  # workers try 1 and 2 groups at once
     assert there.report.auto["why"] == here.report.auto["why"]
+    assert here.report.auto["trials_on"] == "this process"
+    assert there.report.auto["trials_on"] == executor.describe() and "2 " in executor.describe()
+    assert f"built and checked in {executor.describe()}, then timed here alone" in there.report.to_markdown()
     assert (tmp_path / "here.onnx").read_bytes() == (tmp_path / "there.onnx").read_bytes()
