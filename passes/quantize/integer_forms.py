@@ -158,7 +158,10 @@ def _fold_batchnorm(graph: gs.Graph, node: gs.Node, readers: dict[int, int], nam
     base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, np.float64)
     folded_weight = (weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
     folded_bias = ((base - mean) * factor + beta).astype(np.float32)
-    conv.inputs[1] = float_constant(names.fresh(conv.inputs[1].name, "_bn_folded"), folded_weight)
+    if isinstance(conv.inputs[1], gs.Constant):  # read by this Conv alone: keep its name (reports, errors)
+        conv.inputs[1].values = folded_weight
+    else:
+        conv.inputs[1] = float_constant(names.fresh(conv.inputs[1].name, "_bn_folded"), folded_weight)
     bias_constant = float_constant(names.fresh(f"{conv.name or conv.outputs[0].name}_bias", "_bn_folded"), folded_bias)
     if len(conv.inputs) > 2:
         conv.inputs[2] = bias_constant
