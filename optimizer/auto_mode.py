@@ -5,8 +5,9 @@ is tried only with it), checked by the same verdict as ``--validate`` (output-ki
 lossy tolerance unless the user set one) and timed with onnxruntime against the input, every
 candidate in the same interleaved rounds, next to a second session of the input whose paired
 ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
-check is built again with the groups it rounds worst (``optimizer.verify.quant_noise``) backed off
-to the pass's next-best format (weight-only int8), 1, 2, 4, 8, 16 of them, until a build passes.
+check is built again (``retry_failed``): with ``Pass.unclipped_options`` (percentile 100), then with
+its first 1, 2, 4, 8, 16 groups (``optimizer.verify.static_groups``, graph order) backed off to the
+pass's next-best format (weight-only int8), until a build passes.
 The choice: the fastest candidate that passes; among candidates within the noise floor of it, the
 first in ``measured_choices`` (the most accurate), then the one with the fewest groups backed off.
 Without calibration data nothing is measured: the option takes ``Pass.unmeasured_choice``.
@@ -170,7 +171,7 @@ def choose_by_measurement(
     executor: ExecutorOptions | None = None,
 ) -> AutoChoice:
     """Build, check and time every candidate value of ``passes[index]``'s measured option; a
-    softenable value that fails is tried again with its worst-rounded groups backed off. Builds and
+    softenable value that fails is tried again (``retry_failed``). Builds and
     checks run through ``executor`` (default: here); timing runs here, after them, alone."""
     item = passes[index]
     assert item.measured_option is not None
@@ -207,7 +208,7 @@ def choose_by_measurement(
         trials.passes.get(chosen_candidate.name) or with_value(passes, index, chosen_candidate.value),
         ranking,
         chosen_candidate.name,
-        executor.describe() if executor is not None and executor.parallel else "this process",
+        executor.describe() if executor is not None and pool is not None else "this process",
     )
 
 

@@ -109,9 +109,9 @@ class Pass(abc.ABC):
     each of ``measured_choices`` (most accurate first) is built, checked and timed."""
     measured_choices: ClassVar[tuple[str, ...]] = ()
     softened_choices: ClassVar[tuple[str, ...]] = ()
-    """Values of ``measured_option`` that auto mode, when one fails its check, tries again with the
-    groups it rounds worst backed off to ``soften_option`` (quantize: static, whose 8-bit activations
-    can be backed off one group at a time to weight-only int8)."""
+    """Values of ``measured_option`` that auto mode, when one fails its check, tries again with
+    ``unclipped_options`` and then with its first groups backed off to ``soften_option`` (quantize:
+    static, whose 8-bit activations can be backed off one group at a time to weight-only int8)."""
     unmeasured_choice: ClassVar[str | None] = None
 
     def unclipped_options(self) -> dict[str, Any]:
