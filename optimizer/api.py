@@ -25,7 +25,7 @@ from optimizer.app_inputs import (
     resolve_feeds,
     runnable_reference,
 )
-from optimizer.auto_mode import AutoChoice, auto_pass_index, auto_stage, with_value
+from optimizer.auto_mode import AutoChoice, auto_pass_index, auto_stage
 from optimizer.budget import (
     BudgetResult,
     MetricSpec,
@@ -152,7 +152,8 @@ def optimize(
             reference = runnable_reference(run.source, run.reference, run.model_files)
             data = run.checks.feeds if run.checks is not None and options.feeds.source is not None else None
             run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options, data)
-            run.chosen = run.auto.passes or with_value(run.chosen, index, run.auto.chosen)
+            assert run.auto.passes is not None  # auto_stage always says which passes it chose
+            run.chosen = run.auto.passes
     if options.budget is not None:
         with stage("accuracy budget"):
             budget = run.budget = _budget_stage(run)

@@ -112,8 +112,7 @@ def calibrate_activations(
 def calibration_key(model: onnx.ModelProto, options: QuantizeOptions, context: PassContext) -> str:
     """What the statistics depend on: the float graph, the statistic's family (any percentile reads
     off one histogram), the samples read and where they ran."""
-    digest = hashlib.sha256(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 else b"")
-    if model.ByteSize() >= 2**31:
-        digest.update(str(id(model)).encode())  # too big to hash cheaply: reused by nothing
+    fits = model.ByteSize() < 2**31  # a bigger one is keyed by its identity: reused by nothing
+    digest = hashlib.sha256(model.SerializeToString(deterministic=True) if fits else str(id(model)).encode())
     settings = (statistic_family(options.calibration_method), options.calibration_samples, context.provider)
     return f"quantize.static.statistics:{digest.hexdigest()}:{settings!r}"
