@@ -12,6 +12,7 @@ import onnx
 from optimizer.errors import PassError
 from optimizer.fileio.checker import check_model_full
 from optimizer.graph.convert import export_model, import_graph, release_mapped_values
+from optimizer.graph.export_scopes import value_info_names
 from optimizer.internal_errors import internal_stage
 from optimizer.pass_base import Pass, PassContext
 
@@ -81,6 +82,7 @@ class Pipeline:
         working = onnx.ModelProto()
         working.CopyFrom(model)
         template = model_shell(working)
+        declared = value_info_names(working.graph)
         graph = import_graph(working)
         del working
         runs: list[PassRun] = []
@@ -94,8 +96,8 @@ class Pipeline:
             )
             release_mapped_values(graph)
             if self.check_each_pass:
-                self._check(export_model(graph, template), item.name)
-        output = export_model(graph, template)
+                self._check(export_model(graph, template, declared_value_info=declared), item.name)
+        output = export_model(graph, template, declared_value_info=declared)
         return PipelineResult(output, any(run.modified for run in runs), runs)
 
     @staticmethod

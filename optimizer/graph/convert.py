@@ -20,7 +20,11 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from optimizer.errors import PassError
 from optimizer.fileio.lazy_io import MappedValues, SpillFile, is_lazy, mapped_tensor, spillable
 from optimizer.graph.bytes import PACKED_SUB_BYTE_TYPES, stored_bytes
-from optimizer.graph.export_scopes import hoist_sibling_copies, remove_outer_scope_copies
+from optimizer.graph.export_scopes import (
+    hoist_sibling_copies,
+    keep_declared_value_info,
+    remove_outer_scope_copies,
+)
 from optimizer.graph.interface import (
     keep_input_declarations,
     keep_training_initializers,
@@ -167,7 +171,9 @@ def unused_initializers(graph: onnx.GraphProto) -> list[DroppedInitializer]:
     return unused
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+def export_model(
+    graph: gs.Graph, template: onnx.ModelProto, *, declared_value_info: frozenset[str] | None = None
+) -> onnx.ModelProto:
     """Export ``graph`` as a model carrying ``template``'s model-level fields.
 
     Restores metadata, doc string, producer and training info, keeps every opset the template
@@ -189,6 +195,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             constant._values = values
     hoist_sibling_copies(model.graph)
     remove_outer_scope_copies(model.graph)
+    if declared_value_info is not None:
+        keep_declared_value_info(model.graph, declared_value_info)
     keep_input_declarations(graph, model.graph)
     keep_training_initializers(graph, model)
     _copy_model_fields(template, model)

@@ -32,6 +32,25 @@ def _drop_names(graph: onnx.GraphProto, names: frozenset[str]) -> None:
         graph.value_info.extend(info)
 
 
+def value_info_names(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names ``graph`` and its subgraphs declare value_info for."""
+    return frozenset(info.name for site in walk_proto(graph) for info in site.graph.value_info)
+
+
+def keep_declared_value_info(graph: onnx.GraphProto, declared: frozenset[str]) -> None:
+    """Drop value_info for names the input model did not declare, in every graph.
+
+    Passes give the tensors they touch a type (and onnx-graphsurgeon exports each typed tensor as
+    value_info): on PP-OCRv4 det static that added 779 entries, 37 KB of a 1.42 MB file, that
+    onnxruntime and the checker infer anyway. What the user's file declared stays.
+    """
+    for site in walk_proto(graph):
+        info = [v for v in site.graph.value_info if v.name in declared]
+        if len(info) != len(site.graph.value_info):
+            del site.graph.value_info[:]
+            site.graph.value_info.extend(info)
+
+
 def hoist_sibling_copies(graph: onnx.GraphProto) -> None:
     """Store once, in a graph, a constant that several of its subgraphs each hold a copy of.
 

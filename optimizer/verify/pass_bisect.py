@@ -25,6 +25,7 @@ from optimizer.errors import OnnxCompressError, PassError
 from optimizer.fileio.model import load_model
 from optimizer.fileio.save import save_model
 from optimizer.graph.convert import export_model, import_graph
+from optimizer.graph.export_scopes import value_info_names
 from optimizer.pass_base import Pass, PassContext
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S, run_isolated
 from optimizer.verify.runtime import ProviderChoice
@@ -149,9 +150,10 @@ def _apply_cumulatively(
     snapshots: list[str] = []
     try:
         graph = import_graph(template)
+        declared = value_info_names(template.graph)
         for index, item in enumerate(passes):
             graph = item(graph, context).graph
-            snapshot = export_model(graph, template)
+            snapshot = export_model(graph, template, declared_value_info=declared)
             snapshots.append(str(save_model(snapshot, folder / f"after-{index:03d}.onnx")))
             steps[index].applied = True
     except Exception as error:  # any failure of pass number len(snapshots) is its verdict

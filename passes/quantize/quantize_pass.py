@@ -99,20 +99,8 @@ class QuantizePass(QuantizeOptions, Pass):
                 quantize_static(graph, plan, options, names, report, context)
             cleanup(graph)
             toposort(graph)
-        _drop_qdq_value_info(graph)
         finish_report(report, options, graph, before)
         return PassResult(graph, bool(targets) or "batchnorms_folded" in report.counts, report.to_dict())
-
-
-def _drop_qdq_value_info(graph: gs.Graph) -> None:
-    """QuantizeLinear/DequantizeLinear outputs get no value_info (onnxruntime and the checker infer
-    their types): on PP-OCRv4 det static they were 36 KB of a 1.42 MB file."""
-    outputs = {id(tensor) for tensor in graph.outputs}
-    for node in graph.nodes:
-        if node.op in ("QuantizeLinear", "DequantizeLinear"):
-            for tensor in node.outputs:
-                if id(tensor) not in outputs:
-                    tensor.dtype, tensor.shape = None, None
 
 
 def _run_dynamic(
