@@ -30,6 +30,8 @@ MODEL_DIM = 64
 MAX_SEQ_LEN = 32
 NUM_HEADS = 2
 FFN_DIM = 256
+VOICE_HIDDEN = 64
+VOICE_CHANNELS = 32
 
 
 def he_normal(rng: np.random.Generator, shape: Sequence[int], fan_in: int) -> np.ndarray:
@@ -111,9 +113,7 @@ def build_mlp() -> onnx.ModelProto:
         helper.make_node("Relu", ["fc2.out"], ["relu2.out"], name="relu2"),
         helper.make_node("Gemm", ["relu2.out", "fc3.weight", "fc3.bias"], ["logits"], name="fc3.gemm"),
     ]
-    graph = helper.make_graph(
-        nodes, "mlp", [float_info("x", [BATCH, 64])], [float_info("logits", [BATCH, 10])], inits
-    )
+    graph = helper.make_graph(nodes, "mlp", [float_info("x", [BATCH, 64])], [float_info("logits", [BATCH, 10])], inits)
     return finish_model(graph, "mlp", "dense layers as Gemm and MatMul+Add; 16 low-magnitude fc1 rows")
 
 
@@ -414,6 +414,90 @@ def build_loop_subgraph() -> onnx.ModelProto:
     return finish_model(graph, "loop_subgraph", purpose)
 
 
+def _voice_branch(prefix: str, index: int, head: list[onnx.NodeProto], head_input: str) -> onnx.GraphProto:
+    """Conv front end and LSTM whose weights are sliced out of outer-scope stacks (index ``index``)."""
+    take = [int64s(f"{prefix}.start", [index]), int64s(f"{prefix}.end", [index + 1]), int64s(f"{prefix}.axes", [0])]
+    sliced = [f"{prefix}.start", f"{prefix}.end", f"{prefix}.axes"]
+    nodes = [
+        helper.make_node(
+            "Slice", ["encoder.weight_stack", *sliced], [f"{prefix}.conv_w4"], name=f"{prefix}.conv_slice"
+        ),
+        helper.make_node(
+            "Squeeze", [f"{prefix}.conv_w4", f"{prefix}.axes"], [f"{prefix}.conv_w"], name=f"{prefix}.conv_squeeze"
+        ),
+        helper.make_node(
+            "Conv", ["audio", f"{prefix}.conv_w"], [f"{prefix}.conv"], name=f"{prefix}.conv", strides=[2], pads=[4, 4]
+        ),
+        helper.make_node("Relu", [f"{prefix}.conv"], [f"{prefix}.relu"], name=f"{prefix}.relu"),
+        helper.make_node("Transpose", [f"{prefix}.relu"], [f"{prefix}.seq"], name=f"{prefix}.to_seq", perm=[2, 0, 1]),
+        *[
+            node
+            for k in ("W", "R", "B")
+            for node in (
+                helper.make_node(
+                    "Slice", [f"lstm.{k}_stack", *sliced], [f"{prefix}.lstm_{k}4"], name=f"{prefix}.lstm_{k}_slice"
+                ),
+                helper.make_node(
+                    "Squeeze",
+                    [f"{prefix}.lstm_{k}4", f"{prefix}.axes"],
+                    [f"{prefix}.lstm_{k}"],
+                    name=f"{prefix}.lstm_{k}_squeeze",
+                ),
+            )
+        ],
+        helper.make_node(
+            "LSTM",
+            [f"{prefix}.seq", f"{prefix}.lstm_W", f"{prefix}.lstm_R", f"{prefix}.lstm_B"],
+            ["", f"{prefix}.h", ""],
+            name=f"{prefix}.lstm",
+            hidden_size=VOICE_HIDDEN,
+        ),
+        helper.make_node("Squeeze", [f"{prefix}.h", f"{prefix}.axes"], [head_input], name=f"{prefix}.h_squeeze"),
+        *head,
+    ]
+    return helper.make_graph(nodes, f"{prefix}_branch", [], [float_info(f"{prefix}.prob", [BATCH, 1])], take)
+
+
+def build_voice_activity() -> onnx.ModelProto:
+    """Shaped like a voice-activity detector: one If branch per sample rate, each a Conv front end and
+    an LSTM whose weights reach them through Slice/Squeeze from stacks in the outer scope; the 16 kHz
+    head weight is a Constant node read through Transpose, the 8 kHz head an initializer read directly."""
+    rng = np.random.default_rng(1007)
+    hidden, channels = VOICE_HIDDEN, VOICE_CHANNELS
+    head16 = [
+        constant("sr16.head_row", small_normal(rng, (1, hidden), 0.3)),
+        helper.make_node("Transpose", ["sr16.head_row"], ["sr16.head_w"], name="sr16.head_transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["sr16.hidden", "sr16.head_w"], ["sr16.logit"], name="sr16.head"),
+        helper.make_node("Sigmoid", ["sr16.logit"], ["sr16.prob"], name="sr16.sigmoid"),
+    ]
+    head8 = [
+        helper.make_node("MatMul", ["sr8.hidden", "sr8.head_w"], ["sr8.logit"], name="sr8.head"),
+        helper.make_node("Sigmoid", ["sr8.logit"], ["sr8.prob"], name="sr8.sigmoid"),
+    ]
+    then_branch = _voice_branch("sr16", 0, head16, "sr16.hidden")
+    else_branch = _voice_branch("sr8", 1, head8, "sr8.hidden")
+    else_branch.initializer.append(tensor("sr8.head_w", small_normal(rng, (hidden, 1), 0.3)))
+    else_branch.output[0].name = "sr8.prob"
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If", ["is_16k"], ["speech_prob"], name="rate.if", then_branch=then_branch, else_branch=else_branch
+            )
+        ],
+        "voice_activity",
+        [float_info("audio", [BATCH, 1, 64]), helper.make_tensor_value_info("is_16k", TensorProto.BOOL, [])],
+        [float_info("speech_prob", [BATCH, 1])],
+        [
+            tensor("encoder.weight_stack", he_normal(rng, (2, channels, 1, 9), 9)),
+            tensor("lstm.W_stack", xavier_normal(rng, (2, 1, 4 * hidden, channels), channels, hidden)),
+            tensor("lstm.R_stack", xavier_normal(rng, (2, 1, 4 * hidden, hidden), hidden, hidden)),
+            tensor("lstm.B_stack", small_normal(rng, (2, 1, 8 * hidden), 0.1)),
+        ],
+    )
+    purpose = "If per sample rate; Conv and LSTM weights reach their readers through Slice/Squeeze from stacks"
+    return finish_model(graph, "voice_activity", purpose)
+
+
 MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -421,6 +505,7 @@ MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "constant_weights": build_constant_weights,
     "if_subgraph": build_if_subgraph,
     "loop_subgraph": build_loop_subgraph,
+    "voice_activity": build_voice_activity,
 }
 
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.interface import overridable_input_ids, training_bound_ids
-from passes.share.scope import TRAINING_BINDING_REASON
+from optimizer.graph.interface import TRAINING_BINDING_REASON, overridable_input_ids, training_bound_ids
 
 OVERRIDABLE_INPUT_REASON = "graph input (overridable initializer)"
 NON_FINITE_OPTION_HELP = "also compress weights holding NaN or Inf (default: leave them as they are, reported)"

@@ -17,7 +17,7 @@ from tests.helpers.samples import all_graphs
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SCRIPT = MODELS_DIR / "make_models.py"
-MODEL_NAMES = ["mlp", "cnn", "transformer_tied", "constant_weights", "if_subgraph", "loop_subgraph"]
+MODEL_NAMES = ["mlp", "cnn", "transformer_tied", "constant_weights", "if_subgraph", "loop_subgraph", "voice_activity"]
 DIM_PARAM_SIZES = {"batch": 3, "seq": 7}
 INT_INPUT_HIGH = {"input_ids": 512}
 

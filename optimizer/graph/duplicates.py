@@ -4,8 +4,9 @@ float type.
 
 The share pass merges what it finds (its ``Weight`` is a ``Candidate``); inspect reports it through
 ``duplicate_groups`` over ``StoredTensor`` candidates, replaying share's order of merging so the
-bytes it reports are the bytes share saves (what inspect cannot see: share's scope accounting for
-copies in sibling subgraphs and protected tensors, which share leaves alone).
+bytes it reports are the bytes share saves: copies in sibling subgraphs (the branches of one If,
+which share leaves apart) are split by ``scope_components``; what inspect cannot see is share's
+protected tensors, which share leaves alone.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class StoredTensor:
     values: np.ndarray
     order: int
     stored_bytes: int
+    graph: str = ""
+    """Path of the graph storing it ("main", "main/if_node.then_branch", ...)."""
     _digest: bytes | None = field(default=None, repr=False)
 
     def digest(self) -> bytes:
@@ -159,7 +162,11 @@ def duplicate_groups(candidates: Sequence[StoredTensor], *, min_bytes: int = 0) 
     Each group is one set of tensors joined by those merges; ``wasted_bytes`` sums the stored bytes of
     every copy but the kept ones. Candidates under ``min_bytes`` are left out.
     """
-    classes = exact_classes([c for c in candidates if c.stored_bytes >= min_bytes])
+    classes = [
+        part
+        for group in exact_classes([c for c in candidates if c.stored_bytes >= min_bytes])
+        for part in scope_components(group)
+    ]
     parent = {id(group[0]): id(group[0]) for group in classes}
     members = {id(group[0]): list(group) for group in classes}
     wasted = {id(group[0]): (len(group) - 1) * group[0].stored_bytes for group in classes}
@@ -174,7 +181,7 @@ def duplicate_groups(candidates: Sequence[StoredTensor], *, min_bytes: int = 0) 
     relations = transform_relations([group[0] for group in classes])
     for relation in sorted(relations, key=lambda r: (r.derived.order, r.source.order)):
         source, derived = id(relation.source), id(relation.derived)
-        if source in replaced or derived in replaced:
+        if source in replaced or derived in replaced or len(scope_components([relation.source, relation.derived])) > 1:
             continue
         replaced.add(derived)
         kept, joined = root(source), root(derived)
@@ -190,6 +197,22 @@ def duplicate_groups(candidates: Sequence[StoredTensor], *, min_bytes: int = 0) 
         if len(group) > 1
     ]
     return sorted(groups, key=lambda g: (-g.wasted_bytes, g.tensors, g.kind))
+
+
+def scope_components(group: Sequence[StoredTensor]) -> list[list[StoredTensor]]:
+    """``group`` split by the outermost graph each member is stored under: copies in sibling
+    subgraphs have no graph both are read from, so share keeps one copy in each."""
+    paths = [c.graph for c in group]
+    anchors = [p for p in paths if not any(_within(p, other) and p != other for other in paths)]
+    parts: dict[str, list[StoredTensor]] = {}
+    for member in group:
+        anchor = next(a for a in anchors if _within(member.graph, a))
+        parts.setdefault(anchor, []).append(member)
+    return list(parts.values())
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + "/")
 
 
 def _reshaped(weights: Sequence[C]) -> list[Relation[C]]:

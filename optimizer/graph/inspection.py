@@ -264,7 +264,7 @@ def _duplicate_candidates(weights: list[_Weight]) -> list[StoredTensor]:
             continue
         if values.dtype.kind in "biuf":
             name = _display_name(weight.graph, weight.name)
-            candidates.append(StoredTensor(name, values, order, stored_bytes(tensor)))
+            candidates.append(StoredTensor(name, values, order, stored_bytes(tensor), weight.graph))
     return candidates
 
 

@@ -108,6 +108,9 @@ def keep_training_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
             model.graph.initializer.append(tensor)
 
 
+TRAINING_BINDING_REASON = "bound by training_info (initialization_binding / update_binding)"
+
+
 def training_bound_ids(root: gs.Graph) -> frozenset[int]:
     """ids of the main-graph constants a training_info binding names."""
     bound = vars(root).get("training_bound_names", frozenset())

@@ -10,13 +10,16 @@ them through it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
+from optimizer.graph.interface import TRAINING_BINDING_REASON, training_bound_ids
 from optimizer.graph.opsets import DEFAULT_DOMAINS
-from optimizer.graph.walk import ScopeTree, TensorUse, node_subgraphs
+from optimizer.graph.walk import ScopeTree, TensorUse, iter_graphs, node_subgraphs
 
 
 def is_constant_derived(tensor: gs.Tensor, memo: dict[int, bool | None]) -> bool:
@@ -191,3 +194,56 @@ def constant_weight(tensor: gs.Tensor, uses: list[TensorUse] | None = None) -> W
     ):
         return Weight(tensor, producers[0], uses=uses if uses is not None else [])
     return None
+
+
+def collect_weights(root: gs.Graph, digests: dict[int, bytes] | None = None) -> list[Weight]:
+    """Every dense numeric weight some node reads, in walk order (sparse ones are left out).
+
+    A weight that is also a graph input or output is marked ``protected``: callers may override
+    or read it, so it is never replaced or shared.
+    """
+    protected = _protected_tensor_ids(root)
+    seen: set[int] = set()
+    weights: list[Weight] = []
+    for graph in iter_graphs(root):
+        for node in graph.nodes:
+            candidates = [(node.outputs[0], node)] if is_constant_node(node) else []
+            candidates += [(t, None) for t in node.inputs if isinstance(t, gs.Constant)]
+            for tensor, producer in candidates:
+                if id(tensor) in seen or not tensor.outputs:
+                    continue
+                seen.add(id(tensor))
+                values = _dense_values(tensor, producer)
+                if values is None:
+                    continue
+                reason = protected.get(id(tensor), "")
+                weights.append(
+                    Weight(
+                        tensor,
+                        producer,
+                        graph if producer is not None else None,
+                        array=values,
+                        order=len(weights),
+                        protected=reason,
+                        digests=digests,
+                    )
+                )
+    return weights
+
+
+def _dense_values(tensor: gs.Tensor, producer: gs.Node | None) -> np.ndarray | None:
+    if producer is None and isinstance(tensor._values, SparseValues):
+        return None
+    values = constant_node_values(producer) if producer is not None else tensor.values
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
+        return None
+    return values
+
+
+def _protected_tensor_ids(root: gs.Graph) -> dict[int, str]:
+    """id -> why the tensor must keep its name: a graph input or output, or a training binding."""
+    reasons = dict.fromkeys(training_bound_ids(root), TRAINING_BINDING_REASON)
+    for graph in iter_graphs(root):
+        for tensor in itertools.chain(graph.outputs, graph.inputs):
+            reasons[id(tensor)] = "a graph input or output: callers may read or override it"
+    return reasons

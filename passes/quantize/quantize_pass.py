@@ -28,6 +28,7 @@ from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult
 from optimizer.registry import register
+from passes.quantize.chains import chained_specs, collect_chained
 from passes.quantize.common import bytes_by_dtype, hopeless_activation
 from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynamic, quantize_dynamic
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
@@ -79,14 +80,12 @@ class QuantizePass(QuantizeOptions, Pass):
                 prepare_integer_forms(graph, report)
             cleanup(graph)
             toposort(graph)
-        targets = collect_targets(graph, options.selection(), report)
-        plan = _plan(graph, targets, options, context)
+        targets, plan = _collect_and_plan(graph, options, context, report)
         required = _required_opset(plan)
         if int(graph.opset) < required:  # the conversion re-imports the graph: plan again on the new one
             report = PassReport()
             graph = ensure_opset(graph, required, report)
-            targets = collect_targets(graph, options.selection(), report)
-            plan = _plan(graph, targets, options, context)
+            targets, plan = _collect_and_plan(graph, options, context, report)
         if targets:
             names = NameAllocator(graph, reserve_node_names=True)
             if isinstance(plan, list):
@@ -159,6 +158,20 @@ def _keep_hopeless_activations_float(
 
 
 Plan = list[tuple[Weight, WeightSpec]] | DynamicPlan | StaticPlan
+
+
+def _collect_and_plan(
+    graph: gs.Graph, options: QuantizeOptions, context: PassContext, report: PassReport
+) -> tuple[list[Weight], Plan]:
+    """Every weight to quantize (read directly, or through data movement) and the mode's plan."""
+    targets = collect_targets(graph, options.selection(), report)
+    chained = chained_specs(collect_chained(graph, options.selection(), report, targets), options)
+    plan = _plan(graph, targets, options, context)
+    if isinstance(plan, list):
+        plan.extend(chained)
+    else:
+        plan.weight_only.extend(chained)
+    return targets + [target for target, _ in chained], plan
 
 
 def _plan(graph: gs.Graph, targets: list[Weight], options: QuantizeOptions, context: PassContext) -> Plan:

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from optimizer.graph.opsets import DEFAULT_DOMAINS
 from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.walk import ScopeTree, TensorUse, iter_graphs
-from optimizer.graph.weights import Weight, is_constant_node, weight_values
+from optimizer.graph.weights import Weight, is_constant_derived, is_constant_node, weight_values
 from optimizer.pass_base import PassReport
 from passes.weight_guard import WeightGuard
 
@@ -150,6 +150,7 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
     targets: dict[int, Weight] = {}
     blocked: set[int] = set()
     guard = WeightGuard.of(root, allow_non_finite=selection.allow_non_finite)
+    memo: dict[int, bool | None] = {}
     for graph, node in nodes:
         label = node.name or node.outputs[0].name
         if id(node) in excluded:
@@ -160,6 +161,8 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
         for index in weight_slots(node):
             tensor = node.inputs[index]
             values = weight_values(tensor)
+            if values is None and is_constant_derived(tensor, memo) and not is_already_quantized(tensor):
+                continue  # made from stored weights at load: chains.collect_chained reports them
             minimum = 0 if node.op in selection.small_weight_ops else selection.min_weight_elements
             reason = skip_reason_for_input(node, index, values, minimum)
             if reason is None:
@@ -177,22 +180,27 @@ def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) ->
 
 
 def _complete(root: gs.Graph, targets: dict[int, Weight], blocked: set[int], report: PassReport) -> list[Weight]:
-    """Drop weights that an excluded node or another reader needs in float; set owners."""
-    readers = _all_readers(root)
-    tree = ScopeTree.build(root)
+    """Drop weights that an excluded node needs in float; set owners."""
     kept = []
     for key in sorted(targets, key=lambda k: targets[k].name):
-        target = targets[key]
         if key in blocked:
-            report.skip("tensor", target.name, "also read by an excluded node, which keeps it in float")
+            report.skip("tensor", targets[key].name, "also read by an excluded node, which keeps it in float")
             continue
-        target_readers = readers.get(key, [])
+        kept.append(targets[key])
+    assign_owners(root, kept)
+    return kept
+
+
+def assign_owners(root: gs.Graph, weights: list[Weight]) -> None:
+    """Each weight's owner: the graph holding all its readers (out of Loop/Scan bodies)."""
+    readers = _all_readers(root)
+    tree = ScopeTree.build(root)
+    for target in weights:
+        target_readers = readers.get(id(target.tensor), [])
         graphs = [g for g, _ in target_readers] or [c.graph for c in target.uses]
         if target.node is not None:
             graphs.append(tree.node_graph.get(id(target.node), root))
         target.owner = tree.common_ancestor(graphs, hoist_out_of_loops=True)
-        kept.append(target)
-    return kept
 
 
 def _all_readers(root: gs.Graph) -> dict[int, list[tuple[gs.Graph, gs.Node]]]:

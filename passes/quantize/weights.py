@@ -93,16 +93,20 @@ def weight_only_spec(target: Weight, options: QuantizeOptions, opset: int) -> We
         blocks_fit = axis is not None and (form == "dq" or target.values.shape[axis] % options.block_size == 0)
         if blocks_fit and all(c.node.op in BLOCKED_OPS for c in target.uses):
             return WeightSpec(wanted, options.weights_symmetric(), axis, options.block_size, form)
-        fallback = qtype("int8" if wanted.signed or options.symmetric_weights is None else "uint8")
-        note = f"{options.weight_type} needs a blocked dot-product axis; stored as {fallback.name} per channel"
-        wanted = fallback
-        symmetric = True if options.symmetric_weights is None else options.symmetric_weights
+        wanted, symmetric = eight_bit_fallback(wanted, options)
+        note = f"{options.weight_type} needs a blocked dot-product axis; stored as {wanted.name} per channel"
     else:
         note, symmetric = "", options.weights_symmetric()
     axis = scale_axis(first, ndim) if options.per_channel and ndim > 0 else None
     if form == "dq" and axis is not None and opset < OPSET_PER_CHANNEL_DQ and options.weight_only_form == "auto":
         form = "fold"
     return WeightSpec(wanted, symmetric, axis, None, form, note)
+
+
+def eight_bit_fallback(wanted: QType, options: QuantizeOptions) -> tuple[QType, bool]:
+    """The 8-bit type (and symmetry) a 4-bit request falls back to where blocks cannot be built."""
+    fallback = qtype("int8" if wanted.signed or options.symmetric_weights is None else "uint8")
+    return fallback, True if options.symmetric_weights is None else options.symmetric_weights
 
 
 def _form(target: Weight, choice: WeightOnlyForm, bits: int) -> FloatForm:

@@ -26,7 +26,7 @@ from optimizer.graph.edit import toposort
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.opsets import DEFAULT_DOMAINS
 from optimizer.graph.walk import ScopeTree
-from optimizer.graph.weights import Weight, is_constant_derived
+from optimizer.graph.weights import Weight, collect_weights, is_constant_derived
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
@@ -38,7 +38,6 @@ from passes.share.kmeans import (
     slots_per_byte,
     uniform_fake_quantize,
 )
-from passes.share.scope import collect_weights
 from passes.weight_guard import WeightGuard
 
 WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}

@@ -22,11 +22,11 @@ from optimizer.graph.duplicates import Relation, exact_classes, near_pairs, tran
 from optimizer.graph.edit import toposort
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.walk import ScopeTree
-from optimizer.graph.weights import Weight
+from optimizer.graph.weights import Weight, collect_weights
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
-from passes.share.scope import collect_weights, drop_constant_node, replace_input
+from passes.share.scope import drop_constant_node, replace_input
 
 
 @dataclass

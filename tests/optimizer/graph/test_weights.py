@@ -8,8 +8,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph.convert import export_model, import_graph
 from optimizer.graph.walk import ScopeTree, tensor_uses
-from optimizer.graph.weights import Weight, constant_weight
-from passes.share.scope import collect_weights
+from optimizer.graph.weights import Weight, collect_weights, constant_weight
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>
