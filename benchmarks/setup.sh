@@ -13,4 +13,6 @@ if [ ! -f "$R/models/minilm/all-MiniLM-L6-v2.onnx" ] || [ ! -f "$R/models/rapido
   bash "$recipes/run.sh"
 fi
 "$R/venv/bin/pip" install -q -e "$repo"
+# the float16 benchmark's peer (bench_float16.py); its protobuf/onnx needs are met by the recipes' venv
+"$R/venv/bin/pip" install -q "onnxconverter-common==1.16.0"
 echo "benchmark environment ready: $R/venv/bin/python"

@@ -78,6 +78,7 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     ),
     Shortcut("--sparse-storage", "sparse_storage", "prune", "storage"),
     Shortcut("--cluster", "cluster_bits", "cluster", "bits", stage=2, bounds=(2, 8), metavar="BITS"),
+    Shortcut("--float16", "float16", "float16", "mode", stage=3),
 )
 
 VARIANTS: tuple[Variant, ...] = (Variant("prune", "mode", "channels", "prune-channels", (("sparsity", "ratio"),)),)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.graph.interface import TRAINING_BINDING_REASON, overridable_input_ids, training_bound_ids
+from optimizer.graph.walk import iter_graphs
 
 OVERRIDABLE_INPUT_REASON = "graph input (overridable initializer)"
 NON_FINITE_OPTION_HELP = "also compress weights holding NaN or Inf (default: leave them as they are, reported)"
@@ -44,13 +45,19 @@ class WeightGuard:
     overridable: frozenset[int]
     bound: frozenset[int] = frozenset()
     allow_non_finite: bool = False
+    overridable_names: frozenset[str] = frozenset()
+    """Names of the overridable initializers: a subgraph that reads one from the outer scope holds
+    its own Constant object of that name (onnx-graphsurgeon's import), so ids alone miss it."""
 
     @classmethod
     def of(cls, root: gs.Graph, *, allow_non_finite: bool = False) -> WeightGuard:
-        return cls(overridable_input_ids(root), training_bound_ids(root), allow_non_finite)
+        names = frozenset(t.name for g in iter_graphs(root) for t in g.inputs if isinstance(t, gs.Constant))
+        return cls(overridable_input_ids(root), training_bound_ids(root), allow_non_finite, names)
 
     def reason(self, tensor: gs.Tensor, values: np.ndarray | None) -> str:
-        if id(tensor) in self.overridable:
+        if id(tensor) in self.overridable or (
+            isinstance(tensor, gs.Constant) and tensor.name in self.overridable_names
+        ):
             return OVERRIDABLE_INPUT_REASON
         if id(tensor) in self.bound:
             return TRAINING_BINDING_REASON

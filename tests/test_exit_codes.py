@@ -215,3 +215,20 @@ def test_a_bug_inside_a_real_pass_names_the_weight_or_node(model, args, where, k
     assert rest.endswith("ZeroDivisionError: injected (internal error, stage: run passes; "
                          "run with --debug for the traceback)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_onnxruntime_cannot_initialise_gets_one_error_line_not_onnxruntimes_log_too(tmp_path, capfd):
+    """Fuzz seed 5 mutant 419 (an LSTM without hidden_size): onnxruntime logged its own error line
+    (with terminal colours) to stderr before ours."""
+    model = onnx.load(str(MODELS_DIR / "voice_activity.onnx"))
+    for attribute in model.graph.node[0].attribute:
+        if attribute.name == "then_branch":
+            lstm = next(n for n in attribute.g.node if n.op_type == "LSTM")
+            del lstm.attribute[:]
+    path = tmp_path / "no_hidden_size.onnx"
+    onnx.save(model, str(path))
+    code = main(["validate", str(path), str(path), "--samples", "1", "--no-isolate"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()]
+    assert err.startswith("onnx-compress: error: onnxruntime cannot load") and "hidden_size" in err

@@ -119,8 +119,12 @@ def _chain_inputs(use: TensorUse, tensor: gs.Tensor, positions: np.ndarray) -> l
 
 
 def apply_data_movement(node: gs.Node, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """``node``'s outputs for data ``inputs`` (parameters are read from the node's constant inputs)."""
-    return _APPLY[node.op](node, list(inputs))
+    """``node``'s outputs for data ``inputs`` (parameters are read from the node's constant inputs).
+    Parameters that do not fit the data (a Reshape to a shape of another size) raise ``NotApplied``."""
+    try:
+        return _APPLY[node.op](node, list(inputs))
+    except (ValueError, IndexError, TypeError, np.exceptions.AxisError) as error:
+        raise NotApplied(f"{node.op} '{node.name}' cannot apply to a {list(inputs[0].shape)} input: {error}") from error
 
 
 def _param(node: gs.Node, slot: int, attr: str | None = None) -> np.ndarray | None:

@@ -111,6 +111,19 @@ class Weight:
             self.array = values
         return self.array
 
+    def take_over(self, dtype: type[np.generic]) -> gs.Variable:
+        """The weight's own tensor, turned into a computed ``dtype`` value (the caller adds the node that
+        makes it), so its readers need no rewiring; a Constant node holding it loses its output."""
+        tensor = self.tensor
+        shape = list(self.values.shape)
+        if self.node is not None:
+            self.node.outputs.clear()
+            tensor.dtype, tensor.shape = dtype, shape
+            return tensor  # type: ignore[return-value]
+        variable = tensor.to_variable(dtype=dtype, shape=shape)
+        variable.type = "tensor_type"
+        return variable
+
     @property
     def nbytes(self) -> int:
         return int(self.values.nbytes)
@@ -247,3 +260,24 @@ def _protected_tensor_ids(root: gs.Graph) -> dict[int, str]:
         for tensor in itertools.chain(graph.outputs, graph.inputs):
             reasons[id(tensor)] = "a graph input or output: callers may read or override it"
     return reasons
+
+
+def assign_owners(root: gs.Graph, weights: list[Weight]) -> None:
+    """Each weight's owner: the graph holding all its readers (out of Loop/Scan bodies)."""
+    readers = _all_readers(root)
+    tree = ScopeTree.build(root)
+    for target in weights:
+        target_readers = readers.get(id(target.tensor), [])
+        graphs = [g for g, _ in target_readers] or [c.graph for c in target.uses]
+        if target.node is not None:
+            graphs.append(tree.node_graph.get(id(target.node), root))
+        target.owner = tree.common_ancestor(graphs, hoist_out_of_loops=True)
+
+
+def _all_readers(root: gs.Graph) -> dict[int, list[tuple[gs.Graph, gs.Node]]]:
+    readers: dict[int, list[tuple[gs.Graph, gs.Node]]] = {}
+    for graph in iter_graphs(root):
+        for node in graph.nodes:
+            for tensor in node.inputs:
+                readers.setdefault(id(tensor), []).append((graph, node))
+    return readers

@@ -152,7 +152,7 @@ def create_session(
         raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
     label = model_label(model)
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failure is raised with onnxruntime's words; no second copy on stderr
     options.use_deterministic_compute = True
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.enable_cpu_mem_arena = memory_arena

@@ -24,12 +24,11 @@ import onnx_graphsurgeon as gs
 from optimizer.calibration.quant_math import qtype
 from optimizer.graph.data_movement import ChainReaders, NotApplied, follow_chain
 from optimizer.graph.walk import TensorUse
-from optimizer.graph.weights import Weight, collect_weights, weight_values
+from optimizer.graph.weights import Weight, assign_owners, collect_weights, weight_values
 from optimizer.pass_base import PassReport
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.targets import (
     Selection,
-    assign_owners,
     excluded_nodes,
     is_already_quantized,
     quantizable_nodes,

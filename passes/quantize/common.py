@@ -120,25 +120,13 @@ class QuantizedWeight:
         """Replace the float weight, for every reader, by its dequantized value (done once)."""
         if self.float_view is not None:
             return self.float_view
-        output = self._take_over_weight_tensor()
+        output = self.target.take_over(np.float32)
         nodes = self._dq_nodes(output) if form == "dq" else self._fold_nodes(output)
         if self.target.owner is None:
             raise PassError(f"weight '{self.target.name}' has no graph to hold its dequantizing nodes")
         self.target.owner.nodes.extend(nodes)
         self.float_view = output
         return output
-
-    def _take_over_weight_tensor(self) -> gs.Variable:
-        """The weight's own tensor becomes the dequantized output: readers need no rewiring."""
-        tensor = self.target.tensor
-        shape = list(self.quantized.values.shape)
-        if self.target.node is not None:
-            self.target.node.outputs.clear()
-            tensor.dtype, tensor.shape = np.float32, shape
-            return tensor
-        variable = tensor.to_variable(dtype=np.float32, shape=shape)
-        variable.type = "tensor_type"
-        return variable
 
     def _dq_nodes(self, output: gs.Tensor) -> list[gs.Node]:
         q = self.quantized

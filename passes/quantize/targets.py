@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph.opsets import DEFAULT_DOMAINS
 from optimizer.graph.patterns import NamePatterns
-from optimizer.graph.walk import ScopeTree, TensorUse, iter_graphs
-from optimizer.graph.weights import Weight, is_constant_derived, is_constant_node, weight_values
+from optimizer.graph.walk import TensorUse, iter_graphs
+from optimizer.graph.weights import Weight, assign_owners, is_constant_derived, is_constant_node, weight_values
 from optimizer.pass_base import PassReport
 from passes.weight_guard import WeightGuard
 
@@ -189,24 +189,3 @@ def _complete(root: gs.Graph, targets: dict[int, Weight], blocked: set[int], rep
         kept.append(targets[key])
     assign_owners(root, kept)
     return kept
-
-
-def assign_owners(root: gs.Graph, weights: list[Weight]) -> None:
-    """Each weight's owner: the graph holding all its readers (out of Loop/Scan bodies)."""
-    readers = _all_readers(root)
-    tree = ScopeTree.build(root)
-    for target in weights:
-        target_readers = readers.get(id(target.tensor), [])
-        graphs = [g for g, _ in target_readers] or [c.graph for c in target.uses]
-        if target.node is not None:
-            graphs.append(tree.node_graph.get(id(target.node), root))
-        target.owner = tree.common_ancestor(graphs, hoist_out_of_loops=True)
-
-
-def _all_readers(root: gs.Graph) -> dict[int, list[tuple[gs.Graph, gs.Node]]]:
-    readers: dict[int, list[tuple[gs.Graph, gs.Node]]] = {}
-    for graph in iter_graphs(root):
-        for node in graph.nodes:
-            for tensor in node.inputs:
-                readers.setdefault(id(tensor), []).append((graph, node))
-    return readers

@@ -362,6 +362,8 @@ ROTATION = (
     Command("validate-isolated", ("validate", "{M}", "{M}", "--samples", "1", "--timeout", "5")),
     Command("optimize-static", ("optimize", "{M}", "-o", "s.onnx", "--quantize", "int8", "--quantize-mode", "static",
                                 "--calibration-data", "cal", "--quiet", "--timeout", "5"), outputs=("s.onnx",)),
+    Command("optimize-float16", ("optimize", "{M}", "-o", "h.onnx", "--quantize", "int8", "--float16", "storage",
+                                 "--quiet"), outputs=("h.onnx",)),
 )
 CALIBRATION_FILE = "cal/0.npz"
 

@@ -81,3 +81,11 @@ def test_follow_chain_stops_at_a_reader_that_computes():
     leaves = follow_chain(graph.inputs[0], DATA, readers, lambda use: use.node.op == "Relu")
     assert [use.node.name for use, _ in leaves] == ["relu"]
     np.testing.assert_array_equal(leaves[0][1], DATA.T)
+
+
+def test_parameters_that_do_not_fit_the_data_are_not_applied():
+    """Fuzz seed 5 mutant 1637: a Squeeze turned into Reshape(shape=[0]) raised numpy's ValueError
+    out of the quantize pass (exit 3) instead of leaving the weight float."""
+    node = import_graph(_one_op("Reshape", {"shape": np.asarray([0], np.int64)}, 1)).nodes[0]
+    with pytest.raises(NotApplied, match=r"Reshape 'op' cannot apply to a \[2, 6, 5\] input"):
+        apply_data_movement(node, [DATA])

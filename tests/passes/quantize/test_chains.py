@@ -124,3 +124,16 @@ def test_a_chain_into_an_excluded_node_stays_float_and_says_so():
     assert result.modified is False
     reasons = {s["tensor"]: s["reason"] for s in report["skipped"] if "tensor" in s}
     assert "reaches MatMul 'head', which node name matches exclude_nodes" in reasons["w"]
+
+
+def test_an_outer_initializer_that_is_also_a_graph_input_stays_float_when_only_branches_read_it():
+    """Fuzz mutant 237 (seed 0): lstm.R_stack listed in graph.input; the branches' readers hold their
+    own Constant object of that name, so the guard matches names too (the output once failed to
+    load: 'Duplicate definition of name (lstm.R_stack)')."""
+    model = load_model(MODELS_DIR / "voice_activity.onnx")
+    stack = next(t for t in model.graph.initializer if t.name == "lstm.R_stack")
+    model.graph.input.append(helper.make_tensor_value_info(stack.name, stack.data_type, list(stack.dims)))
+    result, report = quantize(model, mode="weights", weight_type="int4")
+    assert "lstm.R_stack_quantized" not in initializers(result.model)
+    reasons = {s.get("tensor"): s["reason"] for s in report["skipped"]}
+    assert reasons["lstm.R_stack"] == "graph input (overridable initializer)"

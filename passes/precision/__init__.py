@@ -1,0 +1,1 @@
+"""Float precision passes: float16 storage of float32 weights."""
