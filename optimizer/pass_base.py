@@ -98,6 +98,9 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     lossless: ClassVar[bool] = False
+    required_provider: ClassVar[str | None] = None
+    """An execution provider the pass's output needs ("cuda" for bfloat16 compute): the pass refuses
+    (OptionError) when the context's provider does not resolve to it."""
     backoff_option: ClassVar[str | None] = None
     """A tuple-of-patterns option that leaves matching node names uncompressed (``re:`` regex or
     glob), so the accuracy budget search can back a layer off; None if the pass has none."""

@@ -79,12 +79,14 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("--sparse-storage", "sparse_storage", "prune", "storage"),
     Shortcut("--cluster", "cluster_bits", "cluster", "bits", stage=2, bounds=(2, 8), metavar="BITS"),
     Shortcut("--float16", "float16", "float16", "mode", stage=3),
+    Shortcut("--bfloat16", "bfloat16", "bfloat16", "mode", stage=3),
 )
 
 VARIANTS: tuple[Variant, ...] = (Variant("prune", "mode", "channels", "prune-channels", (("sparsity", "ratio"),)),)
 
 EXCLUSIVE_PASSES: tuple[tuple[str, str, str], ...] = (
     ("quantize", "cluster", "quantize and cluster both rewrite the same weights: choose one"),
+    ("float16", "bfloat16", "--float16 and --bfloat16 both set the float type: choose one"),
 )
 
 

@@ -1,133 +1,129 @@
-"""float16: float32 weights stored as float16, cast back to float32 where they are read.
+"""float16 and bfloat16: weights stored in half the bytes, or the computation converted.
 
-``mode="storage"``: every float32 weight (initializer or Constant node, in any graph) becomes a
-float16 initializer and a Cast to float32 that takes over the weight's name, so its readers are
-untouched. onnxruntime folds the Cast at load (constant folding, before its fusions), so the
-session runs fp32's graph at fp32's speed from a file half the size; each value moves by at most
-float16's rounding (relative 2^-11 for normal values).
-
-Left as float32, each reported with its reason: tensors under ``min_elements`` (scalars, epsilons,
-shape-like floats: they weigh nothing and an epsilon of 1e-12 would round to 0); tensors whose
-Cast node would cost more bytes than float16 saves (a 16-value BatchNorm mean); values beyond
-float16's range (|x| > 65504 would become Inf); quantization parameters (scales of
-Quantize/DequantizeLinear and of folded integer weights: their precision is the quantized
-model's); graph inputs and outputs and training bindings (callers read or override them); names
-matching ``exclude_tensors``. Run after ``quantize`` (``--quantize int8 --float16 storage``), it
-stores what int8 left float (biases, norms, small weights) as float16.
+``float16`` mode ``storage`` (``passes.precision.storage``): float32 weights stored as float16 with
+a Cast back that onnxruntime folds at load: fp32's graph and speed, half the file.
+``float16`` mode ``compute`` and ``bfloat16`` (``passes.precision.compute``): the graph computes
+in the lower type, with float32 islands chosen by op, by size arithmetic and by the calibrated
+range of each tensor; graph inputs and outputs stay float32. bfloat16 needs a provider that runs
+it (CUDA): on CPU the pass refuses, since onnxruntime's CPU provider lacks bfloat16 kernels for
+most ops. On CPU, float16 compute runs (onnxruntime casts around the ops it lacks float16 kernels
+for), but its timing says nothing about a GPU's.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.errors import OptionError
 from optimizer.graph.edit import cleanup, toposort
-from optimizer.graph.names import NameAllocator
-from optimizer.graph.patterns import NamePatterns, invalid_pattern
-from optimizer.graph.weights import Weight, assign_owners, collect_weights
-from optimizer.internal_errors import working_on
+from optimizer.graph.patterns import invalid_pattern
+from optimizer.graph.types import tensor_types
+from optimizer.graph.walk import iter_graphs
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
-from passes.quantize.targets import QUANTIZED_MARKERS, is_already_quantized
-from passes.weight_guard import WeightGuard
+from optimizer.verify.runtime import resolve_provider
+from passes.precision.compute import ComputeConfig, Target, bfloat16_target, convert_compute, float16_target
+from passes.precision.ranges import float_ranges
+from passes.precision.storage import StorageConfig, store_float16
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-QUANTIZATION_READERS = (*QUANTIZED_MARKERS, "QuantizeLinear")
-Float16Mode = Literal["storage"]
+Float16Mode = Literal["storage", "compute"]
+CPU_TIMING_NOTE = (
+    "float16 compute on CPU: onnxruntime casts around the ops it has no float16 kernel for; "
+    "CPU timing says nothing about a GPU"
+)
+
+
+def _check_patterns(name: str, key: str, patterns: tuple[str, ...]) -> None:
+    bad = invalid_pattern(patterns)
+    if bad:
+        raise OptionError(f"pass '{name}' option '{key}': bad regular expression {bad}")
+
+
+def _compute(graph: gs.Graph, context: PassContext, config: ComputeConfig, report: PassReport) -> bool:
+    template = onnx.ModelProto(ir_version=8)
+    template.opset_import.extend(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
+    types = tensor_types(graph, template)
+    target = config.target.elem_type
+    computed = (t for g in iter_graphs(graph) for node in g.nodes if node.op != "Constant" for t in node.outputs)
+    if any(types.get(t.name) == target for t in computed):
+        report.skip("graph", graph.name, f"already computes in {config.target.name}: nothing converted")
+        return False
+    ranges = float_ranges(graph, types, context, report)
+    changed = convert_compute(graph, template, config, ranges, report)
+    if changed:
+        cleanup(graph)
+        toposort(graph)
+    return changed
 
 
 @register
 class Float16Pass(Pass):
     name = "float16"
-    summary = "float32 weights stored as float16 and cast back at load (storage): half the bytes, fp32's graph"
+    summary = "float16: weights stored as float16 (storage), or the computation in float16 with float32 islands"
 
     mode: Float16Mode = option(
-        "storage", "storage: weights stored as float16, cast back to float32 at load (onnxruntime folds the Cast)"
+        "storage",
+        "storage: weights stored as float16, cast back to float32 at load (fp32's graph, half the file); "
+        "compute: the graph computes in float16 with float32 islands, inputs and outputs stay float32",
     )
-    min_elements: int = option(16, "weights with fewer elements stay float32 (scalars, epsilons)")
-    exclude_tensors: tuple[str, ...] = option((), "weight names (glob, or re:regex) left in float32")
+    min_elements: int = option(16, "storage: weights with fewer elements stay float32 (scalars, epsilons)")
+    exclude_tensors: tuple[str, ...] = option((), "storage: weight names (glob, or re:regex) left in float32")
+    keep_float32: tuple[str, ...] = option((), "compute: op types or node names (glob, or re:regex) kept float32")
+    range_limit: float = option(16384.0, "compute: a tensor whose calibrated |x| exceeds this keeps its ops float32")
 
     def __post_init__(self) -> None:
         if self.min_elements < 1:
             raise OptionError(f"pass '{self.name}' option 'min_elements' must be >= 1, got {self.min_elements}")
-        bad = invalid_pattern(self.exclude_tensors)
-        if bad:
-            raise OptionError(f"pass '{self.name}' option 'exclude_tensors': bad regular expression {bad}")
+        if not 0 < self.range_limit <= 65504:
+            raise OptionError(f"pass '{self.name}' option 'range_limit' must be in (0, 65504], got {self.range_limit}")
+        _check_patterns(self.name, "exclude_tensors", self.exclude_tensors)
+        _check_patterns(self.name, "keep_float32", self.keep_float32)
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
-        guard = WeightGuard.of(graph, allow_non_finite=True)  # NaN and Inf are exact in float16
-        chosen = [w for w in collect_weights(graph) if self._wanted(w, guard, report)]
-        if chosen:
-            assign_owners(graph, chosen)
-            names = NameAllocator(graph, reserve_node_names=True)
-            for weight in chosen:
-                with working_on("tensor", weight.name):
-                    _store_float16(weight, names)
-            cleanup(graph)
-            toposort(graph)
-        before = sum(w.nbytes for w in chosen)
-        report.count("weights_float16", len(chosen))
-        report.saved_bytes = before - before // 2
-        report.details["max_relative_error"] = max((_relative_error(w.values) for w in chosen), default=0.0)
-        return PassResult(graph, bool(chosen), report.to_dict())
-
-    def _wanted(self, weight: Weight, guard: WeightGuard, report: PassReport) -> bool:
-        if weight.values.dtype != np.float32:
-            return False
-        reason = self._reason(weight, guard)
-        if reason:
-            report.skip("tensor", weight.name, reason)
-        return not reason
-
-    def _reason(self, weight: Weight, guard: WeightGuard) -> str:
-        values = weight.values
-        if values.size < self.min_elements:
-            return f"{values.size} elements < min_elements={self.min_elements}"
-        if weight.protected:
-            return weight.protected
-        if NamePatterns(self.exclude_tensors).matches(weight.name):
-            return "name matches exclude_tensors"
-        if any(_quantization_parameter(node) for node in weight.consumers):
-            return "a quantization parameter: its precision is the quantized model's"
-        saved, cost = 2 * values.size, _cast_cost(weight.name)
-        if saved <= cost:
-            return f"float16 would save {saved} bytes and its Cast node costs about {cost}"
-        largest = float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0))
-        if largest > FLOAT16_MAX:
-            return f"values up to {largest:.4g} exceed float16's range ({FLOAT16_MAX:.0f})"
-        return guard.reason(weight.tensor, values)
+        if self.mode == "storage":
+            changed = store_float16(graph, StorageConfig(self.min_elements, self.exclude_tensors), report)
+            return PassResult(graph, changed, report.to_dict())
+        config = ComputeConfig(float16_target(), self.keep_float32, self.keep_float32, self.range_limit)
+        changed = _compute(graph, context, config, report)
+        if changed and resolve_provider(context.provider).providers[0] == "CPUExecutionProvider":
+            report.details.setdefault("notes", []).append(CPU_TIMING_NOTE)
+        return PassResult(graph, changed, report.to_dict())
 
 
-def _cast_cost(name: str) -> int:
-    """Bytes the Cast node and the float16 initializer's longer name add to the file."""
-    node = onnx.helper.make_node("Cast", [f"{name}_float16"], [name], name=f"{name}_Cast", to=onnx.TensorProto.FLOAT)
-    return node.ByteSize() + 4 + len("_float16")
+@register
+class Bfloat16Pass(Pass):
+    name = "bfloat16"
+    summary = "the computation in bfloat16 with float32 islands (providers that run bfloat16: CUDA)"
+    required_provider = "cuda"
+
+    mode: Literal["compute"] = option(
+        "compute", "compute: the graph computes in bfloat16 with float32 islands (needs --provider cuda)"
+    )
+    keep_float32: tuple[str, ...] = option((), "op types or node names (glob, or re:regex) kept float32")
+
+    def __post_init__(self) -> None:
+        _check_patterns(self.name, "keep_float32", self.keep_float32)
+
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+        choice = resolve_provider(context.provider)
+        if choice.providers[0] != "CUDAExecutionProvider":
+            raise OptionError(_bfloat16_refusal(choice.note))
+        report = PassReport()
+        config = ComputeConfig(bfloat16_target(), self.keep_float32, self.keep_float32, bfloat16_target().largest)
+        return PassResult(graph, _compute(graph, context, config, report), report.to_dict())
 
 
-def _quantization_parameter(node: gs.Node) -> bool:
-    return node.op in QUANTIZATION_READERS or any(is_already_quantized(t) for t in node.outputs)
+def _bfloat16_refusal(cuda_note: str | None) -> str:
+    reason = (cuda_note or "the provider is CPU").removesuffix("; falling back to CPU")
+    return (
+        f"bfloat16 compute needs a provider with bfloat16 kernels (CUDA: --provider cuda); {reason}. "
+        "onnxruntime's CPU provider has no bfloat16 kernels for most ops: use --float16 storage (half the "
+        "file, fp32 speed) or --float16 compute on CPU"
+    )
 
 
-def _store_float16(weight: Weight, names: NameAllocator) -> None:
-    """A float16 initializer and a Cast to float32 that takes over the weight's tensor."""
-    half = gs.Constant(names.fresh(weight.name, "_float16"), np.ascontiguousarray(weight.values.astype(np.float16)))
-    output = weight.take_over(np.float32)
-    cast = gs.Node("Cast", names.fresh(weight.name, "_Cast"), {"to": onnx.TensorProto.FLOAT}, [half], [output])
-    if weight.owner is None:
-        raise ValueError(f"weight '{weight.name}' has no graph to hold its Cast")
-    weight.owner.nodes.append(cast)
-
-
-def _relative_error(values: np.ndarray) -> float:
-    """Largest |fp16(x) - x| / |x| over the normal float16 range (smaller values round to a fixed step)."""
-    normal = np.abs(values) >= np.finfo(np.float16).tiny
-    if not np.any(normal):
-        return 0.0
-    original = values[normal]
-    rounded = original.astype(np.float16).astype(np.float32)
-    return float(np.max(np.abs(rounded - original) / np.abs(original)))
+__all__ = ["Bfloat16Pass", "Float16Pass", "Target"]

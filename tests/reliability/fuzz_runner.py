@@ -364,6 +364,8 @@ ROTATION = (
                                 "--calibration-data", "cal", "--quiet", "--timeout", "5"), outputs=("s.onnx",)),
     Command("optimize-float16", ("optimize", "{M}", "-o", "h.onnx", "--quantize", "int8", "--float16", "storage",
                                  "--quiet"), outputs=("h.onnx",)),
+    Command("optimize-float16-compute", ("optimize", "{M}", "-o", "c.onnx", "--float16", "compute", "--quiet",
+                                         "--timeout", "5"), outputs=("c.onnx",)),
 )
 CALIBRATION_FILE = "cal/0.npz"
 

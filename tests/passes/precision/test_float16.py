@@ -116,6 +116,12 @@ def test_the_cli_flag_maps_to_the_pass_and_refuses_what_it_does_not_have(tmp_pat
                  "--report", str(tmp_path / "r.json")])
     assert code == 0 and "PASS" in capsys.readouterr().out
     assert any(t.data_type == TensorProto.FLOAT16 for t in onnx.load(str(out)).graph.initializer)
-    refused = main(["optimize", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "x.onnx"), "--float16", "compute"])
-    assert refused == 2 and "invalid choice: 'compute'" in capsys.readouterr().err
+    refused = main(["optimize", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "x.onnx"), "--float16", "half"])
+    assert refused == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+    both = main(["optimize", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "x.onnx"), "--float16", "compute",
+                 "--bfloat16", "compute"])
+    assert both == 2 and "choose one" in capsys.readouterr().err
+    bf16 = main(["optimize", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "x.onnx"), "--bfloat16", "compute"])
+    assert bf16 == 2 and "needs a provider with bfloat16 kernels" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
