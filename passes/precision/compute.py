@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.patterns import NamePatterns
-from optimizer.graph.types import SlotTypes, slot_types, tensor_types
+from optimizer.graph.tensor_types import SlotTypes, slot_types, tensor_types
 from optimizer.graph.walk import iter_graphs, node_subgraphs
 from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassReport

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from optimizer.errors import OptionError
 from optimizer.graph.edit import cleanup, toposort
 from optimizer.graph.patterns import invalid_pattern
-from optimizer.graph.types import tensor_types
+from optimizer.graph.tensor_types import tensor_types
 from optimizer.graph.walk import iter_graphs
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register

@@ -18,6 +18,7 @@ import pytest
 import passes  # noqa: F401  (registers every pass)
 from optimizer.cli import main
 from optimizer.registry import get_pass_class, pass_names
+from tests.helpers.providers import runnable_here
 from tests.helpers.samples import MODELS_DIR, seeded_feeds
 from tests.reliability.child import ROOT
 
@@ -131,7 +132,10 @@ def test_default_pipeline_is_byte_identical_across_hash_seeds_and_cwds(runs_by_s
 def test_every_pass_is_byte_identical_across_hash_seeds(runs_by_seed, name):
     codes = runs_by_seed[2][HASH_SEEDS[0]]
     labels = [label for model in MODELS for label, _ in _pass_runs(model, name)]
-    assert any(codes[label] == 0 for label in labels), f"'{name}' ran on no sample model"
+    if runnable_here(name):
+        assert any(codes[label] == 0 for label in labels), f"'{name}' ran on no sample model"
+    else:  # e.g. bfloat16 compute, without CUDA here: refused (exit 2) the same way every time
+        assert all(codes[label] == 2 for label in labels)
     for label in labels:
         _assert_identical_across_seeds(runs_by_seed, label)
 
