@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.graph.opsets import DEFAULT_DOMAINS
@@ -41,8 +42,11 @@ class NotApplied(Exception):
 
 
 def is_data_movement(node: gs.Node, slot: int) -> bool:
-    """``node`` moves the data it reads at input ``slot`` without computing on it."""
+    """``node`` moves the data it reads at input ``slot`` without computing on it (a Cast only
+    between float types: to an integer or bool it changes the values)."""
     if node.domain not in DEFAULT_DOMAINS or node.op not in DATA_INPUTS:
+        return False
+    if node.op == "Cast" and int(node.attrs.get("to", 0)) not in FLOAT_TYPES:
         return False
     slots = DATA_INPUTS[node.op]
     return slots is None or slot in slots
@@ -68,7 +72,10 @@ class ChainReaders:
         return ChainReaders(uses, frozenset(outputs))
 
 
-MAX_CHAIN = 16
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
+MAX_CHAIN = 64
 FROM_ELSEWHERE = -1
 """Position value of elements a Concat takes from its other inputs."""
 
@@ -78,43 +85,58 @@ def follow_chain(
     positions: np.ndarray,
     readers: ChainReaders,
     is_leaf: Callable[[TensorUse], bool],
-    depth: int = 0,
 ) -> list[tuple[TensorUse, np.ndarray]]:
     """Where ``positions`` (an array shaped like ``tensor``) end up at each leaf reader, through
-    data-movement readers. Raises ``NotApplied`` naming the reader that is neither a leaf nor a
-    data-movement op, or a graph output the chain reaches."""
-    if depth > MAX_CHAIN:
-        raise NotApplied(f"a chain of more than {MAX_CHAIN} data-movement ops")
-    uses = readers.uses.get(id(tensor), [])
-    if id(tensor) in readers.outputs or not uses:
-        raise NotApplied(f"{tensor.name} is a graph output or unread")
+    data-movement readers. A node runs once all its data inputs are known: pieces of the same
+    weight (a Split whose parts a Concat puts back in another order) or stored constants (filled
+    with FROM_ELSEWHERE). Unread outputs (a Split part nobody uses) end there. Raises ``NotApplied``
+    naming the reader that is neither a leaf nor a data-movement op, a graph output the chain
+    reaches, or an input computed at run time."""
+    known: dict[int, np.ndarray] = {id(tensor): positions}
+    pending, waiting, done = [tensor], {}, set()
     found: list[tuple[TensorUse, np.ndarray]] = []
-    for use in uses:
-        if is_leaf(use):
-            found.append((use, positions))
-            continue
-        if not is_data_movement(use.node, use.index):
-            raise NotApplied(f"read by {use.node.op} '{use.node.name}' input {use.index}")
-        outputs = apply_data_movement(use.node, _chain_inputs(use, tensor, positions))
-        for output, moved in zip(use.node.outputs, outputs, strict=False):
-            found.extend(follow_chain(output, moved, readers, is_leaf, depth + 1))
+    while pending:
+        current = pending.pop(0)
+        if id(current) in readers.outputs:
+            raise NotApplied(f"{current.name} is a graph output")
+        for use in readers.uses.get(id(current), []):
+            if is_leaf(use):
+                found.append((use, known[id(current)]))
+            elif not is_data_movement(use.node, use.index):
+                raise NotApplied(f"read by {use.node.op} '{use.node.name}' input {use.index}")
+            elif id(use.node) not in done:
+                inputs = _chain_inputs(use.node, known)
+                if inputs is None:
+                    waiting[id(use.node)] = use.node
+                    continue
+                done.add(id(use.node))
+                waiting.pop(id(use.node), None)
+                if len(done) > MAX_CHAIN:
+                    raise NotApplied(f"a chain of more than {MAX_CHAIN} data-movement ops")
+                for output, moved in zip(use.node.outputs, apply_data_movement(use.node, inputs), strict=False):
+                    known[id(output)] = moved
+                    pending.append(output)
+    for node in waiting.values():
+        computed = next(t.name for t in node.inputs if id(t) not in known and weight_values(t) is None)
+        raise NotApplied(f"{node.op} '{node.name}' also reads {computed}, computed at run time")
     return found
 
 
-def _chain_inputs(use: TensorUse, tensor: gs.Tensor, positions: np.ndarray) -> list[np.ndarray]:
-    """The data inputs of ``use.node``: ``positions`` where it reads ``tensor``, elsewhere a stored
-    constant's shape filled with FROM_ELSEWHERE."""
-    slots = DATA_INPUTS[use.node.op] or tuple(range(len(use.node.inputs)))
+def _chain_inputs(node: gs.Node, known: dict[int, np.ndarray]) -> list[np.ndarray] | None:
+    """The data inputs of ``node``: positions where they are known, a stored constant's shape
+    filled with FROM_ELSEWHERE, or None while one is neither (not known yet, or computed)."""
+    slots = DATA_INPUTS[node.op] or tuple(range(len(node.inputs)))
     arrays = []
+    dtype = next(iter(known.values())).dtype
     for slot in slots:
-        source = use.node.inputs[slot]
-        if source is tensor:
-            arrays.append(positions)
+        source = node.inputs[slot]
+        if id(source) in known:
+            arrays.append(known[id(source)])
             continue
         values = weight_values(source)
         if values is None:
-            raise NotApplied(f"{use.node.op} '{use.node.name}' also reads {source.name}, computed at run time")
-        arrays.append(np.full(np.shape(values), FROM_ELSEWHERE, positions.dtype))
+            return None
+        arrays.append(np.full(np.shape(values), FROM_ELSEWHERE, dtype))
     return arrays
 
 
@@ -163,7 +185,7 @@ def _slice_indices(size: int, start: int, end: int, step: int) -> np.ndarray:
     if step > 0:
         start, end = min(max(start, 0), size), min(max(end, 0), size)
     else:
-        start, end = min(max(start, -1), size - 1), min(max(end, -1), size - 1)
+        start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
     return np.arange(start, end, step, dtype=np.int64)
 
 
@@ -212,7 +234,8 @@ def _transpose(node: gs.Node, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 def _flatten(node: gs.Node, inputs: list[np.ndarray]) -> list[np.ndarray]:
     data = inputs[0]
-    axis = int(node.attrs.get("axis", 1)) % (data.ndim + 1)
+    axis = int(node.attrs.get("axis", 1))
+    axis = axis + data.ndim if axis < 0 else axis
     return [data.reshape(int(np.prod(data.shape[:axis])), -1)]
 
 

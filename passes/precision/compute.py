@@ -31,6 +31,7 @@ from optimizer.graph.tensor_types import SlotTypes, slot_types, tensor_types
 from optimizer.graph.walk import iter_graphs, node_subgraphs
 from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassReport
+from passes.weight_guard import WeightGuard
 
 FLOAT = onnx.TensorProto.FLOAT
 FLOAT32_OPS = frozenset(
@@ -42,6 +43,8 @@ FLOAT32_OPS = frozenset(
     }
 )  # fmt: skip
 SIZE_SOURCES = frozenset({"Shape", "Size"})
+TINY_CHECKED = 64
+"""Constants up to this many elements are checked for values that round to 0 (epsilons)."""
 SMALL_CONSTANT = 8
 """Constants up to this many elements (axes, scalars) can take part in size arithmetic."""
 QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -77,8 +80,7 @@ class ComputeConfig:
     """What converts: the target type, what stays float32 by name, and the calibrated range limit."""
 
     target: Target
-    keep_op_types: tuple[str, ...] = ()
-    keep_nodes: tuple[str, ...] = ()
+    keep_float32: tuple[str, ...] = ()
     range_limit: float = 16384.0
 
 
@@ -90,8 +92,17 @@ class _State:
     size_derived: set[int]
     opset: int
     report: PassReport
+    guard: WeightGuard
     low: set[int] = field(default_factory=set)
     """ids of the tensors that hold the target type after conversion."""
+    pinned: list[gs.Tensor] = field(default_factory=list)
+    """Every tensor whose id is a key here, kept alive: a collected tensor's id can be reused by a
+    new one (a weight no reader holds any more, then a new Cast output)."""
+
+    def mark_low(self, tensor: gs.Tensor) -> None:
+        self.low.add(id(tensor))
+        self.pinned.append(tensor)
+
     converted: dict[int, tuple[gs.Node, SlotTypes]] = field(default_factory=dict)
 
 
@@ -99,7 +110,8 @@ def convert_compute(
     root: gs.Graph, template: onnx.ModelProto, config: ComputeConfig, ranges: dict[str, float], report: PassReport
 ) -> bool:
     """Convert ``root`` in place; True when some node now computes in the target type."""
-    state = _State(config, tensor_types(root, template), ranges, _size_derived(root), int(root.opset), report)
+    types, derived = tensor_types(root, template), _size_derived(root)
+    state = _State(config, types, ranges, derived, int(root.opset), report, WeightGuard.of(root))
     for graph in iter_graphs(root):
         for node in graph.nodes:
             _decide(graph, node, state)
@@ -114,6 +126,7 @@ def convert_compute(
         _keep_outputs_float32(graph, state, casts)
         for node in nodes:
             _rewire_inputs(graph, node, state, casts)
+    _store_once(root, casts)
     report.count("nodes_" + config.target.name, len(state.converted))
     report.count("casts_inserted", casts.count)
     return True
@@ -135,7 +148,7 @@ def _decide(graph: gs.Graph, node: gs.Node, state: _State) -> None:
         if state.types.get(tensor.name) == FLOAT and state.config.target.type_string in slots.allowed(
             slots.outputs[index]
         ):
-            state.low.add(id(tensor))
+            state.mark_low(tensor)
 
 
 def _float_slots(node: gs.Node, slots: SlotTypes, state: _State) -> list[str]:
@@ -159,8 +172,14 @@ def _keep_reason(node: gs.Node, slots: SlotTypes, state: _State) -> str:
         return "a quantization node: its scales and zero points stay as they are"
     if _next_to_quantization(node):
         return "reads dequantized values or feeds a QuantizeLinear: onnxruntime fuses it into an integer kernel"
-    if node.op in config.keep_op_types or NamePatterns(config.keep_nodes).matches(node.name or ""):
+    if NamePatterns(config.keep_float32).matches(node.op, node.name or ""):
         return "named in keep_float32 (op type or node name)"
+    unknown = [t.name for t in [*node.inputs, *node.outputs] if t.name and t.name not in state.types]
+    if unknown:
+        return f"the type of {unknown[0]} is unknown (a sequence or optional, or inference could not type it)"
+    form = _value_form_reason(node, state)
+    if form:
+        return form
     if node.op == "Cast":
         source = state.types.get(node.inputs[0].name)
         if int(node.attrs.get("to", 0)) != FLOAT or source != FLOAT:
@@ -176,6 +195,31 @@ def _keep_reason(node: gs.Node, slots: SlotTypes, state: _State) -> str:
         if unknown:
             return f"{unknown[0]} shares type {param} with a float32 tensor but its type is unknown or differs"
     return _range_reason(node, state)
+
+
+def _value_form_reason(node: gs.Node, state: _State) -> str:
+    """Constant/ConstantOfShape values that cannot be retyped or would not survive the target type,
+    and ops whose output type a dtype attribute sets."""
+    if "dtype" in node.attrs:
+        return f"{node.op}'s output type is set by its dtype attribute"
+    if node.op not in ("Constant", "ConstantOfShape"):
+        return ""
+    value = node.attrs.get("value")
+    if not isinstance(value, gs.Constant):
+        return f"{node.op} without a tensor value (a scalar form or the float32 default): kept float32"
+    return _lossy_values(value.name, np.asarray(value.values), state)
+
+
+def _lossy_values(name: str, values: np.ndarray, state: _State) -> str:
+    """Why ``values`` do not survive the target type: beyond the range limit, or nonzero values
+    that round to 0 (an epsilon of 1e-12); "" when they do."""
+    finite = values[np.isfinite(values)]
+    largest = float(np.max(np.abs(finite), initial=0.0))
+    if largest > state.config.range_limit:
+        return f"range: {name} holds {largest:.4g} > {state.config.range_limit:.4g}"
+    if finite.size <= TINY_CHECKED and np.any((finite != 0) & (finite.astype(state.config.target.dtype) == 0)):
+        return f"{name} holds a nonzero value that is 0 in {state.config.target.name} (an epsilon)"
+    return ""
 
 
 def _next_to_quantization(node: gs.Node) -> bool:
@@ -197,11 +241,12 @@ def _producer(tensor: gs.Tensor) -> gs.Node | None:
 def _range_reason(node: gs.Node, state: _State) -> str:
     limit = state.config.range_limit
     for tensor in [*node.inputs, *node.outputs]:
+        values = weight_values(tensor)
+        if values is not None and np.asarray(values).dtype == np.float32:
+            reason = _lossy_values(tensor.name, np.asarray(values), state)
+            if reason:
+                return reason
         largest = state.ranges.get(tensor.name)
-        if largest is None:
-            values = weight_values(tensor)
-            if values is not None and np.asarray(values).dtype == np.float32 and np.asarray(values).size:
-                largest = float(np.max(np.abs(np.asarray(values)[np.isfinite(values)]), initial=0.0))
         if largest is not None and largest > limit:
             return f"range: |{tensor.name}| reaches {largest:.4g} > {limit:.4g} on the calibration samples"
     return ""
@@ -255,11 +300,13 @@ class _Casts:
 
     def low(self, graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
         target = self.state.config.target
-        if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).dtype == np.float32:
+        stored = isinstance(tensor, gs.Constant) and np.asarray(tensor.values).dtype == np.float32
+        if stored and not self.state.guard.reason(tensor, None):  # an overridable input keeps its float32
             key = (0, id(tensor), target.elem_type)
             if key not in self.made:
-                stored = np.asarray(tensor.values).astype(target.dtype)
-                self.made[key] = gs.Constant(self.names.fresh(tensor.name, f"_{target.name}"), stored)
+                values = np.asarray(tensor.values).astype(target.dtype)
+                self.made[key] = gs.Constant(self.names.fresh(tensor.name, f"_{target.name}"), values)
+                self.state.pinned.append(tensor)
                 self.state.report.count("weights_" + target.name)
             return self.made[key]
         return self._cast(graph, tensor, target.elem_type, target.dtype)
@@ -274,9 +321,10 @@ class _Casts:
             output = gs.Variable(self.names.fresh(tensor.name, suffix), dtype=dtype)
             graph.nodes.append(gs.Node("Cast", self.names.fresh(tensor.name, "_Cast"), {"to": to}, [tensor], [output]))
             self.made[key] = output
+            self.state.pinned.append(tensor)
             self.count += 1
             if to != FLOAT:
-                self.state.low.add(id(output))
+                self.state.mark_low(output)
         return self.made[key]
 
 
@@ -289,6 +337,18 @@ def _rewire_inputs(graph: gs.Graph, node: gs.Node, state: _State, casts: _Casts)
                 node.inputs[index] = casts.low(graph, tensor)
         elif is_low:
             node.inputs[index] = casts.float32(graph, tensor)
+
+
+def _store_once(root: gs.Graph, casts: _Casts) -> None:
+    """A float32 reader of a weight stored in the target type reads it through a Cast back (folded
+    at load), so the weight is stored once."""
+    target = casts.state.config.target.elem_type
+    for graph in list(iter_graphs(root)):
+        for node in list(graph.nodes):
+            for index, tensor in enumerate(node.inputs):
+                stored = casts.made.get((0, id(tensor), target))
+                if stored is not None:
+                    node.inputs[index] = casts.float32(graph, stored)
 
 
 def _keep_outputs_float32(graph: gs.Graph, state: _State, casts: _Casts) -> None:
@@ -304,7 +364,7 @@ def _keep_outputs_float32(graph: gs.Graph, state: _State, casts: _Casts) -> None
             for index, source in enumerate(list(reader.inputs)):
                 if source is tensor:
                     reader.inputs[index] = renamed
-        state.low.add(id(renamed))
+        state.mark_low(renamed)
         state.low.discard(id(tensor))
         tensor.dtype = np.float32
         graph.nodes.append(gs.Node("Cast", casts.names.fresh(tensor.name, "_Cast"), {"to": FLOAT}, [renamed], [tensor]))

@@ -87,7 +87,7 @@ class Float16Pass(Pass):
         if self.mode == "storage":
             changed = store_float16(graph, StorageConfig(self.min_elements, self.exclude_tensors), report)
             return PassResult(graph, changed, report.to_dict())
-        config = ComputeConfig(float16_target(), self.keep_float32, self.keep_float32, self.range_limit)
+        config = ComputeConfig(float16_target(), self.keep_float32, self.range_limit)
         changed = _compute(graph, context, config, report)
         if changed and resolve_provider(context.provider).providers[0] == "CPUExecutionProvider":
             report.details.setdefault("notes", []).append(CPU_TIMING_NOTE)
@@ -113,7 +113,7 @@ class Bfloat16Pass(Pass):
         if choice.providers[0] != "CUDAExecutionProvider":
             raise OptionError(_bfloat16_refusal(choice.note))
         report = PassReport()
-        config = ComputeConfig(bfloat16_target(), self.keep_float32, self.keep_float32, bfloat16_target().largest)
+        config = ComputeConfig(bfloat16_target(), self.keep_float32, bfloat16_target().largest)
         return PassResult(graph, _compute(graph, context, config, report), report.to_dict())
 
 

@@ -61,6 +61,8 @@ def collect_chained(
     guard = WeightGuard.of(root, allow_non_finite=selection.allow_non_finite)
     found: list[ChainedWeight] = []
     for weight in collect_weights(root):
+        if weight.values.dtype == np.float16 and weight.values.size >= selection.min_weight_elements:
+            report.skip("tensor", weight.name, "stored as float16 (cast at load): quantize reads float32 weights")
         if weight.values.dtype != np.float32 or weight.values.size <= 1:
             continue
         tensor = weight.tensor

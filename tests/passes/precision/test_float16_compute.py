@@ -154,3 +154,50 @@ def test_after_int8_the_integer_kernels_still_fuse(tmp_path):
                                                                          if n.op_type == "Cast"}
     feeds = [{"x": np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)}]
     assert _min_cosine(model, result.model, feeds) >= 0.99
+
+
+def _graph_model(nodes, inits, inputs=(("x", [2, 8]),), outputs=(("y", [2, 8]),), extra_inputs=()):
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs] + list(extra_inputs),
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_values_that_cannot_be_retyped_or_would_not_survive_keep_their_readers_float32():
+    """Review of session 18: a Constant in scalar form, a ConstantOfShape without a value, a
+    sequence, and an epsilon of 1e-12 (0 in float16) each once made a model onnxruntime refused
+    or that divided by zero."""
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="two", value_float=2.0),
+        helper.make_node("Mul", ["x", "c"], ["m"], name="mul"),
+        helper.make_node("ConstantOfShape", ["shape"], ["z"], name="zeros"),
+        helper.make_node("Add", ["m", "z"], ["a"], name="add_zeros"),
+        helper.make_node("Mul", ["a", "a"], ["sq"], name="square"),
+        helper.make_node("Add", ["sq", "eps"], ["v"], name="add_eps"),
+        helper.make_node("Sqrt", ["v"], ["r"], name="root"),
+        helper.make_node("SequenceConstruct", ["r", "a"], ["seq"], name="seq"),
+        helper.make_node("ConcatFromSequence", ["seq"], ["cat"], name="cat", axis=0),
+        helper.make_node("Relu", ["cat"], ["y"], name="relu"),
+    ]
+    inits = [numpy_helper.from_array(np.asarray([2, 8], np.int64), "shape"),
+             numpy_helper.from_array(np.full((2, 8), 1e-12, np.float32), "eps")]
+    model = _graph_model(nodes, inits, outputs=(("y", [4, 8]),))
+    result, report = _compute(model, [{"x": x}])
+    reasons = {s["node"]: s["reason"] for s in report["skipped"] if "node" in s}
+    assert "scalar form" in reasons["two"] and "without a tensor value" in reasons["zeros"]
+    assert "is 0 in float16" in reasons["add_eps"] and "sequence" in reasons["seq"]
+    zero = {"x": np.zeros((2, 8), np.float32)}  # sqrt(0 + 1e-12): 1e-6 in float32, 0 if eps were rounded
+    assert np.isclose(run_model(result.model, [zero])[0][0], run_model(model, [zero])[0][0], atol=1e-9).all()
+    assert _min_cosine(model, result.model, [{"x": x}]) >= 0.999
+
+
+def test_an_overridable_initializer_stays_overridable():
+    w = np.random.default_rng(4).standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])]
+    model = _graph_model(nodes, [numpy_helper.from_array(w, "W")],
+                         extra_inputs=[helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 8])])
+    result, _ = _compute(model, [{"x": np.ones((2, 8), np.float32)}])
+    override = {"x": np.ones((2, 8), np.float32), "W": np.full((8, 8), 5.0, np.float32)}
+    assert np.allclose(run_model(result.model, [override])[0][0], 40.0)

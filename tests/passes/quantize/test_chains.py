@@ -137,3 +137,43 @@ def test_an_outer_initializer_that_is_also_a_graph_input_stays_float_when_only_b
     assert "lstm.R_stack_quantized" not in initializers(result.model)
     reasons = {s.get("tensor"): s["reason"] for s in report["skipped"]}
     assert reasons["lstm.R_stack"] == "graph input (overridable initializer)"
+
+
+def test_a_cast_to_integers_ends_a_chain_and_split_pieces_put_back_together_are_followed():
+    """Review of session 18: Cast(to=INT64) changes values (an integer table read through it stays
+    float); an LSTM-style Split -> Concat gate reordering of one weight is one chain; Flatten with a
+    negative axis traces like its positive form."""
+    table = np.round(RNG.standard_normal((300, 4)) * 10).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["table"], ["ti"], name="to_int", to=TensorProto.INT64),
+             helper.make_node("Cast", ["ti"], ["tf"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["tf", "ids"], ["y"], name="lookup")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+                              [numpy_helper.from_array(table, "table")])
+    result, _ = quantize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), mode="weights")
+    assert result.modified is False
+    w = RNG.standard_normal((4 * 16, 32)).astype(np.float32)
+    nodes = [helper.make_node("Split", ["w"], ["i", "o", "f", "c"], name="gates", axis=0),
+             helper.make_node("Concat", ["i", "f", "o", "c"], ["w2"], name="reorder", axis=0),
+             helper.make_node("Gemm", ["x", "w2"], ["y"], name="fc", transB=1)]
+    model = _model(nodes, [numpy_helper.from_array(w, "w")], [2, 32], [2, 64])
+    result, _ = quantize(model, mode="weights")
+    assert _scale_shape(result.model, "w") == (64, 1)
+    w3 = RNG.standard_normal((64, 4, 16)).astype(np.float32)
+    for axis in (2, -1):  # [64, 4, 16] -> [256, 16]: MatMul's output channels are the stored last axis
+        nodes = [helper.make_node("Flatten", ["w3"], ["flat"], name="flat", axis=axis),
+                 helper.make_node("MatMul", ["x", "flat"], ["y"], name="fc")]
+        model = _model(nodes, [numpy_helper.from_array(w3, "w3")], [2, 256], [2, 16])
+        result, _ = quantize(model, mode="weights")
+        assert _scale_shape(result.model, "w3") == (1, 1, 16)
+
+
+def test_weights_stored_as_float16_are_reported_not_silently_left():
+    from optimizer.pipeline import Pipeline
+    from optimizer.registry import create_pass
+
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    halved = Pipeline([create_pass("float16")]).run(model).model
+    _, report = quantize(halved, mode="weights")
+    reasons = [s["reason"] for s in report["skipped"] if "tensor" in s]
+    assert any("stored as float16" in reason for reason in reasons)
