@@ -63,6 +63,7 @@ def _compute(graph: gs.Graph, context: PassContext, config: ComputeConfig, repor
 class Float16Pass(Pass):
     name = "float16"
     summary = "float16: weights stored as float16 (storage), or the computation in float16 with float32 islands"
+    backoff_option = "keep_float32"
 
     mode: Float16Mode = option(
         "storage",
@@ -71,7 +72,9 @@ class Float16Pass(Pass):
     )
     min_elements: int = option(16, "storage: weights with fewer elements stay float32 (scalars, epsilons)")
     exclude_tensors: tuple[str, ...] = option((), "storage: weight names (glob, or re:regex) left in float32")
-    keep_float32: tuple[str, ...] = option((), "compute: op types or node names (glob, or re:regex) kept float32")
+    keep_float32: tuple[str, ...] = option(
+        (), "op types or node names (glob, or re:regex) kept float32 (storage: the weights they read)"
+    )
     range_limit: float = option(16384.0, "compute: a tensor whose calibrated |x| exceeds this keeps its ops float32")
 
     def __post_init__(self) -> None:
@@ -85,7 +88,8 @@ class Float16Pass(Pass):
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         if self.mode == "storage":
-            changed = store_float16(graph, StorageConfig(self.min_elements, self.exclude_tensors), report)
+            storage = StorageConfig(self.min_elements, self.exclude_tensors, self.keep_float32)
+            changed = store_float16(graph, storage, report)
             return PassResult(graph, changed, report.to_dict())
         config = ComputeConfig(float16_target(), self.keep_float32, self.range_limit)
         changed = _compute(graph, context, config, report)
@@ -99,6 +103,7 @@ class Bfloat16Pass(Pass):
     name = "bfloat16"
     summary = "the computation in bfloat16 with float32 islands (providers that run bfloat16: CUDA)"
     required_provider = "cuda"
+    backoff_option = "keep_float32"
 
     mode: Literal["compute"] = option(
         "compute", "compute: the graph computes in bfloat16 with float32 islands (needs --provider cuda)"

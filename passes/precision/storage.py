@@ -41,6 +41,8 @@ QUANTIZATION_READERS = (*QUANTIZED_MARKERS, "QuantizeLinear")
 class StorageConfig:
     min_elements: int = 16
     exclude_tensors: tuple[str, ...] = ()
+    keep_float32: tuple[str, ...] = ()
+    """Op types or node names whose weights stay float32 (the accuracy budget's back-off)."""
 
 
 def store_float16(graph: gs.Graph, config: StorageConfig, report: PassReport) -> bool:
@@ -78,6 +80,9 @@ def _reason(weight: Weight, guard: WeightGuard, config: StorageConfig) -> str:
         return weight.protected
     if NamePatterns(config.exclude_tensors).matches(weight.name):
         return "name matches exclude_tensors"
+    keep = NamePatterns(config.keep_float32)
+    if config.keep_float32 and any(keep.matches(node.op, node.name or "") for node in weight.consumers):
+        return "read by a node named in keep_float32"
     if any(_quantization_parameter(node) for node in weight.consumers):
         return "a quantization parameter: its precision is the quantized model's"
     saved, cost = 2 * values.size, _cast_cost(weight.name)

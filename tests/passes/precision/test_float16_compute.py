@@ -201,3 +201,20 @@ def test_an_overridable_initializer_stays_overridable():
     result, _ = _compute(model, [{"x": np.ones((2, 8), np.float32)}])
     override = {"x": np.ones((2, 8), np.float32), "W": np.full((8, 8), 5.0, np.float32)}
     assert np.allclose(run_model(result.model, [override])[0][0], 40.0)
+
+
+@pytest.mark.parametrize("mode", ["compute", "storage"])
+def test_the_accuracy_budget_backs_a_layer_off_to_float32(mode):
+    """--max-drop with --float16: a backed-off layer (keep_float32 by exact node name) computes in
+    float32 (compute) or reads float32 weights (storage)."""
+    from optimizer.budget_trials import backed_off_passes
+
+    model = load_model(MODELS_DIR / "mlp.onnx")
+    first = next(n.name for n in model.graph.node if n.op_type == "Gemm")
+    (backed,) = backed_off_passes([create_pass("float16", mode=mode)], [first])
+    result = Pipeline([backed], check_each_pass=True).run(model)
+    reasons = {s.get("node") or s.get("tensor"): s["reason"] for s in result.runs[0].report["skipped"]}
+    assert any("keep_float32" in reason for reason in reasons.values())
+    node = next(n for n in result.model.graph.node if n.name == first)
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert stored[node.input[1]] == TensorProto.FLOAT
