@@ -99,11 +99,11 @@ class _State:
     """Every tensor whose id is a key here, kept alive: a collected tensor's id can be reused by a
     new one (a weight no reader holds any more, then a new Cast output)."""
 
+    converted: dict[int, tuple[gs.Node, SlotTypes]] = field(default_factory=dict)
+
     def mark_low(self, tensor: gs.Tensor) -> None:
         self.low.add(id(tensor))
         self.pinned.append(tensor)
-
-    converted: dict[int, tuple[gs.Node, SlotTypes]] = field(default_factory=dict)
 
 
 def convert_compute(
@@ -114,7 +114,7 @@ def convert_compute(
     state = _State(config, types, ranges, derived, int(root.opset), report, WeightGuard.of(root))
     for graph in iter_graphs(root):
         for node in graph.nodes:
-            _decide(graph, node, state)
+            _decide(node, state)
     if not state.converted:
         return False
     names = NameAllocator(root, reserve_node_names=True)
@@ -132,12 +132,13 @@ def convert_compute(
     return True
 
 
-def _decide(graph: gs.Graph, node: gs.Node, state: _State) -> None:
+def _decide(node: gs.Node, state: _State) -> None:
     slots = slot_types(node, state.opset)
-    float_slots = _float_slots(node, slots, state) if slots is not None else []
-    if slots is None or not float_slots:
-        if slots is None and _reads_or_writes_float(node, state):
+    if slots is None:
+        if _reads_or_writes_float(node, state):
             state.report.skip("node", _label(node), "no ONNX schema (custom or unknown op): kept float32")
+        return
+    if not _reads_or_writes_float(node, state):
         return
     reason = _keep_reason(node, slots, state)
     if reason:
@@ -149,13 +150,6 @@ def _decide(graph: gs.Graph, node: gs.Node, state: _State) -> None:
             slots.outputs[index]
         ):
             state.mark_low(tensor)
-
-
-def _float_slots(node: gs.Node, slots: SlotTypes, state: _State) -> list[str]:
-    """Type strings of the slots holding float32 tensors."""
-    found = [s for t, s in zip(node.inputs, slots.inputs, strict=True) if state.types.get(t.name) == FLOAT]
-    found += [s for t, s in zip(node.outputs, slots.outputs, strict=True) if state.types.get(t.name) == FLOAT]
-    return found
 
 
 def _reads_or_writes_float(node: gs.Node, state: _State) -> bool:
@@ -274,11 +268,8 @@ def _retype_node(node: gs.Node, state: _State) -> None:
     target = state.config.target
     if node.op == "Cast":
         node.attrs["to"] = target.elem_type
-    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        value = node.attrs["value"]
-        value.values = np.asarray(value.values).astype(target.dtype)
-    if node.op == "ConstantOfShape" and isinstance(node.attrs.get("value"), gs.Constant):
-        value = node.attrs["value"]
+    value = node.attrs.get("value")
+    if node.op in ("Constant", "ConstantOfShape") and isinstance(value, gs.Constant):
         value.values = np.asarray(value.values).astype(target.dtype)
     for tensor in node.outputs:
         if id(tensor) in state.low and isinstance(tensor, gs.Variable):
