@@ -62,7 +62,7 @@ def _compute(graph: gs.Graph, context: PassContext, config: ComputeConfig, repor
 @register
 class Float16Pass(Pass):
     name = "float16"
-    summary = "float16: weights stored as float16 (storage), or the computation in float16 with float32 islands"
+    summary = "weights stored as float16 (storage), or the computation in float16 with float32 islands (compute)"
     backoff_option = "keep_float32"
 
     mode: Float16Mode = option(

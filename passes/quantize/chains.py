@@ -61,23 +61,33 @@ def collect_chained(
     guard = WeightGuard.of(root, allow_non_finite=selection.allow_non_finite)
     found: list[ChainedWeight] = []
     for weight in collect_weights(root):
-        if weight.values.dtype == np.float16 and weight.values.size >= selection.min_weight_elements:
-            report.skip("tensor", weight.name, "stored as float16 (cast at load): quantize reads float32 weights")
-        if weight.values.dtype != np.float32 or weight.values.size <= 1:
-            continue
-        tensor = weight.tensor
-        uses = readers.uses.get(id(tensor), [])
-        if id(tensor) in taken or not uses or any(u.index in weight_slots(u.node) or _quantizing(u) for u in uses):
+        uses = readers.uses.get(id(weight.tensor), [])
+        if (
+            id(weight.tensor) in taken
+            or not uses
+            or any(u.index in weight_slots(u.node) or _quantizing(u) for u in uses)
+        ):
             continue  # quantized directly, reported by collect_targets, or a scale of quantized values
-        reason = _bias_reason(uses) or guard.reason(tensor, weight.values) or _size_reason(weight.values, selection)
-        chained = None if reason else _trace(weight, readers, is_leaf)
-        if isinstance(chained, str) or reason:
-            report.skip("tensor", tensor.name, reason or str(chained))
-        elif chained is not None:
-            chained.target.uses.extend(uses)
-            found.append(chained)
+        reason = _dtype_reason(weight.values, selection)
+        if reason is None:
+            continue  # not a float weight (indices, shapes) or a scalar
+        reason = reason or _bias_reason(uses) or guard.reason(weight.tensor, weight.values)
+        traced = reason or _size_reason(weight.values, selection) or _trace(weight, readers, is_leaf)
+        if isinstance(traced, str):
+            report.skip("tensor", weight.name, traced)
+            continue
+        traced.target.uses.extend(uses)
+        found.append(traced)
     assign_owners(root, [item.target for item in found])
     return found
+
+
+def _dtype_reason(values: np.ndarray, selection: Selection) -> str | None:
+    """None for what is not a float weight to consider (integers, scalars); a reason for a float16
+    weight (reported: quantize reads float32); "" for a float32 one."""
+    if values.dtype == np.float16 and values.size >= selection.min_weight_elements:
+        return "stored as float16 (cast at load): quantize reads float32 weights"
+    return "" if values.dtype == np.float32 and values.size > 1 else None
 
 
 def _quantizing(use: TensorUse) -> bool:
@@ -122,6 +132,8 @@ def _trace(weight: Weight, readers: ChainReaders, is_leaf: Callable[[TensorUse],
         axis, leaves = _stored_axis(weight.tensor, weight.values.shape, readers, is_leaf)
     except NotApplied as why:
         return f"not a weight input of a quantizable op: {why}"
+    if not leaves:
+        return "its data-movement chain reaches no reader"
     labels = tuple(dict.fromkeys(f"{use.node.op} '{use.node.name}'" for use in leaves))
     return ChainedWeight(weight, axis, labels)
 
