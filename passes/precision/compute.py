@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.patterns import NamePatterns
-from optimizer.graph.tensor_types import SlotTypes, slot_types, tensor_types
+from optimizer.graph.tensor_types import SlotTypes, slot_types
 from optimizer.graph.walk import iter_graphs, node_subgraphs
 from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassReport
@@ -107,11 +107,11 @@ class _State:
 
 
 def convert_compute(
-    root: gs.Graph, template: onnx.ModelProto, config: ComputeConfig, ranges: dict[str, float], report: PassReport
+    root: gs.Graph, types: dict[str, int], config: ComputeConfig, ranges: dict[str, float], report: PassReport
 ) -> bool:
-    """Convert ``root`` in place; True when some node now computes in the target type."""
-    types, derived = tensor_types(root, template), _size_derived(root)
-    state = _State(config, types, ranges, derived, int(root.opset), report, WeightGuard.of(root))
+    """Convert ``root`` in place; True when some node now computes in the target type. ``types``:
+    every tensor's element type before conversion (``optimizer.graph.tensor_types``)."""
+    state = _State(config, types, ranges, _size_derived(root), int(root.opset), report, WeightGuard.of(root))
     for graph in iter_graphs(root):
         for node in graph.nodes:
             _decide(node, state)

@@ -52,7 +52,7 @@ def _compute(graph: gs.Graph, context: PassContext, config: ComputeConfig, repor
         report.skip("graph", graph.name, f"already computes in {config.target.name}: nothing converted")
         return False
     ranges = float_ranges(graph, types, context, report)
-    changed = convert_compute(graph, template, config, ranges, report)
+    changed = convert_compute(graph, types, config, ranges, report)
     if changed:
         cleanup(graph)
         toposort(graph)

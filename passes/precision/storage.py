@@ -30,11 +30,10 @@ from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.weights import Weight, assign_owners, collect_weights
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
-from passes.quantize.targets import QUANTIZED_MARKERS, is_already_quantized
+from passes.quantize.targets import is_quantization_parameter_reader
 from passes.weight_guard import WeightGuard
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-QUANTIZATION_READERS = (*QUANTIZED_MARKERS, "QuantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def _reason(weight: Weight, guard: WeightGuard, config: StorageConfig) -> str:
     keep = NamePatterns(config.keep_float32)
     if config.keep_float32 and any(keep.matches(node.op, node.name or "") for node in weight.consumers):
         return "read by a node named in keep_float32"
-    if any(_quantization_parameter(node) for node in weight.consumers):
+    if any(is_quantization_parameter_reader(node) for node in weight.consumers):
         return "a quantization parameter: its precision is the quantized model's"
     saved, cost = 2 * values.size, _cast_cost(weight.name)
     if saved <= cost:
@@ -98,10 +97,6 @@ def _cast_cost(name: str) -> int:
     """Bytes the Cast node and the float16 initializer's longer name add to the file."""
     node = onnx.helper.make_node("Cast", [f"{name}_float16"], [name], name=f"{name}_Cast", to=onnx.TensorProto.FLOAT)
     return node.ByteSize() + 4 + len("_float16")
-
-
-def _quantization_parameter(node: gs.Node) -> bool:
-    return node.op in QUANTIZATION_READERS or any(is_already_quantized(t) for t in node.outputs)
 
 
 def _store(weight: Weight, names: NameAllocator) -> None:

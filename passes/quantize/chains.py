@@ -30,7 +30,7 @@ from passes.quantize.options import QuantizeOptions
 from passes.quantize.targets import (
     Selection,
     excluded_nodes,
-    is_already_quantized,
+    is_quantization_parameter_reader,
     quantizable_nodes,
     weight_slots,
 )
@@ -65,7 +65,7 @@ def collect_chained(
         if (
             id(weight.tensor) in taken
             or not uses
-            or any(u.index in weight_slots(u.node) or _quantizing(u) for u in uses)
+            or any(u.index in weight_slots(u.node) or is_quantization_parameter_reader(u.node) for u in uses)
         ):
             continue  # quantized directly, reported by collect_targets, or a scale of quantized values
         reason = _dtype_reason(weight.values, selection)
@@ -88,12 +88,6 @@ def _dtype_reason(values: np.ndarray, selection: Selection) -> str | None:
     if values.dtype == np.float16 and values.size >= selection.min_weight_elements:
         return "stored as float16 (cast at load): quantize reads float32 weights"
     return "" if values.dtype == np.float32 and values.size > 1 else None
-
-
-def _quantizing(use: TensorUse) -> bool:
-    """``use`` is a quantization parameter: a (De)QuantizeLinear input, or a scale that dequantizes."""
-    node = use.node
-    return node.op in ("QuantizeLinear", "DequantizeLinear") or is_already_quantized(node.outputs[0])
 
 
 def _leaf_test(selection: Selection, excluded: dict[int, str]) -> Callable[[TensorUse], bool]:

@@ -136,6 +136,12 @@ def is_already_quantized(tensor: gs.Tensor, depth: int = 6) -> bool:
     return any(is_already_quantized(source, depth - 1) for source in producer.inputs)
 
 
+def is_quantization_parameter_reader(node: gs.Node) -> bool:
+    """``node`` reads its inputs as quantization parameters: a (De)QuantizeLinear or another
+    quantized op, or a node of the Cast/Mul chain that dequantizes an integer weight (its scale)."""
+    return node.op in (*QUANTIZED_MARKERS, "QuantizeLinear") or any(is_already_quantized(t) for t in node.outputs)
+
+
 def _is_integer_constant(tensor: gs.Constant) -> bool:
     try:
         return np.dtype(tensor.dtype).kind in INTEGER_KINDS and tensor.name.endswith(QUANTIZED_SUFFIX)

@@ -15,6 +15,7 @@ from optimizer.fileio.checker import check_model_full
 from optimizer.fileio.model import load_model
 from optimizer.graph.convert import export_model, import_graph
 from optimizer.graph.edit import toposort
+from optimizer.graph.tensor_types import tensor_types
 from optimizer.pass_base import PassContext, PassReport
 from optimizer.pipeline import Pipeline
 from optimizer.registry import create_pass
@@ -125,7 +126,8 @@ def test_bfloat16_refuses_cpu_and_converts_for_a_cuda_provider():
         Pipeline([create_pass("bfloat16")]).run(model)
     graph = import_graph(model)  # the conversion itself, as the CUDA path runs it (no GPU here)
     template = onnx.ModelProto(ir_version=8, opset_import=[helper.make_opsetid("", 17)])
-    assert convert_compute(graph, template, ComputeConfig(bfloat16_target()), {}, PassReport())
+    types = tensor_types(graph, template)
+    assert convert_compute(graph, types, ComputeConfig(bfloat16_target()), {}, PassReport())
     toposort(graph)
     converted = export_model(graph, template)
     check_model_full(converted)
