@@ -5,7 +5,9 @@ rounding in an early layer is carried and amplified by every layer after it. Mea
 passes with its first 2 Convs backed off (static: box F1 0.812 on the check images; a ranking by
 each tensor's own rounding noise also found its second Conv); PP-OCRv4 det, with full calibration
 ranges, with its first 8 (mask IoU 0.874 -> pass), where the rounding-noise ranking chose head
-layers and failed up to 16 groups backed off; backing off its last 6 layers changed nothing.
+layers and failed up to 16 groups backed off; backing off its last 6 layers changed nothing. Since
+its per-channel affines are folded into the Convs (static int8 IoU 0.948 -> 0.951 on the held-out
+page), it passes the check with its first 32 (16: mask IoU 0.8997 against 0.9).
 """
 
 from __future__ import annotations

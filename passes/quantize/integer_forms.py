@@ -2,7 +2,9 @@
 QDQ pairs go in (onnxruntime has no integer kernel for BatchNormalization, HardSigmoid, HardSwish
 or Div, so each of them used to cost a DequantizeLinear, a float op and a QuantizeLinear):
 
-- BatchNormalization right after a Conv is folded into the Conv's weight and bias;
+- BatchNormalization right after a Conv is folded into the Conv's weight and bias, and so is a Mul,
+  Add or Sub by a constant with one value per output channel (PP-LCNetV3's learnable affine after
+  each Conv: PP-OCRv4 det has 28 Mul + Add pairs);
 - HardSigmoid(x; a, b) with a > 0 becomes a * Clip(x + b/a, 0, 1/a): QLinearAdd, a Clip the
   QuantizeLinear's saturation does, and a positive scalar Mul;
 - HardSwish(x) becomes (x * Clip(x + 3, 0, 6)) * 1/6 the same way.
@@ -29,15 +31,19 @@ OPSET_CLIP_INPUTS = 11
 
 
 def fold_batch_norms(graph: gs.Graph, report: PassReport) -> None:
-    """Every BatchNormalization right after a Conv of the main graph, folded into it. In every mode:
-    onnxruntime folds it at load anyway, and its four parameter vectors are float bytes the file need
-    not carry (the layout detector: 94 of them, 204 KB, 0.290 -> 0.27 of fp32 weight-only); the
-    per-channel int8 rounding of the folded weight has the same relative error as the unfolded one's."""
+    """Every BatchNormalization, and every per-channel constant Mul/Add/Sub, right after a Conv of the
+    main graph, folded into it. In every mode: onnxruntime folds them at load anyway (when the weight is
+    float), and their parameter vectors are float bytes the file need not carry (the layout detector: 94
+    BatchNorms, 204 KB, 0.290 -> 0.27 of fp32 weight-only); static mode also saves their integer kernels
+    and requantizations. The per-channel int8 rounding of the folded weight has the same relative error
+    as the unfolded one's."""
     names = NameAllocator(graph, reserve_node_names=True)
     readers = _reader_counts(graph)
     for node in list(graph.nodes):
         if node.op == "BatchNormalization" and _fold_batchnorm(graph, node, readers, names):
             report.count("batchnorms_folded")
+        elif node.op in ("Mul", "Add", "Sub") and _fold_channel_constant(graph, node, readers, names):
+            report.count("channel_constants_folded")
 
 
 def prepare_integer_forms(graph: gs.Graph, report: PassReport) -> None:
@@ -46,11 +52,12 @@ def prepare_integer_forms(graph: gs.Graph, report: PassReport) -> None:
     if int(graph.opset) < OPSET_CLIP_INPUTS:
         return
     names = NameAllocator(graph, reserve_node_names=True)
+    constants: dict[tuple[str, float], gs.Constant] = {}  # one per value: one DequantizeLinear in static mode
     for node in list(graph.nodes):
         if (
             node.op in ("HardSigmoid", "HardSwish")
             and _worth_rewriting(node)
-            and _split_hard_activation(graph, node, names)
+            and _split_hard_activation(graph, node, names, constants)
         ):
             report.count(f"{node.op.lower()}_rewritten")
 
@@ -137,32 +144,84 @@ def _reader_counts(graph: gs.Graph) -> dict[int, int]:
 
 def _fold_batchnorm(graph: gs.Graph, node: gs.Node, readers: dict[int, int], names: NameAllocator) -> bool:
     """Conv -> BatchNormalization (inference form, constant statistics) into one Conv."""
-    source = node.inputs[0]
-    if len(node.outputs) != 1 or len(source.inputs) != 1 or int(node.attrs.get("training_mode", 0)):
+    if len(node.outputs) != 1 or int(node.attrs.get("training_mode", 0)):
         return False
-    conv = source.inputs[0]
-    if conv.op not in CONV_OPS or readers.get(id(source), 0) != 1 or len(conv.inputs) < 2:
-        return False
+    conv = _sole_conv(node.inputs[0], readers)
     params = [weight_values(t) for t in node.inputs[1:5]]
-    weight = weight_values(conv.inputs[1])
-    bias = weight_values(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
-    if weight is None or any(p is None for p in params) or readers.get(id(conv.inputs[1]), 0) != 1:
-        return False
-    weight = np.asarray(weight)
-    if weight.dtype != np.float32 or (len(conv.inputs) > 2 and conv.inputs[2].name and bias is None):
+    if conv is None or any(p is None for p in params):
         return False
     gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
     factor = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+    return _fold_affine(conv, node, factor, beta - mean * factor, names, "_bn_folded")
+
+
+def _fold_channel_constant(graph: gs.Graph, node: gs.Node, readers: dict[int, int], names: NameAllocator) -> bool:
+    """Conv -> Mul/Add/Sub by a constant that is one value per output channel (or one in all) into
+    one Conv: x * a (either side), x + b (either side), x - b."""
+    if len(node.inputs) != 2 or len(node.outputs) != 1:
+        return False
+    slots = (1,) if node.op == "Sub" else (1, 0)
+    for slot in slots:
+        conv = _sole_conv(node.inputs[1 - slot], readers)
+        values = weight_values(node.inputs[slot])
+        if conv is None or values is None or weight_values(node.inputs[1 - slot]) is not None:
+            continue
+        per_channel = _per_channel(np.asarray(values), np.asarray(weight_values(conv.inputs[1])))
+        if per_channel is None:
+            return False
+        if node.op == "Mul":
+            return _fold_affine(conv, node, per_channel, np.zeros_like(per_channel), names, "_scaled")
+        shift = -per_channel if node.op == "Sub" else per_channel
+        return _fold_affine(conv, node, np.ones_like(per_channel), shift, names, "_shifted")
+    return False
+
+
+def _per_channel(values: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+    """``values`` as one float64 per output channel of a Conv whose weight is ``weight``, when they
+    broadcast against its output [N, C, ...] without growing it; else None."""
+    rank = weight.ndim
+    if values.dtype != np.float32 or values.ndim > rank or not np.all(np.isfinite(values)):
+        return None
+    shape = (1,) * (rank - values.ndim) + values.shape
+    channels = weight.shape[0]
+    if any(size != 1 for i, size in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(np.asarray(values, np.float64).reshape(-1), (channels,)).copy()
+
+
+def _sole_conv(source: gs.Tensor, readers: dict[int, int]) -> gs.Node | None:
+    """The Conv that produces ``source``, when ``source`` has no other reader (nor is a graph output)
+    and the Conv's float32 weight (and bias, if any) are constants it alone reads."""
+    if len(source.inputs) != 1 or readers.get(id(source), 0) != 1:
+        return None
+    conv = source.inputs[0]
+    if conv.op not in CONV_OPS or len(conv.inputs) < 2 or readers.get(id(conv.inputs[1]), 0) != 1:
+        return None
+    weight = weight_values(conv.inputs[1])
+    has_bias = len(conv.inputs) > 2 and bool(conv.inputs[2].name)
+    if weight is None or np.asarray(weight).dtype != np.float32:
+        return None
+    if has_bias and weight_values(conv.inputs[2]) is None:
+        return None
+    return conv
+
+
+def _fold_affine(
+    conv: gs.Node, node: gs.Node, factor: np.ndarray, shift: np.ndarray, names: NameAllocator, suffix: str
+) -> bool:
+    """Conv(x) * factor + shift (per output channel) as one Conv that takes over ``node``'s output."""
+    weight = np.asarray(weight_values(conv.inputs[1]))
     if factor.size != weight.shape[0]:
         return False
-    base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, np.float64)
+    bias = weight_values(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, np.float64).reshape(-1)
     folded_weight = (weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
-    folded_bias = ((base - mean) * factor + beta).astype(np.float32)
+    folded_bias = (base * factor + shift).astype(np.float32)
     if isinstance(conv.inputs[1], gs.Constant):  # read by this Conv alone: keep its name (reports, errors)
         conv.inputs[1].values = folded_weight
     else:
-        conv.inputs[1] = float_constant(names.fresh(conv.inputs[1].name, "_bn_folded"), folded_weight)
-    bias_constant = float_constant(names.fresh(f"{conv.name or conv.outputs[0].name}_bias", "_bn_folded"), folded_bias)
+        conv.inputs[1] = float_constant(names.fresh(conv.inputs[1].name, suffix), folded_weight)
+    bias_constant = float_constant(names.fresh(f"{conv.name or conv.outputs[0].name}_bias", suffix), folded_bias)
     if len(conv.inputs) > 2:
         conv.inputs[2] = bias_constant
     else:
@@ -179,7 +238,9 @@ def _worth_rewriting(node: gs.Node) -> bool:
     return len(producers) == 1 and producers[0].op in PRODUCERS
 
 
-def _split_hard_activation(graph: gs.Graph, node: gs.Node, names: NameAllocator) -> bool:
+def _split_hard_activation(
+    graph: gs.Graph, node: gs.Node, names: NameAllocator, constants: dict[tuple[str, float], gs.Constant]
+) -> bool:
     alpha = float(node.attrs.get("alpha", 0.2)) if node.op == "HardSigmoid" else 1.0 / 6.0
     beta = float(node.attrs.get("beta", 0.5)) if node.op == "HardSigmoid" else 0.5
     if alpha <= 0.0 or len(node.outputs) != 1:
@@ -191,7 +252,9 @@ def _split_hard_activation(graph: gs.Graph, node: gs.Node, names: NameAllocator)
         return gs.Variable(names.fresh(base, suffix), dtype=np.float32)
 
     def constant(suffix: str, value: float) -> gs.Constant:
-        return float_constant(names.fresh(base, suffix), np.asarray(value, np.float32))
+        if (suffix, value) not in constants:
+            constants[suffix, value] = float_constant(names.fresh(base, suffix), np.asarray(value, np.float32))
+        return constants[suffix, value]
 
     shifted, clipped = tensor("_shifted"), tensor("_clipped")
     new_nodes = [

@@ -374,26 +374,34 @@ def _quantize_compute_weights(
             with working_on("node", consumer.node.name):
                 found = params.get(input_names.get(id(consumer.node), ""))
                 if found is not None and consumer.node.op != "MatMul":
-                    _quantize_bias(consumer.graph, consumer.node, found.scale, quantized.scale, names, report)
+                    bias = BiasContext(found.scale, quantized.scale, options.int32_bias)
+                    _quantize_bias(consumer.graph, consumer.node, bias, names, report)
             # static only when the activation became integer too; else the int8 weight runs in float
             report.count(f"static_{consumer.node.op}" if found is not None else f"weight_only_{consumer.node.op}")
 
 
+@dataclass(frozen=True)
+class BiasContext:
+    input_scale: float
+    weight_scale: np.ndarray
+    int32_only: bool
+    """QuantizeOptions.int32_bias: never leave a float bias for onnxruntime to quantize."""
+
+
 def _quantize_bias(
-    graph: gs.Graph,
-    node: gs.Node,
-    input_scale: float,
-    weight_scale: np.ndarray,
-    names: NameAllocator,
-    report: PassReport,
+    graph: gs.Graph, node: gs.Node, context: BiasContext, names: NameAllocator, report: PassReport
 ) -> None:
-    """Conv/Gemm bias as int32 with scale input_scale * weight_scale (what QLinearConv adds)."""
+    """Conv/Gemm bias as int32 with scale input_scale * weight_scale (what QLinearConv adds), unless
+    onnxruntime quantizes the float bias to those same integers at load."""
     if len(node.inputs) < 3 or not node.inputs[2].name:
         return
     bias = weight_values(node.inputs[2])
     if bias is None or np.asarray(bias).dtype != np.float32 or np.asarray(bias).ndim != 1:
         return
-    integers, scale = quantize_bias(np.asarray(bias), input_scale, weight_scale)
+    integers, scale = quantize_bias(np.asarray(bias), context.input_scale, context.weight_scale)
+    if not context.int32_only and _quantized_at_load(graph, node, np.asarray(bias), context):
+        report.count("bias_quantized_at_load")
+        return
     base = node.inputs[2].name
     stored = gs.Constant(names.fresh(base, "_quantized"), integers)
     restored = gs.Variable(names.fresh(base, "_dequantized"), dtype=np.float32)
@@ -408,6 +416,22 @@ def _quantize_bias(
     graph.nodes.append(dequantize)
     node.inputs[2] = restored
     report.count("bias_int32")
+
+
+def _quantized_at_load(graph: gs.Graph, node: gs.Node, bias: np.ndarray, context: BiasContext) -> bool:
+    """onnxruntime's WeightBiasQuantization (level 1, >= 1.21) rewrites a float Conv/Gemm bias as
+    round(bias / (input_scale * weight_scale)) in int32 behind a DequantizeLinear, which constant folding
+    stores, when the node's output goes only to a QuantizeLinear (1.22 added that check). The scales
+    must be positive and the quotient must fit int32 (onnxruntime's Cast does not clip)."""
+    readers = node.outputs[0].outputs
+    if node.op not in ("Conv", "Gemm") or node.outputs[0] in graph.outputs:
+        return False
+    if len(readers) != 1 or readers[0].op != "QuantizeLinear":
+        return False
+    scale = np.float32(context.input_scale) * np.asarray(context.weight_scale, np.float32)
+    if not np.all(scale > 0):
+        return False
+    return bool(np.all(np.abs(bias.astype(np.float64) / scale) < np.iinfo(np.int32).max))
 
 
 def _constant_range(name: str, values: np.ndarray | None) -> tuple[float, float]:

@@ -148,8 +148,87 @@ def test_batchnorm_after_a_conv_read_twice_is_left_alone():
     model.graph.output.append(helper.make_tensor_value_info("c1o", TensorProto.FLOAT, None))
     graph = import_graph(model)
     report = PassReport()
-    prepare_integer_forms(graph, report)
+    fold_batch_norms(graph, report)
     assert "batchnorms_folded" not in report.to_dict()["counts"]
+    alone = PassReport()
+    fold_batch_norms(import_graph(mobile_block()), alone)
+    assert alone.to_dict()["counts"]["batchnorms_folded"] == 1
+
+
+def affine_block(mul_shape: tuple[int, ...] = (1, 16, 1, 1), sub_first: bool = False) -> onnx.ModelProto:
+    """Conv -> Mul (per channel) -> Add (one value) -> Sub (per channel, [16, 1, 1]) -> Relu -> Conv:
+    PP-LCNetV3's learnable affine after a Conv, spelled three ways."""
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    for args in (("c1", "x", "c1o", 3, 16), ("out", "r", "y", 16, 8)):
+        made = _conv(rng, *args)
+        nodes += made[0]
+        inits += made[1]
+    inits += [
+        numpy_helper.from_array((rng.standard_normal(mul_shape) + 0.2).astype(np.float32), "a"),
+        numpy_helper.from_array(np.asarray([0.3], np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((16, 1, 1)).astype(np.float32), "d"),
+    ]
+    nodes += [
+        helper.make_node("Mul", ["a", "c1o"], ["m"], name="mul"),
+        helper.make_node("Add", ["m", "b"], ["s"], name="add"),
+        helper.make_node("Sub", ["d", "s"] if sub_first else ["s", "d"], ["t"], name="sub"),
+        helper.make_node("Relu", ["t"], ["r"]),
+    ]
+    nodes.sort(key=lambda n: ["c1", "mul", "add", "sub", "", "out"].index(n.name))
+    graph = helper.make_graph(
+        nodes,
+        "affine_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _folded(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    graph = import_graph(model)
+    report = PassReport()
+    fold_batch_norms(graph, report)
+    graph.cleanup().toposort()
+    return export_model(graph, model), report.to_dict()["counts"]
+
+
+def test_per_channel_mul_add_sub_after_a_conv_fold_into_it():
+    model = affine_block()
+    folded, counts = _folded(model)
+    assert counts["channel_constants_folded"] == 3
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv"]
+    feeds = seeded_feeds(model, count=3)
+    reference = np.concatenate([r[0] for r in run_model(model, feeds)])
+    assert max_abs_error(model, folded, feeds) <= 1e-5 * max(1.0, float(np.abs(reference).max()))
+
+
+def test_constants_that_are_not_one_per_channel_or_come_first_in_a_sub_stay():
+    spatial, counts = _folded(affine_block(mul_shape=(1, 16, 8, 8)))  # one value per pixel: not an affine
+    assert "channel_constants_folded" not in counts  # the Mul stays, so the Add after it has no Conv before it
+    assert [n.op_type for n in spatial.graph.node].count("Mul") == 1
+    _, counts = _folded(affine_block(sub_first=True))  # d - s negates the Conv: not folded
+    assert counts["channel_constants_folded"] == 2
+    shared = affine_block()
+    shared.graph.output.append(helper.make_tensor_value_info("c1o", TensorProto.FLOAT, None))
+    _, counts = _folded(shared)
+    assert "channel_constants_folded" not in counts
+
+
+def test_static_mode_runs_the_folded_affine_in_one_integer_conv(tmp_path):
+    model = affine_block()
+    calibration = seeded_feeds(model, count=8, seed=1)
+    result, report = quantize(model, calibration=calibration, mode="static", min_weight_elements=16)
+    assert report["counts"]["channel_constants_folded"] == 3
+    ran = ort_runs(result.model, tmp_path)
+    assert ran["QLinearConv"] == 1, ran
+    assert not {op for op in ran if op in ("QLinearMul", "QLinearAdd", "Mul", "Add", "Sub")}, ran
+    reference = np.concatenate([r[0] for r in run_model(model, calibration)])
+    error = max_abs_error(model, result.model, calibration)  # on the calibrated ranges: rounding error only
+    assert error <= 0.02 * np.abs(reference).max()
+    unfolded, _ = quantize(model, calibration=calibration, mode="static", min_weight_elements=16, integer_forms=False)
+    assert error < max_abs_error(model, unfolded.model, calibration)  # two requantizations fewer
 
 
 def test_integer_forms_off_leaves_the_float_islands(tmp_path):

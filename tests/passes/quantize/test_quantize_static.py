@@ -20,7 +20,7 @@ from tests.helpers.samples import MODELS_DIR, seeded_feeds
 def test_static_cnn_runs_qlinearconv_with_int32_bias(tmp_path):
     model = load_model(MODELS_DIR / "cnn.onnx")
     calibration = seeded_feeds(model, count=8, seed=1)
-    result, report = quantize(model, calibration=calibration, mode="static")
+    result, report = quantize(model, calibration=calibration, mode="static", int32_bias=True)
     ran = ort_runs(result.model, tmp_path)
     assert ran["QLinearConv"] == 4
     assert report["counts"]["static_Conv"] == 4 and report["counts"]["bias_int32"] >= 1
@@ -32,6 +32,25 @@ def test_static_cnn_runs_qlinearconv_with_int32_bias(tmp_path):
     assert max_abs_error(model, result.model, feeds) <= 0.05 * np.abs(reference).max()
     again, _ = quantize(result.model, calibration=calibration, mode="static")
     assert again.modified is False
+
+
+def test_static_leaves_float_biases_that_onnxruntime_quantizes_at_load(tmp_path):
+    """The same QLinearConv kernels, the same int32 values, without a scale tensor and a
+    DequantizeLinear per bias in the file."""
+    model = load_model(MODELS_DIR / "cnn.onnx")
+    calibration = seeded_feeds(model, count=8, seed=1)
+    result, report = quantize(model, calibration=calibration, mode="static")
+    int32, _ = quantize(model, calibration=calibration, mode="static", int32_bias=True)
+    at_load, all_int32 = report["counts"]["bias_quantized_at_load"], int32.runs[0].report["counts"]["bias_int32"]
+    assert at_load >= 1 and at_load + report["counts"].get("bias_int32", 0) == all_int32
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    assert sum(n.input[2] in initializers(result.model) for n in convs) == at_load  # read as a float initializer
+    (tmp_path / "float").mkdir()
+    (tmp_path / "int32").mkdir()
+    assert ort_runs(result.model, tmp_path / "float") == ort_runs(int32.model, tmp_path / "int32")
+    assert result.model.ByteSize() < int32.model.ByteSize()
+    feeds = seeded_feeds(model, count=4, seed=2)
+    assert max_abs_error(int32.model, result.model, feeds) <= 1e-5 * np.abs(run_model(model, feeds)[0][0]).max()
 
 
 def test_static_folds_relu_into_the_quantize_of_its_output():
