@@ -1,4 +1,4 @@
-"""Pruning on real models: MiniLM unstructured (uniform, global, sensitivity-allocated),
+"""Pruning on real models: MiniLM unstructured (uniform, global, sensitivity-allocated, Wanda) and 2:4,
 MiniLM feed-forward channel pruning, PP-OCRv4 det channel pruning.
 
 Run: bash benchmarks/run.sh prune [--quick]   (writes benchmarks/results/prune.md)
@@ -22,7 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import passes  # noqa: E402,F401
 import passes.prune.prune_pass  # noqa: E402,F401
 import passes.prune.channels  # noqa: E402,F401
-from benchmarks.harness import markdown_table, minilm_task, ocr_det_task  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    file_size_bytes,
+    markdown_table,
+    minilm_task,
+    ocr_det_task,
+    run_measured,
+    save_feeds,
+)
 from optimizer.verify.benchmark import benchmark  # noqa: E402
 from optimizer.fileio.checker import check_model_full  # noqa: E402
 from optimizer.fileio.model import load_model  # noqa: E402
@@ -36,6 +43,7 @@ from optimizer.graph.sparse_storage import size_report, to_sparse_initializers  
 RESULTS = Path(__file__).resolve().parent / "results" / "prune.md"
 SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 CALIBRATION_SAMPLES = 8
+WANDA_SAMPLES = 32
 PARTS = ("unstructured", "channels", "det")
 
 
@@ -74,12 +82,16 @@ def minilm_unstructured(task, folder: Path, sparsities, lines: list[str]) -> Non
     started = time.perf_counter()
     table = sensitivity_scan(model, feeds, weights=weights, provider="cpu", progress=True)
     scan_seconds = time.perf_counter() - started
+    wanda_feeds = task.calibration(WANDA_SAMPLES)
+    wanda = PassContext(calibration=lambda: iter(wanda_feeds))
     rows, sizes = [], []
     for sparsity in sparsities:
         candidates = {
             "uniform": run_pass(model, "prune", sparsity=sparsity)[0],
             "global": run_pass(model, "prune", mode="global", sparsity=sparsity)[0],
             "sensitivity": apply_allocation(model, table.allocate(sparsity)),
+            "wanda": run_pass(model, "prune", wanda, mode="wanda", sparsity=sparsity)[0],
+            "sparsegpt": run_pass(model, "prune", wanda, mode="sparsegpt", sparsity=sparsity)[0],
         }
         row = [f"{sparsity:.0%}"]
         for mode, candidate in candidates.items():
@@ -89,20 +101,64 @@ def minilm_unstructured(task, folder: Path, sparsities, lines: list[str]) -> Non
         rows.append(row)
         if sparsity in (0.5, 0.7, 0.9):
             sizes.append(size_row(sparsity, candidates["uniform"], weights))
+    nm_rows = []
+    for label, context in (("magnitude", None), ("wanda", wanda), ("sparsegpt", wanda)):
+        pruned = run_pass(model, "prune", context, mode="nm", criterion=label)[0]
+        metrics = task.evaluate(save(pruned, folder, f"minilm_nm_{label}"), task.model)
+        nm_rows.append([label, metrics["cosine_mean"], metrics["cosine_min"], metrics["r1"]])
+        log(f"minilm 2:4 {label}: {metrics}")
     table.allocate(0.5)
     lines += [
-        "## all-MiniLM-L6-v2, unstructured magnitude pruning", "",
+        "## all-MiniLM-L6-v2, unstructured pruning", "",
         f"{len(weights)} MatMul weights ({sum(layer.elements for layer in table.layers):,} parameters; "
         f"embeddings (Gather) excluded by default). Sensitivity scan: {CALIBRATION_SAMPLES} calibration "
         f"sentences x {len(table.sparsities)} sparsities, {scan_seconds:.0f} s; the same scan serves every target. "
         "Metrics on held-out sentences against fp32: mean embedding cosine, and R@1 on the 79-topic retrieval task.", "",
+        f"Wanda: |w| x the input feature's L2 norm over {WANDA_SAMPLES} calibration sentences (the first "
+        f"{CALIBRATION_SAMPLES} are the scan's), compared within each output. SparseGPT: X^T X over the same "
+        f"{WANDA_SAMPLES} sentences, pruned and updated row by row.", "",
         markdown_table(["sparsity", "uniform cos", "uniform R@1", "global cos", "global R@1",
-                        "sensitivity cos", "sensitivity R@1"], rows), "",
+                        "sensitivity cos", "sensitivity R@1", "wanda cos", "wanda R@1",
+                        "sparsegpt cos", "sparsegpt R@1"], rows), "",
+        "2:4 semi-structured (every MatMul weight, groups of 4 along the reduction axis):", "",
+        markdown_table(["ranked by", "cosine mean", "cosine min", "R@1"], nm_rows), "",
         "Size (uniform pruning; raw file, gzip of the file, sparse_initializer storage where smaller):", "",
         markdown_table(["sparsity", "raw MB", "gzip MB", "sparse-storage MB", "tensors stored sparse"], sizes), "",
         "<details><summary>Sensitivity table and the allocation for 50%</summary>", "", table.to_markdown(), "",
         "</details>", ""]
     check_sensitivity_pass(model, context, table, lines)
+    cli_rows(task, folder, wanda_feeds, lines)
+
+
+CLI = "import sys; from optimizer.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def cli_rows(task, folder: Path, feeds, lines: list[str]) -> None:
+    """50% through the CLI in a child process each: tool time and peak RSS, and pruning then int8."""
+    calibration = save_feeds(feeds, folder / "calibration")
+    requests = {
+        "magnitude 50%": ["--prune", "0.5"],
+        "wanda 50%": ["--prune", "0.5", "--prune-mode", "wanda"],
+        "sparsegpt 50%": ["--prune", "0.5", "--prune-mode", "sparsegpt"],
+        "sparsegpt 50% + int8 (default mode)": ["--prune", "0.5", "--prune-mode", "sparsegpt", "--quantize", "int8"],
+        "int8 alone (default mode)": ["--quantize", "int8"],
+    }
+    rows = []
+    for label, flags in requests.items():
+        target = folder / "cli.onnx"
+        run = run_measured([sys.executable, "-c", CLI, "optimize", str(task.model), "-o", str(target), *flags,
+                            "--calibration-data", str(calibration), "--quiet"])
+        if run.returncode:
+            rows.append([label, "-", "-", "-", "-", f"{run.seconds:.1f}", f"{run.peak_rss_mb:.0f}"])
+            continue
+        metrics = task.evaluate(target, task.model)
+        rows.append([label, f"{file_size_bytes(target) / file_size_bytes(task.model):.3f}", metrics["cosine_mean"],
+                     metrics["cosine_min"], metrics["r1"], f"{run.seconds:.1f}", f"{run.peak_rss_mb:.0f}"])
+        log(f"minilm cli {label}: {metrics} {run.seconds:.1f} s {run.peak_rss_mb:.0f} MB")
+    lines += ["Through the CLI (`optimize --prune 0.5 ... --calibration-data DIR`, a child process each; tool time "
+              "and peak RSS include loading, calibration and saving):", "",
+              markdown_table(["request", "size / fp32", "cosine mean", "cosine min", "R@1", "tool s", "peak RSS MB"],
+                             rows), ""]
 
 
 def size_row(sparsity: float, model: onnx.ModelProto, weights: list[str]) -> list:

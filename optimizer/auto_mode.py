@@ -7,7 +7,8 @@ candidate in the same interleaved rounds, next to a second session of the input 
 ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
 check is built again (``retry_failed``): with ``Pass.unclipped_options`` (percentile 100), then with
 its first 1, 2, 4, 8, 16, 32 groups (``optimizer.verify.static_groups``, graph order) backed off to the
-pass's next-best format (weight-only int8), until a build passes.
+pass's next-best format (weight-only int8), until a build passes, then between the last count that
+failed and the one that passed (``_bisect``: 16 and 32 try 24, then 20 or 28).
 The choice: the fastest candidate that passes; among candidates within the noise floor of it, the
 first in ``measured_choices`` (the most accurate), then the one with the fewest groups backed off.
 Without calibration data nothing is measured: the option takes ``Pass.unmeasured_choice``.
@@ -284,19 +285,55 @@ def retry_failed(
     names = static_groups(model)
     counts = sorted({min(2**step, len(names)) for step in range(MAX_SOFTENED_TRIALS)} - {0})
     tried: list[str] = []
+    failed_count = 0
     for start in range(0, len(counts), trials.workers):
-        batch = [
-            (
-                Candidate(failed.value, variant=failed.variant, softened=names[:count]),
-                backed_off_passes(chosen, [], names[:count]),
-            )
-            for count in counts[start : start + trials.workers]
-        ]
-        measured_batch = [candidate for candidate, _ in trials.run(batch)]
+        measured_batch = _soften(trials, chosen, failed, names, counts[start : start + trials.workers])
         tried = measured_batch[-1].softened
-        if any(candidate.passed or candidate.error is not None for candidate in measured_batch):
+        if any(candidate.error is not None for candidate in measured_batch):
             break
+        passing = [len(candidate.softened) for candidate in measured_batch if candidate.passed]
+        below = [len(c.softened) for c in measured_batch if not c.passed and len(c.softened) < min(passing or [0])]
+        failed_count = max([failed_count, *below])
+        if passing:
+            tried = _bisect(trials, chosen, failed, names, failed_count, min(passing)) or names[: min(passing)]
+            break
+        failed_count = len(measured_batch[-1].softened)
     return [{"node": name, "position": names.index(name)} for name in tried]
+
+
+BISECT_STEPS = 2
+"""Builds between the last failing and the first passing count of groups backed off (16 and 32:
+24, then 20 or 28): fewer groups weight-only is a faster model."""
+
+
+def _bisect(trials: _Trials, chosen: list[Pass], failed: Candidate, names: list[str], low: int, high: int) -> list[str]:
+    """The fewest groups backed off that pass, searched between ``low`` (failed) and ``high``
+    (passed) in ``BISECT_STEPS`` builds; the groups of the last passing build ([] if none passed)."""
+    passed: list[str] = []
+    for _ in range(BISECT_STEPS):
+        if high - low <= 1:
+            break
+        middle = (low + high) // 2
+        [candidate] = _soften(trials, chosen, failed, names, [middle])
+        if candidate.passed:
+            high, passed = middle, candidate.softened
+        else:
+            low = middle
+    return passed
+
+
+def _soften(
+    trials: _Trials, chosen: list[Pass], failed: Candidate, names: list[str], counts: list[int]
+) -> list[Candidate]:
+    """Builds and checks of ``failed`` with its first ``count`` groups weight-only, per count."""
+    batch = [
+        (
+            Candidate(failed.value, variant=failed.variant, softened=names[:count]),
+            backed_off_passes(chosen, [], names[:count]),
+        )
+        for count in counts
+    ]
+    return [candidate for candidate, _ in trials.run(batch)]
 
 
 def _time(

@@ -136,6 +136,10 @@ CALIBRATION_NEEDS: tuple[CalibrationNeed, ...] = (
     CalibrationNeed("quantize", "mode", "static", "--quantize-mode static"),
     CalibrationNeed("quantize", "weight_rounding", "gptq", "--set quantize.weight_rounding=gptq"),
     CalibrationNeed("prune", "mode", "sensitivity", "--prune-mode sensitivity"),
+    CalibrationNeed("prune", "mode", "wanda", "--prune-mode wanda"),
+    CalibrationNeed("prune", "criterion", "wanda", "--set prune.criterion=wanda"),
+    CalibrationNeed("prune", "mode", "sparsegpt", "--prune-mode sparsegpt"),
+    CalibrationNeed("prune", "criterion", "sparsegpt", "--set prune.criterion=sparsegpt"),
 )
 
 

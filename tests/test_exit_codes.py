@@ -75,6 +75,9 @@ def test_a_custom_domain_op_that_need_not_run_passes_through(custom_op_model, tm
 @pytest.mark.parametrize(("flags", "request_text"), [
     (["--quantize", "int8", "--quantize-mode", "static"], "--quantize-mode static"),
     (["--prune", "0.5", "--prune-mode", "sensitivity"], "--prune-mode sensitivity"),
+    (["--prune", "0.5", "--prune-mode", "wanda"], "--prune-mode wanda"),
+    (["--prune", "0.5", "--prune-mode", "nm", "--set", "prune.criterion=wanda"], "--set prune.criterion=wanda"),
+    (["--prune", "0.5", "--prune-mode", "sparsegpt"], "--prune-mode sparsegpt"),
     (["--quantize", "int4", "--quantize-mode", "weights", "--set", "quantize.weight_rounding=gptq"],
      "--set quantize.weight_rounding=gptq"),
 ])

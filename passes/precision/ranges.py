@@ -6,9 +6,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
+from optimizer.calibration.observe import probe_model
 from optimizer.calibration.ranges import collect_ranges
 from optimizer.pass_base import PassContext, PassReport
-from passes.quantize.outliers import probe_model
 
 GENERATED_SAMPLES = 4
 

@@ -58,14 +58,18 @@ def weight_layout(uses: list[TensorUse], shape: tuple[int, ...], m: int) -> Redu
     return layout
 
 
-def nm_prune(values: np.ndarray, layout: ReductionLayout, n: int, m: int) -> np.ndarray:
-    """Zero the M-N smallest magnitudes of every group of M along the reduction axis.
+def nm_prune(
+    values: np.ndarray, layout: ReductionLayout, n: int, m: int, scores: np.ndarray | None = None
+) -> np.ndarray:
+    """Zero the M-N lowest-ranked weights of every group of M along the reduction axis, ranked by
+    ``scores`` (same shape as ``values``; Wanda's) or by magnitude.
 
     Ties keep index order (stable sort), so the pattern is the same on every run.
     """
     moved = np.moveaxis(values, layout.axis, -1)
     groups = moved.reshape(-1, m)
-    order = np.argsort(np.abs(groups), axis=1, kind="stable")[:, : m - n]
+    ranking = np.abs(groups) if scores is None else np.moveaxis(scores, layout.axis, -1).reshape(-1, m)
+    order = np.argsort(ranking, axis=1, kind="stable")[:, : m - n]
     pruned = groups.copy()
     np.put_along_axis(pruned, order, 0, axis=1)
     return np.ascontiguousarray(np.moveaxis(pruned.reshape(moved.shape), -1, layout.axis))

@@ -11,6 +11,12 @@ Modes:
 - ``sensitivity``: per-tensor sparsities allocated from a calibration scan
   (``optimizer.calibration.sensitivity``) so the parameter-weighted sparsity reaches the target with the
   least output error.
+- ``wanda``: each output keeps the weights with the largest |w| x ||x_j||_2, the input feature's norm
+  on calibration data (``passes.prune.wanda``); ``nm`` ranks by the same score when given
+  calibration data (``criterion``).
+- ``sparsegpt``: the row-by-row solver of SparseGPT on each MatMul/Gemm weight's X^T X: prunes and
+  updates the weights left to keep X @ W (``passes.prune.sparsegpt``); ``nm`` with criterion
+  ``sparsegpt`` does the same for N:M.
 
 Zeros are exact, so pruning composes with any quantizer that maps 0.0 to exactly 0 (symmetric,
 or zero point on the integer grid). Zeroed weights do not shrink a dense file: ``storage``
@@ -31,12 +37,23 @@ from optimizer.calibration.sensitivity import DEFAULT_SPARSITIES, sensitivity_sc
 from optimizer.errors import OptionError, PassError
 from optimizer.graph.patterns import NamePatterns
 from optimizer.graph.sparse_storage import storage_choice
-from optimizer.graph.walk import tensor_uses
+from optimizer.graph.walk import TensorUse, tensor_uses
 from optimizer.graph.weights import Weight, constant_weight
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.prune.nm import follows_nm, nm_prune, weight_layout
+from passes.prune.sparsegpt import SparseGptSettings, prune_by_sparsegpt
+from passes.prune.wanda import (
+    FeatureInput,
+    WandaSettings,
+    feature_input,
+    feature_scale,
+    input_norms,
+    output_axis,
+    prune_rows,
+    wanda_scores,
+)
 from passes.prune.weights import (
     WEIGHT_SLOTS,
     check_selection,
@@ -56,12 +73,28 @@ ALREADY_AT_TARGET_SLACK = 1e-6
 @register
 class PrunePass(Pass):
     name = "prune"
-    summary = "zero the smallest-magnitude weights (uniform, global, N:M or sensitivity-allocated)"
+    summary = (
+        "zero weights by magnitude (uniform, global, N:M, sensitivity) or from calibration data (Wanda, SparseGPT)"
+    )
     backoff_option = "exclude"
 
-    mode: Literal["uniform", "global", "nm", "sensitivity"] = option(
+    mode: Literal["uniform", "global", "nm", "sensitivity", "wanda", "sparsegpt"] = option(
         "uniform",
-        "uniform per tensor, one global normalized threshold, N:M pattern, or allocated by a sensitivity scan",
+        "uniform per tensor, one global normalized threshold, N:M pattern, allocated by a sensitivity scan, "
+        "wanda (per output, the lowest |w| x input-feature norm on calibration data) or sparsegpt (prune and "
+        "update the other weights to keep X @ W, from X^T X on calibration data); the last two need it",
+    )
+    criterion: Literal["auto", "magnitude", "wanda", "sparsegpt"] = option(
+        "auto",
+        "what mode nm ranks by: |w|, Wanda's |w| x input-feature norm, or SparseGPT (which also updates the "
+        "weights left); auto: wanda with calibration data, else magnitude",
+    )
+    calibration_samples: int = option(32, "calibration samples Wanda's norms and SparseGPT's X^T X are measured on")
+    damping: float = option(
+        0.1,
+        "SparseGPT: added to X^T X's diagonal, as a fraction of its mean, before it is inverted; more trusts the "
+        "calibration data less (MiniLM 50%, 32 sentences: 0.01 gave cosine 0.906 and R@1 0.627, 0.1 gave 0.916 "
+        "and 0.747)",
     )
     sparsity: float = option(
         0.3,
@@ -85,17 +118,30 @@ class PrunePass(Pass):
         if len(self.nm) != 2 or not 0 < self.nm[0] < self.nm[1]:
             raise OptionError(f"pass 'prune' option 'nm' must be two integers N,M with 0 < N < M, got {self.nm}")
         check_selection(self.name, self.op_types, WEIGHT_SLOTS, self.include + self.exclude)
-        if self.min_elements < 0 or self.scan_samples < 1:
-            raise OptionError("pass 'prune' options 'min_elements' must be >= 0 and 'scan_samples' >= 1")
+        if not 0.0 < self.damping <= 10.0:
+            raise OptionError(f"pass 'prune' option 'damping' must be in (0, 10], got {self.damping}")
+        if self.min_elements < 0 or self.scan_samples < 1 or self.calibration_samples < 1:
+            raise OptionError(
+                "pass 'prune' options 'min_elements' must be >= 0, 'scan_samples' and 'calibration_samples' >= 1"
+            )
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
         weights = self._eligible(graph, report)
+        scores = self._wanda(graph, weights, context, report) if self._uses_wanda(context) else {}
+        solved = self._sparsegpt(graph, weights, context, report)
         if self.mode == "nm":
-            targets = self._nm_targets(weights, report)
+            targets = self._nm_targets(weights, report, scores)
+        elif self.mode == "wanda":
+            targets = self._per_output_targets(weights, scores)
+        elif self.mode == "sparsegpt":  # by magnitude per output where it does not apply
+            targets = self._per_output_targets(
+                [w for w in weights if w.name not in solved and not self._at_target(w)], {}
+            )
         else:
             sparsities = self._sparsities(weights, graph, context, report)
             targets = self._magnitude_targets(weights, sparsities)
+        targets.update(solved)
         modified = self._apply(weights, targets, report)
         return PassResult(graph, modified, report.to_dict())
 
@@ -194,7 +240,79 @@ class PrunePass(Pass):
                 targets[weight.name] = zero_flat(values, magnitude_order(values)[:count]) if count else values
         return targets
 
-    def _nm_targets(self, weights: list[Weight], report: PassReport) -> dict[str, np.ndarray]:
+    def _sparsegpt(
+        self, graph: gs.Graph, weights: list[Weight], context: PassContext, report: PassReport
+    ) -> dict[str, np.ndarray]:
+        """SparseGPT's pruned and updated values (mode sparsegpt, or nm with criterion sparsegpt)."""
+        if self.mode != "sparsegpt" and (self.mode != "nm" or self.criterion != "sparsegpt"):
+            return {}
+        if context.calibration is None:
+            raise PassError(f"pass 'prune' mode '{self.mode}' with SparseGPT needs calibration data")
+        n, m = self.nm
+        settings = SparseGptSettings(
+            self.sparsity,
+            (n, m) if self.mode == "nm" else None,
+            self.damping,
+            self.calibration_samples,
+            context.provider,
+            context.timeout_s,
+        )
+        eligible = [weight for weight in weights if not self._at_target(weight)]
+        return prune_by_sparsegpt(graph, eligible, lambda: context.calibration_feeds(self.name), settings, report)
+
+    def _at_target(self, weight: Weight) -> bool:
+        """Already pruned as asked (or not N:M-eligible): SparseGPT leaves it, so a rerun changes nothing."""
+        if self.mode != "nm":
+            return sparsity_of(weight.values) >= self.sparsity - ALREADY_AT_TARGET_SLACK
+        n, m = self.nm
+        layout = weight_layout(weight.uses, weight.values.shape, m)
+        return isinstance(layout, str) or follows_nm(weight.values, layout, n, m)
+
+    def _uses_wanda(self, context: PassContext) -> bool:
+        if self.mode == "wanda":
+            return True
+        wanted = self.criterion == "wanda" or (self.criterion == "auto" and context.calibration is not None)
+        return self.mode == "nm" and wanted
+
+    def _wanda(
+        self, graph: gs.Graph, weights: list[Weight], context: PassContext, report: PassReport
+    ) -> dict[str, np.ndarray]:
+        """Wanda scores per weight; a weight without input statistics is left out (ranked by |w|),
+        with its reason in the report."""
+        if context.calibration is None:
+            raise PassError(f"pass 'prune' mode '{self.mode}' with Wanda scores needs calibration data")
+        found = {
+            weight.name: [feature_input(use, weight.values.ndim, graph) for use in weight.uses] for weight in weights
+        }
+        inputs = {item for items in found.values() for item in items if isinstance(item, FeatureInput)}
+        settings = WandaSettings(self.calibration_samples, context.provider, context.timeout_s)
+        norms, samples = input_norms(graph, inputs, lambda: context.calibration_feeds(self.name), settings)
+        report.details["criterion"] = f"wanda: |w| x input-feature L2 norm over {samples} calibration samples"
+        scores = {}
+        for weight in weights:
+            scales = [
+                _scale(weight, use, item, norms) for use, item in zip(weight.uses, found[weight.name], strict=True)
+            ]
+            reasons = [scale for scale in scales if isinstance(scale, str)]
+            if reasons:
+                report.skip("tensor", weight.name, f"ranked by magnitude: {reasons[0]}")
+                continue
+            scores[weight.name] = wanda_scores(weight, [scale for scale in scales if not isinstance(scale, str)])
+        return scores
+
+    def _per_output_targets(self, weights: list[Weight], scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per output, the lowest-scoring ``sparsity`` of its weights zeroed (magnitude where no score)."""
+        targets = {}
+        for weight in weights:
+            with working_on("tensor", weight.name):
+                axis = output_axis(weight.uses[0])
+                ranking = scores.get(weight.name, np.abs(weight.values))
+                targets[weight.name] = prune_rows(weight.values, ranking, axis, self.sparsity)
+        return targets
+
+    def _nm_targets(
+        self, weights: list[Weight], report: PassReport, scores: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         n, m = self.nm
         targets, eligible = {}, []
         for weight in weights:
@@ -205,7 +323,9 @@ class PrunePass(Pass):
                 continue
             eligible.append(weight.name)
             with working_on("tensor", weight.name):
-                targets[weight.name] = values if follows_nm(values, layout, n, m) else nm_prune(values, layout, n, m)
+                ranking = scores.get(weight.name)
+                done = follows_nm(values, layout, n, m)  # already N:M: a rerun's input norms differ
+                targets[weight.name] = values if done else nm_prune(values, layout, n, m, ranking)
         report.details["nm_eligible"] = eligible
         return targets
 
@@ -240,6 +360,17 @@ class PrunePass(Pass):
         )
         report.details["sparse_tensors"] = sorted(n for n, s in storage.items() if s["stored_as"] == "sparse")
         return modified
+
+
+def _scale(
+    weight: Weight, use: TensorUse, item: FeatureInput | str, norms: dict[FeatureInput, np.ndarray]
+) -> np.ndarray | str:
+    """One reader's input norms laid out against ``weight``, or why there are none."""
+    if isinstance(item, str):
+        return item
+    if item not in norms:
+        return f"no calibration sample produced '{item.tensor}'"
+    return feature_scale(weight, use, norms[item])
 
 
 def _gather_on_rows(node: gs.Node) -> bool:

@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.observe import probe_model
 from optimizer.calibration.ranges import Statistic, collect_ranges, statistic_family, statistic_range
 from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.common import too_wide_for_8_bits
 from passes.quantize.integer_forms import rescale_factor, rescaled_input
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.outliers import probe_model
 
 SAME_RANGE_OPS = (
     "Transpose",

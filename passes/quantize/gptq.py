@@ -11,13 +11,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.gptq import HessianAccumulator, InverseFactor, gptq_quantize
+from optimizer.calibration.observe import observe_activations
 from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
 from optimizer.errors import PassError
 from optimizer.graph.weights import Weight, is_constant_derived
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.outliers import observe_activations
 from passes.quantize.weights import WeightSpec
 
 

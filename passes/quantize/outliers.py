@@ -11,69 +11,13 @@ down-projections 3-4x for 1-2 channels out of 1536.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.graph.convert import export_model
-from optimizer.graph.edit import toposort
-from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout, create_session, resolve_provider, run_outputs
-
-
-def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto:
-    """The graph as a model whose outputs also include ``tensor_names`` (main-graph tensors)."""
-    template = onnx.ModelProto()
-    template.ir_version = 8
-    template.opset_import.extend(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
-    toposort(graph)
-    model = export_model(graph, template)
-    present = {output.name for output in model.graph.output}
-    for name in tensor_names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model
-
-
-def observe_activations(
-    graph: gs.Graph,
-    tensor_names: Sequence[str],
-    feeds: Callable[[], Iterable],
-    visit: Callable[[str, np.ndarray], None],
-    *,
-    max_samples: int | None,
-    provider: str = "cpu",
-    timeout_s: float | None = DEFAULT_TIMEOUT_S,
-    stage: str = "activation calibration",
-) -> int:
-    """Run up to ``max_samples`` feeds with ``tensor_names`` exposed and hand every float32 value
-    to ``visit(name, value)``, one sample at a time; returns the number of samples run. A run
-    longer than ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``."""
-    checked_timeout(timeout_s)
-    if not tensor_names:
-        return 0
-    model = probe_model(graph, tensor_names)
-    session, _ = create_session(model.SerializeToString(), resolve_provider(provider))
-    del model
-    inputs = [node_arg.name for node_arg in session.get_inputs()]
-    names = list(tensor_names)
-    count = 0
-    for feed in itertools.islice(feeds(), max_samples):
-        values = run_outputs(
-            session,
-            names,
-            {name: feed[name] for name in inputs},
-            label="calibration model",
-            stage=stage,
-            timeout_s=timeout_s,
-        )
-        for name, value in zip(names, values, strict=True):
-            if value.ndim > 0 and value.dtype == np.float32:
-                visit(name, value)
-        count += 1
-    return count
+from optimizer.calibration.observe import observe_activations
+from optimizer.verify.runtime import DEFAULT_TIMEOUT_S
 
 
 def channel_absmax(

@@ -165,6 +165,43 @@ def test_a_failing_static_build_is_retried_with_its_worst_rounded_groups_backed_
         assert "re:^conv1$" in result.report.passes[-1]["options"]["int8_weight_only_nodes"]
 
 
+@pytest.mark.parametrize(
+    ("workers", "threshold", "expected_builds", "fewest"),
+    [
+        (1, 21, [1, 2, 4, 8, 16, 32, 24, 20], 24),
+        (2, 21, [1, 2, 4, 8, 16, 32, 24, 20], 24),  # 16 and 32 built together: 16 is the failing bound
+        (2, 3, [1, 2, 4, 8, 3], 3),  # 4 and 8 both pass: the search runs between 2 and 4
+    ],
+)
+def test_backing_off_bisects_between_the_last_failing_and_the_first_passing_count(
+    monkeypatch, workers, threshold, expected_builds, fewest
+):
+    """Static passes from ``threshold`` groups weight-only: the doubling search finds a passing
+    count, then two more builds bisect between it and the last failing one."""
+    import optimizer.auto_mode as auto_mode
+
+    built: list[int] = []
+
+    def soften(trials, chosen, failed, names, counts):
+        built.extend(counts)
+        return [Candidate("static", softened=names[:count], passed=count >= threshold) for count in counts]
+
+    names = [f"conv{index}" for index in range(40)]
+    monkeypatch.setattr(auto_mode, "_soften", soften)
+    monkeypatch.setattr(auto_mode, "static_groups", lambda model: names)
+
+    class Trials:
+        pass
+
+    Trials.workers = workers
+
+    failed = Candidate("static", passed=False, violation=3.0)
+    chosen = [type("NoWider", (), {"unclipped_options": lambda self: {}})()]
+    ranking = auto_mode.retry_failed(Trials(), chosen, 0, failed, None)
+    assert built == expected_builds
+    assert [item["node"] for item in ranking] == names[:fewest]
+
+
 def test_the_chosen_backed_off_build_is_the_file_written(tmp_path, monkeypatch):
     _fixed_timing(monkeypatch)
     model = heavy_tail_model()
