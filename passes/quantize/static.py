@@ -398,10 +398,10 @@ def _quantize_bias(
     bias = weight_values(node.inputs[2])
     if bias is None or np.asarray(bias).dtype != np.float32 or np.asarray(bias).ndim != 1:
         return
-    integers, scale = quantize_bias(np.asarray(bias), context.input_scale, context.weight_scale)
     if not context.int32_only and _quantized_at_load(graph, node, np.asarray(bias), context):
         report.count("bias_quantized_at_load")
         return
+    integers, scale = quantize_bias(np.asarray(bias), context.input_scale, context.weight_scale)
     base = node.inputs[2].name
     stored = gs.Constant(names.fresh(base, "_quantized"), integers)
     restored = gs.Variable(names.fresh(base, "_dequantized"), dtype=np.float32)
