@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -15,6 +16,16 @@ import onnx_graphsurgeon as gs
 from optimizer.graph.convert import export_model
 from optimizer.graph.edit import toposort
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, checked_timeout, create_session, resolve_provider, run_outputs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which calibration runs to make: up to ``max_samples`` feeds (None: all) on ``provider``,
+    each run bounded by ``timeout_s``."""
+
+    max_samples: int | None
+    provider: str = "cpu"
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
 
 
 def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto:
@@ -36,32 +47,29 @@ def observe_activations(
     tensor_names: Sequence[str],
     feeds: Callable[[], Iterable],
     visit: Callable[[str, np.ndarray], None],
-    *,
-    max_samples: int | None,
-    provider: str = "cpu",
-    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    sampling: Sampling,
     stage: str = "activation calibration",
 ) -> int:
-    """Run up to ``max_samples`` feeds with ``tensor_names`` exposed and hand every float32 value
-    to ``visit(name, value)``, one sample at a time; returns the number of samples run. A run
-    longer than ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``."""
-    checked_timeout(timeout_s)
+    """Run the feeds ``sampling`` asks for with ``tensor_names`` exposed and hand every float32
+    value to ``visit(name, value)``, one sample at a time; returns the number of samples run. A run
+    longer than ``sampling.timeout_s`` raises ``RunTimeoutError`` naming ``stage``."""
+    checked_timeout(sampling.timeout_s)
     if not tensor_names:
         return 0
     model = probe_model(graph, tensor_names)
-    session, _ = create_session(model.SerializeToString(), resolve_provider(provider))
+    session, _ = create_session(model.SerializeToString(), resolve_provider(sampling.provider))
     del model
     inputs = [node_arg.name for node_arg in session.get_inputs()]
     names = list(tensor_names)
     count = 0
-    for feed in itertools.islice(feeds(), max_samples):
+    for feed in itertools.islice(feeds(), sampling.max_samples):
         values = run_outputs(
             session,
             names,
             {name: feed[name] for name in inputs},
             label="calibration model",
             stage=stage,
-            timeout_s=timeout_s,
+            timeout_s=sampling.timeout_s,
         )
         for name, value in zip(names, values, strict=True):
             if value.ndim > 0 and value.dtype == np.float32:

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.observe import Sampling
 from optimizer.calibration.sensitivity import DEFAULT_SPARSITIES, sensitivity_scan
 from optimizer.errors import OptionError, PassError
 from optimizer.graph.patterns import NamePatterns
@@ -46,7 +47,6 @@ from passes.prune.nm import follows_nm, nm_prune, weight_layout
 from passes.prune.sparsegpt import SparseGptSettings, prune_by_sparsegpt
 from passes.prune.wanda import (
     FeatureInput,
-    WandaSettings,
     feature_input,
     feature_scale,
     input_norms,
@@ -253,9 +253,7 @@ class PrunePass(Pass):
             self.sparsity,
             (n, m) if self.mode == "nm" else None,
             self.damping,
-            self.calibration_samples,
-            context.provider,
-            context.timeout_s,
+            Sampling(self.calibration_samples, context.provider, context.timeout_s),
         )
         eligible = [weight for weight in weights if not self._at_target(weight)]
         return prune_by_sparsegpt(graph, eligible, lambda: context.calibration_feeds(self.name), settings, report)
@@ -285,7 +283,7 @@ class PrunePass(Pass):
             weight.name: [feature_input(use, weight.values.ndim, graph) for use in weight.uses] for weight in weights
         }
         inputs = {item for items in found.values() for item in items if isinstance(item, FeatureInput)}
-        settings = WandaSettings(self.calibration_samples, context.provider, context.timeout_s)
+        settings = Sampling(self.calibration_samples, context.provider, context.timeout_s)
         norms, samples = input_norms(graph, inputs, lambda: context.calibration_feeds(self.name), settings)
         report.details["criterion"] = f"wanda: |w| x input-feature L2 norm over {samples} calibration samples"
         scores = {}

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.gptq import HessianAccumulator, InverseFactor
-from optimizer.calibration.observe import observe_activations
+from optimizer.calibration.observe import Sampling, observe_activations
 from optimizer.calibration.sparsegpt import sparsegpt_prune
 from optimizer.graph.weights import Weight, is_constant_derived
 from optimizer.internal_errors import working_on
@@ -31,9 +31,7 @@ class SparseGptSettings:
     sparsity: float
     nm: tuple[int, int] | None
     damping: float
-    max_samples: int
-    provider: str
-    timeout_s: float | None
+    sampling: Sampling
 
 
 @dataclass(frozen=True)
@@ -124,9 +122,7 @@ def _hessians(
         names,
         feeds,
         visit,
-        max_samples=settings.max_samples,
-        provider=settings.provider,
-        timeout_s=settings.timeout_s,
+        settings.sampling,
         stage="SparseGPT calibration",
     )
     return {name: accumulator.hessian() for name, accumulator in accumulators.items()}, samples

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.calibration.observe import observe_activations
+from optimizer.calibration.observe import Sampling, observe_activations
 from optimizer.graph.walk import TensorUse
 from optimizer.graph.weights import Weight
 
@@ -32,13 +32,6 @@ class FeatureInput:
 
     tensor: str
     axis: int
-
-
-@dataclass(frozen=True)
-class WandaSettings:
-    max_samples: int
-    provider: str
-    timeout_s: float | None
 
 
 def feature_input(use: TensorUse, rank: int, graph: gs.Graph) -> FeatureInput | str:
@@ -66,7 +59,7 @@ def output_axis(use: TensorUse) -> int:
 
 
 def input_norms(
-    graph: gs.Graph, inputs: Iterable[FeatureInput], feeds: Callable[[], Iterable], settings: WandaSettings
+    graph: gs.Graph, inputs: Iterable[FeatureInput], feeds: Callable[[], Iterable], settings: Sampling
 ) -> tuple[dict[FeatureInput, np.ndarray], int]:
     """||x_j||_2 per feature of every input over up to ``settings.max_samples`` calibration samples
     (streamed: one sum of squares per feature is kept), and the number of samples run."""
@@ -87,9 +80,7 @@ def input_norms(
         sorted(wanted),
         feeds,
         visit,
-        max_samples=settings.max_samples,
-        provider=settings.provider,
-        timeout_s=settings.timeout_s,
+        settings,
         stage="Wanda input norms",
     )
     return {item: np.sqrt(total) for item, total in sums.items()}, samples

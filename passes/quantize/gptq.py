@@ -11,7 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.gptq import HessianAccumulator, InverseFactor, gptq_quantize
-from optimizer.calibration.observe import observe_activations
+from optimizer.calibration.observe import Sampling, observe_activations
 from optimizer.calibration.quant_math import QuantizedTensor, quantize_weight
 from optimizer.errors import PassError
 from optimizer.graph.weights import Weight, is_constant_derived
@@ -84,9 +84,7 @@ def quantize_by_gptq(
             sorted(accumulators),
             lambda: context.calibration_feeds("quantize"),
             visit,
-            max_samples=options.calibration_samples or None,
-            provider=context.provider,
-            timeout_s=context.timeout_s,
+            Sampling(options.calibration_samples or None, context.provider, context.timeout_s),
             stage="GPTQ calibration",
         )
         _round_chunk(planned, inputs, chunk, accumulators, channels, results, gains)

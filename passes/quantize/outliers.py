@@ -16,20 +16,16 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.calibration.observe import observe_activations
-from optimizer.verify.runtime import DEFAULT_TIMEOUT_S
+from optimizer.calibration.observe import Sampling, observe_activations
 
 
 def channel_absmax(
     graph: gs.Graph,
     tensor_names: Sequence[str],
     feeds: Callable[[], Iterable],
-    *,
-    max_samples: int | None,
-    provider: str = "cpu",
-    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    sampling: Sampling,
 ) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor over up to ``max_samples`` feeds."""
+    """max |x| per last-axis channel of each tensor over the feeds ``sampling`` asks for."""
     absmax: dict[str, np.ndarray] = {}
 
     def visit(name: str, value: np.ndarray) -> None:
@@ -42,9 +38,7 @@ def channel_absmax(
         tensor_names,
         feeds,
         visit,
-        max_samples=max_samples,
-        provider=provider,
-        timeout_s=timeout_s,
+        sampling,
         stage="outlier calibration",
     )
     return absmax

@@ -23,6 +23,7 @@ from typing import Any, Final
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.observe import Sampling
 from optimizer.graph.edit import cleanup, toposort
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
@@ -117,9 +118,7 @@ def _run_dynamic(
             graph,
             dynamic_activations(graph, plan),
             calibration,
-            max_samples=options.calibration_samples or None,
-            provider=context.provider,
-            timeout_s=context.timeout_s,
+            Sampling(options.calibration_samples or None, context.provider, context.timeout_s),
         )
         limit, ratio = options.outlier_channels, options.outlier_ratio
         split = {name: outlier_channels(values, ratio=ratio, limit=limit) for name, values in absmax.items()}
