@@ -76,6 +76,23 @@ SHORTCUTS: tuple[Shortcut, ...] = (
         extra_choices=("channels",),
         extra_help="; channels: structured pruning, --prune is then prune-channels.ratio",
     ),
+    Shortcut(
+        "--prune-structure",
+        "prune_structure",
+        "prune-channels",
+        "structure",
+        extra_help="; implies --prune-mode channels",
+    ),
+    Shortcut(
+        "--prune-flops",
+        "prune_flops",
+        "prune-channels",
+        "flops",
+        stage=1,
+        bounds=(0.0, 1.0),
+        high_open=True,
+        metavar="FRACTION",
+    ),
     Shortcut("--sparse-storage", "sparse_storage", "prune", "storage"),
     Shortcut("--cluster", "cluster_bits", "cluster", "bits", stage=2, bounds=(2, 8), metavar="BITS"),
     Shortcut("--float16", "float16", "float16", "mode", stage=3),
@@ -112,10 +129,13 @@ def shortcut_options(values: Mapping[str, Any]) -> tuple[list[str], dict[str, di
             raise OptionError(message)
     for variant in VARIANTS:
         chosen = options.get(variant.pass_name, {})
+        if variant.becomes in options and variant.pass_name in added and variant.option not in chosen:
+            chosen[variant.option] = variant.value  # a modifier of the variant's pass implies it
         if chosen.get(variant.option) == variant.value:
             del chosen[variant.option]
             renames = dict(variant.renames)
-            options[variant.becomes] = {renames.get(key, key): value for key, value in chosen.items()}
+            renamed = {renames.get(key, key): value for key, value in chosen.items()}
+            options[variant.becomes] = {**renamed, **options.get(variant.becomes, {})}
             del options[variant.pass_name]
             added = [variant.becomes if name == variant.pass_name else name for name in added]
     return added, options
@@ -130,6 +150,7 @@ class CalibrationNeed:
     option: str
     value: Any
     request: str
+    any_value: bool = False
 
 
 CALIBRATION_NEEDS: tuple[CalibrationNeed, ...] = (
@@ -140,12 +161,16 @@ CALIBRATION_NEEDS: tuple[CalibrationNeed, ...] = (
     CalibrationNeed("prune", "criterion", "wanda", "--set prune.criterion=wanda"),
     CalibrationNeed("prune", "mode", "sparsegpt", "--prune-mode sparsegpt"),
     CalibrationNeed("prune", "criterion", "sparsegpt", "--set prune.criterion=sparsegpt"),
+    CalibrationNeed("prune-channels", "structure", "heads", "--prune-structure heads"),
+    CalibrationNeed("prune-channels", "criterion", "activation", "--set prune-channels.criterion=activation"),
+    CalibrationNeed("prune-channels", "flops", None, "--prune-flops", any_value=True),
 )
 
 
 def calibration_request(pass_name: str, options: Mapping[str, Any]) -> str | None:
     """How the user asked for calibration data, when pass ``pass_name`` with ``options`` needs it."""
     for need in CALIBRATION_NEEDS:
-        if need.pass_name == pass_name and options.get(need.option) == need.value:
+        value = options.get(need.option)
+        if need.pass_name == pass_name and (value == need.value or (need.any_value and value)):
             return need.request
     return None

@@ -78,6 +78,7 @@ def test_a_custom_domain_op_that_need_not_run_passes_through(custom_op_model, tm
     (["--prune", "0.5", "--prune-mode", "wanda"], "--prune-mode wanda"),
     (["--prune", "0.5", "--prune-mode", "nm", "--set", "prune.criterion=wanda"], "--set prune.criterion=wanda"),
     (["--prune", "0.5", "--prune-mode", "sparsegpt"], "--prune-mode sparsegpt"),
+    (["--prune", "0.5", "--prune-structure", "heads"], "--prune-structure heads"),
     (["--quantize", "int4", "--quantize-mode", "weights", "--set", "quantize.weight_rounding=gptq"],
      "--set quantize.weight_rounding=gptq"),
 ])

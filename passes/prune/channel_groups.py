@@ -79,15 +79,36 @@ class Layout:
         return self.axis == -1
 
 
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading the group's channels: its weight's channel ``axis``, and the data tensor it
+    reads them from with their axis there (counted from the end)."""
+
+    node: gs.Node
+    weight: Weight
+    axis: int
+    data: gs.Tensor
+    data_axis: int
+
+
 @dataclass
 class ChannelGroup:
+    """Channels removed together, ``unit`` at a time (an attention head is ``head_dim`` channels).
+    ``variables`` and ``reshapes`` hold (tensor or shape constant, axis or position, divisor): the
+    size there becomes the kept channel count over the divisor (a head count divides by the unit).
+    ``scaling`` are the nodes besides producer and consumers whose work scales with the channels."""
+
     producer: gs.Node
     channels: int
     score: tuple[Weight, int]
+    unit: int = 1
     slices: dict[str, tuple[Weight, int]] = field(default_factory=dict)
-    variables: list[tuple[gs.Tensor, int]] = field(default_factory=list)
+    variables: list[tuple[gs.Tensor, int, int]] = field(default_factory=list)
     depthwise: list[gs.Node] = field(default_factory=list)
-    reshapes: list[tuple[Weight, int]] = field(default_factory=list)
+    scaling: list[gs.Node] = field(default_factory=list)
+    reshapes: list[tuple[Weight, int, int]] = field(default_factory=list)
+    broadcasts: list[gs.Tensor] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
     node_ids: set[int] = field(default_factory=set)
     pending: list[tuple[gs.Node, str]] = field(default_factory=list)
 
@@ -108,7 +129,7 @@ def find_group(
         if tensor.name in seen:
             continue
         seen[tensor.name] = layout
-        group.variables.append((tensor, layout.axis))
+        group.variables.append((tensor, layout.axis, 1))
         if tensor.name in outputs:
             raise Illegal(f"channel tensor '{tensor.name}' is a graph output")
         for use in uses.get(tensor.name, []):
@@ -227,20 +248,25 @@ def _consumer(node: gs.Node, layout: Layout, group: ChannelGroup, uses) -> list[
     if node.op in ("Conv", "ConvTranspose"):
         groups = int(node.attrs.get("group", 1))
         if groups == 1:
-            _add_slice(group, weight, 0 if node.op == "ConvTranspose" else 1)
+            axis = 0 if node.op == "ConvTranspose" else 1
+            _add_slice(group, weight, axis)
+            group.consumers.append(Consumer(node, weight, axis, node.inputs[0], layout.axis))
             return []
         if node.op == "Conv" and groups == group.channels and weight.values.shape[:2] == (groups, 1):
             _add_slice(group, weight, 0)
             if len(node.inputs) > 2 and node.inputs[2].name:
                 _add_slice(group, _required(node, 2, uses), 0)
             group.depthwise.append(node)
+            group.scaling.append(node)
             return _single_output(node, layout)
         raise Illegal(f"grouped {node.op} '{node.name}' (group={groups}) would need whole groups removed")
     if not layout.is_last or (node.op == "Gemm" and node.attrs.get("transA", 0)):
         raise Illegal(f"{node.op} '{node.name}' does not reduce over the channel axis")
     if weight.values.ndim != 2:
         raise Illegal(f"{node.op} '{node.name}' weight is not 2-D")
-    _add_slice(group, weight, 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0)
+    axis = 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0
+    _add_slice(group, weight, axis)
+    group.consumers.append(Consumer(node, weight, axis, node.inputs[0], layout.axis))
     return []
 
 
@@ -260,7 +286,7 @@ def _flatten(node: gs.Node, layout: Layout, group: ChannelGroup, uses) -> list[t
         if len(target) != 2 or (target[0] == -1 and target[1] != group.channels):
             raise Illegal(f"Reshape '{node.name}' to {target}: layout after it cannot be followed")
         if target[1] == group.channels:
-            group.reshapes.append((shape, 1))
+            group.reshapes.append((shape, 1, 1))
         elif target[1] != -1:
             raise Illegal(f"Reshape '{node.name}' to {target}: layout after it cannot be followed")
     return _single_output(node, Layout(-1, 2, True))
@@ -310,7 +336,7 @@ def _check_exclusive(group: ChannelGroup, uses) -> None:
         for use in uses.get(name, []):
             if id(use.node) not in group.node_ids:
                 raise Illegal(f"weight '{name}' is also read by {use.node.op} '{use.node.name}'")
-    for shape, _ in group.reshapes:
+    for shape, _, _ in group.reshapes:
         if len(uses.get(shape.name, [])) != 1:
             raise Illegal(f"Reshape shape '{shape.name}' is shared with other nodes")
 
