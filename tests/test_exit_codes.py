@@ -79,6 +79,7 @@ def test_a_custom_domain_op_that_need_not_run_passes_through(custom_op_model, tm
     (["--prune", "0.5", "--prune-mode", "nm", "--set", "prune.criterion=wanda"], "--set prune.criterion=wanda"),
     (["--prune", "0.5", "--prune-mode", "sparsegpt"], "--prune-mode sparsegpt"),
     (["--prune", "0.5", "--prune-structure", "heads"], "--prune-structure heads"),
+    (["--prune-flops", "0.1"], "--prune-flops"),
     (["--quantize", "int4", "--quantize-mode", "weights", "--set", "quantize.weight_rounding=gptq"],
      "--set quantize.weight_rounding=gptq"),
 ])
@@ -190,7 +191,7 @@ REAL_PASS_FAILURES = [
     ("mlp", ["--quantize", "int8", "--quantize-mode", "dynamic", "--set", "quantize.dynamic_min_k=1"],
      "passes.quantize.dynamic.quantize_weight", "tensor"),
     ("cnn", ["--prune", "0.5"], "passes.prune.prune_pass.zero_flat", "tensor"),
-    ("cnn", ["--prune", "0.25", "--prune-mode", "channels"], "passes.prune.channels._apply", "node"),
+    ("cnn", ["--prune", "0.5", "--prune-mode", "channels"], "passes.prune.channels._apply", "node"),
     ("cnn", ["--cluster", "4"], "passes.share.cluster.ClusterWeightsPass._cluster", "tensor"),
     ("transformer_tied", ["--passes", "share"], "passes.share.share_pass.drop_constant_node", "tensor"),
     ("constant_weights", ["--passes", "constants-to-initializers"],

@@ -47,7 +47,7 @@ class ChannelProblem:
         """``tr(W^T G W)``: the output's second moment (floored, so that an unused layer is not a 0/0)."""
         weight = self.augmented_weight()[: self.channels]
         moments = self.moments[: self.channels, : self.channels]
-        return max(float(np.einsum("in,ij,jn->", weight, moments, weight)), 1e-30)
+        return max(_quadratic(moments, weight), 1e-30)
 
 
 @dataclass(frozen=True)
@@ -183,25 +183,57 @@ def refit(problem: ChannelProblem, removed: np.ndarray, damping: float) -> Refit
 
 
 def _error(moments: np.ndarray, difference: np.ndarray) -> float:
-    return max(float(np.einsum("in,ij,jn->", difference, moments, difference)), 0.0)
+    return max(_quadratic(moments, difference), 0.0)
 
 
-def allocate(costs: list[np.ndarray], macs: list[float], budget: float) -> list[int]:
-    """How many channels to remove from each group so that the multiply-adds removed reach
-    ``budget`` at the least relative error per multiply-add: ``costs[g]`` are group g's marginal
-    errors in removal order (made non-decreasing), each channel of it worth ``macs[g]``."""
-    items: list[tuple[float, int, int]] = []
+def _quadratic(moments: np.ndarray, weight: np.ndarray) -> float:
+    """``tr(W^T G W)`` by matrix products (a three-operand einsum would loop in Python-speed C)."""
+    return float(np.sum((moments @ weight) * weight))
+
+
+def relative_output_error(moments: np.ndarray, reference: np.ndarray, candidate: np.ndarray) -> float:
+    """``||X W' - X W||^2 / ||X W||^2`` from ``G = X^T X`` (``W`` K x N, rows = input features)."""
+    reference64 = np.asarray(reference, np.float64)
+    moments64 = np.asarray(moments, np.float64)
+    energy = max(_error(moments64, reference64), 1e-30)
+    return _error(moments64, np.asarray(candidate, np.float64) - reference64) / energy
+
+
+def allocate(
+    costs: list[np.ndarray], macs: list[float], budget: float, steps: list[list[int]] | None = None
+) -> list[int]:
+    """How many units to remove from each group so that the multiply-adds removed reach ``budget``
+    at the least relative error per multiply-add: ``costs[g]`` are group g's marginal errors in
+    removal order (made non-decreasing), each unit of it worth ``macs[g]``. ``steps[g]`` are the
+    sizes group g loses units in (``removal_steps``; default one at a time), a step's cost the sum
+    of its units'."""
+    items: list[tuple[float, int, int, int]] = []
     for group, (cost, each) in enumerate(zip(costs, macs, strict=True)):
-        if each > 0 and cost.size:
-            ordered = np.maximum.accumulate(cost)
-            items.extend((float(value) / each, group, step) for step, value in enumerate(ordered))
+        if each <= 0 or not cost.size:
+            continue
+        ordered = np.maximum.accumulate(cost)
+        start = 0
+        for index, size in enumerate(steps[group] if steps else [1] * cost.size):
+            if start + size > cost.size:
+                break
+            items.append((float(ordered[start : start + size].sum()) / (size * each), group, index, size))
+            start += size
     items.sort()
     counts = [0] * len(costs)
+    taken = [0] * len(costs)
     removed = 0.0
-    for _, group, step in items:
+    for _, group, index, size in items:
         if removed >= budget:
             break
-        if step == counts[group]:
-            counts[group] += 1
-            removed += macs[group]
+        if index == taken[group]:
+            taken[group] += 1
+            counts[group] += size
+            removed += size * macs[group]
     return counts
+
+
+def removal_steps(units: int, multiple: int) -> list[int]:
+    """Step sizes that keep the count of ``units`` left a multiple of ``multiple``: first down to a
+    multiple, then a whole multiple at a time."""
+    first = [units % multiple] if units % multiple else []
+    return first + [multiple] * ((units - sum(first)) // multiple)

@@ -7,6 +7,10 @@ weighted by ``H = X^T X`` measured on calibration data, so the error of ``X @ W`
 is what gets minimised. Block scales and zero points are chosen from the weights as updated when
 the block's first row is reached, so the result is an ordinary blocked tensor that
 DequantizeLinear (and onnxruntime's MatMulNBits) reads like any other.
+
+Weights that are exactly zero (pruned, e.g. by SparseGPT) stay zero and their would-be updates move
+onto the weights kept: pruning then GPTQ is SparseGPT's joint sparsify-and-quantize, and the
+sparsity survives quantization.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def gptq_quantize(
     rows, columns = weight.shape
     work = weight.copy()
     work[factor.dead] = 0.0  # an input that is always zero: its weights do not matter
+    pruned = work == 0.0  # zeros stay zeros (pruned weights): their error moves onto the weights kept
     blocks = -(-rows // block_size)
     values = np.empty((rows, columns), target.storage_dtype)
     scales = np.empty((blocks, columns), np.float32)
@@ -101,6 +106,7 @@ def gptq_quantize(
             codes = np.clip(
                 np.rint(current.astype(np.float32) / scales[row // block_size]) + zero64, target.qmin, target.qmax
             )
+            codes = np.where(pruned[row], zero64, codes)
             values[row] = codes.astype(target.storage_dtype)
             error = (current - (codes - zero64) * scale64) / upper[row, row]
             part[offset + 1 :] -= np.outer(upper[row, row + 1 : stop], error)

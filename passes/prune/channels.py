@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.calibration.channel_obs import allocate, drop_order, removal_order, units_to_channels
+from optimizer.calibration.channel_obs import allocate, drop_order, removal_order, removal_steps, units_to_channels
 from optimizer.calibration.observe import Sampling
 from optimizer.errors import OptionError, PassError
 from optimizer.graph.names import NameAllocator
@@ -38,7 +38,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import Pass, PassContext, PassReport, PassResult, option
 from optimizer.registry import register
 from passes.prune.channel_groups import ChannelGroup, Illegal, channel_scores, find_group
-from passes.prune.heads import broadcast_ok, find_heads
+from passes.prune.heads import broadcast_problem, find_heads
 from passes.prune.reconstruct import (
     GroupStatistics,
     channel_macs,
@@ -83,7 +83,9 @@ class PruneChannelsPass(Pass):
         " Q/K/V columns and output-projection rows; needs calibration data), or all of them",
     )
     damping: float = option(0.01, "least-squares damping, as a fraction of the mean input second moment")
-    calibration_samples: int = option(32, "calibration samples the statistics are taken over")
+    calibration_samples: int = option(
+        256, "calibration samples the statistics are taken over (the refit fits them: fewer rows than channels overfit)"
+    )
     op_types: tuple[str, ...] = option(PRODUCER_OPS, "producer ops whose output channels may be removed")
     include: tuple[str, ...] = option(
         (), "only producers (for heads: Softmax nodes) whose node or weight name matches (glob, or re:REGEX)"
@@ -92,7 +94,11 @@ class PruneChannelsPass(Pass):
         (), "leave producers (for heads: Softmax nodes) whose node or weight name matches (glob, or re:REGEX)"
     )
     min_channels: int = option(1, "never keep fewer channels than this in a group")
-    channel_multiple: int = option(1, "round the kept channel count up to a multiple of this (SIMD-friendly widths)")
+    channel_multiple: int = option(
+        0,
+        "keep channel counts a multiple of this (onnxruntime's CPU Conv kernels work in blocks of 8: odd widths"
+        " run slower); 0: 8 when removing by ratio or flops, 1 for the near-dead-only default",
+    )
     allow_non_finite: bool = option(False, NON_FINITE_OPTION_HELP)
 
     def __post_init__(self) -> None:
@@ -108,8 +114,8 @@ class PruneChannelsPass(Pass):
             raise OptionError("pass 'prune-channels' option 'flops' chooses by calibration data: criterion activation")
         if self.calibration_samples < 1:
             raise OptionError("pass 'prune-channels' option 'calibration_samples' must be >= 1")
-        if self.min_channels < 1 or self.channel_multiple < 1:
-            raise OptionError("pass 'prune-channels' options 'min_channels' and 'channel_multiple' must be >= 1")
+        if self.min_channels < 1 or self.channel_multiple < 0:
+            raise OptionError("pass 'prune-channels' options 'min_channels' must be >= 1 and 'channel_multiple' >= 0")
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
@@ -173,8 +179,8 @@ class PruneChannelsPass(Pass):
             f"activation: next layers' output error over {statistics.samples} calibration samples"
             + (", re-fitted by least squares" if self.reconstruct else "")
         )
-        for group in [g for g in groups if broadcast_ok(g, statistics.shapes)]:
-            report.skip("node", _label(group.producer), broadcast_ok(group, statistics.shapes))
+        for group in [g for g in groups if broadcast_problem(g, statistics.shapes)]:
+            report.skip("node", _label(group.producer), broadcast_problem(group, statistics.shapes))
             groups.remove(group)
         macs = total_macs(graph, statistics.shapes)
         counts = self._allocate(groups, statistics, scope[0], macs, report) if self.flops else None
@@ -184,7 +190,7 @@ class PruneChannelsPass(Pass):
         self, groups: list[ChannelGroup], statistics: GroupStatistics, uses, macs: int, report: PassReport
     ) -> dict[int, int]:
         """Units to remove per producer so that ``flops`` of ``macs`` go at the least error."""
-        costs, each = [], []
+        costs, each, steps = [], [], []
         for group in groups:
             problems = [problem for _, problem in observed_problems(group, statistics, uses)]
             units = group.channels // group.unit
@@ -192,7 +198,8 @@ class PruneChannelsPass(Pass):
             order = removal_order(problems, cap, self.damping, group.unit) if problems and cap > 0 else None
             costs.append(order[1] if order is not None else np.zeros(0))
             each.append(channel_macs(group, statistics.shapes) * group.unit)
-        counts = allocate(costs, each, self.flops * macs)
+            steps.append(removal_steps(units, self._multiple(group)))
+        counts = allocate(costs, each, self.flops * macs, steps)
         reachable = sum(count * share for count, share in zip(counts, each, strict=True))
         if reachable < self.flops * macs:
             report.details["flops_note"] = (
@@ -207,6 +214,14 @@ class PruneChannelsPass(Pass):
         """Cut the group (re-fitting its consumers when planned); the report entry, or None."""
         remove = self._remove_count(group, plan)
         if remove == 0:
+            wanted = zero_count(self.ratio, group.channels // group.unit) if plan is None or plan.counts is None else 0
+            if wanted and self._multiple(group) > 1:
+                report.skip(
+                    "node",
+                    _label(group.producer),
+                    f"kept at {group.channels} channels: removing {wanted} would leave a width that is not a"
+                    f" multiple of {self._multiple(group)} (channel_multiple; odd widths run slower on CPU)",
+                )
             return None
         pairs = observed_problems(group, plan.statistics, uses) if plan and id(group.producer) in plan.planned else []
         errors: list[dict[str, object]] = []
@@ -250,6 +265,12 @@ class PruneChannelsPass(Pass):
         scores = self._unit_norms(group)
         return np.flatnonzero(scores < self.min_norm_ratio * scores.max())
 
+    def _multiple(self, group: ChannelGroup) -> int:
+        """The kept count's multiple: heads are whole units already."""
+        if group.unit > 1:
+            return 1
+        return self.channel_multiple or (8 if self.ratio or self.flops else 1)
+
     def _min_units(self, group: ChannelGroup) -> int:
         units = group.channels // group.unit
         return min(units, max(1, -(-self.min_channels // group.unit)))
@@ -277,7 +298,8 @@ class PruneChannelsPass(Pass):
             wanted = max(len(self._near_dead(group)), zero_count(self.ratio, units))
         keep_count = max(units - wanted, self._min_units(group))
         if group.unit == 1:
-            keep_count = min(units, -(-keep_count // self.channel_multiple) * self.channel_multiple)
+            multiple = self._multiple(group)
+            keep_count = min(units, -(-keep_count // multiple) * multiple)
         return units - keep_count
 
 

@@ -247,7 +247,7 @@ def _check_inside(group: ChannelGroup, walk: _Walk) -> None:
     group.reshapes[:] = [unique[name] for name in sorted(unique)]
 
 
-def broadcast_ok(group: ChannelGroup, shapes: dict[str, tuple[int, ...]]) -> str:
+def broadcast_problem(group: ChannelGroup, shapes: dict[str, tuple[int, ...]]) -> str:
     """Why a mask operand of the head group does not broadcast over the heads ("" when all do)."""
     for tensor in group.broadcasts:
         shape = shapes.get(tensor.name)

@@ -1,6 +1,7 @@
 """prune: zero the smallest-magnitude weights of Conv, ConvTranspose, Gemm and MatMul.
 
-Modes:
+Modes (``auto``, the default: ``sparsegpt`` on the weights it applies to when calibration data is
+given, ``uniform`` for every other weight):
 - ``uniform``: every eligible tensor gets exactly round(sparsity * size) zeros (halves up).
 - ``global``: one threshold over all eligible tensors on a normalized score,
   ``|w| / rms(w)`` with ``rms`` the root mean square of the weight's own tensor. Dividing by the
@@ -78,18 +79,23 @@ class PrunePass(Pass):
     )
     backoff_option = "exclude"
 
-    mode: Literal["uniform", "global", "nm", "sensitivity", "wanda", "sparsegpt"] = option(
-        "uniform",
+    mode: Literal["auto", "uniform", "global", "nm", "sensitivity", "wanda", "sparsegpt"] = option(
+        "auto",
         "uniform per tensor, one global normalized threshold, N:M pattern, allocated by a sensitivity scan, "
         "wanda (per output, the lowest |w| x input-feature norm on calibration data) or sparsegpt (prune and "
-        "update the other weights to keep X @ W, from X^T X on calibration data); the last two need it",
+        "update the other weights to keep X @ W, from X^T X on calibration data); the last two need it; "
+        "auto: sparsegpt where it applies when calibration data is given, uniform for the rest",
     )
     criterion: Literal["auto", "magnitude", "wanda", "sparsegpt"] = option(
         "auto",
         "what mode nm ranks by: |w|, Wanda's |w| x input-feature norm, or SparseGPT (which also updates the "
         "weights left); auto: wanda with calibration data, else magnitude",
     )
-    calibration_samples: int = option(32, "calibration samples Wanda's norms and SparseGPT's X^T X are measured on")
+    calibration_samples: int = option(
+        256,
+        "calibration samples Wanda's norms and SparseGPT's X^T X are measured on (SparseGPT fits them: on MiniLM"
+        " at 70%, 32 sentences gave cosine 0.744 and R@1 0.520, 288 gave 0.778 and 0.707)",
+    )
     damping: float = option(
         0.1,
         "SparseGPT: added to X^T X's diagonal, as a fraction of its mean, before it is inverted; more trusts the "
@@ -127,6 +133,12 @@ class PrunePass(Pass):
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         report = PassReport()
+        if self.mode == "auto":
+            report.details["mode"] = (
+                "auto: sparsegpt where it applies, uniform magnitude elsewhere (calibration data given)"
+                if context.calibration is not None
+                else "auto: uniform magnitude (no calibration data)"
+            )
         weights = self._eligible(graph, report)
         scores = self._wanda(graph, weights, context, report) if self._uses_wanda(context) else {}
         solved = self._sparsegpt(graph, weights, context, report)
@@ -244,7 +256,9 @@ class PrunePass(Pass):
         self, graph: gs.Graph, weights: list[Weight], context: PassContext, report: PassReport
     ) -> dict[str, np.ndarray]:
         """SparseGPT's pruned and updated values (mode sparsegpt, or nm with criterion sparsegpt)."""
-        if self.mode != "sparsegpt" and (self.mode != "nm" or self.criterion != "sparsegpt"):
+        if self.mode == "auto" and context.calibration is None:
+            return {}
+        if self.mode not in ("sparsegpt", "auto") and (self.mode != "nm" or self.criterion != "sparsegpt"):
             return {}
         if context.calibration is None:
             raise PassError(f"pass 'prune' mode '{self.mode}' with SparseGPT needs calibration data")
@@ -350,7 +364,7 @@ class PrunePass(Pass):
         report.count("tensors_eligible", len(tensors))
         report.details.update(
             {
-                "mode": self.mode,
+                "mode": report.details.get("mode", self.mode),
                 "tensors": tensors,
                 "storage": storage,
                 "achieved_sparsity": round(zeros / total, 6) if total else 0.0,

@@ -36,6 +36,7 @@ class GroupStatistics:
     moments: dict[str, np.ndarray]
     shapes: dict[str, tuple[int, ...]]
     samples: int
+    rows: dict[str, int]
 
 
 def observe_groups(
@@ -61,7 +62,8 @@ def observe_groups(
     names = sorted(set(_shape_names(graph)) | set(masks))
     observe_activations(graph, names, feeds, record, Sampling(1, sampling.provider, sampling.timeout_s))
     moments = {name: accumulator.hessian() for name, accumulator in accumulators.items() if accumulator.rows}
-    return GroupStatistics(moments, shapes, samples)
+    rows = {name: accumulator.rows for name, accumulator in accumulators.items()}
+    return GroupStatistics(moments, shapes, samples, rows)
 
 
 def _shape_names(graph: gs.Graph) -> list[str]:
@@ -188,13 +190,18 @@ def reconstruct(
             bias = consumer_bias(consumer, uses)
             if bias is not None:
                 _add_to_bias(bias, result.bias_delta, values.shape[1], names)
-        errors.append(
-            {
-                "layer": consumer.node.name or consumer.node.outputs[0].name,
-                "output_error_before": round(result.error_before, 6),
-                "output_error_after": round(result.error_after, 6),
-            }
-        )
+        entry: dict[str, object] = {
+            "layer": consumer.node.name or consumer.node.outputs[0].name,
+            "output_error_before": round(result.error_before, 6),
+            "output_error_after": round(result.error_after, 6),
+        }
+        fitted = statistics.rows.get(consumer.data.name, 0)
+        if fitted < group.channels:
+            entry["note"] = (
+                f"fitted on {fitted} calibration rows for {group.channels} channels: the refit can overfit"
+                " (the errors above are on the calibration data); give more calibration data"
+            )
+        errors.append(entry)
     return errors
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.channel_obs import relative_output_error
 from optimizer.calibration.gptq import HessianAccumulator, InverseFactor
 from optimizer.calibration.observe import Sampling, observe_activations
 from optimizer.calibration.sparsegpt import sparsegpt_prune
@@ -85,6 +86,7 @@ def prune_by_sparsegpt(
         for name in operands[weight.name].inputs
     }
     results: dict[str, np.ndarray] = {}
+    layers: list[dict[str, object]] = []
     samples = 0
     for chunk in _chunks(list(dict.fromkeys(item.inputs for item in operands.values())), channels):
         hessians, samples = _hessians(graph, chunk, channels, feeds, settings)
@@ -92,16 +94,26 @@ def prune_by_sparsegpt(
             solvable = operands.get(weight.name)
             if solvable is not None and set(solvable.inputs) <= set(chunk) and weight.name not in results:
                 with working_on("tensor", weight.name):
-                    results[weight.name] = _solve(weight, solvable, hessians, settings)
-    report.details["sparsegpt"] = {"samples": samples, "weights": len(results)}
+                    results[weight.name], errors = _solve(weight, solvable, hessians, settings)
+                layers.append({"tensor": weight.name, **errors})
+    report.details["sparsegpt"] = {"samples": samples, "weights": len(results), "layers": layers}
     return results
 
 
-def _solve(weight: Weight, found: Operand, hessians: dict[str, np.ndarray], settings: SparseGptSettings) -> np.ndarray:
+def _solve(
+    weight: Weight, found: Operand, hessians: dict[str, np.ndarray], settings: SparseGptSettings
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The pruned and updated weight, and the layer's relative output error on the calibration data
+    with the same zeros but no update (``output_error_before``) and after the update."""
     hessian = np.mean([hessians[name] for name in found.inputs], axis=0)
     values = weight.values.T if found.transposed else weight.values
     pruned = sparsegpt_prune(values, InverseFactor(hessian, settings.damping), settings.sparsity, settings.nm)
-    return np.ascontiguousarray(pruned.T if found.transposed else pruned)
+    errors = {
+        "sparsity": round(float(np.mean(pruned == 0)), 4),
+        "output_error_before": round(relative_output_error(hessian, values, np.where(pruned == 0, 0.0, values)), 6),
+        "output_error_after": round(relative_output_error(hessian, values, pruned), 6),
+    }
+    return np.ascontiguousarray(pruned.T if found.transposed else pruned), errors
 
 
 def _hessians(

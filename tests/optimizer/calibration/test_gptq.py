@@ -74,3 +74,21 @@ def test_shapes_that_do_not_match_are_refused():
         gptq_quantize(np.zeros((16, 4), np.float32), factor, qtype("uint4"), symmetric=False, block_size=16)
     with pytest.raises(ValueError, match="square"):
         InverseFactor(np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("name,symmetric", [("uint4", False), ("int8", True)])
+def test_pruned_zeros_stay_zero_and_their_error_moves_onto_the_kept_weights(name, symmetric):
+    """Half the weights pruned first: GPTQ keeps exactly those zeros (updating them would undo the
+    pruning) and still beats round-to-nearest on the X @ W of the pruned weight."""
+    k, n = 128, 48
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    w[rng.random((k, n)) < 0.5] = 0.0
+    x = _activations(3000, k, seed=12)
+    accumulator = HessianAccumulator(k)
+    accumulator.add(x)
+    gptq = gptq_quantize(w, InverseFactor(accumulator.hessian()), qtype(name), symmetric=symmetric, block_size=32)
+    nearest = quantize_weight(w, qtype(name), symmetric=symmetric, axis=0, block_size=32)
+    np.testing.assert_array_equal(gptq.dequantized()[w == 0.0], 0.0)
+    held_out = _activations(500, k, seed=13)
+    assert _output_error(held_out, w, gptq) < 0.9 * _output_error(held_out, w, nearest)

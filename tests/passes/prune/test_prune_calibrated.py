@@ -141,7 +141,8 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_its_calibration_data(nm):
         sparse_gpt, report, _ = prune(model, context(feeds), mode="sparsegpt", sparsity=0.5, min_elements=16)
         wanda, _, _ = prune(model, context(feeds), mode="wanda", sparsity=0.5, min_elements=16)
         magnitude, _, _ = prune(model, mode="uniform", sparsity=0.5, min_elements=16)
-    assert report["details"]["sparsegpt"] == {"samples": 8, "weights": 2}
+    details = report["details"]["sparsegpt"]
+    assert (details["samples"], details["weights"]) == (8, 2)
     for name, pruned in weights_of(sparse_gpt).items():
         assert np.count_nonzero(pruned == 0) == pruned.size // 2, name
         if nm:
@@ -197,3 +198,24 @@ def test_on_every_sample_valid_idempotent_and_deterministic(path, mode):
 def test_damping_out_of_range_is_refused(damping):
     with pytest.raises(OptionError, match="damping"):
         prune(linear_model(), mode="sparsegpt", damping=damping)
+
+
+def test_mode_auto_is_sparsegpt_with_calibration_data_and_uniform_without():
+    model, feeds = gemm_model(), correlated_feeds(16, 0)
+    auto, report, modified = prune(model, context(feeds), sparsity=0.5, min_elements=16)
+    explicit, _, _ = prune(model, context(feeds), sparsity=0.5, mode="sparsegpt", min_elements=16)
+    assert modified and auto.SerializeToString() == explicit.SerializeToString()
+    assert report["details"]["mode"].startswith("auto: sparsegpt where it applies")
+    plain, report, _ = prune(model, None, sparsity=0.5, min_elements=16)
+    uniform, _, _ = prune(model, None, sparsity=0.5, mode="uniform", min_elements=16)
+    assert plain.SerializeToString() == uniform.SerializeToString()
+    assert plain.SerializeToString() != auto.SerializeToString()
+    assert report["details"]["mode"] == "auto: uniform magnitude (no calibration data)"
+
+
+def test_sparsegpt_reports_each_layers_output_error_before_and_after_its_update():
+    model, feeds = gemm_model(), correlated_feeds(16, 0)
+    _, report, _ = prune(model, context(feeds), sparsity=0.5, mode="sparsegpt", min_elements=16)
+    layers = report["details"]["sparsegpt"]["layers"]
+    assert len(layers) == 2 and all(layer["sparsity"] == 0.5 for layer in layers)
+    assert all(0 < layer["output_error_after"] < layer["output_error_before"] for layer in layers), layers

@@ -40,7 +40,7 @@ def test_cnn_conv1_channels_that_were_zero_are_removed_without_changing_outputs(
     conv2[:, dead] = 0
     set_initializer(model, "conv1.weight", conv1)
     set_initializer(model, "conv2.weight", conv2)
-    pruned, report, modified = prune_channels(model, ratio=0.25)
+    pruned, report, modified = prune_channels(model, ratio=0.25, channel_multiple=1)
     got = initializers(pruned)
     keep = [c for c in range(16) if c not in dead]
     assert modified and report["details"]["groups"] == [
@@ -130,7 +130,7 @@ def test_depthwise_conv_reshape_constant_and_value_info_follow_the_cut():
             values = numpy_helper.to_array(node.attribute[0].t).copy()
             values[[2, 6]] = 0
             node.attribute[0].t.CopyFrom(numpy_helper.from_array(values, node.output[0]))
-    pruned, report, _ = prune_channels(model, ratio=0.25)
+    pruned, report, _ = prune_channels(model, ratio=0.25, channel_multiple=1)
     assert report["details"]["groups"][0] == {"producer": "conv", "channels_before": 8, "channels_after": 6}
     constants = {
         n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in pruned.graph.node if n.op_type == "Constant"

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import passes  # noqa: F401
-from optimizer.calibration.channel_obs import ChannelProblem, allocate, refit, removal_order
+from optimizer.calibration.channel_obs import ChannelProblem, allocate, refit, removal_order, removal_steps
 from optimizer.errors import OptionError, PassError
 from optimizer.fileio.checker import check_model_full
 from optimizer.pass_base import PassContext
@@ -67,6 +67,14 @@ def test_allocate_spends_the_budget_where_error_per_multiply_add_is_least():
     assert counts == [2, 0]
     assert allocate(costs, [10.0, 10.0], budget=25.0) == [2, 1]
     assert allocate(costs, [10.0, 10.0], budget=1000.0) == [3, 3]
+
+
+def test_allocate_in_steps_keeps_each_group_a_multiple_of_its_width_step():
+    assert removal_steps(20, 8) == [4, 8, 8] and removal_steps(16, 8) == [8, 8] and removal_steps(5, 1) == [1] * 5
+    costs = [np.full(12, 0.01), np.full(16, 0.02)]
+    counts = allocate(costs, [1.0, 1.0], budget=10.0, steps=[removal_steps(20, 8), removal_steps(16, 8)])
+    assert counts == [12, 0]  # 4 (to reach 16) then 8; 12 of the 20 go, the last step would exceed the 12 ordered
+    assert allocate(costs, [1.0, 1.0], budget=13.0, steps=[removal_steps(20, 8), removal_steps(16, 8)]) == [12, 8]
 
 
 def mlp_model(bias_after_second: bool = True) -> onnx.ModelProto:
@@ -148,9 +156,9 @@ def relative_error(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
 @pytest.mark.parametrize(("make", "feeds"), [(mlp_model, mlp_feeds), (conv_model, conv_feeds)], ids=["mlp", "conv"])
 def test_reconstruction_beats_dropping_and_weight_norm_on_held_out_data(make, feeds):
     model, calibration, held_out = make(), feeds(32, 0), feeds(8, 99)
-    by_norm, _, _ = prune(model, None, ratio=0.25)
-    dropped, _, _ = prune(model, calibration, ratio=0.25, reconstruct=False)
-    refitted, report, modified = prune(model, calibration, ratio=0.25)
+    by_norm, _, _ = prune(model, None, ratio=0.25, channel_multiple=1)
+    dropped, _, _ = prune(model, calibration, ratio=0.25, reconstruct=False, channel_multiple=1)
+    refitted, report, modified = prune(model, calibration, ratio=0.25, channel_multiple=1)
     errors = [relative_error(model, candidate, held_out) for candidate in (by_norm, dropped, refitted)]
     assert modified and errors[2] < 0.9 * errors[1] and errors[1] < 0.9 * errors[0], errors
     (group,) = report["details"]["groups"]
@@ -162,7 +170,7 @@ def test_reconstruction_beats_dropping_and_weight_norm_on_held_out_data(make, fe
 
 def test_conv_without_bias_gains_one_and_matmul_without_add_refits_without_intercept():
     model = conv_model()
-    pruned, _, _ = prune(model, conv_feeds(16, 0), ratio=0.25)
+    pruned, _, _ = prune(model, conv_feeds(16, 0), ratio=0.25, channel_multiple=1)
     conv2 = next(node for node in pruned.graph.node if node.name == "conv2")
     assert len(conv2.input) == 3 and conv2.input[2]
     shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
@@ -303,3 +311,25 @@ def test_cli_prune_structure_implies_channels_mode_and_validates(tmp_path):
     assert run["report"]["details"]["groups"][0]["heads_after"] == 1
     assert onnx.load(output).graph.initializer  # written, and onnxruntime runs it
     run_model(onnx.load(output), transformer_feeds(1, 3))
+
+
+def test_a_refit_on_fewer_rows_than_channels_says_it_can_overfit():
+    _, report, _ = prune(mlp_model(), mlp_feeds(2, 0), ratio=0.25)
+    (layer,) = report["details"]["groups"][0]["reconstruction"]
+    assert layer["note"].startswith("fitted on 16 calibration rows for 32 channels: the refit can overfit")
+    _, report, _ = prune(mlp_model(), mlp_feeds(8, 0), ratio=0.25)
+    assert "note" not in report["details"]["groups"][0]["reconstruction"][0]
+
+
+def test_cutting_by_ratio_keeps_conv_widths_a_multiple_of_eight_unless_told():
+    model, calibration = conv_model(), conv_feeds(8, 0)
+    rounded, _, _ = prune(model, calibration, ratio=0.5)
+    exact, _, _ = prune(model, calibration, ratio=0.5, channel_multiple=1)
+    assert {t.name: list(t.dims) for t in rounded.graph.initializer}["c1"] == [8, 3, 3, 3]
+    assert {t.name: list(t.dims) for t in exact.graph.initializer}["c1"] == [6, 3, 3, 3]
+
+
+def test_a_cut_that_rounding_to_eight_undoes_says_so():
+    _, report, modified = prune(conv_model(), conv_feeds(8, 0), ratio=0.25)
+    reasons = {entry["node"]: entry["reason"] for entry in report["skipped"]}
+    assert not modified and reasons["conv1"].startswith("kept at 12 channels: removing 3 would leave a width")
