@@ -22,7 +22,7 @@ from optimizer.calibration.gptq import HessianAccumulator
 from optimizer.calibration.observe import Sampling, observe_activations
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.walk import TensorUse
-from optimizer.graph.weights import Weight, constant_weight
+from optimizer.graph.weights import Weight, constant_weight, weight_values
 from passes.prune.channel_groups import ChannelGroup, Consumer
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -71,13 +71,9 @@ def _shape_names(graph: gs.Graph) -> list[str]:
     names: set[str] = set()
     for node in graph.nodes:
         if node.op in MAC_OPS:
-            names.update(tensor.name for tensor in node.inputs[:2] if tensor.name and not _is_stored(tensor))
+            names.update(tensor.name for tensor in node.inputs[:2] if tensor.name and weight_values(tensor) is None)
             names.add(node.outputs[0].name)
     return sorted(names)
-
-
-def _is_stored(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) or (len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant")
 
 
 def node_macs(node: gs.Node, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -97,14 +93,8 @@ def node_macs(node: gs.Node, shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def _shape_of(tensor: gs.Tensor, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    if isinstance(tensor, gs.Constant):
-        return tuple(tensor.shape)
-    if tensor.name in shapes:
-        return shapes[tensor.name]
-    producers = tensor.inputs
-    if len(producers) == 1 and producers[0].op == "Constant":
-        return tuple(producers[0].attrs["value"].values.shape)
-    return None
+    stored = weight_values(tensor)
+    return tuple(stored.shape) if stored is not None else shapes.get(tensor.name)
 
 
 def total_macs(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> int:
