@@ -1,8 +1,9 @@
 """A pass option set to 'auto' (``--quantize-mode auto``), chosen by measurement.
 
 Each value of ``Pass.measured_choices`` is built on the input (a value that needs calibration data
-is tried only with it), checked by the same verdict as ``--validate`` (output-kind metrics, the
-lossy tolerance unless the user set one) and timed with onnxruntime against the input, every
+is tried only with it; the passes before the auto pass up to the last lossy one, pruning say, run
+once and every candidate starts from their output), checked by the same verdict as ``--validate``
+(output-kind metrics, the lossy tolerance unless the user set one) and timed with onnxruntime against the input, every
 candidate in the same interleaved rounds, next to a second session of the input whose paired
 ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
 check is built again (``retry_failed``): with ``Pass.unclipped_options`` (percentile 100), then with
@@ -38,7 +39,7 @@ from optimizer.executor import ExecutorOptions, TrialPool, open_pool
 from optimizer.fileio.save import save_model
 from optimizer.optimize_options import ModelInput, OptimizeOptions, ValidationOptions
 from optimizer.pass_base import Pass, PassContext
-from optimizer.pipeline import PipelineResult
+from optimizer.pipeline import Pipeline, PipelineResult
 from optimizer.shortcuts import calibration_request
 from optimizer.verify.benchmark import benchmark
 from optimizer.verify.runtime import external_data_locations
@@ -414,7 +415,23 @@ def auto_stage(
         options.timeout_s,
         options.bench_rounds or 20,
     )
-    return choose_by_measurement(source, reference, passes, index, context, settings, options.executor)
+    lossy = [position for position in range(index) if not passes[position].lossless]
+    if not lossy:  # lossless passes are cheap to repeat, and a kept copy of their output is not
+        return choose_by_measurement(source, reference, passes, index, context, settings, options.executor)
+    split = lossy[-1] + 1
+    prefix = Pipeline(list(passes[:split]), context=context).run(source)  # once, not once per candidate
+    rest = list(passes[split:])
+    choice = choose_by_measurement(prefix.model, reference, rest, index - split, context, settings, options.executor)
+    return _after_prefix(choice, prefix, list(passes[:split]))
+
+
+def _after_prefix(choice: AutoChoice, prefix: PipelineResult, passes: list[Pass]) -> AutoChoice:
+    """``choice``, measured on the output of ``passes`` (``prefix``), as a choice over the whole
+    pipeline: the passes before the auto pass and their reports come first."""
+    result = choice.result
+    if result is not None:
+        result = PipelineResult(result.model, prefix.modified or result.modified, [*prefix.runs, *result.runs])
+    return replace(choice, result=result, passes=[*passes, *(choice.passes or [])])
 
 
 def _check_feeds(

@@ -22,7 +22,8 @@ from optimizer.calibration.gptq import HessianAccumulator
 from optimizer.calibration.observe import Sampling, observe_activations
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.walk import TensorUse
-from optimizer.graph.weights import Weight, constant_weight, weight_values
+from optimizer.graph.weights import weight_values
+from passes.prune.bias import Bias, add_to_bias, layer_bias
 from passes.prune.channel_groups import ChannelGroup, Consumer
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -125,37 +126,14 @@ def observed_problems(
     return found
 
 
-@dataclass(frozen=True)
-class Bias:
-    """Where a consumer's bias lives: an existing constant, or a new input ``index`` of ``node``."""
-
-    weight: Weight | None
-    node: gs.Node
-    scale: float
-
-
 def consumer_bias(consumer: Consumer, uses: dict[str, list[TensorUse]]) -> Bias | None:
     """The consumer's bias (existing or addable), or None when the refit cannot change one."""
     node = consumer.node
-    if node.op in ("Conv", "ConvTranspose", "Gemm"):
-        scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-        if len(node.inputs) < 3 or not node.inputs[2].name:
-            return Bias(None, node, scale) if scale != 0.0 else None
-        bias = constant_weight(node.inputs[2], uses.get(node.inputs[2].name, []))
-        if bias is None or len(uses.get(bias.name, [])) != 1 or bias.values.ndim != 1 or scale == 0.0:
-            return None
-        return Bias(bias, node, scale)
-    readers = uses.get(node.outputs[0].name, [])
-    if len(readers) != 1 or readers[0].node.op != "Add":
-        return None
-    add = readers[0].node
-    other = add.inputs[1 - readers[0].index]
-    bias = constant_weight(other, uses.get(other.name, []))
-    if bias is None or len(uses.get(bias.name, [])) != 1 or bias.values.dtype != np.float32:
-        return None
-    if bias.values.size != consumer.weight.values.shape[1 - consumer.axis]:
-        return None
-    return Bias(bias, add, 1.0)
+    outputs = consumer.weight.values.shape[1 - consumer.axis]
+    if node.op == "ConvTranspose":
+        outputs *= int(node.attrs.get("group", 1))
+    found = layer_bias(node, outputs, uses)
+    return None if isinstance(found, str) else found
 
 
 def reconstruct(
@@ -179,7 +157,7 @@ def reconstruct(
         if result.bias_delta is not None:
             bias = consumer_bias(consumer, uses)
             if bias is not None:
-                _add_to_bias(bias, result.bias_delta, values.shape[1], names)
+                add_to_bias(bias, result.bias_delta.reshape(values.shape[1], -1).sum(axis=1), names)
         entry: dict[str, object] = {
             "layer": consumer.node.name or consumer.node.outputs[0].name,
             "output_error_before": round(result.error_before, 6),
@@ -193,17 +171,3 @@ def reconstruct(
             )
         errors.append(entry)
     return errors
-
-
-def _add_to_bias(bias: Bias, delta: np.ndarray, outputs: int, names: NameAllocator) -> None:
-    change = (delta.reshape(outputs, -1).sum(axis=1) / bias.scale).astype(np.float32)
-    if bias.weight is not None:
-        values = bias.weight.values
-        bias.weight.write((values + change.reshape(values.shape)).astype(values.dtype))
-        return
-    node = bias.node
-    constant = gs.Constant(names.fresh(node.name or node.outputs[0].name, "_bias"), change)
-    if len(node.inputs) == 2:
-        node.inputs.append(constant)
-    else:
-        node.inputs[2] = constant

@@ -10,6 +10,12 @@ Conv X[N, C, ...] with W[O, C/g, kh, kw] (the feature is the input channel, at e
 position). A weight with no such statistics (read inside a subgraph, by a ConvTranspose, as a batched
 MatMul operand, or by readers whose inputs disagree in length) is pruned by magnitude; the report
 says which and why.
+
+Bias correction (``correct_biases``): the same pass over the calibration data also gives each
+feature's mean, so the mean of what a layer loses, sum over removed weights of w x mean(x_j), is
+added to its bias (``passes.prune.bias``). Wanda does not update the weights it keeps; without this,
+every output of a layer whose inputs have a non-zero mean (after a GELU, a LayerNorm) drifts, and
+the drift compounds over layers. On all-MiniLM-L6-v2 at 70% it took 1 - cosine from 0.393 to 0.313.
 """
 
 from __future__ import annotations
@@ -21,8 +27,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.calibration.observe import Sampling, observe_activations
-from optimizer.graph.walk import TensorUse
+from optimizer.graph.names import NameAllocator
+from optimizer.graph.walk import TensorUse, tensor_uses
 from optimizer.graph.weights import Weight
+from optimizer.internal_errors import working_on
+from optimizer.pass_base import PassReport
+from passes.prune.bias import add_to_bias, layer_bias
 
 
 @dataclass(frozen=True)
@@ -58,11 +68,21 @@ def output_axis(use: TensorUse) -> int:
     return 0 if node.op == "Conv" else 1
 
 
-def input_norms(
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """Per input feature over the calibration samples (every sample and position): ``norm``, the
+    L2 norm, and ``mean``."""
+
+    norm: np.ndarray
+    mean: np.ndarray
+
+
+def input_statistics(
     graph: gs.Graph, inputs: Iterable[FeatureInput], feeds: Callable[[], Iterable], settings: Sampling
-) -> tuple[dict[FeatureInput, np.ndarray], int]:
-    """||x_j||_2 per feature of every input over up to ``settings.max_samples`` calibration samples
-    (streamed: one sum of squares per feature is kept), and the number of samples run."""
+) -> tuple[dict[FeatureInput, FeatureStatistics], int]:
+    """The norm and mean of every feature of every input over up to ``settings.max_samples``
+    calibration samples (streamed: one sum and one sum of squares per feature are kept), and the
+    number of samples run. A sample whose feature count differs from the first one's is left out."""
     wanted: dict[str, list[FeatureInput]] = {}
     for item in inputs:
         wanted.setdefault(item.tensor, []).append(item)
@@ -72,18 +92,26 @@ def input_norms(
         for item in wanted.get(name, []):
             moved = np.moveaxis(value, item.axis, -1).reshape(-1, value.shape[item.axis]).astype(np.float64)
             squares = np.einsum("ij,ij->j", moved, moved)
+            totals = np.stack([squares, moved.sum(axis=0), np.full(moved.shape[1], len(moved))])
             previous = sums.get(item)
-            sums[item] = squares if previous is None or previous.shape != squares.shape else previous + squares
+            if previous is None or previous.shape == totals.shape:
+                sums[item] = totals if previous is None else previous + totals
 
-    samples = observe_activations(
-        graph,
-        sorted(wanted),
-        feeds,
-        visit,
-        settings,
-        stage="Wanda input norms",
-    )
-    return {item: np.sqrt(total) for item, total in sums.items()}, samples
+    samples = observe_activations(graph, sorted(wanted), feeds, visit, settings, stage="Wanda input statistics")
+    return {item: FeatureStatistics(np.sqrt(t[0]), t[1] / np.maximum(t[2], 1)) for item, t in sums.items()}, samples
+
+
+def bias_change(weight: Weight, use: TensorUse, pruned: np.ndarray, mean: np.ndarray) -> np.ndarray | str:
+    """Per output of ``use``'s layer, how much its matrix product moves on average when ``weight``
+    becomes ``pruned``: sum over the removed weights of w x the mean of its input feature. For a
+    Conv, the mean is taken over every position, so outputs near a zero-padded border are
+    corrected as if the padding had the mean value."""
+    scale = feature_scale(weight, use, mean)
+    if isinstance(scale, str):
+        return scale
+    removed = (weight.values.astype(np.float64) - pruned.astype(np.float64)) * scale
+    axis = output_axis(use)
+    return np.moveaxis(removed, axis, 0).reshape(removed.shape[axis], -1).sum(axis=1)
 
 
 def feature_scale(weight: Weight, use: TensorUse, norm: np.ndarray) -> np.ndarray | str:
@@ -124,3 +152,49 @@ def prune_rows(values: np.ndarray, scores: np.ndarray, axis: int, sparsity: floa
         np.put_along_axis(chosen, order, 0, axis=1)
         rows[open_rows] = chosen
     return np.ascontiguousarray(np.moveaxis(rows.reshape(moved.shape), 0, axis))
+
+
+@dataclass(frozen=True)
+class WandaStatistics:
+    """What Wanda measured: ``scores`` per weight name (weights with input statistics at every
+    reader), each weight's readers' ``inputs`` (or why a reader has none), and ``features``."""
+
+    scores: dict[str, np.ndarray]
+    inputs: dict[str, list[FeatureInput | str]]
+    features: dict[FeatureInput, FeatureStatistics]
+
+
+def correct_biases(
+    graph: gs.Graph,
+    weights: list[Weight],
+    targets: dict[str, np.ndarray],
+    wanda: WandaStatistics,
+    layers: tuple[str, ...],
+    report: PassReport,
+) -> bool:
+    """Move every Wanda-scored weight's removed mean contribution (``bias_change``) into the bias of
+    each layer of an op in ``layers`` that reads it; returns whether a bias changed. Layers whose bias cannot be changed
+    are listed in the report with the reason; their outputs shift by that mean."""
+    uses = tensor_uses(graph)
+    names = NameAllocator(graph, reserve_node_names=False)
+    corrected, left = 0, {}
+    for weight in weights:
+        target = targets.get(weight.name)
+        if weight.name not in wanda.scores or target is None or np.array_equal(target, weight.values):
+            continue
+        for use, item in zip(weight.uses, wanda.inputs[weight.name], strict=True):
+            if use.node.op not in layers:
+                continue
+            statistics = wanda.features.get(item) if isinstance(item, FeatureInput) else None
+            change = bias_change(weight, use, target, statistics.mean) if statistics else "no input statistics"
+            bias = layer_bias(use.node, len(change), uses) if not isinstance(change, str) else change
+            if isinstance(bias, str) or isinstance(change, str):
+                left[use.node.name or weight.name] = str(bias)
+            elif np.any(change):
+                with working_on("node", use.node.name):
+                    add_to_bias(bias, change, names)
+                corrected += 1
+    report.count("biases_corrected", corrected)
+    if left:
+        report.details["bias_not_corrected"] = dict(sorted(left.items()))
+    return corrected > 0

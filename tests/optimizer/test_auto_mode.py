@@ -251,3 +251,37 @@ def test_builds_and_checks_in_workers_choose_what_this_process_chooses(tmp_path,
     assert there.report.auto["trials_on"] == executor.describe() and "2 " in executor.describe()
     assert f"built and checked in {executor.describe()}, then timed here alone" in there.report.to_markdown()
     assert (tmp_path / "here.onnx").read_bytes() == (tmp_path / "there.onnx").read_bytes()
+
+
+def test_passes_before_the_auto_pass_run_once_and_the_result_is_the_whole_pipelines(tmp_path, monkeypatch):
+    """Pruning then auto int8: the prune pass runs once (not once per candidate); the file written is
+    byte for byte what the chosen passes give when run from the input, and its report comes first."""
+    from optimizer.pass_base import PassContext
+    from optimizer.pipeline import Pipeline
+    from optimizer.registry import create_pass
+    from passes.prune.prune_pass import PrunePass
+
+    model, calibration = _cnn_and_calibration()
+    runs = []
+    original = PrunePass.run
+
+    def counted(self, graph, context):
+        runs.append(self.name)
+        return original(self, graph, context)
+
+    monkeypatch.setattr(PrunePass, "run", counted)
+    options = OptimizeOptions(
+        passes=["prune", "quantize"], pass_options={"prune": {"sparsity": 0.3}}, calibration=calibration
+    )
+    result = optimize(model, tmp_path / "out.onnx", options)
+    auto = result.report.auto
+    assert auto is not None and len([c for c in auto["candidates"] if c["error"] is None]) >= 2
+    assert runs == ["prune"]
+    assert [item["name"] for item in result.report.passes] == ["prune", "quantize"]
+    assert result.report.passes[0]["report"]["counts"]["tensors_pruned"] > 0
+    chosen = [
+        create_pass(item["name"], **{k: tuple(v) if isinstance(v, list) else v for k, v in item["options"].items()})
+        for item in result.report.passes
+    ]
+    again = Pipeline(chosen, context=PassContext(calibration=lambda: iter(calibration))).run(model)
+    assert again.model.SerializeToString() == result.model.SerializeToString()

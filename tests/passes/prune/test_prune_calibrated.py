@@ -66,7 +66,7 @@ def test_wanda_keeps_weights_on_loud_features_and_drops_weights_on_dead_ones():
 
 def test_nm_ranks_by_wanda_with_calibration_data_and_by_magnitude_without():
     model, calibration = linear_model(), skewed_feeds(8, 0)
-    ranked, report, _ = prune(model, context(calibration), mode="nm", min_elements=16)
+    ranked, report, _ = prune(model, context(calibration), mode="nm", criterion="wanda", min_elements=16)
     plain, plain_report, _ = prune(model, mode="nm", min_elements=16)
     groups = weights_of(ranked)["w"].T.reshape(N, K // 4, 4)
     assert ((groups != 0).sum(axis=2) <= 2).all()
@@ -131,15 +131,16 @@ def gemm_model() -> onnx.ModelProto:
 
 @pytest.mark.parametrize("nm", [False, True])
 def test_sparsegpt_beats_wanda_and_magnitude_on_its_calibration_data(nm):
-    """Both layers (MatMul [K, N] and Gemm transB [12, N]) pruned at 50% (or 2:4), then updated."""
-    model, feeds = gemm_model(), correlated_feeds(8, 0)
+    """Both layers (MatMul [K, N] and Gemm transB [12, N]) pruned at 50% (or 2:4), then updated;
+    Wanda's zeros without its bias correction (the Gemm has a bias it could move the means into)."""
+    model, feeds, mask_only = gemm_model(), correlated_feeds(8, 0), {"bias_correction": "off"}
     if nm:
         sparse_gpt, report, _ = prune(model, context(feeds), mode="nm", criterion="sparsegpt", min_elements=16)
-        wanda, _, _ = prune(model, context(feeds), mode="nm", criterion="wanda", min_elements=16)
+        wanda, _, _ = prune(model, context(feeds), mode="nm", criterion="wanda", min_elements=16, **mask_only)
         magnitude, _, _ = prune(model, mode="nm", min_elements=16)
     else:
         sparse_gpt, report, _ = prune(model, context(feeds), mode="sparsegpt", sparsity=0.5, min_elements=16)
-        wanda, _, _ = prune(model, context(feeds), mode="wanda", sparsity=0.5, min_elements=16)
+        wanda, _, _ = prune(model, context(feeds), mode="wanda", sparsity=0.5, min_elements=16, **mask_only)
         magnitude, _, _ = prune(model, mode="uniform", sparsity=0.5, min_elements=16)
     details = report["details"]["sparsegpt"]
     assert (details["samples"], details["weights"]) == (8, 2)
@@ -198,6 +199,29 @@ def test_on_every_sample_valid_idempotent_and_deterministic(path, mode):
 def test_damping_out_of_range_is_refused(damping):
     with pytest.raises(OptionError, match="damping"):
         prune(linear_model(), mode="sparsegpt", damping=damping)
+
+
+def test_nm_criterion_auto_is_sparsegpt_with_calibration_data_and_magnitude_without():
+    model, calibration = linear_model(), skewed_feeds(8, 0)
+    auto, report, _ = prune(model, context(calibration), mode="nm", min_elements=16)
+    explicit, _, _ = prune(model, context(calibration), mode="nm", criterion="sparsegpt", min_elements=16)
+    assert auto.SerializeToString() == explicit.SerializeToString() and "sparsegpt" in report["details"]
+    plain, _, _ = prune(model, mode="nm", min_elements=16)
+    magnitude, _, _ = prune(model, context(calibration), mode="nm", criterion="magnitude", min_elements=16)
+    assert plain.SerializeToString() == magnitude.SerializeToString() != auto.SerializeToString()
+
+
+def test_weights_sparsegpt_does_not_cover_are_ranked_by_wanda_in_modes_auto_and_sparsegpt():
+    """A grouped Conv: SparseGPT covers MatMul/Gemm only; with calibration data, Wanda ranks it."""
+    model = grouped_conv_model()
+    feeds = [{"x": (1.0 + np.random.default_rng(i).standard_normal((1, 8, 6, 6))).astype(np.float32)} for i in range(4)]
+    wanda, _, _ = prune(model, context(feeds), mode="wanda", sparsity=0.5, min_elements=16)
+    for mode in ("auto", "sparsegpt"):
+        pruned, report, _ = prune(model, context(feeds), mode=mode, sparsity=0.5, min_elements=16)
+        assert pruned.SerializeToString() == wanda.SerializeToString(), mode
+        assert "wanda" in report["details"]["criterion"] and report["counts"]["biases_corrected"] == 0
+    uniform, _, _ = prune(model, mode="uniform", sparsity=0.5, min_elements=16)
+    assert uniform.SerializeToString() != wanda.SerializeToString()
 
 
 def test_mode_auto_is_sparsegpt_with_calibration_data_and_uniform_without():
