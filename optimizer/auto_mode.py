@@ -3,9 +3,9 @@
 Each value of ``Pass.measured_choices`` is built on the input (a value that needs calibration data
 is tried only with it; the passes before the auto pass up to the last lossy one, pruning say, run
 once and every candidate starts from their output), checked by the same verdict as ``--validate``
-(output-kind metrics, the lossy tolerance unless the user set one) and timed with onnxruntime against the input, every
-candidate in the same interleaved rounds, next to a second session of the input whose paired
-ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
+(output-kind metrics, the lossy tolerance unless the user set one) and timed with onnxruntime
+against the input, every candidate in the same interleaved rounds, next to a second session of
+the input whose paired ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
 check is built again (``retry_failed``): with ``Pass.unclipped_options`` (percentile 100), then with
 its first 1, 2, 4, 8, 16, 32 groups (``optimizer.verify.static_groups``, graph order) backed off to the
 pass's next-best format (weight-only int8), until a build passes, then between the last count that

@@ -233,7 +233,7 @@ class PrunePass(Pass):
             return None
         if self.mode == "sensitivity" and weights:
             return self._allocated(weights, graph, context, report)
-        return {weight.name: self.sparsity for weight in weights}
+        return self._uniform(weights)
 
     def _allocated(
         self, weights: list[Weight], graph: gs.Graph, context: PassContext, report: PassReport
