@@ -182,13 +182,38 @@ class QuantizedTensor:
 
 
 def quantize_weight(
-    values: np.ndarray, target: QType, *, symmetric: bool, axis: int | None = None, block_size: int | None = None
+    values: np.ndarray,
+    target: QType,
+    *,
+    symmetric: bool,
+    axis: int | None = None,
+    block_size: int | None = None,
+    min_scale: np.ndarray | None = None,
 ) -> QuantizedTensor:
-    """Quantize a weight with its own min/max per tensor, channel or block."""
+    """Quantize a weight with its own min/max per tensor, channel or block. ``min_scale`` (shaped
+    like the scale) widens a range whose scale would be smaller: a bias must fit int32 at
+    input_scale * weight_scale."""
     low, high = value_ranges(values, axis, block_size)
     scale, zero_point = scale_zero_point(low, high, target, symmetric=symmetric)
+    if min_scale is not None and np.any(scale < min_scale):
+        qmin, qmax, _ = target.symmetric_limits() if symmetric else (target.qmin, target.qmax, 0)
+        half = np.where(scale < min_scale, np.asarray(min_scale, np.float64) * (qmax - qmin) / 2, 0.0)
+        low, high = np.minimum(low, -half), np.maximum(high, half)  # only where the floor binds
+        scale, zero_point = scale_zero_point(low, high, target, symmetric=symmetric)
     quantized = quantize(values, scale, zero_point, target, axis, block_size)
     return QuantizedTensor(quantized, scale, zero_point, target, axis, block_size)
+
+
+BIAS_INT32_LIMIT = 2**30
+"""The largest |int32 bias| a weight's scale is chosen for: half of int32's range, the rest left for
+the products QLinearConv/QGemm add to it."""
+
+
+def bias_weight_scale_floor(bias: np.ndarray, input_scale: float) -> np.ndarray:
+    """The smallest weight scale per output at which ``bias`` fits ``BIAS_INT32_LIMIT`` as int32 at
+    input_scale * weight_scale. A channel whose weights are all near zero (a pruned or dead one)
+    otherwise gets a tiny weight scale, and its bias, clipped to int32, is lost."""
+    return (np.abs(np.asarray(bias, np.float64)) / (float(input_scale) * BIAS_INT32_LIMIT)).astype(np.float32)
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

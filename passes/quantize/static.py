@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.calibration.quant_math import qtype, quantize, quantize_bias, quantize_weight, scale_zero_point
+from optimizer.calibration.quant_math import (
+    bias_weight_scale_floor,
+    qtype,
+    quantize,
+    quantize_bias,
+    quantize_weight,
+    scale_zero_point,
+    value_ranges,
+)
 from optimizer.errors import PassError
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.patterns import NamePatterns
@@ -366,7 +374,15 @@ def _quantize_compute_weights(
     for target in plan.compute:
         with working_on("tensor", target.name):
             axis = scale_axis(target.uses[0], target.values.ndim) if options.per_channel else None
-            quantized = quantize_weight(target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis)
+            floor = _bias_scale_floor(target, axis, params, input_names)
+            quantized = quantize_weight(
+                target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis, min_scale=floor
+            )
+            if floor is not None:
+                low, high = value_ranges(target.values, axis)
+                natural, _ = scale_zero_point(low, high, weight_type, symmetric=options.weights_symmetric())
+                if raised := int(np.sum(natural < floor)):
+                    report.count("weight_scales_raised_for_bias", raised)  # channels whose bias needed it
             weight = QuantizedWeight(target, quantized, names)
             weight.make_float_view("dq")
             report.count(f"weights_{weight_type.name}")
@@ -378,6 +394,26 @@ def _quantize_compute_weights(
                     _quantize_bias(consumer.graph, consumer.node, bias, names, report)
             # static only when the activation became integer too; else the int8 weight runs in float
             report.count(f"static_{consumer.node.op}" if found is not None else f"weight_only_{consumer.node.op}")
+
+
+def _bias_scale_floor(
+    target: Weight, axis: int | None, params: dict[str, TensorParams], input_names: dict[int, str]
+) -> np.ndarray | None:
+    """The weight scale below which a reader's float bias would not fit int32 (``bias_weight_scale_floor``),
+    over the Conv/Gemm readers whose input is quantized; per output channel, or one for the tensor."""
+    channels = target.values.shape[axis] if axis is not None else None
+    floors = []
+    for use in target.uses:
+        node = use.node
+        found = params.get(input_names.get(id(node), ""))
+        if found is None or node.op == "MatMul" or len(node.inputs) < 3 or not node.inputs[2].name:
+            continue
+        bias = weight_values(node.inputs[2])
+        if bias is None or np.asarray(bias).ndim != 1 or (channels is not None and np.size(bias) != channels):
+            continue
+        floor = bias_weight_scale_floor(np.asarray(bias), found.scale)
+        floors.append(floor if channels is not None else np.max(floor, initial=0.0))
+    return np.max(floors, axis=0) if floors else None
 
 
 @dataclass(frozen=True)

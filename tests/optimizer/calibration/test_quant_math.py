@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from optimizer.calibration.quant_math import (
+    BIAS_INT32_LIMIT,
     QTYPES,
+    bias_weight_scale_floor,
     dequantize,
     pack_4bit,
     qtype,
@@ -90,6 +92,25 @@ def test_bias_int32_uses_input_scale_times_weight_scale():
     np.testing.assert_allclose(scale, np.float32(0.01) * np.array([0.1, 0.5, 0.2], np.float32))
     np.testing.assert_allclose(integers * scale, bias, atol=np.max(scale) / 2)
     assert integers[2] == 0
+
+
+def test_a_weight_scale_floor_keeps_a_near_zero_channels_bias_in_int32():
+    weight = np.stack([np.linspace(-1, 1, 9), np.full(9, 1e-30)]).astype(np.float32)
+    bias, input_scale = np.array([0.25, 0.5], np.float32), 0.02
+    floor = bias_weight_scale_floor(bias, input_scale)
+    plain = quantize_weight(weight, qtype("int8"), symmetric=True, axis=0)
+    floored = quantize_weight(weight, qtype("int8"), symmetric=True, axis=0, min_scale=floor)
+    assert floored.scale[0] == plain.scale[0]  # a live channel's scale is already far above its floor
+    assert floored.scale[1] >= floor[1] > plain.scale[1]
+    for quantized, kept in ((plain, False), (floored, True)):
+        integers, scale = quantize_bias(bias, input_scale, quantized.scale)
+        assert np.isclose(integers[1] * scale[1], bias[1], rtol=1e-6) == kept
+        assert abs(int(integers[1])) <= (BIAS_INT32_LIMIT if kept else np.iinfo(np.int32).max)
+    positive = np.abs(weight) + 0.1  # asymmetric: a floor that does not bind must not widen [0.1, 1.1] to hold -floor
+    plain = quantize_weight(positive, qtype("uint8"), symmetric=False, axis=0)
+    floored = quantize_weight(positive, qtype("uint8"), symmetric=False, axis=0, min_scale=np.full(2, 1e-6, np.float32))
+    np.testing.assert_array_equal(floored.scale, plain.scale)
+    np.testing.assert_array_equal(floored.values, plain.values)
 
 
 def test_unknown_type_is_refused():

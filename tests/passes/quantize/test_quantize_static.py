@@ -53,6 +53,45 @@ def test_static_leaves_float_biases_that_onnxruntime_quantizes_at_load(tmp_path)
     assert max_abs_error(int32.model, result.model, feeds) <= 1e-5 * np.abs(run_model(model, feeds)[0][0]).max()
 
 
+def dead_channel_model(pool: bool) -> onnx.ModelProto:
+    """A Conv whose channel 1 has near-zero weights (pruned or dead) and a bias of 0.5: its output
+    is the bias. Its output goes to the graph (int32 bias in the file) or to a pool (a float bias
+    that onnxruntime quantizes at load)."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((3, 2, 3, 3)) * 0.3).astype(np.float32)
+    weight[1] = 1e-30
+    bias = np.array([0.1, 0.5, -0.2], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv")]
+    if pool:
+        nodes.append(helper.make_node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], name="pool"))
+    out = "y" if pool else "c"
+    graph = helper.make_graph(
+        nodes, "dead_channel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 3, 5, 5] if pool else [1, 3, 6, 6])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["int32-bias", "bias-at-load"])
+def test_a_near_zero_channel_keeps_its_bias(tmp_path, pool):
+    """Its weight scale is raised until the bias fits int32; before, the bias was clipped to
+    int32's limit at a scale of ~1e-34 and the channel's output, 0.5, came out as 0."""
+    model = dead_channel_model(pool)
+    calibration = seeded_feeds(model, count=8, seed=1)
+    result, report = quantize(model, calibration=calibration, mode="static")
+    feeds = seeded_feeds(model, count=4, seed=2)
+    for reference, got in zip(run_model(model, feeds), run_model(result.model, feeds), strict=True):
+        np.testing.assert_allclose(got[0][0, 1], reference[0][0, 1], atol=0.01)
+    scale = max(float(np.abs(outputs[0]).max()) for outputs in run_model(model, feeds))
+    assert max_abs_error(model, result.model, feeds) <= 0.05 * scale  # one feed exceeds the calibrated range
+    assert report["counts"]["static_Conv"] == 1
+    assert report["counts"]["weight_scales_raised_for_bias"] == 1
+    assert report["counts"].get("bias_quantized_at_load", 0) == int(pool)
+    assert ort_runs(result.model, tmp_path)["QLinearConv"] == int(pool)
+    onnx.checker.check_model(result.model, full_check=True)
+
+
 def test_static_folds_relu_into_the_quantize_of_its_output():
     model = load_model(MODELS_DIR / "cnn.onnx")
     assert any(n.op_type == "Relu" for n in model.graph.node)
