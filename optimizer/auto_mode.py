@@ -5,10 +5,11 @@ is tried only with it; the passes before the auto pass up to the last lossy one,
 once and every candidate starts from their output), checked by the same verdict as ``--validate``
 (output-kind metrics, the lossy tolerance unless the user set one) and timed with onnxruntime
 against the input, every candidate in the same interleaved rounds, next to a second session of
-the input whose paired ratio is the noise floor. A value in ``Pass.softened_choices`` (quantize: static) that fails the
-check is built again (``retry_failed``): with ``Pass.unclipped_options`` (percentile 100), then with
-its first 1, 2, 4, 8, 16, 32 groups (``optimizer.verify.static_groups``, graph order) backed off to the
-pass's next-best format (weight-only int8), until a build passes, then between the last count that
+the input: its distance from 1.0, or its 95% confidence half-width if wider, is the noise floor.
+A value in ``Pass.softened_choices`` (quantize: static) that fails the check is built again
+(``retry_failed``): with ``Pass.unclipped_options`` (percentile 100), then with its first 1, 2, 4,
+8, 16, 32 groups (``optimizer.verify.static_groups``, graph order) backed off to the pass's
+next-best format (weight-only int8), until a build passes, then between the last count that
 failed and the one that passed (``_bisect``: 16 and 32 try 24, then 20 or 28).
 The choice: the fastest candidate that passes; among candidates within the noise floor of it, the
 first in ``measured_choices`` (the most accurate), then the one with the fewest groups backed off.
@@ -340,7 +341,9 @@ def _soften(
 def _time(
     candidates: list[Candidate], reference: ModelInput, paths: dict[str, Path], settings: AutoSettings
 ) -> float | None:
-    """Paired latency ratios against the input; returns the noise floor (a second input session).
+    """Paired latency ratios against the input; returns the noise floor: how far a second session
+    of the input lands from 1.0, or the half-width of that ratio's 95% confidence interval if wider
+    (one median of identical models can land near 1.0 by chance).
     A retry that failed (wider ranges, groups backed off) is not timed: it cannot be chosen."""
     timed = [c for c in candidates if c.name in paths and (c.passed or not (c.variant or c.softened))]
     if not timed:
@@ -357,7 +360,8 @@ def _time(
     )
     for candidate, timing in zip(timed, result.models[2:], strict=True):
         candidate.latency_ratio = round(timing.ratio_paired, 4)
-    return round(abs(result.models[1].ratio_paired - 1.0), 4)
+    again = result.models[1]
+    return round(max(abs(again.ratio_paired - 1.0), again.paired_halfwidth), 4)
 
 
 def _choose(candidates: list[Candidate], noise: float | None, preference: list[str]) -> Candidate:

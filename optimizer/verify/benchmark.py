@@ -6,6 +6,7 @@ thermal throttling, turbo and background load drift affect every model alike.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -53,6 +54,9 @@ class ModelTiming:
     ratio_paired: float = 1.0
     """Median over rounds of this model's time over the first model's in the same round: a slow
     spell of the machine hits both sides of a pair, so this moves less than ``ratio_p50``."""
+    paired_halfwidth: float = 0.0
+    """Half the width of a 95% confidence interval of ``ratio_paired`` (order statistics of the
+    rounds' ratios; 0 for the first model or with fewer than 6 rounds)."""
 
 
 SLOWER_MARGIN = 0.05
@@ -93,7 +97,7 @@ class BenchResult:
             lines.append(f"note: {self.provider_note}")
         lines += [
             "",
-            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | ratio paired "
+            "| model | size MB | p50 ms | p90 ms | mean ms | min ms | ratio p50 | ratio paired (95% ±) "
             "| create ms | provider |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
@@ -101,7 +105,7 @@ class BenchResult:
             lines.append(
                 f"| {timing.name} | {timing.size_bytes / 1e6:.2f} | {timing.p50_ms:.3f} | "
                 f"{timing.p90_ms:.3f} | {timing.mean_ms:.3f} | {timing.min_ms:.3f} | "
-                f"{timing.ratio_p50:.3f} | {timing.ratio_paired:.3f} | {timing.session_create_ms:.1f} | "
+                f"{timing.ratio_p50:.3f} | {_paired(timing)} | {timing.session_create_ms:.1f} | "
                 f"{timing.provider_used} |"
             )
         return "\n".join(lines)
@@ -209,6 +213,7 @@ def benchmark(
         timing.ratio_p50 = 1.0 if position == 0 else _ratio(timing.p50_ms, baseline_p50_ms)
         paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0], strict=False)]
         timing.ratio_paired = 1.0 if position == 0 else float(np.median(paired))
+        timing.paired_halfwidth = 0.0 if position == 0 else median_halfwidth(paired)
     return BenchResult(
         models=timings,
         provider_requested=choice.requested,
@@ -217,6 +222,25 @@ def benchmark(
         rounds=rounds,
         threads=threads,
     )
+
+
+def _paired(timing: ModelTiming) -> str:
+    """The paired ratio with its 95% interval's half-width when there is one: "0.951 ± 0.012"."""
+    width = f" ± {timing.paired_halfwidth:.3f}" if timing.paired_halfwidth > 0 else ""
+    return f"{timing.ratio_paired:.3f}{width}"
+
+
+def median_halfwidth(values: Sequence[float]) -> float:
+    """Half the width of a distribution-free 95% confidence interval of the median: the order
+    statistics n/2 -+ 0.98 sqrt(n) (binomial(n, 1/2), normal approximation); 0 below 6 values."""
+    ordered = np.sort(np.asarray(values, np.float64))
+    count = ordered.size
+    if count < 6:
+        return 0.0
+    spread = 0.98 * math.sqrt(count)
+    low = max(0, math.floor(count / 2 - spread))
+    high = min(count - 1, math.ceil(count / 2 + spread) - 1)
+    return float(ordered[high] - ordered[low]) / 2
 
 
 def _timed_rounds(

@@ -45,6 +45,30 @@ def test_within_the_noise_floor_the_more_accurate_form_wins():
     assert _choose(candidates, 0.01, PREFERENCE).value == "static"
 
 
+@pytest.mark.parametrize(("again", "halfwidth", "noise"), [(1.004, 0.03, 0.03), (1.05, 0.01, 0.05)])
+def test_the_noise_floor_is_the_second_sessions_distance_or_its_confidence_halfwidth(
+    monkeypatch, tmp_path, again, halfwidth, noise
+):
+    """One median of two identical sessions can land near 1.0 by chance; its 95% interval says how
+    far apart two equal models may measure."""
+    import optimizer.auto_mode as auto_mode
+    from optimizer.auto_trials import AutoSettings
+    from optimizer.verify.benchmark import BenchResult, ModelTiming
+
+    def timing(name: str, ratio: float, width: float) -> ModelTiming:
+        return ModelTiming(name, 1, 0.0, 1.0, 1.0, 1.0, 1.0, 20, ratio, "cpu", ratio, width)
+
+    def fake_benchmark(models, feeds, names, **kwargs):
+        timings = [timing("input", 1.0, 0.0), timing("input again", again, halfwidth), timing(names[2], 0.9, 0.02)]
+        return BenchResult(models=timings, provider_requested="cpu", provider_note=None, warmup=0, rounds=20, threads=2)
+
+    monkeypatch.setattr(auto_mode, "benchmark", fake_benchmark)
+    candidate = Candidate("static", passed=True)
+    settings = AutoSettings([{}], "calibration samples", Tolerance(), {}, "cpu", None)
+    found = auto_mode._time([candidate], b"model", {candidate.name: tmp_path / "c.onnx"}, settings)
+    assert found == pytest.approx(noise) and candidate.latency_ratio == pytest.approx(0.9)
+
+
 def test_nothing_passing_keeps_the_most_accurate_built_form():
     candidates = [
         _candidate("weights", None, error="option refused"),

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import optimizer.verify.benchmark as benchmark_module
 from optimizer.errors import FeedError, OptionError, RuntimeSessionError
-from optimizer.verify.benchmark import benchmark, model_size_bytes, round_order
+from optimizer.verify.benchmark import benchmark, median_halfwidth, model_size_bytes, round_order
 from optimizer.verify.runtime import CPU_PROVIDER, CUDA_PROVIDER
 
 
@@ -169,4 +169,24 @@ def test_paired_ratio_is_the_median_of_same_round_ratios_and_ignores_a_slow_spel
     first, second = result.models
     assert first.ratio_paired == 1.0 and second.ratio_paired == pytest.approx(0.9)
     assert second.ratio_p50 == pytest.approx(2.7)  # p50 27 ms over p50 10 ms: the spell, not the model
-    assert "| ratio paired |" in result.to_markdown()
+    assert "| ratio paired (95% ±) |" in result.to_markdown()
+
+
+def test_median_halfwidth_uses_the_order_statistics_of_a_95_percent_interval():
+    # n = 20: the interval of the median runs from the 6th to the 15th smallest value
+    values = np.random.default_rng(0).permutation(np.arange(1.0, 21.0))
+    assert median_halfwidth(values) == pytest.approx((15 - 6) / 2)
+    assert median_halfwidth([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert median_halfwidth([0.5, 1.0, 1.5, 2.0, 9.0]) == 0.0  # too few rounds to say
+
+
+def test_the_paired_halfwidth_widens_with_noisy_rounds(monkeypatch):
+    steady = [10.0] * 12
+    noisy = [10.0 * factor for factor in (0.8, 1.2) * 6]
+    clock = {"base": iter(steady + steady), "steady": iter(steady + steady), "noisy": iter(noisy + noisy)}
+    monkeypatch.setattr(benchmark_module, "_run_timed_ms", lambda session, inputs, name: next(clock[name]))
+    result = benchmark([matmul_model()] * 3, FEEDS, names=["base", "steady", "noisy"], warmup=0, rounds=12)
+    base, steady_timing, noisy_timing = result.models
+    assert base.paired_halfwidth == 0.0 and steady_timing.paired_halfwidth == 0.0
+    assert noisy_timing.ratio_paired == pytest.approx(1.0) and noisy_timing.paired_halfwidth == pytest.approx(0.2)
+    assert "| 1.000 ± 0.200 |" in result.to_markdown() and "| 1.000 |" in result.to_markdown()
