@@ -176,6 +176,8 @@ class QuantizedTensor:
     qtype: QType
     axis: int | None
     block_size: int | None
+    floored: int = 0
+    """How many scales ``quantize_weight``'s ``min_scale`` raised."""
 
     def dequantized(self) -> np.ndarray:
         return dequantize(self.values, self.scale, self.zero_point, self.axis, self.block_size)
@@ -195,13 +197,14 @@ def quantize_weight(
     input_scale * weight_scale."""
     low, high = value_ranges(values, axis, block_size)
     scale, zero_point = scale_zero_point(low, high, target, symmetric=symmetric)
-    if min_scale is not None and np.any(scale < min_scale):
+    binds = np.zeros(np.shape(scale), bool) if min_scale is None else scale < min_scale
+    if np.any(binds):
         qmin, qmax, _ = target.symmetric_limits() if symmetric else (target.qmin, target.qmax, 0)
-        half = np.where(scale < min_scale, np.asarray(min_scale, np.float64) * (qmax - qmin) / 2, 0.0)
+        half = np.where(binds, np.asarray(min_scale, np.float64) * (qmax - qmin) / 2, 0.0)
         low, high = np.minimum(low, -half), np.maximum(high, half)  # only where the floor binds
         scale, zero_point = scale_zero_point(low, high, target, symmetric=symmetric)
     quantized = quantize(values, scale, zero_point, target, axis, block_size)
-    return QuantizedTensor(quantized, scale, zero_point, target, axis, block_size)
+    return QuantizedTensor(quantized, scale, zero_point, target, axis, block_size, int(np.sum(binds)))
 
 
 BIAS_INT32_LIMIT = 2**30

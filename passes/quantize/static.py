@@ -28,7 +28,6 @@ from optimizer.calibration.quant_math import (
     quantize_bias,
     quantize_weight,
     scale_zero_point,
-    value_ranges,
 )
 from optimizer.errors import PassError
 from optimizer.graph.names import NameAllocator
@@ -378,11 +377,8 @@ def _quantize_compute_weights(
             quantized = quantize_weight(
                 target.values, weight_type, symmetric=options.weights_symmetric(), axis=axis, min_scale=floor
             )
-            if floor is not None:
-                low, high = value_ranges(target.values, axis)
-                natural, _ = scale_zero_point(low, high, weight_type, symmetric=options.weights_symmetric())
-                if raised := int(np.sum(natural < floor)):
-                    report.count("weight_scales_raised_for_bias", raised)  # channels whose bias needed it
+            if quantized.floored:
+                report.count("weight_scales_raised_for_bias", quantized.floored)  # channels whose bias needed it
             weight = QuantizedWeight(target, quantized, names)
             weight.make_float_view("dq")
             report.count(f"weights_{weight_type.name}")
@@ -406,12 +402,12 @@ def _bias_scale_floor(
     for use in target.uses:
         node = use.node
         found = params.get(input_names.get(id(node), ""))
-        if found is None or node.op == "MatMul" or len(node.inputs) < 3 or not node.inputs[2].name:
+        if found is None or node.op == "MatMul":
             continue
-        bias = weight_values(node.inputs[2])
-        if bias is None or np.asarray(bias).ndim != 1 or (channels is not None and np.size(bias) != channels):
+        bias = _float_bias(node)
+        if bias is None or (channels is not None and bias.size != channels):
             continue
-        floor = bias_weight_scale_floor(np.asarray(bias), found.scale)
+        floor = bias_weight_scale_floor(bias, found.scale)
         floors.append(floor if channels is not None else np.max(floor, initial=0.0))
     return np.max(floors, axis=0) if floors else None
 
@@ -429,15 +425,13 @@ def _quantize_bias(
 ) -> None:
     """Conv/Gemm bias as int32 with scale input_scale * weight_scale (what QLinearConv adds), unless
     onnxruntime quantizes the float bias to those same integers at load."""
-    if len(node.inputs) < 3 or not node.inputs[2].name:
+    bias = _float_bias(node)
+    if bias is None:
         return
-    bias = weight_values(node.inputs[2])
-    if bias is None or np.asarray(bias).dtype != np.float32 or np.asarray(bias).ndim != 1:
-        return
-    if not context.int32_only and _quantized_at_load(graph, node, np.asarray(bias), context):
+    if not context.int32_only and _quantized_at_load(graph, node, bias, context):
         report.count("bias_quantized_at_load")
         return
-    integers, scale = quantize_bias(np.asarray(bias), context.input_scale, context.weight_scale)
+    integers, scale = quantize_bias(bias, context.input_scale, context.weight_scale)
     base = node.inputs[2].name
     stored = gs.Constant(names.fresh(base, "_quantized"), integers)
     restored = gs.Variable(names.fresh(base, "_dequantized"), dtype=np.float32)
@@ -452,6 +446,16 @@ def _quantize_bias(
     graph.nodes.append(dequantize)
     node.inputs[2] = restored
     report.count("bias_int32")
+
+
+def _float_bias(node: gs.Node) -> np.ndarray | None:
+    """A Conv/Gemm's constant float32 1-D bias, if it has one."""
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    bias = weight_values(node.inputs[2])
+    if bias is None or np.asarray(bias).dtype != np.float32 or np.asarray(bias).ndim != 1:
+        return None
+    return np.asarray(bias)
 
 
 def _quantized_at_load(graph: gs.Graph, node: gs.Node, bias: np.ndarray, context: BiasContext) -> bool:
