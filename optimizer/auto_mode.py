@@ -34,6 +34,7 @@ from typing import Any
 import onnx
 
 from optimizer.app_inputs import resolve_feed_options
+from optimizer.auto_choice import choose, copy_twin_timings, time_candidates, why
 from optimizer.auto_trials import AutoSettings, Candidate, build, check, init_worker, worker_trial
 from optimizer.budget_trials import backed_off_passes
 from optimizer.executor import ExecutorOptions, TrialPool, open_pool
@@ -42,7 +43,6 @@ from optimizer.optimize_options import ModelInput, OptimizeOptions, ValidationOp
 from optimizer.pass_base import Pass, PassContext
 from optimizer.pipeline import Pipeline, PipelineResult
 from optimizer.shortcuts import calibration_request
-from optimizer.verify.benchmark import benchmark
 from optimizer.verify.runtime import external_data_locations
 from optimizer.verify.static_groups import static_groups
 from optimizer.verify.tolerances import LOSSY_TOLERANCE, with_default_tolerance
@@ -68,6 +68,8 @@ class AutoChoice:
     chosen_name: str = ""
     """The chosen candidate's name (its variant and the groups backed off, e.g. "static, 2 groups
     weight-only")."""
+    timing_rounds: int = 0
+    """Rounds the candidates were timed over: fewer than asked when more could not change the choice."""
     trials_on: str = "this process"
     """Where the builds and checks ran (``ExecutorOptions.describe``); timing always runs in this
     process after them, with no trial running: trials sharing cores would make it noise."""
@@ -196,14 +198,15 @@ def choose_by_measurement(
         for (candidate, built), (_, chosen) in zip(trials.run(batch), batch, strict=True):
             if built is not None and candidate.passed is False and candidate.value in item.softened_choices:
                 ranking = retry_failed(trials, chosen, index, candidate, built.model)
-        noise = _time(trials.candidates, reference, trials.paths, settings)
-    _copy_twin_timings(trials.candidates)
-    chosen_candidate = _choose(trials.candidates, noise, list(item.measured_choices))
+        preference = list(item.measured_choices)
+        noise, rounds = time_candidates(trials.candidates, reference, trials.paths, settings, preference)
+    copy_twin_timings(trials.candidates)
+    chosen_candidate = choose(trials.candidates, noise, list(item.measured_choices))
     return AutoChoice(
         item.name,
         item.measured_option,
         chosen_candidate.value,
-        _why(chosen_candidate, trials.candidates, noise),
+        why(chosen_candidate, trials.candidates, noise),
         settings.feeds_label,
         noise,
         trials.candidates,
@@ -211,15 +214,9 @@ def choose_by_measurement(
         trials.passes.get(chosen_candidate.name) or with_value(passes, index, chosen_candidate.value),
         ranking,
         chosen_candidate.name,
+        rounds,
         executor.describe() if executor is not None and pool is not None else "this process",
     )
-
-
-def _copy_twin_timings(candidates: list[Candidate]) -> None:
-    by_name = {c.name: c for c in candidates}
-    for candidate in candidates:
-        if candidate.same_as is not None:
-            candidate.latency_ratio = by_name[candidate.same_as].latency_ratio
 
 
 @contextlib.contextmanager
@@ -338,60 +335,6 @@ def _soften(
     return [candidate for candidate, _ in trials.run(batch)]
 
 
-def _time(
-    candidates: list[Candidate], reference: ModelInput, paths: dict[str, Path], settings: AutoSettings
-) -> float | None:
-    """Paired latency ratios against the input; returns the noise floor: how far a second session
-    of the input lands from 1.0, or the half-width of that ratio's 95% confidence interval if wider
-    (one median of identical models can land near 1.0 by chance).
-    A retry that failed (wider ranges, groups backed off) is not timed: it cannot be chosen."""
-    timed = [c for c in candidates if c.name in paths and (c.passed or not (c.variant or c.softened))]
-    if not timed:
-        return None
-    models = [reference, reference, *(paths[c.name] for c in timed)]
-    names = ["input", "input again", *(c.name for c in timed)]
-    result = benchmark(
-        models,
-        settings.feeds[:1],
-        names=names,
-        provider=settings.provider,
-        rounds=settings.rounds,
-        timeout_s=settings.timeout_s,
-    )
-    for candidate, timing in zip(timed, result.models[2:], strict=True):
-        candidate.latency_ratio = round(timing.ratio_paired, 4)
-    again = result.models[1]
-    return round(max(abs(again.ratio_paired - 1.0), again.paired_halfwidth), 4)
-
-
-def _choose(candidates: list[Candidate], noise: float | None, preference: list[str]) -> Candidate:
-    """The fastest passing candidate; within the noise floor of it, the most accurate (first in
-    ``preference``, fewest groups backed off); with none passing, the most accurate built one."""
-    passing = [c for c in candidates if c.passed and c.latency_ratio is not None]
-    if not passing:
-        built = [c for c in candidates if c.error is None]
-        return built[0] if built else candidates[0]
-    fastest = min(c.latency_ratio for c in passing if c.latency_ratio is not None)
-    close = [c for c in passing if c.latency_ratio is not None and c.latency_ratio <= fastest + (noise or 0.0)]
-    return min(close, key=lambda c: (preference.index(c.value), len(c.softened)))
-
-
-def _why(chosen: Candidate, candidates: list[Candidate], noise: float | None) -> str:
-    floor = noise or 0.0
-    if not chosen.passed or chosen.latency_ratio is None:
-        return f"no candidate passed the check: {chosen.name}, the most accurate form, is kept"
-    fastest = min(c.latency_ratio for c in candidates if c.passed and c.latency_ratio is not None)
-    why = (
-        f"{chosen.name}: passes the check at {chosen.latency_ratio:.2f}x the input's time "
-        f"(fastest passing {fastest:.2f}x, noise floor {floor:.2f})"
-    )
-    if chosen.softened:
-        why += f"; backed off to weight-only int8: {', '.join(chosen.softened)}"
-    if chosen.latency_ratio > 1.0 + floor:
-        why += "; every passing candidate is slower than the input"
-    return why
-
-
 CHECK_SAMPLES = 16
 
 
@@ -418,6 +361,7 @@ def auto_stage(
         options.provider,
         options.timeout_s,
         options.bench_rounds or 20,
+        settle=options.bench_rounds is None,
     )
     lossy = [position for position in range(index) if not passes[position].lossless]
     if not lossy:  # lossless passes are cheap to repeat, and a kept copy of their output is not

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 APPLICATION = (
     "optimizer.api", "optimizer.app_inputs", "optimizer.budget", "optimizer.cli", "optimizer.cli_options",
     "optimizer.cli_parser", "optimizer.optimize_options", "optimizer.shortcuts", "optimizer.auto_mode",
-    "optimizer.report_notes", "optimizer.auto_trials",
+    "optimizer.report_notes", "optimizer.auto_trials", "optimizer.auto_choice",
 )
 LEAF = "optimizer.graph.walk"
 """The one walker imports only onnx and onnx-graphsurgeon, so every layer may use it."""

@@ -181,14 +181,21 @@ RANKING_TEXT = (
 AUTO_COLUMNS = ("name", "size_bytes", "latency_ratio", "passed", "verdict", "tool_seconds", "same_as", "error")
 
 
+def timing_rounds_text(auto: dict[str, Any]) -> str:
+    """ ", over N rounds" when the report says how many rounds the candidates were timed over."""
+    rounds = auto.get("timing_rounds")
+    return f", over {rounds} rounds" if rounds else ""
+
+
 def _auto_section(auto: dict[str, Any]) -> list[str]:
     candidates = auto.get("candidates") or []
     chosen = auto.get("chosen_name") or auto.get("chosen")
     out = [
         f"<h2>{_e(auto.get('pass_name'))} {_e(auto.get('option'))} auto: {_e(chosen)}</h2>",
         f"<p>{_e(auto.get('why'))}. Checked on {_e(auto.get('evaluated_on') or '-')}; built and checked in "
-        f"{_e(auto.get('trials_on') or 'this process')}, then timed here alone (no trial running); latency_ratio "
-        f"is the median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.</p>",
+        f"{_e(auto.get('trials_on') or 'this process')}, then timed here alone (no trial running)"
+        f"{_e(timing_rounds_text(auto))}; "
+        f"latency_ratio is the median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.</p>",
     ]
     if candidates:
         out.append(_table(AUTO_COLUMNS, [[c.get(k) for k in AUTO_COLUMNS] for c in candidates]))

@@ -25,6 +25,7 @@ from optimizer.report.html_page import (
     output_label,
     render_html,
     sample_kind,
+    timing_rounds_text,
 )
 from optimizer.text import escape_control
 
@@ -173,8 +174,9 @@ def _auto_section(auto: dict[str, Any]) -> list[str]:
     lines = _heading(
         f"{auto.get('pass_name')} {auto.get('option')} auto: {auto.get('chosen_name') or auto.get('chosen')}",
         f"{auto.get('why')}. Checked on {auto.get('evaluated_on') or '-'}; built and checked in "
-        f"{auto.get('trials_on') or 'this process'}, then timed here alone (no trial running); latency_ratio is "
-        f"the median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
+        f"{auto.get('trials_on') or 'this process'}, then timed here alone (no trial running)"
+        f"{timing_rounds_text(auto)}; "
+        f"latency_ratio is the median paired ratio to the input, noise floor {_num(auto.get('noise_floor'))}.",
     )
     candidates = auto.get("candidates") or []
     lines += ["", *(_table(list(AUTO_COLUMNS), candidates) if candidates else [])]

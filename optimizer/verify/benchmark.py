@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +35,12 @@ from optimizer.verify.runtime import (
 
 NANOSECONDS_PER_MS = 1_000_000
 STAGE = "benchmark"
+UNTIL_FIRST_ROUND = 8
+"""``benchmark(until=...)`` is first asked after this many rounds, then every ``UNTIL_EVERY``: few
+looks, so that stopping at the first one that happens to look settled stays rare."""
+UNTIL_EVERY = 4
+Until = Callable[[list[list[float]]], bool]
+"""Given every model's latencies (ms) per round so far, whether timing may stop."""
 
 
 @dataclass
@@ -178,12 +184,15 @@ def benchmark(
     threads: int | None = None,
     progress: bool = False,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    until: Until | None = None,
 ) -> BenchResult:
     """Time every model on the same feeds, interleaved (see ``round_order``).
 
     Every model is warmed up before any timing starts. Round ``r`` uses feed ``r % len(feeds)``
     for all models, so each model sees the same inputs. A run longer than ``timeout_s`` raises
-    ``RunTimeoutError``.
+    ``RunTimeoutError``. ``until``, asked after round ``UNTIL_FIRST_ROUND`` and every
+    ``UNTIL_EVERY`` rounds after it, stops timing before ``rounds`` when it returns True
+    (``BenchResult.rounds`` says how many ran).
     """
     model_names = _check_arguments(models, feeds, names, warmup, rounds)
     checked_timeout(timeout_s)
@@ -201,7 +210,7 @@ def benchmark(
             for session, name in zip(sessions, model_names, strict=False):
                 run_session(session, feeds[index % len(feeds)], label=name, stage=STAGE, timeout_s=timeout_s)
                 bar.update(1)
-        times_ms = _timed_rounds(sessions, model_names, feeds, rounds, bar, timeout_s)
+        times_ms = _timed_rounds(sessions, model_names, feeds, (rounds, until), bar, timeout_s)
     timings = [
         _timing(name, model, times, created, used)
         for name, model, times, created, used in zip(
@@ -219,7 +228,7 @@ def benchmark(
         provider_requested=choice.requested,
         provider_note=fallback_note(choice, providers_used[0]),
         warmup=warmup,
-        rounds=rounds,
+        rounds=len(times_ms[0]),
         threads=threads,
     )
 
@@ -244,9 +253,16 @@ def median_halfwidth(values: Sequence[float]) -> float:
 
 
 def _timed_rounds(
-    sessions: list, names: list[str], feeds: Sequence, rounds: int, bar: tqdm | StageLine, timeout_s: float | None
+    sessions: list,
+    names: list[str],
+    feeds: Sequence,
+    limits: tuple[int, Until | None],
+    bar: tqdm | StageLine,
+    timeout_s: float | None,
 ) -> list[list[float]]:
-    """Per model, the latency of each round; feeds are sliced per session before timing."""
+    """Per model, the latency of each round; feeds are sliced per session before timing.
+    ``limits``: at most this many rounds, fewer when ``until`` says so (see ``benchmark``)."""
+    rounds, until = limits
     prepared = [
         [session_feed(session, feed, label=name) for feed in feeds]
         for session, name in zip(sessions, names, strict=False)
@@ -259,6 +275,10 @@ def _timed_rounds(
             session_inputs = prepared[model_index][feed_index]
             times_ms[model_index].append(_run_timed_ms(bounded[model_index], session_inputs, names[model_index]))
             bar.update(1)
+        done = round_index + 1
+        asked = done >= UNTIL_FIRST_ROUND and (done - UNTIL_FIRST_ROUND) % UNTIL_EVERY == 0
+        if until is not None and done < rounds and asked and until(times_ms):
+            break
     return times_ms
 
 

@@ -9,7 +9,6 @@ only for tensors it has not seen, and reads any percentile off the same histogra
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.calibration.observe import probe_model
 from optimizer.calibration.ranges import Statistic, collect_ranges, statistic_family, statistic_range
+from optimizer.fileio.model import model_digest
 from optimizer.graph.weights import weight_values
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.common import too_wide_for_8_bits
@@ -112,7 +112,5 @@ def calibrate_activations(
 def calibration_key(model: onnx.ModelProto, options: QuantizeOptions, context: PassContext) -> str:
     """What the statistics depend on: the float graph, the statistic's family (any percentile reads
     off one histogram), the samples read and where they ran."""
-    fits = model.ByteSize() < 2**31  # a bigger one is keyed by its identity: reused by nothing
-    digest = hashlib.sha256(model.SerializeToString(deterministic=True) if fits else str(id(model)).encode())
     settings = (statistic_family(options.calibration_method), options.calibration_samples, context.provider)
-    return f"quantize.static.statistics:{digest.hexdigest()}:{settings!r}"
+    return f"quantize.static.statistics:{model_digest(model)}:{settings!r}"

@@ -10,7 +10,9 @@ import onnx
 import pytest
 
 from optimizer.api import optimize
-from optimizer.auto_mode import Candidate, _choose, _why
+from optimizer.auto_choice import choose as _choose
+from optimizer.auto_choice import why as _why
+from optimizer.auto_trials import Candidate
 from optimizer.cli import main
 from optimizer.executor import ExecutorOptions
 from optimizer.fileio.model import load_model
@@ -51,7 +53,7 @@ def test_the_noise_floor_is_the_second_sessions_distance_or_its_confidence_halfw
 ):
     """One median of two identical sessions can land near 1.0 by chance; its 95% interval says how
     far apart two equal models may measure."""
-    import optimizer.auto_mode as auto_mode
+    import optimizer.auto_choice as auto_choice
     from optimizer.auto_trials import AutoSettings
     from optimizer.verify.benchmark import BenchResult, ModelTiming
 
@@ -62,11 +64,39 @@ def test_the_noise_floor_is_the_second_sessions_distance_or_its_confidence_halfw
         timings = [timing("input", 1.0, 0.0), timing("input again", again, halfwidth), timing(names[2], 0.9, 0.02)]
         return BenchResult(models=timings, provider_requested="cpu", provider_note=None, warmup=0, rounds=20, threads=2)
 
-    monkeypatch.setattr(auto_mode, "benchmark", fake_benchmark)
+    monkeypatch.setattr(auto_choice, "benchmark", fake_benchmark)
     candidate = Candidate("static", passed=True)
     settings = AutoSettings([{}], "calibration samples", Tolerance(), {}, "cpu", None)
-    found = auto_mode._time([candidate], b"model", {candidate.name: tmp_path / "c.onnx"}, settings)
-    assert found == pytest.approx(noise) and candidate.latency_ratio == pytest.approx(0.9)
+    paths = {candidate.name: tmp_path / "c.onnx"}
+    found, rounds = auto_choice.time_candidates([candidate], b"model", paths, settings, PREFERENCE)
+    assert found == pytest.approx(noise) and rounds == 20 and candidate.latency_ratio == pytest.approx(0.9)
+
+
+def _rounds(*ratios: float, spread: float = 0.0) -> list[list[float]]:
+    """Latencies (ms) of "input", "input again" and candidates over 12 rounds: each model at its
+    ratio to the input, give or take ``spread`` (alternating signs)."""
+    wobble = [spread if index % 2 else -spread for index in range(12)]
+    return [[100.0] * 12] + [[100.0 * (ratio + w) for w in wobble] for ratio in ratios]
+
+
+WEIGHTS, STATIC, STATIC_BACKED_OFF = (0, 0), (2, 0), (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("ratios", "keys", "spread", "settled"),
+    [
+        ((1.0, 0.9, 0.5), {2: WEIGHTS}, 0.1, True),  # one passing candidate: nothing to choose between
+        ((1.0, 0.9, 0.5), {2: WEIGHTS, 3: STATIC}, 0.01, True),  # far apart: 0.4 against a floor of 0.01
+        ((1.05, 0.9, 0.89), {2: WEIGHTS, 3: STATIC}, 0.001, True),  # within the floor at any end: weights
+        ((1.0, 0.9, 0.88), {2: WEIGHTS, 3: STATIC}, 0.01, False),  # gap 0.02: inside the intervals around the floor
+        ((1.0, 0.64, 0.66), {2: STATIC_BACKED_OFF, 3: (2, 4)}, 0.01, True),  # the pick is also the preferred one
+        ((1.0, 0.655, 0.64), {2: STATIC_BACKED_OFF, 3: (2, 4)}, 0.01, False),  # preferred, 0.015 slower: unsure
+    ],
+)
+def test_timing_stops_only_when_more_rounds_cannot_change_the_choice(ratios, keys, spread, settled):
+    from optimizer.auto_choice import choice_settled
+
+    assert choice_settled(keys)(_rounds(*ratios, spread=spread)) is settled
 
 
 def test_nothing_passing_keeps_the_most_accurate_built_form():
@@ -245,12 +275,12 @@ def _fixed_timing(monkeypatch) -> None:
     """Timing on a tiny model is noise: the backed-off builds are the fastest, the rest at 1.0x."""
     import optimizer.auto_mode as auto_mode
 
-    def timed(candidates, reference, paths, settings):
+    def timed(candidates, reference, paths, settings, preference):
         for candidate in candidates:
             candidate.latency_ratio = 0.5 if candidate.softened else 1.0
-        return 0.01
+        return 0.01, 20
 
-    monkeypatch.setattr(auto_mode, "_time", timed)
+    monkeypatch.setattr(auto_mode, "time_candidates", timed)
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])

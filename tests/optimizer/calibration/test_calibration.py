@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import optimizer.calibration.ranges as ranges_module
 from optimizer.calibration.expose import SUBGRAPH_ONLY, UNKNOWN_TENSOR, build_catalog
 from optimizer.calibration.ranges import (
     CalibrationResult,
@@ -363,3 +364,21 @@ def test_catalog_infers_through_small_constants_while_large_weights_reach_infere
     catalog = build_catalog(model, {"x": (256,)})
     assert {name: catalog.nbytes.get(name) for name in ("r", "h", "y")} == {"r": 1024, "h": 1024, "y": 1024}
     assert model.graph.initializer[0].raw_data == weight, "the caller's model is not touched"
+
+
+@pytest.mark.parametrize(
+    ("headroom", "expected"),
+    [(None, 2 * 2**30), (64 * 2**30, 2 * 2**30), (2**30, 2**27), (2**20, 64 * 2**20)],
+)
+def test_default_memory_budget_is_two_gib_unless_memory_is_short(monkeypatch, headroom, expected):
+    monkeypatch.setattr(ranges_module, "memory_headroom_bytes", lambda: headroom)
+    assert ranges_module.default_memory_budget() == expected
+
+
+def test_the_default_budget_decides_the_groups(monkeypatch):
+    model = _cnn()
+    names = _node_outputs(model)
+    feeds = seeded_feeds(model, count=2)
+    assert collect_ranges(model, names, feeds).notes[-1].endswith("final groups: 1")
+    monkeypatch.setattr(ranges_module, "default_memory_budget", lambda: 1)
+    assert collect_ranges(model, names, feeds).notes[-1].endswith(f"final groups: {len(names)}")

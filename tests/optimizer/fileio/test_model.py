@@ -327,3 +327,32 @@ def test_fits_one_message_skips_byte_size_for_small_payloads_and_measures_near_t
     assert model_module.fits_one_message(model) and not measured
     monkeypatch.setattr(model_module, "PROTOBUF_LIMIT_BYTES", 4_050)  # over half: measured, and too big
     assert not model_module.fits_one_message(model) and measured
+
+
+def _digest_variants() -> dict[str, onnx.ModelProto]:
+    """A model with a raw-data initializer, one stored as float_data and a function; each variant
+    changes one thing the computation depends on."""
+    base = _function_model()
+    base.graph.initializer.extend([numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "R"),
+                                   helper.make_tensor("F", TensorProto.FLOAT, [2], [1.0, 2.0])])
+    variants = {"base": base}
+    for name, change in {
+        "raw byte": lambda m: setattr(m.graph.initializer[-2], "raw_data", bytes(24)),  # same length, other values
+        "raw dims": lambda m: m.graph.initializer[-2].dims.__setitem__(slice(None), [3, 2]),
+        "float_data": lambda m: m.graph.initializer[-1].float_data.__setitem__(0, 5.0),
+        "node attribute": lambda m: m.graph.node[0].attribute.append(helper.make_attribute("note", 1)),
+        "opset": lambda m: setattr(m.opset_import[0], "version", 17),
+        "function body": lambda m: setattr(m.functions[0].node[0], "op_type", "Sub"),
+    }.items():
+        copy = onnx.ModelProto()
+        copy.CopyFrom(base)
+        change(copy)
+        variants[name] = copy
+    return variants
+
+
+def test_model_digest_is_equal_for_equal_models_and_differs_for_any_change():
+    variants = _digest_variants()
+    digests = {name: model_module.model_digest(model) for name, model in variants.items()}
+    assert model_module.model_digest(onnx.load_from_string(variants["base"].SerializeToString())) == digests["base"]
+    assert len(set(digests.values())) == len(digests), digests

@@ -92,6 +92,20 @@ def test_runs_are_interleaved_and_counted(monkeypatch):
     assert [timing.rounds for timing in result.models] == [4, 4, 4]
 
 
+def test_until_is_asked_after_the_eighth_round_then_every_fourth_and_stops_timing(monkeypatch):
+    asked: list[int] = []
+
+    def until(times_ms):
+        asked.append(len(times_ms[0]))
+        return len(times_ms[0]) >= 12
+
+    result = benchmark([matmul_model(), matmul_model()], FEEDS, warmup=0, rounds=20, until=until)
+    assert asked == [8, 12]
+    assert result.rounds == 12 and [timing.rounds for timing in result.models] == [12, 12]
+    never = benchmark([matmul_model()], FEEDS, warmup=0, rounds=9, until=lambda times_ms: asked.append(-1) or False)
+    assert never.rounds == 9 and asked[-1] == -1 and asked.count(-1) == 1  # asked at 8 only: 9 is the last
+
+
 def test_serialization():
     result = benchmark(
         [matmul_model(), matmul_model()], FEEDS, names=["fp32", "int8"], warmup=0, rounds=2
