@@ -105,7 +105,8 @@ def our_variant(name: str, source: Path, folder: Path, calibration: Path, argume
             tried = ", ".join(f"{c.get('name', c['value'])} {_ratio_text(c)}{'pass' if c['passed'] else 'fail'}"
                               for c in auto["candidates"] if c.get("error") is None and c.get("same_as") is None)
             chosen = auto.get("chosen_name") or auto["chosen"]
-            variant.note = f"auto chose {chosen} (tried: {tried}; noise floor {auto['noise_floor']})"
+            rounds = auto.get("timing_rounds")
+            variant.note = f"auto chose {chosen} (tried: {tried}; noise floor {auto['noise_floor']}, {rounds} rounds)"
     return variant
 
 

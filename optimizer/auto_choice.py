@@ -16,25 +16,28 @@ def choice_settled(keys: dict[int, tuple[int, int]]) -> Until:
     """Whether more timing rounds could change ``choose``'s pick among the passing candidates:
     ``keys`` maps each one's position in the timed list (after "input" and "input again") to its
     preference (``preference_key``). Settled when the pick stays the pick with every ratio anywhere
-    in its 95% interval: it is within the noise floor of the fastest even at its slowest and their
-    fastest, and every candidate preferred to it is outside even at its fastest and their slowest.
-    One passing candidate (or none) is settled at once: timing then only reports the ratios."""
+    in its 95% interval and the noise floor anywhere in its own (the second session's distance from
+    1.0 give or take its half-width): the pick is within the floor of the fastest even at its
+    slowest, their fastest and the floor's lowest, and every candidate preferred to it is outside
+    even at its fastest, their slowest and the floor's highest. One passing candidate (or none) is
+    settled at once: timing then only reports the ratios."""
 
     def settled(times_ms: list[list[float]]) -> bool:
         if len(keys) < 2:
             return True
         ratios = {index: np.asarray(times_ms[index]) / np.asarray(times_ms[0]) for index in (1, *keys)}
-        noise = max(abs(float(np.median(ratios[1])) - 1.0), median_halfwidth(ratios[1]))
+        distance, spread = abs(float(np.median(ratios[1])) - 1.0), median_halfwidth(ratios[1])
+        noise, lowest, highest = max(distance, spread), max(distance - spread, 0.0), distance + spread
         middle = {index: float(np.median(ratios[index])) for index in keys}
         width = {index: median_halfwidth(ratios[index]) for index in keys}
         close = [index for index in keys if middle[index] <= min(middle.values()) + noise]
         pick = min(close, key=keys.__getitem__)
         others_low = min(middle[index] - width[index] for index in keys if index != pick)
-        if middle[pick] + width[pick] > others_low + noise:
+        if middle[pick] + width[pick] > others_low + lowest:
             return False
         for index in (index for index in keys if keys[index] < keys[pick]):
             others_high = min(middle[other] + width[other] for other in keys if other != index)
-            if middle[index] - width[index] <= others_high + noise:
+            if middle[index] - width[index] <= others_high + highest:
                 return False
         return True
 
