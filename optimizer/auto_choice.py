@@ -69,8 +69,8 @@ def time_candidates(
     of the input lands from 1.0, or the half-width of that ratio's 95% confidence interval if wider
     (one median of identical models can land near 1.0 by chance).
     A retry that failed (wider ranges, groups backed off) is not timed: it cannot be chosen.
-    With ``settings.settle``, timing stops before ``settings.rounds`` once more rounds cannot change
-    the choice (``choice_settled``)."""
+    Timing stops before ``settings.rounds`` once more rounds cannot change the choice
+    (``choice_settled``)."""
     timed = [c for c in candidates if c.name in paths and (c.passed or not (c.variant or c.softened))]
     if not timed:
         return None, 0
@@ -83,7 +83,7 @@ def time_candidates(
         provider=settings.provider,
         rounds=settings.rounds,
         timeout_s=settings.timeout_s,
-        until=choice_settled(_passing_keys(timed, preference)) if settings.settle else None,
+        until=choice_settled(_passing_keys(timed, preference)),
     )
     for candidate, timing in zip(timed, result.models[2:], strict=True):
         candidate.latency_ratio = round(timing.ratio_paired, 4)

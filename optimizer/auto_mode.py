@@ -361,7 +361,6 @@ def auto_stage(
         options.provider,
         options.timeout_s,
         options.bench_rounds or 20,
-        settle=options.bench_rounds is None,
     )
     lossy = [position for position in range(index) if not passes[position].lossless]
     if not lossy:  # lossless passes are cheap to repeat, and a kept copy of their output is not

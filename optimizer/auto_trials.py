@@ -34,9 +34,7 @@ class AutoSettings:
     provider: str
     timeout_s: float | None
     rounds: int = 20
-    settle: bool = True
-    """Stop timing before ``rounds`` once more rounds cannot change the choice (not when the user
-    set the rounds)."""
+    """At most: timing stops earlier once more rounds cannot change the choice."""
     reference_outputs: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
     """The input's outputs on ``feeds``, filled by the first check and read by the others."""
 

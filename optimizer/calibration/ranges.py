@@ -32,7 +32,7 @@ from optimizer.calibration.expose import (
 )
 from optimizer.calibration.histogram import RunningMinMax, StreamingHistogram
 from optimizer.errors import FeedError, OptionError
-from optimizer.fileio.external_data import memory_headroom_bytes
+from optimizer.fileio.external_data import memory_available_bytes
 from optimizer.fileio.model import fits_one_message
 from optimizer.fileio.save import save_model
 from optimizer.progress import progress_bar
@@ -67,9 +67,11 @@ DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
 """The exposed outputs of one sample's run, at most, unless memory is short: every group past the
 first costs a (partial) model run per sample. PP-OCRv4 det at 736x736 exposes 0.9 GB a sample;
 at 512 MB it ran in 3 groups (23 runs for 9 samples) and calibrated in 6.1 s, in one group in 4.3 s."""
-HEADROOM_SHARE = 8
-"""With less than ``HEADROOM_SHARE`` times the default budget of memory left (physical memory or
-RLIMIT_AS), the budget is that share of it."""
+AVAILABLE_SHARE = 8
+"""The budget is at most this share of the memory available now (``memory_available_bytes``:
+MemAvailable, the cgroup's limit left, RLIMIT_AS), so parallel workers and other processes fit."""
+UNKNOWN_MEMORY_BUDGET_BYTES = 512 * 2**20
+"""The budget when the available memory cannot be read."""
 MIN_MEMORY_BUDGET_BYTES = 64 * 2**20
 
 REGROUP_SLACK = 1.25
@@ -229,11 +231,12 @@ def collect_ranges(
 
 
 def default_memory_budget() -> int:
-    """``DEFAULT_MEMORY_BUDGET_BYTES``, or an eighth of the memory left when that is less."""
-    headroom = memory_headroom_bytes()
-    if headroom is None:
-        return DEFAULT_MEMORY_BUDGET_BYTES
-    return max(MIN_MEMORY_BUDGET_BYTES, min(DEFAULT_MEMORY_BUDGET_BYTES, headroom // HEADROOM_SHARE))
+    """``DEFAULT_MEMORY_BUDGET_BYTES``, or an eighth of the memory available now when that is less
+    (``UNKNOWN_MEMORY_BUDGET_BYTES`` when it cannot be read)."""
+    available = memory_available_bytes()
+    if available is None:
+        return UNKNOWN_MEMORY_BUDGET_BYTES
+    return max(MIN_MEMORY_BUDGET_BYTES, min(DEFAULT_MEMORY_BUDGET_BYTES, available // AVAILABLE_SHARE))
 
 
 def _first_sample(feeds: FeedSource) -> tuple[Iterator[Feed], Feed]:

@@ -30,6 +30,7 @@ __all__ = [
     "ExternalDataReader",
     "check_fits_in_memory",
     "file_kind",
+    "memory_available_bytes",
     "memory_headroom_bytes",
     "read_exactly",
     "read_model_file",
@@ -92,6 +93,37 @@ def memory_headroom_bytes() -> int | None:
             used_bytes = 0
         headroom = min(headroom, soft_limit - used_bytes)
     return max(headroom, 0)
+
+
+def memory_available_bytes() -> int | None:
+    """Memory that can be allocated now without swapping or hitting a limit: the least of Linux's
+    MemAvailable, the cgroup v2 limit left (memory.max - memory.current) and ``memory_headroom_bytes``;
+    None when none of them can be read."""
+    found = [value for value in (_meminfo_available(), _cgroup_left(), memory_headroom_bytes()) if value is not None]
+    return max(min(found), 0) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_left() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as limit_file:
+            limit = limit_file.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as current_file:
+            return int(limit) - int(current_file.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def check_fits_in_memory(size_bytes: int, shown: str) -> None:

@@ -116,11 +116,17 @@ def model_digest(model: onnx.ModelProto) -> str:
 
     add(str(model.ir_version).encode())
     graph = model.graph
+    add(str(len(graph.initializer)).encode())
     for tensor in graph.initializer:
         if not tensor.HasField("raw_data"):
-            add(tensor.SerializeToString(deterministic=True))
+            add(b"tensor " + tensor.SerializeToString(deterministic=True))
             continue
-        add(f"{tensor.name}\0{tensor.data_type}\0{list(tensor.dims)}".encode())
+        header = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        header.data_location = tensor.data_location
+        header.external_data.extend(tensor.external_data)
+        if tensor.HasField("segment"):
+            header.segment.CopyFrom(tensor.segment)
+        add(b"raw " + header.SerializeToString(deterministic=True))
         add(tensor.raw_data)
     pieces = (graph.node, graph.input, graph.output, graph.value_info, graph.sparse_initializer)
     for messages in (*pieces, model.opset_import, model.functions):

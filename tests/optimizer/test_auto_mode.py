@@ -91,6 +91,7 @@ WEIGHTS, STATIC, STATIC_BACKED_OFF = (0, 0), (2, 0), (2, 3)
         ((1.0, 0.9, 0.88), {2: WEIGHTS, 3: STATIC}, 0.01, False),  # gap 0.02: inside the intervals around the floor
         ((1.0, 0.64, 0.68), {2: STATIC_BACKED_OFF, 3: (2, 4)}, 0.01, True),  # the pick is also the preferred one
         ((1.0, 0.64, 0.645), {2: STATIC_BACKED_OFF, 3: (2, 4)}, 0.01, False),  # near tie; the floor may shrink
+        ((1.05, 0.655, 0.63), {2: STATIC_BACKED_OFF, 3: (2, 4)}, 0.01, False),  # floor 0.05 may drop to 0.04: gap 0.045
         ((1.0, 0.655, 0.64), {2: STATIC_BACKED_OFF, 3: (2, 4)}, 0.01, False),  # preferred, 0.015 slower: unsure
     ],
 )

@@ -367,12 +367,27 @@ def test_catalog_infers_through_small_constants_while_large_weights_reach_infere
 
 
 @pytest.mark.parametrize(
-    ("headroom", "expected"),
-    [(None, 2 * 2**30), (64 * 2**30, 2 * 2**30), (2**30, 2**27), (2**20, 64 * 2**20)],
+    ("available", "expected"),
+    [(None, 512 * 2**20), (64 * 2**30, 2 * 2**30), (2**30, 2**27), (2**20, 64 * 2**20)],
 )
-def test_default_memory_budget_is_two_gib_unless_memory_is_short(monkeypatch, headroom, expected):
-    monkeypatch.setattr(ranges_module, "memory_headroom_bytes", lambda: headroom)
+def test_default_memory_budget_is_two_gib_unless_memory_is_short(monkeypatch, available, expected):
+    monkeypatch.setattr(ranges_module, "memory_available_bytes", lambda: available)
     assert ranges_module.default_memory_budget() == expected
+
+
+@pytest.mark.parametrize(
+    ("meminfo", "cgroup", "headroom", "expected"),
+    [(8, 2, 16, 2), (8, None, 16, 8), (None, None, 16, 16), (None, None, None, None), (8, -1, 16, 0)],
+)
+def test_available_memory_is_the_least_of_meminfo_the_cgroup_and_the_rlimit(
+    monkeypatch, meminfo, cgroup, headroom, expected
+):
+    import optimizer.fileio.external_data as external
+
+    monkeypatch.setattr(external, "_meminfo_available", lambda: meminfo)
+    monkeypatch.setattr(external, "_cgroup_left", lambda: cgroup)
+    monkeypatch.setattr(external, "memory_headroom_bytes", lambda: headroom)
+    assert external.memory_available_bytes() == expected
 
 
 def test_the_default_budget_decides_the_groups(monkeypatch):

@@ -343,6 +343,9 @@ def _digest_variants() -> dict[str, onnx.ModelProto]:
         "node attribute": lambda m: m.graph.node[0].attribute.append(helper.make_attribute("note", 1)),
         "opset": lambda m: setattr(m.opset_import[0], "version", 17),
         "function body": lambda m: setattr(m.functions[0].node[0], "op_type", "Sub"),
+        "graph input": lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", TensorProto.DOUBLE),
+        "ir_version": lambda m: setattr(m, "ir_version", m.ir_version - 1),
+        "raw moved to disk": lambda m: m.graph.initializer[-2].external_data.add(key="location", value="w.bin"),
     }.items():
         copy = onnx.ModelProto()
         copy.CopyFrom(base)
