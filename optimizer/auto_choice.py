@@ -64,12 +64,12 @@ def time_candidates(
     settings: AutoSettings,
     preference: list[str],
 ) -> tuple[float | None, int]:
-    """Paired latency ratios against the input; returns the noise floor and the rounds timed. The
-    noise floor: how far a second session
-    of the input lands from 1.0, or the half-width of that ratio's 95% confidence interval if wider
-    (one median of identical models can land near 1.0 by chance).
-    A retry that failed (wider ranges, groups backed off) is not timed: it cannot be chosen.
-    Timing stops before ``settings.rounds`` once more rounds cannot change the choice
+    """Paired latency ratios against the input; returns the noise floor and the rounds timed.
+
+    The noise floor is how far a second session of the input lands from 1.0, or the half-width of
+    that ratio's 95% confidence interval if wider (one median of identical models can land near 1.0
+    by chance). A retry that failed (wider ranges, groups backed off) is not timed: it cannot be
+    chosen. Timing stops before ``settings.rounds`` once more rounds cannot change the choice
     (``choice_settled``)."""
     timed = [c for c in candidates if c.name in paths and (c.passed or not (c.variant or c.softened))]
     if not timed:

@@ -201,7 +201,7 @@ def choose_by_measurement(
         preference = list(item.measured_choices)
         noise, rounds = time_candidates(trials.candidates, reference, trials.paths, settings, preference)
     copy_twin_timings(trials.candidates)
-    chosen_candidate = choose(trials.candidates, noise, list(item.measured_choices))
+    chosen_candidate = choose(trials.candidates, noise, preference)
     return AutoChoice(
         item.name,
         item.measured_option,
