@@ -26,8 +26,9 @@ def choice_settled(keys: dict[int, tuple[int, int]]) -> Until:
         if len(keys) < 2:
             return True
         ratios = {index: np.asarray(times_ms[index]) / np.asarray(times_ms[0]) for index in (1, *keys)}
-        distance, spread = abs(float(np.median(ratios[1])) - 1.0), median_halfwidth(ratios[1])
-        noise, lowest, highest = max(distance, spread), max(distance - spread, 0.0), distance + spread
+        median, spread = float(np.median(ratios[1])), median_halfwidth(ratios[1])
+        distance, noise = abs(median - 1.0), noise_floor(median, spread)
+        lowest, highest = max(distance - spread, 0.0), distance + spread
         middle = {index: float(np.median(ratios[index])) for index in keys}
         width = {index: median_halfwidth(ratios[index]) for index in keys}
         close = [index for index in keys if middle[index] <= min(middle.values()) + noise]
@@ -42,6 +43,12 @@ def choice_settled(keys: dict[int, tuple[int, int]]) -> Until:
         return True
 
     return settled
+
+
+def noise_floor(again_ratio: float, again_halfwidth: float) -> float:
+    """How far a second session of the input lands from 1.0, or the half-width of that ratio's 95%
+    interval if wider (one median of identical models can land near 1.0 by chance)."""
+    return max(abs(again_ratio - 1.0), again_halfwidth)
 
 
 def preference_key(candidate: Candidate, preference: list[str]) -> tuple[int, int]:
@@ -66,11 +73,9 @@ def time_candidates(
 ) -> tuple[float | None, int]:
     """Paired latency ratios against the input; returns the noise floor and the rounds timed.
 
-    The noise floor is how far a second session of the input lands from 1.0, or the half-width of
-    that ratio's 95% confidence interval if wider (one median of identical models can land near 1.0
-    by chance). A retry that failed (wider ranges, groups backed off) is not timed: it cannot be
-    chosen. Timing stops before ``settings.rounds`` once more rounds cannot change the choice
-    (``choice_settled``)."""
+    The noise floor is ``noise_floor`` of the input's second session. A retry that failed (wider
+    ranges, groups backed off) is not timed: it cannot be chosen. Timing stops before
+    ``settings.rounds`` once more rounds cannot change the choice (``choice_settled``)."""
     timed = [c for c in candidates if c.name in paths and (c.passed or not (c.variant or c.softened))]
     if not timed:
         return None, 0
@@ -88,7 +93,7 @@ def time_candidates(
     for candidate, timing in zip(timed, result.models[2:], strict=True):
         candidate.latency_ratio = round(timing.ratio_paired, 4)
     again = result.models[1]
-    return round(max(abs(again.ratio_paired - 1.0), again.paired_halfwidth), 4), result.rounds
+    return round(noise_floor(again.ratio_paired, again.paired_halfwidth), 4), result.rounds
 
 
 def _passing_keys(timed: list[Candidate], preference: list[str]) -> dict[int, tuple[int, int]]:
