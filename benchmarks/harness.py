@@ -9,6 +9,7 @@ scikit-image, and onnx-compress installed in editable mode).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -241,17 +242,16 @@ def run_measured(command: list[str], *, timeout_s: float = 3600) -> ToolRun:
     wrapper = [sys.executable, "-c", _RSS_WRAPPER, *command]
     result = subprocess.run(wrapper, capture_output=True, text=True, timeout=timeout_s)
     seconds = time.perf_counter() - started
-    peak_kb = 0.0
-    for line in result.stdout.splitlines():
-        if line.startswith("PEAK_RSS_KB="):
-            peak_kb = float(line.split("=", 1)[1])
+    # the child may leave its last line open (a progress bar): the marker need not start a line
+    found = re.findall(r"PEAK_RSS_KB=(\d+)", result.stdout)
+    peak_kb = float(found[-1]) if found else 0.0
     return ToolRun(seconds, peak_kb / 1024, result.returncode, result.stderr[-4000:])
 
 
 _RSS_WRAPPER = """
 import resource, subprocess, sys
 code = subprocess.call(sys.argv[1:])
-print("PEAK_RSS_KB=%d" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print("\\nPEAK_RSS_KB=%d" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 sys.exit(code)
 """
 

@@ -315,7 +315,9 @@ def _bisect(run: _Run) -> BisectResult:
 
 def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) -> Report:
     report = Report(
-        tool_version(), model_summary(run.source, run.reference), passes=[item.to_dict() for item in result.runs]
+        tool_version(),
+        model_summary(run.source, run.reference, run.model_files),
+        passes=[item.to_dict() for item in result.runs],
     )
     sparse_names = _sparse_names(result)
     if sparse_names:

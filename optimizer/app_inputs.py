@@ -107,13 +107,18 @@ def runnable_reference(source: onnx.ModelProto, path: Path | None, files: Sequen
     return path
 
 
-def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None) -> ModelSummary:
-    """Path, size on disk (or serialized) and stored weight bytes by dtype."""
-    return _summary(model, Path(path) if path is not None else None)
+def model_summary(model: onnx.ModelProto, path: str | os.PathLike | None, files: Sequence[Path] = ()) -> ModelSummary:
+    """Path, size on disk (or serialized) and stored weight bytes by dtype. ``files``: the model
+    file and every data file it was read from (``load_input``), whatever their names; without
+    them, the data files next to ``path`` that carry our output pattern."""
+    return _summary(model, Path(path) if path is not None else None, files)
 
 
-def _summary(model: onnx.ModelProto, path: Path | None) -> ModelSummary:
-    size = _size_on_disk(path) if path is not None else model_size_bytes(model)
+def _summary(model: onnx.ModelProto, path: Path | None, files: Sequence[Path] = ()) -> ModelSummary:
+    if files:
+        size = sum(file.stat().st_size for file in dict.fromkeys(files))
+    else:
+        size = _size_on_disk(path) if path is not None else model_size_bytes(model)
     return ModelSummary(str(path) if path is not None else None, size, weight_bytes_by_dtype(model))
 
 

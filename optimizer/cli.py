@@ -253,8 +253,8 @@ def _run_debug(args: argparse.Namespace) -> int:
         layers = debug_layers(reference, candidate, feeds, provider=args.provider, timeout_s=args.timeout)
     report = Report(
         tool_version(),
-        model_summary(reference, args.reference),
-        model_summary(candidate, args.candidate),
+        model_summary(reference, args.reference, reference_files),
+        model_summary(candidate, args.candidate, candidate_files),
         layers=layers.to_rows(),
     )
     for path in args.report:

@@ -30,6 +30,7 @@ from optimizer.fileio.lazy_io import (
     lazy_ref,
     make_lazy,
 )
+from optimizer.fileio.onnxruntime_ops import checker_view
 from optimizer.fileio.tensor_checks import (
     MAX_CONSTANT_OF_SHAPE_BYTES,
     MAX_SUBGRAPH_DEPTH,
@@ -267,14 +268,16 @@ def _checking_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _run_onnx_checker(model: onnx.ModelProto, shown: str) -> None:
-    """Our graph checks name the node; onnx's checker serializes, so only below 2 GB."""
+    """Our graph checks name the node; onnx's checker serializes, so only below 2 GB. Ops that only
+    onnxruntime defines in the ONNX domain are left to onnxruntime (``checker_view``)."""
     check_graph_structure(model, shown)
     if has_lazy_tensors(model):
         model = _checking_copy(model)
     if not fits_one_message(model):
         return
     try:
-        onnx.checker.check_model(model, full_check=False)
+        with checker_view(model):
+            onnx.checker.check_model(model, full_check=False)
     except (onnx.checker.ValidationError, ValueError) as error:
         reason = " ".join(str(error).split())
         raise ModelLoadError(f"{shown}: not a valid ONNX model: {reason}") from error

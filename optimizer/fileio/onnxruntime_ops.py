@@ -1,0 +1,65 @@
+"""Ops that onnxruntime runs in the ONNX domain although onnx does not define them there, and the
+view of a model that onnx's checker can judge.
+
+onnxruntime-genai's model builder writes RMSNorm as ``SimplifiedLayerNormalization`` in the default
+domain (onnxruntime registers it there), and models from onnxruntime's older transformer optimizer
+use its contrib ``LayerNormalization`` below opset 17, where onnx has none. onnx's checker rejects
+both ("No Op registered for ..."), so every decoder those tools export would be refused at load.
+The checker skips ops of other domains, so for its eyes only these nodes move to ``com.microsoft``;
+every other node is checked as before, and the model itself is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import onnx
+
+from optimizer.graph.walk import walk_model
+
+ONNX_DOMAINS = ("", "ai.onnx")
+CHECKER_DOMAIN = "com.microsoft"
+ONNXRUNTIME_ONNX_DOMAIN_OPS: dict[str, int] = {
+    "SimplifiedLayerNormalization": 10**6,  # at every opset
+    "LayerNormalization": 17,  # onnx's own from opset 17 on
+}
+"""op type -> the first default-domain opset at which onnx defines it itself."""
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ONNX_DOMAINS), 1)
+
+
+def onnxruntime_only_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Default-domain nodes (any graph or function) that only onnxruntime defines at this opset."""
+    opset = default_opset(model)
+    return [
+        node
+        for site in walk_model(model, functions=True)
+        for node in site.graph.node
+        if node.domain in ONNX_DOMAINS and opset < ONNXRUNTIME_ONNX_DOMAIN_OPS.get(node.op_type, 0)
+    ]
+
+
+@contextlib.contextmanager
+def checker_view(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
+    """``model`` with its onnxruntime-only default-domain nodes in ``com.microsoft`` (imported for
+    the while if it is not), restored on exit. In place, so a model of any size is not copied."""
+    nodes = onnxruntime_only_nodes(model)
+    if not nodes:
+        yield model
+        return
+    domains = [node.domain for node in nodes]
+    imported = any(entry.domain == CHECKER_DOMAIN for entry in model.opset_import)
+    if not imported:
+        model.opset_import.add(domain=CHECKER_DOMAIN, version=1)
+    for node in nodes:
+        node.domain = CHECKER_DOMAIN
+    try:
+        yield model
+    finally:
+        for node, domain in zip(nodes, domains, strict=True):
+            node.domain = domain
+        if not imported:
+            del model.opset_import[len(model.opset_import) - 1]
