@@ -10,6 +10,9 @@ Per op (FIELD-NOTES, onnxruntime 1.32 CPU):
   asks for it anyway (less memory at run time).
 - 4-bit is blocked along the reduction axis (MatMul, Gemm) or the row (Gather); convolutions and
   recurrent weights stay int8, since one 4-bit scale per output channel loses too much.
+- A 4-bit MatMul weight that other nodes read too: embedding lookups through a Transpose (tied
+  embeddings) get GatherBlockQuantized on a transposed copy (``tied``); any other reader makes the
+  weight take the folded form, so no DequantizeLinear runs at inference.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import FloatForm, QuantizedWeight
 from passes.quantize.options import QuantizeOptions
+from passes.quantize.tied import other_readers, serve_lookups, tied_lookups
 
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
 DQ_FUSED_OPS = ("MatMul",)
@@ -88,15 +92,21 @@ def weight_only_spec(target: Weight, options: QuantizeOptions, opset: int) -> We
     first = target.uses[0]
     wanted = qtype(options.storage_type())
     form = _form(target, options.weight_only_form, wanted.bits)
+    note = ""
+    if form == "dq" and options.weight_only_form == "auto" and tied_lookups(target) is None:
+        form = "fold"
+        readers = ", ".join(f"{node.op} '{node.name}'" for node in other_readers(target))
+        note = f"also read by {readers}: a DequantizeLinear would run there at every inference; folded at load"
     if wanted.bits == 4:
         axis = block_axis(first, ndim)
         blocks_fit = axis is not None and (form == "dq" or target.values.shape[axis] % options.block_size == 0)
         if blocks_fit and all(c.node.op in BLOCKED_OPS for c in target.uses):
-            return WeightSpec(wanted, options.weights_symmetric(), axis, options.block_size, form)
+            return WeightSpec(wanted, options.weights_symmetric(), axis, options.block_size, form, note)
         wanted, symmetric = eight_bit_fallback(wanted, options)
-        note = f"{options.weight_type} needs a blocked dot-product axis; stored as {wanted.name} per channel"
+        fallback = f"{options.weight_type} needs a blocked dot-product axis; stored as {wanted.name} per channel"
+        note = "; ".join(filter(None, [note, fallback]))
     else:
-        note, symmetric = "", options.weights_symmetric()
+        symmetric = options.weights_symmetric()
     axis = scale_axis(first, ndim) if options.per_channel and ndim > 0 else None
     if form == "dq" and axis is not None and opset < OPSET_PER_CHANNEL_DQ and options.weight_only_form == "auto":
         form = "fold"
@@ -143,6 +153,9 @@ def quantize_weight_only(
             target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis, block_size=spec.block_size
         )
     weight = QuantizedWeight(target, quantized, names)
+    lookups = tied_lookups(target) if spec.form == "dq" and spec.block_size is not None else None
+    if lookups:
+        serve_lookups(weight, lookups, names, report)
     weight.make_float_view(spec.form)
     report.count(f"weights_{spec.qtype.name}")
     report.count(f"weight_only_{spec.form}")
