@@ -53,6 +53,11 @@ quantizer = mq.MatMulNBitsQuantizer(onnx.load(source), block_size=32, is_symmetr
 quantizer.process()
 quantizer.model.save_model_to_file(target, use_external_data_format=True)
 """
+ORT_DYNAMIC = """
+import sys
+from onnxruntime.quantization import QuantType, quantize_dynamic
+quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, use_external_data_format=True)
+"""
 GENERATE = """
 import sys, onnxruntime_genai as og
 model = og.Model(sys.argv[1]); tokenizer = og.Tokenizer(model)
@@ -115,11 +120,21 @@ def build_rows(checkpoint: Path, work: Path, cal: Path) -> dict[str, dict]:
         run = tool([sys.executable, "-c", ORT_NBITS, algo, str(source), str(out / "model.onnx"), str(cal)])
         with_genai_files(fp32, out)
         rows[f"ORT MatMulNBitsQuantizer {algo}"] = {"run": run, "dir": out}
-    ours = [("ours int4 (nearest)", []), ("ours int4 (GPTQ)", ["--quantize-mode", "weights", "--calibration-data", str(cal)])]
-    for label, extra in ours:
-        out = work / label.replace(" ", "_").replace("(", "").replace(")", "")
+    out = work / "ort_dynamic_int8"
+    out.mkdir(parents=True, exist_ok=True)
+    run = tool([sys.executable, "-c", ORT_DYNAMIC, str(source), str(out / "model.onnx")])
+    with_genai_files(fp32, out)
+    rows["ORT quantize_dynamic (int8)"] = {"run": run, "dir": out}
+    gptq = ["--quantize-mode", "weights", "--calibration-data", str(cal)]
+    ours = [
+        ("ours int8 (default, no calibration: dynamic)", "ours_int8", ["--quantize", "int8"]),
+        ("ours int4 (nearest)", "ours_int4_nearest", ["--quantize", "int4"]),
+        ("ours int4 (GPTQ)", "ours_int4_GPTQ", ["--quantize", "int4", *gptq]),
+    ]
+    for label, folder, extra in ours:
+        out = work / folder
         out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-c", CLI, "optimize", str(source), "-o", str(out / "model.onnx"), "--quantize", "int4", "--quiet"]
+        command = [sys.executable, "-c", CLI, "optimize", str(source), "-o", str(out / "model.onnx"), "--quiet"]
         run = tool(command + extra)
         with_genai_files(fp32, out)
         rows[label] = {"run": run, "dir": out}
@@ -205,7 +220,7 @@ def main() -> None:
     rows.update(build_rows(args.checkpoint, args.work, cal))
     measure(rows, args.checkpoint, trained["parameters"])
     head = [
-        "# Decoder LLM: int4 weight-only, ours vs onnxruntime's MatMulNBitsQuantizer and onnxruntime-genai's builder",
+        "# Decoder LLM: int4 (and our default int8), ours vs onnxruntime's MatMulNBitsQuantizer and onnxruntime-genai's builder",
         "",
         f"Model: {trained['parameters'] / 1e6:.1f}M-parameter Llama-architecture decoder (train.py: "
         f"{trained['steps']} steps, {trained['seconds']:.0f} s on this CPU, final train loss {trained['loss_last_50_mean']}), "

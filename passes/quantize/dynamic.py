@@ -28,6 +28,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import QuantizedWeight
 from passes.quantize.options import QuantizeOptions
+from passes.quantize.tied import other_readers
 from passes.quantize.weights import NAMED_REASON, WeightSpec, eight_bit_only, quantize_weight_only_all, weight_only_spec
 
 OPSET_DYNAMIC = 11
@@ -137,6 +138,21 @@ def quantize_dynamic(
         for consumer in target.uses:
             with working_on("node", consumer.node.name):
                 _dynamic_consumer(graph, plan, consumer, weight, activations, outliers, names, report)
+        _fold_for_other_readers(target, weight, report)
+
+
+def _fold_for_other_readers(target: Weight, weight: QuantizedWeight, report: PassReport) -> None:
+    """Nodes that read the float weight besides its MatMuls (a tied embedding's Transpose -> Gather)
+    read the same integers through the folded form, so the file does not keep the float copy;
+    onnxruntime folds it at load (fp32 speed there)."""
+    others = other_readers(target)
+    if not others:
+        return
+    weight.make_float_view("fold")
+    readers = ", ".join(dict.fromkeys(f"{node.op} '{node.name}'" for node in others))
+    report.details.setdefault("notes", []).append(
+        f"{target.name}: also read by {readers}, which read(s) the int8 weight folded at load"
+    )
 
 
 def _dynamic_consumer(

@@ -12,7 +12,7 @@ from optimizer.calibration.quant_math import dequantize
 from tests.helpers.quantize_checks import initializers, quantize
 from tests.helpers.runtime import ort_runs, run_model
 
-HIDDEN, VOCAB, TOKENS = 64, 512, 6
+HIDDEN, VOCAB, TOKENS = 256, 512, 6
 RNG = np.random.default_rng(3)
 
 
@@ -103,3 +103,21 @@ def test_a_weight_also_read_by_something_else_is_folded_not_dequantized_at_run_t
     assert runs["DequantizeLinear"] == 0 and runs["GatherBlockQuantized"] == 0
     assert "lookups_gather_block_quantized" not in report["counts"]
     assert any("also read by" in note and "weight_sum" in note for note in report["details"]["notes"])
+
+
+def test_default_int8_keeps_no_float_copy_of_a_tied_weight(tmp_path):
+    model = tied_model()
+    result, report = quantize(model, mode="dynamic")
+    stored = initializers(result.model)
+    assert not any(
+        t.data_type == TensorProto.FLOAT and numpy_helper.to_array(t).size == HIDDEN * VOCAB for t in stored.values()
+    )
+    runs = ort_runs(result.model, tmp_path)
+    assert runs["DequantizeLinear"] == 0 and runs["MatMul"] == 0
+    assert runs["DynamicQuantizeMatMul"] + runs["MatMulIntegerToFloat"] == 1
+    assert any("also read by Transpose 'embed_transpose'" in note for note in report["details"]["notes"])
+    [integers] = [t for t in stored.values() if t.data_type == TensorProto.INT8]
+    [scale] = [t for t in stored.values() if t.name.endswith("_scale") and t.data_type == TensorProto.FLOAT]
+    table = (numpy_helper.to_array(integers).astype(np.float32) * numpy_helper.to_array(scale)).T
+    for feed in feeds():
+        np.testing.assert_allclose(run_model(result.model, [feed])[0][1], table[feed["ids"]], rtol=1e-6)
