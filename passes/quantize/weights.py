@@ -11,8 +11,8 @@ Per op (FIELD-NOTES, onnxruntime 1.32 CPU):
 - 4-bit is blocked along the reduction axis (MatMul, Gemm) or the row (Gather); convolutions and
   recurrent weights stay int8, since one 4-bit scale per output channel loses too much.
 - A 4-bit MatMul weight that other nodes read too: embedding lookups through a Transpose (tied
-  embeddings) get GatherBlockQuantized on a transposed copy (``tied``); any other reader makes the
-  weight take the folded form, so no DequantizeLinear runs at inference.
+  embeddings) share one copy with it through MatMulNBits and GatherBlockQuantized (``tied``); any
+  other reader makes the weight take the folded form, so no DequantizeLinear runs at inference.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import FloatForm, QuantizedWeight
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.tied import other_readers, serve_lookups, tied_lookups
+from passes.quantize.tied import other_readers, serve_tied, tied_lookups
 
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
 DQ_FUSED_OPS = ("MatMul",)
@@ -154,10 +154,10 @@ def quantize_weight_only(
         )
     weight = QuantizedWeight(target, quantized, names)
     lookups = tied_lookups(target) if spec.form == "dq" and spec.block_size is not None else None
-    if lookups:
-        serve_lookups(weight, lookups, names, report)
-    weight.make_float_view(spec.form)
     report.count(f"weights_{spec.qtype.name}")
+    if lookups and serve_tied(weight, lookups, names, report):
+        return weight
+    weight.make_float_view(spec.form)
     report.count(f"weight_only_{spec.form}")
     if spec.note:
         report.details.setdefault("notes", []).append(f"{target.name}: {spec.note}")

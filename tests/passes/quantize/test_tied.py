@@ -16,10 +16,10 @@ HIDDEN, VOCAB, TOKENS = 256, 512, 6
 RNG = np.random.default_rng(3)
 
 
-def tied_model(extra_reader: str | None = None, constant_node: bool = False) -> onnx.ModelProto:
+def tied_model(extra_reader: str | None = None, constant_node: bool = False, hidden: int = HIDDEN) -> onnx.ModelProto:
     """ids -> Transpose(W) -> Gather -> (embedded, an output) -> MatMul(., W) -> logits, W [HIDDEN, VOCAB]:
     the layout onnxruntime-genai's builder writes for tied input and output embeddings."""
-    values = RNG.standard_normal((HIDDEN, VOCAB)).astype(np.float32)
+    values = RNG.standard_normal((hidden, VOCAB)).astype(np.float32)
     nodes = [
         helper.make_node("Transpose", ["W"], ["table"], name="embed_transpose", perm=[1, 0]),
         helper.make_node("Gather", ["table", "ids"], ["embedded"], name="embed_lookup", axis=0),
@@ -27,7 +27,7 @@ def tied_model(extra_reader: str | None = None, constant_node: bool = False) -> 
     ]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, TOKENS, VOCAB]),
-        helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, TOKENS, HIDDEN]),
+        helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, TOKENS, hidden]),
     ]
     if extra_reader == "reduce":  # a reader that is not a lookup: the weight must not keep a run-time DQ
         nodes.append(helper.make_node("ReduceSum", ["W"], ["total"], name="weight_sum", keepdims=0))
@@ -45,42 +45,81 @@ def feeds(count: int = 3) -> list[dict[str, np.ndarray]]:
     return [{"ids": RNG.integers(0, VOCAB, (1, TOKENS)).astype(np.int64)} for _ in range(count)]
 
 
-def _lookup_table(model: onnx.ModelProto) -> np.ndarray:
-    """The float table the GatherBlockQuantized node stands for, dequantized in numpy."""
-    [node] = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+def _unpacked_rows(packed: np.ndarray, count: int) -> np.ndarray:
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    return nibbles[:, :count].astype(np.int32)
+
+
+def _lookup_table(model: onnx.ModelProto, hidden: int) -> np.ndarray:
+    """The float table GatherBlockQuantized stands for, dequantized in numpy from what is stored."""
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     stored = initializers(model)
-    data, scale = (numpy_helper.to_array(stored[name]) for name in node.input[0::2][:2])
-    zero = numpy_helper.to_array(stored[node.input[3]]) if len(node.input) > 3 else np.zeros_like(scale, np.int8)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    source = producers[node.input[0]].input[0] if node.input[0] in producers else node.input[0]
+    data, scale = numpy_helper.to_array(stored[source]), numpy_helper.to_array(stored[node.input[2]])
     block = next(a.i for a in node.attribute if a.name == "block_size")
-    return dequantize(data.astype(np.int32), scale, zero.astype(np.int32), 1, block)
+    blocks = scale.shape[1]
+    if data.dtype == np.uint8:  # MatMulNBits' packed layout, shared
+        values = _unpacked_rows(data.reshape(data.shape[0], -1), hidden)
+        zero = _unpacked_rows(numpy_helper.to_array(stored[node.input[3]]), blocks) if len(node.input) > 3 else 8
+    else:  # a transposed 4-bit copy
+        values = data.astype(np.int32)
+        zero = numpy_helper.to_array(stored[node.input[3]]).astype(np.int32) if len(node.input) > 3 else 0
+    return dequantize(values, scale, np.broadcast_to(zero, scale.shape), 1, block)
 
 
 @pytest.mark.parametrize("symmetric", [None, True])
 @pytest.mark.parametrize("constant_node", [False, True])
-def test_tied_weight_runs_as_matmulnbits_and_block_quantized_lookups(tmp_path, symmetric, constant_node):
-    model = tied_model(constant_node=constant_node)
+@pytest.mark.parametrize("hidden", [HIDDEN, 96, 80])
+def test_tied_weight_runs_as_matmulnbits_and_block_quantized_lookups(tmp_path, symmetric, constant_node, hidden):
+    model = tied_model(constant_node=constant_node, hidden=hidden)
     result, report = quantize(model, mode="weights", weight_type="int4", symmetric_weights=symmetric)
     produced = result.model
     assert report["counts"]["lookups_gather_block_quantized"] == 1
     runs = ort_runs(produced, tmp_path)
     assert runs["MatMulNBits"] == 1 and runs["GatherBlockQuantized"] == 1
     assert runs["DequantizeLinear"] == 0 and runs["Transpose"] == 0 and runs["MatMul"] == 0
-    ops = [n.op_type for n in produced.graph.node]
+    assert "Transpose" not in [n.op_type for n in produced.graph.node]
+    # one copy (integers and zero points) read by both when K is whole blocks of 32; else a transposed copy
     stored = initializers(produced)
-    readers = [name for n in produced.graph.node for name in n.input if name in stored]
-    assert len(set(readers)) == len(readers), "no integers, scales or zero points are shared"
-    assert "Transpose" not in ops
+    integer_tensors = sum(
+        t.data_type in (TensorProto.UINT8, TensorProto.UINT4, TensorProto.INT4) for t in stored.values()
+    )
+    assert integer_tensors <= (2 if hidden % 32 == 0 else 4)
+    assert ("tied_matmul_nbits" in report["counts"]) == (hidden % 32 == 0)
     # the lookups are exact: the rows of the stored table, dequantized
-    table = _lookup_table(produced)
+    table = _lookup_table(produced, hidden)
     for feed in feeds():
         embedded = run_model(produced, [feed])[0][1]
         np.testing.assert_array_equal(embedded, table[feed["ids"]])
-    # and the head's integers are the same integers, transposed
-    head = next(n for n in produced.graph.node if n.op_type == "DequantizeLinear")
-    lookup = next(n for n in produced.graph.node if n.op_type == "GatherBlockQuantized")
-    np.testing.assert_array_equal(
-        numpy_helper.to_array(stored[head.input[0]]).T, numpy_helper.to_array(stored[lookup.input[0]])
+
+
+def test_the_head_computes_what_its_dequantized_weight_gives(tmp_path):
+    """MatMulNBits on the shared bytes against MatMul on the same table, dequantized in numpy."""
+    result, _ = quantize(tied_model(), mode="weights", weight_type="int4")
+    table = _lookup_table(result.model, HIDDEN)
+    x = RNG.standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)
+    head = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits")
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "MatMulNBits",
+                ["x", *head.input[1:]],
+                ["y"],
+                domain="com.microsoft",
+                **{a.name: a.i for a in head.attribute} | {"accuracy_level": 0},
+            )
+        ],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, VOCAB])],
+        [t for t in result.model.graph.initializer if t.name in head.input],
     )
+    alone = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    [y] = run_model(alone, [{"x": x}])[0]
+    np.testing.assert_allclose(y, x @ table.T, rtol=1e-4, atol=1e-4)
 
 
 def test_tied_int4_stays_close_to_fp32_is_idempotent_and_reruns_byte_identical():
