@@ -1,6 +1,7 @@
-"""A 4-bit weight read by MatMul and, through a Transpose, by embedding lookups: tied input and
-output embeddings (onnxruntime-genai's builder writes ``W -> Transpose -> Gather`` next to the head's
-``MatMul(x, W)``, as do many small LLMs).
+"""A 4-bit weight read by MatMul and, through a Transpose, by embedding lookups, or the other way
+round: tied input and output embeddings. onnxruntime-genai's builder writes ``W -> Transpose ->
+Gather`` next to the head's ``MatMul(x, W)``; a Hugging Face export, once the share pass has re-tied
+its transposed head copy, has ``Gather(W)`` and ``MatMul(x, Transpose(W))``.
 
 Read through one shared DequantizeLinear, the lookup would dequantize and transpose the whole
 table at every inference, and onnxruntime would not fuse the head (it fuses only integers no other
@@ -9,9 +10,11 @@ builder does, one copy of the integers in MatMulNBits' layout ([N, K/block, bloc
 the transposed weight) serves both: the head becomes MatMulNBits (com.microsoft, the accuracy level
 onnxruntime gives the MatMulNBits it fuses from DequantizeLinear -> MatMul, so the same kernel) and
 each lookup GatherBlockQuantized on a Reshape of the same bytes (rows gathered first, then only they
-are dequantized), with the same scales and zero points. Both are bit-identical to the
-DequantizeLinear forms. When K is not a whole number of blocks, the lookups read a transposed copy
-(``serve_lookups``) and the head keeps its DequantizeLinear.
+are dequantized), with the same scales and zero points. The lookups are bit-identical to
+DequantizeLinear -> Gather, the head to the MatMulNBits onnxruntime fuses from DequantizeLinear ->
+MatMul. When K is not a whole number of blocks, the lookups read a transposed copy
+(``serve_lookups``) and the head keeps its DequantizeLinear. In the reverse layout the stored table
+already has MatMulNBits' rows; without whole blocks it keeps the folded form.
 
 A weight with any other extra reader gets the folded form instead (``weights.weight_only_spec``):
 onnxruntime folds it at load, so nothing is dequantized at run time.
@@ -120,54 +123,120 @@ def serve_lookups(
     )
 
 
+def tied_heads(target: Weight) -> list[TiedLookups] | None:
+    """The reverse layout (a Hugging Face export once the share pass re-ties it): the weight is the
+    [N, K] table its uses look rows up in (Gather, axis 0), and each other reader is a 2-D Transpose
+    read only as a MatMul's B. [] without other readers; None when some reader fits neither."""
+    graph = target.owner
+    if graph is None or target.values.ndim != 2 or not target.uses:
+        return None
+    if not all(use.index == 0 and _is_row_lookup(use.node, target.tensor, graph) for use in target.uses):
+        return None
+    found = []
+    for node in other_readers(target):
+        if not _is_2d_transpose(node, graph):
+            return None
+        product = node.outputs[0]
+        matmuls = tuple(product.outputs)
+        if not matmuls or any(product is output for output in graph.outputs):
+            return None
+        if not all(_reads_as_b(matmul, product, graph) for matmul in matmuls):
+            return None
+        found.append(TiedLookups(node, matmuls))
+    return found
+
+
+def _reads_as_b(node: gs.Node, tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    inputs = node.inputs
+    return (
+        node.op == "MatMul"
+        and len(inputs) == 2
+        and inputs[1] is tensor
+        and inputs[0] is not tensor
+        and _holds(graph, node)
+    )
+
+
+def serve_tied_weight(weight: QuantizedWeight, form: str, names: NameAllocator, report: PassReport) -> bool:
+    """Serve a blocked 4-bit weight's tied readers from one copy; True when no float view is needed."""
+    target, quantized = weight.target, weight.quantized
+    if not quantized.block_size:
+        return False
+    if form == "dq":
+        lookups = tied_lookups(target)
+        return bool(lookups) and serve_tied(weight, lookups or [], names, report)
+    heads = tied_heads(target)
+    if not heads or quantized.axis != 1 or quantized.values.shape[1] % int(quantized.block_size or 0):
+        return False
+    matmuls = [node for item in heads for node in item.gathers]
+    gathers = [use.node for use in target.uses]
+    zero = None if weight.zero_point is None else np.asarray(quantized.zero_point)
+    rows = (quantized.values, np.asarray(quantized.scale), zero)
+    _serve_shared(weight, rows, matmuls, gathers, [item.transpose for item in heads], names, report)
+    return True
+
+
 def serve_tied(weight: QuantizedWeight, lookups: list[TiedLookups], names: NameAllocator, report: PassReport) -> bool:
     """One shared copy for the MatMul uses and the lookups (True: the weight needs no float view),
     or, when K is not a whole number of blocks, the transposed copy for the lookups (False)."""
     quantized = weight.quantized
-    block = int(quantized.block_size or 0)
-    rows, columns = quantized.values.shape
-    if not block or rows % block:
+    if quantized.values.shape[0] % int(quantized.block_size or 1):
         serve_lookups(weight, lookups, names, report)
         return False
-    graph, base = weight.target.owner, weight.target.name
-    assert graph is not None
-    shift = 8 if quantized.qtype.signed else 0  # MatMulNBits stores unsigned nibbles
-    blocks = rows // block
-    packed = _packed_rows(quantized.values.T.astype(np.int16) + shift).reshape(columns, blocks, block // 2)
+    zero = None if weight.zero_point is None else np.asarray(quantized.zero_point).T
+    rows = (quantized.values.T, np.asarray(quantized.scale).T, zero)
+    matmuls = [use.node for use in weight.target.uses]
+    gathers = [gather for item in lookups for gather in item.gathers]
+    _serve_shared(weight, rows, matmuls, gathers, [item.transpose for item in lookups], names, report)
+    return True
+
+
+def _serve_shared(
+    weight: QuantizedWeight,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    matmuls: list[gs.Node],
+    gathers: list[gs.Node],
+    transposes: list[gs.Node],
+    names: NameAllocator,
+    report: PassReport,
+) -> None:
+    """``rows``: the integers, scales and zero points as [N, K] rows (blocks along K). The MatMuls
+    become MatMulNBits on them, the Gathers GatherBlockQuantized on a Reshape of the same bytes."""
+    values, scales, zeros = rows
+    block, graph, base = int(weight.quantized.block_size or 0), weight.target.owner, weight.target.name
+    assert graph is not None and block
+    columns, rows_k = values.shape
+    shift = 8 if weight.quantized.qtype.signed else 0  # MatMulNBits stores unsigned nibbles
+    packed = _packed_rows(values.astype(np.int16) + shift).reshape(columns, rows_k // block, block // 2)
     data = gs.Constant(names.fresh(base, "_nbits"), packed)
-    scale = float_constant(names.fresh(base, "_nbits_scale"), np.asarray(quantized.scale).T)
-    shared = [scale]
-    if weight.zero_point is not None:
-        zero = _packed_rows(np.asarray(quantized.zero_point).T.astype(np.int16) + shift)
-        shared.append(gs.Constant(names.fresh(base, "_nbits_zero_point"), zero))
-    table = gs.Variable(names.fresh(base, "_nbits_table"), dtype=np.uint8)
-    row_shape = gs.Constant(names.fresh(base, "_nbits_table_shape"), np.array([columns, rows // 2], np.int64))
-    graph.nodes.append(gs.Node("Reshape", names.fresh(base, "_nbits_Reshape"), {}, [data, row_shape], [table]))
+    shared: list[gs.Tensor] = [float_constant(names.fresh(base, "_nbits_scale"), scales)]
+    if zeros is not None:
+        shared.append(gs.Constant(names.fresh(base, "_nbits_zero_point"), _packed_rows(zeros.astype(np.int16) + shift)))
     common = {"bits": 4, "block_size": block}
-    for use in weight.target.uses:
-        node = use.node
-        attrs = {"K": rows, "N": columns, **common, "accuracy_level": NBITS_ACCURACY_LEVEL}
-        inputs = [node.inputs[0], data, *shared]
-        graph.nodes.append(gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=LOOKUP_DOMAIN))
+    for node in matmuls:
+        attrs = {"K": rows_k, "N": columns, **common, "accuracy_level": NBITS_ACCURACY_LEVEL}
+        _replace(graph, node, "MatMulNBits", attrs, [node.inputs[0], data, *shared])
+        report.count("tied_matmul_nbits")
+    if gathers:
+        table = gs.Variable(names.fresh(base, "_nbits_table"), dtype=np.uint8)
+        shape = gs.Constant(names.fresh(base, "_nbits_table_shape"), np.array([columns, rows_k // 2], np.int64))
+        graph.nodes.append(gs.Node("Reshape", names.fresh(base, "_nbits_Reshape"), {}, [data, shape], [table]))
+    for node in gathers:
+        attrs = {"gather_axis": 0, "quantize_axis": 1, **common}
+        _replace(graph, node, LOOKUP_OP, attrs, [table, node.inputs[1], *shared])
+        report.count("lookups_gather_block_quantized")
+    for node in transposes:
         node.inputs.clear()
         node.outputs.clear()
-        report.count("tied_matmul_nbits")
-    lookup_attrs = {"gather_axis": 0, "quantize_axis": 1, **common}
-    for item in lookups:
-        for gather in item.gathers:
-            inputs = [table, gather.inputs[1], *shared]
-            graph.nodes.append(
-                gs.Node(LOOKUP_OP, gather.name, lookup_attrs, inputs, list(gather.outputs), domain=LOOKUP_DOMAIN)
-            )
-            gather.inputs.clear()
-            gather.outputs.clear()
-            report.count("lookups_gather_block_quantized")
-        item.transpose.inputs.clear()
-        item.transpose.outputs.clear()
     report.details.setdefault("notes", []).append(
-        f"{base}: tied weight; one 4-bit copy serves its MatMul (MatMulNBits) and its lookups ({LOOKUP_OP})"
+        f"{base}: tied weight; one 4-bit copy serves its MatMuls (MatMulNBits) and its lookups ({LOOKUP_OP})"
     )
-    return True
+
+
+def _replace(graph: gs.Graph, node: gs.Node, op: str, attrs: dict, inputs: list[gs.Tensor]) -> None:
+    graph.nodes.append(gs.Node(op, node.name, attrs, inputs, list(node.outputs), domain=LOOKUP_DOMAIN))
+    node.inputs.clear()
+    node.outputs.clear()
 
 
 def _packed_rows(values: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import FloatForm, QuantizedWeight
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.tied import other_readers, serve_tied, tied_lookups
+from passes.quantize.tied import other_readers, serve_tied_weight, tied_lookups
 
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
 DQ_FUSED_OPS = ("MatMul",)
@@ -153,9 +153,8 @@ def quantize_weight_only(
             target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis, block_size=spec.block_size
         )
     weight = QuantizedWeight(target, quantized, names)
-    lookups = tied_lookups(target) if spec.form == "dq" and spec.block_size is not None else None
     report.count(f"weights_{spec.qtype.name}")
-    if lookups and serve_tied(weight, lookups, names, report):
+    if spec.block_size is not None and serve_tied_weight(weight, spec.form, names, report):
         return weight
     weight.make_float_view(spec.form)
     report.count(f"weight_only_{spec.form}")

@@ -160,3 +160,47 @@ def test_default_int8_keeps_no_float_copy_of_a_tied_weight(tmp_path):
     table = (numpy_helper.to_array(integers).astype(np.float32) * numpy_helper.to_array(scale)).T
     for feed in feeds():
         np.testing.assert_allclose(run_model(result.model, [feed])[0][1], table[feed["ids"]], rtol=1e-6)
+
+
+def reverse_tied_model(hidden: int = HIDDEN) -> onnx.ModelProto:
+    """ids -> Gather(W) -> embedded -> MatMul(., Transpose(W)) -> logits, W [VOCAB, hidden]: a Hugging
+    Face export once the share pass has re-tied its transposed head copy."""
+    values = RNG.standard_normal((VOCAB, hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["W", "ids"], ["embedded"], name="embed_lookup", axis=0),
+        helper.make_node("Transpose", ["W"], ["W_t"], name="head_transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["embedded", "W_t"], ["logits"], name="lm_head"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, TOKENS, VOCAB]),
+        helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, TOKENS, hidden]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, TOKENS])],
+        outputs,
+        [numpy_helper.from_array(values, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("symmetric", [None, True])
+@pytest.mark.parametrize("hidden", [HIDDEN, 96])
+def test_reverse_tied_weight_shares_one_copy_too(tmp_path, symmetric, hidden):
+    model = reverse_tied_model(hidden)
+    result, report = quantize(model, mode="weights", weight_type="int4", symmetric_weights=symmetric)
+    produced = result.model
+    assert report["counts"]["tied_matmul_nbits"] == 1 and report["counts"]["lookups_gather_block_quantized"] == 1
+    runs = ort_runs(produced, tmp_path)
+    assert runs["MatMulNBits"] == 1 and runs["GatherBlockQuantized"] == 1
+    assert runs["DequantizeLinear"] == 0 and runs["Transpose"] == 0 and runs["MatMul"] == 0
+    table = _lookup_table(produced, hidden)
+    for feed in feeds():
+        logits, embedded = run_model(produced, [feed])[0]
+        np.testing.assert_array_equal(embedded, table[feed["ids"]])
+        np.testing.assert_allclose(logits, embedded @ table.T, rtol=1e-2, atol=0.05 * hidden**0.5)
+    data = feeds()
+    for want, got in zip(run_model(model, data), run_model(produced, data), strict=True):
+        cosine = float((want[0] * got[0]).sum() / np.linalg.norm(want[0]) / np.linalg.norm(got[0]))
+        assert cosine > 0.99
