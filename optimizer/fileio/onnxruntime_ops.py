@@ -50,7 +50,7 @@ def checker_view(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
     if not nodes:
         yield model
         return
-    domains = [node.domain for node in nodes]
+    domains = [node.domain if node.HasField("domain") else None for node in nodes]
     imported = any(entry.domain == CHECKER_DOMAIN for entry in model.opset_import)
     if not imported:
         model.opset_import.add(domain=CHECKER_DOMAIN, version=1)
@@ -60,6 +60,37 @@ def checker_view(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
         yield model
     finally:
         for node, domain in zip(nodes, domains, strict=True):
-            node.domain = domain
+            if domain is None:
+                node.ClearField("domain")  # unset, as it was (an empty domain set would serialize)
+            else:
+                node.domain = domain
         if not imported:
             del model.opset_import[len(model.opset_import) - 1]
+
+
+CONVERTER_DOMAIN = "ai.onnx_compress.onnxruntime_only"
+"""Where onnxruntime-only default-domain nodes wait while onnx's version converter runs (it has no
+schema for them and no adapter for LayerNormalization below 17); nothing else uses this name."""
+
+
+def hide_from_converter(model: onnx.ModelProto) -> bool:
+    """Move the onnxruntime-only default-domain nodes of ``model`` (a copy made for conversion) out
+    of the converter's way; True when there were any (``unhide_after_conversion`` brings them back)."""
+    nodes = onnxruntime_only_nodes(model)
+    for node in nodes:
+        node.domain = CONVERTER_DOMAIN
+    if nodes:
+        model.opset_import.add(domain=CONVERTER_DOMAIN, version=1)
+    return bool(nodes)
+
+
+def unhide_after_conversion(model: onnx.ModelProto) -> None:
+    """The hidden nodes back in the default domain (LayerNormalization is onnx's own from opset 17,
+    with the same inputs, outputs and attributes), and the temporary domain import dropped."""
+    for site in walk_model(model, functions=True):
+        for node in site.graph.node:
+            if node.domain == CONVERTER_DOMAIN:
+                node.domain = ""
+    kept = [entry for entry in model.opset_import if entry.domain != CONVERTER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from optimizer.errors import PassError
+from optimizer.fileio.onnxruntime_ops import hide_from_converter, unhide_after_conversion
 from optimizer.graph.convert import dropped_initializers, export_model, import_graph
 from optimizer.graph.interface import copy_interface_records
 from optimizer.graph.opsets import DEFAULT_DOMAINS
@@ -30,6 +31,7 @@ def ensure_opset(graph: gs.Graph, required: int, report: PassReport) -> gs.Graph
     template.opset_import.extend(graph.import_domains or [onnx.helper.make_opsetid("", current)])
     model = export_model(graph, template)
     sparse = list(model.graph.sparse_initializer)
+    hidden = hide_from_converter(model)
     try:
         converted = version_converter.convert_version(to_dense_initializers(model) if sparse else model, required)
     except Exception as error:  # the converter raises bare RuntimeErrors naming the op
@@ -38,6 +40,8 @@ def ensure_opset(graph: gs.Graph, required: int, report: PassReport) -> gs.Graph
             f"converter failed: {' '.join(str(error).split())[:300]}"
         ) from error
     _keep_custom_domains(model, converted)
+    if hidden:
+        unhide_after_conversion(converted)
     new_graph = import_graph(converted)
     mark_sparse_sources(list(new_graph.tensors().values()), sparse)
     new_graph.dropped_initializers = dropped_initializers(graph)

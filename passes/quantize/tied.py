@@ -56,11 +56,14 @@ def other_readers(target: Weight) -> list[gs.Node]:
 
 def tied_lookups(target: Weight) -> list[TiedLookups] | None:
     """The weight's other readers when each is a 2-D Transpose read only by row lookups (Gather,
-    axis 0, of its output) in the weight's own graph; [] when it has none; None when some other
-    reader is not of that shape (then only a folded form keeps run time free of dequantizing)."""
+    axis 0, of its output) in the weight's own graph, and every use is a MatMul's B there; [] when
+    it has none; None otherwise (then only a folded form keeps run time free of dequantizing)."""
     found = []
     graph = target.owner
-    for node in other_readers(target):
+    others = other_readers(target)
+    if others and (graph is None or not all(_reads_as_b(use.node, target.tensor, graph) for use in target.uses)):
+        return None  # a use that MatMulNBits cannot stand in for (a Gemm, a MatMul in a subgraph ...)
+    for node in others:
         if graph is None or target.values.ndim != 2 or not _is_2d_transpose(node, graph):
             return None
         table = node.outputs[0]

@@ -204,3 +204,64 @@ def test_reverse_tied_weight_shares_one_copy_too(tmp_path, symmetric, hidden):
     for want, got in zip(run_model(model, data), run_model(produced, data), strict=True):
         cosine = float((want[0] * got[0]).sum() / np.linalg.norm(want[0]) / np.linalg.norm(got[0]))
         assert cosine > 0.99
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_a_tied_head_inside_an_if_branch_is_folded_not_moved_out():
+    """MatMulNBits stands in only for MatMuls in the weight's own graph (review: the head in an If
+    branch was appended to the main graph, leaving the branch output undefined)."""
+    weight = RNG.standard_normal((HIDDEN, VOCAB)).astype(np.float32)
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["embedded", "W"], ["y_then"], name="head_in_if")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1, TOKENS, VOCAB])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["y_else"], name="no_head")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1, TOKENS, VOCAB])],
+    )
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["table"], name="embed_transpose", perm=[1, 0]),
+        helper.make_node("Gather", ["table", "ids"], ["embedded"], name="embed_lookup", axis=0),
+        helper.make_node("If", ["cond"], ["logits"], name="branch", then_branch=branch, else_branch=other),
+    ]
+    zeros = numpy_helper.from_array(np.zeros((1, TOKENS, VOCAB), np.float32), "zeros")
+    graph = helper.make_graph(
+        nodes,
+        "tied_if",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1, TOKENS]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, TOKENS, VOCAB])],
+        [numpy_helper.from_array(weight, "W"), zeros],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    result, report = quantize(model, mode="weights", weight_type="int4")  # checked in full, opened
+    assert "tied_matmul_nbits" not in report["counts"]
+    data = [{**feed, "cond": np.array(True)} for feed in feeds()]
+    for want, got in zip(run_model(model, data), run_model(result.model, data), strict=True):
+        assert _cosine(want[0], got[0]) > 0.99
+
+
+def test_a_gemm_reading_a_tied_weight_keeps_its_bias_and_alpha():
+    """With weight_only_form=dequantize_linear a Gemm use keeps its DequantizeLinear (review: it
+    became MatMulNBits and lost bias and alpha)."""
+    model = tied_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("Gemm", ["x2", "W", "bias"], ["g"], name="gemm", alpha=2.0))
+    graph.input.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, [3, HIDDEN]))
+    graph.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, [3, VOCAB]))
+    graph.initializer.append(numpy_helper.from_array(np.full(VOCAB, 100.0, np.float32), "bias"))
+    result, report = quantize(model, mode="weights", weight_type="int4", weight_only_form="dequantize_linear")
+    assert "tied_matmul_nbits" not in report["counts"]
+    data = [{**feed, "x2": RNG.standard_normal((3, HIDDEN)).astype(np.float32)} for feed in feeds()]
+    for want, got in zip(run_model(model, data), run_model(result.model, data), strict=True):
+        np.testing.assert_allclose(got[2].mean(), want[2].mean(), rtol=0.01)
+        assert _cosine(want[2] - 100.0, got[2] - 100.0) > 0.99
