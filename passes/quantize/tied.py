@@ -22,6 +22,7 @@ onnxruntime folds it at load, so nothing is dequantized at run time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,11 @@ from the untied MatMuls' DequantizeLinear get it, so the head runs the same kern
 
 @dataclass(frozen=True)
 class TiedLookups:
-    """A Transpose of the weight and the Gather lookups that read it."""
+    """A Transpose of the weight and the nodes that read it (Gather lookups, or MatMuls in the
+    reverse layout)."""
 
     transpose: gs.Node
-    gathers: tuple[gs.Node, ...]
+    readers: tuple[gs.Node, ...]
 
 
 def other_readers(target: Weight) -> list[gs.Node]:
@@ -58,21 +60,29 @@ def tied_lookups(target: Weight) -> list[TiedLookups] | None:
     """The weight's other readers when each is a 2-D Transpose read only by row lookups (Gather,
     axis 0, of its output) in the weight's own graph, and every use is a MatMul's B there; [] when
     it has none; None otherwise (then only a folded form keeps run time free of dequantizing)."""
-    found = []
     graph = target.owner
     others = other_readers(target)
     if others and (graph is None or not all(_reads_as_b(use.node, target.tensor, graph) for use in target.uses)):
         return None  # a use that MatMulNBits cannot stand in for (a Gemm, a MatMul in a subgraph ...)
+    return _through_transposes(target, others, _is_row_lookup)
+
+
+def _through_transposes(
+    target: Weight, others: list[gs.Node], reads: Callable[[gs.Node, gs.Tensor, gs.Graph], bool]
+) -> list[TiedLookups] | None:
+    """``others`` (readers of a 2-D weight) when each is a 2-D Transpose in the weight's own graph
+    whose output only ``reads`` nodes read; None when one is not."""
+    graph, found = target.owner, []
     for node in others:
         if graph is None or target.values.ndim != 2 or not _is_2d_transpose(node, graph):
             return None
-        table = node.outputs[0]
-        gathers = tuple(table.outputs)
-        if not gathers or any(table is output for output in graph.outputs):
+        product = node.outputs[0]
+        readers = tuple(product.outputs)
+        if not readers or any(product is output for output in graph.outputs):
             return None
-        if not all(_is_row_lookup(gather, table, graph) for gather in gathers):
+        if not all(reads(reader, product, graph) for reader in readers):
             return None
-        found.append(TiedLookups(node, gathers))
+        found.append(TiedLookups(node, readers))
     return found
 
 
@@ -109,7 +119,7 @@ def serve_lookups(
         )
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": int(quantized.block_size)}
     for item in lookups:
-        for gather in item.gathers:
+        for gather in item.readers:
             inputs = [table, gather.inputs[1], scale] + ([zero_point] if zero_point is not None else [])
             node = gs.Node(LOOKUP_OP, gather.name, attrs, inputs, list(gather.outputs), domain=LOOKUP_DOMAIN)
             gather.inputs.clear()
@@ -135,18 +145,7 @@ def tied_heads(target: Weight) -> list[TiedLookups] | None:
         return None
     if not all(use.index == 0 and _is_row_lookup(use.node, target.tensor, graph) for use in target.uses):
         return None
-    found = []
-    for node in other_readers(target):
-        if not _is_2d_transpose(node, graph):
-            return None
-        product = node.outputs[0]
-        matmuls = tuple(product.outputs)
-        if not matmuls or any(product is output for output in graph.outputs):
-            return None
-        if not all(_reads_as_b(matmul, product, graph) for matmul in matmuls):
-            return None
-        found.append(TiedLookups(node, matmuls))
-    return found
+    return _through_transposes(target, other_readers(target), _reads_as_b)
 
 
 def _reads_as_b(node: gs.Node, tensor: gs.Tensor, graph: gs.Graph) -> bool:
@@ -171,7 +170,7 @@ def serve_tied_weight(weight: QuantizedWeight, form: str, names: NameAllocator, 
     heads = tied_heads(target)
     if not heads or quantized.axis != 1 or quantized.values.shape[1] % int(quantized.block_size or 0):
         return False
-    matmuls = [node for item in heads for node in item.gathers]
+    matmuls = [node for item in heads for node in item.readers]
     gathers = [use.node for use in target.uses]
     zero = None if weight.zero_point is None else np.asarray(quantized.zero_point)
     rows = (quantized.values, np.asarray(quantized.scale), zero)
@@ -189,7 +188,7 @@ def serve_tied(weight: QuantizedWeight, lookups: list[TiedLookups], names: NameA
     zero = None if weight.zero_point is None else np.asarray(quantized.zero_point).T
     rows = (quantized.values.T, np.asarray(quantized.scale).T, zero)
     matmuls = [use.node for use in weight.target.uses]
-    gathers = [gather for item in lookups for gather in item.gathers]
+    gathers = [gather for item in lookups for gather in item.readers]
     _serve_shared(weight, rows, matmuls, gathers, [item.transpose for item in lookups], names, report)
     return True
 
