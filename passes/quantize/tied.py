@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.quant_math import pack_4bit
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
 from optimizer.pass_base import PassReport
@@ -121,13 +122,9 @@ def serve_lookups(
     for item in lookups:
         for gather in item.readers:
             inputs = [table, gather.inputs[1], scale] + ([zero_point] if zero_point is not None else [])
-            node = gs.Node(LOOKUP_OP, gather.name, attrs, inputs, list(gather.outputs), domain=LOOKUP_DOMAIN)
-            gather.inputs.clear()
-            gather.outputs.clear()
-            graph.nodes.append(node)
+            _replace(graph, gather, LOOKUP_OP, attrs, inputs)
             report.count("lookups_gather_block_quantized")
-        item.transpose.inputs.clear()
-        item.transpose.outputs.clear()
+        _detach(item.transpose)
     extra = (quantized.values.size * quantized.qtype.bits + 7) // 8
     report.details.setdefault("notes", []).append(
         f"{base}: tied weight; its MatMul reads the {quantized.qtype.bits}-bit integers (MatMulNBits) and its "
@@ -168,7 +165,7 @@ def serve_tied_weight(weight: QuantizedWeight, form: str, names: NameAllocator, 
         lookups = tied_lookups(target)
         return bool(lookups) and serve_tied(weight, lookups or [], names, report)
     heads = tied_heads(target)
-    if not heads or quantized.axis != 1 or quantized.values.shape[1] % int(quantized.block_size or 0):
+    if not heads or quantized.axis != 1 or quantized.values.shape[1] % quantized.block_size:
         return False
     matmuls = [node for item in heads for node in item.readers]
     gathers = [use.node for use in target.uses]
@@ -228,22 +225,26 @@ def _serve_shared(
         _replace(graph, node, LOOKUP_OP, attrs, [table, node.inputs[1], *shared])
         report.count("lookups_gather_block_quantized")
     for node in transposes:
-        node.inputs.clear()
-        node.outputs.clear()
+        _detach(node)
     report.details.setdefault("notes", []).append(
         f"{base}: tied weight; one 4-bit copy serves its MatMuls (MatMulNBits) and its lookups ({LOOKUP_OP})"
     )
 
 
 def _replace(graph: gs.Graph, node: gs.Node, op: str, attrs: dict, inputs: list[gs.Tensor]) -> None:
+    """``node`` replaced by an onnxruntime (com.microsoft) ``op`` of the same name and outputs."""
     graph.nodes.append(gs.Node(op, node.name, attrs, inputs, list(node.outputs), domain=LOOKUP_DOMAIN))
+    _detach(node)
+
+
+def _detach(node: gs.Node) -> None:
+    """Disconnect ``node``; cleanup removes it."""
     node.inputs.clear()
     node.outputs.clear()
 
 
 def _packed_rows(values: np.ndarray) -> np.ndarray:
-    """Each row's 4-bit values two per byte, the first in the low nibble (an odd row padded with 0)."""
+    """Each row's 4-bit values two per byte (``pack_4bit``'s order; an odd row padded with 0)."""
     if values.shape[1] % 2:
         values = np.pad(values, ((0, 0), (0, 1)))
-    nibbles = values.astype(np.uint8) & 0x0F
-    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
+    return np.frombuffer(pack_4bit(values), np.uint8).reshape(values.shape[0], -1)
