@@ -13,6 +13,16 @@ from optimizer.fileio.output_files import warn
 from optimizer.pass_base import Pass
 from optimizer.report.report import Report
 from optimizer.verify.fusion import check_fusion
+from optimizer.verify.isolation import run_isolated
+
+ISOLATED_FUSION_ABOVE_BYTES = 256 * 2**20
+"""Outputs from this size on are checked in a child process (a 1B-parameter int4 decoder's session
+took 1 GB more on top of the tool's own 1.7 GB); smaller ones here (a child costs about a second)."""
+
+
+def _files_size(path: Path) -> int:
+    """The model file and the data files beside it that carry its name."""
+    return sum(item.stat().st_size for item in path.parent.glob(path.name + "*") if item.is_file())
 
 
 def size_notes(chosen: Sequence[Pass], report: Report) -> None:
@@ -32,7 +42,11 @@ def add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> 
         report.notes.append("fusion check skipped: the model exceeds 2 GB and was not written")
         return
     try:
-        fusion = check_fusion(model, provider)
+        if isinstance(model, Path) and _files_size(model) > ISOLATED_FUSION_ABOVE_BYTES:
+            # its own process: onnxruntime's session of a large model is not added to the tool's memory
+            fusion = run_isolated(check_fusion, model, provider, timeout_s=None, label="the fusion check")
+        else:
+            fusion = check_fusion(model, provider)
     except Exception as error:  # the output is written and validated: any failure here is a warning only
         message = f"fusion check failed (the output is written and valid): {type(error).__name__}: {error}"
         report.notes.append(message)

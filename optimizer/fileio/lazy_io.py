@@ -39,6 +39,7 @@ from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from optimizer.errors import ModelLoadError
+from optimizer.fileio.packed import PACKED_4BIT, packed_dtype, unpacked
 
 __all__ = [
     "LAZY_DTYPES",
@@ -320,8 +321,13 @@ class MappedValues(LazyValues):
         self._marker = TensorProto()
         self._marker.CopyFrom(tensor)
         self.shape = tuple(int(dim) for dim in tensor.dims)
-        self.dtype = np.dtype(LAZY_DTYPES[tensor.data_type])
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if tensor.data_type in PACKED_4BIT:
+            self.dtype = packed_dtype(tensor.data_type)
+            self.nbytes = (count + 1) // 2
+        else:
+            self.dtype = np.dtype(LAZY_DTYPES[tensor.data_type])
+            self.nbytes = count * self.dtype.itemsize
 
     @property
     def tensor(self) -> TensorProto:
@@ -330,6 +336,8 @@ class MappedValues(LazyValues):
         return copy
 
     def load(self) -> np.ndarray:
+        if self._marker.data_type in PACKED_4BIT:
+            return unpacked(self._marker, read_range(lazy_ref(self._marker)))
         return map_array(self._marker)
 
     def __str__(self) -> str:
@@ -480,7 +488,9 @@ def spillable(values: object) -> np.ndarray | TensorProto | None:
         return values if values.dtype in _NUMPY_TO_ONNX and values.nbytes >= SPILL_MIN_BYTES else None
     if isinstance(values, LazyValues) and not isinstance(values, MappedValues):
         tensor = values.tensor
-        is_raw = isinstance(tensor, TensorProto) and tensor.data_type in LAZY_DTYPES
+        is_raw = isinstance(tensor, TensorProto) and (
+            tensor.data_type in LAZY_DTYPES or tensor.data_type in PACKED_4BIT
+        )
         if is_raw and tensor.HasField("raw_data") and values.nbytes >= SPILL_MIN_BYTES:
             return tensor
     return None

@@ -216,3 +216,19 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     assert not dead.exists() and not reused.exists(), "owners provably dead (gone, or id reused)"
     assert alive.exists() and legacy.exists(), "a live owner, or one that cannot be proven dead"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["o.onnx"]
+
+
+def test_a_large_output_is_fusion_checked_in_a_child_process_with_the_same_answer(tmp_path, monkeypatch):
+    """Outputs above ISOLATED_FUSION_ABOVE_BYTES get their onnxruntime session in a child (its memory
+    is not added to the tool's); the report is the one the in-process check gives."""
+    import optimizer.report_notes as notes
+
+    options = OptimizeOptions(passes=["quantize"], pass_options={"quantize": {"weight_type": "int4"}})
+    here = optimize(MODELS_DIR / "transformer_tied.onnx", tmp_path / "here.onnx", options).report.fusion
+    calls = []
+    original = notes.run_isolated
+    monkeypatch.setattr(notes, "ISOLATED_FUSION_ABOVE_BYTES", 0)
+    monkeypatch.setattr(notes, "run_isolated", lambda *a, **k: calls.append(a) or original(*a, **k))
+    there = optimize(MODELS_DIR / "transformer_tied.onnx", tmp_path / "there.onnx", options).report.fusion
+    assert calls and here is not None and here["integer_kernels"]
+    assert {k: v for k, v in there.items() if k != "model"} == {k: v for k, v in here.items() if k != "model"}

@@ -149,6 +149,33 @@ def test_arrays_a_pass_makes_are_spilled_and_saved_like_eager(tmp_path):
     np.testing.assert_array_equal(stored["A_copy"], _weights()["A"])
 
 
+def test_4bit_weights_a_pass_makes_are_spilled_too_and_read_back_unpacked(tmp_path, monkeypatch):
+    """int4 of a lazily loaded model: the packed 4-bit integers go to the spill file (the exported
+    model holds references, not 2 bytes per 4 weights in memory), save writes the bytes an eager
+    run writes, and a spilled 4-bit tensor read back gives the values it holds."""
+    monkeypatch.setattr(lazy_io, "SPILL_MIN_BYTES", 1024)  # a 128 x 128 weight packs into 8 KB
+    source = _saved(tmp_path / "m")
+    outputs, exported = {}, {}
+    for mode, threshold in (("eager", None), ("lazy", 0)):
+        model, _ = load_model_with_files(source, lazy_above_bytes=threshold)
+        quantize = create_pass("quantize", weight_type="int4", mode="weights", block_size=16)
+        result = Pipeline([create_pass("cleanup"), quantize]).run(model)
+        exported[mode] = result.model
+        (tmp_path / mode).mkdir()
+        outputs[mode] = save_model(result.model, tmp_path / mode / "out.onnx", external_data=True)
+    packed = [t for t, _ in iter_tensors(exported["lazy"]) if t.data_type in (TensorProto.INT4, TensorProto.UINT4)]
+    assert len(packed) >= 3 and all(lazy_io.is_lazy(t) for t in packed if len(t.dims) == 2)
+    assert exported["lazy"].ByteSize() < exported["eager"].ByteSize() // 2
+    for kind, pick in (("model", pathlib.Path), ("data", _data_of)):
+        eager, lazy = (pick(outputs[mode]).read_bytes() for mode in ("eager", "lazy"))
+        assert eager == lazy, f"the {kind} file differs"
+    graph = import_graph(exported["lazy"])
+    eager = {t.name: t for t, _ in iter_tensors(load_model(outputs["eager"]))}
+    for tensor in packed:
+        constant = next(c for g in iter_graphs(graph) for n, c in g.tensors().items() if n == tensor.name)
+        np.testing.assert_array_equal(np.asarray(constant.values), onnx.numpy_helper.to_array(eager[tensor.name]))
+
+
 def test_lazy_model_saves_inline_on_request_and_checks_in_a_file(tmp_path):
     model, _ = load_model_with_files(_saved(tmp_path / "m"), lazy_above_bytes=0)
     inline = save_model(model, tmp_path / "inline.onnx", external_data=False)
