@@ -26,22 +26,25 @@ from optimizer.app_inputs import (
     runnable_reference,
 )
 from optimizer.auto_mode import AutoChoice, auto_pass_index, auto_stage
+from optimizer.bits_budget import BitsResult
 from optimizer.budget import (
     BudgetResult,
     MetricSpec,
     backed_off_passes,
     budget_layers,
     final_budget_check,
-    search_budget,
 )
+from optimizer.budget_stages import bits_stage, budget_stage, check_bits_request
 from optimizer.calibration.feeds import Feed
 from optimizer.errors import OptionError, PassError, RuntimeSessionError
 from optimizer.fileio.output_files import folder_files, warn
 from optimizer.fileio.publish import publish, save_unchanged_sources, staged_name, staging_folder
+from optimizer.fileio.save import check_output_target
 from optimizer.fileio.tensor_checks import custom_domain_ops
 from optimizer.graph.sparse_storage import to_sparse_initializers
 from optimizer.internal_errors import stage
 from optimizer.optimize_options import (
+    BitsOptions,
     BudgetOptions,
     FeedOptions,
     FeedSource,
@@ -66,6 +69,7 @@ from optimizer.verify.validate import Comparison, Tolerance
 
 __all__ = [  # the library's entry points; the option classes live in optimizer.optimize_options
     "DEFAULT_PASSES",
+    "BitsOptions",
     "BudgetOptions",
     "FeedOptions",
     "FeedSource",
@@ -154,9 +158,16 @@ def optimize(
             run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options, data)
             assert run.auto.passes is not None  # auto_stage always says which passes it chose
             run.chosen = run.auto.passes
+    if options.bits is not None:
+        with stage("bits budget"):
+            run.bits = bits_stage(run.source, run.chosen, run.context, options)
+            run.chosen = run.bits.passes
     if options.budget is not None:
         with stage("accuracy budget"):
-            budget = run.budget = _budget_stage(run)
+            assert run.checks is not None  # a budget implies validation
+            budget = run.budget = budget_stage(
+                run.source, run.chosen, run.checks.feeds, run.context, options, run.reference
+            )
             run.chosen = backed_off_passes(run.chosen, budget.backed_off, budget.weight_only)
     else:
         budget = None
@@ -188,11 +199,14 @@ class _Run:
     model_files: tuple[Path, ...] = ()
     budget: BudgetResult | None = None
     auto: AutoChoice | None = None
+    bits: BitsResult | None = None
 
 
 def _plan_stage(options: OptimizeOptions) -> list[Pass]:
     """The passes, built once; a pass that needs calibration data without it is refused here."""
     chosen = build_passes(options.passes, options.pass_options)
+    if options.bits is not None:
+        check_bits_request(options, chosen)
     if options.calibration is None:
         for item in chosen:
             request = calibration_request(item.name, item.options())
@@ -210,6 +224,8 @@ def _load_stage(
     source, model_files, reference = load_input(model, options.max_input_bytes, options.allow_symlinks_under)
     protected = (*model_files, *folder_files(options.feeds.source), *folder_files(options.calibration))
     check_writes_apart([*([output] if output is not None else []), *options.reports], options.reports, protected)
+    if output is not None:
+        check_output_target(output)
     custom_ops = custom_domain_ops(source)
     if custom_ops and options.validation is not None:
         raise RuntimeSessionError(
@@ -222,30 +238,6 @@ def _load_stage(
         calibration=factory, provider=options.provider, progress=options.progress, timeout_s=options.timeout_s
     )
     return _Run(options, output, source, reference, protected, custom_ops, chosen, context, model_files=model_files)
-
-
-def _budget_stage(run: _Run) -> BudgetResult:
-    """The accuracy budget search over the Pass objects themselves (backed off by dataclasses.replace)."""
-    options, budget = run.options, run.options.budget
-    assert budget is not None and run.checks is not None  # a budget implies validation
-    factory = run.context.calibration
-    return search_budget(
-        run.source,
-        run.chosen,
-        MetricSpec(budget.metric, budget.higher_is_better, budget.output),
-        run.checks.feeds,
-        max_drop=budget.max_drop,
-        max_trials=budget.max_trials,
-        executor=options.executor,
-        provider=options.provider,
-        progress=options.progress,
-        worker_imports=("passes",),
-        calibration=[dict(feed) for feed in factory()] if factory else None,
-        model_path=str(run.reference) if run.reference is not None else None,
-        return_model=False,
-        timeout_s=options.timeout_s,
-        allow_symlinks_under=tuple(str(path) for path in options.allow_symlinks_under),
-    )
 
 
 def _checks(run: _Run) -> _Checks | None:
@@ -275,7 +267,7 @@ def _checks(run: _Run) -> _Checks | None:
 def _run_stage(run: _Run) -> PipelineResult:
     """The passes in order; a failing pass is bisected on request; sparse storage is applied last."""
     pipeline = Pipeline(run.chosen, check_each_pass=run.options.check_each_pass, context=run.context)
-    built = run.auto.result if run.auto is not None and run.budget is None else None
+    built = run.auto.result if run.auto is not None and run.budget is None and run.bits is None else None
     try:
         with stage("run passes"):
             result = built if built is not None and not run.options.check_each_pass else pipeline.run(run.source)
@@ -330,6 +322,10 @@ def _new_report(run: _Run, result: PipelineResult, budget: BudgetResult | None) 
         report.notes.append(f"{run.auto.pass_name} {run.auto.option} auto: {run.auto.why}")
     if run.custom_ops:
         report.notes.append(f"custom-domain ops passed through untouched, {NOT_VALIDATED}: {', '.join(run.custom_ops)}")
+    if run.bits is not None:
+        report.bits = run.bits.to_dict()
+        report.layers = [choice.to_dict() for choice in run.bits.layers]
+        report.notes.extend(run.bits.notes)
     if budget is not None:
         report.budget = budget.to_dict()
         report.layers = budget_layers(budget)

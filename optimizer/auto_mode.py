@@ -351,6 +351,9 @@ def auto_stage(
     ``data``: the user's --data feeds, already resolved (None: resolved here when given)."""
     if context.calibration is None:
         return unmeasured(passes, index)
+    only = passes[index].only_choice()
+    if only is not None:
+        return _only_choice(passes, index, *only)
     validation = options.validation or ValidationOptions()
     feeds, label = _check_feeds(source, passes[index], context, options, data)
     settings = AutoSettings(
@@ -370,6 +373,12 @@ def auto_stage(
     rest = list(passes[split:])
     choice = choose_by_measurement(prefix.model, reference, rest, index - split, context, settings, options.executor)
     return _after_prefix(choice, prefix, list(passes[:split]))
+
+
+def _only_choice(passes: Sequence[Pass], index: int, value: str, why: str) -> AutoChoice:
+    item = passes[index]
+    assert item.measured_option is not None
+    return AutoChoice(item.name, item.measured_option, value, why, passes=with_value(passes, index, value))
 
 
 def _after_prefix(choice: AutoChoice, prefix: PipelineResult, passes: list[Pass]) -> AutoChoice:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from optimizer.fileio.model import LAZY_LOAD_ABOVE_BYTES, load_model_with_files
+from optimizer.graph.bit_count import BitsMeasure, measure_bits
 from optimizer.graph.patterns import exact_name_pattern
 from optimizer.pass_base import Pass, PassContext
 from optimizer.pipeline import Pipeline
@@ -41,6 +42,8 @@ class Backoff:
 
     weight_only: frozenset[str] = field(default_factory=frozenset)
     uncompressed: frozenset[str] = field(default_factory=frozenset)
+    refined: frozenset[str] = field(default_factory=frozenset)
+    """Layers kept in the requested format with finer granularity (``Pass.refine_option``; bits budget)."""
 
 
 @dataclass(frozen=True)
@@ -54,22 +57,33 @@ class Runtime:
         return collect_outputs(model, feeds, provider=self.provider, timeout_s=self.timeout_s, stage=STAGE)
 
 
-def backed_off_passes(passes: Sequence[Pass], layers: Sequence[str], weight_only: Sequence[str] = ()) -> list[Pass]:
+def backed_off_passes(
+    passes: Sequence[Pass], layers: Sequence[str], weight_only: Sequence[str] = (), refined: Sequence[str] = ()
+) -> list[Pass]:
     """``passes`` with an exact-name pattern for every layer in ``layers`` added to the exclusion
-    option (``Pass.backoff_option``) of each pass that has one, and for every other layer in
-    ``weight_only`` to the option of its next-best format (``Pass.soften_option``), where a pass has
+    option (``Pass.backoff_option``) of each pass that has one, for every other layer in
+    ``weight_only`` to the option of its next-best format (``Pass.soften_option``), and for every
+    layer in ``refined`` to its finer-granularity option (``Pass.refine_option``), where a pass has
     one (elsewhere those layers stay as requested). The Pass objects are kept, not rebuilt."""
-    excluded = tuple(exact_name_pattern(layer) for layer in sorted(layers))
-    softened = tuple(exact_name_pattern(layer) for layer in sorted(set(weight_only) - set(layers)))
+    excluded = _patterns(layers)
+    softened = _patterns(set(weight_only) - set(layers))
+    finer = _patterns(set(refined) - set(layers) - set(weight_only))
     chosen = []
     for item in passes:
         added = {}
-        if item.backoff_option and excluded:
-            added[item.backoff_option] = (*getattr(item, item.backoff_option), *excluded)
-        if item.soften_option and softened:
-            added[item.soften_option] = (*getattr(item, item.soften_option), *softened)
+        for option, patterns in (
+            (item.backoff_option, excluded),
+            (item.soften_option, softened),
+            (item.refine_option, finer),
+        ):
+            if option and patterns:
+                added[option] = (*getattr(item, option), *patterns)
         chosen.append(dataclasses.replace(item, **added) if added else item)
     return chosen
+
+
+def _patterns(layers) -> tuple[str, ...]:
+    return tuple(exact_name_pattern(layer) for layer in sorted(layers))
 
 
 def compress(model, passes, backoff: Backoff, calibration, runtime: Runtime) -> onnx.ModelProto:
@@ -78,7 +92,9 @@ def compress(model, passes, backoff: Backoff, calibration, runtime: Runtime) -> 
         provider=runtime.provider,
         timeout_s=runtime.timeout_s,
     )
-    chosen = backed_off_passes(passes, sorted(backoff.uncompressed), sorted(backoff.weight_only))
+    chosen = backed_off_passes(
+        passes, sorted(backoff.uncompressed), sorted(backoff.weight_only), sorted(backoff.refined)
+    )
     return Pipeline(chosen, context=context).run(model).model
 
 
@@ -87,6 +103,14 @@ def trial(
 ) -> float:
     compressed = compress(model, passes, backoff, calibration, runtime)
     return metric(reference, runtime.outputs(compressed, feeds))
+
+
+def sized_trial(
+    model, passes, metric: Metric, feeds, calibration, runtime: Runtime, reference: Outputs, backoff: Backoff
+) -> tuple[float, BitsMeasure]:
+    """A trial that also measures the bits the compressed model stores (the bits budget's trials)."""
+    compressed = compress(model, passes, backoff, calibration, runtime)
+    return metric(reference, runtime.outputs(compressed, feeds)), measure_bits(model, compressed)
 
 
 _WORKER: dict[str, Any] = {}
@@ -126,5 +150,12 @@ def init_worker(
 def worker_trial(backoff: Backoff) -> float:
     w = _WORKER
     return trial(
+        w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"], w["reference"], backoff
+    )
+
+
+def worker_sized_trial(backoff: Backoff) -> tuple[float, BitsMeasure]:
+    w = _WORKER
+    return sized_trial(
         w["model"], w["passes"], w["metric"], w["feeds"], w["calibration"], w["runtime"], w["reference"], backoff
     )

@@ -19,6 +19,7 @@ import onnx
 
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.api import (
+    BitsOptions,
     BudgetOptions,
     FeedOptions,
     OptimizeOptions,
@@ -40,6 +41,7 @@ from optimizer.fileio.model import load_model, load_model_with_files
 from optimizer.graph.inspection import inspect_model
 from optimizer.internal_errors import bad_input_message, internal_error_message
 from optimizer.registry import get_pass_class, parse_option_text, pass_names, pass_options
+from optimizer.report.html_page import bits_text
 from optimizer.report.inspect_text import inspection_text
 from optimizer.report.report import Report, check_reports_apart, write_report, write_text_atomic
 from optimizer.shortcuts import SHORTCUTS
@@ -105,15 +107,27 @@ def _optimize_options(
         keep_failed=args.keep_failed,
         output_kinds=output_kinds_from_args(args),
     )
+    direction = None if args.metric_direction is None else args.metric_direction == "higher"
     budget = (
         None
         if args.max_drop is None
         else BudgetOptions(
             max_drop=args.max_drop,
-            metric=args.metric,
+            metric=args.metric or "cosine",
             output=args.metric_output,
-            max_trials=args.max_trials,
-            higher_is_better=None if args.metric_direction is None else args.metric_direction == "higher",
+            max_trials=args.max_trials or 24,
+            higher_is_better=direction,
+        )
+    )
+    bits = (
+        None
+        if args.bits_per_weight is None
+        else BitsOptions(
+            bits_per_weight=args.bits_per_weight,
+            metric=args.metric or "kl",
+            output=args.metric_output,
+            max_trials=args.max_trials or 256,
+            higher_is_better=direction,
         )
     )
     return OptimizeOptions(
@@ -132,6 +146,7 @@ def _optimize_options(
         bench_rounds=args.rounds if args.bench else None,
         fusion_check=args.fusion_check,
         budget=budget,
+        bits=bits,
         bisect=args.bisect,
         external_data=args.external_data,
         max_input_bytes=args.max_input_bytes,
@@ -161,6 +176,8 @@ def _print_optimize_summary(result) -> None:
             f"{budget['trials']} trial(s); left uncompressed: {_layer_list(budget['backed_off'])}"
             + (f"; weight-only int8: {_layer_list(budget['weight_only'])}" if budget.get("weight_only") else "")
         )
+    if data["bits"]:
+        print(f"bits budget: {bits_text(data['bits'])}")
     if data["fusion"]:
         kernels = ", ".join(f"{op} x{n}" for op, n in data["fusion"]["integer_kernels"].items()) or "none"
         print(f"onnxruntime runs integer kernels: {kernels}")

@@ -292,11 +292,19 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
         "drops by at most X; implies --validate: the metric re-measured on the written file is the verdict",
     )
     budget.add_argument(
+        "--bits-per-weight",
+        type=float_in(1.0, 32.0),
+        metavar="B",
+        help="spend at most B stored bits per compressed weight (scales and zero points count): every layer in "
+        "the --quantize format (4-bit blocks widened if needed), then the layers whose step up (4-bit blocks of "
+        "32, then 8-bit) buys the most --metric per byte on --calibration-data, measured one trial per layer",
+    )
+    budget.add_argument(
         "--metric",
-        default="cosine",
         type=metric_spec,
-        help="cosine, sqnr, max_abs, top1, topk, or package.module:function(reference_outputs, "
-        "candidate_outputs) -> float (default cosine)",
+        help="cosine, sqnr, max_abs, top1, topk, kl (of softmax over the last axis), or "
+        "package.module:function(reference_outputs, candidate_outputs) -> float (default: cosine for "
+        "--max-drop; kl for --bits-per-weight, on the 'logits' output when the model has one)",
     )
     budget.add_argument(
         "--metric-direction",
@@ -305,7 +313,9 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
     )
     budget.add_argument("--metric-output", metavar="NAME", help="compute a built-in metric on this output only")
     budget.add_argument(
-        "--max-trials", type=int_in(1, MAX_COUNT), default=24, help="compression trials at most (default 24)"
+        "--max-trials",
+        type=int_in(1, MAX_COUNT),
+        help="compression trials at most (default 24 for --max-drop, 256 for --bits-per-weight)",
     )
     trials = sub.add_argument_group("trials (auto mode builds and checks, accuracy budget): where they run")
     trials.add_argument(

@@ -82,6 +82,21 @@ class BudgetOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BitsOptions:
+    """Spend at most ``bits_per_weight`` stored bits per compressed weight (scales and zero points
+    count; see optimizer.bits_budget): every layer in the requested format (quantize: 4-bit, blocks
+    widened when the budget needs it), then, by measured gain per byte on the calibration data,
+    layers stepped up to finer blocks or the next-best format (8-bit). ``metric`` scores the trials
+    (default kl: of the ``logits`` output when the model has one), on ``output`` when given."""
+
+    bits_per_weight: float
+    metric: str = "kl"
+    higher_is_better: bool | None = None
+    output: str | None = None
+    max_trials: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
 class OptimizeOptions:
     """Everything optimize() can be asked; the defaults run DEFAULT_PASSES and save the result.
 
@@ -91,7 +106,8 @@ class OptimizeOptions:
     ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
     ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
     ``bisect`` searches for the first bad pass when a pass or the validation fails. ``executor`` says
-    where auto mode's builds and checks and the budget's trials run (``optimizer.executor``).
+    where auto mode's builds and checks and the budgets' trials run (``optimizer.executor``);
+    ``budget`` (accuracy) and ``bits`` (bits per weight) are the two budgets, one at a time.
     External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
     ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
     every file it reads before any work (a collision is a ``ModelSaveError``).
@@ -109,6 +125,7 @@ class OptimizeOptions:
     bench_rounds: int | None = None
     fusion_check: bool | None = None
     budget: BudgetOptions | None = None
+    bits: BitsOptions | None = None
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     bisect: bool = False
     external_data: ExternalData = "auto"

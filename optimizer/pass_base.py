@@ -116,6 +116,13 @@ class Pass(abc.ABC):
     ``unclipped_options`` and then with its first groups backed off to ``soften_option`` (quantize:
     static, whose 8-bit activations can be backed off one group at a time to weight-only int8)."""
     unmeasured_choice: ClassVar[str | None] = None
+    """The value 'auto' takes when nothing can be measured (no calibration data, or the pass alone)."""
+    refine_option: ClassVar[str | None] = None
+    """A tuple-of-patterns option that keeps matching node names in the requested format with finer
+    granularity (quantize: 4-bit blocks of 32): the bits budget's step before ``soften_option``."""
+    block_option: ClassVar[str | None] = None
+    """An int option that sets the block length of blocked low-bit weights (quantize: block_size):
+    the bits budget (``optimizer.bits_budget``) doubles it when the budget needs fewer scale bytes."""
 
     def unclipped_options(self) -> dict[str, Any]:
         """Option changes that make a value of ``softened_choices`` keep more of each calibrated
@@ -123,7 +130,15 @@ class Pass(abc.ABC):
         value fails its check, before groups are backed off; {} when there are none."""
         return {}
 
-    """The value 'auto' takes when nothing can be measured (no calibration data, or the pass alone)."""
+    def only_choice(self) -> tuple[str, str] | None:
+        """The one value of ``measured_option`` the other options leave, and why (quantize 4-bit:
+        weights, since dynamic and static are 8-bit), or None: 'auto' then measures the choices."""
+        return None
+
+    def trial_options(self) -> dict[str, Any]:
+        """Option changes that make a ranking trial cheap while it still ranks layers the same way
+        (quantize: nearest rounding instead of GPTQ); {} when there are none."""
+        return {}
 
     def __call__(self, graph: gs.Graph, context: PassContext | None = None) -> PassResult:
         if not isinstance(graph, gs.Graph):

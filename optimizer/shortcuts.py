@@ -156,6 +156,7 @@ class CalibrationNeed:
 CALIBRATION_NEEDS: tuple[CalibrationNeed, ...] = (
     CalibrationNeed("quantize", "mode", "static", "--quantize-mode static"),
     CalibrationNeed("quantize", "weight_rounding", "gptq", "--set quantize.weight_rounding=gptq"),
+    CalibrationNeed("quantize", "weight_rounding", "awq", "--set quantize.weight_rounding=awq"),
     CalibrationNeed("prune", "mode", "sensitivity", "--prune-mode sensitivity"),
     CalibrationNeed("prune", "mode", "wanda", "--prune-mode wanda"),
     CalibrationNeed("prune", "criterion", "wanda", "--set prune.criterion=wanda"),

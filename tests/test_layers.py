@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 APPLICATION = (
     "optimizer.api", "optimizer.app_inputs", "optimizer.budget", "optimizer.cli", "optimizer.cli_options",
     "optimizer.cli_parser", "optimizer.optimize_options", "optimizer.shortcuts", "optimizer.auto_mode",
-    "optimizer.report_notes", "optimizer.auto_trials", "optimizer.auto_choice",
+    "optimizer.report_notes", "optimizer.auto_trials", "optimizer.auto_choice", "optimizer.bits_budget",
+    "optimizer.budget_stages",
 )
 LEAF = "optimizer.graph.walk"
 """The one walker imports only onnx and onnx-graphsurgeon, so every layer may use it."""

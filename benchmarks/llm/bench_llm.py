@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -26,7 +27,9 @@ import harness  # noqa: E402
 from bench_quantize import CLI  # noqa: E402
 from evaluate import PROMPT, Decoder, quality, speed, windows  # noqa: E402
 
-WINDOWS = 40
+from optimizer.graph.bit_count import measure_bits  # noqa: E402
+
+WINDOWS = 199
 PROMPTS = 16
 NEW_TOKENS = 64
 ROUNDS = 15
@@ -130,6 +133,12 @@ def build_rows(checkpoint: Path, work: Path, cal: Path) -> dict[str, dict]:
         ("ours int8 (default, no calibration: dynamic)", "ours_int8", ["--quantize", "int8"]),
         ("ours int4 (nearest)", "ours_int4_nearest", ["--quantize", "int4"]),
         ("ours int4 (GPTQ)", "ours_int4_GPTQ", ["--quantize", "int4", *gptq]),
+        ("ours int4 (AWQ)", "ours_int4_AWQ", ["--quantize", "int4", *gptq, "--set", "quantize.weight_rounding=awq"]),
+        (
+            "ours int4/int8 mixed, <= 4.5 bits/weight (GPTQ)",
+            "ours_bpw_4.5",
+            ["--quantize", "int4", "--calibration-data", str(cal), "--bits-per-weight", "4.5", "--workers", "2"],
+        ),
     ]
     for label, folder, extra in ours:
         out = work / folder
@@ -153,6 +162,7 @@ def measure(rows: dict[str, dict], checkpoint: Path, parameters: int) -> None:
     chunks = windows(tokens, WINDOWS)
     prompts = [c[0, :PROMPT].tolist() for c in chunks[:PROMPTS]]
     reference = Decoder(rows["fp32"]["dir"] / "model.onnx")
+    source = onnx.load(rows["fp32"]["dir"] / "model.onnx")
     loaded = {"fp32": reference, "fp32, second session (noise floor)": Decoder(rows["fp32"]["dir"] / "model.onnx")}
     for label, row in rows.items():
         model = row["dir"] / "model.onnx"
@@ -169,6 +179,7 @@ def measure(rows: dict[str, dict], checkpoint: Path, parameters: int) -> None:
         loaded[label] = decoder
         row["quality"] = quality(reference, decoder, chunks, prompts, NEW_TOKENS)
         row["bits_per_weight"] = 8 * row["size"] / parameters
+        row["bits"] = measure_bits(source, onnx.load(model)).bits_per_weight
         print(label, row["quality"], flush=True)
     timing = speed(loaded, chunks[0], NEW_TOKENS, ROUNDS)
     for label, values in timing.items():
@@ -176,11 +187,12 @@ def measure(rows: dict[str, dict], checkpoint: Path, parameters: int) -> None:
         rows[label]["speed"] = values
     rows["fp32, second session (noise floor)"]["quality"] = rows["fp32"]["quality"]
     rows["fp32, second session (noise floor)"]["bits_per_weight"] = rows["fp32"]["bits_per_weight"]
+    rows["fp32, second session (noise floor)"]["bits"] = rows["fp32"]["bits"]
     rows["fp32, second session (noise floor)"]["genai"] = rows["fp32"].get("genai", "")
 
 
 COLUMNS = (
-    "variant | size MB | bits/weight | perplexity | KL | top-1 | greedy match (64) | greedy exact | "
+    "variant | size MB | bits/weight | bits/param | perplexity | perplexity - fp32 (+-2 SE) | KL | top-1 | greedy match (64) | greedy exact | "
     "prefill tok/s | decode tok/s | prefill time / fp32 | decode time / fp32 | tool s | tool peak RSS MB | onnxruntime-genai"
 )
 
@@ -191,8 +203,10 @@ def table(rows: dict[str, dict]) -> list[str]:
     for label in order:
         row = rows[label]
         q, s, run = row.get("quality"), row.get("speed"), row.get("run")
-        cells = [label, _num(row.get("size"), 1e6, 2), _num(row.get("bits_per_weight"), 1, 2)]
-        cells += [f"{q.perplexity:.3f}", f"{q.kl:.4f}", f"{q.top1:.4f}", f"{q.greedy_match:.3f}", f"{q.greedy_exact:.3f}"] if q else ["-"] * 5
+        bits = row.get("bits") or None  # 0: the tool compressed nothing (fp32)
+        cells = [label, _num(row.get("size"), 1e6, 2), _num(bits, 1, 2), _num(row.get("bits_per_weight"), 1, 2)]
+        delta = f"{q.perplexity_delta:+.3f} (+-{q.perplexity_2se:.3f})" if q else "-"
+        cells += [f"{q.perplexity:.3f}", delta, f"{q.kl:.4f}", f"{q.top1:.4f}", f"{q.greedy_match:.3f}", f"{q.greedy_exact:.3f}"] if q else ["-"] * 6
         cells += [f"{s['prefill_tok_s']:.0f}", f"{s['decode_tok_s']:.1f}", f"{s['prefill_ratio']:.3f}", f"{s['decode_ratio']:.3f}"] if s else ["-"] * 4
         cells += [f"{run.seconds:.1f}", f"{run.peak_rss_mb:.0f}"] if run else ["-", "-"]
         note = row.get("genai", "")
@@ -229,8 +243,13 @@ def main() -> None:
         f"position; {PROMPTS} prompts of {PROMPT} tokens for greedy generation of {NEW_TOKENS} tokens with the KV cache "
         "(match: share of tokens equal to fp32's before the first difference). Speed: onnxruntime CPU, 2 threads, "
         f"{ROUNDS} interleaved rounds, a 256-token prefill then {NEW_TOKENS} decode steps; time ratios are medians of "
-        "same-round ratios to fp32 (lower is faster). bits/weight: stored bytes x 8 / parameters. Calibration for "
-        f"GPTQ rows: {CALIBRATION_WINDOWS} windows of 256 tokens of the training text (prefill, empty cache).",
+        "same-round ratios to fp32 (lower is faster). bits/weight: stored bytes of the tensors the tool changed "
+        "(integers, scales, zero points) x 8 / the weights they replaced (optimizer.graph.bit_count; a row that "
+        "leaves the LM head float counts only what it compressed); bits/param: every stored byte x 8 / every "
+        "parameter (RMSNorm weights and the rotary caches included). perplexity - fp32: with twice its standard "
+        "error from the paired per-window differences (a difference inside it is the text's noise, not the "
+        "model's). Calibration for GPTQ rows and the bits budget's trials: "
+        f"{CALIBRATION_WINDOWS} windows of 256 tokens of the training text (prefill, empty cache).",
         "",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)

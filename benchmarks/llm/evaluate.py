@@ -33,6 +33,10 @@ class Quality:
     top1: float
     greedy_match: float
     greedy_exact: float
+    perplexity_delta: float = 0.0
+    perplexity_2se: float = 0.0
+    """Perplexity minus fp32's, and twice its standard error from the spread of the paired
+    per-window differences of mean log-likelihood (differences within it are noise of the text)."""
 
 
 class Decoder:
@@ -92,12 +96,16 @@ def windows(tokens: list[int], count: int) -> list[np.ndarray]:
 
 
 def quality(reference: Decoder, candidate: Decoder, chunks: list[np.ndarray], prompts: list[list[int]], new: int) -> Quality:
-    nll, kl, agree, positions = 0.0, 0.0, 0, 0
+    nll, ref_nll, kl, agree, positions = 0.0, 0.0, 0.0, 0, 0
+    differences = []
     for ids in chunks:
         ref = log_softmax(reference.forward(ids, None)[0][0, :-1])
         got = log_softmax(candidate.forward(ids, None)[0][0, :-1])
         targets = ids[0, 1:]
-        nll -= float(got[np.arange(len(targets)), targets].sum())
+        window_nll = -float(got[np.arange(len(targets)), targets].sum())
+        window_ref = -float(ref[np.arange(len(targets)), targets].sum())
+        nll, ref_nll = nll + window_nll, ref_nll + window_ref
+        differences.append((window_nll - window_ref) / len(targets))
         kl += float((np.exp(ref) * (ref - got)).sum())
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         positions += len(targets)
@@ -107,8 +115,16 @@ def quality(reference: Decoder, candidate: Decoder, chunks: list[np.ndarray], pr
         same = next((i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b), new)
         matches.append(same / new)
         exact += same == new
+    perplexity, ref_perplexity = float(np.exp(nll / positions)), float(np.exp(ref_nll / positions))
+    spread = float(np.std(differences, ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else 0.0
     return Quality(
-        float(np.exp(nll / positions)), kl / positions, agree / positions, float(np.mean(matches)), exact / len(prompts)
+        perplexity,
+        kl / positions,
+        agree / positions,
+        float(np.mean(matches)),
+        exact / len(prompts),
+        perplexity - ref_perplexity,
+        2.0 * ref_perplexity * spread,
     )
 
 

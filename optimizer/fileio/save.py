@@ -35,7 +35,7 @@ from optimizer.fileio.model import (
 from optimizer.fileio.output_files import check_apart, commit, data_file_name, file_digest, remove_dead_temps, temp_file
 from optimizer.fileio.tensor_checks import iter_tensors
 
-__all__ = ["EXTERNAL_ALIGNMENT_BYTES", "check_output_file", "save_model"]
+__all__ = ["EXTERNAL_ALIGNMENT_BYTES", "check_output_file", "check_output_target", "save_model"]
 
 EXTERNAL_ALIGNMENT_BYTES = 4096
 """Each external tensor starts on a page boundary so runtimes can mmap it."""
@@ -52,6 +52,14 @@ def _check_output_folder(folder: pathlib.Path, target: pathlib.Path) -> None:
         raise ModelSaveError(f"{target}: output folder {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ModelSaveError(f"{target}: output folder {folder} is not writable")
+
+
+def check_output_target(path: str | os.PathLike) -> None:
+    """Before any work: the output's folder exists and is writable, and nothing but a regular file
+    is in the way (so a run of minutes does not end in a save that cannot happen)."""
+    target = pathlib.Path(path)
+    _check_output_folder(target.parent if str(target.parent) else pathlib.Path("."), target)
+    check_output_file(target)
 
 
 def check_output_file(path: pathlib.Path) -> None:

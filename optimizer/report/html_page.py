@@ -52,6 +52,8 @@ def render_html(data: dict[str, Any]) -> str:
         parts += _layers_section(data["layers"], plots)
     if data.get("budget"):
         parts += _budget_section(data["budget"], plots)
+    if data.get("bits"):
+        parts += ["<h2>Bits budget</h2>", f"<p>{_e(bits_text(data['bits']))}</p>"]
     if data.get("validation"):
         parts += _validation_section(data["validation"])
     if data.get("fusion"):
@@ -204,6 +206,20 @@ def _auto_section(auto: dict[str, Any]) -> list[str]:
         out.append(f"<p>{_e(RANKING_TEXT)}</p>")
         out.append(_table(RANKING_COLUMNS, [[row.get(k) for k in RANKING_COLUMNS] for row in ranking]))
     return out
+
+
+def bits_text(bits: dict[str, Any]) -> str:
+    """One paragraph: the budget, what every layer as requested took, what the chosen mix takes."""
+    base, final = bits.get("base", {}), bits.get("final", {})
+    return (
+        f"{final.get('bits_per_weight')} bits per weight ({'within' if bits.get('met') else 'OVER'} "
+        f"{bits.get('bits_per_weight_budget')}; {final.get('bits_per_parameter')} per parameter, the "
+        f"left-alone tensors included), {bits.get('metric')} {format_number(final.get('value'))} on the "
+        f"calibration data; every layer as requested: {base.get('bits_per_weight')} bits per weight, "
+        f"{bits.get('metric')} {format_number(base.get('value'))} (nearest rounding, block_size "
+        f"{bits.get('block_size')}); finer blocks: {len(bits.get('finer', []))} layer(s), next-best "
+        f"format: {len(bits.get('next_best', []))}; {bits.get('trials')} trials"
+    )
 
 
 def _budget_section(budget: dict[str, Any], plots: _Plots) -> list[str]:

@@ -19,6 +19,7 @@ from optimizer.report.html_page import (
     AUTO_COLUMNS,
     RANKING_COLUMNS,
     RANKING_TEXT,
+    bits_text,
     format_number,
     kind_text,
     layer_columns,
@@ -63,6 +64,7 @@ class Report:
     benchmark: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
     budget: dict[str, Any] | None = None
+    bits: dict[str, Any] | None = None
     fusion: dict[str, Any] | None = None
     bisect: dict[str, Any] | None = None
     auto: dict[str, Any] | None = None
@@ -79,6 +81,7 @@ class Report:
             "benchmark": self.benchmark,
             "layers": self.layers,
             "budget": self.budget,
+            "bits": self.bits,
             "fusion": self.fusion,
             "bisect": self.bisect,
             "auto": self.auto,
@@ -106,6 +109,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += _layers_section(data["layers"])
     if data.get("budget"):
         lines += _budget_section(data["budget"])
+    if data.get("bits"):
+        lines += _heading("Bits budget", bits_text(data["bits"]))
     if data["validation"]:
         lines += _validation_section(data["validation"])
     if data.get("fusion"):

@@ -27,7 +27,7 @@ from optimizer.verify.runtime import (
 
 Outputs = list[dict[str, np.ndarray]]
 MetricFunction = Callable[[Outputs, Outputs], float]
-BUILTIN_METRICS = ("cosine", "sqnr", "max_abs", "top1", "topk")
+BUILTIN_METRICS = ("cosine", "sqnr", "max_abs", "top1", "topk", "kl")
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,15 @@ class Metric:
 
 
 def builtin_metric(name: str, *, output: str | None = None, k: int = 5) -> Metric:
-    """cosine, sqnr (dB), max_abs, top1 or topk agreement; over one named output or the worst one."""
+    """cosine, sqnr (dB), max_abs, top1 or topk agreement, kl (of the softmax over the last axis, e.g. a
+    language model's next-token distributions); over one named output or the worst one."""
     makers = {
         "cosine": (_cosine, True),
         "sqnr": (_sqnr_db, True),
         "max_abs": (_max_abs, False),
         "top1": (lambda r, c: _topk_agreement(r, c, 1), True),
         "topk": (lambda r, c: _topk_agreement(r, c, k), True),
+        "kl": (_kl_divergence, False),
     }
     if name not in makers:
         raise OptionError(
@@ -186,3 +188,23 @@ def _topk_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
         hits += int((top == best[:, None]).any(-1).sum())
         rows += ref2.shape[0]
     return hits / rows
+
+
+def _log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _kl_divergence(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Mean over rows (last axis = classes or vocabulary) of KL(softmax(reference) || softmax(candidate)),
+    in nats: how far the candidate's distributions are from the reference's (0 when equal)."""
+    total = 0.0
+    rows = 0
+    for ref, cand in zip(reference, candidate, strict=True):
+        if ref.ndim < 1 or ref.shape[-1] < 2:
+            raise OptionError("KL divergence needs scores on the last axis (logits)")
+        ref2 = _log_softmax(np.asarray(ref, np.float64).reshape(-1, ref.shape[-1]))
+        cand2 = _log_softmax(np.asarray(cand, np.float64).reshape(-1, cand.shape[-1]))
+        total += float((np.exp(ref2) * (ref2 - cand2)).sum())
+        rows += ref2.shape[0]
+    return max(0.0, total / rows) if rows else 0.0

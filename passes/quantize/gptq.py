@@ -17,6 +17,7 @@ from optimizer.errors import PassError
 from optimizer.graph.weights import Weight, is_constant_derived
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassContext, PassReport
+from passes.quantize.awq import awq_group, fold_scales, search_scales
 from passes.quantize.options import QuantizeOptions
 from passes.quantize.weights import WeightSpec
 
@@ -26,13 +27,13 @@ def wants_gptq(options: QuantizeOptions, context: PassContext) -> bool:
     if options.weight_rounding == "nearest" or options.mode != "weights":
         return False
     if context.calibration is None:
-        if options.weight_rounding == "gptq":
+        if options.weight_rounding in ("gptq", "awq"):
             raise PassError(
-                "pass 'quantize' option weight_rounding='gptq' needs calibration data "
+                f"pass 'quantize' option weight_rounding='{options.weight_rounding}' needs calibration data "
                 "(--calibration-data DIR or calibration=...)"
             )
         return False
-    return options.weight_rounding == "gptq" or options.storage_type() in ("int4", "uint4")
+    return options.weight_rounding in ("gptq", "awq") or options.storage_type() in ("int4", "uint4")
 
 
 def gptq_inputs(graph: gs.Graph, target: Weight, spec: WeightSpec) -> list[str] | None:
@@ -87,9 +88,14 @@ def quantize_by_gptq(
             Sampling(options.calibration_samples or None, context.provider, context.timeout_s),
             stage="GPTQ calibration",
         )
-        _round_chunk(planned, inputs, chunk, accumulators, channels, results, gains)
+        if options.weight_rounding == "awq":
+            awq_chunk(graph, planned, inputs, chunk, accumulators, report)
+        else:
+            _round_chunk(planned, inputs, chunk, accumulators, channels, results, gains)
     if results:
         report.count("weights_gptq", len(results))
+    if options.weight_rounding == "awq":
+        return results
     report.details["gptq"] = {
         "samples": samples,
         "weights": len(results),
@@ -134,6 +140,33 @@ def _round_chunk(
             / max(_output_error(target.values, nearest, hessian), 1e-30)
         )
         results[id(target)] = quantized
+
+
+def awq_chunk(
+    graph: gs.Graph,
+    planned: list[tuple[Weight, WeightSpec]],
+    inputs: dict[int, tuple[str, ...]],
+    chunk: list[tuple[str, ...]],
+    accumulators: dict[str, HessianAccumulator],
+    report: PassReport,
+) -> None:
+    """AWQ scales for every group of ``chunk`` that can fold them (``passes.quantize.awq``); the
+    weights are then rounded to nearest, as they are (scaled or not)."""
+    found = report.details.setdefault("awq", {"groups": {}, "skipped": {}})
+    for group in chunk:
+        targets = [(t, spec) for t, spec in planned if inputs.get(id(t)) == group]
+        if len(group) != 1 or accumulators[group[0]].rows == 0:
+            found["skipped"][" + ".join(group)] = "read by MatMuls of several inputs, or never seen in calibration"
+            continue
+        candidate = awq_group(graph, group[0], targets)
+        if isinstance(candidate, str):
+            found["skipped"][group[0]] = candidate
+            continue
+        with working_on("tensor", group[0]):
+            scales, alpha, ratio = search_scales(candidate, accumulators[group[0]].hessian())
+            fold_scales(candidate, scales)
+        found["groups"][group[0]] = {"alpha": alpha, "output_error_vs_nearest": round(ratio, 4)}
+        report.count("awq_groups_scaled" if alpha > 0 else "awq_groups_unscaled")
 
 
 def _chunks(groups: list[tuple[str, ...]], channels: dict[str, int]) -> list[list[tuple[str, ...]]]:

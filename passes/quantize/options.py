@@ -15,6 +15,7 @@ from passes.weight_guard import NON_FINITE_OPTION_HELP
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
 PASS_NAME = "quantize"
 STATIC_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+FINE_BLOCK = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,11 +66,13 @@ class QuantizeOptions:
     outlier_ratio: float = option(
         12.0, "a channel is an outlier when its |max| exceeds this many times the median channel's"
     )
-    weight_rounding: Literal["auto", "nearest", "gptq"] = option(
+    weight_rounding: Literal["auto", "nearest", "gptq", "awq"] = option(
         "auto",
         "weights mode: 'nearest' rounds each weight alone; 'gptq' (needs calibration data) rounds the rows "
         "of a blocked MatMul weight in turn and moves each rounding error onto the rows left, weighted by the "
-        "input's X^T X, so the error of X @ W is what shrinks (GPTQ); auto: gptq for 4-bit with calibration data",
+        "input's X^T X, so the error of X @ W is what shrinks (GPTQ); 'awq' (needs calibration data) scales the "
+        "input channels of 4-bit MatMul weights by their activations' size, folded into the normalization "
+        "before them, then rounds to nearest (AWQ); auto: gptq for 4-bit with calibration data",
     )
     calibration_samples: int = option(
         32,
@@ -104,6 +107,11 @@ class QuantizeOptions:
         "node names whose weights are stored int8 weight-only (float activations) whatever the mode and "
         "weight_type: the next-best format, the accuracy budget's first back-off step before float",
     )
+    fine_block_nodes: tuple[str, ...] = option(
+        (),
+        f"node names whose 4-bit weights take blocks of {FINE_BLOCK} whatever block_size (finer scales: the "
+        "bits budget's step before 8-bit; a tied embedding and LM head of a small decoder gains the most)",
+    )
     exclude_op_types: tuple[str, ...] = option((), "op types left in float")
     exclude_first: int = option(0, "leave the first N quantizable layers in float")
     exclude_last: int = option(0, "leave the last N quantizable layers in float")
@@ -125,12 +133,12 @@ class QuantizeOptions:
                 _fail(f"option '{key}' must be >= 0, got {getattr(self, key)}")
         if self.outlier_channels < 0 or self.outlier_ratio <= 1.0:
             _fail("options 'outlier_channels' >= 0 and 'outlier_ratio' > 1 are required")
-        for key in ("exclude_nodes", "int8_weight_only_nodes", "dynamic_weight_only"):
+        for key in ("exclude_nodes", "int8_weight_only_nodes", "fine_block_nodes", "dynamic_weight_only"):
             bad = invalid_pattern(getattr(self, key))
             if bad:
                 _fail(f"option '{key}': bad regular expression {bad}")
-        if self.weight_rounding == "gptq" and self.mode not in ("weights", "auto"):
-            _fail(f": weight_rounding 'gptq' applies to mode 'weights', not {self.mode!r}")
+        if self.weight_rounding in ("gptq", "awq") and self.mode not in ("weights", "auto"):
+            _fail(f": weight_rounding {self.weight_rounding!r} applies to mode 'weights', not {self.mode!r}")
         if self.mode == "static" and self.weight_type not in ("int8", "uint8"):
             _fail(
                 f": mode 'static' takes weight_type 'int8' or 'uint8' (QLinear kernels are 8-bit), "

@@ -29,7 +29,7 @@ from optimizer.graph.weights import Weight
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import FloatForm, QuantizedWeight
-from passes.quantize.options import QuantizeOptions
+from passes.quantize.options import FINE_BLOCK, QuantizeOptions
 from passes.quantize.tied import other_readers, serve_tied_weight, tied_lookups
 
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
@@ -84,6 +84,14 @@ def eight_bit_only(target: Weight, options: QuantizeOptions) -> bool:
     return bool(patterns) and any(NamePatterns(patterns).matches(use.node.name or "") for use in target.uses)
 
 
+def block_length(target: Weight, options: QuantizeOptions) -> int:
+    """``block_size``, or FINE_BLOCK when a reader is named in ``fine_block_nodes`` (and it is shorter)."""
+    patterns = options.fine_block_nodes
+    if patterns and any(NamePatterns(patterns).matches(use.node.name or "") for use in target.uses):
+        return min(options.block_size, FINE_BLOCK)
+    return options.block_size
+
+
 def weight_only_spec(target: Weight, options: QuantizeOptions, opset: int) -> WeightSpec:
     """Integer type, axis, block and float view for ``target`` under the pass ``options``."""
     if eight_bit_only(target, options):
@@ -98,10 +106,10 @@ def weight_only_spec(target: Weight, options: QuantizeOptions, opset: int) -> We
         readers = ", ".join(f"{node.op} '{node.name}'" for node in other_readers(target))
         note = f"also read by {readers}: a DequantizeLinear would run there at every inference; folded at load"
     if wanted.bits == 4:
-        axis = block_axis(first, ndim)
-        blocks_fit = axis is not None and (form == "dq" or target.values.shape[axis] % options.block_size == 0)
+        axis, block = block_axis(first, ndim), block_length(target, options)
+        blocks_fit = axis is not None and (form == "dq" or target.values.shape[axis] % block == 0)
         if blocks_fit and all(c.node.op in BLOCKED_OPS for c in target.uses):
-            return WeightSpec(wanted, options.weights_symmetric(), axis, options.block_size, form, note)
+            return WeightSpec(wanted, options.weights_symmetric(), axis, block, form, note)
         wanted, symmetric = eight_bit_fallback(wanted, options)
         fallback = f"{options.weight_type} needs a blocked dot-product axis; stored as {wanted.name} per channel"
         note = "; ".join(filter(None, [note, fallback]))

@@ -74,3 +74,19 @@ def test_collect_outputs_runs_the_model_per_sample():
     collected = collect_outputs(model, feeds)
     assert len(collected) == 2 and sorted(collected[0]) == ["hidden", "logits"]
     assert builtin_metric("cosine")(collected, collected) == pytest.approx(1.0)
+
+
+def test_kl_divergence_of_softmax_over_the_last_axis():
+    ref = [{"logits": np.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])}]
+    cand = [{"logits": np.array([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])}]
+    kl = builtin_metric("kl")
+    p = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
+    q = np.exp([1.0, 0.0, -1.0]) / np.exp([1.0, 0.0, -1.0]).sum()
+    expected = float((p * np.log(p / q)).sum()) / 2  # the second row is identical: KL 0
+    assert kl(ref, cand) == pytest.approx(expected, rel=1e-9) and expected > 0
+    assert kl(ref, ref) == 0.0 and not kl.higher_is_better
+    shifted = [{"logits": ref[0]["logits"] + 7.0}]  # softmax ignores a constant shift
+    assert kl(ref, shifted) == pytest.approx(0.0, abs=1e-12)
+    assert load_metric("kl").name == "kl" and kl.drop(0.0, 0.25) == pytest.approx(0.25)
+    with pytest.raises(OptionError, match="last axis"):
+        kl([{"y": np.array([[1.0]])}], [{"y": np.array([[1.0]])}])

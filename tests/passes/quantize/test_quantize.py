@@ -459,3 +459,90 @@ def test_int8_weight_only_nodes_is_the_next_best_format_in_every_mode(options):
     assert max_abs_error(model, named.model, calibration) <= 0.02 * np.abs(reference).max()
     other, _ = quantize(model, calibration=calibration, int8_weight_only_nodes=("fc2",), **options)
     assert other.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_fine_block_nodes_take_blocks_of_32_whatever_block_size(tmp_path):
+    """The bits budget's first step up: a named node's 4-bit weight gets finer blocks (more scales,
+    less error), the others keep block_size; a tied weight read by a named head gets them everywhere."""
+    model = matmul_model(weight((256, 64)))
+    wide, _ = quantize(model, mode="weights", weight_type="int4", block_size=128)
+    fine, _ = quantize(model, mode="weights", weight_type="int4", block_size=128, fine_block_nodes=("fc",))
+    blocks = [{a.name: a.i for a in n.attribute}["block_size"] for n in fine.model.graph.node
+              if n.op_type == "DequantizeLinear"]
+    assert blocks == [32] and ort_runs(fine.model, tmp_path)["MatMulNBits"] == 1
+    feeds = [{"x": np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)}]
+    assert max_abs_error(model, fine.model, feeds) < max_abs_error(model, wide.model, feeds)
+    other, _ = quantize(model, mode="weights", weight_type="int4", block_size=128, fine_block_nodes=("fc2",))
+    assert other.model.SerializeToString() == wide.model.SerializeToString()
+    small, _ = quantize(model, mode="weights", weight_type="int4", block_size=16, fine_block_nodes=("fc",))
+    assert [{a.name: a.i for a in n.attribute}["block_size"] for n in small.model.graph.node
+            if n.op_type == "DequantizeLinear"] == [16]  # never coarser than asked
+
+
+def normed_model(opset: int = 17, tied: bool = False, also_read: bool = False) -> onnx.ModelProto:
+    """x -> LayerNormalization(gamma, beta) -> two MatMuls (q, k) -> outputs; gamma makes a few input
+    channels of the MatMuls 20x larger than the rest (the activations AWQ protects)."""
+    rng = np.random.default_rng(4)
+    gamma = np.ones(128, np.float32)
+    gamma[[5, 40, 99]] = 20.0
+    beta = (rng.standard_normal(128) * 0.1).astype(np.float32)
+    wq, wk = weight((128, 64), seed=1), weight((128, 64), seed=2)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="norm", axis=-1),
+        helper.make_node("MatMul", ["n", "Wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["n", "Wk"], ["k"], name="k_proj"),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 64]) for name in ("q", "k")]
+    if also_read:
+        nodes.append(helper.make_node("ReduceSum", ["n"], ["total"], name="n_sum", keepdims=0))
+        outputs.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, []))
+    if tied:
+        nodes.append(helper.make_node("ReduceSum", ["Wk"], ["wsum"], name="wk_sum", keepdims=0))
+        outputs.append(helper.make_tensor_value_info("wsum", TensorProto.FLOAT, []))
+    graph = helper.make_graph(
+        nodes, "normed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])], outputs,
+        [numpy_helper.from_array(v, n) for v, n in ((gamma, "gamma"), (beta, "beta"), (wq, "Wq"), (wk, "Wk"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def test_awq_scales_fold_into_the_norm_and_beat_nearest_on_held_out_data(tmp_path):
+    model = normed_model()
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((32, 128)).astype(np.float32)} for _ in range(6)]
+    held_out = [{"x": rng.standard_normal((32, 128)).astype(np.float32)} for _ in range(4)]
+    nearest, _ = quantize(model, mode="weights", weight_type="int4", weight_rounding="nearest")
+    awq, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4", weight_rounding="awq")
+    group = report["details"]["awq"]["groups"]["n"]
+    assert report["counts"]["awq_groups_scaled"] == 1 and group["alpha"] > 0
+    assert group["output_error_vs_nearest"] < 0.9
+    assert ort_runs(awq.model, tmp_path)["MatMulNBits"] == 2  # still two 4-bit MatMuls, nothing added
+    errors = [max_abs_error(model, m.model, held_out) for m in (awq, nearest)]
+    assert errors[0] < errors[1]
+    stored = initializers(awq.model)
+    gamma = numpy_helper.to_array(stored["gamma"])
+    assert gamma[5] < 20.0 and gamma[0] != 1.0  # the scales went into the norm
+    again, second = quantize(awq.model, calibration=calibration, mode="weights", weight_type="int4",
+                             weight_rounding="awq")
+    assert again.model.SerializeToString() == awq.model.SerializeToString() and "awq" not in second["details"]
+    rerun, _ = quantize(model, calibration=calibration, mode="weights", weight_type="int4", weight_rounding="awq")
+    assert rerun.model.SerializeToString() == awq.model.SerializeToString()
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("also_read", "also read by nodes"), ("tied", "also read elsewhere")])
+def test_awq_leaves_a_group_whose_scales_would_change_another_reader(kind, reason):
+    model = normed_model(**{kind: True})
+    calibration = [{"x": np.random.default_rng(i).standard_normal((32, 128)).astype(np.float32)} for i in range(4)]
+    result, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4", weight_rounding="awq")
+    assert reason in report["details"]["awq"]["skipped"]["n"]
+    assert "awq_groups_scaled" not in report["counts"]
+    stored = initializers(result.model)
+    assert numpy_helper.to_array(stored["gamma"])[5] == 20.0
+    if kind == "also_read":  # the norm's other reader sees exactly what it saw
+        want = run_model(model, calibration)
+        got = run_model(result.model, calibration)
+        assert all(np.array_equal(w[2], g[2]) for w, g in zip(want, got, strict=True))
+
+
+def test_awq_without_calibration_data_says_what_is_missing():
+    with pytest.raises(PassError, match="weight_rounding='awq' needs calibration data"):
+        quantize(normed_model(), mode="weights", weight_type="int4", weight_rounding="awq")

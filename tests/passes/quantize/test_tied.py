@@ -265,3 +265,22 @@ def test_a_gemm_reading_a_tied_weight_keeps_its_bias_and_alpha():
     for want, got in zip(run_model(model, data), run_model(result.model, data), strict=True):
         np.testing.assert_allclose(got[2].mean(), want[2].mean(), rtol=0.01)
         assert _cosine(want[2] - 100.0, got[2] - 100.0) > 0.99
+
+
+def test_a_tied_weight_named_for_fine_blocks_takes_them_in_the_head_and_the_lookups(tmp_path):
+    """fine_block_nodes names the head; the one shared copy (head and lookups) gets blocks of 32."""
+    model = tied_model()
+    wide, _ = quantize(model, mode="weights", weight_type="int4", block_size=128)
+    fine, _ = quantize(model, mode="weights", weight_type="int4", block_size=128, fine_block_nodes=("lm_head",))
+    blocks = {n.op_type: {a.name: a.i for a in n.attribute}["block_size"] for n in fine.model.graph.node
+              if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert blocks == {"MatMulNBits": 32, "GatherBlockQuantized": 32}
+    runs = ort_runs(fine.model, tmp_path)
+    assert runs["MatMulNBits"] == 1 and runs["GatherBlockQuantized"] == 1 and runs["DequantizeLinear"] == 0
+    samples = feeds()
+    reference = run_model(model, samples)
+    errors = [
+        max(float(np.abs(got[0] - want[0]).max()) for got, want in zip(run_model(m, samples), reference, strict=True))
+        for m in (fine.model, wide.model)
+    ]
+    assert errors[0] < errors[1]

@@ -1,0 +1,359 @@
+"""Bits budget: the most accurate mix of formats whose stored bits per weight stay within a budget.
+
+In the spirit of llama.cpp's k-quants and NNCF's mixed precision, but every choice is measured:
+1. Base: every layer in the requested low-bit format (quantize: 4-bit). When that alone needs more
+   bits per weight than the budget (scales and zero points count), the block length
+   (``Pass.block_option``) doubles, up to ``MAX_BLOCK``; a budget below what the widest blocks take
+   is an ``OptionError`` that names the least this model can take.
+2. Sensitivity: one trial per compressed layer and step up, that layer alone one step up (finer
+   blocks; the next-best format, ``Pass.soften_option``: quantize's 8-bit) and the rest as the
+   base. Each trial is built with ``Pass.trial_options`` (quantize: nearest rounding, so a trial
+   costs one cheap build and one run) and scored by the metric (default: KL divergence of the
+   ``logits`` output's distributions) on the calibration data against the uncompressed model: the
+   gain is what that layer alone gives back, its cost the bytes it adds.
+3. Allocation: the step up with the most gain per added byte, again and again, while the budget
+   holds; first a finer granularity (``Pass.refine_option``; quantize: 4-bit blocks of 32), then
+   the next-best format. Layers whose trials built the same models (one weight read by two nodes,
+   such as a tied embedding and LM head) are one choice.
+4. Final: the mix built with the requested options (GPTQ rounding included) and measured; when it
+   is over the budget (gains and bytes are not exactly additive), the last promotion is dropped.
+
+Bits per weight are ``optimizer.graph.bit_count``'s: stored bytes of what the passes changed over
+the elements they replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from optimizer.budget_trials import (
+    Backoff,
+    Feed,
+    MetricSpec,
+    Runtime,
+    backed_off_passes,
+    compress,
+    init_worker,
+    sized_trial,
+    worker_sized_trial,
+)
+from optimizer.errors import OptionError
+from optimizer.executor import ExecutorOptions, open_pool
+from optimizer.graph.bit_count import BitsMeasure, measure_bits
+from optimizer.pass_base import Pass
+from optimizer.progress import progress_bar
+from optimizer.verify.layer_debug import debug_layers
+
+MAX_BLOCK = 256
+"""The longest block onnxruntime's MatMulNBits takes."""
+METRIC_SAMPLES = 32
+"""Calibration samples the trials score on (all of them are still used to build)."""
+DEFAULT_OUTPUT = "logits"
+
+
+LEVELS = ("finer", "next-best")
+"""The steps up from the requested format: ``Pass.refine_option`` (quantize: 4-bit blocks of 32),
+then ``Pass.soften_option`` (quantize: 8-bit)."""
+LEVEL_TEXT = {
+    None: "requested format",
+    "finer": "finer blocks (quantize: 4-bit, blocks of 32)",
+    "next-best": "next-best format (quantize: 8-bit)",
+}
+
+
+@dataclass(frozen=True)
+class Level:
+    """One trial: a layer alone one step up, the rest as the base."""
+
+    name: str
+    value: float
+    gain: float
+    added_bytes: int
+
+
+@dataclass
+class LayerChoice:
+    """A layer (or the layers that read one weight) and the level the allocation gave it."""
+
+    layers: list[str]
+    levels: list[Level]
+    chosen: str | None = None
+
+    def level(self, name: str | None) -> Level | None:
+        return next((level for level in self.levels if level.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"node": " + ".join(self.layers), "status": LEVEL_TEXT[self.chosen]}
+        for level in self.levels:
+            row[f"gain {level.name}"] = level.gain
+            row[f"bytes {level.name}"] = level.added_bytes
+        return row
+
+
+@dataclass
+class BitsResult:
+    """What the budget chose and what it measured (``passes`` build the chosen mix)."""
+
+    budget: float
+    metric: str
+    baseline: float
+    block_size: int | None
+    requested_block_size: int | None
+    base: BitsMeasure
+    base_value: float
+    final: BitsMeasure
+    value: float
+    layers: list[LayerChoice]
+    trials: int
+    passes: list[Pass] = field(repr=False, default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def chosen(self, level: str) -> list[str]:
+        return sorted(name for choice in self.layers if choice.chosen == level for name in choice.layers)
+
+    @property
+    def met(self) -> bool:
+        return self.final.bits_per_weight <= self.budget + 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bits_per_weight_budget": self.budget,
+            "met": self.met,
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "block_size": self.block_size,
+            "requested_block_size": self.requested_block_size,
+            "base": {**self.base.to_dict(), "value": self.base_value},
+            "final": {**self.final.to_dict(), "value": self.value},
+            "finer": self.chosen("finer"),
+            "next_best": self.chosen("next-best"),
+            "trials": self.trials,
+            "layers": [choice.to_dict() for choice in self.layers],
+            "notes": list(self.notes),
+        }
+
+
+def metric_output(model: onnx.ModelProto, spec: MetricSpec) -> MetricSpec:
+    """The metric on ``logits`` when the model has that output and none was named (KL over the
+    KV cache's head dimension would mean nothing); else as given."""
+    names = [output.name for output in model.graph.output]
+    if spec.output is None and DEFAULT_OUTPUT in names and len(names) > 1:
+        return dataclasses.replace(spec, output=DEFAULT_OUTPUT)
+    return spec
+
+
+def plan_bits(
+    model: onnx.ModelProto,
+    passes: Sequence[Pass],
+    calibration: Sequence[Feed],
+    *,
+    budget: float,
+    metric: MetricSpec,
+    runtime: Runtime,
+    executor: ExecutorOptions | None = None,
+    max_trials: int = 256,
+    progress: bool = False,
+    worker_imports: Sequence[str] = (),
+) -> BitsResult:
+    """Choose, per layer, the requested format or the next-best one so the stored bits per weight
+    stay within ``budget`` and ``metric`` on ``calibration`` is as good as measured trials find."""
+    if budget <= 0 or max_trials < 1:
+        raise OptionError("bits per weight must be > 0 and max_trials >= 1")
+    if not calibration:
+        raise OptionError("a bits budget measures each layer on calibration data: none was given")
+    if not any(item.soften_option for item in passes):
+        raise OptionError("a bits budget needs a pass with a next-best format (quantize)")
+    planner = _Planner(model, list(passes), list(calibration), metric_output(model, metric), runtime, budget)
+    return planner.run(executor or ExecutorOptions(), max_trials, progress, tuple(worker_imports))
+
+
+class _Planner:
+    def __init__(self, model, passes, calibration, metric: MetricSpec, runtime: Runtime, budget: float) -> None:
+        self.model, self.passes, self.calibration = model, passes, calibration
+        self.feeds = calibration[:METRIC_SAMPLES]
+        self.spec, self.metric, self.runtime, self.budget = metric, metric.build(), runtime, budget
+        self.reference = runtime.outputs(model, self.feeds)
+        self.baseline = self.metric(self.reference, self.reference)
+        self.trials = 0
+
+    def trial(self, passes: list[Pass], backoff: Backoff) -> tuple[float, BitsMeasure]:
+        self.trials += 1
+        args = (self.model, passes, self.metric, self.feeds, self.calibration, self.runtime, self.reference)
+        return sized_trial(*args, backoff)
+
+    def run(self, executor: ExecutorOptions, max_trials: int, progress: bool, imports: tuple[str, ...]) -> BitsResult:
+        requested = _block_size(self.passes)
+        passes, base_value, base, compressed = self.widest_needed()
+        fast = [dataclasses.replace(item, **item.trial_options()) for item in passes]
+        levels = _levels(fast)
+        layers = self.layers(compressed)[: max(1, max_trials // len(levels))]
+        choices = self.sensitivities(fast, levels, layers, base_value, base, executor, progress, imports)
+        _allocate(choices, base, self.budget)
+        final_passes, value, final = self.finish(passes, choices)
+        result = BitsResult(
+            self.budget,
+            self.metric.name,
+            self.baseline,
+            _block_size(passes),
+            requested,
+            base,
+            base_value,
+            final,
+            value,
+            choices,
+            self.trials,
+            final_passes,
+        )
+        if result.block_size != requested:
+            result.notes.append(
+                f"block_size {requested} needs more than {self.budget:g} bits per weight with every layer in the "
+                f"requested format: block_size {result.block_size} ({base.bits_per_weight:.3f})"
+            )
+        return result
+
+    def widest_needed(self) -> tuple[list[Pass], float, BitsMeasure, onnx.ModelProto]:
+        """The requested passes, with blocks doubled until every layer in the requested format fits;
+        their (cheap-trial) model, its metric value and its bits."""
+        passes = list(self.passes)
+        while True:
+            fast = [dataclasses.replace(item, **item.trial_options()) for item in passes]
+            self.trials += 1
+            compressed = compress(self.model, fast, Backoff(), self.calibration, self.runtime)
+            measure = measure_bits(self.model, compressed)
+            if measure.bits_per_weight <= self.budget:
+                value = self.metric(self.reference, self.runtime.outputs(compressed, self.feeds))
+                return passes, value, measure, compressed
+            wider = _wider_blocks(passes)
+            if wider is None:
+                block = _block_size(passes)
+                raise OptionError(
+                    f"bits per weight {self.budget:g} is below the least this model takes: "
+                    f"{measure.bits_per_weight:.3f} with every layer compressed as requested"
+                    + (f" at block_size {block} (4-bit takes about 4.3 at block_size 128)" if block else "")
+                )
+            passes = wider
+
+    def layers(self, compressed: onnx.ModelProto) -> list[str]:
+        """Compressed layers, most output error first (so a trial cap keeps the ones that matter)."""
+        report = debug_layers(
+            self.model,
+            compressed,
+            self.feeds[:2],
+            provider=self.runtime.provider,
+            timeout_s=self.runtime.timeout_s,
+        )
+        return list(dict.fromkeys(layer.reference_node for layer in report.layers))
+
+    def sensitivities(
+        self, fast, levels, layers, base_value, base: BitsMeasure, executor, progress, imports
+    ) -> list[LayerChoice]:
+        """Every layer alone one step up (each level the passes offer), the rest as the base."""
+        candidates = [_step(level, layer) for layer in layers for level in levels]
+        bar = progress_bar(total=len(candidates), desc="bits budget trials", unit="trial", enabled=progress)
+        try:
+            if executor.parallel and len(candidates) > 1:
+                args = (imports, self.model.SerializeToString(), fast, self.spec, self.feeds)
+                pool = open_pool(executor, init_worker, (*args, self.calibration, self.runtime, self.reference))
+                try:
+                    results = pool.map(worker_sized_trial, candidates)
+                finally:
+                    pool.close()
+                self.trials += len(candidates)
+                bar.update(len(candidates))
+            else:
+                results = []
+                for candidate in candidates:
+                    results.append(self.trial(fast, candidate))
+                    bar.update(1)
+        finally:
+            bar.close()
+        base_drop = self.metric.drop(self.baseline, base_value)
+        by_layer = {layer: results[i * len(levels) : (i + 1) * len(levels)] for i, layer in enumerate(layers)}
+        return _choices(by_layer, levels, base_drop, base, lambda value: self.metric.drop(self.baseline, value))
+
+    def finish(self, passes: list[Pass], choices: list[LayerChoice]) -> tuple[list[Pass], float, BitsMeasure]:
+        """Build the chosen mix as requested (GPTQ included); step the least useful choice down
+        while it is over the budget."""
+        while True:
+            finer, next_best = (sorted(n for c in choices if c.chosen == lv for n in c.layers) for lv in LEVELS)
+            chosen = backed_off_passes(passes, [], next_best, finer)
+            value, measure = self.trial(chosen, Backoff())
+            stepped = [c for c in choices if c.chosen is not None]
+            if measure.bits_per_weight <= self.budget or not stepped:
+                return chosen, value, measure
+            least = min(stepped, key=lambda c: _ratio(c.level(c.chosen)))
+            least.chosen = None
+
+
+def _levels(passes: list[Pass]) -> list[str]:
+    """The steps up the passes offer (a pass without a refine option has only the next-best format)."""
+    options = ("refine_option", "soften_option")
+    return [name for name, option in zip(LEVELS, options, strict=True) if any(getattr(p, option) for p in passes)]
+
+
+def _step(level: str, layer: str) -> Backoff:
+    one = frozenset([layer])
+    return Backoff(refined=one) if level == "finer" else Backoff(weight_only=one)
+
+
+def _ratio(level: Level | None) -> float:
+    return 0.0 if level is None else level.gain / max(1, level.added_bytes)
+
+
+def _choices(by_layer, levels: list[str], base_drop: float, base: BitsMeasure, drop) -> list[LayerChoice]:
+    """One choice per distinct set of trial models: layers whose trials gave the same values and
+    bytes read the same weight (stepping one up steps the other)."""
+    grouped: dict[tuple, LayerChoice] = {}
+    for layer, results in by_layer.items():
+        key = tuple((value, measure.weight_bytes) for value, measure in results)
+        if key in grouped:
+            grouped[key].layers.append(layer)
+            continue
+        steps = [
+            Level(level, value, base_drop - drop(value), measure.weight_bytes - base.weight_bytes)
+            for level, (value, measure) in zip(levels, results, strict=True)
+        ]
+        grouped[key] = LayerChoice([layer], steps)
+    return list(grouped.values())
+
+
+def _allocate(choices: list[LayerChoice], base: BitsMeasure, budget: float) -> None:
+    """Greedy by gain per added byte over every step up (a layer may go from finer to next-best
+    later): take the best step that fits the budget, again, until none does."""
+    limit = budget * base.weight_elements / 8.0
+    spent = float(base.weight_bytes)
+    while True:
+        best: tuple[float, LayerChoice, Level, int] | None = None
+        for choice in choices:
+            now = choice.level(choice.chosen)
+            gain_now, bytes_now = (now.gain, now.added_bytes) if now else (0.0, 0)
+            for level in choice.levels:
+                gain, extra = level.gain - gain_now, level.added_bytes - bytes_now
+                if gain > 0 and extra > 0 and spent + extra <= limit and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, choice, level, extra)
+        if best is None:
+            return
+        _, picked, step, added = best
+        picked.chosen, spent = step.name, spent + added
+
+
+def _block_size(passes: Sequence[Pass]) -> int | None:
+    for item in passes:
+        if item.block_option:
+            return int(getattr(item, item.block_option))
+    return None
+
+
+def _wider_blocks(passes: list[Pass]) -> list[Pass] | None:
+    """The passes with every block option doubled, or None when none can double."""
+    block = _block_size(passes)
+    if block is None or block * 2 > MAX_BLOCK:
+        return None
+    return [
+        dataclasses.replace(item, **{item.block_option: block * 2}) if item.block_option else item for item in passes
+    ]
