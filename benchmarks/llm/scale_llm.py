@@ -120,7 +120,7 @@ def main() -> None:
         "TinyLlama-1.1B's shape (hidden 2048, FFN 5632, 32/4 heads, vocab 32000, tied embeddings) with the layer "
         "counts below, random weights; exported by onnxruntime-genai's builder (fp32, external data); "
         "`onnx-compress optimize model.onnx -o out/model.onnx --quantize int4` (no calibration data: nearest "
-        "rounding, blocks of 32) in a fresh process; peak RSS of that process. 'runs': the output loads in "
+        "rounding, blocks of 32) in a fresh process; peak RSS: the largest of that process and its children (the fusion check of an output this size runs onnxruntime in a child). 'runs': the output loads in "
         "onnxruntime and one 16-token prefill gives finite logits.",
         "",
         "| layers | parameters | fp32 GB | int4 GB | tool s | tool peak RSS MB | s per B parameters | runs |",
