@@ -160,7 +160,7 @@ def optimize(
             run.chosen = run.auto.passes
     if options.bits is not None:
         with stage("bits budget"):
-            run.bits = bits_stage(run.source, run.chosen, run.context, options)
+            run.bits = bits_stage(run.source, run.chosen, run.context, options, run.reference)
             run.chosen = run.bits.passes
     if options.budget is not None:
         with stage("accuracy budget"):

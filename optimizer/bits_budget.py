@@ -44,7 +44,10 @@ from optimizer.budget_trials import (
 )
 from optimizer.errors import OptionError
 from optimizer.executor import ExecutorOptions, open_pool
-from optimizer.graph.bit_count import BitsMeasure, measure_bits
+from optimizer.fileio.model import has_lazy_tensors
+from optimizer.graph.bit_count import FLOAT_TYPES, BitsMeasure, measure_bits
+from optimizer.graph.inspection import weight_tensors
+from optimizer.graph.walk import walk_model
 from optimizer.pass_base import Pass
 from optimizer.progress import progress_bar
 from optimizer.verify.layer_debug import debug_layers
@@ -159,9 +162,16 @@ def plan_bits(
     max_trials: int = 256,
     progress: bool = False,
     worker_imports: Sequence[str] = (),
+    model_path: str | None = None,
+    allow_symlinks_under: Sequence[str] = (),
 ) -> BitsResult:
     """Choose, per layer, the requested format or the next-best one so the stored bits per weight
-    stay within ``budget`` and ``metric`` on ``calibration`` is as good as measured trials find."""
+    stay within ``budget`` and ``metric`` on ``calibration`` is as good as measured trials find.
+
+    ``max_trials`` bounds the sensitivity trials (layers with the most output error first); the
+    base builds and the final build come on top. ``model_path`` (with ``allow_symlinks_under``), when
+    the model came from a file, lets workers load it themselves (a lazily loaded model's weights are
+    readable only by the process that checked them)."""
     if budget <= 0 or max_trials < 1:
         raise OptionError("bits per weight must be > 0 and max_trials >= 1")
     if not calibration:
@@ -169,6 +179,7 @@ def plan_bits(
     if not any(item.soften_option for item in passes):
         raise OptionError("a bits budget needs a pass with a next-best format (quantize)")
     planner = _Planner(model, list(passes), list(calibration), metric_output(model, metric), runtime, budget)
+    planner.source = (model_path, tuple(allow_symlinks_under)) if model_path else None
     return planner.run(executor or ExecutorOptions(), max_trials, progress, tuple(worker_imports))
 
 
@@ -180,6 +191,7 @@ class _Planner:
         self.reference = runtime.outputs(model, self.feeds)
         self.baseline = self.metric(self.reference, self.reference)
         self.trials = 0
+        self.source: tuple[str, tuple[str, ...]] | None = None
 
     def trial(self, passes: list[Pass], backoff: Backoff) -> tuple[float, BitsMeasure]:
         self.trials += 1
@@ -191,7 +203,7 @@ class _Planner:
         passes, base_value, base, compressed = self.widest_needed()
         fast = [dataclasses.replace(item, **item.trial_options()) for item in passes]
         levels = _levels(fast)
-        layers = self.layers(compressed)[: max(1, max_trials // len(levels))]
+        layers = self.layers(compressed)[: max_trials // len(levels)] if levels else []
         choices = self.sensitivities(fast, levels, layers, base_value, base, executor, progress, imports)
         _allocate(choices, base, self.budget)
         final_passes, value, final = self.finish(passes, choices)
@@ -239,7 +251,10 @@ class _Planner:
             passes = wider
 
     def layers(self, compressed: onnx.ModelProto) -> list[str]:
-        """Compressed layers, most output error first (so a trial cap keeps the ones that matter)."""
+        """Compressed layers, most output error first (so a trial cap keeps the ones that matter);
+        for a model too large to run from memory, the readers of changed weights, largest first."""
+        if has_lazy_tensors(self.model):
+            return changed_layers(self.model, compressed)
         report = debug_layers(
             self.model,
             compressed,
@@ -257,7 +272,7 @@ class _Planner:
         bar = progress_bar(total=len(candidates), desc="bits budget trials", unit="trial", enabled=progress)
         try:
             if executor.parallel and len(candidates) > 1:
-                args = (imports, self.model.SerializeToString(), fast, self.spec, self.feeds)
+                args = (imports, self.source or self.model.SerializeToString(), fast, self.spec, self.feeds)
                 pool = open_pool(executor, init_worker, (*args, self.calibration, self.runtime, self.reference))
                 try:
                     results = pool.map(worker_sized_trial, candidates)
@@ -287,13 +302,43 @@ class _Planner:
             if measure.bits_per_weight <= self.budget or not stepped:
                 return chosen, value, measure
             least = min(stepped, key=lambda c: _ratio(c.level(c.chosen)))
-            least.chosen = None
+            least.chosen = _one_down(least)
+
+
+def changed_layers(source: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that read a float weight ``compressed`` no longer stores as it was, the
+    largest weight first (no run needed: a large model's layers without the per-layer analysis)."""
+    kept = {(info.name, info.dtype, info.shape) for info in weight_tensors(compressed)}
+    changed = {
+        info.name: info.size_bytes
+        for info in weight_tensors(source)
+        if info.dtype in FLOAT_TYPES and (info.name, info.dtype, info.shape) not in kept
+    }
+    readers: dict[str, int] = {}
+    for site in walk_model(source):
+        for node in site.graph.node:
+            sizes = [changed[name] for name in node.input if name in changed]
+            if sizes and node.name:
+                readers[node.name] = max(readers.get(node.name, 0), *sizes)
+    return sorted(readers, key=lambda name: (-readers[name], name))
+
+
+def _one_down(choice: LayerChoice) -> str | None:
+    """The level below the chosen one that still gains (next-best -> finer), else none."""
+    below = LEVELS[: LEVELS.index(choice.chosen)] if choice.chosen in LEVELS else ()
+    useful = [name for name in below if (level := choice.level(name)) is not None and level.gain > 0]
+    return useful[-1] if useful else None
 
 
 def _levels(passes: list[Pass]) -> list[str]:
-    """The steps up the passes offer (a pass without a refine option has only the next-best format)."""
-    options = ("refine_option", "soften_option")
-    return [name for name, option in zip(LEVELS, options, strict=True) if any(getattr(p, option) for p in passes)]
+    """The steps up the passes offer: finer blocks where a pass can refine what it writes (not when
+    its blocks are already the finest), the next-best format where it has one."""
+    levels = []
+    if any(p.refine_option and p.refinable() for p in passes):
+        levels.append(LEVELS[0])
+    if any(p.soften_option for p in passes):
+        levels.append(LEVELS[1])
+    return levels
 
 
 def _step(level: str, layer: str) -> Backoff:
@@ -306,11 +351,12 @@ def _ratio(level: Level | None) -> float:
 
 
 def _choices(by_layer, levels: list[str], base_drop: float, base: BitsMeasure, drop) -> list[LayerChoice]:
-    """One choice per distinct set of trial models: layers whose trials gave the same values and
-    bytes read the same weight (stepping one up steps the other)."""
+    """One choice per distinct set of trial models: layers whose trials stored the same tensors
+    (names, types, shapes: ``BitsMeasure.signature``) read the same weight, and stepping one up
+    steps the other; equal metric values or bytes alone prove nothing (two same-shape layers)."""
     grouped: dict[tuple, LayerChoice] = {}
     for layer, results in by_layer.items():
-        key = tuple((value, measure.weight_bytes) for value, measure in results)
+        key = tuple(measure.signature for _, measure in results)
         if key in grouped:
             grouped[key].layers.append(layer)
             continue
@@ -343,8 +389,9 @@ def _allocate(choices: list[LayerChoice], base: BitsMeasure, budget: float) -> N
 
 
 def _block_size(passes: Sequence[Pass]) -> int | None:
+    """The block length of the first pass that writes blocked weights (quantize: 4-bit), or None."""
     for item in passes:
-        if item.block_option:
+        if item.block_option and item.blocked():
             return int(getattr(item, item.block_option))
     return None
 
@@ -355,5 +402,6 @@ def _wider_blocks(passes: list[Pass]) -> list[Pass] | None:
     if block is None or block * 2 > MAX_BLOCK:
         return None
     return [
-        dataclasses.replace(item, **{item.block_option: block * 2}) if item.block_option else item for item in passes
+        dataclasses.replace(item, **{item.block_option: block * 2}) if item.block_option and item.blocked() else item
+        for item in passes
     ]

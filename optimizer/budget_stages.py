@@ -61,7 +61,7 @@ def budget_stage(
 
 
 def bits_stage(
-    source: onnx.ModelProto, chosen: list[Pass], context: PassContext, options: OptimizeOptions
+    source: onnx.ModelProto, chosen: list[Pass], context: PassContext, options: OptimizeOptions, reference: Path | None
 ) -> BitsResult:
     """The bits budget, measured on the calibration data (``check_bits_request`` passed)."""
     bits, factory = options.bits, context.calibration
@@ -77,4 +77,6 @@ def bits_stage(
         max_trials=bits.max_trials,
         progress=options.progress,
         worker_imports=("passes",),
+        model_path=str(reference) if reference is not None else None,
+        allow_symlinks_under=tuple(str(path) for path in options.allow_symlinks_under),
     )

@@ -130,6 +130,15 @@ class Pass(abc.ABC):
         value fails its check, before groups are backed off; {} when there are none."""
         return {}
 
+    def blocked(self) -> bool:
+        """Whether ``block_option`` applies to what this pass writes (quantize: 4-bit weights)."""
+        return self.block_option is not None
+
+    def refinable(self) -> bool:
+        """Whether ``refine_option`` would make what this pass writes finer (quantize: blocks longer
+        than the finest, 32)."""
+        return self.refine_option is not None
+
     def only_choice(self) -> tuple[str, str] | None:
         """The one value of ``measured_option`` the other options leave, and why (quantize 4-bit:
         weights, since dynamic and static are 8-bit), or None: 'auto' then measures the choices."""

@@ -57,7 +57,7 @@ def observe_activations(
     if not tensor_names:
         return 0
     model = probe_model(graph, tensor_names)
-    session, _ = create_session(model.SerializeToString(), resolve_provider(sampling.provider))
+    session, _ = create_session(model, resolve_provider(sampling.provider))
     del model
     inputs = [node_arg.name for node_arg in session.get_inputs()]
     names = list(tensor_names)

@@ -31,6 +31,7 @@ from optimizer.fileio.lazy_io import (
     make_lazy,
 )
 from optimizer.fileio.onnxruntime_ops import checker_view
+from optimizer.fileio.packed import PACKED_4BIT
 from optimizer.fileio.tensor_checks import (
     MAX_CONSTANT_OF_SHAPE_BYTES,
     MAX_SUBGRAPH_DEPTH,
@@ -228,7 +229,7 @@ def _check_lazy_tensor(tensor: TensorProto, shown: str, label: str) -> None:
         ref = lazy_ref(tensor)
     except ModelLoadError as error:
         raise load_error(shown, label, str(error)) from None
-    if tensor.data_type not in LAZY_DTYPES:
+    if tensor.data_type not in LAZY_DTYPES and tensor.data_type not in PACKED_4BIT:
         raise load_error(shown, label, "lazy reference to a data type that is never kept lazy")
     _check_as_inline(tensor, shown, label, ref.length_bytes)
 

@@ -57,8 +57,8 @@ def _check_output_folder(folder: pathlib.Path, target: pathlib.Path) -> None:
 def check_output_target(path: str | os.PathLike) -> None:
     """Before any work: the output's folder exists and is writable, and nothing but a regular file
     is in the way (so a run of minutes does not end in a save that cannot happen)."""
-    target = pathlib.Path(path)
-    _check_output_folder(target.parent if str(target.parent) else pathlib.Path("."), target)
+    target = pathlib.Path(os.path.abspath(os.fspath(path)))  # as save_model resolves it
+    _check_output_folder(target.parent, target)
     check_output_file(target)
 
 

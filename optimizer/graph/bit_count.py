@@ -12,6 +12,7 @@ Two counts, both from stored tensors (initializers, Constant nodes, every graph;
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ class BitsMeasure:
     weight_bytes: int
     parameters: int
     stored_bytes: int
+    signature: str = ""
+    """A digest of the stored tensors' names, types and shapes: two models of one source that store
+    the same tensors the same way have the same one."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -74,4 +78,7 @@ def measure_bits(source: onnx.ModelProto, compressed: onnx.ModelProto) -> BitsMe
         if unmatched[_key(info)] > 0:
             unmatched[_key(info)] -= 1
             kept_bytes += info.size_bytes
-    return BitsMeasure(weight_elements, stored - kept_bytes, parameters, stored)
+    layout = hashlib.blake2b(digest_size=16)
+    for info in sorted(after, key=lambda info: (info.graph, info.name)):
+        layout.update(repr((info.graph, info.name, info.dtype, info.shape)).encode())
+    return BitsMeasure(weight_elements, stored - kept_bytes, parameters, stored, layout.hexdigest())

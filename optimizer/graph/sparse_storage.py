@@ -31,6 +31,11 @@ from optimizer.fileio.lazy_io import is_lazy, map_array
 INDEX_BYTES = 8
 STORAGE_CHOICES = ("dense", "sparse", "auto")
 GZIP_LEVEL = 6
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
+"""Initializers that may be stored sparse; others are kept without reading them (a spilled 4-bit
+tensor has no numpy view)."""
 
 
 def sparse_bytes(values: np.ndarray) -> int:
@@ -65,10 +70,10 @@ def to_sparse_initializers(
     decisions: dict[str, dict[str, object]] = {}
     kept = []
     for tensor in graph.initializer:
-        values = map_array(tensor) if is_lazy(tensor) else numpy_helper.to_array(tensor)
-        if (wanted is not None and tensor.name not in wanted) or values.dtype.kind != "f":
+        if (wanted is not None and tensor.name not in wanted) or tensor.data_type not in FLOAT_TYPES:
             kept.append(tensor)
             continue
+        values = map_array(tensor) if is_lazy(tensor) else numpy_helper.to_array(tensor)
         decision = storage_choice(values, storage)
         decisions[tensor.name] = decision
         if decision["stored_as"] == "sparse":

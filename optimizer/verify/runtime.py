@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
 
 from optimizer.errors import OptionError, RuntimeSessionError
+from optimizer.fileio.model import has_lazy_tensors
+from optimizer.fileio.save import save_model
 from optimizer.fileio.tensor_checks import iter_tensors
 from optimizer.verify.run_limit import DEFAULT_TIMEOUT_S, RunTimeoutError, arm, checked_timeout, disarm, timeout_error
 
@@ -165,12 +169,25 @@ def create_session(
         options.optimized_model_filepath = os.fspath(optimized_model_path)
     for key, value in sorted((config or {}).items()):
         options.add_session_config_entry(key, value)
-    source = _session_source(model)
-    try:
-        session = onnxruntime.InferenceSession(source, sess_options=options, providers=list(provider.providers))
-    except Exception as exc:  # onnxruntime's exceptions share no base class but Exception
-        raise RuntimeSessionError(f"onnxruntime cannot load {label}: {_one_line(exc)}") from exc
+    with _saved_if_lazy(model) as model:
+        source = _session_source(model)
+        try:
+            session = onnxruntime.InferenceSession(source, sess_options=options, providers=list(provider.providers))
+        except Exception as exc:  # onnxruntime's exceptions share no base class but Exception
+            raise RuntimeSessionError(f"onnxruntime cannot load {label}: {_one_line(exc)}") from exc
     return session, session.get_providers()[0]
+
+
+@contextmanager
+def _saved_if_lazy(model: ModelSource) -> Iterator[ModelSource]:
+    """A model whose tensors stay on disk (a lazy load of a large model, or arrays a pass spilled),
+    saved with external data in a temporary folder for the session to read (onnxruntime cannot
+    resolve those references in memory); any other model as it is."""
+    if not isinstance(model, onnx.ModelProto) or not has_lazy_tensors(model):
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-compress-session-") as folder:
+        yield save_model(model, Path(folder) / "model.onnx", external_data=True)
 
 
 def _session_source(model: ModelSource) -> str | bytes:

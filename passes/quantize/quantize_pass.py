@@ -35,7 +35,7 @@ from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynam
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
 from passes.quantize.integer_forms import fold_batch_norms, prepare_integer_forms
 from passes.quantize.opset import ensure_opset
-from passes.quantize.options import QuantizeOptions
+from passes.quantize.options import FINE_BLOCK, QuantizeOptions
 from passes.quantize.outliers import channel_absmax, outlier_channels
 from passes.quantize.report import finish_report
 from passes.quantize.static import StaticPlan, plan_static, quantize_static
@@ -58,6 +58,12 @@ class QuantizePass(QuantizeOptions, Pass):
     unmeasured_choice = UNMEASURED_MODE
     refine_option = "fine_block_nodes"
     block_option = "block_size"
+
+    def blocked(self) -> bool:
+        return self.weight_type in ("int4", "uint4")
+
+    def refinable(self) -> bool:
+        return self.blocked() and self.block_size > FINE_BLOCK
 
     def only_choice(self) -> tuple[str, str] | None:
         if self.weight_type in ("int4", "uint4"):

@@ -138,19 +138,41 @@ def test_the_metric_defaults_to_the_logits_output():
     assert metric_output(model, MetricSpec("kl", output="present.0.key")).output == "present.0.key"
 
 
-def _measure(weight_bytes: int) -> BitsMeasure:
-    return BitsMeasure(weight_elements=1000, weight_bytes=weight_bytes, parameters=1000, stored_bytes=weight_bytes)
+def _measure(weight_bytes: int, signature: str = "") -> BitsMeasure:
+    return BitsMeasure(1000, weight_bytes, 1000, weight_bytes, signature)
 
 
 def test_layers_whose_trials_built_the_same_model_are_one_choice():
     results = {
-        "head": [(0.5, _measure(600)), (0.1, _measure(900))],
-        "lookup": [(0.5, _measure(600)), (0.1, _measure(900))],  # the same weight, another reader
-        "fc": [(0.9, _measure(520)), (0.8, _measure(560))],
+        "head": [(0.5, _measure(600, "head-fine")), (0.1, _measure(900, "head-8"))],
+        "lookup": [(0.5, _measure(600, "head-fine")), (0.1, _measure(900, "head-8"))],  # same weight, other reader
+        "fc": [(0.9, _measure(520, "fc-fine")), (0.8, _measure(560, "fc-8"))],
+        "fc2": [(0.9, _measure(520, "fc2-fine")), (0.8, _measure(560, "fc2-8"))],  # same shape and values
     }
     choices = _choices(results, ["finer", "next-best"], 1.0, _measure(500), lambda value: value)
-    assert [c.layers for c in choices] == [["head", "lookup"], ["fc"]]
+    assert [c.layers for c in choices] == [["head", "lookup"], ["fc"], ["fc2"]]
     assert choices[0].level("next-best") == Level("next-best", 0.1, 0.9, 400)
+
+
+def test_trials_of_two_same_shape_layers_have_different_signatures():
+    model, quantize = decoder_like(), create_pass("quantize", weight_type="int4", mode="weights")
+    from optimizer.budget_trials import Backoff, compress
+
+    runtime = Runtime("cpu", None)
+    up, down = (measure_bits(model, compress(model, [quantize], Backoff(weight_only=frozenset([name])), [], runtime))
+                for name in ("mlp_up", SENSITIVE))
+    assert up.weight_bytes == down.weight_bytes and up.signature != down.signature
+
+
+def test_over_the_budget_a_choice_steps_down_one_level():
+    from optimizer.bits_budget import _one_down
+
+    both = LayerChoice(["a"], [Level("finer", 0, 0.5, 10), Level("next-best", 0, 0.6, 100)], chosen="next-best")
+    assert _one_down(both) == "finer"
+    both.chosen = "finer"
+    assert _one_down(both) is None
+    useless_finer = LayerChoice(["b"], [Level("finer", 0, 0.0, 10), Level("next-best", 0, 0.6, 100)], "next-best")
+    assert _one_down(useless_finer) is None
 
 
 def test_allocation_takes_the_best_gain_per_byte_and_steps_a_layer_up_twice():
@@ -207,3 +229,31 @@ def test_cli_writes_the_model_and_reports_the_budget(tmp_path, capsys):
     assert missing == 2 and "nowhere" in capsys.readouterr().err
     refused = main(["optimize", str(source), "-o", str(out), "--quantize", "int4", "--bits-per-weight", "5"])
     assert refused == 2 and "calibration" in capsys.readouterr().err
+
+
+def test_a_model_too_large_to_run_from_memory_is_run_from_files(tmp_path, monkeypatch):
+    """Above 256 MB of external data optimize() loads lazily; onnxruntime cannot resolve such a model
+    in memory, so the budget's reference and trials run saved copies, here and in workers."""
+    import optimizer.app_inputs as app_inputs
+
+    source = tmp_path / "model.onnx"
+    onnx.save_model(decoder_like(), source, save_as_external_data=True, location="model.data", size_threshold=0)
+    monkeypatch.setattr(app_inputs, "LAZY_LOAD_ABOVE_BYTES", 0)  # stands for a model over 256 MB
+    finals = []
+    for workers in (1, 2):
+        options = int4_options(5.0)
+        options = OptimizeOptions(**{**options.__dict__, "executor": ExecutorOptions(workers=workers)})
+        result = optimize(source, tmp_path / f"out{workers}.onnx", options)
+        assert result.report.bits["met"] and SENSITIVE in result.report.bits["finer"] + result.report.bits["next_best"]
+        finals.append(result.report.bits["final"])
+    assert finals[0] == finals[1]
+    (one,), (two,) = (list(tmp_path.glob(f"out{n}.onnx.*.data")) for n in (1, 2))
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_an_8bit_request_is_not_widened_and_its_floor_is_named_without_blocks():
+    int8 = {"quantize": {"weight_type": "int8", "mode": "weights"}}
+    options = OptimizeOptions(passes=["quantize"], pass_options=int8, calibration=calibration(),
+                              bits=BitsOptions(bits_per_weight=7.0))
+    with pytest.raises(OptionError, match=r"least this model takes: 8\.\d+ with every layer compressed as requested$"):
+        optimize(decoder_like(), None, options)

@@ -23,6 +23,7 @@ from optimizer.fileio.output_files import previous_data_files
 from optimizer.fileio.save import save_model
 from optimizer.fileio.tensor_checks import iter_tensors
 from optimizer.graph.convert import export_model, import_graph
+from optimizer.graph.sparse_storage import to_sparse_initializers
 from optimizer.graph.walk import iter_graphs
 from optimizer.graph.weights import weight_values
 from optimizer.pipeline import Pipeline, model_shell
@@ -169,6 +170,8 @@ def test_4bit_weights_a_pass_makes_are_spilled_too_and_read_back_unpacked(tmp_pa
     for kind, pick in (("model", pathlib.Path), ("data", _data_of)):
         eager, lazy = (pick(outputs[mode]).read_bytes() for mode in ("eager", "lazy"))
         assert eager == lazy, f"the {kind} file differs"
+    load_model(exported["lazy"])  # the load checks accept a spilled 4-bit reference
+    assert to_sparse_initializers(exported["lazy"], names=[], storage="sparse")[1] == {}  # and pass it by
     graph = import_graph(exported["lazy"])
     eager = {t.name: t for t, _ in iter_tensors(load_model(outputs["eager"]))}
     for tensor in packed:
@@ -270,3 +273,28 @@ def test_lazy_load_of_300_mb_does_not_read_the_data(tmp_path):
     found = json.loads(run.stdout)
     assert found["initializers"] == count
     assert found["growth_kb"] < 30_000, found
+
+
+def test_calibration_runs_on_a_lazily_loaded_model(tmp_path, monkeypatch):
+    """GPTQ observes activations by running the model: a lazily loaded one (over 256 MB of external
+    data) used to fail there ("onnxruntime cannot load <in-memory model>"); its session now reads a
+    saved copy, and the result is the eager run's."""
+    import optimizer.app_inputs as app_inputs
+    from optimizer.api import OptimizeOptions, optimize
+
+    source = _saved(tmp_path / "m")
+    calibration = [{"x": np.random.default_rng(i).standard_normal((2, SIDE)).astype(np.float32),
+                    "c": np.array(True)} for i in range(3)]
+    options = OptimizeOptions(passes=["quantize"], calibration=calibration,
+                              pass_options={"quantize": {"weight_type": "int4", "mode": "weights", "block_size": 16}})
+    outputs = {}
+    for mode, threshold in (("eager", 2**40), ("lazy", 0)):
+        monkeypatch.setattr(app_inputs, "LAZY_LOAD_ABOVE_BYTES", threshold)
+        (tmp_path / mode).mkdir()
+        result = optimize(source, tmp_path / mode / "out.onnx", options)
+        assert result.report.passes[0]["report"]["counts"]["weights_gptq"] >= 1
+        outputs[mode] = {t.name: t for t, _ in iter_tensors(load_model(tmp_path / mode / "out.onnx"))}
+    assert sorted(outputs["eager"]) == sorted(outputs["lazy"])
+    for name, tensor in outputs["eager"].items():
+        eager, lazy = (onnx.numpy_helper.to_array(t) for t in (tensor, outputs["lazy"][name]))
+        np.testing.assert_array_equal(eager, lazy)
