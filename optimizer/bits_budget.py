@@ -201,7 +201,7 @@ class _Planner:
     def run(self, executor: ExecutorOptions, max_trials: int, progress: bool, imports: tuple[str, ...]) -> BitsResult:
         requested = _block_size(self.passes)
         passes, base_value, base, compressed = self.widest_needed()
-        fast = [dataclasses.replace(item, **item.trial_options()) for item in passes]
+        fast = _cheap(passes)
         levels = _levels(fast)
         layers = self.layers(compressed)[: max_trials // len(levels)] if levels else []
         choices = self.sensitivities(fast, levels, layers, base_value, base, executor, progress, imports)
@@ -233,7 +233,7 @@ class _Planner:
         their (cheap-trial) model, its metric value and its bits."""
         passes = list(self.passes)
         while True:
-            fast = [dataclasses.replace(item, **item.trial_options()) for item in passes]
+            fast = _cheap(passes)
             self.trials += 1
             compressed = compress(self.model, fast, Backoff(), self.calibration, self.runtime)
             measure = measure_bits(self.model, compressed)
@@ -321,6 +321,11 @@ def changed_layers(source: onnx.ModelProto, compressed: onnx.ModelProto) -> list
             if sizes and node.name:
                 readers[node.name] = max(readers.get(node.name, 0), *sizes)
     return sorted(readers, key=lambda name: (-readers[name], name))
+
+
+def _cheap(passes: list[Pass]) -> list[Pass]:
+    """The passes as a ranking trial builds them (``Pass.trial_options``: quantize rounds to nearest)."""
+    return [dataclasses.replace(item, **item.trial_options()) for item in passes]
 
 
 def _one_down(choice: LayerChoice) -> str | None:

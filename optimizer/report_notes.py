@@ -20,11 +20,6 @@ ISOLATED_FUSION_ABOVE_BYTES = 256 * 2**20
 took 1 GB more on top of the tool's own 1.7 GB); smaller ones here (a child costs about a second)."""
 
 
-def _files_size(path: Path) -> int:
-    """The model file and the data files beside it that carry its name."""
-    return sum(item.stat().st_size for item in path.parent.glob(path.name + "*") if item.is_file())
-
-
 def size_notes(chosen: Sequence[Pass], report: Report) -> None:
     """Say so when unstructured pruning left the file about as large as it was (dense zeros)."""
     pruned = [p for p in chosen if p.name == "prune" and getattr(p, "storage", "dense") != "sparse"]
@@ -42,7 +37,8 @@ def add_fusion(report: Report, model: onnx.ModelProto | Path, provider: str) -> 
         report.notes.append("fusion check skipped: the model exceeds 2 GB and was not written")
         return
     try:
-        if isinstance(model, Path) and _files_size(model) > ISOLATED_FUSION_ABOVE_BYTES:
+        size = report.output.size_bytes if report.output is not None else 0  # measured when it was published
+        if isinstance(model, Path) and size > ISOLATED_FUSION_ABOVE_BYTES:
             # its own process: onnxruntime's session of a large model is not added to the tool's memory
             fusion = run_isolated(check_fusion, model, provider, timeout_s=None, label="the fusion check")
         else:
