@@ -187,7 +187,7 @@ class _Planner:
     def __init__(self, model, passes, calibration, metric: MetricSpec, runtime: Runtime, budget: float) -> None:
         self.model, self.passes, self.calibration = model, passes, calibration
         self.feeds = calibration[:METRIC_SAMPLES]
-        self.spec, self.metric, self.runtime, self.budget = metric, metric.build(), runtime, budget
+        self.spec, self.metric, self.runtime, self.budget = metric, metric.build(self.feeds), runtime, budget
         self.reference = runtime.outputs(model, self.feeds)
         self.baseline = self.metric(self.reference, self.reference)
         self.trials = 0
@@ -246,7 +246,7 @@ class _Planner:
                 raise OptionError(
                     f"bits per weight {self.budget:g} is below the least this model takes: "
                     f"{measure.bits_per_weight:.3f} with every layer compressed as requested"
-                    + (f" at block_size {block} (4-bit takes about 4.3 at block_size 128)" if block else "")
+                    + (f" at block_size {block} (4-bit takes about 4.16 at block_size 128)" if block else "")
                 )
             passes = wider
 

@@ -84,6 +84,23 @@ def float_constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.array(values, dtype=np.float32, order="C"))
 
 
+def stored_scale(
+    names: NameAllocator, base: str, suffix: str, values: np.ndarray, bits: int
+) -> tuple[gs.Tensor, list[gs.Node]]:
+    """The scale input of a dequantizing node and the nodes that make it: float32, or for 4-bit
+    weights float16 behind a Cast onnxruntime folds at load (constant folding runs before its
+    fusions: DequantizeLinear -> MatMul still becomes MatMulNBits). A float32 scale per 32 4-bit
+    values is a fifth of the bytes; ``quant_math.half_exact`` chose scales float16 holds exactly, so
+    the model computes the same. Scales outside float16's normal range stay float32."""
+    values = np.asarray(values, np.float32)
+    if bits != 4 or not _exact_in_float16(values):
+        return float_constant(names.fresh(base, suffix), values), []
+    half = gs.Constant(names.fresh(base, suffix + "_float16"), values.astype(np.float16))
+    scale = gs.Variable(names.fresh(base, suffix + "_float"), dtype=np.float32)
+    cast = gs.Node("Cast", names.fresh(base, "_ScaleCast"), {"to": onnx.TensorProto.FLOAT}, [half], [scale])
+    return scale, [cast]
+
+
 def int64_constant(name: str, values: Iterable[int]) -> gs.Constant:
     return gs.Constant(name, np.asarray(list(values), np.int64))
 
@@ -100,7 +117,7 @@ class QuantizedWeight:
     quantized: QuantizedTensor
     names: NameAllocator
     integer: gs.Constant = field(init=False)
-    scale: gs.Constant = field(init=False)
+    _scale: gs.Constant | None = field(default=None, init=False)
     zero_point: gs.Constant | None = field(init=False)
     float_view: gs.Tensor | None = field(default=None, init=False)
 
@@ -109,12 +126,18 @@ class QuantizedWeight:
         self.integer = integer_constant(
             self.names.fresh(base, QUANTIZED_SUFFIX), self.quantized.values, self.quantized.qtype
         )
-        self.scale = float_constant(self.names.fresh(base, "_scale"), self.quantized.scale)
         self.zero_point = None
         if not is_symmetric_signed(self.quantized):
             self.zero_point = integer_constant(
                 self.names.fresh(base, "_zero_point"), np.asarray(self.quantized.zero_point), self.quantized.qtype
             )
+
+    @property
+    def scale(self) -> gs.Constant:
+        """The scale as a float32 initializer (made on first use)."""
+        if self._scale is None:
+            self._scale = float_constant(self.names.fresh(self.target.name, "_scale"), self.quantized.scale)
+        return self._scale
 
     def make_float_view(self, form: FloatForm) -> gs.Tensor:
         """Replace the float weight, for every reader, by its dequantized value (done once)."""
@@ -135,9 +158,14 @@ class QuantizedWeight:
             attrs["axis"] = int(q.axis)
         if q.block_size is not None and q.axis is not None:
             attrs["block_size"] = int(q.block_size)
-        inputs = [self.integer, self.scale] + ([self.zero_point] if self.zero_point is not None else [])
+        scale, nodes = (
+            (self.scale, [])
+            if q.qtype.bits != 4
+            else stored_scale(self.names, self.target.name, "_scale", self.quantized.scale, q.qtype.bits)
+        )
+        inputs = [self.integer, scale] + ([self.zero_point] if self.zero_point is not None else [])
         name = self.names.fresh(self.target.name, "_DequantizeLinear")
-        return [gs.Node("DequantizeLinear", name, attrs, inputs, [output])]
+        return [*nodes, gs.Node("DequantizeLinear", name, attrs, inputs, [output])]
 
     def _fold_nodes(self, output: gs.Tensor) -> list[gs.Node]:
         """Cast -> [Reshape into blocks] -> [Sub zero point] -> Mul scale -> [Reshape back]."""
@@ -168,19 +196,10 @@ class QuantizedWeight:
             )
             nodes.append(gs.Node("Sub", self.names.fresh(base, "_Sub"), {}, [current, zero], [centered]))
             current = centered
-        scale_values = np.asarray(q.scale, np.float32).reshape(broadcast)
-        if q.qtype.bits != 4 or not _fits_float16(scale_values):
-            scale = float_constant(self.names.fresh(base, "_scale_broadcast"), scale_values)
-        else:
-            # one scale per 32 4-bit values costs a quarter of their bytes in float32; float16's
-            # relative error (2^-11) is a hundredth of a 4-bit step, and the Cast folds at load
-            scale_half = gs.Constant(self.names.fresh(base, "_scale_float16"), scale_values.astype(np.float16))
-            scale = self._variable(base, "_scale_float")
-            nodes.append(
-                gs.Node(
-                    "Cast", self.names.fresh(base, "_ScaleCast"), {"to": onnx.TensorProto.FLOAT}, [scale_half], [scale]
-                )
-            )
+        scale, made = stored_scale(
+            self.names, base, "_scale_broadcast", np.asarray(q.scale, np.float32).reshape(broadcast), q.qtype.bits
+        )
+        nodes.extend(made)
         scaled = output if q.block_size is None else self._variable(base, "_scaled")
         nodes.append(gs.Node("Mul", self.names.fresh(base, "_Mul"), {}, [current, scale], [scaled]))
         if q.block_size is not None and q.axis is not None:
@@ -192,12 +211,11 @@ class QuantizedWeight:
         return gs.Variable(self.names.fresh(base, suffix), dtype=np.float32)
 
 
-def _fits_float16(values: np.ndarray) -> bool:
-    """Every value is a normal float16 (so rounding to float16 keeps 11 significant bits)."""
+def _exact_in_float16(values: np.ndarray) -> bool:
+    """Every value is a normal float16 number, exactly."""
     magnitude = np.abs(values)
-    return bool(values.size) and bool(
-        np.all((magnitude >= np.finfo(np.float16).tiny) & (magnitude <= np.finfo(np.float16).max))
-    )
+    normal = (magnitude >= np.finfo(np.float16).tiny) & (magnitude <= np.finfo(np.float16).max)
+    return bool(values.size) and bool(np.all(normal)) and bool(np.all(values.astype(np.float16) == values))
 
 
 def _broadcast_shape(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...]:

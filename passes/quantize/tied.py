@@ -32,7 +32,7 @@ from optimizer.calibration.quant_math import pack_4bit
 from optimizer.graph.names import NameAllocator
 from optimizer.graph.weights import Weight
 from optimizer.pass_base import PassReport
-from passes.quantize.common import QuantizedWeight, float_constant, integer_constant
+from passes.quantize.common import QuantizedWeight, integer_constant, stored_scale
 from passes.quantize.targets import QUANTIZED_SUFFIX
 
 LOOKUP_OP = "GatherBlockQuantized"
@@ -112,7 +112,8 @@ def serve_lookups(
     assert graph is not None and quantized.axis == 0 and quantized.block_size is not None
     base = weight.target.name
     table = integer_constant(names.fresh(base, "_lookup" + QUANTIZED_SUFFIX), quantized.values.T, quantized.qtype)
-    scale = float_constant(names.fresh(base, "_lookup_scale"), np.asarray(quantized.scale).T)
+    scale, made = stored_scale(names, base, "_lookup_scale", np.asarray(quantized.scale).T, quantized.qtype.bits)
+    graph.nodes.extend(made)
     zero_point = None
     if weight.zero_point is not None:
         zero_point = integer_constant(
@@ -208,7 +209,9 @@ def _serve_shared(
     shift = 8 if weight.quantized.qtype.signed else 0  # MatMulNBits stores unsigned nibbles
     packed = _packed_rows(values.astype(np.int16) + shift).reshape(columns, rows_k // block, block // 2)
     data = gs.Constant(names.fresh(base, "_nbits"), packed)
-    shared: list[gs.Tensor] = [float_constant(names.fresh(base, "_nbits_scale"), scales)]
+    scale, made = stored_scale(names, base, "_nbits_scale", scales, weight.quantized.qtype.bits)
+    graph.nodes.extend(made)
+    shared: list[gs.Tensor] = [scale]
     if zeros is not None:
         shared.append(gs.Constant(names.fresh(base, "_nbits_zero_point"), _packed_rows(zeros.astype(np.int16) + shift)))
     common = {"bits": 4, "block_size": block}

@@ -8,6 +8,7 @@ from optimizer.calibration.quant_math import (
     QTYPES,
     bias_weight_scale_floor,
     dequantize,
+    half_exact,
     pack_4bit,
     qtype,
     quantize,
@@ -41,6 +42,28 @@ def test_zero_is_exact_and_range_is_covered(name, symmetric):
     assert quantized.values.min() >= target.qmin and quantized.values.max() <= target.qmax
     step = np.asarray(quantized.scale)[:, None]
     assert np.all(np.abs(restored - values) <= step / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("name", ["int4", "uint4"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_4bit_scales_are_float16_numbers_rounded_up_and_out_of_range_ones_stay_float32(name, symmetric):
+    """4-bit scales are stored as float16 (a float32 one per 32 values is a fifth of the bytes), so
+    they are chosen as float16 numbers, rounded up so the range stays covered; 8-bit ones are not."""
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((64, 48)).astype(np.float32)
+    quantized = quantize_weight(values, qtype(name), symmetric=symmetric, axis=0, block_size=32)
+    scale = np.asarray(quantized.scale)
+    assert np.all(scale.astype(np.float16).astype(np.float32) == scale)
+    low, high = value_ranges(values, 0, 32)
+    plain, _ = scale_zero_point(low, high, qtype(name.replace("4", "8")), symmetric=symmetric)
+    low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
+    exact = np.maximum(-low, high) * 2 / 14 if symmetric else (high - low) / 15  # 14: symmetric drops a code
+    assert np.all(scale >= exact * (1 - 1e-7)) and np.all(scale <= exact * (1 + 2**-10))
+    assert not np.all(plain.astype(np.float16).astype(np.float32) == plain)  # 8-bit: float32 as computed
+    restored = quantized.dequantized()
+    assert np.all(np.abs(restored - values) <= np.repeat(scale, 32, axis=0) / 2 + 1e-7)
+    tiny = half_exact(np.array([1e-9, 3e-5, 70000.0], np.float32))  # below float16's normals, above its max
+    assert tiny.tolist() == np.array([1e-9, 3e-5, 70000.0], np.float32).tolist()
 
 
 def test_symmetric_signed_has_zero_point_zero_and_unsigned_the_middle():

@@ -38,10 +38,10 @@ def test_4bit_blocks_of_32_cost_their_scales_and_zero_points():
     compressed = quantize(model, weight_type="int4", mode="weights", block_size=32)[0].model
     measure = measure_bits(model, compressed)
     elements = 256 * 256 + 256 * 128
-    # uint4 values + one float32 scale and one uint4 zero point per 32 weights: 4 + 1 + 0.125
+    # uint4 values + one float16 scale and one uint4 zero point per 32 weights: 4 + 0.5 + 0.125
     assert measure.weight_elements == elements
-    assert measure.weight_bytes == elements // 2 + elements // 32 * 4 + elements // 32 // 2
-    assert measure.bits_per_weight == 5.125
+    assert measure.weight_bytes == elements // 2 + elements // 32 * 2 + elements // 32 // 2
+    assert measure.bits_per_weight == 4.625
     assert measure.parameters == elements + 256  # the bias is a parameter ...
     assert measure.stored_bytes == measure.weight_bytes + 256 * 4  # ... stored as it was
     assert measure.bits_per_parameter > measure.bits_per_weight

@@ -116,11 +116,28 @@ def test_int4_blocked_raises_opset_and_runs_matmulnbits(tmp_path, weight_type, d
     stored = initializers(result.model)
     assert stored["W_quantized"].data_type == data_type
     assert len(stored["W_quantized"].raw_data) == 128 * 64 // 2
+    # the block scales are stored as float16 behind a Cast that onnxruntime folds before its fusion
+    assert stored["W_scale_float16"].data_type == TensorProto.FLOAT16
+    assert numpy_helper.to_array(stored["W_scale_float16"]).shape == (128 // 32, 64)
+    assert not [t for t in stored.values() if t.data_type == TensorProto.FLOAT]
     dq = next(n for n in result.model.graph.node if n.op_type == "DequantizeLinear")
     assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
     assert report["details"]["opset"]["after"] == 21
     assert next(o.version for o in result.model.opset_import if o.domain == "") == 21
     assert result.model.ir_version >= 10
+    assert ort_runs(result.model, tmp_path)["MatMulNBits"] == 1
+    feeds = [{"x": np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)}]
+    reference, candidate = run_model(model, feeds)[0][0], run_model(result.model, feeds)[0][0]
+    assert np.linalg.norm(candidate - reference) / np.linalg.norm(reference) < 0.12
+
+
+def test_int4_scales_float16_cannot_hold_stay_float32_and_still_run_matmulnbits(tmp_path):
+    w = weight((128, 64)) * 1e-6  # scales near 1e-7, under float16's smallest normal (6.1e-5)
+    model = matmul_model(w)
+    result, _ = quantize(model, mode="weights", weight_type="uint4")
+    stored = initializers(result.model)
+    assert stored["W_scale"].data_type == TensorProto.FLOAT
+    assert not [t for t in stored.values() if t.data_type == TensorProto.FLOAT16]
     assert ort_runs(result.model, tmp_path)["MatMulNBits"] == 1
     feeds = [{"x": np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)}]
     reference, candidate = run_model(model, feeds)[0][0], run_model(result.model, feeds)[0][0]

@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.calibration.quant_math import dequantize
+from optimizer.calibration.gptq import DAMPING, InverseFactor, gptq_quantize
+from optimizer.calibration.quant_math import dequantize, qtype
 from tests.helpers.quantize_checks import initializers, quantize
 from tests.helpers.runtime import ort_runs, run_model
 
@@ -50,13 +51,23 @@ def _unpacked_rows(packed: np.ndarray, count: int) -> np.ndarray:
     return nibbles[:, :count].astype(np.int32)
 
 
+def _stored_scale(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """A 4-bit scale input: stored as float16 behind a Cast to float32 (a float32 scale would be a
+    fifth of the 4-bit bytes), equal to the float32 values it stands for."""
+    [cast] = [n for n in model.graph.node if name in n.output]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+    half = initializers(model)[cast.input[0]]
+    assert half.data_type == TensorProto.FLOAT16
+    return numpy_helper.to_array(half).astype(np.float32)
+
+
 def _lookup_table(model: onnx.ModelProto, hidden: int) -> np.ndarray:
     """The float table GatherBlockQuantized stands for, dequantized in numpy from what is stored."""
     node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     stored = initializers(model)
     producers = {out: n for n in model.graph.node for out in n.output}
     source = producers[node.input[0]].input[0] if node.input[0] in producers else node.input[0]
-    data, scale = numpy_helper.to_array(stored[source]), numpy_helper.to_array(stored[node.input[2]])
+    data, scale = numpy_helper.to_array(stored[source]), _stored_scale(model, node.input[2])
     block = next(a.i for a in node.attribute if a.name == "block_size")
     blocks = scale.shape[1]
     if data.dtype == np.uint8:  # MatMulNBits' packed layout, shared
@@ -100,8 +111,10 @@ def test_the_head_computes_what_its_dequantized_weight_gives(tmp_path):
     table = _lookup_table(result.model, HIDDEN)
     x = RNG.standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)
     head = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits")
+    casts = [n for n in result.model.graph.node if n.op_type == "Cast" and n.output[0] in head.input]
     graph = helper.make_graph(
         [
+            *casts,
             helper.make_node(
                 "MatMulNBits",
                 ["x", *head.input[1:]],
@@ -113,7 +126,7 @@ def test_the_head_computes_what_its_dequantized_weight_gives(tmp_path):
         "head",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, HIDDEN])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, VOCAB])],
-        [t for t in result.model.graph.initializer if t.name in head.input],
+        [t for t in result.model.graph.initializer if t.name in {*head.input, *(c.input[0] for c in casts)}],
     )
     alone = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
@@ -284,3 +297,27 @@ def test_a_tied_weight_named_for_fine_blocks_takes_them_in_the_head_and_the_look
         for m in (fine.model, wide.model)
     ]
     assert errors[0] < errors[1]
+
+
+def test_gptq_on_a_tied_weight_damps_toward_the_lookups_own_error():
+    """GPTQ weighs the head's X^T X; a lookup reads the weight itself, so a tied weight takes GPTQ
+    with more damping (``TIED_DAMPING``): the head still gains on round-to-nearest, and the table
+    moves less than under the usual damping."""
+    model = tied_model()
+    weight = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    weight[:8] *= 4.0  # a few large hidden channels: the head's X^T X is far from isotropic
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "W"))
+    calibration = feeds(80)
+    gptq, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    nearest, _ = quantize(model, calibration=calibration, mode="weights", weight_type="int4", weight_rounding="nearest")
+    assert report["counts"]["weights_gptq"] == 1
+    assert report["details"]["gptq"]["output_error_vs_nearest_median"] < 0.5
+    rows = np.concatenate([weight.T[feed["ids"][0]] for feed in calibration]).astype(np.float64)
+    usual = gptq_quantize(weight, InverseFactor(rows.T @ rows / len(rows), DAMPING), qtype("uint4"),
+                          symmetric=False, block_size=32).dequantized()
+
+    def table_error(table: np.ndarray) -> float:
+        return float(np.square(table - weight.T).sum())
+
+    assert table_error(_lookup_table(gptq.model, HIDDEN)) < 0.7 * table_error(usual.T)
+    assert table_error(_lookup_table(gptq.model, HIDDEN)) > table_error(_lookup_table(nearest.model, HIDDEN))
