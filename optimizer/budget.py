@@ -155,7 +155,7 @@ def final_budget_check(
 ) -> tuple[bool, str]:
     """The budget's own metric, on the same feeds, for the file that will be written: the final
     verdict of a run with --max-drop (the search and the final check can then never disagree)."""
-    metric, runtime = spec.build(), Runtime(provider, timeout_s)
+    metric, runtime = spec.build(feeds), Runtime(provider, timeout_s)
     value = metric(runtime.outputs(reference, feeds), runtime.outputs(candidate, feeds))
     drop = metric.drop(budget.baseline, value)
     met = drop <= budget.max_drop
@@ -241,7 +241,7 @@ class _SearchState:
         self.return_model = return_model
         self.softens = any(item.soften_option for item in passes)
         self.stopped_early = False
-        self.metric = metric.build()
+        self.metric = metric.build(feeds)
         self.reference = runtime.outputs(model, feeds)
         self.baseline = self.metric(self.reference, self.reference)
         self.results: dict[Backoff, float] = {}

@@ -31,8 +31,9 @@ class MetricSpec:
     higher_is_better: bool | None = None
     output: str | None = None
 
-    def build(self) -> Metric:
-        return load_metric(self.spec, higher_is_better=self.higher_is_better, output=self.output)
+    def build(self, feeds=None) -> Metric:
+        """The metric; ``feeds`` are the samples it will judge outputs of (perplexity reads their tokens)."""
+        return load_metric(self.spec, higher_is_better=self.higher_is_better, output=self.output, feeds=feeds)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def init_worker(
     _WORKER.update(
         model=model,
         passes=passes,
-        metric=metric_spec.build(),
+        metric=metric_spec.build(feeds),
         feeds=feeds,
         calibration=calibration,
         runtime=runtime,

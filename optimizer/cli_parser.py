@@ -27,6 +27,7 @@ from optimizer.executor import EXECUTORS
 from optimizer.registry import parse_option_text
 from optimizer.shortcuts import SHORTCUTS, Shortcut
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S
+from optimizer.verify.metrics import BUILTIN_METRICS
 
 EXAMPLES = {
     "optimize": """examples:
@@ -302,7 +303,8 @@ def _add_budget_arguments(sub: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--metric",
         type=metric_spec,
-        help="cosine, sqnr, max_abs, top1, topk, kl (of softmax over the last axis), or "
+        help=f"{', '.join(BUILTIN_METRICS)} (kl: of the softmax over the last axis; perplexity: of the "
+        "next-token logits on the tokens of input 'input_ids'), or "
         "package.module:function(reference_outputs, candidate_outputs) -> float (default: cosine for "
         "--max-drop; kl for --bits-per-weight, on the 'logits' output when the model has one)",
     )

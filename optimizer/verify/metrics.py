@@ -27,7 +27,9 @@ from optimizer.verify.runtime import (
 
 Outputs = list[dict[str, np.ndarray]]
 MetricFunction = Callable[[Outputs, Outputs], float]
-BUILTIN_METRICS = ("cosine", "sqnr", "max_abs", "top1", "topk", "kl")
+BUILTIN_METRICS = ("cosine", "sqnr", "max_abs", "top1", "topk", "kl", "perplexity")
+TOKEN_INPUT = "input_ids"
+LOGITS_OUTPUT = "logits"
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,17 @@ class Metric:
         return baseline - value if self.higher_is_better else value - baseline
 
 
-def builtin_metric(name: str, *, output: str | None = None, k: int = 5) -> Metric:
+def builtin_metric(
+    name: str, *, output: str | None = None, k: int = 5, feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+) -> Metric:
     """cosine, sqnr (dB), max_abs, top1 or topk agreement, kl (of the softmax over the last axis, e.g. a
-    language model's next-token distributions); over one named output or the worst one."""
+    language model's next-token distributions); over one named output or the worst one. perplexity:
+    of a language model's next-token logits on the tokens of ``feeds`` (the samples the outputs come
+    from), lower is better; the reference's own is the baseline."""
+    if name == "perplexity":
+        if feeds is None:
+            raise OptionError("metric 'perplexity' is measured on the tokens of the samples: none were given")
+        return Metric("perplexity", _perplexity(list(feeds), output), False)
     makers = {
         "cosine": (_cosine, True),
         "sqnr": (_sqnr_db, True),
@@ -67,10 +77,17 @@ def builtin_metric(name: str, *, output: str | None = None, k: int = 5) -> Metri
     return Metric(label, _over_outputs(per_output, output, higher), higher)
 
 
-def load_metric(spec: str, *, higher_is_better: bool | None = None, output: str | None = None) -> Metric:
-    """A built-in name, or ``package.module:function`` taking (reference_outputs, candidate_outputs)."""
+def load_metric(
+    spec: str,
+    *,
+    higher_is_better: bool | None = None,
+    output: str | None = None,
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> Metric:
+    """A built-in name, or ``package.module:function`` taking (reference_outputs, candidate_outputs);
+    ``feeds``: the samples the outputs will come from (perplexity reads their tokens)."""
     if ":" not in spec:
-        metric = builtin_metric(spec, output=output)
+        metric = builtin_metric(spec, output=output, feeds=feeds)
         if higher_is_better is not None and higher_is_better != metric.higher_is_better:
             raise OptionError(f"metric '{spec}' is {'higher' if metric.higher_is_better else 'lower'}-is-better")
         return metric
@@ -85,7 +102,7 @@ def check_metric_spec(spec: str) -> None:
     Importing and checking the function is ``resolve_user_metric``'s job, when the metric is used.
     """
     if ":" not in spec:
-        builtin_metric(spec)
+        builtin_metric(spec, feeds=[])
         return
     module_name, _, attribute = spec.partition(":")
     if not all(part.isidentifier() for part in [*module_name.split("."), attribute]):
@@ -208,3 +225,66 @@ def _kl_divergence(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
         total += float((np.exp(ref2) * (ref2 - cand2)).sum())
         rows += ref2.shape[0]
     return max(0.0, total / rows) if rows else 0.0
+
+
+def _perplexity(feeds: list[Mapping[str, np.ndarray]], output: str | None) -> MetricFunction:
+    """exp(mean negative log-likelihood) of each sample's next token, from the logits at the position
+    before it; positions an ``attention_mask`` marks as padding are left out."""
+    tokens = [_token_positions(feed) for feed in feeds]
+
+    def metric(reference: Outputs, candidate: Outputs) -> float:
+        if len(candidate) != len(tokens):
+            raise OptionError(f"perplexity: {len(candidate)} samples of outputs for {len(tokens)} samples of tokens")
+        total, count = 0.0, 0
+        for sample, (ids, keep) in zip(candidate, tokens, strict=True):
+            logits = _logits(sample, output, ids.shape)
+            if ids.shape[1] < 2:
+                continue
+            scores = _log_softmax(np.asarray(logits[:, :-1], np.float64))
+            picked = np.take_along_axis(scores, ids[:, 1:, None], axis=-1)[..., 0]
+            total -= float(picked[keep].sum())
+            count += int(keep.sum())
+        if not count:
+            raise OptionError("perplexity needs samples of 2 tokens or more (a prefill, not one decode step)")
+        return float(np.exp(total / count))
+
+    return metric
+
+
+def _token_positions(feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's token ids ([batch, sequence]) and which next-token positions count."""
+    if TOKEN_INPUT not in feed:
+        raise OptionError(
+            f"perplexity reads the tokens from the input '{TOKEN_INPUT}'; inputs: {', '.join(sorted(feed))}"
+        )
+    ids = np.asarray(feed[TOKEN_INPUT])
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise OptionError(
+            f"perplexity: input '{TOKEN_INPUT}' must be integer [batch, sequence], got {ids.dtype} {ids.shape}"
+        )
+    keep = np.ones((ids.shape[0], max(ids.shape[1] - 1, 0)), bool)
+    mask = feed.get("attention_mask")
+    if mask is not None and np.ndim(mask) == 2 and np.shape(mask)[1] >= ids.shape[1]:
+        mask = np.asarray(mask)[:, -ids.shape[1] :] != 0  # with a KV cache the mask also covers the past
+        keep = mask[:, :-1] & mask[:, 1:]
+    return ids.astype(np.int64), keep
+
+
+def _logits(sample: Mapping[str, np.ndarray], output: str | None, shape: tuple[int, ...]) -> np.ndarray:
+    name = output or (LOGITS_OUTPUT if LOGITS_OUTPUT in sample else None)
+    if name is None:
+        ranked = [key for key, value in sample.items() if np.ndim(value) == 3 and np.shape(value)[:2] == shape]
+        if len(ranked) != 1:
+            raise OptionError(
+                f"perplexity: say which output holds the logits (--metric-output); outputs: {', '.join(sorted(sample))}"
+            )
+        name = ranked[0]
+    if name not in sample:
+        raise OptionError(f"metric output '{name}' not found; outputs: {', '.join(sorted(sample))}")
+    logits = np.asarray(sample[name])
+    if logits.ndim != 3 or logits.shape[:2] != shape:
+        raise OptionError(
+            f"perplexity needs output '{name}' as [batch, sequence, vocabulary] logits for every token of "
+            f"'{TOKEN_INPUT}' {shape}; got {logits.shape}"
+        )
+    return logits

@@ -280,3 +280,36 @@ def test_quantize_budget_keeps_int8_weights_where_static_activations_hurt(tmp_pa
     ]
     assert float_weights == [] and set(result.weight_only) <= set(result.ranking)
     assert "fc1.gemm" in result.ranking  # static int8 folded its Relu: still ranked (by node name)
+
+
+def test_perplexity_budget_on_a_language_model(tmp_path, capsys):
+    """--metric perplexity reads the tokens of --data's input_ids and the logits output; the verdict is
+    the perplexity onnxruntime gives the written file on the same samples."""
+    from optimizer.verify.metrics import builtin_metric
+    from tests.helpers.runtime import run_model
+
+    rng = np.random.default_rng(5)
+    feeds = [{"input_ids": rng.integers(0, 512, (1, 12)).astype(np.int64)} for _ in range(4)]
+    data, cal = tmp_path / "data", tmp_path / "cal"
+    for folder, offset in ((data, 0), (cal, 2)):
+        folder.mkdir()
+        for index, feed in enumerate(feeds[offset:] + feeds[:offset]):
+            np.savez(folder / f"{index}.npz", **feed)
+    output, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = main(["optimize", str(MODELS_DIR / "transformer_tied.onnx"), "-o", str(output), "--quantize", "int4",
+                 "--calibration-data", str(cal), "--max-drop", "5", "--metric", "perplexity", "--data", str(data),
+                 "--report", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    source = load_model(str(MODELS_DIR / "transformer_tied.onnx"))
+    written = load_model(str(output))
+    ordered = [dict(np.load(path)) for path in sorted(data.glob("*.npz"))]
+    perplexity = builtin_metric("perplexity", feeds=ordered)
+    names = [o.name for o in source.graph.output]
+    baseline = perplexity([], [dict(zip(names, r, strict=True)) for r in run_model(source, ordered)])
+    value = perplexity([], [dict(zip(names, r, strict=True)) for r in run_model(written, ordered)])
+    assert baseline > 1.0 and value != baseline
+    assert f"accuracy budget: perplexity {value:.6g}, drop {value - baseline:.3g} <= 5" in printed
+    assert main(["optimize", str(MODELS_DIR / "cnn.onnx"), "-o", str(tmp_path / "c.onnx"), "--quantize", "int8",
+                 "--max-drop", "1", "--metric", "perplexity"]) == 2
+    assert "input_ids" in capsys.readouterr().err

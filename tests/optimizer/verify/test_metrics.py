@@ -90,3 +90,37 @@ def test_kl_divergence_of_softmax_over_the_last_axis():
     assert load_metric("kl").name == "kl" and kl.drop(0.0, 0.25) == pytest.approx(0.25)
     with pytest.raises(OptionError, match="last axis"):
         kl([{"y": np.array([[1.0]])}], [{"y": np.array([[1.0]])}])
+
+
+def test_perplexity_of_next_token_logits_on_the_feeds_tokens_skipping_padding():
+    ids = np.array([[0, 2, 1, 2]], np.int64)
+    logits = np.log(np.array([[[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]]))
+    feeds = [{"input_ids": ids, "attention_mask": np.ones_like(ids)}]
+    perplexity = builtin_metric("perplexity", feeds=feeds)
+    outputs = [{"logits": logits, "present.0.key": np.zeros((1, 1, 4, 2))}]
+    want = float(np.exp(-(np.log(0.5) + np.log(0.3) + np.log(0.8)) / 3))  # tokens 2, 1, 2 after 0, 2, 1
+    assert perplexity(outputs, outputs) == pytest.approx(want, rel=1e-12)
+    assert not perplexity.higher_is_better and perplexity.drop(want, want + 0.5) == pytest.approx(0.5)
+    padded = [{"input_ids": ids, "attention_mask": np.array([[1, 1, 1, 0]])}]  # the last token is padding
+    without_last = float(np.exp(-(np.log(0.5) + np.log(0.3)) / 2))
+    assert builtin_metric("perplexity", feeds=padded)(outputs, outputs) == pytest.approx(without_last, rel=1e-12)
+    uniform = [{"logits": np.zeros((1, 4, 3))}]
+    assert perplexity(outputs, uniform) == pytest.approx(3.0)
+    assert load_metric("perplexity", feeds=feeds, output="logits").name == "perplexity"
+
+
+def test_perplexity_refuses_what_it_cannot_measure():
+    logits = [{"logits": np.zeros((1, 1, 5))}]
+    with pytest.raises(OptionError, match="tokens of the samples"):
+        builtin_metric("perplexity")
+    with pytest.raises(OptionError, match="input 'input_ids'"):
+        builtin_metric("perplexity", feeds=[{"tokens": np.zeros((1, 3), np.int64)}])
+    one_step = builtin_metric("perplexity", feeds=[{"input_ids": np.zeros((1, 1), np.int64)}])
+    with pytest.raises(OptionError, match="2 tokens or more"):
+        one_step(logits, logits)
+    two = builtin_metric("perplexity", feeds=[{"input_ids": np.zeros((1, 2), np.int64)}])
+    with pytest.raises(OptionError, match=r"every token of 'input_ids' \(1, 2\); got \(1, 1, 5\)"):
+        two(logits, logits)
+    with pytest.raises(OptionError, match="say which output"):
+        unnamed = [{"a": np.zeros((1, 2, 5)), "b": np.zeros((1, 2, 5))}]
+        two(unnamed, unnamed)
