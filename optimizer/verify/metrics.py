@@ -240,8 +240,11 @@ def _perplexity(feeds: list[Mapping[str, np.ndarray]], output: str | None) -> Me
             logits = _logits(sample, output, ids.shape)
             if ids.shape[1] < 2:
                 continue
+            targets = np.where(keep, ids[:, 1:], 0)  # padding may hold any id
+            if targets.min() < 0 or targets.max() >= logits.shape[-1]:
+                raise OptionError(f"perplexity: token ids outside the logits' vocabulary of {logits.shape[-1]}")
             scores = _log_softmax(np.asarray(logits[:, :-1], np.float64))
-            picked = np.take_along_axis(scores, ids[:, 1:, None], axis=-1)[..., 0]
+            picked = np.take_along_axis(scores, targets[..., None], axis=-1)[..., 0]
             total -= float(picked[keep].sum())
             count += int(keep.sum())
         if not count:
@@ -264,7 +267,12 @@ def _token_positions(feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nda
         )
     keep = np.ones((ids.shape[0], max(ids.shape[1] - 1, 0)), bool)
     mask = feed.get("attention_mask")
-    if mask is not None and np.ndim(mask) == 2 and np.shape(mask)[1] >= ids.shape[1]:
+    if mask is not None:
+        if np.ndim(mask) != 2 or np.shape(mask)[0] != ids.shape[0] or np.shape(mask)[1] < ids.shape[1]:
+            raise OptionError(
+                f"perplexity: attention_mask {np.shape(mask)} does not cover input_ids {ids.shape} "
+                "([batch, past + sequence] expected)"
+            )
         mask = np.asarray(mask)[:, -ids.shape[1] :] != 0  # with a KV cache the mask also covers the past
         keep = mask[:, :-1] & mask[:, 1:]
     return ids.astype(np.int64), keep

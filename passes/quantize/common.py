@@ -91,7 +91,8 @@ def stored_scale(
     weights float16 behind a Cast onnxruntime folds at load (constant folding runs before its
     fusions: DequantizeLinear -> MatMul still becomes MatMulNBits). A float32 scale per 32 4-bit
     values is a fifth of the bytes; ``quant_math.half_exact`` chose scales float16 holds exactly, so
-    the model computes the same. Scales outside float16's normal range stay float32."""
+    the model computes the same. Scales float16 cannot hold (above 65504, or under about 3.8e-6,
+    where its subnormals are too coarse) leave the tensor's scales float32."""
     values = np.asarray(values, np.float32)
     if bits != 4 or not _exact_in_float16(values):
         return float_constant(names.fresh(base, suffix), values), []
@@ -212,10 +213,9 @@ class QuantizedWeight:
 
 
 def _exact_in_float16(values: np.ndarray) -> bool:
-    """Every value is a normal float16 number, exactly."""
-    magnitude = np.abs(values)
-    normal = (magnitude >= np.finfo(np.float16).tiny) & (magnitude <= np.finfo(np.float16).max)
-    return bool(values.size) and bool(np.all(normal)) and bool(np.all(values.astype(np.float16) == values))
+    """Every value is a non-zero float16 number, exactly."""
+    finite = np.isfinite(values) & (values != 0) & (np.abs(values) <= np.finfo(np.float16).max)
+    return bool(values.size) and bool(np.all(finite)) and bool(np.all(values.astype(np.float16) == values))
 
 
 def _broadcast_shape(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...]:

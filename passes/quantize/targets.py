@@ -41,6 +41,7 @@ QUANTIZED_MARKERS = (
     "GatherBlockQuantized",
 )
 INTEGER_KINDS = ("i", "u")
+FOUR_BIT_NAMES = ("int4", "uint4")
 QUANTIZED_SUFFIX = "_quantized"
 
 
@@ -136,17 +137,25 @@ def is_already_quantized(tensor: gs.Tensor, depth: int = 6) -> bool:
     return any(is_already_quantized(source, depth - 1) for source in producer.inputs)
 
 
-def is_quantization_parameter_reader(node: gs.Node) -> bool:
+def is_quantization_parameter_reader(node: gs.Node, depth: int = 2) -> bool:
     """``node`` reads its inputs as quantization parameters: a (De)QuantizeLinear or another
-    quantized op, or a node of the Cast/Mul chain that dequantizes an integer weight (its scale)."""
-    return node.op in (*QUANTIZED_MARKERS, "QuantizeLinear") or any(is_already_quantized(t) for t in node.outputs)
+    quantized op, a node of the Cast/Mul chain that dequantizes an integer weight (its scale), or a
+    Cast whose output only such nodes read (4-bit scales are stored as float16 behind one)."""
+    if node.op in (*QUANTIZED_MARKERS, "QuantizeLinear") or any(is_already_quantized(t) for t in node.outputs):
+        return True
+    if node.op != "Cast" or depth == 0 or not node.outputs:
+        return False
+    readers = [reader for output in node.outputs for reader in output.outputs]
+    return bool(readers) and all(is_quantization_parameter_reader(reader, depth - 1) for reader in readers)
 
 
 def _is_integer_constant(tensor: gs.Constant) -> bool:
     try:
-        return np.dtype(tensor.dtype).kind in INTEGER_KINDS and tensor.name.endswith(QUANTIZED_SUFFIX)
+        dtype = np.dtype(tensor.dtype)
     except TypeError:
         return True
+    integer = dtype.kind in INTEGER_KINDS or dtype.name in FOUR_BIT_NAMES  # ml_dtypes' int4/uint4: kind 'V'
+    return integer and tensor.name.endswith(QUANTIZED_SUFFIX)
 
 
 def collect_targets(root: gs.Graph, selection: Selection, report: PassReport) -> list[Weight]:

@@ -62,8 +62,16 @@ def test_4bit_scales_are_float16_numbers_rounded_up_and_out_of_range_ones_stay_f
     assert not np.all(plain.astype(np.float16).astype(np.float32) == plain)  # 8-bit: float32 as computed
     restored = quantized.dequantized()
     assert np.all(np.abs(restored - values) <= np.repeat(scale, 32, axis=0) / 2 + 1e-7)
-    tiny = half_exact(np.array([1e-9, 3e-5, 70000.0], np.float32))  # below float16's normals, above its max
-    assert tiny.tolist() == np.array([1e-9, 3e-5, 70000.0], np.float32).tolist()
+    far = np.array([1e-9, 2e-7, 70000.0], np.float32)  # float16 subnormals too coarse; beyond its max
+    assert half_exact(far).tolist() == far.tolist()
+    near = np.array([3e-5, 4.8e-6, 1.0e-3], np.float32)  # subnormal ones within 2^-6, a normal one
+    rounded = half_exact(near)
+    assert np.all(rounded.astype(np.float16).astype(np.float32) == rounded)
+    assert np.all(rounded >= near) and np.all(rounded <= near * (1 + 2**-6))
+    small_column = values.copy()
+    small_column[:, 5] *= 1e-4  # scales near 3e-5, float16 subnormals: must not send all scales to float32
+    scales = np.asarray(quantize_weight(small_column, qtype(name), symmetric=symmetric, axis=0, block_size=32).scale)
+    assert np.all(scales.astype(np.float16).astype(np.float32) == scales)
 
 
 def test_symmetric_signed_has_zero_point_zero_and_unsigned_the_middle():

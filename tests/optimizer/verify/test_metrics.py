@@ -121,6 +121,14 @@ def test_perplexity_refuses_what_it_cannot_measure():
     two = builtin_metric("perplexity", feeds=[{"input_ids": np.zeros((1, 2), np.int64)}])
     with pytest.raises(OptionError, match=r"every token of 'input_ids' \(1, 2\); got \(1, 1, 5\)"):
         two(logits, logits)
+    mismatched = [{"input_ids": np.zeros((2, 2), np.int64), "attention_mask": np.ones((1, 2), np.int64)}]
+    with pytest.raises(OptionError, match=r"attention_mask \(1, 2\) does not cover input_ids \(2, 2\)"):
+        builtin_metric("perplexity", feeds=mismatched)
+    beyond = builtin_metric("perplexity", feeds=[{"input_ids": np.array([[0, 7]], np.int64)}])
+    with pytest.raises(OptionError, match="outside the logits' vocabulary of 5"):
+        beyond([{"logits": np.zeros((1, 2, 5))}], [{"logits": np.zeros((1, 2, 5))}])
+    padded = [{"input_ids": np.array([[0, 1, 99]], np.int64), "attention_mask": np.array([[1, 1, 0]])}]
+    assert builtin_metric("perplexity", feeds=padded)([], [{"logits": np.zeros((1, 3, 5))}]) == pytest.approx(5.0)
     with pytest.raises(OptionError, match="say which output"):
         unnamed = [{"a": np.zeros((1, 2, 5)), "b": np.zeros((1, 2, 5))}]
         two(unnamed, unnamed)

@@ -285,11 +285,12 @@ def test_exclusions_by_name_glob_regex_op_type_and_position():
     assert kept_float(exclude_first=1, exclude_last=1)[0] == sorted([names[0], names[2]])
 
 
-@pytest.mark.parametrize("mode", ["weights", "dynamic"])
-def test_second_run_changes_nothing_and_says_already_quantized(mode):
+@pytest.mark.parametrize("mode,weight_type", [("weights", "int8"), ("dynamic", "int8"), ("weights", "int4")])
+def test_second_run_changes_nothing_and_says_already_quantized(mode, weight_type):
+    """int4 too: its float16 scales behind a Cast are quantization parameters, not weights to report."""
     model = load_model(MODELS_DIR / "transformer_tied.onnx")
-    first, _ = quantize(model, mode=mode)
-    again, report = quantize(first.model, mode=mode)
+    first, _ = quantize(model, mode=mode, weight_type=weight_type)
+    again, report = quantize(first.model, mode=mode, weight_type=weight_type)
     assert again.modified is False
     assert report["skipped"] and all("already" in s["reason"] or "min_weight_elements" in s["reason"]
                                       or "run time" in s["reason"] or "not a weight input" in s["reason"]
