@@ -207,6 +207,11 @@ def _plan_stage(options: OptimizeOptions) -> list[Pass]:
     chosen = build_passes(options.passes, options.pass_options)
     if options.bits is not None:
         check_bits_request(options, chosen)
+    if options.budget is not None and options.budget.metric == "perplexity" and options.feeds.source is None:
+        raise OptionError(
+            "--metric perplexity is measured on real token sequences; without --data DIR (feeds=...) the "
+            "inputs would be generated at random: give held-out samples with input_ids"
+        )
     if options.calibration is None:
         for item in chosen:
             request = calibration_request(item.name, item.options())

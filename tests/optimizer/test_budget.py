@@ -311,5 +311,10 @@ def test_perplexity_budget_on_a_language_model(tmp_path, capsys):
     assert baseline > 1.0 and value != baseline
     assert f"accuracy budget: perplexity {value:.6g}, drop {value - baseline:.3g} <= 5" in printed
     assert main(["optimize", str(MODELS_DIR / "cnn.onnx"), "-o", str(tmp_path / "c.onnx"), "--quantize", "int8",
-                 "--max-drop", "1", "--metric", "perplexity"]) == 2
+                 "--max-drop", "1", "--metric", "perplexity", "--data", str(data)]) == 2
     assert "input_ids" in capsys.readouterr().err
+    # without --data the samples would be random token ids: refused before any work
+    assert main(["optimize", str(MODELS_DIR / "transformer_tied.onnx"), "-o", str(tmp_path / "t.onnx"),
+                 "--quantize", "int8", "--max-drop", "1", "--metric", "perplexity"]) == 2
+    assert "without --data DIR" in capsys.readouterr().err
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "t.onnx").exists()
