@@ -16,6 +16,10 @@ reference's values on the first sample (or set by the user), and the metrics of 
   boxes post-processing keeps, not every overlapping anchor) and the class-score cosine over the
   candidate anchors; a score map [1, A, C] in [0, 1] without boxes: the F1 of the (anchor, class)
   pairs over 0.25 and the same candidate cosine;
+- ``next_token``: a language model's logits [N, T, V] (an output named like logits of a model that
+  reads ``input_ids``): the KL divergence of each position's next-token distribution from the
+  reference's (mean, nats; <= 0.02: int4 of the benchmark's decoder is 0.002-0.005, a broken
+  model 0.1 and more) and top-1 agreement (>= 0.9; int4 0.94-0.96, int8 0.98);
 - ``embedding``: per-row cosine (rows of the last axis);
 - ``map``: a map of values in [0, 1] with 3 or more axes (text or segmentation probabilities): the
   IoU of its masks thresholded at 0.3 and at 0.5 (what post-processing reads; PP-OCRv4 det static
@@ -34,7 +38,7 @@ import numpy as np
 
 from optimizer.errors import OptionError
 
-KINDS = ("classes", "sequence", "detector", "embedding", "map", "dense")
+KINDS = ("classes", "sequence", "next_token", "detector", "embedding", "map", "dense")
 SCORE_THRESHOLD = 0.25
 IOU_THRESHOLD = 0.5
 NMS_IOU = 0.45
@@ -48,16 +52,22 @@ _CLASS_WORDS = ("logit", "prob", "class", "score", "label", "softmax")
 KIND_LIMITS: dict[str, dict[str, float]] = {
     "classes": {"top1": 0.98, "row_cosine": 0.99},
     "sequence": {"decoded_agreement": 0.97, "top1": 0.9},
+    "next_token": {"kl": 0.02, "top1": 0.9},
     "detector": {"f1": 0.9, "candidate_cosine": 0.95},
     "embedding": {"row_cosine": 0.99},
     "map": {"map_iou_0.3": 0.9, "map_iou_0.5": 0.9},
     "dense": {},
 }
-"""The default verdict of each kind: metric -> minimum (README: "What the verdict means"). Classes:
-top-1 agreement 0.98 bounds the accuracy drop by 2 points (the PP-OCR direction classifier clustered
-to 4 bits agreed on 0.975 of lines and lost 2.5 points; 0.9 passed it)."""
+"""The default verdict of each kind: metric -> minimum, or maximum for ``LOWER_IS_BETTER`` (README:
+"What the verdict means"). Classes: top-1 agreement 0.98 bounds the accuracy drop by 2 points (the
+PP-OCR direction classifier clustered to 4 bits agreed on 0.975 of lines and lost 2.5 points; 0.9
+passed it)."""
+LOWER_IS_BETTER = frozenset({"kl"})
+TOP1_KINDS = ("classes", "sequence", "next_token")
+"""Kinds whose rows are class scores: argmax agreement means something."""
 METRIC_LABELS = {
     "top1": "top-1 agreement",
+    "kl": "next-token KL",
     "decoded_agreement": "decoded sequence agreement",
     "row_cosine": "row cosine",
     "f1": "F1",
@@ -78,13 +88,16 @@ def checked_output_kinds(kinds: Mapping[str, str] | None, output_names: Sequence
     return kinds
 
 
-def infer_kind(name: str, reference: np.ndarray) -> tuple[str, str]:
-    """(kind, why) from the output's name, shape and the reference's values on one sample."""
+def infer_kind(name: str, reference: np.ndarray, tokens: bool = False) -> tuple[str, str]:
+    """(kind, why) from the output's name, shape and the reference's values on one sample;
+    ``tokens``: the model reads token ids (an ``input_ids`` input)."""
     if reference.dtype.kind != "f" or reference.ndim == 0 or reference.size == 0:
         return "dense", "not a float tensor"
     lowered = name.lower()
     finite = reference[np.isfinite(reference)]
     unit = finite.size > 0 and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0
+    if tokens and reference.ndim == 3 and reference.shape[-1] >= 2 and "logit" in lowered and not unit:
+        return "next_token", f"[N, T, V] '{name}' of a model that reads input_ids"
     if reference.ndim == 3 and reference.shape[0] == 1:
         layout = detector_layout(reference)
         if layout is not None:
@@ -130,10 +143,19 @@ class KindStats:
     """metric -> per-sample values (rates) or [hits, total] pairs for pooled metrics."""
     pooled: dict[str, list[float]] = field(default_factory=dict)
 
+    @property
+    def scores_classes(self) -> bool:
+        """Rows of class scores: argmax agreement means something."""
+        return self.kind in TOP1_KINDS
+
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
-        if self.kind in ("classes", "sequence", "embedding") and reference.ndim >= 2:
+        if self.kind in ("classes", "sequence", "next_token", "embedding") and reference.ndim >= 2:
             self._rows(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
+        if self.kind == "next_token" and reference.ndim >= 2:
+            self._pool(
+                "kl", *_kl_sum(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
+            )
         if self.kind == "sequence" and reference.ndim >= 3:
             self._sequences(reference, candidate)
         elif self.kind == "detector" and reference.ndim == 3:
@@ -189,7 +211,8 @@ class KindStats:
             hits, totals = np.array(pairs[0::2]), np.array(pairs[1::2])
             found[metric] = float(hits.sum() / totals.sum()) if totals.sum() > 0 else None
             rates = [h / t for h, t in zip(hits, totals, strict=True) if t > 0]
-            found[f"{metric}_worst_sample"] = float(min(rates)) if rates else None
+            worst = max if metric in LOWER_IS_BETTER else min
+            found[f"{metric}_worst_sample"] = float(worst(rates)) if rates else None
         return found
 
     def failures(self, limits: dict[str, float]) -> list[tuple[str, float]]:
@@ -198,12 +221,27 @@ class KindStats:
         misses = []
         for metric, limit in limits.items():
             value = values.get(metric)
+            if metric in LOWER_IS_BETTER:
+                if value is not None and value > limit:
+                    misses.append(
+                        (f"{METRIC_LABELS[metric]} {value:.3g} > {limit:g}", value / limit if limit else np.inf)
+                    )
+                continue
             if value is None or value >= limit:
                 continue
             allowed = 1.0 - limit
             ratio = (1.0 - value) / allowed if allowed > 0 else np.inf
             misses.append((f"{METRIC_LABELS[metric]} {value:.3g} < {limit:g}", ratio))
         return misses
+
+
+def _kl_sum(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(sum over rows of KL(softmax(reference) || softmax(candidate)), rows): the mean once pooled."""
+    ref = reference - reference.max(axis=-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(axis=-1, keepdims=True))
+    cand = candidate - candidate.max(axis=-1, keepdims=True)
+    cand = cand - np.log(np.exp(cand).sum(axis=-1, keepdims=True))
+    return max(0.0, float((np.exp(ref) * (ref - cand)).sum())), float(reference.shape[0])
 
 
 def _greedy_decode(steps: np.ndarray, blank: int) -> list[int]:

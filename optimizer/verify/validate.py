@@ -190,6 +190,7 @@ class _OutputAccumulator:
     exact: bool = True
     kind: str | None = None
     """Set by the caller (``--output-kind``), else inferred from the first sample."""
+    tokens: bool = False
     stats: KindStats | None = None
     sample_cosines: list[float] = field(default_factory=list)
 
@@ -216,7 +217,7 @@ class _OutputAccumulator:
 
     def _add_kind(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if self.stats is None:
-            inferred, why = infer_kind(self.name, reference)
+            inferred, why = infer_kind(self.name, reference, self.tokens)
             kind = self.kind or inferred
             layout = why if kind == "detector" and inferred == "detector" else ""
             if kind == "detector" and not layout:
@@ -333,9 +334,7 @@ def _violation(label: str, value: float, limit: float) -> float:
 
 def _top1(acc: _OutputAccumulator) -> float | None:
     """Argmax agreement along the last axis; shown only where it means something (class scores)."""
-    if not acc.class_like or acc.top1_rows == 0:
-        return None
-    if acc.stats is not None and acc.stats.kind not in ("classes", "sequence"):
+    if not acc.class_like or acc.top1_rows == 0 or (acc.stats and not acc.stats.scores_classes):
         return None
     return acc.top1_matches / acc.top1_rows
 
@@ -466,6 +465,7 @@ def compare(
     tolerances = resolve_tolerances(tolerance, output_names)
     kinds = checked_output_kinds(output_kinds, output_names)
     specs = session_input_specs(reference_session)
+    tokens = any(spec.name == "input_ids" for spec in specs)  # a language model: its logits are next_token
     accumulators: dict[str, _OutputAccumulator] = {}
     samples, run_reference = 0, _reference_runner(reference_session, reference_cache, labels[0], stage, timeout_s)
     for index, feed in enumerate(feeds):
@@ -476,7 +476,9 @@ def compare(
             ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
             _check_same_layout(name, ref_value, cand_value, index)
             if name not in accumulators:
-                accumulators[name] = _OutputAccumulator(name, ref_value.dtype, cand_value.dtype, kind=kinds.get(name))
+                accumulators[name] = _OutputAccumulator(
+                    name, ref_value.dtype, cand_value.dtype, kind=kinds.get(name), tokens=tokens
+                )
             accumulators[name].add(ref_value, cand_value)
         samples += 1
     if samples == 0:

@@ -184,3 +184,40 @@ def test_detector_boxes_are_compared_after_nms():
     missing = KindStats(kind, why, why)
     missing.add(reference, lost)
     assert 0.8 < missing.values()["f1"] < KIND_LIMITS["detector"]["f1"]  # ~2 * 9 / (12 + 9): fails
+
+
+def test_a_language_models_logits_are_judged_by_next_token_kl_and_top1(tmp_path, capsys):
+    """[N, T, V] logits of a model that reads input_ids: the next-token distributions decide (KL,
+    top-1), not CTC decoding (int4 of a decoder FAILed 'decoded sequence agreement 0.963 < 0.97'
+    with KL 0.0013 and top-1 0.97)."""
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((2, 16, 300)).astype(np.float32) * 3
+    assert infer_kind("logits", logits, tokens=True)[0] == "next_token"
+    assert infer_kind("logits", logits)[0] == "sequence"  # no input_ids: CTC-style rows
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert infer_kind("logits", probabilities, tokens=True)[0] == "sequence"
+    stats = KindStats("next_token", "test")
+    close, far = logits + rng.standard_normal(logits.shape).astype(np.float32) * 0.05, logits.copy()
+    far[1] = rng.standard_normal(far[1].shape) * 3  # the second sample's distributions are unrelated
+    stats.add(logits, close)
+    values = stats.values()
+    ref = logits.reshape(-1, 300).astype(np.float64)
+    cand = close.reshape(-1, 300).astype(np.float64)
+    p, q = (np.exp(x - x.max(-1, keepdims=True)) for x in (ref, cand))
+    p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+    assert values["kl"] == pytest.approx(float((p * np.log(p / q)).sum(-1).mean()), rel=1e-9)
+    assert stats.failures(KIND_LIMITS["next_token"]) == []
+    broken = KindStats("next_token", "test")
+    broken.add(logits, close)
+    broken.add(logits, far)
+    kl = broken.values()
+    assert kl["kl_worst_sample"] > kl["kl"] > 0.02  # the worst sample of a lower-is-better metric is its max
+    failures = [text for text, _ in broken.failures(KIND_LIMITS["next_token"])]
+    assert failures[0] == f"next-token KL {kl['kl']:.3g} > 0.02" and failures[1].startswith("top-1 agreement")
+    # end to end: validate names the kind and passes an int8 copy of the tied transformer sample
+    from tests.helpers.samples import MODELS_DIR
+    candidate = tmp_path / "int8.onnx"
+    assert main(["optimize", str(MODELS_DIR / "transformer_tied.onnx"), "-o", str(candidate), "--quiet"]) == 0
+    assert main(["validate", str(MODELS_DIR / "transformer_tied.onnx"), str(candidate)]) == 0
+    printed = capsys.readouterr().out
+    assert "next_token" in printed and "kl " in printed
