@@ -448,14 +448,11 @@ def compare(
 ) -> Comparison:
     """Run both models one sample at a time on the same feeds and check every output.
     ``reference_cache``: filled with the reference's outputs when empty, read when not (auto mode).
-
     Each output's kind (``optimizer.verify.output_kinds``) is inferred from its first sample unless
-    ``output_kinds`` names it; the lossy default tolerance also applies that kind's limits.
-
-    Feeds are checked against the reference's inputs; the candidate receives only the inputs it
-    declares. Differing output names or shapes raise ``RuntimeSessionError``; a run longer than
-    ``timeout_s`` raises ``RunTimeoutError`` naming ``stage``.
-    """
+    ``output_kinds`` names it; the lossy default tolerance also applies that kind's limits. Feeds are
+    checked against the reference's inputs; the candidate receives only the inputs it declares.
+    Differing output names or shapes raise ``RuntimeSessionError``; a run longer than ``timeout_s``
+    raises ``RunTimeoutError`` naming ``stage``."""
     checked_timeout(timeout_s)
     choice, labels = as_provider_choice(provider), (model_label(reference), model_label(candidate))
     reference_session, reference_provider = create_session(reference, choice)
