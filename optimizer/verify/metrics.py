@@ -220,11 +220,17 @@ def _kl_divergence(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     for ref, cand in zip(reference, candidate, strict=True):
         if ref.ndim < 1 or ref.shape[-1] < 2:
             raise OptionError("KL divergence needs scores on the last axis (logits)")
-        ref2 = _log_softmax(np.asarray(ref, np.float64).reshape(-1, ref.shape[-1]))
-        cand2 = _log_softmax(np.asarray(cand, np.float64).reshape(-1, cand.shape[-1]))
-        total += float((np.exp(ref2) * (ref2 - cand2)).sum())
-        rows += ref2.shape[0]
+        summed, count = kl_sum(ref, cand)
+        total, rows = total + summed, rows + count
     return max(0.0, total / rows) if rows else 0.0
+
+
+def kl_sum(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, int]:
+    """Sum over the rows of the last axis of KL(softmax(reference) || softmax(candidate)) in nats, and
+    the number of rows."""
+    ref = _log_softmax(np.asarray(reference, np.float64).reshape(-1, reference.shape[-1]))
+    cand = _log_softmax(np.asarray(candidate, np.float64).reshape(-1, candidate.shape[-1]))
+    return float((np.exp(ref) * (ref - cand)).sum()), ref.shape[0]
 
 
 def _perplexity(feeds: list[Mapping[str, np.ndarray]], output: str | None) -> MetricFunction:

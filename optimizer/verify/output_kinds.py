@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from optimizer.errors import OptionError
+from optimizer.verify.metrics import kl_sum
 
 KINDS = ("classes", "sequence", "next_token", "detector", "embedding", "map", "dense")
 SCORE_THRESHOLD = 0.25
@@ -153,9 +154,8 @@ class KindStats:
         if self.kind in ("classes", "sequence", "next_token", "embedding") and reference.ndim >= 2:
             self._rows(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
         if self.kind == "next_token" and reference.ndim >= 2:
-            self._pool(
-                "kl", *_kl_sum(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
-            )
+            summed, rows = kl_sum(reference, candidate)
+            self._pool("kl", max(0.0, summed), float(rows))
         if self.kind == "sequence" and reference.ndim >= 3:
             self._sequences(reference, candidate)
         elif self.kind == "detector" and reference.ndim == 3:
@@ -233,15 +233,6 @@ class KindStats:
             ratio = (1.0 - value) / allowed if allowed > 0 else np.inf
             misses.append((f"{METRIC_LABELS[metric]} {value:.3g} < {limit:g}", ratio))
         return misses
-
-
-def _kl_sum(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """(sum over rows of KL(softmax(reference) || softmax(candidate)), rows): the mean once pooled."""
-    ref = reference - reference.max(axis=-1, keepdims=True)
-    ref = ref - np.log(np.exp(ref).sum(axis=-1, keepdims=True))
-    cand = candidate - candidate.max(axis=-1, keepdims=True)
-    cand = cand - np.log(np.exp(cand).sum(axis=-1, keepdims=True))
-    return max(0.0, float((np.exp(ref) * (ref - cand)).sum())), float(reference.shape[0])
 
 
 def _greedy_decode(steps: np.ndarray, blank: int) -> list[int]:
