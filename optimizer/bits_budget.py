@@ -51,12 +51,12 @@ from optimizer.graph.walk import walk_model
 from optimizer.pass_base import Pass
 from optimizer.progress import progress_bar
 from optimizer.verify.layer_debug import debug_layers
+from optimizer.verify.metrics import LOGITS_OUTPUT
 
 MAX_BLOCK = 256
 """The longest block onnxruntime's MatMulNBits takes."""
 METRIC_SAMPLES = 32
 """Calibration samples the trials score on (all of them are still used to build)."""
-DEFAULT_OUTPUT = "logits"
 
 
 LEVELS = ("finer", "next-best")
@@ -145,8 +145,8 @@ def metric_output(model: onnx.ModelProto, spec: MetricSpec) -> MetricSpec:
     """The metric on ``logits`` when the model has that output and none was named (KL over the
     KV cache's head dimension would mean nothing); else as given."""
     names = [output.name for output in model.graph.output]
-    if spec.output is None and DEFAULT_OUTPUT in names and len(names) > 1:
-        return dataclasses.replace(spec, output=DEFAULT_OUTPUT)
+    if spec.output is None and LOGITS_OUTPUT in names and len(names) > 1:
+        return dataclasses.replace(spec, output=LOGITS_OUTPUT)
     return spec
 
 

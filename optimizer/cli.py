@@ -108,28 +108,15 @@ def _optimize_options(
         output_kinds=output_kinds_from_args(args),
     )
     direction = None if args.metric_direction is None else args.metric_direction == "higher"
-    budget = (
-        None
-        if args.max_drop is None
-        else BudgetOptions(
-            max_drop=args.max_drop,
-            metric=args.metric or "cosine",
-            output=args.metric_output,
-            max_trials=args.max_trials or 24,
-            higher_is_better=direction,
-        )
-    )
-    bits = (
-        None
-        if args.bits_per_weight is None
-        else BitsOptions(
-            bits_per_weight=args.bits_per_weight,
-            metric=args.metric or "kl",
-            output=args.metric_output,
-            max_trials=args.max_trials or 256,
-            higher_is_better=direction,
-        )
-    )
+    given = {
+        "metric": args.metric,
+        "output": args.metric_output,
+        "max_trials": args.max_trials,
+        "higher_is_better": direction,
+    }
+    shared = {key: value for key, value in given.items() if value is not None}  # the rest: the options' defaults
+    budget = None if args.max_drop is None else BudgetOptions(max_drop=args.max_drop, **shared)
+    bits = None if args.bits_per_weight is None else BitsOptions(bits_per_weight=args.bits_per_weight, **shared)
     return OptimizeOptions(
         executor=ExecutorOptions(kind=args.executor, workers=args.workers, ray_address=args.ray_address),
         passes=names,

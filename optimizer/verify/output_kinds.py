@@ -151,7 +151,7 @@ class KindStats:
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
-        if self.kind in ("classes", "sequence", "next_token", "embedding") and reference.ndim >= 2:
+        if (self.scores_classes or self.kind == "embedding") and reference.ndim >= 2:
             self._rows(reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1]))
         if self.kind == "next_token" and reference.ndim >= 2:
             summed, rows = kl_sum(reference, candidate)

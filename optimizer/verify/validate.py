@@ -17,6 +17,7 @@ import numpy as np
 
 from optimizer.calibration.feeds import Feed, check_feed, session_input_specs
 from optimizer.errors import FeedError, OptionError, RuntimeSessionError
+from optimizer.verify.metrics import TOKEN_INPUT
 from optimizer.verify.output_kinds import KIND_LIMITS, KindStats, checked_output_kinds, detector_layout, infer_kind
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
@@ -462,7 +463,7 @@ def compare(
     tolerances = resolve_tolerances(tolerance, output_names)
     kinds = checked_output_kinds(output_kinds, output_names)
     specs = session_input_specs(reference_session)
-    tokens = any(spec.name == "input_ids" for spec in specs)  # a language model: its logits are next_token
+    tokens = any(spec.name == TOKEN_INPUT for spec in specs)  # a language model: its logits are next_token
     accumulators: dict[str, _OutputAccumulator] = {}
     samples, run_reference = 0, _reference_runner(reference_session, reference_cache, labels[0], stage, timeout_s)
     for index, feed in enumerate(feeds):
