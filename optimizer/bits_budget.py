@@ -11,6 +11,9 @@ In the spirit of llama.cpp's k-quants and NNCF's mixed precision, but every choi
    costs one cheap build and one run) and scored by the metric (default: KL divergence of the
    ``logits`` output's distributions) on the calibration data against the uncompressed model: the
    gain is what that layer alone gives back, its cost the bytes it adds.
+   A tied embedding and LM head gets steps between the two (``Pass.rows_option``; quantize:
+   ``frequent_rows``): its finer blocks with the rows the calibration text looks up most in the
+   next-best format, one trial per fraction of rows (``Pass.rows_choices``).
 3. Allocation: the step up with the most gain per added byte, again and again, while the budget
    holds; first a finer granularity (``Pass.refine_option``; quantize: 4-bit blocks of 32), then
    the next-best format. Layers whose trials built the same models (one weight read by two nodes,
@@ -38,6 +41,7 @@ from optimizer.budget_trials import (
     Runtime,
     backed_off_passes,
     compress,
+    compress_with_reports,
     init_worker,
     sized_trial,
     worker_sized_trial,
@@ -69,6 +73,12 @@ LEVEL_TEXT = {
 }
 
 
+def level_text(level: Level | None) -> str:
+    if level is not None and level.rows:
+        return f"its most-used {level.rows:g} of rows in the next-best format (quantize: 8-bit)"
+    return LEVEL_TEXT[None if level is None else level.name]
+
+
 @dataclass(frozen=True)
 class Level:
     """One trial: a layer alone one step up, the rest as the base."""
@@ -77,6 +87,8 @@ class Level:
     value: float
     gain: float
     added_bytes: int
+    rows: float = 0.0
+    """The fraction of a tied table's rows this step puts in the next-best format (``Pass.rows_option``)."""
 
 
 @dataclass
@@ -91,7 +103,7 @@ class LayerChoice:
         return next((level for level in self.levels if level.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"node": " + ".join(self.layers), "status": LEVEL_TEXT[self.chosen]}
+        row: dict[str, Any] = {"node": " + ".join(self.layers), "status": level_text(self.level(self.chosen))}
         for level in self.levels:
             row[f"gain {level.name}"] = level.gain
             row[f"bytes {level.name}"] = level.added_bytes
@@ -135,6 +147,7 @@ class BitsResult:
             "final": {**self.final.to_dict(), "value": self.value},
             "finer": self.chosen("finer"),
             "next_best": self.chosen("next-best"),
+            "rows": _rows(self.layers),
             "trials": self.trials,
             "layers": [choice.to_dict() for choice in self.layers],
             "notes": list(self.notes),
@@ -205,6 +218,7 @@ class _Planner:
         levels = _levels(fast)
         layers = self.layers(compressed)[: max_trials // len(levels)] if levels else []
         choices = self.sensitivities(fast, levels, layers, base_value, base, executor, progress, imports)
+        self.row_steps(fast, base_value, base, choices)
         _allocate(choices, base, self.budget)
         final_passes, value, final = self.finish(passes, choices)
         result = BitsResult(
@@ -291,12 +305,45 @@ class _Planner:
         by_layer = {layer: results[i * len(levels) : (i + 1) * len(levels)] for i, layer in enumerate(layers)}
         return _choices(by_layer, levels, base_drop, base, lambda value: self.metric.drop(self.baseline, value))
 
+    def row_steps(self, fast: list[Pass], base_value: float, base: BitsMeasure, choices: list[LayerChoice]) -> None:
+        """Steps between finer blocks and the next-best format for a tied table's choice: its
+        most-used rows in the next-best format (``Pass.rows_option``), one trial per fraction the
+        passes offer, each with the table's finer blocks. The pass's report names the table's
+        readers (details under the option's name), which finds the table's choice."""
+        fractions = sorted({fraction for item in fast if item.rows_option for fraction in item.rows_choices})
+        if not fractions:
+            return
+        self.trials += 1
+        _, reports = compress_with_reports(self.model, fast, Backoff(rows=fractions[0]), self.calibration, self.runtime)
+        readers = {
+            name
+            for item, report in zip(fast, reports, strict=True)
+            if item.rows_option
+            for table in report.get("details", {}).get(item.rows_option, {}).values()
+            for name in table["readers"]
+        }
+        found = [choice for choice in choices if readers & set(choice.layers)]
+        if not found:
+            return
+        # the reader whose own steps change the table (a lookup that reads it through a Transpose
+        # names no use of the weight: its steps change nothing)
+        table = max(found, key=lambda choice: max(level.added_bytes for level in choice.levels))
+        base_drop = self.metric.drop(self.baseline, base_value)
+        finer = table.level("finer") is not None
+        steps = []
+        for fraction in fractions:
+            value, measure = self.trial(fast, Backoff(refined=frozenset(table.layers if finer else ()), rows=fraction))
+            gain = base_drop - self.metric.drop(self.baseline, value)
+            steps.append(Level(f"rows {fraction:g}", value, gain, measure.weight_bytes - base.weight_bytes, fraction))
+        table.levels[int(finer) : int(finer)] = steps
+
     def finish(self, passes: list[Pass], choices: list[LayerChoice]) -> tuple[list[Pass], float, BitsMeasure]:
         """Build the chosen mix as requested (GPTQ included); step the least useful choice down
         while it is over the budget."""
         while True:
-            finer, next_best = (sorted(n for c in choices if c.chosen == lv for n in c.layers) for lv in LEVELS)
-            chosen = backed_off_passes(passes, [], next_best, finer)
+            next_best = sorted(n for c in choices if c.chosen == "next-best" for n in c.layers)
+            finer = sorted(n for c in choices if c.chosen is not None and c.chosen != "next-best" for n in c.layers)
+            chosen = backed_off_passes(passes, [], next_best, finer, _rows(choices))
             value, measure = self.trial(chosen, Backoff())
             stepped = [c for c in choices if c.chosen is not None]
             if measure.bits_per_weight <= self.budget or not stepped:
@@ -329,10 +376,17 @@ def _cheap(passes: list[Pass]) -> list[Pass]:
 
 
 def _one_down(choice: LayerChoice) -> str | None:
-    """The level below the chosen one that still gains (next-best -> finer), else none."""
-    below = LEVELS[: LEVELS.index(choice.chosen)] if choice.chosen in LEVELS else ()
-    useful = [name for name in below if (level := choice.level(name)) is not None and level.gain > 0]
+    """The level below the chosen one that still gains (next-best -> finer; a smaller fraction of
+    rows), else none."""
+    names = [level.name for level in choice.levels]
+    below = choice.levels[: names.index(choice.chosen)] if choice.chosen in names else []
+    useful = [level.name for level in below if level.gain > 0]
     return useful[-1] if useful else None
+
+
+def _rows(choices: list[LayerChoice]) -> float:
+    """The fraction of a tied table's rows the allocation put in the next-best format (0: none)."""
+    return max((level.rows for c in choices if (level := c.level(c.chosen)) is not None), default=0.0)
 
 
 def _levels(passes: list[Pass]) -> list[str]:

@@ -45,6 +45,8 @@ class Backoff:
     uncompressed: frozenset[str] = field(default_factory=frozenset)
     refined: frozenset[str] = field(default_factory=frozenset)
     """Layers kept in the requested format with finer granularity (``Pass.refine_option``; bits budget)."""
+    rows: float = 0.0
+    """The fraction of a tied table's rows in the next-best format (``Pass.rows_option``; bits budget)."""
 
 
 @dataclass(frozen=True)
@@ -59,19 +61,24 @@ class Runtime:
 
 
 def backed_off_passes(
-    passes: Sequence[Pass], layers: Sequence[str], weight_only: Sequence[str] = (), refined: Sequence[str] = ()
+    passes: Sequence[Pass],
+    layers: Sequence[str],
+    weight_only: Sequence[str] = (),
+    refined: Sequence[str] = (),
+    rows: float = 0.0,
 ) -> list[Pass]:
     """``passes`` with an exact-name pattern for every layer in ``layers`` added to the exclusion
     option (``Pass.backoff_option``) of each pass that has one, for every other layer in
     ``weight_only`` to the option of its next-best format (``Pass.soften_option``), and for every
     layer in ``refined`` to its finer-granularity option (``Pass.refine_option``), where a pass has
-    one (elsewhere those layers stay as requested). The Pass objects are kept, not rebuilt."""
+    one (elsewhere those layers stay as requested); ``rows`` (when > 0) sets ``Pass.rows_option``.
+    The Pass objects are kept, not rebuilt."""
     excluded = _patterns(layers)
     softened = _patterns(set(weight_only) - set(layers))
     finer = _patterns(set(refined) - set(layers) - set(weight_only))
     chosen = []
     for item in passes:
-        added = {}
+        added: dict[str, Any] = {}
         for option, patterns in (
             (item.backoff_option, excluded),
             (item.soften_option, softened),
@@ -79,6 +86,8 @@ def backed_off_passes(
         ):
             if option and patterns:
                 added[option] = (*getattr(item, option), *patterns)
+        if item.rows_option and rows > 0:
+            added[item.rows_option] = rows
         chosen.append(dataclasses.replace(item, **added) if added else item)
     return chosen
 
@@ -88,15 +97,23 @@ def _patterns(layers) -> tuple[str, ...]:
 
 
 def compress(model, passes, backoff: Backoff, calibration, runtime: Runtime) -> onnx.ModelProto:
+    return compress_with_reports(model, passes, backoff, calibration, runtime)[0]
+
+
+def compress_with_reports(
+    model, passes, backoff: Backoff, calibration, runtime: Runtime
+) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """The passes, backed off as ``backoff`` says, run on ``model``: the result and each pass's report."""
     context = PassContext(
         calibration=(lambda: iter(calibration)) if calibration else None,
         provider=runtime.provider,
         timeout_s=runtime.timeout_s,
     )
     chosen = backed_off_passes(
-        passes, sorted(backoff.uncompressed), sorted(backoff.weight_only), sorted(backoff.refined)
+        passes, sorted(backoff.uncompressed), sorted(backoff.weight_only), sorted(backoff.refined), backoff.rows
     )
-    return Pipeline(chosen, context=context).run(model).model
+    result = Pipeline(chosen, context=context).run(model)
+    return result.model, [run.report for run in result.runs]
 
 
 def trial(

@@ -120,6 +120,11 @@ class Pass(abc.ABC):
     refine_option: ClassVar[str | None] = None
     """A tuple-of-patterns option that keeps matching node names in the requested format with finer
     granularity (quantize: 4-bit blocks of 32): the bits budget's step before ``soften_option``."""
+    rows_option: ClassVar[str | None] = None
+    """A float option: the fraction of a tied table's rows (an embedding also read as the LM head)
+    kept in the next-best format because the calibration data uses them most (quantize:
+    frequent_rows); the bits budget tries each of ``rows_choices`` as one more step up."""
+    rows_choices: ClassVar[tuple[float, ...]] = ()
     block_option: ClassVar[str | None] = None
     """An int option that sets the block length of blocked low-bit weights (quantize: block_size):
     the bits budget (``optimizer.bits_budget``) doubles it when the budget needs fewer scale bytes."""

@@ -157,6 +157,7 @@ CALIBRATION_NEEDS: tuple[CalibrationNeed, ...] = (
     CalibrationNeed("quantize", "mode", "static", "--quantize-mode static"),
     CalibrationNeed("quantize", "weight_rounding", "gptq", "--set quantize.weight_rounding=gptq"),
     CalibrationNeed("quantize", "weight_rounding", "awq", "--set quantize.weight_rounding=awq"),
+    CalibrationNeed("quantize", "frequent_rows", None, "--set quantize.frequent_rows", any_value=True),
     CalibrationNeed("prune", "mode", "sensitivity", "--prune-mode sensitivity"),
     CalibrationNeed("prune", "mode", "wanda", "--prune-mode wanda"),
     CalibrationNeed("prune", "criterion", "wanda", "--set prune.criterion=wanda"),

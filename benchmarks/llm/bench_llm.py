@@ -135,11 +135,14 @@ def build_rows(checkpoint: Path, work: Path, cal: Path) -> dict[str, dict]:
         ("ours int4 (GPTQ)", "ours_int4_GPTQ", ["--quantize", "int4", *gptq]),
         ("ours int4 (AWQ)", "ours_int4_AWQ", ["--quantize", "int4", *gptq, "--set", "quantize.weight_rounding=awq"]),
         (
-            "ours int4/int8 mixed, <= 4.5 bits/weight (GPTQ)",
-            "ours_bpw_4.5",
-            ["--quantize", "int4", "--calibration-data", str(cal), "--bits-per-weight", "4.5", "--workers", "2"],
+            "ours int4 (GPTQ), 1/8 of the table's rows 8-bit",
+            "ours_int4_GPTQ_rows",
+            ["--quantize", "int4", *gptq, "--set", "quantize.frequent_rows=0.125"],
         ),
     ]
+    budget = ["--quantize", "int4", "--calibration-data", str(cal), "--workers", "2", "--bits-per-weight"]
+    for bits in ("4.5", "5.0"):
+        ours.append((f"ours int4/int8 mixed, <= {bits} bits/weight (GPTQ)", f"ours_bpw_{bits}", [*budget, bits]))
     for label, folder, extra in ours:
         out = work / folder
         out.mkdir(parents=True, exist_ok=True)

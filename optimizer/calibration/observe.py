@@ -28,8 +28,9 @@ class Sampling:
     timeout_s: float | None = DEFAULT_TIMEOUT_S
 
 
-def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto:
-    """The graph as a model whose outputs also include ``tensor_names`` (main-graph tensors)."""
+def probe_model(graph: gs.Graph, tensor_names: Sequence[str], *, integers: bool = False) -> onnx.ModelProto:
+    """The graph as a model whose outputs also include ``tensor_names`` (main-graph tensors), typed
+    float, or with ``integers`` left untyped (onnxruntime takes the type its producer gives)."""
     template = onnx.ModelProto()
     template.ir_version = 8
     template.opset_import.extend(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
@@ -37,7 +38,11 @@ def probe_model(graph: gs.Graph, tensor_names: Sequence[str]) -> onnx.ModelProto
     model = export_model(graph, template)
     present = {output.name for output in model.graph.output}
     for name in tensor_names:
-        if name not in present:
+        if name in present:
+            continue
+        if integers:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+        else:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return model
 
@@ -49,14 +54,17 @@ def observe_activations(
     visit: Callable[[str, np.ndarray], None],
     sampling: Sampling,
     stage: str = "activation calibration",
+    *,
+    integers: bool = False,
 ) -> int:
     """Run the feeds ``sampling`` asks for with ``tensor_names`` exposed and hand every float32
-    value to ``visit(name, value)``, one sample at a time; returns the number of samples run. A run
-    longer than ``sampling.timeout_s`` raises ``RunTimeoutError`` naming ``stage``."""
+    value (with ``integers``, every integer value instead: indices) to ``visit(name, value)``, one
+    sample at a time; returns the number of samples run. A run longer than ``sampling.timeout_s``
+    raises ``RunTimeoutError`` naming ``stage``."""
     checked_timeout(sampling.timeout_s)
     if not tensor_names:
         return 0
-    model = probe_model(graph, tensor_names)
+    model = probe_model(graph, tensor_names, integers=integers)
     session, _ = create_session(model, resolve_provider(sampling.provider))
     del model
     inputs = [node_arg.name for node_arg in session.get_inputs()]
@@ -72,7 +80,7 @@ def observe_activations(
             timeout_s=sampling.timeout_s,
         )
         for name, value in zip(names, values, strict=True):
-            if value.ndim > 0 and value.dtype == np.float32:
+            if (value.dtype.kind in "iu") if integers else (value.ndim > 0 and value.dtype == np.float32):
                 visit(name, value)
         count += 1
     return count

@@ -218,7 +218,9 @@ def bits_text(bits: dict[str, Any]) -> str:
         f"calibration data; every layer as requested: {base.get('bits_per_weight')} bits per weight, "
         f"{bits.get('metric')} {format_number(base.get('value'))} (nearest rounding, block_size "
         f"{bits.get('block_size')}); finer blocks: {len(bits.get('finer', []))} layer(s), next-best "
-        f"format: {len(bits.get('next_best', []))}; {bits.get('trials')} trials"
+        f"format: {len(bits.get('next_best', []))}"
+        + (f"; the tied table's most-used {bits['rows']:g} of rows in the next-best format" if bits.get("rows") else "")
+        + f"; {bits.get('trials')} trials"
     )
 
 

@@ -32,10 +32,11 @@ from optimizer.registry import register
 from passes.quantize.chains import chained_specs, collect_chained
 from passes.quantize.common import bytes_by_dtype, hopeless_activation
 from passes.quantize.dynamic import DynamicPlan, dynamic_activations, plan_dynamic, quantize_dynamic
+from passes.quantize.frequent_rows import frequent_tables
 from passes.quantize.gptq import quantize_by_gptq, wants_gptq
 from passes.quantize.integer_forms import fold_batch_norms, prepare_integer_forms
 from passes.quantize.opset import ensure_opset
-from passes.quantize.options import FINE_BLOCK, QuantizeOptions
+from passes.quantize.options import FINE_BLOCK, FREQUENT_ROW_CHOICES, QuantizeOptions
 from passes.quantize.outliers import channel_absmax, outlier_channels
 from passes.quantize.report import finish_report
 from passes.quantize.static import StaticPlan, plan_static, quantize_static
@@ -58,6 +59,8 @@ class QuantizePass(QuantizeOptions, Pass):
     unmeasured_choice = UNMEASURED_MODE
     refine_option = "fine_block_nodes"
     block_option = "block_size"
+    rows_option = "frequent_rows"
+    rows_choices = FREQUENT_ROW_CHOICES
 
     def blocked(self) -> bool:
         return self.weight_type in ("int4", "uint4")
@@ -110,7 +113,8 @@ class QuantizePass(QuantizeOptions, Pass):
             if isinstance(plan, list):
                 gptq = wants_gptq(options, context)
                 rounded = quantize_by_gptq(graph, plan, options, context, report) if gptq else {}
-                quantize_weight_only_all(plan, names, report, rounded=rounded)
+                frequent = frequent_tables(graph, plan, options, context, report) if options.frequent_rows else {}
+                quantize_weight_only_all(plan, names, report, rounded=rounded, frequent=frequent)
             elif isinstance(plan, DynamicPlan):
                 _run_dynamic(graph, plan, options, names, report, context)
             else:

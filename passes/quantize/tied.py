@@ -125,7 +125,7 @@ def serve_lookups(
             inputs = [table, gather.inputs[1], scale] + ([zero_point] if zero_point is not None else [])
             _replace(graph, gather, LOOKUP_OP, attrs, inputs)
             report.count("lookups_gather_block_quantized")
-        _detach(item.transpose)
+        detach(item.transpose)
     extra = (quantized.values.size * quantized.qtype.bits + 7) // 8
     report.details.setdefault("notes", []).append(
         f"{base}: tied weight; its MatMul reads the {quantized.qtype.bits}-bit integers (MatMulNBits) and its "
@@ -157,78 +157,129 @@ def _reads_as_b(node: gs.Node, tensor: gs.Tensor, graph: gs.Graph) -> bool:
     )
 
 
-def serve_tied_weight(weight: QuantizedWeight, form: str, names: NameAllocator, report: PassReport) -> bool:
-    """Serve a blocked 4-bit weight's tied readers from one copy; True when no float view is needed."""
+@dataclass(frozen=True)
+class SharedParts:
+    """What one shared copy serves: the integers, scales and zero points as [N, K] rows (blocks
+    along K), the float weight as the same rows, the MatMuls (the head), the Gathers (lookups) and
+    the Transposes between them and the weight."""
+
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray | None]
+    floats: np.ndarray
+    matmuls: list[gs.Node]
+    gathers: list[gs.Node]
+    transposes: list[gs.Node]
+
+
+def shared_parts(weight: QuantizedWeight, form: str) -> SharedParts | None:
+    """The parts one copy can serve, in either layout; None when the weight has no tied readers
+    or K is not a whole number of blocks."""
     target, quantized = weight.target, weight.quantized
-    if not quantized.block_size:
-        return False
+    block = int(quantized.block_size or 0)
+    zero = None if weight.zero_point is None else np.asarray(quantized.zero_point)
+    scale = np.asarray(quantized.scale)
+    if not block:
+        return None
     if form == "dq":
         lookups = tied_lookups(target)
-        return bool(lookups) and serve_tied(weight, lookups or [], names, report)
+        if not lookups or quantized.values.shape[0] % block:
+            return None
+        rows = (quantized.values.T, scale.T, None if zero is None else zero.T)
+        gathers = [gather for item in lookups for gather in item.readers]
+        matmuls = [use.node for use in target.uses]
+        return SharedParts(rows, target.values.T, matmuls, gathers, [item.transpose for item in lookups])
     heads = tied_heads(target)
-    if not heads or quantized.axis != 1 or quantized.values.shape[1] % quantized.block_size:
-        return False
+    if not heads or quantized.axis != 1 or quantized.values.shape[1] % block:
+        return None
     matmuls = [node for item in heads for node in item.readers]
     gathers = [use.node for use in target.uses]
-    zero = None if weight.zero_point is None else np.asarray(quantized.zero_point)
-    rows = (quantized.values, np.asarray(quantized.scale), zero)
-    _serve_shared(weight, rows, matmuls, gathers, [item.transpose for item in heads], names, report)
-    return True
+    rows = (quantized.values, scale, zero)
+    return SharedParts(rows, target.values, matmuls, gathers, [item.transpose for item in heads])
 
 
-def serve_tied(weight: QuantizedWeight, lookups: list[TiedLookups], names: NameAllocator, report: PassReport) -> bool:
-    """One shared copy for the MatMul uses and the lookups (True: the weight needs no float view),
-    or, when K is not a whole number of blocks, the transposed copy for the lookups (False)."""
-    quantized = weight.quantized
-    if quantized.values.shape[0] % int(quantized.block_size or 1):
+def serve_tied_weight(weight: QuantizedWeight, form: str, names: NameAllocator, report: PassReport) -> bool:
+    """Serve a blocked 4-bit weight's tied readers from one copy; True when no float view is needed.
+    When K is not a whole number of blocks, the lookups read a transposed copy (False)."""
+    parts = shared_parts(weight, form)
+    if parts is not None:
+        _serve_shared(weight, parts, names, report)
+        return True
+    lookups = tied_lookups(weight.target) if form == "dq" and weight.quantized.block_size else None
+    if lookups:
         serve_lookups(weight, lookups, names, report)
-        return False
-    zero = None if weight.zero_point is None else np.asarray(quantized.zero_point).T
-    rows = (quantized.values.T, np.asarray(quantized.scale).T, zero)
-    matmuls = [use.node for use in weight.target.uses]
-    gathers = [gather for item in lookups for gather in item.readers]
-    _serve_shared(weight, rows, matmuls, gathers, [item.transpose for item in lookups], names, report)
-    return True
+    return False
 
 
-def _serve_shared(
-    weight: QuantizedWeight,
-    rows: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-    matmuls: list[gs.Node],
-    gathers: list[gs.Node],
-    transposes: list[gs.Node],
-    names: NameAllocator,
-    report: PassReport,
-) -> None:
-    """``rows``: the integers, scales and zero points as [N, K] rows (blocks along K). The MatMuls
-    become MatMulNBits on them, the Gathers GatherBlockQuantized on a Reshape of the same bytes."""
+@dataclass(frozen=True)
+class NBitsRows:
+    """Rows in MatMulNBits' layout: the packed data ([N, K/block, block*bits/8] bytes), its scale
+    and zero point inputs, and the attributes both ops share."""
+
+    data: gs.Constant
+    shared: list[gs.Tensor]
+    bits: int
+    block: int
+    columns: int
+    depth: int
+
+    def matmul(self, graph: gs.Graph, name: str, activation: gs.Tensor, outputs: list[gs.Tensor]) -> None:
+        """A MatMulNBits node ``name``: ``activation`` times these rows, into ``outputs``."""
+        attrs = {"K": self.depth, "N": self.columns, "bits": self.bits, "block_size": self.block}
+        attrs["accuracy_level"] = NBITS_ACCURACY_LEVEL
+        inputs = [activation, self.data, *self.shared]
+        graph.nodes.append(gs.Node("MatMulNBits", name, attrs, inputs, outputs, domain=LOOKUP_DOMAIN))
+
+    def table(self, graph: gs.Graph, names: NameAllocator, base: str) -> gs.Tensor:
+        """The same bytes as [N, K * bits / 8] rows, the table GatherBlockQuantized reads."""
+        table = gs.Variable(names.fresh(base, "_table"), dtype=np.uint8)
+        shape = np.array([self.columns, self.depth * self.bits // 8], np.int64)
+        reshape_inputs = [self.data, gs.Constant(names.fresh(base, "_table_shape"), shape)]
+        graph.nodes.append(gs.Node("Reshape", names.fresh(base, "_Reshape"), {}, reshape_inputs, [table]))
+        return table
+
+    def lookup(self, table: gs.Tensor, indices: gs.Tensor, name: str, outputs: list[gs.Tensor]) -> gs.Node:
+        """GatherBlockQuantized of rows ``indices`` of ``table``."""
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": self.bits}
+        inputs = [table, indices, *self.shared]
+        return gs.Node(LOOKUP_OP, name, attrs, inputs, outputs, domain=LOOKUP_DOMAIN)
+
+
+def four_bit_rows(
+    weight: QuantizedWeight, rows: tuple[np.ndarray, np.ndarray, np.ndarray | None], names: NameAllocator, base: str
+) -> NBitsRows:
+    """4-bit ``rows`` (integers, scales, zero points as [N, K] rows) packed for MatMulNBits."""
     values, scales, zeros = rows
-    block, graph, base = int(weight.quantized.block_size or 0), weight.target.owner, weight.target.name
+    block, graph = int(weight.quantized.block_size or 0), weight.target.owner
     assert graph is not None and block
-    columns, rows_k = values.shape
+    columns, depth = values.shape
     shift = 8 if weight.quantized.qtype.signed else 0  # MatMulNBits stores unsigned nibbles
-    packed = _packed_rows(values.astype(np.int16) + shift).reshape(columns, rows_k // block, block // 2)
+    packed = packed_rows(values.astype(np.int16) + shift).reshape(columns, depth // block, block // 2)
     data = gs.Constant(names.fresh(base, "_nbits"), packed)
     scale, made = stored_scale(names, base, "_nbits_scale", scales, weight.quantized.qtype.bits)
     graph.nodes.extend(made)
     shared: list[gs.Tensor] = [scale]
     if zeros is not None:
-        shared.append(gs.Constant(names.fresh(base, "_nbits_zero_point"), _packed_rows(zeros.astype(np.int16) + shift)))
-    common = {"bits": 4, "block_size": block}
-    for node in matmuls:
-        attrs = {"K": rows_k, "N": columns, **common, "accuracy_level": NBITS_ACCURACY_LEVEL}
-        _replace(graph, node, "MatMulNBits", attrs, [node.inputs[0], data, *shared])
+        shared.append(gs.Constant(names.fresh(base, "_nbits_zero_point"), packed_rows(zeros.astype(np.int16) + shift)))
+    return NBitsRows(data, shared, 4, block, columns, depth)
+
+
+def _serve_shared(weight: QuantizedWeight, parts: SharedParts, names: NameAllocator, report: PassReport) -> None:
+    """The MatMuls become MatMulNBits on the rows, the Gathers GatherBlockQuantized on a Reshape
+    of the same bytes."""
+    graph, base = weight.target.owner, weight.target.name
+    assert graph is not None
+    nbits = four_bit_rows(weight, parts.rows, names, base)
+    for node in parts.matmuls:
+        nbits.matmul(graph, node.name, node.inputs[0], list(node.outputs))
+        detach(node)
         report.count("tied_matmul_nbits")
-    if gathers:
-        table = gs.Variable(names.fresh(base, "_nbits_table"), dtype=np.uint8)
-        shape = gs.Constant(names.fresh(base, "_nbits_table_shape"), np.array([columns, rows_k // 2], np.int64))
-        graph.nodes.append(gs.Node("Reshape", names.fresh(base, "_nbits_Reshape"), {}, [data, shape], [table]))
-    for node in gathers:
-        attrs = {"gather_axis": 0, "quantize_axis": 1, **common}
-        _replace(graph, node, LOOKUP_OP, attrs, [table, node.inputs[1], *shared])
+    table = nbits.table(graph, names, base + "_nbits") if parts.gathers else None
+    for node in parts.gathers:
+        assert table is not None
+        graph.nodes.append(nbits.lookup(table, node.inputs[1], node.name, list(node.outputs)))
+        detach(node)
         report.count("lookups_gather_block_quantized")
-    for node in transposes:
-        _detach(node)
+    for node in parts.transposes:
+        detach(node)
     report.details.setdefault("notes", []).append(
         f"{base}: tied weight; one 4-bit copy serves its MatMuls (MatMulNBits) and its lookups ({LOOKUP_OP})"
     )
@@ -237,16 +288,16 @@ def _serve_shared(
 def _replace(graph: gs.Graph, node: gs.Node, op: str, attrs: dict, inputs: list[gs.Tensor]) -> None:
     """``node`` replaced by an onnxruntime (com.microsoft) ``op`` of the same name and outputs."""
     graph.nodes.append(gs.Node(op, node.name, attrs, inputs, list(node.outputs), domain=LOOKUP_DOMAIN))
-    _detach(node)
+    detach(node)
 
 
-def _detach(node: gs.Node) -> None:
+def detach(node: gs.Node) -> None:
     """Disconnect ``node``; cleanup removes it."""
     node.inputs.clear()
     node.outputs.clear()
 
 
-def _packed_rows(values: np.ndarray) -> np.ndarray:
+def packed_rows(values: np.ndarray) -> np.ndarray:
     """Each row's 4-bit values two per byte (``pack_4bit``'s order; an odd row padded with 0)."""
     if values.shape[1] % 2:
         values = np.pad(values, ((0, 0), (0, 1)))

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from optimizer.calibration.quant_math import QType, QuantizedTensor, qtype, quantize_weight
 from optimizer.graph.axes import weight_axes
 from optimizer.graph.names import NameAllocator
@@ -29,8 +31,9 @@ from optimizer.graph.weights import Weight
 from optimizer.internal_errors import working_on
 from optimizer.pass_base import PassReport
 from passes.quantize.common import FloatForm, QuantizedWeight
+from passes.quantize.frequent_rows import serve_split
 from passes.quantize.options import FINE_BLOCK, QuantizeOptions
-from passes.quantize.tied import other_readers, serve_tied_weight, tied_lookups
+from passes.quantize.tied import other_readers, serve_tied_weight, shared_parts, tied_lookups
 
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
 DQ_FUSED_OPS = ("MatMul",)
@@ -141,27 +144,41 @@ def quantize_weight_only_all(
     report: PassReport,
     notes: list[dict[str, str]] | None = None,
     rounded: dict[int, QuantizedTensor] | None = None,
+    frequent: dict[int, np.ndarray] | None = None,
 ) -> None:
     """Every weight-only target (a failure names its tensor), then ``notes``: why MatMuls stayed
-    weight-only. ``rounded``: integers already chosen (GPTQ), by ``id(target)``."""
+    weight-only. ``rounded``: integers already chosen (GPTQ), by ``id(target)``; ``frequent``: the
+    rows of tied tables stored at 8 bits (``frequent_rows``), by ``id(target)``."""
     for target, spec in planned:
         with working_on("tensor", target.name):
-            quantize_weight_only(target, spec, names, report, (rounded or {}).get(id(target)))
+            key = id(target)
+            quantize_weight_only(target, spec, names, report, (rounded or {}).get(key), (frequent or {}).get(key))
     if notes:
         report.details.setdefault("weight_only_matmuls", []).extend(notes)
 
 
 def quantize_weight_only(
-    target: Weight, spec: WeightSpec, names: NameAllocator, report: PassReport, quantized: QuantizedTensor | None = None
+    target: Weight,
+    spec: WeightSpec,
+    names: NameAllocator,
+    report: PassReport,
+    quantized: QuantizedTensor | None = None,
+    frequent: np.ndarray | None = None,
 ) -> QuantizedWeight:
     """Store ``target`` as integers (rounded to nearest unless ``quantized`` is given, e.g. by
-    GPTQ) and give every reader its dequantized value."""
+    GPTQ) and give every reader its dequantized value; a tied table's ``frequent`` rows at 8 bits."""
     if quantized is None:
         quantized = quantize_weight(
             target.values, spec.qtype, symmetric=spec.symmetric, axis=spec.axis, block_size=spec.block_size
         )
     weight = QuantizedWeight(target, quantized, names)
     report.count(f"weights_{spec.qtype.name}")
+    parts = shared_parts(weight, spec.form) if frequent is not None else None
+    if parts is not None and frequent is not None:
+        serve_split(weight, parts, frequent, names, report)
+        return weight
+    if frequent is not None:
+        report.skip("tensor", target.name, "frequent_rows: K is not a whole number of blocks; all rows at 4 bits")
     if spec.block_size is not None and serve_tied_weight(weight, spec.form, names, report):
         return weight
     weight.make_float_view(spec.form)

@@ -258,3 +258,43 @@ def test_an_8bit_request_is_not_widened_and_its_floor_is_named_without_blocks():
                               bits=BitsOptions(bits_per_weight=7.0))
     with pytest.raises(OptionError, match=r"least this model takes: 8\.\d+ with every layer compressed as requested$"):
         optimize(decoder_like(), None, options)
+
+
+def test_a_tied_table_steps_up_by_its_most_used_rows():
+    """Between the table's finer blocks and 8-bit: its rows the calibration text looks up most at 8
+    bits (Zipf-distributed ids, as text has them), measured like every other step."""
+    rng = np.random.default_rng(5)
+    text_like = [{"ids": (np.minimum(rng.zipf(1.2, (1, TOKENS)), VOCAB) - 1).astype(np.int64)} for _ in range(6)]
+    model = decoder_like()
+    result = plan_bits(
+        model,
+        [create_pass("quantize", weight_type="int4", mode="weights")],
+        text_like,
+        budget=5.0,
+        metric=MetricSpec("kl"),
+        runtime=Runtime("cpu", None),
+    )
+    [table] = [choice for choice in result.layers if "lm_head" in choice.layers]
+    names = [level.name for level in table.levels]
+    assert names[0] == "rows 0.0625" and names[-1] == "next-best"  # blocks of 32 already: no finer step
+    assert result.met and result.to_dict()["rows"] > 0 and table.chosen.startswith("rows ")
+    assert result.value < 0.2 * result.base_value
+    compressed = optimize(model, None, OptimizeOptions(
+        passes=["quantize"], pass_options={"quantize": {"weight_type": "int4", "mode": "weights"}},
+        calibration=text_like, bits=BitsOptions(bits_per_weight=5.0))).model
+    check_model_full(compressed)
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in compressed.graph.node
+            if n.op_type == "GatherBlockQuantized"]
+    assert sorted(bits) == [4, 8]
+    assert measure_bits(model, compressed).bits_per_weight == pytest.approx(result.final.bits_per_weight)
+
+
+def test_a_rows_step_steps_down_to_fewer_rows_then_finer_blocks():
+    from optimizer.bits_budget import _one_down
+
+    levels = [Level("finer", 0, 0.1, 10), Level("rows 0.0625", 0, 0.3, 20, 0.0625)]
+    levels.append(Level("rows 0.125", 0, 0.4, 30, 0.125))
+    table = LayerChoice(["head"], [*levels, Level("next-best", 0, 0.6, 100)], chosen="rows 0.125")
+    assert _one_down(table) == "rows 0.0625"
+    table.chosen = "rows 0.0625"
+    assert _one_down(table) == "finer"
