@@ -129,6 +129,10 @@ class BitsResult:
     notes: list[str] = field(default_factory=list)
 
     def chosen(self, level: str) -> list[str]:
+        """Layers whose chosen level is ``level``; for "finer", also those at a rows step (built
+        with their finer blocks)."""
+        if level == "finer":
+            return _finer_layers(self.layers)
         return sorted(name for choice in self.layers if choice.chosen == level for name in choice.layers)
 
     @property
@@ -342,7 +346,7 @@ class _Planner:
         while it is over the budget."""
         while True:
             next_best = sorted(n for c in choices if c.chosen == "next-best" for n in c.layers)
-            finer = sorted(n for c in choices if c.chosen is not None and c.chosen != "next-best" for n in c.layers)
+            finer = _finer_layers(choices)
             chosen = backed_off_passes(passes, [], next_best, finer, _rows(choices))
             value, measure = self.trial(chosen, Backoff())
             stepped = [c for c in choices if c.chosen is not None]
@@ -382,6 +386,11 @@ def _one_down(choice: LayerChoice) -> str | None:
     below = choice.levels[: names.index(choice.chosen)] if choice.chosen in names else []
     useful = [level.name for level in below if level.gain > 0]
     return useful[-1] if useful else None
+
+
+def _finer_layers(choices: list[LayerChoice]) -> list[str]:
+    """Layers built with finer blocks: chosen "finer", or a rows step (its trials had them)."""
+    return sorted(n for c in choices if c.chosen is not None and c.chosen != "next-best" for n in c.layers)
 
 
 def _rows(choices: list[LayerChoice]) -> float:

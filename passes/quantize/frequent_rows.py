@@ -90,9 +90,9 @@ def _bincount(indices: np.ndarray, rows: int) -> np.ndarray:
 
 
 def frequent(counts: np.ndarray, fraction: float) -> np.ndarray:
-    """The rows looked up most, ``fraction`` of all rows at most and only rows looked up at all,
-    most-used first (ties by row number)."""
-    wanted = min(round(fraction * counts.size), int(np.count_nonzero(counts)), counts.size - 1)
+    """The rows looked up most, ``fraction`` of all rows (at least one) and only rows looked up at
+    all, most-used first (ties by row number)."""
+    wanted = min(max(1, round(fraction * counts.size)), int(np.count_nonzero(counts)), counts.size - 1)
     return np.argsort(-counts, kind="stable")[:wanted].astype(np.int64)
 
 

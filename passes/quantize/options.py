@@ -146,6 +146,8 @@ class QuantizeOptions:
             bad = invalid_pattern(getattr(self, key))
             if bad:
                 _fail(f"option '{key}': bad regular expression {bad}")
+        if self.frequent_rows and self.mode not in ("weights", "auto"):
+            _fail(f": frequent_rows applies to mode 'weights' (4-bit tables), not {self.mode!r}")
         if self.weight_rounding in ("gptq", "awq") and self.mode not in ("weights", "auto"):
             _fail(f": weight_rounding {self.weight_rounding!r} applies to mode 'weights', not {self.mode!r}")
         if self.mode == "static" and self.weight_type not in ("int8", "uint8"):

@@ -71,6 +71,10 @@ class QuantizePass(QuantizeOptions, Pass):
     def only_choice(self) -> tuple[str, str] | None:
         if self.weight_type in ("int4", "uint4"):
             return "weights", "4-bit weights run as MatMulNBits in weights mode; dynamic and static modes are 8-bit"
+        if self.weight_rounding in ("gptq", "awq"):
+            return "weights", f"weight_rounding {self.weight_rounding!r} rounds weights-mode weights"
+        if self.frequent_rows:
+            return "weights", "frequent_rows applies to weights mode"
         return None
 
     def trial_options(self) -> dict[str, Any]:
@@ -92,8 +96,9 @@ class QuantizePass(QuantizeOptions, Pass):
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         options = self.config
+        dropped = options.frequent_rows if options.mode == "auto" else 0.0
         if options.mode == "auto":  # optimize() measures; the pass alone takes the form never slower than fp32
-            options = replace(options, mode=UNMEASURED_MODE)
+            options = replace(options, mode=UNMEASURED_MODE, frequent_rows=0.0)
         report = PassReport()
         before = bytes_by_dtype(graph)
         if options.integer_forms:
@@ -121,6 +126,10 @@ class QuantizePass(QuantizeOptions, Pass):
                 quantize_static(graph, plan, options, names, report, context)
             cleanup(graph)
             toposort(graph)
+        if dropped:
+            report.details.setdefault("notes", []).append(
+                f"frequent_rows: applies to weights mode (4-bit tables); this run is mode {UNMEASURED_MODE!r}"
+            )
         finish_report(report, options, graph, before)
         return PassResult(graph, bool(targets) or "batchnorms_folded" in report.counts, report.to_dict())
 

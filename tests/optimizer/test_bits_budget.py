@@ -278,6 +278,7 @@ def test_a_tied_table_steps_up_by_its_most_used_rows():
     names = [level.name for level in table.levels]
     assert names[0] == "rows 0.0625" and names[-1] == "next-best"  # blocks of 32 already: no finer step
     assert result.met and result.to_dict()["rows"] > 0 and table.chosen.startswith("rows ")
+    assert "lm_head" in result.to_dict()["finer"]  # a rows step is built with the table's finer blocks
     assert result.value < 0.2 * result.base_value
     compressed = optimize(model, None, OptimizeOptions(
         passes=["quantize"], pass_options={"quantize": {"weight_type": "int4", "mode": "weights"}},

@@ -123,6 +123,18 @@ def test_lookups_of_a_computed_index_are_counted_by_running_the_model(tmp_path):
     assert ort_runs(result.model, tmp_path)["GatherBlockQuantized"] == 2
 
 
+def test_a_fraction_of_under_one_row_still_takes_the_most_used_row():
+    _, report = quantize(tied_model(), skewed_feeds(8), mode="weights", weight_type="int4", frequent_rows=0.001)
+    assert report["counts"]["tied_frequent_rows"] == 1
+
+
+def test_frequent_rows_outside_weights_mode_are_refused_or_said_to_do_nothing():
+    with pytest.raises(OptionError, match="frequent_rows applies to mode 'weights'"):
+        quantize(tied_model(), skewed_feeds(2), mode="dynamic", frequent_rows=0.25)
+    _, report = quantize(tied_model(), skewed_feeds(2), weight_type="int4", frequent_rows=0.25)  # auto, alone
+    assert any(note.startswith("frequent_rows: applies to weights mode") for note in report["details"]["notes"])
+
+
 def test_frequent_rows_need_calibration_data_and_a_fraction_below_one():
     with pytest.raises(PassError, match=r"frequent_rows.*calibration data"):
         quantize(tied_model(), mode="weights", weight_type="int4", frequent_rows=0.25)
@@ -176,3 +188,14 @@ def test_a_tied_table_inside_an_if_branch_keeps_4_bits_and_says_why():
     for want, got in zip(run_model(model, data), run_model(result.model, data), strict=True):
         cosine = float((want[0] * got[0]).sum() / np.linalg.norm(want[0]) / np.linalg.norm(got[0]))
         assert cosine > 0.99
+
+
+@pytest.mark.parametrize("option", [{"frequent_rows": 0.25}, {"weight_rounding": "gptq"}])
+def test_auto_mode_with_a_weights_mode_option_builds_weights_mode_only(option):
+    """optimize()'s auto mode measures dynamic and static too; an option only weights mode has must
+    not make those candidates fail (they were refused as options of mode 'dynamic')."""
+    from optimizer.api import OptimizeOptions, optimize
+
+    options = OptimizeOptions(passes=["quantize"], pass_options={"quantize": option}, calibration=skewed_feeds(8))
+    result = optimize(tied_model(), None, options)
+    assert result.report.auto["chosen"] == "weights"
