@@ -32,7 +32,7 @@ from optimizer.graph.weights import Weight
 from optimizer.pass_base import PassContext, PassReport
 from passes.quantize.common import QuantizedWeight, float_constant
 from passes.quantize.options import QuantizeOptions
-from passes.quantize.tied import LOOKUP_OP, NBitsRows, SharedParts, detach, four_bit_rows, tied_heads, tied_lookups
+from passes.quantize.tied import LOOKUP_OP, NBitsRows, SharedParts, TiedReaders, detach, four_bit_rows
 
 if TYPE_CHECKING:
     from passes.quantize.weights import WeightSpec
@@ -128,12 +128,10 @@ def _table_lookups(graph: gs.Graph, target: Weight, spec: WeightSpec) -> tuple[l
     """A tied table's lookups in the main graph and its row count (the vocabulary), else None."""
     if spec.block_size is None or spec.qtype.bits != 4 or target.owner is not graph or target.values.ndim != 2:
         return None
-    if spec.form == "dq":
-        lookups = tied_lookups(target)
-        gathers = [gather for item in lookups or [] for gather in item.readers]
-        return (gathers, int(target.values.shape[1])) if gathers else None
-    heads = tied_heads(target)
-    return ([use.node for use in target.uses], int(target.values.shape[0])) if heads else None
+    readers = TiedReaders.of(target, spec.form)
+    if readers is None or not readers.gathers:
+        return None
+    return readers.gathers, int(target.values.shape[0 if readers.rows_first else 1])
 
 
 def eight_bit_rows(floats: np.ndarray, names: NameAllocator, base: str) -> NBitsRows:

@@ -170,30 +170,49 @@ class SharedParts:
     transposes: list[gs.Node]
 
 
+@dataclass(frozen=True)
+class TiedReaders:
+    """A tied weight's readers in either layout: the MatMuls (the head), the Gathers (lookups), the
+    Transposes between them and the weight, and whether the weight is stored as [N, K] rows
+    (``rows_first``: the reverse layout) or as the head's [K, N]."""
+
+    matmuls: list[gs.Node]
+    gathers: list[gs.Node]
+    transposes: list[gs.Node]
+    rows_first: bool
+
+    @staticmethod
+    def of(target: Weight, form: str) -> TiedReaders | None:
+        """The readers for the float view ``form`` ("dq": the builder's layout, else the reverse
+        one), or None when the weight is not tied that way."""
+        if form == "dq":
+            lookups = tied_lookups(target)
+            if not lookups:
+                return None
+            gathers = [gather for item in lookups for gather in item.readers]
+            return TiedReaders([use.node for use in target.uses], gathers, [i.transpose for i in lookups], False)
+        heads = tied_heads(target)
+        if not heads:
+            return None
+        matmuls = [node for item in heads for node in item.readers]
+        return TiedReaders(matmuls, [use.node for use in target.uses], [i.transpose for i in heads], True)
+
+
 def shared_parts(weight: QuantizedWeight, form: str) -> SharedParts | None:
     """The parts one copy can serve, in either layout; None when the weight has no tied readers
     or K is not a whole number of blocks."""
     target, quantized = weight.target, weight.quantized
     block = int(quantized.block_size or 0)
+    readers = TiedReaders.of(target, form) if block else None
+    if readers is None or quantized.axis != int(readers.rows_first):
+        return None
     zero = None if weight.zero_point is None else np.asarray(quantized.zero_point)
-    scale = np.asarray(quantized.scale)
-    if not block:
+    values, scale, floats = quantized.values, np.asarray(quantized.scale), target.values
+    if not readers.rows_first:
+        values, scale, floats, zero = values.T, scale.T, floats.T, None if zero is None else zero.T
+    if values.shape[1] % block:
         return None
-    if form == "dq":
-        lookups = tied_lookups(target)
-        if not lookups or quantized.values.shape[0] % block:
-            return None
-        rows = (quantized.values.T, scale.T, None if zero is None else zero.T)
-        gathers = [gather for item in lookups for gather in item.readers]
-        matmuls = [use.node for use in target.uses]
-        return SharedParts(rows, target.values.T, matmuls, gathers, [item.transpose for item in lookups])
-    heads = tied_heads(target)
-    if not heads or quantized.axis != 1 or quantized.values.shape[1] % block:
-        return None
-    matmuls = [node for item in heads for node in item.readers]
-    gathers = [use.node for use in target.uses]
-    rows = (quantized.values, scale, zero)
-    return SharedParts(rows, target.values, matmuls, gathers, [item.transpose for item in heads])
+    return SharedParts((values, scale, zero), floats, readers.matmuls, readers.gathers, readers.transposes)
 
 
 def serve_tied_weight(weight: QuantizedWeight, form: str, names: NameAllocator, report: PassReport) -> bool:
