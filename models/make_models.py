@@ -498,6 +498,143 @@ def build_voice_activity() -> onnx.ModelProto:
     return finish_model(graph, "voice_activity", purpose)
 
 
+DECODER_VOCAB = 128
+DECODER_DIM = 32
+DECODER_HEADS = 2
+DECODER_HEAD_SIZE = DECODER_DIM // DECODER_HEADS
+DECODER_LAYERS = 2
+DECODER_FFN = 64
+PAST, TOTAL = "past_seq", "total_seq"
+
+
+def decoder_mask_nodes() -> list[onnx.NodeProto]:
+    """Where a new token may attend: causal over past + new tokens, and not at padding (the mask)."""
+    node = helper.make_node
+    return [
+        node("Shape", ["input_ids"], ["ids.shape"], name="mask.ids_shape"),
+        node("Shape", ["attention_mask"], ["mask.shape"], name="mask.mask_shape"),
+        node("Gather", ["ids.shape", "mask.one"], ["mask.new"], name="mask.new_count", axis=0),
+        node("Gather", ["mask.shape", "mask.one"], ["mask.total"], name="mask.total_count", axis=0),
+        node("Sub", ["mask.total", "mask.new"], ["mask.past"], name="mask.past_count"),
+        node("Range", ["mask.past", "mask.total", "mask.one"], ["mask.rows"], name="mask.rows_range"),
+        node("Range", ["mask.zero", "mask.total", "mask.one"], ["mask.columns"], name="mask.columns_range"),
+        node("Unsqueeze", ["mask.rows", "mask.last_axis"], ["mask.rows_2d"], name="mask.rows_unsqueeze"),
+        node("LessOrEqual", ["mask.columns", "mask.rows_2d"], ["mask.causal"], name="mask.causal_compare"),
+        node("Cast", ["attention_mask"], ["mask.kept"], name="mask.cast", to=TensorProto.BOOL),
+        node("Unsqueeze", ["mask.kept", "mask.head_axes"], ["mask.kept_4d"], name="mask.kept_unsqueeze"),
+        node("And", ["mask.causal", "mask.kept_4d"], ["mask.allowed"], name="mask.and"),
+    ]
+
+
+def decoder_layer_nodes(layer: int, x: str, out: str) -> list[onnx.NodeProto]:
+    """Pre-norm attention over the KV cache, then a gated SiLU MLP, each with a residual."""
+    node, p = helper.make_node, f"layers.{layer}"
+    nodes = [layer_norm(f"{p}.attn_norm", x, f"{p}.attn_in")]
+    heads = {}
+    for proj, cache in (("q", None), ("k", "key"), ("v", "value")):
+        q = f"{p}.attn.{proj}"
+        nodes += [
+            node("MatMul", [f"{p}.attn_in", f"{q}.weight"], [f"{q}.flat"], name=f"{q}.matmul"),
+            node("Reshape", [f"{q}.flat", "decoder.split_heads"], [f"{q}.split"], name=f"{q}.reshape"),
+            node("Transpose", [f"{q}.split"], [f"{q}.heads"], name=f"{q}.transpose", perm=[0, 2, 1, 3]),
+        ]
+        heads[proj] = f"{q}.heads"
+        if cache is not None:
+            present = f"present.{layer}.{cache}"
+            nodes.append(
+                node("Concat", [f"past_key_values.{layer}.{cache}", heads[proj]], [present], name=f"{q}.cache", axis=2)
+            )
+            heads[proj] = present
+    a = f"{p}.attn"
+    nodes += [
+        node("Transpose", [heads["k"]], [f"{a}.k_t"], name=f"{a}.k_transpose", perm=[0, 1, 3, 2]),
+        node("MatMul", [heads["q"], f"{a}.k_t"], [f"{a}.scores"], name=f"{a}.scores_matmul"),
+        node("Mul", [f"{a}.scores", "decoder.scale"], [f"{a}.scaled"], name=f"{a}.scale_mul"),
+        node("Where", ["mask.allowed", f"{a}.scaled", "decoder.blocked"], [f"{a}.masked"], name=f"{a}.mask_where"),
+        node("Softmax", [f"{a}.masked"], [f"{a}.probs"], name=f"{a}.softmax", axis=-1),
+        node("MatMul", [f"{a}.probs", heads["v"]], [f"{a}.context"], name=f"{a}.context_matmul"),
+        node("Transpose", [f"{a}.context"], [f"{a}.context_t"], name=f"{a}.context_transpose", perm=[0, 2, 1, 3]),
+        node("Reshape", [f"{a}.context_t", "decoder.merge_heads"], [f"{a}.merged"], name=f"{a}.merge_reshape"),
+        node("MatMul", [f"{a}.merged", f"{a}.o.weight"], [f"{a}.out"], name=f"{a}.o.matmul"),
+        node("Add", [x, f"{a}.out"], [f"{p}.attn_residual"], name=f"{a}.residual_add"),
+        layer_norm(f"{p}.mlp_norm", f"{p}.attn_residual", f"{p}.mlp_in"),
+    ]
+    m = f"{p}.mlp"
+    return nodes + [
+        node("MatMul", [f"{p}.mlp_in", f"{m}.gate.weight"], [f"{m}.gate"], name=f"{m}.gate.matmul"),
+        node("Sigmoid", [f"{m}.gate"], [f"{m}.gate_sigmoid"], name=f"{m}.sigmoid"),
+        node("Mul", [f"{m}.gate", f"{m}.gate_sigmoid"], [f"{m}.silu"], name=f"{m}.silu_mul"),
+        node("MatMul", [f"{p}.mlp_in", f"{m}.up.weight"], [f"{m}.up"], name=f"{m}.up.matmul"),
+        node("Mul", [f"{m}.silu", f"{m}.up"], [f"{m}.gated"], name=f"{m}.gate_mul"),
+        node("MatMul", [f"{m}.gated", f"{m}.down.weight"], [f"{m}.out"], name=f"{m}.down.matmul"),
+        node("Add", [f"{p}.attn_residual", f"{m}.out"], [out], name=f"{m}.residual_add"),
+    ]
+
+
+def decoder_initializers(rng: np.random.Generator) -> list[TensorProto]:
+    inits = [tensor("embed.weight", (rng.standard_normal((DECODER_VOCAB, DECODER_DIM)) * 0.5).astype(np.float32))]
+    for layer in range(DECODER_LAYERS):
+        p = f"layers.{layer}"
+        for norm in ("attn_norm", "mlp_norm"):
+            inits += [
+                tensor(f"{p}.{norm}.weight", np.ones(DECODER_DIM, np.float32)),
+                tensor(f"{p}.{norm}.bias", np.zeros(DECODER_DIM, np.float32)),
+            ]
+        for proj in ("q", "k", "v", "o"):
+            weight = xavier_normal(rng, (DECODER_DIM, DECODER_DIM), DECODER_DIM, DECODER_DIM)
+            inits.append(tensor(f"{p}.attn.{proj}.weight", weight))
+        for proj, shape in (
+            ("gate", (DECODER_DIM, DECODER_FFN)),
+            ("up", (DECODER_DIM, DECODER_FFN)),
+            ("down", (DECODER_FFN, DECODER_DIM)),
+        ):
+            inits.append(tensor(f"{p}.mlp.{proj}.weight", xavier_normal(rng, shape, shape[0], shape[1])))
+    return inits + [
+        tensor("final_norm.weight", np.ones(DECODER_DIM, np.float32)),
+        tensor("final_norm.bias", np.zeros(DECODER_DIM, np.float32)),
+        int64s("decoder.split_heads", [0, 0, DECODER_HEADS, DECODER_HEAD_SIZE]),
+        int64s("decoder.merge_heads", [0, 0, DECODER_DIM]),
+        scalar("decoder.scale", 1.0 / np.sqrt(DECODER_HEAD_SIZE)),
+        scalar("decoder.blocked", -1e9),
+        tensor("mask.one", np.asarray(1, np.int64)),
+        tensor("mask.zero", np.asarray(0, np.int64)),
+        int64s("mask.last_axis", [1]),
+        int64s("mask.head_axes", [1, 2]),
+    ]
+
+
+def build_decoder_kv() -> onnx.ModelProto:
+    """A two-layer decoder LM with a KV cache in the layout onnxruntime-genai and Optimum export."""
+    nodes = [helper.make_node("Gather", ["embed.weight", "input_ids"], ["embedded"], name="embed.gather", axis=0)]
+    nodes += decoder_mask_nodes()
+    hidden = "embedded"
+    for layer in range(DECODER_LAYERS):
+        nodes += decoder_layer_nodes(layer, hidden, f"layers.{layer}.out")
+        hidden = f"layers.{layer}.out"
+    nodes += [
+        layer_norm("final_norm", hidden, "final_hidden"),
+        helper.make_node("Transpose", ["embed.weight"], ["lm_head.weight"], name="lm_head.transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["final_hidden", "lm_head.weight"], ["logits"], name="lm_head.matmul"),
+    ]
+    cache_shape = {
+        "past": [BATCH, DECODER_HEADS, PAST, DECODER_HEAD_SIZE],
+        "present": [BATCH, DECODER_HEADS, TOTAL, DECODER_HEAD_SIZE],
+    }
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [BATCH, SEQ]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [BATCH, TOTAL]),
+    ]
+    outputs = [float_info("logits", [BATCH, SEQ, DECODER_VOCAB])]
+    for layer in range(DECODER_LAYERS):
+        for part in ("key", "value"):
+            inputs.append(float_info(f"past_key_values.{layer}.{part}", cache_shape["past"]))
+            outputs.append(float_info(f"present.{layer}.{part}", cache_shape["present"]))
+    initializers = decoder_initializers(np.random.default_rng(1008))
+    graph = helper.make_graph(nodes, "decoder_kv", inputs, outputs, initializers)
+    purpose = "decoder LM with a KV cache (past_key_values.N.key/value in, present.N.key/value out), tied head"
+    return finish_model(graph, "decoder_kv", purpose)
+
+
 MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -506,6 +643,7 @@ MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "if_subgraph": build_if_subgraph,
     "loop_subgraph": build_loop_subgraph,
     "voice_activity": build_voice_activity,
+    "decoder_kv": build_decoder_kv,
 }
 
 

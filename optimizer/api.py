@@ -61,6 +61,7 @@ from optimizer.report_notes import add_fusion, size_notes
 from optimizer.shortcuts import calibration_request, shortcut_options
 from optimizer.verify.benchmark import BenchResult, benchmark
 from optimizer.verify.fusion import has_dequantize
+from optimizer.verify.generation import checked_tokens
 from optimizer.verify.isolation import NOT_VALIDATED, run_comparison
 from optimizer.verify.pass_bisect import BisectResult, bisect_passes
 from optimizer.verify.runtime import RunTimeoutError
@@ -205,6 +206,7 @@ class _Run:
 def _plan_stage(options: OptimizeOptions) -> list[Pass]:
     """The passes, built once; a pass that needs calibration data without it is refused here."""
     chosen = build_passes(options.passes, options.pass_options)
+    checked_tokens(options.generate_tokens)
     if options.bits is not None:
         check_bits_request(options, chosen)
     if options.budget is not None and options.budget.metric == "perplexity" and options.feeds.source is None:
@@ -256,7 +258,7 @@ def _checks(run: _Run) -> _Checks | None:
     tolerance = with_default_tolerance(tolerance, default)
     settings = validation or ValidationOptions()
     return _Checks(
-        resolve_feed_options(run.source, options.feeds),
+        resolve_feed_options(run.source, options.feeds, run.reference),
         tolerance,
         options.provider,
         validation is not None,
@@ -266,6 +268,7 @@ def _checks(run: _Run) -> _Checks | None:
         settings.max_memory_bytes,
         options.feeds.source is None,
         settings.output_kinds,
+        options.generate_tokens,
     )
 
 
@@ -382,12 +385,14 @@ class _Checks:
     max_memory_bytes: int | None
     random_feeds: bool
     output_kinds: Mapping[str, str]
+    generate_tokens: int
 
     def compare(self, reference: ModelInput, candidate: Path) -> Comparison:
         settings: dict[str, Any] = {
             "tolerance": self.tolerance,
             "provider": self.provider,
             "output_kinds": self.output_kinds,
+            "generate_tokens": self.generate_tokens,
         }
         with generated_feeds_hint(self.feeds, self.random_feeds):
             limits: dict[str, Any] = {
@@ -432,6 +437,7 @@ def _save_checked(
                     provider=checks.provider,
                     rounds=checks.bench_rounds,
                     timeout_s=checks.timeout_s,
+                    generate_tokens=checks.generate_tokens,
                 )
                 if checks is not None and checks.bench_rounds
                 else None

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from optimizer.calibration.decoder_io import empty_cache_shapes
 from optimizer.calibration.feeds import (
     Feed,
     check_feeds,
@@ -44,13 +45,16 @@ def resolve_feeds(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     samples: int = 4,
     seed: int = 0,
+    folder: Path | None = None,
 ) -> list[Feed]:
-    """Feeds checked against the model's inputs: from a folder, an iterable, or generated."""
+    """Feeds checked against the model's inputs: from a folder, an iterable, or generated.
+    ``folder``: where the model file is (a decoder's genai_config.json gives its cache sizes)."""
     specs = model_input_specs(model)
     if feeds is None:
         if samples < 1:
             raise OptionError(f"samples must be >= 1, got {samples}")
-        shapes = {**metadata_shapes(model, specs), **(shapes or {})}
+        given = dict(shapes or {})
+        shapes = {**metadata_shapes(model, specs), **empty_cache_shapes(specs, folder, given), **given}
         return generate_feeds(specs, count=samples, seed=seed, shapes=shapes)
     if isinstance(feeds, (str, os.PathLike)):
         return list(check_npz_feeds(specs, feeds))
@@ -73,8 +77,12 @@ def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> Cali
     return lambda: iter(kept)
 
 
-def resolve_feed_options(model: onnx.ModelProto, feeds: FeedOptions) -> list[Feed]:
-    return resolve_feeds(model, feeds.source, shapes=feeds.shapes, samples=feeds.samples, seed=feeds.seed)
+def resolve_feed_options(model: onnx.ModelProto, feeds: FeedOptions, path: Path | None = None) -> list[Feed]:
+    """``resolve_feeds`` with the library's options; ``path``: the model's file, when it has one."""
+    folder = path.parent if path is not None else None
+    return resolve_feeds(
+        model, feeds.source, shapes=feeds.shapes, samples=feeds.samples, seed=feeds.seed, folder=folder
+    )
 
 
 def load_input(

@@ -131,6 +131,7 @@ def _optimize_options(
         ),
         validation=validation if args.validate else None,
         bench_rounds=args.rounds if args.bench else None,
+        generate_tokens=args.generate_tokens,
         fusion_check=args.fusion_check,
         budget=budget,
         bits=bits,
@@ -184,17 +185,18 @@ def _layer_list(names: list[str], shown: int = 6) -> str:
     return f"{len(names)} layers ({', '.join(names[:3])}, ...; see --report)"
 
 
-def _feeds(args: argparse.Namespace, model: onnx.ModelProto) -> list[Feed]:
-    """The inputs a command runs on: --data, else generated (--shape, --samples, --seed)."""
-    return resolve_feeds(
-        model, args.data, shapes=parse_shape_overrides(args.shape), samples=args.samples, seed=args.seed
-    )
+def _feeds(args: argparse.Namespace, model: onnx.ModelProto, path: str) -> list[Feed]:
+    """The inputs a command runs on: --data, else generated (--shape, --samples, --seed); ``path``:
+    the model's file (a decoder's genai_config.json next to it gives its cache sizes)."""
+    shapes = parse_shape_overrides(args.shape)
+    folder = Path(path).parent
+    return resolve_feeds(model, args.data, shapes=shapes, samples=args.samples, seed=args.seed, folder=folder)
 
 
 def _run_validate(args: argparse.Namespace) -> int:
     reference = load_model(args.reference, allow_symlinks_under=args.allow_symlinks_under)
     load_model(args.candidate, allow_symlinks_under=args.allow_symlinks_under)
-    feeds = _feeds(args, reference)
+    feeds = _feeds(args, reference, args.reference)
     tolerance = with_default_tolerance(tolerance_from_args(args), LOSSLESS_TOLERANCE if args.exact else LOSSY_TOLERANCE)
     kinds = output_kinds_from_args(args)
     with generated_feeds_hint(feeds, args.data is None):
@@ -208,6 +210,7 @@ def _run_validate(args: argparse.Namespace) -> int:
             provider=args.provider,
             timeout_s=args.timeout,
             output_kinds=kinds,
+            generate_tokens=args.generate_tokens,
         )
     comparison.random_feeds = args.data is None
     print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison.summary())
@@ -218,7 +221,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     first = load_model(args.models[0], allow_symlinks_under=args.allow_symlinks_under)
     for path in args.models[1:]:
         load_model(path, allow_symlinks_under=args.allow_symlinks_under)
-    feeds = _feeds(args, first)
+    feeds = _feeds(args, first, args.models[0])
     with generated_feeds_hint(feeds, args.data is None):
         result = _bench(args, feeds)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
@@ -237,6 +240,7 @@ def _bench(args: argparse.Namespace, feeds: list[Feed]) -> BenchResult:
         threads=args.threads,
         progress=not args.json,
         timeout_s=args.timeout,
+        generate_tokens=args.generate_tokens,
     )
 
 
@@ -252,7 +256,7 @@ def _run_debug(args: argparse.Namespace) -> int:
     reference, reference_files = load_model_with_files(args.reference, allow_symlinks_under=args.allow_symlinks_under)
     candidate, candidate_files = load_model_with_files(args.candidate, allow_symlinks_under=args.allow_symlinks_under)
     check_reports_apart(args.report, [*reference_files, *candidate_files], args.data)
-    feeds = _feeds(args, reference)
+    feeds = _feeds(args, reference, args.reference)
     with generated_feeds_hint(feeds, args.data is None):
         layers = debug_layers(reference, candidate, feeds, provider=args.provider, timeout_s=args.timeout)
     report = Report(
@@ -271,7 +275,7 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     sparsities = list(args.sparsities)
     model, model_files = load_model_with_files(args.model, allow_symlinks_under=args.allow_symlinks_under)
     check_reports_apart(args.report, model_files, args.data, {".md": "markdown", ".json": "json"})
-    feeds = _feeds(args, model)
+    feeds = _feeds(args, model, args.model)
     with generated_feeds_hint(feeds, args.data is None):
         table = sensitivity_scan(
             model,

@@ -26,6 +26,7 @@ from optimizer.cli_options import (
 from optimizer.executor import EXECUTORS
 from optimizer.registry import parse_option_text
 from optimizer.shortcuts import SHORTCUTS, Shortcut
+from optimizer.verify.generation import GENERATE_TOKENS, MAX_TOKENS
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S
 from optimizer.verify.metrics import BUILTIN_METRICS
 
@@ -216,6 +217,7 @@ def _add_check_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--keep-failed", action="store_true", help="write the output even when validation fails")
     sub.add_argument("--bench", action="store_true", help="also time input and output, interleaved")
     sub.add_argument("--rounds", type=int_in(1, MAX_COUNT), default=20, help="benchmark rounds (default 20)")
+    _add_generate_tokens(sub)
     sub.add_argument(
         "--fusion-check",
         action=argparse.BooleanOptionalAction,
@@ -346,6 +348,19 @@ def _add_validate(commands) -> None:
     _add_feed_arguments(sub)
     add_tolerance_arguments(sub)
     _add_isolation_arguments(sub)
+    _add_generate_tokens(sub)
+
+
+def _add_generate_tokens(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--generate-tokens",
+        type=int_in(0, MAX_TOKENS),
+        default=GENERATE_TOKENS,
+        metavar="N",
+        help=f"a decoder with a KV cache (past_key_values.* inputs) also generates N tokens greedily from "
+        f"prompts of the samples: validation reports how many match the reference's, the benchmark "
+        f"prefill and decode tokens/s (default {GENERATE_TOKENS}; 0: off)",
+    )
 
 
 def _add_bench(commands) -> None:
@@ -354,6 +369,7 @@ def _add_bench(commands) -> None:
     sub.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=3, help="warm-up runs per model (default 3)")
     sub.add_argument("--rounds", type=int_in(1, MAX_COUNT), default=20, help="timed rounds (default 20)")
     sub.add_argument("--threads", type=int_in(1, 1024), help="onnxruntime intra-op threads (default: onnxruntime's)")
+    _add_generate_tokens(sub)
     _add_json(sub, "the result")
     _add_run_arguments(sub)
 

@@ -16,6 +16,7 @@ from optimizer.fileio.publish import ExternalData
 from optimizer.pass_base import Pass
 from optimizer.report.report import Report
 from optimizer.verify.benchmark import BenchResult
+from optimizer.verify.generation import GENERATE_TOKENS
 from optimizer.verify.isolation import DEFAULT_TIMEOUT_S
 from optimizer.verify.validate import Comparison, Tolerance
 
@@ -103,7 +104,9 @@ class OptimizeOptions:
     ``passes`` are names or Pass objects, ``pass_options`` options by pass name (see plan_passes).
     ``calibration`` (an .npz folder or an iterable of feed dicts) is what passes that need data run
     on, with ``provider``; ``timeout_s`` bounds every onnxruntime run (``RunTimeoutError``).
-    ``validation``/``bench_rounds`` (None: off) check the staged output before it is published;
+    ``validation``/``bench_rounds`` (None: off) check the staged output before it is published; a
+    KV-cache decoder also generates ``generate_tokens`` tokens in both (0: off, see
+    ``optimizer.verify.generation``);
     ``fusion_check`` (default: when the output is quantized) reports what onnxruntime really runs;
     ``bisect`` searches for the first bad pass when a pass or the validation fails. ``executor`` says
     where auto mode's builds and checks and the budgets' trials run (``optimizer.executor``);
@@ -123,6 +126,7 @@ class OptimizeOptions:
     feeds: FeedOptions = field(default_factory=FeedOptions)
     validation: ValidationOptions | None = None
     bench_rounds: int | None = None
+    generate_tokens: int = GENERATE_TOKENS
     fusion_check: bool | None = None
     budget: BudgetOptions | None = None
     bits: BitsOptions | None = None

@@ -51,7 +51,8 @@ def test_quick_start_command_runs(tmp_path):
     assert result.stdout.splitlines()[-1].startswith("PASS on 4 random samples")
 
 
-PLACEHOLDERS = {"model.onnx": "cnn.onnx", "bert.onnx": "transformer_tied.onnx", "det.onnx": "cnn.onnx"}
+PLACEHOLDERS = {"model.onnx": "cnn.onnx", "bert.onnx": "transformer_tied.onnx", "det.onnx": "cnn.onnx",
+                "decoder.onnx": "decoder_kv.onnx"}
 """The usage examples' model names, and the bundled sample each one stands for here."""
 USAGE = [
     shlex.split(line)

@@ -17,9 +17,11 @@ from tests.helpers.samples import all_graphs
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SCRIPT = MODELS_DIR / "make_models.py"
-MODEL_NAMES = ["mlp", "cnn", "transformer_tied", "constant_weights", "if_subgraph", "loop_subgraph", "voice_activity"]
-DIM_PARAM_SIZES = {"batch": 3, "seq": 7}
-INT_INPUT_HIGH = {"input_ids": 512}
+MODEL_NAMES = [
+    "mlp", "cnn", "transformer_tied", "constant_weights", "if_subgraph", "loop_subgraph", "voice_activity", "decoder_kv"
+]
+DIM_PARAM_SIZES = {"batch": 3, "seq": 7, "past_seq": 5, "total_seq": 12}
+INT_INPUT_HIGH = {"input_ids": 128, "attention_mask": 2}
 
 
 def load(name: str) -> onnx.ModelProto:
@@ -199,3 +201,20 @@ def test_mlp_spells_dense_layers_three_ways() -> None:
     assert [n.op_type for n in graph.node] == ["Gemm", "Relu", "MatMul", "Add", "Relu", "Gemm"]
     trans_b = [next((a.i for a in n.attribute if a.name == "transB"), 0) for n in graph.node if n.op_type == "Gemm"]
     assert trans_b == [1, 0]
+
+
+def test_decoder_kv_continues_from_its_cache_as_from_the_whole_sequence() -> None:
+    ids = np.random.default_rng(0).integers(0, 128, (2, 12), dtype=np.int64)
+    empty = {f"past_key_values.{layer}.{part}": np.zeros((2, 2, 0, 16), np.float32)
+             for layer in range(2) for part in ("key", "value")}
+    whole = run("decoder_kv", {"input_ids": ids, "attention_mask": np.ones((2, 12), np.int64), **empty})
+    first = run("decoder_kv", {"input_ids": ids[:, :9], "attention_mask": np.ones((2, 9), np.int64), **empty})
+    cache = dict(zip(empty, first[1:], strict=True))
+    rest = run("decoder_kv", {"input_ids": ids[:, 9:], "attention_mask": np.ones((2, 12), np.int64), **cache})
+    np.testing.assert_allclose(rest[0], whole[0][:, 9:], atol=1e-4)
+    np.testing.assert_allclose(first[0], whole[0][:, :9], atol=1e-4)
+    assert [value.shape for value in rest[1:]] == [(2, 2, 12, 16)] * 4
+    padded = np.ones((2, 12), np.int64)
+    padded[:, 0] = 0  # a padded first position changes what later tokens see
+    masked = run("decoder_kv", {"input_ids": ids, "attention_mask": padded, **empty})
+    assert not np.allclose(masked[0][:, 1:], whole[0][:, 1:], atol=1e-3)

@@ -32,6 +32,9 @@ IMAGE_CHANNELS = (1, 3, 4)
 INT_HIGH_EXCLUSIVE = 100
 
 _SEQUENCE_WORDS = ("seq", "length", "token", "time", "step")
+CACHE_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+"""A decoder's KV-cache input, ``past_key_values.N.key|value`` [batch, kv_heads, past, head_size]."""
+TOKEN_IDS = "input_ids"
 
 _ORT_TYPE_TO_NUMPY = {
     "tensor(float)": np.float32,
@@ -136,7 +139,9 @@ def resolve_shapes(
        ``input_ids`` and ``attention_mask`` sharing ``sequence`` stay consistent;
     3. a name containing "batch" -> 1; containing seq/length/token/time/step -> 16;
     4. height and width of an image-like input ([N, 1|3|4, H, W]) -> 64;
-    5. otherwise the first dim -> 1 (batch-like), any other dim -> 8.
+    5. the past length of a decoder's cache (``past_key_values.N.key``, with ``input_ids``) -> 0,
+       an empty cache, as generation starts;
+    6. otherwise the first dim -> 1 (batch-like), any other dim -> 8.
     (``metadata_shapes`` reads sizes the exporter recorded; callers pass them as overrides.)
     """
     overrides = dict(shapes or {})
@@ -151,6 +156,8 @@ def resolve_shapes(
             for dim, value in zip(spec.shape, overrides[spec.name], strict=False):
                 if isinstance(dim, str):
                     bound.setdefault(dim, value)
+    for dim in _cache_length_dims(specs):
+        bound.setdefault(dim, 0)
     resolved = {}
     for spec in specs:
         if spec.name in overrides:
@@ -164,6 +171,17 @@ def resolve_shapes(
             for axis, dim in enumerate(spec.shape)
         )
     return resolved
+
+
+def _cache_length_dims(specs: Sequence[InputSpec]) -> list[str]:
+    """The named past-length dims of a decoder's cache inputs (none unless it reads ``input_ids``)."""
+    if not any(spec.name == TOKEN_IDS for spec in specs):
+        return []
+    return [
+        spec.shape[2]
+        for spec in specs
+        if CACHE_INPUT.match(spec.name) and len(spec.shape) == 4 and isinstance(spec.shape[2], str)
+    ]
 
 
 def _is_image_like(spec: InputSpec) -> bool:

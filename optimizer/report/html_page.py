@@ -260,6 +260,28 @@ def kind_text(output: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+DECODING_COLUMNS = (
+    "name",
+    "prompt_tokens",
+    "new_tokens",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "prefill_ratio",
+    "decode_ratio",
+    "decode_halfwidth",
+)
+DECODING_TEXT = (
+    "Generating (a KV-cache decoder): a prefill of the prompt, then one token at a time; ratios of time to "
+    "the first model"
+)
+
+
+def generation_text(validation: dict[str, Any]) -> str | None:
+    """The greedy-generation sentence of a decoder's validation (the words the summary prints)."""
+    found = validation.get("generation") or {}
+    return found.get("summary") or None
+
+
 def sample_kind(validation: dict[str, Any]) -> str:
     """'samples', or what generated samples are worth as evidence."""
     if validation.get("random_feeds"):
@@ -304,6 +326,9 @@ def _validation_section(validation: dict[str, Any]) -> list[str]:
         "verdict",
     ]
     out.append(_table(header, rows))
+    generation = generation_text(validation)
+    if generation:
+        out.append(f"<p>{_e(generation)}.</p>")
     return out
 
 
@@ -335,6 +360,10 @@ def _benchmark_section(benchmark: dict[str, Any], plots: _Plots) -> list[str]:
                 "Latency (ms)", [r[0] for r in rows], {"p50": [r[3] for r in rows], "p90": [r[4] for r in rows]}, "ms"
             )
         )
+    decoding = benchmark.get("decoding") or []
+    if decoding:
+        out.append(f"<p>{_e(DECODING_TEXT)}.</p>")
+        out.append(_table(DECODING_COLUMNS, [[row.get(key) for key in DECODING_COLUMNS] for row in decoding]))
     return out
 
 

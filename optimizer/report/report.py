@@ -17,10 +17,13 @@ from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.fileio.output_files import check_apart, folder_files, temp_file
 from optimizer.report.html_page import (
     AUTO_COLUMNS,
+    DECODING_COLUMNS,
+    DECODING_TEXT,
     RANKING_COLUMNS,
     RANKING_TEXT,
     bits_text,
     format_number,
+    generation_text,
     kind_text,
     layer_columns,
     output_label,
@@ -248,7 +251,8 @@ def _validation_section(validation: dict[str, Any]) -> list[str]:
             f"{_num(out.get('max_rel'))} | {_num(out.get('cosine'))} | {_num(out.get('sqnr_db'))} | "
             f"{_num(out.get('top1_agreement'))} | {kind_text(out)} | {verdict} |"
         )
-    return [*lines, ""]
+    generation = generation_text(validation)
+    return [*lines, *(["", f"{generation}."] if generation else []), ""]
 
 
 def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
@@ -263,6 +267,9 @@ def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
             f"| {row['name']} | {row['size_bytes']:,} | {_num(row['session_create_ms'])} | "
             f"{_num(row['p50_ms'])} | {_num(row['p90_ms'])} | {_num(row['ratio_p50'])} |"
         )
+    decoding = benchmark.get("decoding") or []
+    if decoding:
+        lines += ["", f"{DECODING_TEXT}:", "", *_table(list(DECODING_COLUMNS), decoding)]
     return [*lines, ""]
 
 

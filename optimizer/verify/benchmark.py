@@ -17,8 +17,11 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from optimizer.calibration.decoder_io import find_decoder
+from optimizer.calibration.feeds import Feed, session_input_specs
 from optimizer.errors import FeedError, ModelLoadError, OptionError
 from optimizer.progress import StageLine, progress_bar
+from optimizer.verify.generation import GENERATE_TOKENS, checked_tokens, greedy, prompt_of, step
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
     ModelSource,
@@ -65,6 +68,22 @@ class ModelTiming:
     rounds' ratios; 0 for the first model or with fewer than 6 rounds)."""
 
 
+@dataclass
+class DecodeTiming:
+    """A KV-cache decoder generating: the prompt's prefill, then ``new_tokens`` steps of one token.
+
+    Ratios are medians over rounds of this model's time over the first model's in the same round."""
+
+    name: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prefill_ratio: float
+    decode_ratio: float
+    decode_halfwidth: float
+
+
 SLOWER_MARGIN = 0.05
 """A model counts as slower only past 5% over the first, paired round by round (noise is smaller)."""
 
@@ -79,6 +98,8 @@ class BenchResult:
     warmup: int
     rounds: int
     threads: int | None
+    decoding: list[DecodeTiming] | None = None
+    """Set for KV-cache decoders (``generate_tokens`` > 0): prefill and decode tokens per second."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,11 +107,17 @@ class BenchResult:
     def slower_notes(self, margin: float = SLOWER_MARGIN) -> list[str]:
         """One line for each model slower than the first by more than ``margin`` (paired ratio)."""
         first = self.models[0].name if self.models else ""
-        return [
+        notes = [
             f"SLOWER: '{timing.name}' takes {timing.ratio_paired:.2f}x the time of '{first}' "
             f"(median paired ratio over {self.rounds} rounds; p50 {timing.p50_ms:.3f} ms)"
             for timing in self.models[1:]
             if timing.ratio_paired > 1.0 + margin
+        ]
+        return notes + [
+            f"SLOWER: '{timing.name}' decodes in {timing.decode_ratio:.2f}x the time of '{first}' "
+            f"(median paired ratio over {self.rounds} rounds of {timing.new_tokens} tokens)"
+            for timing in (self.decoding or [])[1:]
+            if timing.decode_ratio > 1.0 + margin
         ]
 
     def to_markdown(self) -> str:
@@ -114,7 +141,27 @@ class BenchResult:
                 f"{timing.ratio_p50:.3f} | {_paired(timing)} | {timing.session_create_ms:.1f} | "
                 f"{timing.provider_used} |"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + _decoding_lines(self.decoding or []))
+
+
+def _decoding_lines(decoding: list[DecodeTiming]) -> list[str]:
+    if not decoding:
+        return []
+    first = decoding[0]
+    lines = [
+        "",
+        f"generation: prefill of {first.prompt_tokens} tokens, then {first.new_tokens} tokens one at a time",
+        "",
+        "| model | prefill tokens/s | decode tokens/s | prefill ratio | decode ratio paired (95% ±) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for timing in decoding:
+        width = f" ± {timing.decode_halfwidth:.3f}" if timing.decode_halfwidth > 0 else ""
+        lines.append(
+            f"| {timing.name} | {timing.prefill_tokens_per_s:.1f} | {timing.decode_tokens_per_s:.1f} | "
+            f"{timing.prefill_ratio:.3f} | {timing.decode_ratio:.3f}{width} |"
+        )
+    return lines
 
 
 def round_order(model_count: int, round_index: int) -> list[int]:
@@ -185,6 +232,7 @@ def benchmark(
     progress: bool = False,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     until: Until | None = None,
+    generate_tokens: int = GENERATE_TOKENS,
 ) -> BenchResult:
     """Time every model on the same feeds, interleaved (see ``round_order``).
 
@@ -192,18 +240,15 @@ def benchmark(
     for all models, so each model sees the same inputs. A run longer than ``timeout_s`` raises
     ``RunTimeoutError``. ``until``, asked after round ``UNTIL_FIRST_ROUND`` and every
     ``UNTIL_EVERY`` rounds after it, stops timing before ``rounds`` when it returns True
-    (``BenchResult.rounds`` says how many ran).
+    (``BenchResult.rounds`` says how many ran). KV-cache decoders are also timed generating
+    ``generate_tokens`` tokens after a prompt from the first feed, in as many rounds
+    (``BenchResult.decoding``; 0 skips it).
     """
     model_names = _check_arguments(models, feeds, names, warmup, rounds)
     checked_timeout(timeout_s)
+    generate_tokens = checked_tokens(generate_tokens)
     choice = as_provider_choice(provider)
-    sessions, providers_used, create_ms = [], [], []
-    for model, _name in zip(models, model_names, strict=False):
-        start_ns = time.perf_counter_ns()
-        session, provider_used = create_session(model, choice, threads=threads, spinning=False)
-        create_ms.append((time.perf_counter_ns() - start_ns) / NANOSECONDS_PER_MS)
-        sessions.append(session)
-        providers_used.append(provider_used)
+    sessions, providers_used, create_ms = _open_sessions(models, choice, threads)
     total_runs = (warmup + rounds) * len(models)
     with progress_bar(total=total_runs, desc="benchmark", unit="run", enabled=progress) as bar:
         for index in range(warmup):
@@ -217,12 +262,8 @@ def benchmark(
             model_names, models, times_ms, create_ms, providers_used, strict=False
         )
     ]
-    baseline_p50_ms = timings[0].p50_ms
-    for position, timing in enumerate(timings):
-        timing.ratio_p50 = 1.0 if position == 0 else _ratio(timing.p50_ms, baseline_p50_ms)
-        paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0], strict=False)]
-        timing.ratio_paired = 1.0 if position == 0 else float(np.median(paired))
-        timing.paired_halfwidth = 0.0 if position == 0 else median_halfwidth(paired)
+    _set_ratios(timings, times_ms)
+    decoding = _decoding(sessions, model_names, feeds[0], (len(times_ms[0]), generate_tokens), timeout_s)
     return BenchResult(
         models=timings,
         provider_requested=choice.requested,
@@ -230,6 +271,82 @@ def benchmark(
         warmup=warmup,
         rounds=len(times_ms[0]),
         threads=threads,
+        decoding=decoding,
+    )
+
+
+def _open_sessions(
+    models: Sequence[ModelSource], choice: ProviderChoice, threads: int | None
+) -> tuple[list, list[str], list[float]]:
+    """A session per model (no spinning threads), the provider each runs on, and its creation time."""
+    sessions, providers_used, create_ms = [], [], []
+    for model in models:
+        start_ns = time.perf_counter_ns()
+        session, provider_used = create_session(model, choice, threads=threads, spinning=False)
+        create_ms.append((time.perf_counter_ns() - start_ns) / NANOSECONDS_PER_MS)
+        sessions.append(session)
+        providers_used.append(provider_used)
+    return sessions, providers_used, create_ms
+
+
+def _set_ratios(timings: list[ModelTiming], times_ms: list[list[float]]) -> None:
+    """Each model's p50 and paired ratios (with the paired one's 95% half-width) to the first model."""
+    baseline_p50_ms = timings[0].p50_ms
+    for position, timing in enumerate(timings):
+        timing.ratio_p50 = 1.0 if position == 0 else _ratio(timing.p50_ms, baseline_p50_ms)
+        paired = [_ratio(mine, first) for mine, first in zip(times_ms[position], times_ms[0], strict=False)]
+        timing.ratio_paired = 1.0 if position == 0 else float(np.median(paired))
+        timing.paired_halfwidth = 0.0 if position == 0 else median_halfwidth(paired)
+
+
+def _decoding(
+    sessions: list, names: list[str], feed: Feed, counts: tuple[int, int], timeout_s: float | None
+) -> list[DecodeTiming] | None:
+    """Prefill and decode timings when every model is the same KV-cache decoder; ``counts``:
+    rounds and new tokens per round."""
+    rounds, new_tokens = counts
+    layout = find_decoder(session_input_specs(sessions[0]), [arg.name for arg in sessions[0].get_outputs()], feed=feed)
+    prompt = prompt_of(feed) if layout is not None and new_tokens > 0 else None
+    if layout is None or prompt is None:
+        return None
+    if any(not set(layout.output_names()) <= {arg.name for arg in s.get_outputs()} for s in sessions[1:]):
+        return None
+    limits = {"stage": STAGE, "timeout_s": timeout_s}
+    for session, name in zip(sessions, names, strict=True):
+        greedy(session, layout, prompt, 2, label=name, **limits)
+    prefill: list[list[float]] = [[] for _ in sessions]
+    decode: list[list[float]] = [[] for _ in sessions]
+    for round_index in range(rounds):
+        for index in round_order(len(sessions), round_index):
+            start_ns = time.perf_counter_ns()
+            logits, cache = step(sessions[index], layout, prompt[None, :], None, label=names[index], **limits)
+            middle_ns = time.perf_counter_ns()
+            for _ in range(new_tokens):
+                token = np.array([[int(np.argmax(logits[0, -1]))]])
+                logits, cache = step(sessions[index], layout, token, cache, label=names[index], **limits)
+            prefill[index].append((middle_ns - start_ns) / NANOSECONDS_PER_MS)
+            decode[index].append((time.perf_counter_ns() - middle_ns) / NANOSECONDS_PER_MS)
+    return [
+        _decode_timing(name, (prefill[i], decode[i]), (prefill[0], decode[0]), (int(prompt.size), new_tokens))
+        for i, name in enumerate(names)
+    ]
+
+
+def _decode_timing(
+    name: str, mine: tuple[list[float], list[float]], first: tuple[list[float], list[float]], tokens: tuple[int, int]
+) -> DecodeTiming:
+    """Tokens per second from the median times; ratios paired round by round with the first model."""
+    prefill_ratios = [_ratio(a, b) for a, b in zip(mine[0], first[0], strict=True)]
+    decode_ratios = [_ratio(a, b) for a, b in zip(mine[1], first[1], strict=True)]
+    return DecodeTiming(
+        name=name,
+        prompt_tokens=tokens[0],
+        new_tokens=tokens[1],
+        prefill_tokens_per_s=tokens[0] * 1000.0 / float(np.median(mine[0])),
+        decode_tokens_per_s=tokens[1] * 1000.0 / float(np.median(mine[1])),
+        prefill_ratio=float(np.median(prefill_ratios)),
+        decode_ratio=float(np.median(decode_ratios)),
+        decode_halfwidth=median_halfwidth(decode_ratios),
     )
 
 

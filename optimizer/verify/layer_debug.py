@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from optimizer.calibration.expose import expose_outputs
+from optimizer.verify.json_values import json_ready
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, as_provider_choice, checked_timeout, create_session, run_session
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU"})
@@ -46,7 +47,7 @@ class LayerError:
     activation's tensor, and its own value is compared with the reference node's output."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _jsonable(value) for key, value in self.__dict__.items()}
+        return {key: json_ready(value) for key, value in self.__dict__.items()}
 
 
 @dataclass
@@ -276,9 +277,3 @@ def _badness(layer: LayerError) -> tuple[float, str]:
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    return value

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optimizer.calibration.feeds import TOKEN_IDS
 from optimizer.errors import OptionError
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
@@ -28,7 +29,6 @@ from optimizer.verify.runtime import (
 Outputs = list[dict[str, np.ndarray]]
 MetricFunction = Callable[[Outputs, Outputs], float]
 BUILTIN_METRICS = ("cosine", "sqnr", "max_abs", "top1", "topk", "kl", "perplexity")
-TOKEN_INPUT = "input_ids"
 LOGITS_OUTPUT = "logits"
 
 
@@ -262,14 +262,14 @@ def _perplexity(feeds: list[Mapping[str, np.ndarray]], output: str | None) -> Me
 
 def _token_positions(feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The sample's token ids ([batch, sequence]) and which next-token positions count."""
-    if TOKEN_INPUT not in feed:
+    if TOKEN_IDS not in feed:
         raise OptionError(
-            f"perplexity reads the tokens from the input '{TOKEN_INPUT}'; inputs: {', '.join(sorted(feed))}"
+            f"perplexity reads the tokens from the input '{TOKEN_IDS}'; inputs: {', '.join(sorted(feed))}"
         )
-    ids = np.asarray(feed[TOKEN_INPUT])
+    ids = np.asarray(feed[TOKEN_IDS])
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise OptionError(
-            f"perplexity: input '{TOKEN_INPUT}' must be integer [batch, sequence], got {ids.dtype} {ids.shape}"
+            f"perplexity: input '{TOKEN_IDS}' must be integer [batch, sequence], got {ids.dtype} {ids.shape}"
         )
     keep = np.ones((ids.shape[0], max(ids.shape[1] - 1, 0)), bool)
     mask = feed.get("attention_mask")
@@ -299,6 +299,6 @@ def _logits(sample: Mapping[str, np.ndarray], output: str | None, shape: tuple[i
     if logits.ndim != 3 or logits.shape[:2] != shape:
         raise OptionError(
             f"perplexity needs output '{name}' as [batch, sequence, vocabulary] logits for every token of "
-            f"'{TOKEN_INPUT}' {shape}; got {logits.shape}"
+            f"'{TOKEN_IDS}' {shape}; got {logits.shape}"
         )
     return logits

@@ -15,9 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.calibration.feeds import Feed, check_feed, session_input_specs
+from optimizer.calibration.feeds import TOKEN_IDS, Feed, check_feed, session_input_specs
 from optimizer.errors import FeedError, OptionError, RuntimeSessionError
-from optimizer.verify.metrics import TOKEN_INPUT
+from optimizer.verify.comparison_text import short_number, summary_row
+from optimizer.verify.generation import (
+    GENERATE_TOKENS,
+    GENERATION_PROMPTS,
+    GenerationCheck,
+    checked_tokens,
+    generation_check,
+)
+from optimizer.verify.json_values import json_ready
 from optimizer.verify.output_kinds import KIND_LIMITS, KindStats, checked_output_kinds, detector_layout, infer_kind
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
@@ -85,15 +93,17 @@ class Comparison:
     """The samples were generated (no real data): a PASS then says little about accuracy."""
     decided_by: str | None = None
     """Set when something other than the per-output limits decides ``passed`` (the accuracy budget)."""
+    generation: GenerationCheck | None = None
+    """A KV-cache decoder's greedy generation, candidate against reference (information; not in ``passed``)."""
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become the strings "inf", "-inf" and "nan"."""
-        return {key: _json_ready(value) for key, value in asdict(self).items()}
+        return {key: json_ready(value) for key, value in asdict(self).items()}
 
     def summary(self) -> str:
         """A table per output, then "PASS" or "FAIL: worst output ..." on the last line."""
         header = ("output", "kind", "max_abs", "cosine", "worst", "SQNR dB", "top1", "kind metric", "verdict")
-        rows = [header] + [_summary_row(metrics) for metrics in self.outputs]
+        rows = [header] + [summary_row(metrics) for metrics in self.outputs]
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
         lines = [
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in rows
@@ -101,6 +111,8 @@ class Comparison:
         lines.insert(0, f"{self.samples} sample(s) on {self.provider_used}")
         if self.provider_note:
             lines.insert(1, f"note: {self.provider_note}")
+        if self.generation is not None:
+            lines.append(self.generation.summary)
         lines.append(self._verdict())
         return "\n".join(lines)
 
@@ -119,51 +131,6 @@ class Comparison:
         if not self.random_feeds:
             return ""
         return f" on {self.samples} random samples: not evidence of accuracy; give --data DIR"
-
-
-def _summary_row(metrics: OutputMetrics) -> tuple[str, ...]:
-    top1 = "-" if metrics.top1_agreement is None else f"{metrics.top1_agreement:.4f}"
-    verdict = "exact" if metrics.exact else ("ok" if metrics.passed else "FAIL")
-    return (
-        metrics.name,
-        metrics.kind,
-        _fmt(metrics.max_abs),
-        f"{metrics.cosine:.6f}",
-        f"{metrics.worst_sample_cosine:.4f}",
-        f"{metrics.sqnr_db:.1f}",
-        top1,
-        _kind_cell(metrics.kind, metrics.kind_metrics),
-        verdict,
-    )
-
-
-def _kind_cell(kind: str, values: dict[str, float | None]) -> str:
-    """The first deciding metric of the output's kind and its worst sample, e.g. "f1 0.92 (worst 0.57)"."""
-    for metric in (*KIND_LIMITS.get(kind, {}), "row_cosine"):
-        value = values.get(metric)
-        if value is not None:
-            worst = values.get(f"{metric}_worst_sample")
-            return f"{metric} {value:.4g}" + (f" (worst {worst:.4g})" if worst is not None else "")
-    return "-"
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def _json_ready(value: object) -> object:
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        number = float(value)
-        return number if math.isfinite(number) else str(number)
-    return value
 
 
 @dataclass
@@ -316,7 +283,7 @@ def _check_limits(acc: _OutputAccumulator, tolerance: Tolerance) -> list[tuple[s
         if limit is None or value is None or (value >= limit if is_minimum else value <= limit):
             continue
         sign = "<" if is_minimum else ">"
-        misses.append((f"{label} {_fmt(value)} {sign} {_fmt(limit)}", _violation(label, value, limit)))
+        misses.append((f"{label} {short_number(value)} {sign} {short_number(limit)}", _violation(label, value, limit)))
     if tolerance.by_kind and acc.stats is not None:
         misses += acc.stats.failures(KIND_LIMITS[acc.stats.kind])
     return misses
@@ -435,6 +402,25 @@ def _reference_runner(
     return outputs
 
 
+def _accumulate(
+    accumulators: dict[str, _OutputAccumulator],
+    output_names: Sequence[str],
+    pair: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    index: int,
+    kinds_and_tokens: tuple[Mapping[str, str], bool],
+) -> None:
+    """Add one sample's (reference, candidate) outputs to each output's accumulator."""
+    kinds, tokens = kinds_and_tokens
+    for name in output_names:
+        ref_value, cand_value = pair[0][name], pair[1][name]
+        _check_same_layout(name, ref_value, cand_value, index)
+        if name not in accumulators:
+            accumulators[name] = _OutputAccumulator(
+                name, ref_value.dtype, cand_value.dtype, kind=kinds.get(name), tokens=tokens
+            )
+        accumulators[name].add(ref_value, cand_value)
+
+
 def compare(
     reference: ModelSource,
     candidate: ModelSource,
@@ -446,6 +432,7 @@ def compare(
     output_kinds: Mapping[str, str] | None = None,
     stage: str = STAGE,
     reference_cache: list[dict[str, np.ndarray]] | None = None,
+    generate_tokens: int = GENERATE_TOKENS,
 ) -> Comparison:
     """Run both models one sample at a time on the same feeds and check every output.
     ``reference_cache``: filled with the reference's outputs when empty, read when not (auto mode).
@@ -453,8 +440,11 @@ def compare(
     ``output_kinds`` names it; the lossy default tolerance also applies that kind's limits. Feeds are
     checked against the reference's inputs; the candidate receives only the inputs it declares.
     Differing output names or shapes raise ``RuntimeSessionError``; a run longer than ``timeout_s``
-    raises ``RunTimeoutError`` naming ``stage``."""
+    raises ``RunTimeoutError`` naming ``stage``. A KV-cache decoder also generates
+    ``generate_tokens`` tokens greedily from prompts of the first samples (``Comparison.generation``;
+    0 skips it)."""
     checked_timeout(timeout_s)
+    generate_tokens = checked_tokens(generate_tokens)
     choice, labels = as_provider_choice(provider), (model_label(reference), model_label(candidate))
     reference_session, reference_provider = create_session(reference, choice)
     candidate_session, candidate_provider = create_session(candidate, choice)
@@ -463,35 +453,41 @@ def compare(
     tolerances = resolve_tolerances(tolerance, output_names)
     kinds = checked_output_kinds(output_kinds, output_names)
     specs = session_input_specs(reference_session)
-    tokens = any(spec.name == TOKEN_INPUT for spec in specs)  # a language model: its logits are next_token
+    tokens = any(spec.name == TOKEN_IDS for spec in specs)  # a language model: its logits are next_token
+    run_reference = _reference_runner(reference_session, reference_cache, labels[0], stage, timeout_s)
     accumulators: dict[str, _OutputAccumulator] = {}
-    samples, run_reference = 0, _reference_runner(reference_session, reference_cache, labels[0], stage, timeout_s)
+    prompts: list[Feed] = []
+    samples = 0
     for index, feed in enumerate(feeds):
         checked = check_feed(specs, feed, index)
-        reference_outputs = run_reference(index, checked)
+        if generate_tokens and len(prompts) < GENERATION_PROMPTS:
+            prompts.append(checked)
         candidate_outputs = run_session(candidate_session, checked, label=labels[1], stage=stage, timeout_s=timeout_s)
-        for name in output_names:
-            ref_value, cand_value = reference_outputs[name], candidate_outputs[name]
-            _check_same_layout(name, ref_value, cand_value, index)
-            if name not in accumulators:
-                accumulators[name] = _OutputAccumulator(
-                    name, ref_value.dtype, cand_value.dtype, kind=kinds.get(name), tokens=tokens
-                )
-            accumulators[name].add(ref_value, cand_value)
+        pair = (run_reference(index, checked), candidate_outputs)
+        _accumulate(accumulators, output_names, pair, index, (kinds, tokens))
         samples += 1
     if samples == 0:
         raise FeedError("no feeds given: need at least one sample to compare")
     _explicit_top1_misuse(tolerance, list(accumulators.values()))
     outputs = [_finish(accumulators[name], tolerances[name]) for name in output_names]
-    both = f"{reference_provider} (reference), {candidate_provider} (candidate)"
-    provider_used = reference_provider if candidate_provider == reference_provider else both
+    sessions = (reference_session, candidate_session)
+    generation = generation_check(sessions, labels, prompts, generate_tokens, stage=stage, timeout_s=timeout_s)
     return Comparison(
         outputs=outputs,
         passed=all(metrics.passed for metrics in outputs),
         worst_output=_worst_output(outputs),
         samples=samples,
-        provider_requested=choice.requested,
-        provider_used=provider_used,
-        provider_note=fallback_note(choice, reference_provider),
         tolerance={name: asdict(tolerances[name]) for name in output_names},
+        generation=generation,
+        **_providers(choice, reference_provider, candidate_provider),
     )
+
+
+def _providers(choice: ProviderChoice, reference_provider: str, candidate_provider: str) -> dict[str, Any]:
+    """The provider fields of a ``Comparison``: asked for, used (by each model when they differ), note."""
+    both = f"{reference_provider} (reference), {candidate_provider} (candidate)"
+    return {
+        "provider_requested": choice.requested,
+        "provider_used": reference_provider if candidate_provider == reference_provider else both,
+        "provider_note": fallback_note(choice, reference_provider),
+    }

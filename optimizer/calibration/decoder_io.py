@@ -1,0 +1,154 @@
+"""The inputs and outputs of a decoder language model with a KV cache, and how to drive it.
+
+The layout onnxruntime-genai's model builder and Hugging Face Optimum export: ``input_ids`` in,
+``logits`` out, ``past_key_values.N.key|value`` in and ``present.N.key|value`` out as
+``[batch, kv_heads, sequence, head_size]``, an ``attention_mask`` over past and new tokens and
+optionally ``position_ids``. The cache's head count and size come from the model's input shapes
+when they are numbers, else from the ``genai_config.json`` the builder writes next to the model
+(its shapes name them ``kv_cache_dim``), else from a feed that has a cache.
+
+Generated feeds for such a model start from an empty cache (past length 0, as generation does):
+random past tensors with a guessed head size are refused by the attention kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.calibration.feeds import CACHE_INPUT, TOKEN_IDS, Feed, InputSpec, resolve_shapes
+from optimizer.errors import FeedError
+
+LOGITS = "logits"
+MASK = "attention_mask"
+POSITIONS = "position_ids"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+GENAI_CONFIG = "genai_config.json"
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """How to feed one decoder: its cache inputs in layer order and the outputs that refill them."""
+
+    past: tuple[str, ...]
+    present: tuple[str, ...]
+    kv_heads: int
+    head_size: int
+    cache_dtype: np.dtype
+    mask: bool
+    positions: bool
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_size), self.cache_dtype) for _ in self.past]
+
+    def feed(self, ids: np.ndarray, cache: Sequence[np.ndarray] | None = None) -> Feed:
+        """The inputs of one step: ``ids`` [batch, new tokens] after ``cache`` (None: empty)."""
+        cache = self.empty_cache(ids.shape[0]) if cache is None else cache
+        done = int(cache[0].shape[2]) if cache else 0
+        total = done + ids.shape[1]
+        feed: Feed = {TOKEN_IDS: ids.astype(np.int64)}
+        if self.mask:
+            feed[MASK] = np.ones((ids.shape[0], total), np.int64)
+        if self.positions:
+            feed[POSITIONS] = np.broadcast_to(np.arange(done, total, dtype=np.int64), ids.shape).copy()
+        feed.update(zip(self.past, cache, strict=True))
+        return feed
+
+    def output_names(self) -> list[str]:
+        return [LOGITS, *self.present]
+
+
+def cache_inputs(specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """The ``past_key_values.N.key|value`` inputs, in layer order (key before value)."""
+    keyed = []
+    for spec in specs:
+        match = CACHE_INPUT.match(spec.name)
+        if match is not None:
+            keyed.append(((int(match.group(1)), match.group(2)), spec))
+    return [spec for _, spec in sorted(keyed, key=lambda item: item[0])]
+
+
+def find_decoder(
+    specs: Sequence[InputSpec], outputs: Sequence[str], folder: Path | None = None, feed: Mapping | None = None
+) -> DecoderLayout | None:
+    """The layout when the model is a KV-cache decoder this module can drive, else None.
+
+    None also when it has inputs other than tokens, mask, positions and cache (nothing here knows
+    what to feed them). A decoder whose cache sizes cannot be found raises ``FeedError`` naming
+    the ways to give them."""
+    names = {spec.name for spec in specs}
+    past = cache_inputs(specs)
+    if TOKEN_IDS not in names or LOGITS not in outputs or not past:
+        return None
+    present = [spec.name.replace(PAST_PREFIX, PRESENT_PREFIX, 1) for spec in past]
+    if any(name not in outputs for name in present) or names - {TOKEN_IDS, MASK, POSITIONS, *(s.name for s in past)}:
+        return None
+    kv_heads, head_size = _cache_sizes(past[0], folder, feed)
+    return DecoderLayout(
+        tuple(spec.name for spec in past),
+        tuple(present),
+        kv_heads,
+        head_size,
+        past[0].dtype,
+        MASK in names,
+        POSITIONS in names,
+    )
+
+
+def _cache_sizes(spec: InputSpec, folder: Path | None, feed: Mapping | None) -> tuple[int, int]:
+    """[kv_heads, head_size] of the cache: the input's shape, genai_config.json, or a given feed."""
+    shape = spec.shape
+    if len(shape) != 4:
+        raise FeedError(f"cache input {spec.name!r} has shape {shape}; expected [batch, kv_heads, sequence, head_size]")
+    if isinstance(shape[1], int) and isinstance(shape[3], int):
+        return shape[1], shape[3]
+    if feed is not None and spec.name in feed and np.ndim(feed[spec.name]) == 4:
+        given = np.shape(feed[spec.name])
+        return int(given[1]), int(given[3])
+    config = _genai_decoder(folder)
+    if config is not None:
+        return int(config["num_key_value_heads"]), int(config["head_size"])
+    raise FeedError(
+        f"cache input {spec.name!r} has shape {list(shape)}: its head count and size are not numbers, and "
+        f"there is no {GENAI_CONFIG} next to the model to read them from; give real inputs (--data DIR) or "
+        f"the shape (--shape {spec.name}=1xHEADSx0xSIZE, an empty cache)"
+    )
+
+
+def _genai_decoder(folder: Path | None) -> dict | None:
+    """The ``model.decoder`` section of onnxruntime-genai's config in ``folder``, when readable."""
+    if folder is None or not (folder / GENAI_CONFIG).is_file():
+        return None
+    try:
+        decoder = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
+        int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FeedError(
+            f"{folder / GENAI_CONFIG}: not a readable onnxruntime-genai config "
+            "(model.decoder.num_key_value_heads and head_size)"
+        ) from None
+    return decoder
+
+
+def empty_cache_shapes(
+    specs: Sequence[InputSpec], folder: Path | None, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Shape overrides that make generated feeds a prefill: every cache input [batch, heads, 0,
+    size], and a mask and positions as long as the tokens (inputs the user gave a shape keep it).
+    Empty for a model that is not a KV-cache decoder."""
+    by_name = {spec.name: spec for spec in specs}
+    past = [spec for spec in cache_inputs(specs) if spec.name not in shapes]
+    if not past or TOKEN_IDS not in by_name:
+        return {}
+    given = {TOKEN_IDS: shapes[TOKEN_IDS]} if TOKEN_IDS in shapes else {}
+    tokens = resolve_shapes([by_name[TOKEN_IDS]], given)[TOKEN_IDS]
+    overrides = {name: tokens for name in (MASK, POSITIONS) if name in by_name and name not in shapes}
+    for spec in past:
+        kv_heads, head_size = _cache_sizes(spec, folder, None)
+        overrides[spec.name] = (tokens[0], kv_heads, 0, head_size)
+    return overrides

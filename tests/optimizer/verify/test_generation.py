@@ -1,0 +1,188 @@
+"""KV-cache decoders: generated feeds start from an empty cache, validation generates greedily with
+both models and says where they part, the benchmark times prefill and decode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from optimizer.api import OptimizeOptions, ValidationOptions, optimize
+from optimizer.app_inputs import resolve_feeds
+from optimizer.calibration.decoder_io import DecoderLayout, find_decoder
+from optimizer.calibration.feeds import model_input_specs
+from optimizer.cli import main
+from optimizer.errors import FeedError, OptionError
+from optimizer.verify.benchmark import benchmark
+from optimizer.verify.generation import greedy, prompt_of
+from optimizer.verify.runtime import CPU_PROVIDER, create_session, resolve_provider
+from optimizer.verify.tolerances import Tolerance
+from optimizer.verify.validate import compare
+from tests.helpers.decoder import HEAD_SIZE, HEADS, LAYERS, VOCAB, decoder_model, write_decoder
+
+LOOSE = Tolerance(max_abs=1e9)
+
+
+@pytest.fixture()
+def decoder(tmp_path):
+    return write_decoder(tmp_path / "fp32")
+
+
+def session_and_layout(path):
+    session, _ = create_session(path, resolve_provider("cpu"))
+    model = onnx.load(path)
+    layout = find_decoder(model_input_specs(model), [o.name for o in model.graph.output], path.parent)
+    return session, layout
+
+
+def test_generated_feeds_are_a_prefill_with_the_cache_sizes_of_genai_config(decoder):
+    feeds = resolve_feeds(onnx.load(decoder), None, samples=2, folder=decoder.parent)
+    for feed in feeds:
+        assert feed["input_ids"].shape == feed["attention_mask"].shape == (1, 16)
+        assert feed["input_ids"].max() < VOCAB
+        for layer in range(LAYERS):
+            assert feed[f"past_key_values.{layer}.key"].shape == (1, HEADS, 0, HEAD_SIZE)
+    shaped = resolve_feeds(onnx.load(decoder), None, shapes={"input_ids": (2, 5)}, folder=decoder.parent)
+    assert shaped[0]["attention_mask"].shape == (2, 5)
+    assert shaped[0]["past_key_values.1.value"].shape == (2, HEADS, 0, HEAD_SIZE)
+
+
+def test_a_decoder_without_cache_sizes_is_refused_with_the_ways_to_give_them(tmp_path):
+    path = write_decoder(tmp_path / "bare", genai_config=False)
+    with pytest.raises(FeedError, match=r"past_key_values\.0\.key.*genai_config\.json.*--shape past_key_values"):
+        resolve_feeds(onnx.load(path), None, folder=path.parent)
+    numbered = write_decoder(tmp_path / "numbered", symbolic_head=False, genai_config=False)
+    feeds = resolve_feeds(onnx.load(numbered), None, folder=numbered.parent)
+    assert feeds[0]["past_key_values.0.key"].shape == (1, HEADS, 0, HEAD_SIZE)
+
+
+def test_a_broken_genai_config_names_the_file(decoder):
+    (decoder.parent / "genai_config.json").write_text('{"model": {}}')
+    with pytest.raises(FeedError, match=r"genai_config\.json: not a readable onnxruntime-genai config"):
+        resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+
+
+def test_the_layout_is_found_only_for_a_drivable_decoder(decoder):
+    model = onnx.load(decoder)
+    specs, outputs = model_input_specs(model), [o.name for o in model.graph.output]
+    layout = find_decoder(specs, outputs, decoder.parent)
+    assert isinstance(layout, DecoderLayout)
+    assert layout.past[:2] == ("past_key_values.0.key", "past_key_values.0.value")
+    assert layout.present[-1] == "present.1.value" and layout.mask and not layout.positions
+    assert find_decoder(specs, outputs[:-1], decoder.parent) is None  # a present output missing
+    extra = [*specs, specs[0].__class__("token_type_ids", np.dtype(np.int64), ("batch", "sequence"))]
+    assert find_decoder(extra, outputs, decoder.parent) is None  # an input nothing here knows how to feed
+
+
+def test_greedy_with_the_cache_equals_recomputing_the_whole_sequence(decoder):
+    session, layout = session_and_layout(decoder)
+    prompt = np.array([5, 17, 3, 99, 42], np.int64)
+    produced = greedy(session, layout, prompt, 12, label="decoder")
+    sequence = list(prompt)
+    for _ in range(12):
+        logits = session.run(["logits"], layout.feed(np.array([sequence])))[0]
+        sequence.append(int(np.argmax(logits[0, -1])))
+    assert produced == sequence[len(prompt) :]
+    assert len(set(produced)) > 1
+
+
+def test_prompts_keep_the_tokens_the_mask_keeps_and_at_most_32():
+    feed = {"input_ids": np.arange(40)[None, :], "attention_mask": np.r_[np.zeros(3), np.ones(37)][None, :]}
+    assert prompt_of(feed).tolist() == list(range(3, 35))
+    assert prompt_of({"input_ids": np.zeros((1, 0), np.int64)}) is None
+
+
+def test_validation_reports_where_generation_parts(tmp_path, decoder):
+    same = compare(decoder, decoder, resolve_feeds(onnx.load(decoder), None, folder=decoder.parent))
+    assert same.generation is not None and same.generation.match == 1.0
+    assert same.generation.identical == same.generation.prompts == 4
+    assert same.generation.first_difference == [None] * 4
+    other = write_decoder(tmp_path / "other", seed=3)
+    feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+    parted = compare(decoder, other, feeds, tolerance=LOOSE, generate_tokens=8)
+    check = parted.generation
+    assert check is not None and check.new_tokens == 8 and check.identical < 4
+    session, layout = session_and_layout(decoder)
+    other_session, _ = session_and_layout(other)
+    for prompt, first in zip([prompt_of(f) for f in feeds], check.first_difference, strict=True):
+        want = greedy(session, layout, prompt, 8, label="a")
+        have = greedy(other_session, layout, prompt, 8, label="b")
+        assert first == next((i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b), None)
+    assert check.match == pytest.approx(np.mean([8 if f is None else f for f in check.first_difference]) / 8)
+    assert "greedy generation, 8 new tokens" in parted.summary()
+    assert compare(decoder, other, feeds, tolerance=LOOSE, generate_tokens=0).generation is None
+
+
+def test_a_model_without_its_present_outputs_is_validated_without_generation(tmp_path):
+    model = decoder_model(symbolic_head=False)
+    del model.graph.output[1:]  # the cache is not returned: nothing to feed back
+    path = tmp_path / "no_cache.onnx"
+    onnx.save(model, path)
+    feeds = resolve_feeds(model, None, folder=tmp_path)
+    assert feeds[0]["past_key_values.0.key"].shape == (1, HEADS, 0, HEAD_SIZE)
+    comparison = compare(path, path, feeds)
+    assert comparison.passed and comparison.generation is None
+    assert benchmark([path], feeds, rounds=1, warmup=0).decoding is None
+
+
+@pytest.mark.parametrize("tokens", [-1, 4097, True, 2.0])
+def test_generate_tokens_out_of_range_is_refused(decoder, tokens):
+    feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+    with pytest.raises(OptionError, match="generate_tokens"):
+        compare(decoder, decoder, feeds, generate_tokens=tokens)
+    with pytest.raises(OptionError, match="generate_tokens"):
+        benchmark([decoder], feeds, rounds=1, warmup=0, generate_tokens=tokens)
+
+
+def test_the_benchmark_times_prefill_and_decode_in_the_same_rounds(decoder):
+    feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+    result = benchmark([decoder, decoder], feeds, names=["a", "b"], rounds=6, warmup=1, generate_tokens=5)
+    assert result.decoding is not None and [t.name for t in result.decoding] == ["a", "b"]
+    first, second = result.decoding
+    assert (first.prompt_tokens, first.new_tokens) == (16, 5)
+    assert first.prefill_ratio == first.decode_ratio == 1.0
+    assert second.decode_tokens_per_s > 0 and second.decode_ratio > 0
+    assert "generation: prefill of 16 tokens, then 5 tokens one at a time" in result.to_markdown()
+    assert json.loads(json.dumps(result.to_dict()))["decoding"][1]["name"] == "b"
+    assert benchmark([decoder], feeds, rounds=1, warmup=0, generate_tokens=0).decoding is None
+
+
+def test_a_slower_decode_is_named(decoder):
+    feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+    result = benchmark([decoder, decoder], feeds, names=["a", "b"], rounds=2, warmup=0, generate_tokens=2)
+    assert result.decoding is not None
+    result.decoding[1].decode_ratio = 1.5
+    assert any("'b' decodes in 1.50x the time of 'a'" in note for note in result.slower_notes())
+
+
+def test_optimize_and_the_commands_carry_the_generation(tmp_path, decoder, capsys):
+    output = tmp_path / "out" / "model.onnx"
+    output.parent.mkdir()
+    reports = [tmp_path / "r.md", tmp_path / "r.html"]
+    options = OptimizeOptions(
+        passes=["share"], validation=ValidationOptions(), generate_tokens=6, bench_rounds=2, reports=reports
+    )
+    result = optimize(decoder, output, options)
+    generation = result.report.to_dict()["validation"]["generation"]
+    assert generation["new_tokens"] == 6 and generation["match"] == 1.0
+    assert result.report.to_dict()["benchmark"]["decoding"][1]["new_tokens"] == 6
+    for report in reports:
+        text = report.read_text()
+        assert "greedy generation, 6 new tokens after 4 prompt(s)" in text
+        assert "Generating (a KV-cache decoder)" in text and "decode_tokens_per_s" in text
+    assert main(["validate", str(decoder), str(output), "--generate-tokens", "4"]) == 0
+    assert "greedy generation, 4 new tokens after 4 prompt(s)" in capsys.readouterr().out
+    assert main(["bench", str(decoder), str(output), "--rounds", "2", "--generate-tokens", "3"]) == 0
+    assert "then 3 tokens one at a time" in capsys.readouterr().out
+    assert main(["validate", str(decoder), str(output), "--generate-tokens", "0"]) == 0
+    assert "greedy generation" not in capsys.readouterr().out
+    with pytest.raises(OptionError, match="generate_tokens"):
+        optimize(decoder, None, OptimizeOptions(passes=["share"], generate_tokens=-2))
+
+
+def test_the_cpu_provider_is_what_runs_here(decoder):
+    feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+    comparison = compare(decoder, decoder, feeds, provider="cuda", generate_tokens=2)
+    assert comparison.provider_used == CPU_PROVIDER and comparison.generation is not None
