@@ -155,7 +155,7 @@ def optimize(
     if index is not None:
         with stage("auto mode"):
             reference = runnable_reference(run.source, run.reference, run.model_files)
-            data = run.checks.feeds if run.checks is not None and options.feeds.source is not None else None
+            data = _given_data(run)
             run.auto = auto_stage(run.source, reference, run.chosen, index, run.context, options, data)
             assert run.auto.passes is not None  # auto_stage always says which passes it chose
             run.chosen = run.auto.passes
@@ -203,6 +203,15 @@ class _Run:
     bits: BitsResult | None = None
 
 
+def _given_data(run: _Run) -> list[Feed] | None:
+    """The user's --data samples, checked (and completed for a decoder), or None without --data."""
+    if run.options.feeds.source is None:
+        return None
+    if run.checks is not None:
+        return run.checks.feeds
+    return resolve_feed_options(run.source, run.options.feeds, run.reference)
+
+
 def _plan_stage(options: OptimizeOptions) -> list[Pass]:
     """The passes, built once; a pass that needs calibration data without it is refused here."""
     chosen = build_passes(options.passes, options.pass_options)
@@ -240,7 +249,7 @@ def _load_stage(
             f"onnxruntime; {NOT_VALIDATED}"
         )
     with stage("calibration"):
-        factory = calibration_factory(source, options.calibration)
+        factory = calibration_factory(source, options.calibration, reference.parent if reference else None)
     context = PassContext(
         calibration=factory, provider=options.provider, progress=options.progress, timeout_s=options.timeout_s
     )

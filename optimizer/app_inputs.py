@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optimizer.calibration.decoder_io import empty_cache_shapes
+from optimizer.calibration.decoder_io import empty_cache_shapes, feed_completer
 from optimizer.calibration.feeds import (
     Feed,
     check_feeds,
@@ -48,7 +48,8 @@ def resolve_feeds(
     folder: Path | None = None,
 ) -> list[Feed]:
     """Feeds checked against the model's inputs: from a folder, an iterable, or generated.
-    ``folder``: where the model file is (a decoder's genai_config.json gives its cache sizes)."""
+    ``folder``: where the model file is (a decoder's genai_config.json gives its cache sizes; given
+    samples of a decoder may hold only its tokens, see ``optimizer.calibration.decoder_io``)."""
     specs = model_input_specs(model)
     if feeds is None:
         if samples < 1:
@@ -56,24 +57,29 @@ def resolve_feeds(
         given = dict(shapes or {})
         shapes = {**metadata_shapes(model, specs), **empty_cache_shapes(specs, folder, given), **given}
         return generate_feeds(specs, count=samples, seed=seed, shapes=shapes)
+    complete = feed_completer(specs, folder)
     if isinstance(feeds, (str, os.PathLike)):
-        return list(check_npz_feeds(specs, feeds))
-    return check_feeds(specs, feeds)
+        return list(check_npz_feeds(specs, feeds, complete))
+    return check_feeds(specs, feeds, complete)
 
 
-def calibration_factory(model: onnx.ModelProto, calibration: FeedSource) -> CalibrationFactory | None:
+def calibration_factory(
+    model: onnx.ModelProto, calibration: FeedSource, folder: Path | None = None
+) -> CalibrationFactory | None:
     """A factory that yields the calibration feeds anew on every call, checked against the model.
 
     A folder is re-read on each call (memory stays bounded); an iterable is read once and kept.
+    ``folder``: where the model file is (see ``resolve_feeds``).
     """
     if calibration is None:
         return None
     specs = model_input_specs(model)
+    complete = feed_completer(specs, folder)
     if isinstance(calibration, (str, os.PathLike)):
-        folder = calibration
-        npz_feed_files(folder)
-        return lambda: check_npz_feeds(specs, folder)
-    kept = check_feeds(specs, calibration)
+        data = calibration
+        npz_feed_files(data)
+        return lambda: check_npz_feeds(specs, data, complete)
+    kept = check_feeds(specs, calibration, complete)
     return lambda: iter(kept)
 
 

@@ -8,7 +8,9 @@ when they are numbers, else from the ``genai_config.json`` the builder writes ne
 (its shapes name them ``kv_cache_dim``), else from a feed that has a cache.
 
 Generated feeds for such a model start from an empty cache (past length 0, as generation does):
-random past tensors with a guessed head size are refused by the attention kernels.
+random past tensors with a guessed head size are refused by the attention kernels. Given feeds may
+hold only the tokens (``input_ids``, and a mask where there is padding): ``feed_completer`` fills in
+an empty cache, a mask of ones and positions from 0, as a generation's prefill has them.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from optimizer.calibration.feeds import CACHE_INPUT, TOKEN_IDS, Feed, InputSpec, resolve_shapes
+from optimizer.calibration.feeds import CACHE_INPUT, TOKEN_IDS, Completer, Feed, InputSpec, resolve_shapes
 from optimizer.errors import FeedError
 
 LOGITS = "logits"
@@ -152,3 +155,35 @@ def empty_cache_shapes(
         kv_heads, head_size = _cache_sizes(spec, folder, None)
         overrides[spec.name] = (tokens[0], kv_heads, 0, head_size)
     return overrides
+
+
+def feed_completer(specs: Sequence[InputSpec], folder: Path | None) -> Completer | None:
+    """For a KV-cache decoder, a function that completes a sample holding its tokens (see the module's
+    docstring); None for any other model. A sample with some cache inputs but not all is left as it
+    is, for the feed check to name what is missing."""
+    names = {spec.name for spec in specs}
+    past = cache_inputs(specs)
+    if not past or TOKEN_IDS not in names:
+        return None
+    dtypes = {spec.name: spec.dtype for spec in specs}
+    sizes: list[tuple[int, int]] = []
+
+    def complete(feed: Mapping[str, Any]) -> Mapping[str, Any]:
+        ids = feed.get(TOKEN_IDS)
+        given = [spec.name in feed for spec in past]
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or (any(given) and not all(given)):
+            return feed
+        done = int(np.shape(feed[past[0].name])[2]) if all(given) else 0
+        batch, total = ids.shape[0], done + ids.shape[1]
+        filled = dict(feed)
+        if not all(given):
+            sizes[:] = sizes or [_cache_sizes(past[0], folder, None)]
+            for spec in past:
+                filled[spec.name] = np.zeros((batch, *sizes[0][:1], 0, sizes[0][1]), spec.dtype)
+        if MASK in names and MASK not in feed:
+            filled[MASK] = np.ones((batch, total), dtypes[MASK])
+        if POSITIONS in names and POSITIONS not in feed:
+            filled[POSITIONS] = np.broadcast_to(np.arange(done, total, dtype=dtypes[POSITIONS]), ids.shape).copy()
+        return filled
+
+    return complete

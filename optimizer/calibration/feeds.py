@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from optimizer.errors import FeedError
 from optimizer.fileio.npz_files import check_regular_file, read_npz_file
 
 Feed = dict[str, np.ndarray]
+Completer = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 BATCH_DIM_DEFAULT = 1
 SEQUENCE_DIM_DEFAULT = 16
@@ -330,10 +331,14 @@ def npz_feed_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def check_npz_feeds(specs: Sequence[InputSpec], folder: str | os.PathLike) -> Iterator[Feed]:
-    """Each file's sample checked against the specs, read one at a time; an error names the file."""
+def check_npz_feeds(
+    specs: Sequence[InputSpec], folder: str | os.PathLike, complete: Completer | None = None
+) -> Iterator[Feed]:
+    """Each file's sample checked against the specs, read one at a time; an error names the file.
+    ``complete`` fills in inputs a sample may leave out (a decoder's cache, see ``decoder_io``)."""
     for index, file in enumerate(npz_feed_files(folder)):
-        yield check_feed(specs, read_npz_file(file), index, label=f"feed file {os.fspath(file)!r}")
+        feed = read_npz_file(file)
+        yield check_feed(specs, complete(feed) if complete else feed, index, label=f"feed file {os.fspath(file)!r}")
 
 
 def _read_npz_files(files: list[Path]) -> Iterator[Feed]:
@@ -379,9 +384,15 @@ def _checked_array(spec: InputSpec, value: object, label: str) -> np.ndarray:
     return value
 
 
-def check_feeds(specs: Sequence[InputSpec], feeds: Iterable[Mapping[str, Any]]) -> list[Feed]:
-    """Check every sample (see ``check_feed``); use ``check_feed`` to stay streaming."""
-    checked = [check_feed(specs, feed, index) for index, feed in enumerate(feeds)]
+def check_feeds(
+    specs: Sequence[InputSpec], feeds: Iterable[Mapping[str, Any]], complete: Completer | None = None
+) -> list[Feed]:
+    """Check every sample (see ``check_feed``, and ``check_npz_feeds`` for ``complete``); use
+    ``check_feed`` to stay streaming."""
+    checked = [
+        check_feed(specs, complete(feed) if complete and isinstance(feed, Mapping) else feed, index)
+        for index, feed in enumerate(feeds)
+    ]
     if not checked:
         raise FeedError("no feeds given: need at least one sample")
     return checked

@@ -186,3 +186,56 @@ def test_the_cpu_provider_is_what_runs_here(decoder):
     feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
     comparison = compare(decoder, decoder, feeds, provider="cuda", generate_tokens=2)
     assert comparison.provider_used == CPU_PROVIDER and comparison.generation is not None
+
+
+def save_tokens(folder, count=4, length=10, seed=0, **extra):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        ids = rng.integers(0, VOCAB, (1, length), dtype=np.int64)
+        np.savez(folder / f"{index:03d}.npz", input_ids=ids, **extra)
+    return folder
+
+
+def test_samples_of_tokens_alone_are_completed_as_a_prefill(tmp_path, decoder):
+    tokens = save_tokens(tmp_path / "tokens")
+    feeds = resolve_feeds(onnx.load(decoder), tokens, folder=decoder.parent)
+    assert len(feeds) == 4
+    for feed in feeds:
+        assert feed["attention_mask"].tolist() == [[1] * 10]
+        assert feed["past_key_values.1.value"].shape == (1, HEADS, 0, HEAD_SIZE)
+    session, layout = session_and_layout(decoder)
+    for given, built in zip(feeds, [layout.feed(f["input_ids"]) for f in feeds], strict=True):
+        np.testing.assert_array_equal(session.run(None, given)[0], session.run(None, built)[0])
+
+
+def test_a_sample_with_its_cache_gets_a_mask_over_past_and_new_tokens(decoder):
+    past = {f"past_key_values.{layer}.{part}": np.zeros((1, HEADS, 3, HEAD_SIZE), np.float32)
+            for layer in range(LAYERS) for part in ("key", "value")}
+    feeds = resolve_feeds(onnx.load(decoder), [{"input_ids": np.array([[4, 5]]), **past}], folder=decoder.parent)
+    assert feeds[0]["attention_mask"].shape == (1, 5)
+
+
+def test_a_sample_with_part_of_the_cache_is_refused_naming_what_is_missing(tmp_path, decoder):
+    folder = save_tokens(tmp_path / "partial", count=1, **{"past_key_values.0.key": np.zeros((1, 2, 0, 8), np.float32)})
+    with pytest.raises(FeedError, match=r"000\.npz.*missing input\(s\) attention_mask, past_key_values\.0\.value"):
+        resolve_feeds(onnx.load(decoder), folder, folder=decoder.parent)
+
+
+def test_calibration_from_tokens_alone_builds_what_complete_samples_build(tmp_path, decoder):
+    tokens = save_tokens(tmp_path / "tokens", count=6, length=12)
+    complete = tmp_path / "complete"
+    complete.mkdir()
+    for feed, file in zip(resolve_feeds(onnx.load(decoder), tokens, folder=decoder.parent),
+                          sorted(tokens.glob("*.npz")), strict=True):
+        np.savez(complete / file.name, **feed)
+    outputs = []
+    for data in (tokens, complete):
+        out = tmp_path / f"int4_{data.name}"
+        out.mkdir()
+        assert main(["optimize", str(decoder), "-o", str(out / "model.onnx"), "--quantize", "int4",
+                     "--quantize-mode", "weights", "--calibration-data", str(data), "--quiet"]) == 0
+        outputs.append((out / "model.onnx").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert main(["validate", str(decoder), str(tmp_path / "int4_tokens" / "model.onnx"), "--data", str(tokens),
+                 "--generate-tokens", "4", "--min-cosine", "0"]) in (0, 1)
