@@ -18,6 +18,7 @@ import onnx
 import passes as _passes  # noqa: F401  (registers every pass)
 from optimizer.app_inputs import (
     calibration_factory,
+    genai_files_notes,
     generated_feeds_hint,
     load_input,
     model_summary,
@@ -368,9 +369,11 @@ def _publish_stage(
             )
         report.output = model_summary(model, saved)
         size_notes(run.chosen, report)
+        report.notes += genai_files_notes(run.reference, saved, options.genai_files)
         return saved, None, None
     saved, comparison, timing = _save_checked(run, model, checks, report)
     size_notes(run.chosen, report)
+    report.notes += genai_files_notes(run.reference, saved, options.genai_files)
     for note in timing.slower_notes() if timing is not None else []:
         warn(note)
         report.notes.append(note)

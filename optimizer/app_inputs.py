@@ -22,6 +22,7 @@ from optimizer.calibration.feeds import (
     npz_feed_files,
 )
 from optimizer.errors import OptionError, RuntimeSessionError
+from optimizer.fileio.genai_files import copy_genai_files
 from optimizer.fileio.model import (
     LAZY_LOAD_ABOVE_BYTES,
     fits_one_message,
@@ -159,3 +160,12 @@ def generated_feeds_hint(feeds: Sequence[Feed], generated: bool) -> Iterator[Non
             f"{error}; the inputs were generated ({shapes}): give real inputs (--data DIR) or the sizes "
             f"the model needs (--shape {first}=DxDx..)"
         ) from error
+
+
+def genai_files_notes(reference: Path | None, saved: Path | None, enabled: bool) -> list[str]:
+    """Copy a decoder's onnxruntime-genai config and tokenizer files next to the output (see
+    ``optimizer.fileio.genai_files``); the report's note on what was copied, if anything."""
+    if saved is None or reference is None or not enabled:
+        return []
+    note = copy_genai_files(reference, saved).note()
+    return [note] if note is not None else []

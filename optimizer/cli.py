@@ -137,6 +137,7 @@ def _optimize_options(
         bits=bits,
         bisect=args.bisect,
         external_data=args.external_data,
+        genai_files=args.genai_files,
         max_input_bytes=args.max_input_bytes,
         allow_symlinks_under=args.allow_symlinks_under,
         reports=args.report,

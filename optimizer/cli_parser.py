@@ -246,6 +246,13 @@ def _add_output_arguments(sub: argparse.ArgumentParser) -> None:
         default="auto",
         help="store weights in OUTPUT.HASH.data: auto (only past protobuf's 2 GB), always, never",
     )
+    sub.add_argument(
+        "--genai-files",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the input folder's onnxruntime-genai config (decoder filename set to the output's) and "
+        "tokenizer files next to the output, never over a file already there (default on)",
+    )
     sub.add_argument("--max-input-bytes", type=int_in(1, MAX_BYTES), help="refuse input files larger than this")
     _add_symlink_argument(sub)
     _add_json(sub, "the report", " on stdout")

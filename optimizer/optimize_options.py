@@ -112,6 +112,8 @@ class OptimizeOptions:
     where auto mode's builds and checks and the budgets' trials run (``optimizer.executor``);
     ``budget`` (accuracy) and ``bits`` (bits per weight) are the two budgets, one at a time.
     External data may be a symlink into ``allow_symlinks_under`` folders (see ``load_model``).
+    ``genai_files``: a decoder's onnxruntime-genai config and tokenizer files are copied next to an
+    output in another folder (``optimizer.fileio.genai_files``).
     ``reports`` (.json, .md or .html) are written last; every file the run writes is checked against
     every file it reads before any work (a collision is a ``ModelSaveError``).
     """
@@ -133,6 +135,7 @@ class OptimizeOptions:
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     bisect: bool = False
     external_data: ExternalData = "auto"
+    genai_files: bool = True
     max_input_bytes: int | None = None
     allow_symlinks_under: Sequence[str | os.PathLike] = ()
     reports: Sequence[str | os.PathLike] = ()

@@ -118,6 +118,11 @@ def write_decoder(folder: Path, *, seed: int = 0, symbolic_head: bool = True, ge
     path = folder / "model.onnx"
     onnx.save(decoder_model(seed, symbolic_head), path)
     if genai_config:
-        decoder = {"head_size": HEAD_SIZE, "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS}
+        decoder = {
+            "filename": path.name,
+            "head_size": HEAD_SIZE,
+            "num_key_value_heads": HEADS,
+            "num_hidden_layers": LAYERS,
+        }
         (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": decoder}}))
     return path
