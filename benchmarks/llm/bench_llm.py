@@ -102,12 +102,7 @@ def calibration(tokenizer_dir: Path, folder: Path, decoder: Decoder) -> None:
     ids = tokenizer(text[: 400_000])["input_ids"]
     folder.mkdir(parents=True, exist_ok=True)
     for i, window in enumerate(windows(ids, CALIBRATION_WINDOWS)):
-        feed = {"input_ids": window.astype(np.int64), "attention_mask": np.ones_like(window, dtype=np.int64)}
-        if decoder.has_positions:
-            feed["position_ids"] = np.arange(window.shape[1], dtype=np.int64)[None, :]
-        for name in decoder.past:
-            feed[name] = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), decoder.kv_type)
-        np.savez(folder / f"{i:03d}.npz", **feed)
+        np.savez(folder / f"{i:03d}.npz", **decoder.layout.feed(window))  # complete: onnxruntime's GPTQ reads them too
 
 
 def build_rows(checkpoint: Path, work: Path, cal: Path) -> dict[str, dict]:

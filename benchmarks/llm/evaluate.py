@@ -9,18 +9,21 @@ out) against the fp32 model, on held-out text:
   first difference), with the KV cache fed back as in deployment;
 - prefill and decode tokens/s, every model in the same rounds (order reversed every other round),
   reported as the median of same-round ratios to fp32, next to a second fp32 session's (noise).
+Sessions, the cache and the timing are the library's (what ``validate`` and ``bench`` run).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from optimizer.calibration.decoder_io import find_decoder
+from optimizer.calibration.feeds import session_input_specs
+from optimizer.verify.benchmark import benchmark
+from optimizer.verify.generation import greedy, step
+from optimizer.verify.runtime import create_session, resolve_provider
 
 WINDOW = 256
 PROMPT = 32
@@ -40,50 +43,25 @@ class Quality:
 
 
 class Decoder:
-    """One onnxruntime session of a decoder with a KV cache (its shape from the genai_config.json
-    next to the model)."""
+    """One onnxruntime session of a KV-cache decoder, driven by the library's decoder code
+    (``optimizer.calibration.decoder_io``, ``optimizer.verify.generation``): the cache sizes come
+    from the genai_config.json next to the model."""
 
     def __init__(self, path: Path, threads: int = 2):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_order)
-        self.present = [n.replace("past_key_values.", "present.") for n in self.past]
-        self.has_positions = "position_ids" in inputs
-        decoder = json.loads((Path(path).parent / "genai_config.json").read_text())["model"]["decoder"]
-        self.kv_heads, self.head_dim = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
-        self.kv_type = np.float16 if "float16" in inputs[self.past[0]].type else np.float32
+        self.path = Path(path)
+        self.session, _ = create_session(self.path, resolve_provider("cpu"), threads=threads, spinning=False)
+        outputs = [arg.name for arg in self.session.get_outputs()]
+        layout = find_decoder(session_input_specs(self.session), outputs, self.path.parent)
+        if layout is None:
+            raise ValueError(f"{path}: not a KV-cache decoder")
+        self.layout = layout
 
     def forward(self, ids: np.ndarray, cache: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits [1, len(ids), vocab] for ``ids`` after ``cache`` (None: an empty cache)."""
-        if cache is None:
-            cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_type) for _ in self.past]
-        done = cache[0].shape[2]
-        total = done + ids.shape[1]
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64)}
-        if self.has_positions:
-            feed["position_ids"] = np.arange(done, total, dtype=np.int64)[None, :]
-        feed.update(zip(self.past, cache, strict=True))
-        logits, *present = self.session.run(["logits", *self.present], feed)
-        return logits, present
+        return step(self.session, self.layout, ids, cache, label=str(self.path), timeout_s=None)
 
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
-        logits, cache = self.forward(np.array([prompt]), None)
-        produced = []
-        for _ in range(new_tokens):
-            token = int(np.argmax(logits[0, -1]))
-            produced.append(token)
-            logits, cache = self.forward(np.array([[token]]), cache)
-        return produced
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    return int(parts[1]), parts[2]
+        return greedy(self.session, self.layout, np.array(prompt, np.int64), new_tokens, label=str(self.path), timeout_s=None)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -129,29 +107,27 @@ def quality(reference: Decoder, candidate: Decoder, chunks: list[np.ndarray], pr
 
 
 def speed(decoders: dict[str, Decoder], prompt: np.ndarray, new: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Prefill and decode tokens/s per model, timed in the same rounds; ratios to the first model."""
+    """Prefill and decode tokens/s per model, timed in the same rounds by the library's benchmark
+    (``optimizer.verify.benchmark``: order reversed every other round); ratios to the first model."""
     names = list(decoders)
-    prefill: dict[str, list[float]] = {n: [] for n in names}
-    decode: dict[str, list[float]] = {n: [] for n in names}
-    for turn in range(rounds):
-        for name in names if turn % 2 == 0 else reversed(names):
-            model = decoders[name]
-            started = time.perf_counter()
-            logits, cache = model.forward(prompt, None)
-            prefill[name].append(time.perf_counter() - started)
-            token = np.array([[int(np.argmax(logits[0, -1]))]])
-            started = time.perf_counter()
-            for _ in range(new):
-                logits, cache = model.forward(token, cache)
-                token = np.array([[int(np.argmax(logits[0, -1]))]])
-            decode[name].append(time.perf_counter() - started)
-    base = names[0]
-    result = {}
-    for name in names:
-        result[name] = {
-            "prefill_tok_s": prompt.shape[1] / statistics.median(prefill[name]),
-            "decode_tok_s": new / statistics.median(decode[name]),
-            "prefill_ratio": statistics.median(a / b for a, b in zip(prefill[name], prefill[base], strict=True)),
-            "decode_ratio": statistics.median(a / b for a, b in zip(decode[name], decode[base], strict=True)),
+    first = decoders[names[0]]
+    result = benchmark(
+        [decoders[name].path for name in names],
+        [first.layout.feed(prompt)],
+        names=names,
+        warmup=1,
+        rounds=rounds,
+        threads=2,
+        timeout_s=None,
+        generate_tokens=new,
+    )
+    assert result.decoding is not None
+    return {
+        timing.name: {
+            "prefill_tok_s": timing.prefill_tokens_per_s,
+            "decode_tok_s": timing.decode_tokens_per_s,
+            "prefill_ratio": timing.prefill_ratio,
+            "decode_ratio": timing.decode_ratio,
         }
-    return result
+        for timing in result.decoding
+    }

@@ -241,8 +241,8 @@ def benchmark(
     ``RunTimeoutError``. ``until``, asked after round ``UNTIL_FIRST_ROUND`` and every
     ``UNTIL_EVERY`` rounds after it, stops timing before ``rounds`` when it returns True
     (``BenchResult.rounds`` says how many ran). KV-cache decoders are also timed generating
-    ``generate_tokens`` tokens after a prompt from the first feed, in as many rounds
-    (``BenchResult.decoding``; 0 skips it).
+    ``generate_tokens`` tokens after a prefill of the first feed's tokens (its first row), in as
+    many rounds (``BenchResult.decoding``; 0 skips it).
     """
     model_names = _check_arguments(models, feeds, names, warmup, rounds)
     checked_timeout(timeout_s)
@@ -306,7 +306,7 @@ def _decoding(
     rounds and new tokens per round."""
     rounds, new_tokens = counts
     layout = find_decoder(session_input_specs(sessions[0]), [arg.name for arg in sessions[0].get_outputs()], feed=feed)
-    prompt = prompt_of(feed) if layout is not None and new_tokens > 0 else None
+    prompt = prompt_of(feed, limit=None) if layout is not None and new_tokens > 0 else None
     if layout is None or prompt is None:
         return None
     if any(not set(layout.output_names()) <= {arg.name for arg in s.get_outputs()} for s in sessions[1:]):

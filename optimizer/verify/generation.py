@@ -63,8 +63,8 @@ def checked_tokens(new_tokens: object) -> int:
     return int(new_tokens)
 
 
-def prompt_of(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The first row of a sample's tokens (those its mask keeps), at most ``PROMPT_TOKENS``."""
+def prompt_of(feed: Mapping[str, np.ndarray], limit: int | None = PROMPT_TOKENS) -> np.ndarray | None:
+    """The first row of a sample's tokens (those its mask keeps), at most ``limit`` (None: all)."""
     ids = np.asarray(feed[TOKEN_IDS])
     if ids.ndim != 2 or ids.shape[1] == 0:
         return None
@@ -72,7 +72,7 @@ def prompt_of(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
     if MASK in feed and np.ndim(feed[MASK]) == 2:
         kept = np.asarray(feed[MASK])[0, -ids.shape[1] :] != 0
         row = row[kept] if kept.shape == row.shape else row
-    return row[:PROMPT_TOKENS].astype(np.int64) if row.size else None
+    return row[:limit].astype(np.int64) if row.size else None
 
 
 def step(
