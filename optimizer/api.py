@@ -252,7 +252,11 @@ def _load_stage(
     with stage("calibration"):
         factory = calibration_factory(source, options.calibration, reference.parent if reference else None)
     context = PassContext(
-        calibration=factory, provider=options.provider, progress=options.progress, timeout_s=options.timeout_s
+        calibration=factory,
+        provider=options.provider,
+        progress=options.progress,
+        timeout_s=options.timeout_s,
+        model_folder=reference.parent if reference else None,
     )
     return _Run(options, output, source, reference, protected, custom_ops, chosen, context, model_files=model_files)
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -72,6 +73,8 @@ class PassContext:
     provider: str = "cpu"
     progress: bool = False
     timeout_s: float | None = DEFAULT_TIMEOUT_S
+    model_folder: Path | None = None
+    """Where the model file is, when it has one (a decoder's genai_config.json lives there)."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,8 @@ when they are numbers, else from the ``genai_config.json`` the builder writes ne
 Generated feeds for such a model start from an empty cache (past length 0, as generation does):
 random past tensors with a guessed head size are refused by the attention kernels. Given feeds may
 hold only the tokens (``input_ids``, and a mask where there is padding): ``feed_completer`` fills in
-an empty cache, a mask of ones and positions from 0, as a generation's prefill has them.
+an empty cache, a mask of ones and positions counted over the kept tokens, as a generation's
+prefill has them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class DecoderLayout:
     cache_dtype: np.dtype
     mask: bool
     positions: bool
+    integer_types: tuple[np.dtype, np.dtype, np.dtype] = (np.dtype(np.int64),) * 3
+    """Element types of the tokens, the mask and the positions, as the model declares them."""
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_size), self.cache_dtype) for _ in self.past]
@@ -54,11 +57,12 @@ class DecoderLayout:
         cache = self.empty_cache(ids.shape[0]) if cache is None else cache
         done = int(cache[0].shape[2]) if cache else 0
         total = done + ids.shape[1]
-        feed: Feed = {TOKEN_IDS: ids.astype(np.int64)}
+        tokens, mask, positions = self.integer_types
+        feed: Feed = {TOKEN_IDS: ids.astype(tokens)}
         if self.mask:
-            feed[MASK] = np.ones((ids.shape[0], total), np.int64)
+            feed[MASK] = np.ones((ids.shape[0], total), mask)
         if self.positions:
-            feed[POSITIONS] = np.broadcast_to(np.arange(done, total, dtype=np.int64), ids.shape).copy()
+            feed[POSITIONS] = np.broadcast_to(np.arange(done, total, dtype=positions), ids.shape).copy()
         feed.update(zip(self.past, cache, strict=True))
         return feed
 
@@ -92,6 +96,8 @@ def find_decoder(
     if any(name not in outputs for name in present) or names - {TOKEN_IDS, MASK, POSITIONS, *(s.name for s in past)}:
         return None
     kv_heads, head_size = _cache_sizes(past[0], folder, feed)
+    dtypes = {spec.name: spec.dtype for spec in specs}
+    default = np.dtype(np.int64)
     return DecoderLayout(
         tuple(spec.name for spec in past),
         tuple(present),
@@ -100,6 +106,7 @@ def find_decoder(
         past[0].dtype,
         MASK in names,
         POSITIONS in names,
+        (dtypes[TOKEN_IDS], dtypes.get(MASK, default), dtypes.get(POSITIONS, default)),
     )
 
 
@@ -119,7 +126,7 @@ def _cache_sizes(spec: InputSpec, folder: Path | None, feed: Mapping | None) -> 
     raise FeedError(
         f"cache input {spec.name!r} has shape {list(shape)}: its head count and size are not numbers, and "
         f"there is no {GENAI_CONFIG} next to the model to read them from; give real inputs (--data DIR) or "
-        f"the shape (--shape {spec.name}=1xHEADSx0xSIZE, an empty cache)"
+        f"the shape of one cache input (--shape {spec.name}=1xHEADSx0xSIZE: an empty cache, every layer alike)"
     )
 
 
@@ -141,19 +148,28 @@ def _genai_decoder(folder: Path | None) -> dict | None:
 def empty_cache_shapes(
     specs: Sequence[InputSpec], folder: Path | None, shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
-    """Shape overrides that make generated feeds a prefill: every cache input [batch, heads, 0,
-    size], and a mask and positions as long as the tokens (inputs the user gave a shape keep it).
-    Empty for a model that is not a KV-cache decoder."""
+    """Shape overrides that make generated feeds fit a decoder: every cache input [batch, heads,
+    past, size] like the one the user gave a shape (else an empty cache, the sizes as
+    ``find_decoder`` finds them), and a mask as long as past and new tokens, positions as long as
+    the tokens (inputs the user gave a shape keep it). Empty for a model that is not a decoder."""
     by_name = {spec.name: spec for spec in specs}
-    past = [spec for spec in cache_inputs(specs) if spec.name not in shapes]
-    if not past or TOKEN_IDS not in by_name:
+    cache = cache_inputs(specs)
+    if not cache or TOKEN_IDS not in by_name:
         return {}
     given = {TOKEN_IDS: shapes[TOKEN_IDS]} if TOKEN_IDS in shapes else {}
     tokens = resolve_shapes([by_name[TOKEN_IDS]], given)[TOKEN_IDS]
-    overrides = {name: tokens for name in (MASK, POSITIONS) if name in by_name and name not in shapes}
-    for spec in past:
-        kv_heads, head_size = _cache_sizes(spec, folder, None)
-        overrides[spec.name] = (tokens[0], kv_heads, 0, head_size)
+    example = next((tuple(shapes[spec.name]) for spec in cache if spec.name in shapes), None)
+    if example is not None and len(example) == 4:
+        batch, kv_heads, past, head_size = example
+    else:
+        (kv_heads, head_size), batch, past = _cache_sizes(cache[0], folder, None), tokens[0], 0
+    overrides: dict[str, tuple[int, ...]] = {
+        spec.name: (batch, kv_heads, past, head_size) for spec in cache if spec.name not in shapes
+    }
+    if MASK in by_name and MASK not in shapes:
+        overrides[MASK] = (batch, past + tokens[-1])
+    if POSITIONS in by_name and POSITIONS not in shapes:
+        overrides[POSITIONS] = (batch, tokens[-1])
     return overrides
 
 
@@ -171,7 +187,8 @@ def feed_completer(specs: Sequence[InputSpec], folder: Path | None) -> Completer
     def complete(feed: Mapping[str, Any]) -> Mapping[str, Any]:
         ids = feed.get(TOKEN_IDS)
         given = [spec.name in feed for spec in past]
-        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or (any(given) and not all(given)):
+        shaped = all(np.ndim(feed[spec.name]) == 4 for spec in past if spec.name in feed)
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or (any(given) and not all(given)) or not shaped:
             return feed
         done = int(np.shape(feed[past[0].name])[2]) if all(given) else 0
         batch, total = ids.shape[0], done + ids.shape[1]
@@ -183,7 +200,16 @@ def feed_completer(specs: Sequence[InputSpec], folder: Path | None) -> Completer
         if MASK in names and MASK not in feed:
             filled[MASK] = np.ones((batch, total), dtypes[MASK])
         if POSITIONS in names and POSITIONS not in feed:
-            filled[POSITIONS] = np.broadcast_to(np.arange(done, total, dtype=dtypes[POSITIONS]), ids.shape).copy()
+            filled[POSITIONS] = _positions(filled.get(MASK), ids.shape, done).astype(dtypes[POSITIONS])
         return filled
 
     return complete
+
+
+def _positions(mask: object, shape: tuple[int, ...], done: int) -> np.ndarray:
+    """Each new token's position: the count of kept tokens before it (left padding skipped, as
+    Hugging Face and onnxruntime-genai number them); ``done`` onwards without a usable mask."""
+    if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.shape == (shape[0], done + shape[1]):
+        counted = np.maximum(np.cumsum(mask != 0, axis=1) - 1, 0)
+        return counted[:, -shape[1] :]
+    return np.broadcast_to(np.arange(done, done + shape[1]), shape).copy()

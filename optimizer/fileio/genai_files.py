@@ -32,6 +32,8 @@ TOKENIZER_PATTERNS = (
 )
 """Tokenizer and generation files Hugging Face checkpoints carry and onnxruntime-genai reads."""
 _MODEL_SECTIONS = ("encoder", "vision", "speech", "embedding", "decoder")
+MAX_CONFIG_BYTES = 1 << 20
+"""A genai_config.json is a few kilobytes; a larger one is not read."""
 
 
 @dataclass
@@ -40,15 +42,18 @@ class GenaiFiles:
 
     copied: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Symbolic links among the tokenizer files: not followed, not copied."""
     reason: str | None = None
 
     def note(self) -> str | None:
         if self.reason is not None:
             return f"onnxruntime-genai files not copied: {self.reason}"
-        if not self.copied and not self.kept:
+        if not self.copied and not self.kept and not self.skipped:
             return None
         text = f"onnxruntime-genai files copied next to the output: {', '.join(self.copied) or 'none'}"
-        return text + (f"; already there, kept: {', '.join(self.kept)}" if self.kept else "")
+        text += f"; already there, kept: {', '.join(self.kept)}" if self.kept else ""
+        return text + (f"; symbolic links, not copied: {', '.join(self.skipped)}" if self.skipped else "")
 
 
 def copy_genai_files(source: Path, output: Path) -> GenaiFiles:
@@ -58,6 +63,9 @@ def copy_genai_files(source: Path, output: Path) -> GenaiFiles:
     if not config_path.is_file() or source.parent.resolve() == output.parent.resolve():
         return found
     config = _config(config_path)
+    if config is None:
+        found.reason = f"{config_path} is not a readable JSON object of at most {MAX_CONFIG_BYTES:,} bytes"
+        return found
     models = _model_files(config)
     if models is None or models[0] != source.name:
         return found
@@ -68,25 +76,26 @@ def copy_genai_files(source: Path, output: Path) -> GenaiFiles:
     files: dict[str, str | Path] = {GENAI_CONFIG: json.dumps(config, indent=4) + "\n"}
     for pattern in TOKENIZER_PATTERNS:
         for item in sorted(source.parent.glob(pattern)):
-            if item.is_file() and item.suffix not in (".onnx", ".data") and item.name not in files:
-                files[item.name] = item
+            if item.suffix in (".onnx", ".data") or item.name in files or item.name in found.skipped:
+                continue
+            if item.is_symlink() or not item.is_file():
+                found.skipped.append(item.name)  # a link may point anywhere: not followed
+                continue
+            files[item.name] = item
     for name, content in files.items():
-        target = output.parent / name
-        if target.exists():
-            found.kept.append(name)
-            continue
-        _write(target, content)
-        found.copied.append(name)
+        (found.copied if _write_new(output.parent / name, content) else found.kept).append(name)
     return found
 
 
-def _config(path: Path) -> dict:
-    """The config, or an empty dict when it is not readable JSON (then nothing is copied)."""
+def _config(path: Path) -> dict | None:
+    """The config, or None when it is not a readable JSON object (then nothing is copied)."""
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        if path.is_symlink() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        loaded = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _model_files(config: dict) -> list[str] | None:
@@ -104,8 +113,11 @@ def _model_files(config: dict) -> list[str] | None:
     return [decoder["filename"], *others]
 
 
-def _write(target: Path, content: str | Path) -> None:
-    """Through a temporary file in the same folder, so a failure leaves nothing partial."""
+def _write_new(target: Path, content: str | Path) -> bool:
+    """Write ``target`` through a temporary file in its folder, linked into place only when no file
+    (or link) of that name exists: False, and nothing written, when one does."""
+    if os.path.lexists(target):
+        return False
     descriptor, temporary = temp_file(target.parent, target.name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -116,7 +128,9 @@ def _write(target: Path, content: str | Path) -> None:
                 handle.write(content.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
+        os.link(temporary, target)  # fails if the name appeared meanwhile: never replaces a file
+        return True
+    except FileExistsError:
+        return False
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise

@@ -364,6 +364,8 @@ def _benchmark_section(benchmark: dict[str, Any], plots: _Plots) -> list[str]:
     if decoding:
         out.append(f"<p>{_e(DECODING_TEXT)}.</p>")
         out.append(_table(DECODING_COLUMNS, [[row.get(key) for key in DECODING_COLUMNS] for row in decoding]))
+    if benchmark.get("decoding_note"):
+        out.append(f"<p class='note'>Generation not timed: {_e(benchmark['decoding_note'])}</p>")
     return out
 
 

@@ -270,6 +270,8 @@ def _benchmark_section(benchmark: dict[str, Any]) -> list[str]:
     decoding = benchmark.get("decoding") or []
     if decoding:
         lines += ["", f"{DECODING_TEXT}:", "", *_table(list(DECODING_COLUMNS), decoding)]
+    if benchmark.get("decoding_note"):
+        lines += ["", f"Generation not timed: {benchmark['decoding_note']}"]
     return [*lines, ""]
 
 

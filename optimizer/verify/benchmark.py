@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from optimizer.calibration.decoder_io import find_decoder
 from optimizer.calibration.feeds import Feed, session_input_specs
-from optimizer.errors import FeedError, ModelLoadError, OptionError
+from optimizer.errors import FeedError, ModelLoadError, OnnxCompressError, OptionError
 from optimizer.progress import StageLine, progress_bar
 from optimizer.verify.generation import GENERATE_TOKENS, checked_tokens, greedy, prompt_of, step
 from optimizer.verify.runtime import (
@@ -100,6 +100,8 @@ class BenchResult:
     threads: int | None
     decoding: list[DecodeTiming] | None = None
     """Set for KV-cache decoders (``generate_tokens`` > 0): prefill and decode tokens per second."""
+    decoding_note: str | None = None
+    """Why a decoder's generation was not timed (a prompt and N tokens past its context, ...)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +143,8 @@ class BenchResult:
                 f"{timing.ratio_p50:.3f} | {_paired(timing)} | {timing.session_create_ms:.1f} | "
                 f"{timing.provider_used} |"
             )
-        return "\n".join(lines + _decoding_lines(self.decoding or []))
+        note = [f"generation not timed: {self.decoding_note}"] if self.decoding_note else []
+        return "\n".join(lines + _decoding_lines(self.decoding or []) + note)
 
 
 def _decoding_lines(decoding: list[DecodeTiming]) -> list[str]:
@@ -263,7 +266,13 @@ def benchmark(
         )
     ]
     _set_ratios(timings, times_ms)
-    decoding = _decoding(sessions, model_names, feeds[0], (len(times_ms[0]), generate_tokens), timeout_s)
+    try:
+        decoding, decoding_note = (
+            _decoding(sessions, model_names, feeds[0], (len(times_ms[0]), generate_tokens), timeout_s),
+            None,
+        )
+    except OnnxCompressError as error:  # the latency above stands; say why generation has no numbers
+        decoding, decoding_note = None, str(error)
     return BenchResult(
         models=timings,
         provider_requested=choice.requested,
@@ -272,6 +281,7 @@ def benchmark(
         rounds=len(times_ms[0]),
         threads=threads,
         decoding=decoding,
+        decoding_note=decoding_note,
     )
 
 

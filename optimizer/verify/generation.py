@@ -18,7 +18,7 @@ import numpy as np
 
 from optimizer.calibration.decoder_io import MASK, DecoderLayout, find_decoder
 from optimizer.calibration.feeds import TOKEN_IDS, Feed, session_input_specs
-from optimizer.errors import OptionError
+from optimizer.errors import OnnxCompressError, OptionError
 from optimizer.verify.runtime import DEFAULT_TIMEOUT_S, run_outputs, session_feed
 
 GENERATE_TOKENS = 32
@@ -35,21 +35,26 @@ class GenerationCheck:
 
     ``match``: the mean over prompts of the share of new tokens before the first one that differs
     (1.0: every prompt generated the same text). ``first_difference``: per prompt, the index of the
-    first differing new token, None when all match."""
+    first differing new token, None when all match. ``error``: why it could not be measured (a
+    prompt and N tokens past the model's context, a run that failed); then ``match`` is None."""
 
     prompts: int
     prompt_tokens: list[int]
     new_tokens: int
-    match: float
+    match: float | None
     identical: int
     first_difference: list[int | None]
+    error: str | None = None
     summary: str = ""
     """The sentence the validation summary and the reports print (filled in when built)."""
 
     def __post_init__(self) -> None:
+        head = f"greedy generation, {self.new_tokens} new tokens after {self.prompts} prompt(s) from the samples"
+        if self.error is not None or self.match is None:
+            self.summary = f"{head}: not measured ({self.error})"
+            return
         self.summary = (
-            f"greedy generation, {self.new_tokens} new tokens after {self.prompts} prompt(s) from the samples: "
-            f"{self.match:.3f} match the reference before the first difference; "
+            f"{head}: {self.match:.3f} match the reference before the first difference; "
             f"{self.identical} of {self.prompts} prompt(s) generate the same tokens"
         )
 
@@ -134,4 +139,8 @@ def generation_check(
     prompts = [prompt for prompt in map(prompt_of, samples) if prompt is not None] if layout else []
     if layout is None or not prompts:
         return None
-    return check_generation(sessions, labels, layout, prompts, new_tokens, **limits)
+    try:
+        return check_generation(sessions, labels, layout, prompts, new_tokens, **limits)
+    except OnnxCompressError as error:  # information next to the verdict: a failure to generate is reported
+        sizes = [int(prompt.size) for prompt in prompts]
+        return GenerationCheck(len(prompts), sizes, new_tokens, None, 0, [], error=str(error))

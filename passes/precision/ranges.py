@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer.calibration.decoder_io import empty_cache_shapes
 from optimizer.calibration.feeds import generate_feeds, model_input_specs
 from optimizer.calibration.observe import probe_model
 from optimizer.calibration.ranges import collect_ranges
@@ -23,7 +24,9 @@ def float_ranges(graph: gs.Graph, types: dict[str, int], context: PassContext, r
     if context.calibration is not None:
         feeds, source = context.calibration, "calibration data"
     else:
-        generated = generate_feeds(model_input_specs(model), count=GENERATED_SAMPLES)
+        specs = model_input_specs(model)
+        shapes = empty_cache_shapes(specs, context.model_folder, {})  # a decoder: an empty cache that fits
+        generated = generate_feeds(specs, count=GENERATED_SAMPLES, shapes=shapes)
         feeds, source = (lambda: iter(generated)), f"{GENERATED_SAMPLES} generated samples (no calibration data)"
     result = collect_ranges(
         model, names, feeds, method="minmax", provider=context.provider, timeout_s=context.timeout_s,

@@ -13,22 +13,35 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 VOCAB = 128
-HIDDEN = 16
+HIDDEN = 32
 HEADS = 2
-HEAD_SIZE = 8
+HEAD_SIZE = 6
 LAYERS = 2
 
 
-def decoder_model(seed: int = 0, symbolic_head: bool = True) -> onnx.ModelProto:
-    """The decoder; ``symbolic_head`` names the cache's head dims (as the builder's ``kv_cache_dim``)."""
+def decoder_model(
+    seed: int = 0, symbolic_head: bool = True, mask_type: int = TensorProto.INT64, positions: bool = False
+) -> onnx.ModelProto:
+    """The decoder; ``symbolic_head`` names the cache's head dims (as the builder's ``kv_cache_dim``);
+    ``mask_type`` is the mask's element type; ``positions`` adds a ``position_ids`` input whose rows
+    of a position table are added to the embedding."""
     rng = np.random.default_rng(seed)
     heads = "kv_heads" if symbolic_head else HEADS
     size = "kv_cache_dim" if symbolic_head else HEAD_SIZE
-    nodes, weights = _shared_nodes(), {"table": rng.normal(0, 1, (VOCAB, HIDDEN)).astype(np.float32)}
+    nodes, weights = _shared_nodes(mask_type), {"table": rng.normal(0, 1, (VOCAB, HIDDEN)).astype(np.float32)}
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("attention_mask", mask_type, ["batch", "total"]),
     ]
+    if positions:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]))
+        weights["positions"] = rng.normal(0, 1, (64, HIDDEN)).astype(np.float32)
+        nodes += [
+            helper.make_node("Gather", ["positions", "position_ids"], ["placed"]),
+            helper.make_node("Add", ["looked_up", "placed"], ["embedded"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["looked_up"], ["embedded"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB])]
     hidden = "embedded"
     for layer in range(LAYERS):
@@ -57,14 +70,16 @@ def decoder_model(seed: int = 0, symbolic_head: bool = True) -> onnx.ModelProto:
     return model
 
 
-def _shared_nodes() -> list[onnx.NodeProto]:
-    """Embedding lookup and the causal mask [new, total] (True where a token may attend)."""
+def _shared_nodes(mask_type: int) -> list[onnx.NodeProto]:
+    """Embedding lookup and the causal mask [new, total] (True where a token may attend), padding
+    (mask 0) excluded."""
     return [
         helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1, np.int64))),
         helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.int64))),
         helper.make_node("Constant", [], ["last_axis"], value=numpy_helper.from_array(np.array([1], np.int64))),
         helper.make_node("Constant", [], ["blocked"], value=numpy_helper.from_array(np.array(-1e9, np.float32))),
-        helper.make_node("Gather", ["table", "input_ids"], ["embedded"]),
+        helper.make_node("Constant", [], ["head_axes"], value=numpy_helper.from_array(np.array([1, 2], np.int64))),
+        helper.make_node("Gather", ["table", "input_ids"], ["looked_up"]),
         helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
         helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
         helper.make_node("Gather", ["ids_shape", "one"], ["new_count"], axis=0),
@@ -73,7 +88,10 @@ def _shared_nodes() -> list[onnx.NodeProto]:
         helper.make_node("Range", ["past_count", "total_count", "one"], ["rows"]),
         helper.make_node("Range", ["zero", "total_count", "one"], ["columns"]),
         helper.make_node("Unsqueeze", ["rows", "last_axis"], ["rows_2d"]),
-        helper.make_node("LessOrEqual", ["columns", "rows_2d"], ["causal"]),
+        helper.make_node("LessOrEqual", ["columns", "rows_2d"], ["ordered"]),
+        helper.make_node("Cast", ["attention_mask"], ["kept"], to=TensorProto.BOOL),
+        helper.make_node("Unsqueeze", ["kept", "head_axes"], ["kept_4d"]),
+        helper.make_node("And", ["ordered", "kept_4d"], ["causal"]),
     ]
 
 
@@ -82,7 +100,8 @@ def _layer(nodes: list, weights: dict, rng: np.random.Generator, layer: int, hid
     name = f"l{layer}"
     width = HEADS * HEAD_SIZE
     for part in ("q", "k", "v", "o"):
-        weights[f"{name}.{part}"] = rng.normal(0, 0.4, (HIDDEN if part != "o" else width, width)).astype(np.float32)
+        shape = (width, HIDDEN) if part == "o" else (HIDDEN, width)
+        weights[f"{name}.{part}"] = rng.normal(0, 0.4, shape).astype(np.float32)
     heads = {}
     for part, cache in (("q", None), ("k", "key"), ("v", "value")):
         nodes += [
@@ -112,11 +131,14 @@ def _layer(nodes: list, weights: dict, rng: np.random.Generator, layer: int, hid
     return f"{name}.residual"
 
 
-def write_decoder(folder: Path, *, seed: int = 0, symbolic_head: bool = True, genai_config: bool = True) -> Path:
-    """``folder/model.onnx`` and, when asked, the ``genai_config.json`` that names its cache sizes."""
+def write_decoder(
+    folder: Path, *, seed: int = 0, symbolic_head: bool = True, genai_config: bool = True, **kinds
+) -> Path:
+    """``folder/model.onnx`` and, when asked, the ``genai_config.json`` that names its cache sizes;
+    ``kinds``: ``decoder_model``'s ``mask_type`` and ``positions``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    onnx.save(decoder_model(seed, symbolic_head), path)
+    onnx.save(decoder_model(seed, symbolic_head, **kinds), path)
     if genai_config:
         decoder = {
             "filename": path.name,

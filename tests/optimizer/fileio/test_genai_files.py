@@ -77,7 +77,33 @@ def test_a_config_of_several_models_is_not_copied_and_the_note_says_why(tmp_path
     assert "names other model files as well (vision.onnx)" in (found.note() or "")
 
 
-def test_an_unreadable_config_is_left_alone(tmp_path, decoder):
+def test_an_unreadable_config_is_left_alone_and_named(tmp_path, decoder):
     (decoder.parent / "genai_config.json").write_text("{not json")
     (tmp_path / "out").mkdir()
-    assert copy_genai_files(decoder, tmp_path / "out" / "model.onnx").note() is None
+    found = copy_genai_files(decoder, tmp_path / "out" / "model.onnx")
+    assert found.copied == [] and list((tmp_path / "out").iterdir()) == []
+    assert "is not a readable JSON object" in (found.note() or "")
+
+
+def test_links_are_not_followed_and_a_dangling_link_at_the_target_is_kept(tmp_path, decoder):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a tokenizer")
+    (decoder.parent / "tokenizer.model").symlink_to(secret)
+    output = tmp_path / "out" / "model.onnx"
+    output.parent.mkdir()
+    (output.parent / "tokenizer.json").symlink_to(tmp_path / "nowhere")
+    found = copy_genai_files(decoder, output)
+    assert found.skipped == ["tokenizer.model"] and "tokenizer.json" in found.kept
+    assert (output.parent / "tokenizer.json").is_symlink() and not (output.parent / "tokenizer.model").exists()
+    assert "symbolic links, not copied: tokenizer.model" in (found.note() or "")
+
+
+def test_a_config_with_a_byte_order_mark_is_read_and_an_unreadable_one_is_named(tmp_path, decoder):
+    text = (decoder.parent / "genai_config.json").read_text()
+    (decoder.parent / "genai_config.json").write_text("\ufeff" + text, encoding="utf-8")
+    (tmp_path / "a").mkdir()
+    assert "genai_config.json" in copy_genai_files(decoder, tmp_path / "a" / "model.onnx").copied
+    (decoder.parent / "genai_config.json").write_bytes(b"\xff\xfe not json")
+    (tmp_path / "b").mkdir()
+    note = copy_genai_files(decoder, tmp_path / "b" / "model.onnx").note() or ""
+    assert note.startswith("onnxruntime-genai files not copied:") and "not a readable JSON object" in note

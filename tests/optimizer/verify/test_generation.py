@@ -226,16 +226,83 @@ def test_calibration_from_tokens_alone_builds_what_complete_samples_build(tmp_pa
     tokens = save_tokens(tmp_path / "tokens", count=6, length=12)
     complete = tmp_path / "complete"
     complete.mkdir()
-    for feed, file in zip(resolve_feeds(onnx.load(decoder), tokens, folder=decoder.parent),
-                          sorted(tokens.glob("*.npz")), strict=True):
-        np.savez(complete / file.name, **feed)
+    for file in sorted(tokens.glob("*.npz")):  # written by hand: what a prefill of these tokens feeds
+        ids = np.load(file)["input_ids"]
+        cache = {f"past_key_values.{layer}.{part}": np.zeros((1, HEADS, 0, HEAD_SIZE), np.float32)
+                 for layer in range(LAYERS) for part in ("key", "value")}
+        np.savez(complete / file.name, input_ids=ids, attention_mask=np.ones((1, 12), np.int64), **cache)
     outputs = []
     for data in (tokens, complete):
         out = tmp_path / f"int4_{data.name}"
         out.mkdir()
         assert main(["optimize", str(decoder), "-o", str(out / "model.onnx"), "--quantize", "int4",
-                     "--quantize-mode", "weights", "--calibration-data", str(data), "--quiet"]) == 0
+                     "--quantize-mode", "weights", "--calibration-data", str(data),
+                     "--report", str(out / "r.json"), "--quiet"]) == 0
+        counts = json.loads((out / "r.json").read_text())["passes"][-1]["report"]["counts"]
+        assert counts["weights_gptq"] > 0
         outputs.append((out / "model.onnx").read_bytes())
     assert outputs[0] == outputs[1]
     assert main(["validate", str(decoder), str(tmp_path / "int4_tokens" / "model.onnx"), "--data", str(tokens),
-                 "--generate-tokens", "4", "--min-cosine", "0"]) in (0, 1)
+                 "--generate-tokens", "4", "--min-cosine", "0"]) == 0
+
+
+def test_the_model_s_integer_types_are_fed_and_padded_positions_counted(tmp_path):
+    path = write_decoder(tmp_path / "typed", mask_type=onnx.TensorProto.INT32, positions=True)
+    padded = {"input_ids": np.array([[0, 0, 7, 8, 9]]), "attention_mask": np.array([[0, 0, 1, 1, 1]], np.int32)}
+    feeds = resolve_feeds(onnx.load(path), [padded], folder=path.parent)
+    assert feeds[0]["position_ids"].tolist() == [[0, 0, 0, 1, 2]]  # as Hugging Face and onnxruntime-genai count
+    assert feeds[0]["attention_mask"].dtype == np.int32
+    generated = resolve_feeds(onnx.load(path), None, folder=path.parent)
+    comparison = compare(path, path, generated, generate_tokens=3)
+    assert comparison.generation is not None and comparison.generation.match == 1.0
+    result = benchmark([path], generated, rounds=1, warmup=0, generate_tokens=2)
+    assert result.decoding is not None and result.decoding_note is None
+
+
+def test_a_failed_generation_is_reported_not_raised(decoder, monkeypatch):
+    import optimizer.verify.benchmark as benchmark_module
+    import optimizer.verify.generation as generation_module
+    from optimizer.errors import RuntimeSessionError
+
+    def fails(*args, **kwargs):
+        raise RuntimeSessionError("onnxruntime failed to run model.onnx: cos_cache dimension 0 is too small")
+
+    feeds = resolve_feeds(onnx.load(decoder), None, folder=decoder.parent)
+    monkeypatch.setattr(generation_module, "check_generation", fails)
+    comparison = compare(decoder, decoder, feeds)
+    assert comparison.passed and comparison.generation is not None and comparison.generation.match is None
+    assert "greedy generation, 32 new tokens after 4 prompt(s) from the samples: not measured (onnxruntime" in (
+        comparison.summary()
+    )
+    monkeypatch.setattr(benchmark_module, "step", fails)
+    result = benchmark([decoder], feeds, rounds=1, warmup=0)
+    assert result.decoding is None and "cos_cache" in (result.decoding_note or "")
+    assert "generation not timed: onnxruntime failed" in result.to_markdown()
+
+
+def test_one_cache_shape_is_enough_for_every_layer(tmp_path, capsys):
+    path = write_decoder(tmp_path / "bare", genai_config=False)
+    shape = ["--shape", "past_key_values.0.key=1x2x3x6"]
+    feeds = resolve_feeds(onnx.load(path), None, shapes={"past_key_values.0.key": (1, 2, 3, 6)}, folder=path.parent)
+    assert {feed["past_key_values.1.value"].shape for feed in feeds} == {(1, 2, 3, 6)}
+    assert feeds[0]["attention_mask"].shape == (1, 3 + 16)
+    assert main(["validate", str(path), str(path), *shape]) == 0
+    assert "greedy generation" in capsys.readouterr().out
+
+
+def test_a_cache_of_the_wrong_rank_is_named_not_a_crash(tmp_path, decoder):
+    folder = save_tokens(tmp_path / "flat", count=1, **{
+        f"past_key_values.{layer}.{part}": np.zeros((2, 8), np.float32) for layer in range(LAYERS)
+        for part in ("key", "value")})
+    with pytest.raises(FeedError, match=r"000\.npz': missing input\(s\) attention_mask"):
+        resolve_feeds(onnx.load(decoder), folder, folder=decoder.parent)
+
+
+def test_float16_ranges_on_generated_samples_fit_a_decoder_whose_sizes_are_in_its_config(tmp_path, decoder):
+    output = tmp_path / "half" / "model.onnx"
+    output.parent.mkdir()
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(decoder), "-o", str(output), "--float16", "compute", "--report", str(report),
+                 "--quiet"]) == 0
+    ranges = [run["report"].get("details", {}).get("ranges") for run in json.loads(report.read_text())["passes"]]
+    assert any(found and found["source"].endswith("generated samples (no calibration data)") for found in ranges)
