@@ -109,9 +109,11 @@ class BenchResult:
     def slower_notes(self, margin: float = SLOWER_MARGIN) -> list[str]:
         """One line for each model slower than the first by more than ``margin`` (paired ratio)."""
         first = self.models[0].name if self.models else ""
+        decodes = {timing.name: timing for timing in self.decoding or []}
         notes = [
             f"SLOWER: '{timing.name}' takes {timing.ratio_paired:.2f}x the time of '{first}' "
             f"(median paired ratio over {self.rounds} rounds; p50 {timing.p50_ms:.3f} ms)"
+            + _decode_aside(decodes, timing)
             for timing in self.models[1:]
             if timing.ratio_paired > 1.0 + margin
         ]
@@ -145,6 +147,14 @@ class BenchResult:
             )
         note = [f"generation not timed: {self.decoding_note}"] if self.decoding_note else []
         return "\n".join(lines + _decoding_lines(self.decoding or []) + note)
+
+
+def _decode_aside(decodes: dict[str, DecodeTiming], timing: ModelTiming) -> str:
+    """For a decoder, that the latency above is a prefill, and what its decode takes."""
+    found = decodes.get(timing.name)
+    if found is None:
+        return ""
+    return f"; that is a prefill of {found.prompt_tokens} tokens: decoding takes {found.decode_ratio:.2f}x"
 
 
 def _decoding_lines(decoding: list[DecodeTiming]) -> list[str]:

@@ -155,6 +155,11 @@ def test_a_slower_decode_is_named(decoder):
     assert result.decoding is not None
     result.decoding[1].decode_ratio = 1.5
     assert any("'b' decodes in 1.50x the time of 'a'" in note for note in result.slower_notes())
+    result.decoding[1].decode_ratio, result.models[1].ratio_paired = 0.55, 1.34
+    assert result.slower_notes() == [
+        f"SLOWER: 'b' takes 1.34x the time of 'a' (median paired ratio over 2 rounds; p50 "
+        f"{result.models[1].p50_ms:.3f} ms); that is a prefill of 16 tokens: decoding takes 0.55x"
+    ]
 
 
 def test_optimize_and_the_commands_carry_the_generation(tmp_path, decoder, capsys):
