@@ -16,7 +16,6 @@ prefill has them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,13 @@ import numpy as np
 
 from optimizer.calibration.feeds import CACHE_INPUT, TOKEN_IDS, Completer, Feed, InputSpec, resolve_shapes
 from optimizer.errors import FeedError
+from optimizer.fileio.genai_files import GENAI_CONFIG, read_genai_config
 
 LOGITS = "logits"
 MASK = "attention_mask"
 POSITIONS = "position_ids"
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
-GENAI_CONFIG = "genai_config.json"
 
 
 @dataclass(frozen=True)
@@ -131,13 +130,14 @@ def _cache_sizes(spec: InputSpec, folder: Path | None, feed: Mapping | None) -> 
 
 
 def _genai_decoder(folder: Path | None) -> dict | None:
-    """The ``model.decoder`` section of onnxruntime-genai's config in ``folder``, when readable."""
-    if folder is None or not (folder / GENAI_CONFIG).is_file():
+    """The ``model.decoder`` section of onnxruntime-genai's config in ``folder``, when there is one."""
+    if folder is None or not (folder / GENAI_CONFIG).exists():
         return None
+    config = read_genai_config(folder / GENAI_CONFIG)
     try:
-        decoder = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
+        decoder = config["model"]["decoder"]  # type: ignore[index]
         int(decoder["num_key_value_heads"]), int(decoder["head_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         raise FeedError(
             f"{folder / GENAI_CONFIG}: not a readable onnxruntime-genai config "
             "(model.decoder.num_key_value_heads and head_size)"

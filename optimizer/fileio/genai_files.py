@@ -62,7 +62,7 @@ def copy_genai_files(source: Path, output: Path) -> GenaiFiles:
     config_path = source.parent / GENAI_CONFIG
     if not config_path.is_file() or source.parent.resolve() == output.parent.resolve():
         return found
-    config = _config(config_path)
+    config = read_genai_config(config_path)
     if config is None:
         found.reason = f"{config_path} is not a readable JSON object of at most {MAX_CONFIG_BYTES:,} bytes"
         return found
@@ -87,8 +87,9 @@ def copy_genai_files(source: Path, output: Path) -> GenaiFiles:
     return found
 
 
-def _config(path: Path) -> dict | None:
-    """The config, or None when it is not a readable JSON object (then nothing is copied)."""
+def read_genai_config(path: Path) -> dict | None:
+    """An onnxruntime-genai config, or None when it is not a readable JSON object (a regular file
+    of at most ``MAX_CONFIG_BYTES``; a byte-order mark allowed)."""
     try:
         if path.is_symlink() or path.stat().st_size > MAX_CONFIG_BYTES:
             return None
