@@ -19,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.calibration.decoder_io import find_decoder
-from optimizer.calibration.feeds import session_input_specs
 from optimizer.verify.benchmark import benchmark
-from optimizer.verify.generation import greedy, step
+from optimizer.verify.generation import greedy, session_decoder, step
 from optimizer.verify.runtime import create_session, resolve_provider
 
 WINDOW = 256
@@ -50,8 +48,7 @@ class Decoder:
     def __init__(self, path: Path, threads: int = 2):
         self.path = Path(path)
         self.session, _ = create_session(self.path, resolve_provider("cpu"), threads=threads, spinning=False)
-        outputs = [arg.name for arg in self.session.get_outputs()]
-        layout = find_decoder(session_input_specs(self.session), outputs, self.path.parent)
+        layout = session_decoder(self.session, self.path.parent)
         if layout is None:
             raise ValueError(f"{path}: not a KV-cache decoder")
         self.layout = layout

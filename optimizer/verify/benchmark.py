@@ -17,11 +17,10 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from optimizer.calibration.decoder_io import find_decoder
-from optimizer.calibration.feeds import Feed, session_input_specs
+from optimizer.calibration.feeds import Feed
 from optimizer.errors import FeedError, ModelLoadError, OnnxCompressError, OptionError
 from optimizer.progress import StageLine, progress_bar
-from optimizer.verify.generation import GENERATE_TOKENS, checked_tokens, greedy, prompt_of, step
+from optimizer.verify.generation import GENERATE_TOKENS, checked_tokens, greedy, prompt_of, session_decoder, step
 from optimizer.verify.runtime import (
     DEFAULT_TIMEOUT_S,
     ModelSource,
@@ -325,7 +324,7 @@ def _decoding(
     """Prefill and decode timings when every model is the same KV-cache decoder; ``counts``:
     rounds and new tokens per round."""
     rounds, new_tokens = counts
-    layout = find_decoder(session_input_specs(sessions[0]), [arg.name for arg in sessions[0].get_outputs()], feed=feed)
+    layout = session_decoder(sessions[0], feed=feed)
     prompt = prompt_of(feed, limit=None) if layout is not None and new_tokens > 0 else None
     if layout is None or prompt is None:
         return None

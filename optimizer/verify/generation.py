@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,12 @@ def prompt_of(feed: Mapping[str, np.ndarray], limit: int | None = PROMPT_TOKENS)
     return row[:limit].astype(np.int64) if row.size else None
 
 
+def session_decoder(session, folder: Path | None = None, feed: Feed | None = None) -> DecoderLayout | None:
+    """``find_decoder`` for an open session: its inputs and outputs, the sizes from ``folder`` or ``feed``."""
+    outputs = [arg.name for arg in session.get_outputs()]
+    return find_decoder(session_input_specs(session), outputs, folder, feed)
+
+
 def step(
     session, layout: DecoderLayout, ids: np.ndarray, cache: Sequence[np.ndarray] | None, *, label: str, **limits
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -134,8 +141,7 @@ def generation_check(
     """Greedy generation from the samples' prompts when the reference is a KV-cache decoder."""
     if not samples or new_tokens <= 0:
         return None
-    outputs = [arg.name for arg in sessions[0].get_outputs()]
-    layout = find_decoder(session_input_specs(sessions[0]), outputs, feed=samples[0])
+    layout = session_decoder(sessions[0], feed=samples[0])
     prompts = [prompt for prompt in map(prompt_of, samples) if prompt is not None] if layout else []
     if layout is None or not prompts:
         return None
