@@ -15,6 +15,8 @@ sparsity survives quantization.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from optimizer.calibration.quant_math import QType, QuantizedTensor, scale_zero_point
@@ -62,12 +64,19 @@ class HessianAccumulator:
 
 class InverseFactor:
     """The upper Cholesky factor of the damped inverse Hessian, shared by every weight that
-    multiplies the same activation (the Q, K and V projections of one attention block)."""
+    multiplies the same activation (the Q, K and V projections of one attention block).
 
-    def __init__(self, hessian: np.ndarray, damping: float = DAMPING) -> None:
+    ``act_order``: rows are visited by decreasing ``H`` diagonal (the inputs with the most energy
+    first, GPTQ's "act-order"), so the rows that matter most are rounded while the most rows remain
+    to take their error. ``order`` maps a visiting position to its row; ``dead`` is by position."""
+
+    def __init__(self, hessian: np.ndarray, damping: float = DAMPING, *, act_order: bool = False) -> None:
         h = np.array(hessian, np.float64)
         if h.ndim != 2 or h.shape[0] != h.shape[1]:
             raise ValueError(f"a Hessian is square; got shape {h.shape}")
+        self.order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+        self.act_order = act_order
+        h = h[np.ix_(self.order, self.order)]
         self.dead = np.diag(h) <= 0
         h[self.dead, self.dead] = 1.0
         h[np.diag_indices(h.shape[0])] += damping * float(np.mean(np.diag(h)))
@@ -77,39 +86,78 @@ class InverseFactor:
 def gptq_quantize(
     weight: np.ndarray, factor: InverseFactor, target: QType, *, symmetric: bool, block_size: int
 ) -> QuantizedTensor:
-    """Blocked quantization of ``weight`` (``K x N``, blocks of ``block_size`` along K) by GPTQ."""
+    """Blocked quantization of ``weight`` (``K x N``, blocks of ``block_size`` along K) by GPTQ.
+
+    In natural order a block's scales come from its weights as updated when its first row is
+    reached; in act-order (``factor.act_order``) rows of one block are visited apart, so every
+    block's scales come first from the weights as given ("static groups")."""
     weight = np.asarray(weight, np.float64)
-    upper = factor.upper
+    upper, order = factor.upper, factor.order
     if weight.ndim != 2 or upper.shape != (weight.shape[0],) * 2:
         raise ValueError(f"gptq needs a K x N weight and a K x K factor; got {weight.shape} and {upper.shape}")
     rows, columns = weight.shape
-    work = weight.copy()
+    work = weight[order]
     work[factor.dead] = 0.0  # an input that is always zero: its weights do not matter
     pruned = work == 0.0  # zeros stay zeros (pruned weights): their error moves onto the weights kept
     blocks = -(-rows // block_size)
+    grid = _Grid(target, symmetric, block_size, factor.act_order, np.empty((blocks, columns), np.float32))
+    grid.zeros = np.empty((blocks, columns), target.storage_dtype)
+    if factor.act_order:
+        given = np.empty_like(work)
+        given[order] = work
+        for block in range(blocks):
+            grid.choose(block, given[block * block_size : (block + 1) * block_size])
     values = np.empty((rows, columns), target.storage_dtype)
-    scales = np.empty((blocks, columns), np.float32)
-    zeros = np.empty((blocks, columns), target.storage_dtype)
     batch = max(block_size, BATCH_ROWS // block_size * block_size)
     for start in range(0, rows, batch):
         stop = min(start + batch, rows)
-        part = work[start:stop].copy()
-        errors = np.zeros_like(part)
-        for offset in range(stop - start):
-            row = start + offset
-            if row % block_size == 0:
-                block = part[offset : offset + block_size]
-                scale, zero = scale_zero_point(block.min(axis=0), block.max(axis=0), target, symmetric=symmetric)
-                scales[row // block_size], zeros[row // block_size] = scale, zero
-                scale64, zero64 = scale.astype(np.float64), zero.astype(np.float64)
-            current = part[offset]
-            codes = np.clip(
-                np.rint(current.astype(np.float32) / scales[row // block_size]) + zero64, target.qmin, target.qmax
-            )
-            codes = np.where(pruned[row], zero64, codes)
-            values[row] = codes.astype(target.storage_dtype)
-            error = (current - (codes - zero64) * scale64) / upper[row, row]
-            part[offset + 1 :] -= np.outer(upper[row, row + 1 : stop], error)
-            errors[offset] = error
+        errors = _round_batch(work, (start, stop), order, upper, pruned, values, grid)
         work[stop:] -= upper[start:stop, stop:].T @ errors
-    return QuantizedTensor(values, scales, zeros, target, 0, block_size)
+    return QuantizedTensor(values, grid.scales, grid.zeros, target, 0, block_size)
+
+
+@dataclass
+class _Grid:
+    """The blocks' scales and zero points, chosen as GPTQ goes (natural order) or first (static)."""
+
+    target: QType
+    symmetric: bool
+    block_size: int
+    static: bool
+    scales: np.ndarray
+    zeros: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def choose(self, block: int, rows: np.ndarray) -> None:
+        self.scales[block], self.zeros[block] = scale_zero_point(
+            rows.min(axis=0), rows.max(axis=0), self.target, symmetric=self.symmetric
+        )
+
+
+def _round_batch(
+    work: np.ndarray,
+    span: tuple[int, int],
+    order: np.ndarray,
+    upper: np.ndarray,
+    pruned: np.ndarray,
+    values: np.ndarray,
+    grid: _Grid,
+) -> np.ndarray:
+    """Round the positions ``span`` (rows ``order[start:stop]``) one at a time, each one's error moved
+    onto the rest of the batch; the batch's errors (for the positions after it)."""
+    start, stop = span
+    part = work[start:stop].copy()
+    errors = np.zeros_like(part)
+    for offset in range(stop - start):
+        position, row = start + offset, int(order[start + offset])
+        block = row // grid.block_size
+        if not grid.static and row % grid.block_size == 0:
+            grid.choose(block, part[offset : offset + grid.block_size])
+        scale, zero = grid.scales[block], grid.zeros[block].astype(np.float64)
+        current = part[offset]
+        codes = np.clip(np.rint(current.astype(np.float32) / scale) + zero, grid.target.qmin, grid.target.qmax)
+        codes = np.where(pruned[position], zero, codes)
+        values[row] = codes.astype(grid.target.storage_dtype)
+        error = (current - (codes - zero) * scale.astype(np.float64)) / upper[position, position]
+        part[offset + 1 :] -= np.outer(upper[position, position + 1 : stop], error)
+        errors[offset] = error
+    return errors

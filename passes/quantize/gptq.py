@@ -99,7 +99,9 @@ def quantize_by_gptq(
         if options.weight_rounding == "awq":
             awq_chunk(graph, planned, inputs, chunk, accumulators, report)
         else:
-            _round_chunk(planned, inputs, chunk, accumulators, channels, results, gains)
+            _round_chunk(
+                planned, inputs, chunk, accumulators, channels, results, gains, act_order=options.gptq_act_order
+            )
     if results:
         report.count("weights_gptq", len(results))
     if options.weight_rounding == "awq":
@@ -107,6 +109,7 @@ def quantize_by_gptq(
     report.details["gptq"] = {
         "samples": samples,
         "weights": len(results),
+        "act_order": options.gptq_act_order,
         "calibration_passes": len(chunks),
         "output_error_vs_nearest_median": round(float(np.median(gains)), 4) if gains else None,
     }
@@ -121,6 +124,8 @@ def _round_chunk(
     channels: dict[str, int],
     results: dict[int, QuantizedTensor],
     gains: list[float],
+    *,
+    act_order: bool,
 ) -> None:
     """GPTQ-round every target whose input group is in ``chunk`` (one Hessian per shared input group);
     ``gains`` gets each weight's output error relative to round-to-nearest."""
@@ -135,7 +140,7 @@ def _round_chunk(
             hessian = np.zeros((channels[group[0]],) * 2)
             for name in group:
                 hessian = hessian + accumulators[name].hessian()
-            factors[group, damping] = (hessian, InverseFactor(hessian, damping))
+            factors[group, damping] = (hessian, InverseFactor(hessian, damping, act_order=act_order))
         hessian, factor = factors[group, damping]
         with working_on("tensor", target.name):
             quantized = gptq_quantize(

@@ -76,6 +76,12 @@ class QuantizeOptions:
         "input channels of 4-bit MatMul weights by their activations' size, folded into the normalization "
         "before them, then rounds to nearest (AWQ); auto: gptq for 4-bit with calibration data",
     )
+    gptq_act_order: bool = option(
+        True,
+        "weight_rounding gptq: round a weight's rows by decreasing input energy (the X^T X diagonal, GPTQ's "
+        "act-order), every block's scales chosen first from the weight as given (static groups), so the layout "
+        "stays the plain blocked one MatMulNBits reads; False: natural row order",
+    )
     calibration_samples: int = option(
         32,
         "calibration samples read (0: all): dynamic mode finds outlier channels on them, static mode its "

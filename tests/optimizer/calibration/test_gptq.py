@@ -92,3 +92,47 @@ def test_pruned_zeros_stay_zero_and_their_error_moves_onto_the_kept_weights(name
     np.testing.assert_array_equal(gptq.dequantized()[w == 0.0], 0.0)
     held_out = _activations(500, k, seed=13)
     assert _output_error(held_out, w, gptq) < 0.9 * _output_error(held_out, w, nearest)
+
+
+def _uneven_activations(rows: int, k: int, seed: int) -> np.ndarray:
+    """Inputs whose channels differ in size by orders of magnitude (as a decoder's do after RMSNorm)."""
+    sizes = np.exp(np.random.default_rng(21).normal(0.0, 1.0, k))
+    mixing = np.random.default_rng(27).standard_normal((k, k)) * 0.1 + np.eye(k)
+    return (_activations(rows, k, seed, correlated=False) @ mixing * sizes).astype(np.float32)
+
+
+@pytest.mark.parametrize("name,symmetric,block", [("uint4", False, 32), ("int4", True, 64)])
+def test_act_order_visits_large_inputs_first_with_static_blocks_and_beats_natural_order(name, symmetric, block):
+    k, n = 256, 64
+    w = (np.random.default_rng(22).standard_normal((k, n)) * 0.05).astype(np.float32)
+    accumulator = HessianAccumulator(k)
+    accumulator.add(_uneven_activations(4000, k, seed=23))
+    hessian = accumulator.hessian()
+    factor = InverseFactor(hessian, act_order=True)
+    np.testing.assert_array_equal(factor.order, np.argsort(-np.diag(hessian), kind="stable"))
+    target = qtype(name)
+    ordered = gptq_quantize(w, factor, target, symmetric=symmetric, block_size=block)
+    natural = gptq_quantize(w, InverseFactor(hessian), target, symmetric=symmetric, block_size=block)
+    nearest = quantize_weight(w, target, symmetric=symmetric, axis=0, block_size=block)
+    # static blocks: the scales are the given weight's own, as round-to-nearest chooses them
+    np.testing.assert_array_equal(ordered.scale, nearest.scale)
+    assert ordered.values.shape == w.shape and (ordered.axis, ordered.block_size) == (0, block)
+    assert ordered.values.min() >= target.qmin and ordered.values.max() <= target.qmax
+    held_out = _uneven_activations(800, k, seed=24)
+    assert _output_error(held_out, w, ordered) < 0.9 * _output_error(held_out, w, natural)
+
+
+def test_act_order_keeps_dead_inputs_and_pruned_weights_at_zero_in_their_own_rows():
+    k, n = 128, 32
+    rng = np.random.default_rng(25)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    w[rng.random((k, n)) < 0.3] = 0.0
+    x = _uneven_activations(3000, k, seed=26)
+    x[:, 70] = 0.0  # never fires: sorted last, its row still row 70
+    accumulator = HessianAccumulator(k)
+    accumulator.add(x)
+    factor = InverseFactor(accumulator.hessian(), act_order=True)
+    assert factor.order[-1] == 70 and factor.dead[-1] and factor.dead.sum() == 1
+    gptq = gptq_quantize(w, factor, qtype("uint4"), symmetric=False, block_size=32)
+    assert np.all(gptq.dequantized()[70] == 0.0)
+    np.testing.assert_array_equal(gptq.dequantized()[w == 0.0], 0.0)
