@@ -247,6 +247,7 @@ def _pool(
         context.timeout_s,
         shared_reference,
         settings,
+        context.model_folder,
     )
     pool = open_pool(executor, init_worker, initargs)
     try:

@@ -130,12 +130,15 @@ def init_worker(
     timeout_s: float | None,
     reference: str | bytes,
     settings: AutoSettings,
+    model_folder: Path | None = None,
 ) -> None:
     """A worker's shared state: the input, its calibration data, the reference and the check."""
     for name in imports:
         importlib.import_module(name)
     folder = tempfile.TemporaryDirectory(prefix="onnx-compress-auto-worker-")
-    context = PassContext(calibration=lambda: iter(calibration), provider=provider, timeout_s=timeout_s)
+    context = PassContext(
+        calibration=lambda: iter(calibration), provider=provider, timeout_s=timeout_s, model_folder=model_folder
+    )
     model_reference = onnx.load_from_string(reference) if isinstance(reference, bytes) else reference
     _WORKER.update(
         source=onnx.load_from_string(source),

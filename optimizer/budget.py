@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -180,6 +181,7 @@ def search_budget(
     return_model: bool = True,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     allow_symlinks_under: Sequence[str] = (),
+    model_folder: Path | None = None,
 ) -> BudgetResult:
     """Compress with ``passes``; back off layers until ``metric`` drops by at most ``max_drop``.
 
@@ -190,7 +192,8 @@ def search_budget(
     process that checked them), with the same ``allow_symlinks_under`` folders as the caller's load.
     ``return_model=False`` skips the final compression for callers that run the chosen passes
     themselves (BudgetResult.model is then None). Every onnxruntime run (trials, ranking) is bounded
-    by ``timeout_s`` (``RunTimeoutError``).
+    by ``timeout_s`` (``RunTimeoutError``). ``model_folder``: the folder the model came from, for the
+    passes (``PassContext.model_folder``: a decoder's genai_config.json).
     """
     if max_drop < 0 or max_trials < 1:
         raise OptionError("max_drop must be >= 0 and max_trials >= 1")
@@ -203,7 +206,7 @@ def search_budget(
         metric,
         list(feeds),
         list(calibration or []),
-        Runtime(provider, timeout_s),
+        Runtime(provider, timeout_s, model_folder),
         max_drop,
         max_trials,
         executor or ExecutorOptions(),

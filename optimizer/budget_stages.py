@@ -57,6 +57,7 @@ def budget_stage(
         return_model=False,
         timeout_s=options.timeout_s,
         allow_symlinks_under=tuple(str(path) for path in options.allow_symlinks_under),
+        model_folder=context.model_folder,
     )
 
 
@@ -72,7 +73,7 @@ def bits_stage(
         [dict(feed) for feed in factory()],
         budget=bits.bits_per_weight,
         metric=MetricSpec(bits.metric, bits.higher_is_better, bits.output),
-        runtime=Runtime(options.provider, options.timeout_s),
+        runtime=Runtime(options.provider, options.timeout_s, context.model_folder),
         executor=options.executor,
         max_trials=bits.max_trials,
         progress=options.progress,

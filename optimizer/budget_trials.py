@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,8 @@ class Runtime:
 
     provider: str
     timeout_s: float | None
+    model_folder: Path | None = None
+    """The folder the model came from (``PassContext.model_folder``: a decoder's genai_config.json)."""
 
     def outputs(self, model, feeds) -> Outputs:
         return collect_outputs(model, feeds, provider=self.provider, timeout_s=self.timeout_s, stage=STAGE)
@@ -108,6 +111,7 @@ def compress_with_reports(
         calibration=(lambda: iter(calibration)) if calibration else None,
         provider=runtime.provider,
         timeout_s=runtime.timeout_s,
+        model_folder=runtime.model_folder,
     )
     chosen = backed_off_passes(
         passes, sorted(backoff.uncompressed), sorted(backoff.weight_only), sorted(backoff.refined), backoff.rows

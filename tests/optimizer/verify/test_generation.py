@@ -311,3 +311,16 @@ def test_float16_ranges_on_generated_samples_fit_a_decoder_whose_sizes_are_in_it
                  "--quiet"]) == 0
     ranges = [run["report"].get("details", {}).get("ranges") for run in json.loads(report.read_text())["passes"]]
     assert any(found and found["source"].endswith("generated samples (no calibration data)") for found in ranges)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_budget_trials_find_a_decoders_config_too(tmp_path, decoder, workers):
+    """--max-drop builds its trials in their own pass context (and processes): the cache sizes of
+    the generated float16-range samples still come from the genai_config.json next to the input."""
+    output = tmp_path / "half" / "model.onnx"
+    output.parent.mkdir()
+    report = tmp_path / "r.json"
+    code = main(["optimize", str(decoder), "-o", str(output), "--float16", "compute", "--max-drop", "0.5",
+                 "--metric", "kl", "--workers", workers, "--report", str(report), "--quiet"])
+    assert code == 0
+    assert json.loads(report.read_text())["budget"]["trials"] >= 1
