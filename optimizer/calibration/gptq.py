@@ -103,10 +103,11 @@ def gptq_quantize(
     grid = _Grid(target, symmetric, block_size, factor.act_order, np.empty((blocks, columns), np.float32))
     grid.zeros = np.empty((blocks, columns), target.storage_dtype)
     if factor.act_order:
-        given = np.empty_like(work)
-        given[order] = work
+        dead = np.zeros(rows, bool)
+        dead[order[factor.dead]] = True
         for block in range(blocks):
-            grid.choose(block, given[block * block_size : (block + 1) * block_size])
+            span = slice(block * block_size, (block + 1) * block_size)
+            grid.choose(block, np.where(dead[span, None], 0.0, weight[span]))
     values = np.empty((rows, columns), target.storage_dtype)
     batch = max(block_size, BATCH_ROWS // block_size * block_size)
     for start in range(0, rows, batch):
