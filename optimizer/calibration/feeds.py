@@ -359,8 +359,21 @@ def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], index: int, 
     if missing or extra:
         parts = [f"missing input(s) {', '.join(missing)}"] if missing else []
         parts += [f"unknown input(s) {', '.join(extra)}"] if extra else []
+        _check_given(specs, feed, label, "; ".join(parts))
         raise FeedError(f"{label}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
     return {spec.name: _checked_array(spec, feed[spec.name], label) for spec in specs}
+
+
+def _check_given(specs: Sequence[InputSpec], feed: Mapping[str, Any], label: str, also: str) -> None:
+    """The inputs a sample does give, checked first: one of the wrong type or rank is the more
+    direct reason (a decoder sample whose cache has the wrong rank is not completed, so its mask
+    is missing too)."""
+    for spec in specs:
+        if spec.name in feed:
+            try:
+                _checked_array(spec, feed[spec.name], label)
+            except FeedError as error:
+                raise FeedError(f"{error}; also {also}") from None
 
 
 def _checked_array(spec: InputSpec, value: object, label: str) -> np.ndarray:

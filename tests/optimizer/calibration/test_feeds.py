@@ -230,6 +230,10 @@ def test_check_feeds_accepts_dynamic_dims_and_orders_inputs():
         (lambda f: f.pop("input_ids"), "sample 1: missing input\\(s\\) input_ids"),
         (lambda f: f.update(extra=np.zeros(1)), "sample 1: unknown input\\(s\\) extra"),
         (
+            lambda f: (f.pop("input_ids"), f.update(pixels=np.zeros((3, 5, 5), np.float32))),
+            "sample 1, input 'pixels': rank 3 .* expects rank 4 .*; also missing input\\(s\\) input_ids",
+        ),
+        (
             lambda f: f.update(pixels=f["pixels"].astype(np.float64)),
             "sample 1, input 'pixels': dtype float64, model expects float32",
         ),

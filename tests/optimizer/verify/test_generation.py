@@ -299,7 +299,8 @@ def test_a_cache_of_the_wrong_rank_is_named_not_a_crash(tmp_path, decoder):
     folder = save_tokens(tmp_path / "flat", count=1, **{
         f"past_key_values.{layer}.{part}": np.zeros((2, 8), np.float32) for layer in range(LAYERS)
         for part in ("key", "value")})
-    with pytest.raises(FeedError, match=r"000\.npz': missing input\(s\) attention_mask"):
+    with pytest.raises(FeedError, match=r"000\.npz', input 'past_key_values\.0\.key': rank 2 \(2, 8\), model expects "
+                       r"rank 4 .*; also missing input\(s\) attention_mask"):
         resolve_feeds(onnx.load(decoder), folder, folder=decoder.parent)
 
 
