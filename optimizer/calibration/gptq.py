@@ -4,9 +4,11 @@ Quantization for Generative Pre-trained Transformers"), in numpy.
 Round-to-nearest treats every weight alone. GPTQ rounds the rows of ``W`` (the reduction axis
 of ``X @ W``) one at a time and moves each row's rounding error onto the rows not yet rounded,
 weighted by ``H = X^T X`` measured on calibration data, so the error of ``X @ W`` (not of ``W``)
-is what gets minimised. Block scales and zero points are chosen from the weights as updated when
-the block's first row is reached, so the result is an ordinary blocked tensor that
-DequantizeLinear (and onnxruntime's MatMulNBits) reads like any other.
+is what gets minimised. In natural order a block's scales and zero points are chosen from the
+weights as updated when its first row is reached; in act-order (rows by decreasing input energy,
+``InverseFactor(act_order=True)``) every block's are chosen first, from the weight as given. Either
+way the result is an ordinary blocked tensor that DequantizeLinear (and onnxruntime's MatMulNBits)
+reads like any other.
 
 Weights that are exactly zero (pruned, e.g. by SparseGPT) stay zero and their would-be updates move
 onto the weights kept: pruning then GPTQ is SparseGPT's joint sparsify-and-quantize, and the

@@ -28,6 +28,8 @@ def sparsegpt_prune(
     upper = factor.upper
     if weight.ndim != 2 or upper.shape != (weight.shape[0],) * 2:
         raise ValueError(f"sparsegpt needs a K x N weight and a K x K factor; got {weight.shape} and {upper.shape}")
+    if factor.act_order:
+        raise ValueError("sparsegpt visits rows in their own order: give it a factor without act_order")
     rows = weight.shape[0]
     work = weight.copy()
     work[factor.dead] = 0.0  # an input that is always zero: its weights do not matter

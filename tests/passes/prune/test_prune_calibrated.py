@@ -162,6 +162,8 @@ def test_sparsegpt_with_uncorrelated_inputs_is_magnitude_pruning_per_block():
         threshold = np.sort(np.abs(block).ravel())[block.size // 4 - 1]
         assert np.array_equal(result == 0, np.abs(block) <= threshold)
         assert np.allclose(result[result != 0], block[result != 0])
+    with pytest.raises(ValueError, match="without act_order"):
+        sparsegpt_prune(weight, InverseFactor(np.eye(weight.shape[0]), act_order=True), 0.25)
 
 
 def test_sparsegpt_leaves_conv_weights_to_magnitude_and_says_why():

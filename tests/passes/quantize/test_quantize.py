@@ -174,6 +174,27 @@ def test_int4_with_calibration_data_rounds_by_gptq_and_beats_nearest_on_held_out
     assert again.modified is False
 
 
+def test_gptq_act_order_option_reaches_the_rounding_and_the_report(monkeypatch):
+    model = matmul_model(weight((128, 256)))
+    calibration = correlated_feeds(12, seed=1)
+    seen: list[bool] = []
+    real = gptq_module.InverseFactor
+
+    def spy(hessian, damping, *, act_order):
+        seen.append(act_order)
+        return real(hessian, damping, act_order=act_order)
+
+    monkeypatch.setattr(gptq_module, "InverseFactor", spy)
+    ordered, report = quantize(model, calibration=calibration, mode="weights", weight_type="int4")
+    natural, plain = quantize(model, calibration=calibration, mode="weights", weight_type="int4",
+                              gptq_act_order=False)
+    assert seen == [True, False]
+    assert report["details"]["gptq"]["act_order"] is True and plain["details"]["gptq"]["act_order"] is False
+    integers = [{name: numpy_helper.to_array(t).tobytes() for name, t in initializers(result.model).items()}
+                for result in (ordered, natural)]
+    assert integers[0].keys() == integers[1].keys() and integers[0] != integers[1]
+
+
 def test_gptq_measures_inputs_in_several_passes_when_their_hessians_exceed_the_budget(monkeypatch):
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
