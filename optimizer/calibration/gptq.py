@@ -17,7 +17,7 @@ sparsity survives quantization.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -102,8 +102,14 @@ def gptq_quantize(
     work[factor.dead] = 0.0  # an input that is always zero: its weights do not matter
     pruned = work == 0.0  # zeros stay zeros (pruned weights): their error moves onto the weights kept
     blocks = -(-rows // block_size)
-    grid = _Grid(target, symmetric, block_size, factor.act_order, np.empty((blocks, columns), np.float32))
-    grid.zeros = np.empty((blocks, columns), target.storage_dtype)
+    grid = _Grid(
+        target,
+        symmetric,
+        block_size,
+        factor.act_order,
+        np.empty((blocks, columns), np.float32),
+        np.empty((blocks, columns), target.storage_dtype),
+    )
     if factor.act_order:
         dead = np.zeros(rows, bool)
         dead[order[factor.dead]] = True
@@ -128,7 +134,7 @@ class _Grid:
     block_size: int
     static: bool
     scales: np.ndarray
-    zeros: np.ndarray = field(default_factory=lambda: np.empty(0))
+    zeros: np.ndarray
 
     def choose(self, block: int, rows: np.ndarray) -> None:
         self.scales[block], self.zeros[block] = scale_zero_point(
