@@ -58,13 +58,13 @@ from optimizer.verify.layer_debug import debug_layers
 from optimizer.verify.metrics import LOGITS_OUTPUT
 
 MAX_BLOCK = 256
+"""The longest block onnxruntime's MatMulNBits takes."""
 COARSER_START = True
 """When the requested blocks do not fit the budget everywhere, every layer starts one doubling
 coarser than the widest that fits, so the allocation has bits to buy finer blocks, rows and 8-bit
 where they gain most. On the benchmark's 15.7M decoder at 4.5 bits/weight (GPTQ act-order): held-out
 KL 0.00136 and perplexity +0.049 from blocks of 128, against 0.00158 and +0.061 from blocks of 64
 (natural order: 0.00138 and +0.077, against 0.00153 and +0.095)."""
-"""The longest block onnxruntime's MatMulNBits takes."""
 METRIC_SAMPLES = 32
 """Calibration samples the trials score on (all of them are still used to build)."""
 
